@@ -1,0 +1,1 @@
+"""blipbatch jobs package."""

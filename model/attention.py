@@ -1,0 +1,78 @@
+"""Pieces shared by the decoder-only language models: masks, positions, SDPA attention, activations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError, ModelError
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation function transformers' ACT2FN gives for `name`."""
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"activation {name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+def generation_position_ids(attention_mask: Tensor) -> Tensor:
+    """Position ids that transformers' `generate` derives from a 2D padding mask (1 real, 0 pad).
+
+    Real tokens count from 0 after the left padding; pad slots get 0 (transformers 5.x; 4.x used 1).
+    Their value never reaches a real token, since pad keys are masked out.
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def check_attention_mask(attention_mask: Tensor | None, batch_size: int, kv_length: int) -> None:
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, kv_length):
+        raise ModelError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {kv_length}): "
+            "one entry per cached plus new position"
+        )
+
+
+def causal_padding_mask(
+    attention_mask: Tensor | None, q_length: int, kv_length: int, device: torch.device
+) -> Tensor | None:
+    """Boolean SDPA mask [B|1, 1, q_length, kv_length] (True = attend) for the last `q_length` positions.
+
+    A query sees earlier non-padded keys, and always itself, so that a fully padded row stays finite
+    (a NaN there would be written into the KV cache). None means plain causal attention, which
+    `attend` runs without a mask tensor.
+    """
+    if attention_mask is None and (q_length == kv_length or q_length == 1):
+        return None
+    q_pos = torch.arange(kv_length - q_length, kv_length, device=device)[:, None]
+    k_pos = torch.arange(kv_length, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if attention_mask is None:
+        return allowed[None, None]
+    allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return allowed | (k_pos == q_pos)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
+    """SDPA over q [B, H, T, hd] and k, v [B, KVH, S, hd]; `mask` from `causal_padding_mask`."""
+    groups = q.shape[1] // k.shape[1]
+    if mask is None:
+        # Without a mask tensor the fused kernels handle grouped heads; S > T only happens for T == 1.
+        is_causal = q.shape[2] == k.shape[2] and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=groups > 1)
+    if groups > 1:
+        # Masked GQA falls back to the slow kernel on CUDA, so expand the key/value heads instead.
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

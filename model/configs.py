@@ -1,0 +1,383 @@
+"""Model configs as plain dataclasses, read from and written to the Hub `config.json` layout.
+
+Each config keeps the keys it does not model in `extra`, so a config.json read and written back
+keeps everything transformers wrote into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+@dataclass
+class BaseConfig:
+    model_type: ClassVar[str] = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        config = cls(**known, extra=extra)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue  # unset: readers apply their own default
+            out[f.name] = value.to_dict() if isinstance(value, BaseConfig) else value
+        if self.model_type:
+            out["model_type"] = self.model_type
+        return out
+
+    def validate(self) -> None:
+        """Raise ConfigError for values the model cannot be built from."""
+
+
+def _check_heads(name: str, hidden: int, heads: int) -> None:
+    if heads <= 0 or hidden % heads:
+        raise ConfigError(f"{name}: hidden size {hidden} is not divisible by {heads} attention heads")
+
+
+@dataclass
+class InstructBlipVisionConfig(BaseConfig):
+    model_type: ClassVar[str] = "instructblip_vision_model"
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    initializer_range: float = 1e-10
+    qkv_bias: bool = True
+
+    def validate(self) -> None:
+        _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision_config: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass
+class InstructBlipQFormerConfig(BaseConfig):
+    model_type: ClassVar[str] = "instructblip_qformer"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    # InstructBLIP feeds the instruction into the Q-Former; BLIP-2 does not (and has no text weights).
+    use_qformer_text_input: bool = True
+
+    def validate(self) -> None:
+        _check_heads("qformer_config", self.hidden_size, self.num_attention_heads)
+        if self.cross_attention_frequency < 1:
+            raise ConfigError("qformer_config: cross_attention_frequency must be at least 1")
+
+
+@dataclass
+class Blip2QFormerConfig(InstructBlipQFormerConfig):
+    model_type: ClassVar[str] = "blip_2_qformer"
+    use_qformer_text_input: bool = False
+
+
+@dataclass
+class Blip2VisionConfig(InstructBlipVisionConfig):
+    model_type: ClassVar[str] = "blip_2_vision_model"
+
+
+@dataclass
+class LlamaConfig(BaseConfig):
+    model_type: ClassVar[str] = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float | None = None
+    rope_parameters: dict | None = None
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        _check_heads("text_config", self.hidden_size, self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"text_config: {self.num_attention_heads} attention heads cannot be grouped over "
+                f"{self.num_key_value_heads} key/value heads"
+            )
+        for params in (self.rope_parameters, self.rope_scaling):
+            rope_type = (params or {}).get("rope_type", (params or {}).get("type", "default"))
+            if rope_type != "default":
+                raise ConfigError(
+                    f"text_config: rope type {rope_type!r} is not supported; only the default RoPE "
+                    "of LLaMA/Vicuna checkpoints is"
+                )
+
+    @property
+    def rope_base(self) -> float:
+        """RoPE theta from either layout: top-level `rope_theta` (older) or `rope_parameters` (5.x)."""
+        if self.rope_parameters and "rope_theta" in self.rope_parameters:
+            return float(self.rope_parameters["rope_theta"])
+        return float(self.rope_theta if self.rope_theta is not None else 10000.0)
+
+
+@dataclass
+class OPTConfig(BaseConfig):
+    model_type: ClassVar[str] = "opt"
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    num_attention_heads: int = 12
+    activation_function: str = "relu"
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self) -> None:
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+
+    def validate(self) -> None:
+        _check_heads("text_config", self.hidden_size, self.num_attention_heads)
+
+
+@dataclass
+class T5Config(BaseConfig):
+    model_type: ClassVar[str] = "t5"
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    dense_act_fn: str | None = None
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.dense_act_fn is None:
+            act = self.feed_forward_proj.split("-")[-1]
+            # transformers' historical mapping; the Hub Flan-T5 configs store dense_act_fn="gelu" explicitly.
+            self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+    @property
+    def is_gated_act(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    def validate(self) -> None:
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ConfigError(
+                f"text_config: feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'"
+            )
+
+
+TEXT_CONFIGS: dict[str, type[BaseConfig]] = {"llama": LlamaConfig, "opt": OPTConfig, "t5": T5Config}
+DECODER_ONLY_TYPES = frozenset({"llama", "opt"})
+
+
+def text_config_from_dict(data: dict[str, Any]) -> BaseConfig:
+    model_type = data.get("model_type", "opt")
+    if model_type not in TEXT_CONFIGS:
+        raise ConfigError(
+            f"text_config.model_type {model_type!r} is not supported; supported language models: "
+            f"{', '.join(sorted(TEXT_CONFIGS))}"
+        )
+    return TEXT_CONFIGS[model_type].from_dict(data)
+
+
+@dataclass
+class InstructBlipConfig(BaseConfig):
+    model_type: ClassVar[str] = "instructblip"
+    vision_config_class: ClassVar[type[InstructBlipVisionConfig]] = InstructBlipVisionConfig
+    qformer_config_class: ClassVar[type[InstructBlipQFormerConfig]] = InstructBlipQFormerConfig
+
+    vision_config: InstructBlipVisionConfig = field(default_factory=InstructBlipVisionConfig)
+    qformer_config: InstructBlipQFormerConfig = field(default_factory=InstructBlipQFormerConfig)
+    text_config: BaseConfig = field(default_factory=OPTConfig)
+    num_query_tokens: int = 32
+    image_token_index: int | None = None
+    initializer_factor: float = 1.0
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InstructBlipConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
+        data = dict(data)
+        found_type = data.get("model_type")
+        if found_type is not None and found_type != cls.model_type:
+            raise ConfigError(
+                f"config.json has model_type {found_type!r}, but {cls.__name__} reads {cls.model_type!r}; "
+                "use the class matching the checkpoint (InstructBlip* or Blip2*)"
+            )
+        if "image_token_id" in data and data.get("image_token_index") is None:
+            data["image_token_index"] = data.pop("image_token_id")
+        data.pop("image_token_id", None)
+        vision = cls.vision_config_class.from_dict(data.pop("vision_config", None) or {})
+        qformer = cls.qformer_config_class.from_dict(data.pop("qformer_config", None) or {})
+        text = text_config_from_dict(data.pop("text_config", None) or {"model_type": "opt"})
+        data.pop("model_type", None)
+        config = super().from_dict(data)
+        config.vision_config, config.qformer_config, config.text_config = vision, qformer, text
+        config.__post_init__()
+        return config
+
+    def __post_init__(self) -> None:
+        # The Q-Former cross-attends to the vision output, whatever its stored encoder size says.
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+
+    @property
+    def use_decoder_only_language_model(self) -> bool:
+        return self.text_config.model_type in DECODER_ONLY_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["use_decoder_only_language_model"] = self.use_decoder_only_language_model
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "InstructBlipConfig":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data)
+
+
+@dataclass
+class Blip2Config(InstructBlipConfig):
+    model_type: ClassVar[str] = "blip-2"
+    vision_config_class: ClassVar[type[InstructBlipVisionConfig]] = Blip2VisionConfig
+    qformer_config_class: ClassVar[type[InstructBlipQFormerConfig]] = Blip2QFormerConfig
+
+    vision_config: InstructBlipVisionConfig = field(default_factory=Blip2VisionConfig)
+    qformer_config: InstructBlipQFormerConfig = field(default_factory=Blip2QFormerConfig)
+
+
+@dataclass
+class GenerationConfig(BaseConfig):
+    """Generation settings with transformers' names, defaults and meaning."""
+
+    max_length: int = 20
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+
+    def updated(self, **overrides: Any) -> "GenerationConfig":
+        """A copy with `overrides` applied; unknown names are an error, not silently ignored."""
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown generation settings: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        config = dataclasses.replace(self, **given)
+        config.validate()
+        return config
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def validate(self) -> None:
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.num_return_sequences < 1:
+            raise ConfigError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
+                "without sampling"
+            )
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")

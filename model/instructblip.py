@@ -1,0 +1,298 @@
+"""InstructBLIP and BLIP-2: vision encoder -> Q-Former -> projection -> language model.
+
+The module tree and parameter names follow transformers' `InstructBlipForConditionalGeneration`
+and `Blip2ForConditionalGeneration`, so the Hub checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
+from .errors import ConfigError, ProcessorError
+from .generation import generate_ids
+from .hub import checkpoint_dir
+from .llama import LlamaForCausalLM
+from .loading import load_tensors, materialize, save_tensors, weight_files
+from .opt import OPTForCausalLM
+from .processor import check_placeholders
+from .qformer import InstructBlipQFormerModel
+from .sessions import DecoderOnlySession, EncoderDecoderSession
+from .t5 import T5ForConditionalGeneration
+from .vision import InstructBlipVisionModel
+
+LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "opt": OPTForCausalLM,
+    "t5": T5ForConditionalGeneration,
+}
+# Kept in fp32 when the rest is cast to fp16/bf16, as transformers does.
+KEEP_IN_FP32 = ("query_tokens",)
+GENERATION_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def language_model_width(text_config: BaseConfig) -> int:
+    return text_config.d_model if text_config.model_type == "t5" else text_config.hidden_size
+
+
+@dataclass
+class InstructBlipOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    language_model_inputs: torch.Tensor | None = None  # projected Q-Former outputs, [B, num_query_tokens, width]
+
+
+class InstructBlipForConditionalGeneration(nn.Module):
+    config_class: type[InstructBlipConfig] = InstructBlipConfig
+    architecture = "InstructBlipForConditionalGeneration"
+
+    def __init__(self, config: InstructBlipConfig) -> None:
+        super().__init__()
+        self.config = config
+        qformer_width = config.qformer_config.hidden_size
+        self.vision_model = InstructBlipVisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
+        self.qformer = InstructBlipQFormerModel(config.qformer_config)
+        self.language_projection = nn.Linear(qformer_width, language_model_width(config.text_config))
+        self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
+        self.generation_config = GenerationConfig.from_dict(
+            {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
+        )
+
+    @property
+    def uses_qformer_text(self) -> bool:
+        return self.config.qformer_config.use_qformer_text_input
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        return {f"language_model.{k}": f"language_model.{v}" for k, v in self.language_model.tied_weights.items()}
+
+    def keep_in_fp32(self, name: str) -> bool:
+        if name in KEEP_IN_FP32:
+            return True
+        if not self.uses_qformer_text and name.startswith("qformer."):
+            return True  # transformers keeps BLIP-2's Q-Former in fp32
+        fragments = getattr(self.language_model, "keep_in_fp32", ())
+        return name.startswith("language_model.") and any(f".{f}." in name for f in fragments)
+
+    # ---- image side -------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Vision encoder output [B, 1 + patches, vision width]; computed once per image."""
+        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+
+    def query_image(
+        self,
+        image_embeds: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Q-Former over image embeddings (and the instruction) -> LM-space features [B, Q, LM width]."""
+        batch = image_embeds.shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)
+        if self.uses_qformer_text:
+            if qformer_input_ids is None:
+                raise ProcessorError(
+                    "InstructBLIP needs qformer_input_ids (the instruction tokenized for the Q-Former); "
+                    "build the inputs with InstructBlipProcessor"
+                )
+            if qformer_attention_mask is None:
+                qformer_attention_mask = torch.ones_like(qformer_input_ids)
+            query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
+            mask = torch.cat([query_mask, qformer_attention_mask.to(queries.device)], dim=1)
+            hidden = self.qformer(queries, image_embeds, input_ids=qformer_input_ids, attention_mask=mask)
+        else:
+            hidden = self.qformer(queries, image_embeds)
+        query_output = hidden[:, : self.config.num_query_tokens]
+        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
+        return self.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
+
+    # ---- language side ----------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by the projected queries."""
+        token = self.config.image_token_index
+        if token is None:
+            raise ConfigError(
+                "config.json has no image_token_index: this is a checkpoint revision from before "
+                "transformers 4.47; use the current Hub revision, or add the id of the '<image>' token "
+                "as image_token_index to config.json"
+            )
+        check_placeholders(input_ids, token, self.config.num_query_tokens)
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        mask = (input_ids == token).unsqueeze(-1)
+        return embeds.masked_scatter(mask, image_features.to(embeds.device, embeds.dtype))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> InstructBlipOutput:
+        if input_ids is None:
+            raise ProcessorError("forward needs input_ids (with the image placeholders); use the processor")
+        features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        embeds = self.embed_inputs(input_ids, features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.config.use_decoder_only_language_model:
+            logits = self.language_model(embeds, attention_mask)
+            loss = None if labels is None else causal_lm_loss(logits, labels)
+        else:
+            if decoder_input_ids is None:
+                if labels is None:
+                    raise ProcessorError("an encoder-decoder forward needs decoder_input_ids or labels")
+                decoder_input_ids = self.shift_right(labels)
+            logits = self.language_model(embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
+            loss = None if labels is None else F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device))
+        return InstructBlipOutput(logits=logits, loss=loss, language_model_inputs=features)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        text = self.config.text_config
+        shifted = labels.new_zeros(labels.shape)
+        shifted[:, 1:] = labels[:, :-1]
+        shifted[:, 0] = text.decoder_start_token_id
+        return shifted.masked_fill(shifted == -100, text.pad_token_id)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        **settings: Any,
+    ) -> torch.Tensor:
+        """Token ids as transformers returns them: decoder-only LMs echo the prompt ids first,
+        T5 starts with `decoder_start_token_id`."""
+        config = (generation_config or self.generation_config).updated(**settings)
+        features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        batch = features.shape[0]
+        if input_ids is None:
+            start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
+            input_ids = torch.tensor([start] * batch, dtype=torch.long, device=features.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed_inputs(input_ids, features)
+        if self.config.use_decoder_only_language_model:
+            prefix = input_ids
+            cache_length = max_total_length(config, prefix.shape[1])
+
+            def make_session(expand: int) -> DecoderOnlySession:
+                return DecoderOnlySession(
+                    self.language_model,
+                    embeds.repeat_interleave(expand, 0),
+                    attention_mask.repeat_interleave(expand, 0),
+                    cache_length,
+                )
+        else:
+            start_id = config.decoder_start_token_id
+            if start_id is None:
+                start_id = self.config.text_config.decoder_start_token_id
+            prefix = torch.full((batch, 1), start_id, dtype=torch.long, device=embeds.device)
+            cache_length = max_total_length(config, 1)
+
+            def make_session(expand: int) -> EncoderDecoderSession:
+                return EncoderDecoderSession(
+                    self.language_model,
+                    embeds.repeat_interleave(expand, 0),
+                    attention_mask.repeat_interleave(expand, 0),
+                    prefix.repeat_interleave(expand, 0),
+                    cache_length,
+                )
+
+        return generate_ids(make_session, prefix, config, generator=generator)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> "InstructBlipForConditionalGeneration":
+        """Load a Hub-layout checkpoint from a local folder, an fsspec URL or a Hub id.
+
+        dtype defaults to float32; `query_tokens` (and T5's `wo`, BLIP-2's Q-Former) stay fp32.
+        """
+        folder = checkpoint_dir(name_or_path)
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise ConfigError(f"{folder}: no config.json")
+        config = cls.config_class.from_json_file(config_path)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        materialize(model, dtype or torch.float32, device, model.keep_in_fp32)
+        load_tensors(model, weight_files(folder), model.tied_weights)
+        model.tie_weights()
+        generation_path = folder / "generation_config.json"
+        if generation_path.exists():
+            data = json.loads(generation_path.read_text())
+            model.generation_config = GenerationConfig.from_dict(data)
+        return model.eval()
+
+    def tie_weights(self) -> None:
+        """Point every alias at its source parameter again (materialising on meta unties them)."""
+        for alias, source in self.tied_weights.items():
+            module_name, _, attr = alias.rpartition(".")
+            module = self.get_submodule(module_name) if module_name else self
+            if hasattr(module, attr) and isinstance(getattr(module, attr), nn.Parameter):
+                setattr(module, attr, self.get_parameter(source))
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int = 5 * 2**30) -> None:
+        """Write config.json, generation_config.json and safetensors weights in the Hub layout."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config["architectures"] = [self.architecture]
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / "generation_config.json").write_text(json.dumps(self.generation_config.to_dict(), indent=2))
+        aliases = self.tied_weights
+        state = {k: v for k, v in self.state_dict().items() if k not in aliases}
+        save_tensors(state, folder, max_shard_size)
+
+
+class Blip2ForConditionalGeneration(InstructBlipForConditionalGeneration):
+    """BLIP-2: the same model with a Q-Former that does not read the instruction."""
+
+    config_class = Blip2Config
+    architecture = "Blip2ForConditionalGeneration"
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100, as transformers' ForCausalLMLoss."""
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+
+
+def max_total_length(config: GenerationConfig, prefix_length: int) -> int:
+    """Longest sequence (prefix + new tokens) a generate call can produce: the cache size."""
+    if config.max_new_tokens is not None:
+        return prefix_length + config.max_new_tokens
+    return max(config.max_length, prefix_length + 1)

@@ -1,0 +1,158 @@
+"""LLaMA (Vicuna) causal language model with transformers' LlamaForCausalLM parameter names."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import activation, attend, causal_padding_mask, check_attention_mask
+from .configs import LlamaConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, cast back, then scale in the model dtype: transformers' exact order.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        # A plain attribute, not a buffer: `module.to(bfloat16)` must not round the frequencies.
+        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [B|1, T, head_dim] for integer positions [B|1, T]; angles computed in fp32."""
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, H, T, hd] by its positions' angles (halves layout, as in the HF checkpoints)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attend(q, k, v, mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        # No padding_idx: it only matters for training, and Vicuna's pad id may lie outside the vocab.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_base)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tied_weights: dict[str, str] = {}
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        c = self.config
+        return KVCache(
+            c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_length, weight.dtype, weight.device
+        )
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits [B, T, vocab] for inputs_embeds [B, T, D].
+
+        attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
+        Without position_ids, positions run on from the cache length, ignoring padding (as transformers does).
+        """
+        batch, length, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        check_attention_mask(attention_mask, batch, past + length)
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=device)[None]
+        mask = causal_padding_mask(attention_mask, length, past + length, device)
+        rope = self.model.rotary_emb(position_ids, inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.model.layers:
+            h = layer(h, rope, mask, cache)
+        if cache is not None:
+            cache.advance(length)
+        return self.lm_head(self.model.norm(h))
