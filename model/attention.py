@@ -1,29 +1,12 @@
-"""Pieces shared by the decoder-only language models: masks, positions, SDPA attention, activations."""
+"""Pieces shared by the decoder-only language models: padding/causal masks, positions, SDPA attention."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError, ModelError
-
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-}
-
-
-def activation(name: str) -> Callable[[Tensor], Tensor]:
-    """The activation function transformers' ACT2FN gives for `name`."""
-    if name not in _ACTIVATIONS:
-        raise ConfigError(f"activation {name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}")
-    return _ACTIVATIONS[name]
+from .errors import ModelError
 
 
 def generation_position_ids(attention_mask: Tensor) -> Tensor:
@@ -49,8 +32,9 @@ def causal_padding_mask(
 ) -> Tensor | None:
     """Boolean SDPA mask [B|1, 1, q_length, kv_length] (True = attend) for the last `q_length` positions.
 
-    A query sees earlier non-padded keys, and always itself, so that a fully padded row stays finite
-    (a NaN there would be written into the KV cache). None means plain causal attention, which
+    A query sees earlier non-padded keys; a query that would see none (a pad before any real token)
+    sees itself, so its row stays finite: a NaN there would be written into the KV cache. Pad queries
+    that do see real keys keep transformers' mask, so their logits (used by a shifted loss) match. None means plain causal attention, which
     `attend` runs without a mask tensor.
     """
     if attention_mask is None and (q_length == kv_length or q_length == 1):
@@ -61,18 +45,16 @@ def causal_padding_mask(
     if attention_mask is None:
         return allowed[None, None]
     allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-    return allowed | (k_pos == q_pos)
+    return allowed | ((k_pos == q_pos) & ~allowed.any(-1, keepdim=True))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
     """SDPA over q [B, H, T, hd] and k, v [B, KVH, S, hd]; `mask` from `causal_padding_mask`."""
     groups = q.shape[1] // k.shape[1]
-    if mask is None:
-        # Without a mask tensor the fused kernels handle grouped heads; S > T only happens for T == 1.
-        is_causal = q.shape[2] == k.shape[2] and q.shape[2] > 1
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=groups > 1)
     if groups > 1:
-        # Masked GQA falls back to the slow kernel on CUDA, so expand the key/value heads instead.
+        # Expanded rather than SDPA's enable_gqa: that needs torch 2.5, and with a mask CUDA runs it slowly anyway.
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # No mask tensor: plain causal attention, or (S > T only for T == 1) a new token that sees the whole cache.
+    is_causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)

@@ -249,7 +249,11 @@ class InstructBlipForConditionalGeneration(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         materialize(model, dtype or torch.float32, device, model.keep_in_fp32)
-        load_tensors(model, weight_files(folder), model.tied_weights)
+        fallbacks = {
+            f"language_model.{k}": f"language_model.{v}"
+            for k, v in getattr(model.language_model, "fallback_weights", {}).items()
+        }
+        load_tensors(model, weight_files(folder), model.tied_weights, fallbacks)
         model.tie_weights()
         generation_path = folder / "generation_config.json"
         if generation_path.exists():
@@ -259,11 +263,11 @@ class InstructBlipForConditionalGeneration(nn.Module):
 
     def tie_weights(self) -> None:
         """Point every alias at its source parameter again (materialising on meta unties them)."""
+        params = dict(self.named_parameters(remove_duplicate=False))
         for alias, source in self.tied_weights.items():
-            module_name, _, attr = alias.rpartition(".")
-            module = self.get_submodule(module_name) if module_name else self
-            if hasattr(module, attr) and isinstance(getattr(module, attr), nn.Parameter):
-                setattr(module, attr, self.get_parameter(source))
+            if alias in params and params[alias] is not params[source]:
+                module_name, _, attr = alias.rpartition(".")
+                setattr(self.get_submodule(module_name), attr, params[source])
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int = 5 * 2**30) -> None:
         """Write config.json, generation_config.json and safetensors weights in the Hub layout."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import activation, attend, causal_padding_mask, check_attention_mask
+from .activations import activation
+from .attention import attend, causal_padding_mask, check_attention_mask
 from .configs import LlamaConfig
 from .kv_cache import KVCache
 

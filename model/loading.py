@@ -21,8 +21,8 @@ from .errors import CheckpointError
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
-# Derived tensors some exporters store; our modules recompute them.
-IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.position_ids)$")
+# Derived tensors some exporters store, and T5's unused cross-attention bias in old checkpoints.
+IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.position_ids|EncDecAttention\.relative_attention_bias\.weight)$")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -77,11 +77,13 @@ def load_tensors(
     model: nn.Module,
     files: list[Path],
     aliases: dict[str, str],
+    fallbacks: dict[str, str] | None = None,
 ) -> None:
     """Copy every checkpoint tensor into `model`, casting to each parameter's dtype.
 
     `aliases` maps a checkpoint key that names a shared tensor (a tied head, T5's embed_tokens) to the
-    key it shares storage with. Missing, unexpected or mis-shaped keys raise one error listing them all.
+    key it shares storage with; `fallbacks` maps a key the checkpoint may omit to the key whose values
+    it then takes. Missing, unexpected or mis-shaped keys raise one error listing them all.
     """
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     expected = set(model.state_dict()) - set(aliases)
@@ -104,6 +106,11 @@ def load_tensors(
         with torch.no_grad():
             target.copy_(tensor)
         loaded.add(target_key)
+    for key, source in (fallbacks or {}).items():
+        if key not in loaded and source in loaded:
+            with torch.no_grad():
+                params[key].copy_(params[source])
+            loaded.add(key)
     missing = sorted(expected - loaded)
     problems = []
     if missing:

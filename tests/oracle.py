@@ -29,7 +29,7 @@ TEXT = {
     "t5": dict(model_type="t5", vocab_size=TEXT_VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
                relative_attention_num_buckets=8, relative_attention_max_distance=20,
-               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, bos_token_id=1),
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, bos_token_id=1, tie_word_embeddings=False),
 }
 
 

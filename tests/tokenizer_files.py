@@ -9,6 +9,9 @@ the real ones, so that transformers' AutoTokenizer reads them the way it reads t
 from __future__ import annotations
 
 import json
+import re
+import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,21 @@ def _lines() -> list[str]:
     return [line for line in CORPUS.splitlines() if line.strip()]
 
 
+def _train_bpe(vocab_size: int, specials: list[str]) -> dict:
+    """Train a SentencePiece-like BPE on CORPUS ("▁" marks word starts) and return its JSON model
+    ({"vocab", "merges"}); the same from run to run."""
+    tok = Tokenizer(models.BPE(unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(_lines(), trainer)
+    return json.loads(tok.to_str())["model"]
+
+
+def _bpe_pieces(vocab_size: int, specials: list[str]) -> list[str]:
+    learned = _train_bpe(vocab_size, specials)
+    return [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -82,13 +100,7 @@ def _save(tok: Tokenizer, directory: Path, config: dict, special_map: dict, adde
 def write_llama_tokenizer(directory: Path, vocab_size_hint: int = 300) -> TokenizerInfo:
     """Vicuna-style LLaMA tokenizer: BPE with byte fallback, `<unk>`=0 `<s>`=1 `</s>`=2, bos = eos = unk = `</s>`,
     `[PAD]`, `<image>` and `<video>` added after the base vocabulary (like 32000/32001/32002 in the real one)."""
-    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    trainer_tok.train_from_iterator(
-        _lines(), trainers.BpeTrainer(vocab_size=vocab_size_hint, special_tokens=["<unk>", "<s>", "</s>"],
-                                      show_progress=False)
-    )
-    learned = json.loads(trainer_tok.to_str())["model"]
+    learned = _train_bpe(vocab_size_hint, ["<unk>", "<s>", "</s>"])
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for piece in _BYTE_TOKENS:
         vocab[piece] = len(vocab)
@@ -121,13 +133,10 @@ def write_llama_tokenizer(directory: Path, vocab_size_hint: int = 300) -> Tokeni
 def write_t5_tokenizer(directory: Path, vocab_size_hint: int = 300, extra_ids: int = 3) -> TokenizerInfo:
     """Flan-T5-style tokenizer: Unigram, `<pad>`=0 `</s>`=1 `<unk>`=2, appends `</s>`, sentinel `<extra_id_*>` at the
     end of the base vocabulary (reversed, as in T5), `<image>` added after it."""
-    trainer_tok = Tokenizer(models.Unigram())
-    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    trainer_tok.train_from_iterator(
-        _lines(), trainers.UnigramTrainer(vocab_size=vocab_size_hint, special_tokens=["<pad>", "</s>", "<unk>"],
-                                          unk_token="<unk>", show_progress=False)
-    )
-    pieces = [tuple(p) for p in json.loads(trainer_tok.to_str())["model"]["vocab"]]
+    # The pieces come from the (deterministic) BPE trainer: the Unigram trainer's output changes from run to run.
+    # Every piece costs about the same, so Viterbi picks the segmentation with the fewest pieces.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(p, -1.0 - 1e-4 * i) for i, p in enumerate(_bpe_pieces(vocab_size_hint, ["<pad>", "</s>", "<unk>"]))]
     pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
@@ -156,8 +165,8 @@ def write_t5_tokenizer(directory: Path, vocab_size_hint: int = 300, extra_ids: i
 
 
 def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400) -> TokenizerInfo:
-    """OPT-style GPT-2 byte-level BPE: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3; bos = eos = unk = `</s>` prepended
-    (driven by `add_bos_token` in tokenizer_config, as for OPT; tokenizer.json's own post-processor is ByteLevel),
+    """OPT-style GPT-2 byte-level BPE: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3; bos = eos = unk = `</s>`, prepended by
+    tokenizer.json's post-processor (transformers 5.x ignores `add_bos_token` when a tokenizer.json exists),
     `<image>` added after the base vocabulary (like 50265 in the real one)."""
     tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -166,7 +175,9 @@ def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400) -> Tokenize
         _lines(), trainers.BpeTrainer(vocab_size=vocab_size_hint, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     )
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
     base = tok.get_vocab_size()
     tok.add_special_tokens([_added("<image>")])
     config = {
@@ -182,15 +193,20 @@ def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400) -> Tokenize
 def write_bert_tokenizer(directory: Path, vocab_size_hint: int = 300) -> TokenizerInfo:
     """Q-Former tokenizer: bert-base-uncased-style WordPiece, `[PAD]`=0 `[UNK]`=1 `[CLS]`=2 `[SEP]`=3 `[MASK]`=4,
     `[DEC]` added after the base vocabulary (like 30522 in the real one)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    # Built by hand (the WordPiece trainer's ids change between runs): every character, alone and as "##"
+    # continuation, a few suffixes, and the most frequent words, so rarer words split into pieces.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = re.findall(r"\w+|[^\w\s]", CORPUS.lower())
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits))
+    frequent = [w for w, _ in Counter(w for w in words if len(w) > 1).most_common(vocab_size_hint)]
+    pieces = [*specials, *chars, *("##" + c for c in chars if c.isalnum()), "##s", "##ing", "##ed", "##ly", *frequent]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
                                                 lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(
-        _lines(), trainers.WordPieceTrainer(vocab_size=vocab_size_hint, show_progress=False,
-                                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    )
+    tok.add_special_tokens([_added(t) for t in specials])
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
