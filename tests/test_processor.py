@@ -16,7 +16,7 @@ from model.errors import CheckpointError, ProcessorError
 from model.image_processing import BlipImageProcessor
 from model.processor import Blip2Processor, InstructBlipProcessor, check_placeholders
 from model.tokenizer import Tokenizer
-from tests.tokenizer_files import preprocessor_config, write_bert_tokenizer, write_processor_files
+from model.tiny_tokenizers import preprocessor_config, write_bert_tokenizer, write_processor_files
 
 NUM_QUERY_TOKENS = 4
 LMS = ("llama", "t5", "opt")

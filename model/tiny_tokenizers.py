@@ -1,4 +1,4 @@
-"""Tiny tokenizer and processor folders in the Hub layout, for tests.
+"""Tiny tokenizer and processor folders in the Hub layout, for demos, tests and the small trained model.
 
 Each writer trains a small vocabulary (a few hundred tokens) with the `tokenizers` library on the built-in
 text below and writes the files that the real InstructBLIP / BLIP-2 checkpoints carry (tokenizer.json,
