@@ -217,7 +217,7 @@ def generate_ids(
     ignore_before = None
     if attention_mask is not None:
         # First attended position of each row (0 for a row with no attended position, like argmax does).
-        ignore_before = None
+        ignore_before = (attention_mask != 0).int().argmax(1).to(device).repeat_interleave(expand, 0)
     procs = logits_processors(config, limits.min_length, limits.eos, ignore_before)
     if config.num_beams > 1:
         return _beam_search(session, logits, ids, procs, config, limits, generator)

@@ -6,11 +6,15 @@ difference in ids comes from the search: processors, token selection, finishing 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 import transformers
+from transformers.generation import logits_process as hf_processors
 from transformers.modeling_outputs import BaseModelOutput
 
+from model import generation
 from model.configs import GenerationConfig
 from model.errors import ConfigError, GenerationError
 from model.generation import generate_ids
@@ -123,6 +127,7 @@ class Llama:
         torch.manual_seed(0)
         self.model = redraw(transformers.LlamaForCausalLM(config), seed=1).to(device)
         self.ids, self.mask = (t.to(device) for t in left_padded([5, 8, 3], seed=2))
+        self.eos: dict[str, int | list[int]] = {}  # filled by eos_candidates
 
     def hf(self, **kwargs) -> torch.Tensor:
         return self.model.generate(input_ids=self.ids, attention_mask=self.mask, **kwargs)
@@ -145,6 +150,7 @@ class T5:
         self.model = redraw(transformers.T5ForConditionalGeneration(config), seed=3).to(device)
         self.ids, self.mask = (t.to(device) for t in right_padded([6, 4, 7], seed=4))
         self.start = torch.full((3, 1), PAD, device=device)
+        self.eos: dict[str, int | list[int]] = {}  # filled by eos_candidates
 
     def hf(self, **kwargs) -> torch.Tensor:
         return self.model.generate(input_ids=self.ids, attention_mask=self.mask, **kwargs)
@@ -154,6 +160,15 @@ class T5:
             lambda expand: T5Session(self.model, self.ids, self.mask, self.start, expand), self.start, config,
             generator=generator,
         )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops only lose from intra-op threads, badly so on a busy machine; restore the setting afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +185,10 @@ def first_step_logits(lm: Llama | T5) -> torch.Tensor:
 def eos_candidates(lm: Llama | T5) -> dict[str, int | list[int]]:
     """Tokens that decoding really emits early, so that eos paths fire: A = greedy row 0 at new step 3, B = greedy
     row 1 at step 5 (or later, if equal to A), C = 3-beam search row 0 at step 3 (finishes a live beam there),
-    top3 = row 0's three likeliest first tokens (eos candidates crowd out the live ones)."""
-    if not hasattr(lm, "eos"):
+    top3 = row 0's three likeliest first tokens (eos candidates crowd out the live ones); early = every row's second
+    greedy token and firsts = every row's four likeliest first tokens (all rows finish early, so the loops must stop
+    before max_length); every4th = ids 1, 5, 9, ... (hypotheses end all the time)."""
+    if not lm.eos:
         greedy = lm.hf(max_new_tokens=8, do_sample=False, eos_token_id=None)[:, -8:]
         beam = lm.hf(max_new_tokens=4, num_beams=3, do_sample=False, eos_token_id=None)[:, -4:]
         first = int(greedy[0, 2])
@@ -179,11 +196,16 @@ def eos_candidates(lm: Llama | T5) -> dict[str, int | list[int]]:
         lm.eos = {"A": first, "B": second, "C": int(beam[0, 2])}
         assert PAD not in lm.eos.values(), "pick prompts/seeds whose early tokens are not the pad id"
         lm.eos["top3"] = first_step_logits(lm)[0].topk(3).indices.tolist()
+        lm.eos["early"] = sorted(set(greedy[:, 1].tolist()) - {PAD})
+        lm.eos["every4th"] = list(range(1, VOCAB, 4))
+        lm.eos["firsts"] = sorted(set(first_step_logits(lm).topk(4).indices.flatten().tolist()) - {PAD})
     return lm.eos
 
 
-# name -> (model, settings); "A"/"B"/"C" stand for the eos candidates above. With "C" a beam finishes at step 3 but
-# may lose to longer hypotheses, so only the other cases must show an eos in their output.
+# name -> (model, settings); eos placeholders name the eos candidates above. With "C" a beam finishes at step 3 but
+# may lose to longer hypotheses, so only the FINISHING ones must show an eos in their output.
+FINISHING = {"A", "B", "top3", "early", "firsts", "every4th"}
+STOPS_EARLY = {"early", "firsts"}
 CASES = {
     "greedy_max_new_tokens": ("llama", dict(max_new_tokens=9)),
     "greedy_max_length": ("llama", dict(max_length=14)),
@@ -195,6 +217,7 @@ CASES = {
     "no_repeat_ngram": ("llama", dict(max_new_tokens=12, no_repeat_ngram_size=2)),
     "pad_none_greedy": ("llama", dict(max_new_tokens=10, eos_token_id="A", pad_token_id=None)),
     "no_eos_no_pad": ("llama", dict(max_new_tokens=6, eos_token_id=None, pad_token_id=None)),
+    "greedy_all_finish": ("llama", dict(max_new_tokens=10, eos_token_id="early")),
     "beam_lp_0.5": ("llama", dict(max_new_tokens=10, num_beams=3, length_penalty=0.5, eos_token_id="A")),
     "beam_lp_2": ("llama", dict(max_new_tokens=10, num_beams=3, length_penalty=2.0, eos_token_id="C")),
     "beam_return_2": ("llama", dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, eos_token_id="A")),
@@ -210,6 +233,15 @@ CASES = {
         "llama", dict(max_new_tokens=6, num_beams=2, num_return_sequences=2, length_penalty=2.0,
                       early_stopping="never", eos_token_id="top3")
     ),
+    "beam_all_finish": ("llama", dict(max_new_tokens=10, num_beams=3, eos_token_id="firsts")),
+    "beam_all_finish_early_true": (
+        "llama", dict(max_new_tokens=10, num_beams=3, early_stopping=True, eos_token_id="firsts")
+    ),
+    # a quarter of the vocab ends a hypothesis: every input fills its finished slots while longer running beams
+    # could still win (length_penalty 2), so only early_stopping=True stops the search
+    "beam_early_true_many_eos": (
+        "llama", dict(max_new_tokens=10, num_beams=3, early_stopping=True, length_penalty=2.0, eos_token_id="every4th")
+    ),
     "beam_max_length": ("llama", dict(max_length=15, num_beams=3, eos_token_id="A")),
     "beam_no_eos": ("llama", dict(max_new_tokens=6, num_beams=3, eos_token_id=None)),
     "beam_pad_nonzero": ("llama", dict(max_new_tokens=10, num_beams=3, eos_token_id="A", pad_token_id=7)),
@@ -220,12 +252,19 @@ CASES = {
     ),
     "beam_no_repeat_ngram": ("llama", dict(max_new_tokens=12, num_beams=3, no_repeat_ngram_size=2)),
     "t5_greedy": ("t5", dict(max_new_tokens=10, eos_token_id="A")),
+    "t5_all_finish": ("t5", dict(max_new_tokens=10, eos_token_id="early")),
+    "t5_beam_all_finish": (
+        "t5", dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, eos_token_id="firsts")
+    ),
     "t5_max_length": ("t5", dict(max_length=9, eos_token_id="B")),
     "t5_min_new_tokens": ("t5", dict(max_new_tokens=10, min_new_tokens=6, eos_token_id="A")),
     "t5_penalties": ("t5", dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2)),
     "t5_beam": ("t5", dict(max_new_tokens=10, num_beams=3, length_penalty=2.0, eos_token_id="C")),
     "t5_beam_return_2": ("t5", dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, eos_token_id="A")),
     "t5_beam_early_true": ("t5", dict(max_new_tokens=10, num_beams=3, early_stopping=True, eos_token_id="A")),
+    "t5_beam_early_true_many_eos": (
+        "t5", dict(max_new_tokens=10, num_beams=2, early_stopping=True, length_penalty=2.0, eos_token_id="every4th")
+    ),
     "t5_beam_penalties": (
         "t5", dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.5, no_repeat_ngram_size=2, eos_token_id="A")
     ),
@@ -248,6 +287,10 @@ SAMPLE_CASES = {
         "llama", dict(max_new_tokens=10, do_sample=True, num_beams=3, num_return_sequences=2, top_p=0.9,
                       eos_token_id="A")
     ),
+    # peaked beams, where top_p must still keep len(eos) + 1 tokens per beam
+    "beam_sample_top_p_min_keep": (
+        "llama", dict(max_new_tokens=8, do_sample=True, num_beams=3, top_p=0.5, temperature=0.5, eos_token_id="A")
+    ),
     "t5_sample": ("t5", dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9, eos_token_id="A")),
     "t5_beam_sample": ("t5", dict(max_new_tokens=10, do_sample=True, num_beams=2, eos_token_id="A")),
 }
@@ -262,13 +305,23 @@ def settings_for(lm: Llama | T5, settings: dict) -> dict:
     return out
 
 
+def count_forwards(model: torch.nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        return run(), len(calls)
+    finally:
+        hook.remove()
+
+
 def compare(lm: Llama | T5, settings: dict, seed: int | None = None) -> torch.Tensor:
     torch.manual_seed(seed or 0)
-    expected = lm.hf(**settings)
+    expected, hf_steps = count_forwards(lm.model, lambda: lm.hf(**settings))
     torch.manual_seed(seed or 0)
-    got = lm.ours(GenerationConfig(**settings))
+    got, steps = count_forwards(lm.model, lambda: lm.ours(GenerationConfig(**settings)))
     assert got.shape == expected.shape, f"{tuple(got.shape)} != {tuple(expected.shape)}\n{got}\n{expected}"
     assert torch.equal(got, expected), f"\nours:\n{got}\ntransformers:\n{expected}"
+    assert steps == hf_steps, f"{steps} forward passes where transformers stops after {hf_steps}"
     return got
 
 
@@ -285,9 +338,13 @@ def test_matches_transformers(models, name):
     new = generated_part(lm, out)
     eos = settings["eos_token_id"]
     eos_ids = [eos] if isinstance(eos, int) else (eos or [])
-    if raw.get("eos_token_id") in ("A", "B", "top3") and "min_new_tokens" not in settings and "min_length" not in settings:
+    placeholders = raw.get("eos_token_id")
+    placeholders = set(placeholders) if isinstance(placeholders, list) else {placeholders}
+    if FINISHING & placeholders and "min_new_tokens" not in settings and "min_length" not in settings:
         # the eos candidates were picked so that finishing (and padding/fill) paths actually run
         assert torch.isin(new, torch.tensor(eos_ids)).any(), "no row finished: the case does not test eos handling"
+    if STOPS_EARLY & placeholders:
+        assert new.shape[1] < settings["max_new_tokens"], "generation should have stopped before max_length"
 
 
 def test_min_new_tokens_holds_back_eos(models):
@@ -325,10 +382,7 @@ def test_generator_is_used_for_every_draw(models):
 
 def test_processors_match_transformers():
     # Each processor on its own, on random scores with repeated ids, against transformers' class.
-    from transformers.generation import logits_process as lp
-
-    from model import generation as g
-
+    g, lp = generation, hf_processors
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 12, (4, 9), generator=gen)
     scores = torch.randn(4, 20, generator=gen) * 3
