@@ -327,7 +327,7 @@ class Blip2Config(InstructBlipConfig):
 class GenerationConfig(BaseConfig):
     """Generation settings with transformers' names, defaults and meaning."""
 
-    max_length: int = 20
+    max_length: int | None = None  # None with max_new_tokens None: 20 new tokens, as transformers
     max_new_tokens: int | None = None
     min_length: int = 0
     min_new_tokens: int | None = None

@@ -152,8 +152,10 @@ class _Limits:
 def _resolve(config: GenerationConfig, prefix_len: int) -> _Limits:
     if config.max_new_tokens is not None:
         max_length = prefix_len + config.max_new_tokens
-    else:
+    elif config.max_length is not None:
         max_length = config.max_length
+    else:
+        raise GenerationError("set max_new_tokens or max_length")
     if prefix_len >= max_length:
         raise GenerationError(
             f"the prefix is {prefix_len} tokens long but max_length is {max_length}: nothing can be generated; "

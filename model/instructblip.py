@@ -36,6 +36,8 @@ LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
 }
 # Kept in fp32 when the rest is cast to fp16/bf16, as transformers does.
 KEEP_IN_FP32 = ("query_tokens",)
+# New tokens when neither max_new_tokens nor max_length is set (transformers' default).
+DEFAULT_NEW_TOKENS = 20
 GENERATION_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -200,33 +202,24 @@ class InstructBlipForConditionalGeneration(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, features)
         if self.config.use_decoder_only_language_model:
-            prefix = input_ids
-            cache_length = max_total_length(config, prefix.shape[1])
-
-            def make_session(expand: int) -> DecoderOnlySession:
-                return DecoderOnlySession(
-                    self.language_model,
-                    embeds.repeat_interleave(expand, 0),
-                    attention_mask.repeat_interleave(expand, 0),
-                    cache_length,
-                )
+            prefix, prefix_mask = input_ids, attention_mask
         else:
             start_id = config.decoder_start_token_id
             if start_id is None:
                 start_id = self.config.text_config.decoder_start_token_id
             prefix = torch.full((batch, 1), start_id, dtype=torch.long, device=embeds.device)
-            cache_length = max_total_length(config, 1)
+            prefix_mask = None  # transformers' repetition penalty sees the decoder ids only
+        if config.max_new_tokens is None and config.max_length is None:
+            limit = getattr(self.config.text_config, "max_position_embeddings", None) or float("inf")
+            config = config.updated(max_length=min(prefix.shape[1] + DEFAULT_NEW_TOKENS, limit))
+        cache_length = max_total_length(config, prefix.shape[1])
 
-            def make_session(expand: int) -> EncoderDecoderSession:
-                return EncoderDecoderSession(
-                    self.language_model,
-                    embeds.repeat_interleave(expand, 0),
-                    attention_mask.repeat_interleave(expand, 0),
-                    prefix.repeat_interleave(expand, 0),
-                    cache_length,
-                )
+        def make_session(expand: int) -> DecoderOnlySession | EncoderDecoderSession:
+            if self.config.use_decoder_only_language_model:
+                return DecoderOnlySession(self.language_model, embeds, attention_mask, cache_length, expand)
+            return EncoderDecoderSession(self.language_model, embeds, attention_mask, prefix, cache_length, expand)
 
-        return generate_ids(make_session, prefix, config, generator=generator)
+        return generate_ids(make_session, prefix, config, generator=generator, attention_mask=prefix_mask)
 
     # ---- checkpoints ------------------------------------------------------------------------
     @classmethod
@@ -299,4 +292,4 @@ def max_total_length(config: GenerationConfig, prefix_length: int) -> int:
     """Longest sequence (prefix + new tokens) a generate call can produce: the cache size."""
     if config.max_new_tokens is not None:
         return prefix_length + config.max_new_tokens
-    return max(config.max_length, prefix_length + 1)
+    return config.max_length

@@ -137,8 +137,10 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits [B, T, vocab] for inputs_embeds [B, T, D].
+        """Logits [B, T, vocab] for inputs_embeds [B, T, D] ([B, 1, vocab] with `last_only`: a prefill
+        needs only the next token's, and the vocabulary projection of every position is costly).
 
         attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
         Without position_ids, positions run on from the cache length, ignoring padding (as transformers does).
@@ -156,4 +158,6 @@ class LlamaForCausalLM(nn.Module):
             h = layer(h, rope, mask, cache)
         if cache is not None:
             cache.advance(length)
+        if last_only:
+            h = h[:, -1:]
         return self.lm_head(self.model.norm(h))

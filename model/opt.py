@@ -112,8 +112,10 @@ class OPTForCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits [B, T, vocab] for inputs_embeds [B, T, word_embed_proj_dim].
+        """Logits [B, T, vocab] for inputs_embeds [B, T, word_embed_proj_dim] ([B, 1, vocab] with
+        `last_only`, for a prefill).
 
         attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
         Without position_ids, positions count real tokens of the mask (pads get -1), as transformers does.
@@ -136,6 +138,8 @@ class OPTForCausalLM(nn.Module):
             h = layer(h, mask, cache)
         if cache is not None:
             cache.advance(length)
+        if last_only:
+            h = h[:, -1:]
         if decoder.final_layer_norm is not None:
             h = decoder.final_layer_norm(h)
         if decoder.project_out is not None:

@@ -1,7 +1,8 @@
 """Decode sessions: a language model plus its KV cache, driven one token at a time by `generation`.
 
-A session owns one prefill (the whole prompt, image embeddings included) and then single-token
-decode steps; beam search reorders its rows.
+A session runs one prefill over the B prompts (image embeddings included), then repeats each row
+`expand` times (beams, return sequences) by copying its cache rather than recomputing it, then
+single-token decode steps; beam search reorders its rows.
 """
 
 from __future__ import annotations
@@ -12,20 +13,30 @@ from torch import nn
 from .attention import generation_position_ids
 
 
+def expansion_index(batch: int, expand: int, device: torch.device) -> torch.Tensor:
+    """Row index that repeats each of `batch` rows `expand` times consecutively (transformers' order)."""
+    return torch.arange(batch, device=device).repeat_interleave(expand)
+
+
 class DecoderOnlySession:
     """LLaMA / OPT: the prompt embeddings go through the decoder once, then one token per step."""
 
-    def __init__(self, lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int):
+    def __init__(
+        self, lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int, expand: int
+    ):
         self.lm = lm
         self.inputs_embeds = inputs_embeds
         self.attention_mask = attention_mask
+        self.expand = expand
         self.cache = lm.new_cache(inputs_embeds.shape[0], max_length)
 
     def prefill(self) -> torch.Tensor:
         position_ids = generation_position_ids(self.attention_mask)
-        logits = self.lm(self.inputs_embeds, self.attention_mask, position_ids, cache=self.cache)
+        logits = self.lm(self.inputs_embeds, self.attention_mask, position_ids, cache=self.cache, last_only=True)
+        index = expansion_index(logits.shape[0], self.expand, logits.device)
         self.inputs_embeds = None  # only needed once
-        return logits[:, -1].float()
+        self.reorder(index)
+        return logits[index, -1].float()
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         ones = self.attention_mask.new_ones((self.attention_mask.shape[0], 1))
@@ -40,7 +51,11 @@ class DecoderOnlySession:
 
 
 class EncoderDecoderSession:
-    """T5: the prompt is encoded once; the decoder starts from `decoder_start_token_id`."""
+    """T5: the prompt is encoded once; the decoder starts from `decoder_start_token_id`.
+
+    The decoder's cache keeps the cross-attention keys and values after the first step, so the
+    encoder output is not needed afterwards.
+    """
 
     def __init__(
         self,
@@ -49,24 +64,25 @@ class EncoderDecoderSession:
         attention_mask: torch.Tensor,
         decoder_start_ids: torch.Tensor,
         max_length: int,
+        expand: int,
     ):
         self.lm = lm
-        self.encoder_mask = attention_mask
-        self.encoder_states = lm.encode(inputs_embeds, attention_mask)
+        self.inputs_embeds = inputs_embeds
+        self.attention_mask = attention_mask
         self.decoder_start_ids = decoder_start_ids
+        self.expand = expand
         self.cache = lm.new_cache(inputs_embeds.shape[0], max_length)
 
-    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.decode(ids, self.encoder_states, self.encoder_mask, cache=self.cache)
-        return logits[:, -1].float()
-
     def prefill(self) -> torch.Tensor:
-        return self._decode(self.decoder_start_ids)
+        encoder_states = self.lm.encode(self.inputs_embeds, self.attention_mask)
+        logits = self.lm.decode(self.decoder_start_ids, encoder_states, self.attention_mask, cache=self.cache)
+        index = expansion_index(logits.shape[0], self.expand, logits.device)
+        self.inputs_embeds = self.attention_mask = None  # only needed once
+        self.reorder(index)
+        return logits[index, -1].float()
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        return self._decode(next_ids[:, None])
+        return self.lm.decode(next_ids[:, None], None, cache=self.cache)[:, -1].float()
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
-        self.encoder_states = self.encoder_states.index_select(0, index)
-        self.encoder_mask = self.encoder_mask.index_select(0, index)

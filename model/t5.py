@@ -317,7 +317,7 @@ class T5ForConditionalGeneration(nn.Module):
     def decode(
         self,
         decoder_input_ids: Tensor,
-        encoder_hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None,
         encoder_attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         cache: T5Cache | None = None,
@@ -332,6 +332,8 @@ class T5ForConditionalGeneration(nn.Module):
         if cache is not None and cache.has_cross:
             keys, values, cross_mask = cache.cross_keys, cache.cross_values, cache.cross_mask
         else:
+            if encoder_hidden_states is None:
+                raise ModelError("decode needs encoder_hidden_states unless its cache already holds them")
             keys, values, cross_mask = self._cross_states(encoder_hidden_states, encoder_attention_mask)
             if cache is not None:
                 cache.cross_keys, cache.cross_values, cache.cross_mask = keys, values, cross_mask

@@ -82,7 +82,10 @@ def test_loss_matches(pair):
 
 
 GENERATION_SETTINGS = [
+    dict(),  # transformers' default: 20 new tokens
+    dict(max_length=15),  # counts the prompt for decoder-only models
     dict(max_new_tokens=8),
+    dict(max_new_tokens=6, do_sample=True, top_k=20, temperature=0.8, num_return_sequences=2),
     dict(max_new_tokens=7, num_beams=3, length_penalty=0.6, num_return_sequences=2),
     dict(max_new_tokens=7, num_beams=3, length_penalty=1.7, early_stopping=True),
     dict(max_new_tokens=8, repetition_penalty=1.5),
@@ -94,8 +97,10 @@ GENERATION_SETTINGS = [
 def test_generate_ids_match(pair, settings):
     hf_model, ours, lm, blip2 = pair
     inputs = model_inputs(lm, blip2)
+    torch.manual_seed(11)  # sampling draws from the global RNG in the same order in both
     with torch.no_grad():
         expected = hf_model.generate(**inputs, **settings)
+    torch.manual_seed(11)
     got = ours.generate(**inputs, **settings)
     assert got.tolist() == expected.tolist()
 
