@@ -54,8 +54,8 @@ def _copy_from_fsspec(url: str) -> Path:
     root = root.rstrip("/")
     try:
         found = fs.find(root, detail=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot list checkpoint folder {url}: {e}") from e
+    except Exception as e:  # each fsspec backend raises its own types (botocore's are not OSError)
+        raise CheckpointError(f"cannot list checkpoint folder {url}: {type(e).__name__}: {e}") from e
     if not found:
         raise CheckpointError(f"checkpoint folder {url} is empty or does not exist")
     sizes = {path[len(root) + 1 :]: info.get("size") for path, info in found.items()}
@@ -68,8 +68,8 @@ def _copy_from_fsspec(url: str) -> Path:
         partial = target.with_name(target.name + ".partial")
         try:
             fs.get_file(f"{root}/{name}", str(partial))
-        except OSError as e:
-            raise CheckpointError(f"cannot copy {url}/{name}: {e}") from e
+        except Exception as e:  # as above: backend-specific error types
+            raise CheckpointError(f"cannot copy {url}/{name}: {type(e).__name__}: {e}") from e
         partial.replace(target)
     return local
 
