@@ -1,0 +1,114 @@
+"""The inference engine the pipeline calls: images and instructions in, texts out.
+
+It owns the processor and the model, checks each instruction before it reaches the model (so one
+bad row becomes an error for that row only), and halves a batch that runs out of GPU memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from .errors import ProcessorError
+from .hub import checkpoint_dir
+from .instructblip import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+from .processor import Blip2Processor, InstructBlipProcessor
+
+
+class InvalidInstruction(ProcessorError):
+    """An instruction the model cannot take (not a string, too many tokens)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str                                  # checkpoint: local folder, fsspec URL or Hub id
+    dtype: str | None = None                    # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
+    device: str | None = None                   # None: "cuda" when available, else "cpu"
+    generation: dict[str, Any] = field(default_factory=dict)   # generate() settings, transformers' names
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a torch floating-point dtype (use float32, bfloat16 or float16)")
+    return value
+
+
+def is_blip2(folder: str | os.PathLike) -> bool:
+    return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "blip-2"
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        folder = checkpoint_dir(config.model)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        blip2 = is_blip2(folder)
+        model_cls = Blip2ForConditionalGeneration if blip2 else InstructBlipForConditionalGeneration
+        self.processor = (Blip2Processor if blip2 else InstructBlipProcessor).from_pretrained(folder)
+        self.model = model_cls.from_pretrained(folder, dtype=dtype, device=self.device)
+        self.settings = dict(config.generation)
+        # validate the settings once, up front, rather than on the first batch
+        self.model.generation_config.updated(**self.settings)
+        self.decoder_only = self.model.config.use_decoder_only_language_model
+        self.max_prompt_tokens = self._max_prompt_tokens()
+
+    def _max_prompt_tokens(self) -> int | None:
+        """Prompt tokens the LM can take with room for the new tokens; None where positions are relative (T5)."""
+        positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if positions is None:
+            return None
+        new_tokens = self.settings.get("max_new_tokens") or 20
+        return positions - self.model.config.num_query_tokens - new_tokens
+
+    def check_instruction(self, instruction: object) -> str:
+        """The instruction as the model will take it; InvalidInstruction says why it cannot."""
+        if not isinstance(instruction, str):
+            raise InvalidInstruction(f"the instruction must be a string, got {type(instruction).__name__}")
+        if self.max_prompt_tokens is not None:
+            length = len(self.processor.tokenizer.encode(instruction))
+            if length > self.max_prompt_tokens:
+                raise InvalidInstruction(
+                    f"the instruction is {length} tokens; this model takes at most {self.max_prompt_tokens} "
+                    f"with {self.settings.get('max_new_tokens') or 20} new tokens"
+                )
+        return instruction
+
+    def generate(self, images: Sequence[PIL.Image.Image], instructions: Sequence[str]) -> list[str | list[str]]:
+        """One text per (image, instruction) pair, or a list of texts with num_return_sequences > 1."""
+        try:
+            return self._generate(images, instructions)
+        except torch.cuda.OutOfMemoryError:
+            if len(images) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(images) // 2
+            return self.generate(images[:half], instructions[:half]) + self.generate(images[half:], instructions[half:])
+
+    @torch.inference_mode()
+    def _generate(self, images: Sequence[PIL.Image.Image], instructions: Sequence[str]) -> list[str | list[str]]:
+        inputs = self.processor(images=list(images), text=list(instructions))
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        ids = self.model.generate(**inputs, **self.settings)
+        start = inputs["input_ids"].shape[1] if self.decoder_only else 1
+        texts = [t.strip() for t in self.processor.batch_decode(ids[:, start:], skip_special_tokens=True)]
+        per_row = len(texts) // len(images)
+        if per_row == 1:
+            return texts
+        return [texts[i * per_row : (i + 1) * per_row] for i in range(len(images))]

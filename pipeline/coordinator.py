@@ -1,0 +1,152 @@
+"""The driver side: hand work units to ModelWorker actors, survive their deaths, report progress.
+
+Each worker gets a few units at a time (Ray runs an actor's tasks one after another, so the oldest
+unit in flight on a worker is the one it is working on). When a worker dies, Ray restarts it; the
+unit it was running is charged an attempt and re-queued, the units queued behind it are re-queued
+free of charge. A unit that fails `max_attempts` times is marked failed and the run goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from .shards import WorkUnit
+from .sink import mark_failed
+
+
+@dataclass
+class RunSummary:
+    output: str
+    units_total: int = 0
+    units_skipped: int = 0  # committed by an earlier run
+    units_done: int = 0  # committed by this run
+    units_failed: int = 0
+    rows_ok: int = 0  # this run's rows
+    rows_error: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # unit id -> last reason
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.rows_ok + self.rows_error
+
+    def __str__(self) -> str:
+        rate = self.rows / self.wall_s if self.wall_s > 0 else 0.0
+        lines = [
+            f"output: {self.output}",
+            f"units: {self.units_total} total, {self.units_done} done now, {self.units_skipped} already done, "
+            f"{self.units_failed} failed",
+            f"rows: {self.rows_ok} ok, {self.rows_error} error"
+            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(self.errors_by_kind.items()))})" if self.errors_by_kind else ""),
+            f"time: {self.wall_s:.1f}s, {rate:.1f} rows/s",
+        ]
+        lines += [f"failed unit {unit}: {reason}" for unit, reason in sorted(self.failed.items())]
+        if self.interrupted:
+            lines.append("interrupted: committed units are kept; run the same command again to resume")
+        return "\n".join(lines)
+
+
+class Progress:
+    """One status line on a terminal (rows/s, errors, ETA), redrawn at most every `interval` seconds."""
+
+    def __init__(self, total_rows: int, stream: TextIO | None = sys.stderr, interval: float = 1.0) -> None:
+        self.total_rows = total_rows
+        self.stream = stream
+        self.interval = interval
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, summary: RunSummary, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.stream is None or (not force and now - self.last < self.interval):
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = summary.rows / elapsed if elapsed > 0 else 0.0
+        left = max(self.total_rows - summary.rows, 0)
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        self.stream.write(
+            f"\r[{summary.units_done + summary.units_failed}/{summary.units_total - summary.units_skipped} units] "
+            f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}   "
+        )
+        self.stream.flush()
+
+    def close(self, summary: RunSummary) -> None:
+        self.update(summary, force=True)
+        if self.stream is not None:
+            self.stream.write("\n")
+
+
+def run_units(
+    units: Sequence[WorkUnit],
+    workers: Sequence[Any],
+    summary: RunSummary,
+    max_attempts: int,
+    in_flight_per_worker: int = 2,
+    progress: Progress | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> RunSummary:
+    """Process `units` on `workers` (Ray actor handles of ModelWorker) until each is committed or failed."""
+    queue: deque[tuple[WorkUnit, int]] = deque((unit, 1) for unit in units)
+    assigned: list[deque] = [deque() for _ in workers]  # per worker: refs in submission order
+    in_flight: dict[Any, tuple[int, WorkUnit, int]] = {}
+    errors = Counter(summary.errors_by_kind)
+    try:
+        while queue or in_flight:
+            for w, worker in enumerate(workers):
+                while queue and len(assigned[w]) < in_flight_per_worker:
+                    unit, attempt = queue.popleft()
+                    ref = worker.process_unit.remote(unit, attempt)
+                    in_flight[ref] = (w, unit, attempt)
+                    assigned[w].append(ref)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                w, unit, attempt = in_flight.pop(ref)
+                running = assigned[w][0] is ref
+                assigned[w].remove(ref)
+                try:
+                    record = ray.get(ref)
+                except (RayActorError, RayTaskError) as e:
+                    charged = running or isinstance(e, RayTaskError)
+                    reason = _reason(e)
+                    if not charged:
+                        queue.append((unit, attempt))
+                    elif attempt < max_attempts:
+                        queue.append((unit, attempt + 1))
+                    else:
+                        mark_failed(summary.output, unit.unit_id, reason, attempt)
+                        summary.units_failed += 1
+                        summary.failed[unit.unit_id] = reason
+                    continue
+                summary.units_done += 1
+                summary.rows_ok += record["rows_ok"]
+                summary.rows_error += record["rows_error"]
+                errors.update(record["errors_by_kind"])
+                summary.errors_by_kind = dict(errors)
+                if on_record is not None:
+                    on_record(record)
+            if progress is not None:
+                progress.update(summary)
+    except KeyboardInterrupt:
+        # Parts are written whole and committed after: nothing half-written is left behind.
+        summary.interrupted = True
+    if progress is not None:
+        progress.close(summary)
+    return summary
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, RayTaskError):
+        cause = error.cause if error.cause is not None else error
+        return f"{type(cause).__name__}: {cause}"
+    return f"worker died while running it ({type(error).__name__})"

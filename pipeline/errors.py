@@ -1,0 +1,32 @@
+"""The per-row error: what went wrong with one input row, as a kind from a small fixed set and a message.
+
+A RowError never stops a unit; the worker turns it into an output row with `status="error"`, `error_kind=kind`
+and `error=message`. The kinds (schemas.rows.ERROR_KINDS):
+- fetch_http: an HTTP server answered with an error status, or too many redirects
+- fetch_timeout: connect/read timeout or the per-attempt deadline, after retries
+- fetch_connection: refused/reset connection, DNS, TLS, storage backend errors, after retries
+- too_large: more bytes than the fetch limit, or more pixels than the decode limit
+- decode_error: not a supported raster image, or a corrupt/truncated one
+- invalid_input: null/empty/malformed reference, unsupported scheme, missing file or object
+- model_error: the model failed on this row
+"""
+
+from __future__ import annotations
+
+from schemas.rows import ERROR_KINDS
+
+__all__ = ["ERROR_KINDS", "RowError"]
+
+
+class RowError(Exception):
+    """A failure confined to one row. `kind` is one of ERROR_KINDS; `message` says what and why."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}; expected one of {', '.join(ERROR_KINDS)}")
+        super().__init__(kind, message)  # both in args, so the error pickles (Ray ships it between processes)
+        self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"

@@ -1,0 +1,355 @@
+"""Fetch image bytes from a row's image reference: http(s), object stores and local files, data: URIs, raw bytes.
+
+References and how they are fetched:
+- `http://`, `https://`: urllib3, one connection pool per Fetcher, a connect and a read timeout per request plus a
+  deadline per attempt, redirects followed by hand (at most `max_redirects`), the body streamed under `max_bytes`.
+- `s3://`, `gs://`, `file://`, plain local paths, and any other scheme listed in `allowed_schemes`: fsspec.
+- `data:` URIs, base64 or percent-encoded.
+- raw bytes (a binary column, as img2dataset writes): returned as they are.
+
+Error kinds (RowError.kind) and when they are raised:
+- `invalid_input`: null, empty or whitespace reference; a scheme not in `allowed_schemes`; a malformed URL or data: URI;
+  a file or object that does not exist, is a directory, or may not be read; a scheme whose fsspec backend is missing.
+  Never retried: the reference itself is wrong.
+- `fetch_http`: an HTTP error status. 429 and 5xx are retried, then reported with the number of attempts; other 4xx
+  are reported at once. Also: more redirects than allowed, a redirect without a Location or to a non-HTTP scheme.
+- `fetch_timeout`: connect or read timeout, or the attempt ran past `attempt_deadline_s`; retried.
+- `fetch_connection`: refused or reset connections, DNS failures, broken responses, storage backend errors; retried.
+  TLS errors are reported at once (a bad certificate does not heal on retry).
+- `too_large`: more than `max_bytes` (from Content-Length before reading, or counted while streaming); never retried.
+
+Retries: `retries` extra attempts with exponential backoff and full jitter (uniform in [0, backoff_s * 2**n], capped at
+`max_backoff_s`); an HTTP `Retry-After` (seconds or a date) replaces the jittered delay, capped the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+import fsspec
+import urllib3
+import urllib3.exceptions
+
+from .errors import RowError
+
+_HTTP_SCHEMES = ("http", "https")
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_CHUNK = 64 * 1024
+# An error body this small is read off so the connection can be reused; a larger one closes the connection.
+_DRAIN_LIMIT = 64 * 1024
+_USER_AGENT = "blipbatch/0.1 (image fetcher)"
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    timeout_s: float = 10.0  # per request: connect, and each read
+    max_bytes: int = 32 * 2**20
+    max_redirects: int = 5
+    retries: int = 3  # extra attempts for transient errors
+    backoff_s: float = 0.5  # base of exponential backoff with full jitter
+    max_backoff_s: float = 30.0  # cap on one sleep, Retry-After included
+    concurrency: int = 16  # threads per fetch_all
+    allowed_schemes: tuple[str, ...] = ("http", "https", "s3", "gs", "file", "data")  # "file" also = local paths
+    # Whole attempt (connect, headers, body): the read timeout alone lets a server that drips bytes hold a thread.
+    attempt_deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        positive = {"timeout_s": self.timeout_s, "max_bytes": self.max_bytes, "concurrency": self.concurrency,
+                    "attempt_deadline_s": self.attempt_deadline_s}
+        non_negative = {"max_redirects": self.max_redirects, "retries": self.retries, "backoff_s": self.backoff_s,
+                        "max_backoff_s": self.max_backoff_s}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"FetchConfig.{name} must be > 0, got {value!r}")
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise ValueError(f"FetchConfig.{name} must be >= 0, got {value!r}")
+        if not self.allowed_schemes:
+            raise ValueError("FetchConfig.allowed_schemes is empty: no image reference could be fetched")
+
+
+class _RetryableError(RowError):
+    """A transient failure of one attempt; `retry_after` is the server's Retry-After in seconds, if it sent one."""
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(kind, message)
+        self.retry_after = retry_after
+
+
+def _size(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} bytes"
+
+
+def _short(ref: str, limit: int = 200) -> str:
+    # data: URIs can be megabytes long; messages quote only their start.
+    return ref if len(ref) <= limit else ref[:limit] + "..."
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # unparseable: fall back to our own backoff
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _scheme(ref: str) -> str:
+    """The lower-cased scheme, "data" for data: URIs, "file" for plain local paths."""
+    if ref[:5].lower() == "data:":  # first: the payload of a data: URI may itself contain "://"
+        return "data"
+    match = _SCHEME_RE.match(ref)
+    return match.group(1).lower() if match else "file"
+
+
+class Fetcher:
+    """Fetches image references under one FetchConfig. Thread-safe; reuse one per worker (it pools connections).
+
+    `sleep` and `rng` are the clock and the jitter source of the backoff, replaceable in tests."""
+
+    def __init__(self, config: FetchConfig, *, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe
+        self._pool = urllib3.PoolManager(
+            num_pools=64,  # hosts whose connections are kept; images come from many hosts
+            maxsize=config.concurrency,
+            retries=False,  # retries and redirects are ours, so that we count and bound them
+            timeout=urllib3.Timeout(connect=config.timeout_s, read=config.timeout_s),
+            headers={"User-Agent": _USER_AGENT},
+        )
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._pool.clear()
+
+    def fetch(self, ref: str | bytes | None) -> bytes:
+        """The bytes `ref` points at (or `ref` itself when it is bytes). Raises RowError."""
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            data = bytes(ref)
+            self._check_size(len(data), "image bytes")
+            return data
+        if ref is None or (isinstance(ref, str) and not ref.strip()):
+            raise RowError("invalid_input", "empty image reference")
+        if not isinstance(ref, str):
+            raise RowError("invalid_input", f"image reference must be a string or bytes, got {type(ref).__name__}")
+        ref = ref.strip()
+        scheme = _scheme(ref)
+        if scheme not in self.config.allowed_schemes:
+            what = f"scheme {scheme!r}" if _SCHEME_RE.match(ref) else "local paths"
+            raise RowError("invalid_input", f"{what} not allowed in image reference {_short(ref)!r} "
+                                            f"(allowed schemes: {', '.join(self.config.allowed_schemes)})")
+        if scheme == "data":
+            return self._data_uri(ref)
+        if scheme in _HTTP_SCHEMES:
+            return self._with_retries(self._http_attempt, ref)
+        return self._with_retries(self._storage_attempt, ref)
+
+    def fetch_all(self, refs: Sequence[str | bytes | None]) -> list[bytes | RowError]:
+        """fetch() over `refs` on up to `concurrency` threads; results (bytes or the RowError) in the order of refs."""
+        if not refs:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(refs)),
+                                thread_name_prefix="fetch") as pool:
+            return list(pool.map(self._fetch_or_error, refs))
+
+    def _fetch_or_error(self, ref: str | bytes | None) -> bytes | RowError:
+        try:
+            return self.fetch(ref)
+        except RowError as err:
+            return err
+
+    def _check_size(self, n: int, what: str) -> None:
+        if n > self.config.max_bytes:
+            raise RowError("too_large", f"{what} is {_size(n)}, above the {_size(self.config.max_bytes)} limit")
+
+    # -- retries ---------------------------------------------------------------------------------------------------
+
+    def _with_retries(self, attempt: Callable[[str], bytes], ref: str) -> bytes:
+        for n in range(self.config.retries):
+            try:
+                return attempt(ref)
+            except _RetryableError as err:
+                self._sleep(self._delay(n, err.retry_after))
+        try:
+            return attempt(ref)
+        except _RetryableError as err:
+            attempts = self.config.retries + 1
+            noun = "attempt" if attempts == 1 else "attempts"
+            raise RowError(err.kind, f"{err.message} (gave up after {attempts} {noun})") from None
+
+    def _delay(self, n: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.config.max_backoff_s)
+        with self._rng_lock:
+            return self._rng.uniform(0.0, min(self.config.max_backoff_s, self.config.backoff_s * 2**n))
+
+    # -- http ------------------------------------------------------------------------------------------------------
+
+    def _http_attempt(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.config.attempt_deadline_s
+        current = url
+        for _ in range(self.config.max_redirects + 1):
+            response = self._request(current)
+            try:
+                if 200 <= response.status < 300:
+                    return self._read_body(response, current, deadline)
+                self._discard(response)  # before raising, so no unread body goes back to the pool
+                if response.status in _REDIRECT_STATUSES:
+                    current = self._redirect_target(current, response)
+                    continue
+                if response.status == 429 or response.status >= 500:
+                    raise _RetryableError("fetch_http", f"HTTP {response.status} from {current}",
+                                          _parse_retry_after(response.headers.get("Retry-After")))
+                raise RowError("fetch_http", f"HTTP {response.status} from {current}")
+            finally:
+                response.release_conn()
+        raise RowError("fetch_http", f"more than {self.config.max_redirects} redirects starting at {url}")
+
+    def _request(self, url: str) -> urllib3.BaseHTTPResponse:
+        try:
+            return self._pool.request("GET", url, preload_content=False, redirect=False)
+        except urllib3.exceptions.HTTPError as err:
+            raise self._http_error(err, url) from None
+
+    def _redirect_target(self, url: str, response: urllib3.BaseHTTPResponse) -> str:
+        location = response.headers.get("Location")
+        if not location:
+            raise RowError("fetch_http", f"HTTP {response.status} redirect without a Location header from {url}")
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme.lower()
+        if scheme not in _HTTP_SCHEMES:
+            raise RowError("fetch_http", f"redirect from {url} to a non-HTTP URL {_short(target)!r}")
+        if scheme not in self.config.allowed_schemes:
+            raise RowError("fetch_http", f"redirect from {url} to {_short(target)!r}: scheme {scheme!r} not allowed")
+        return target
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, url: str, deadline: float) -> bytes:
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self.config.max_bytes:
+            response.close()  # do not download what we will refuse
+            raise RowError("too_large", f"{url} declares {_size(int(declared))} (Content-Length), above the "
+                                        f"{_size(self.config.max_bytes)} limit")
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while chunk := response.read1(_CHUNK):  # read1: returns what has arrived, so the deadline is checked
+                total += len(chunk)
+                if total > self.config.max_bytes:
+                    response.close()
+                    raise RowError("too_large", f"{url} sent more than the {_size(self.config.max_bytes)} limit")
+                if time.monotonic() > deadline:
+                    response.close()
+                    raise _RetryableError("fetch_timeout", f"{url} took longer than {self.config.attempt_deadline_s} s "
+                                                           f"to send its body")
+                chunks.append(chunk)
+        except urllib3.exceptions.HTTPError as err:
+            raise self._http_error(err, url) from None
+        return b"".join(chunks)
+
+    @staticmethod
+    def _discard(response: urllib3.BaseHTTPResponse) -> None:
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) <= _DRAIN_LIMIT:
+            try:
+                response.drain_conn()
+                return
+            except urllib3.exceptions.HTTPError:
+                pass  # a broken error body: the connection is closed below instead
+        response.close()
+
+    def _http_error(self, err: urllib3.exceptions.HTTPError, url: str) -> RowError:
+        # Order matters: NewConnectionError (refused, DNS) subclasses ConnectTimeoutError in urllib3 2.
+        detail = f"{type(err).__name__}: {err}"
+        if isinstance(err, urllib3.exceptions.LocationValueError):
+            return RowError("invalid_input", f"malformed URL {_short(url)!r}: {err}")
+        if isinstance(err, urllib3.exceptions.SSLError):
+            return RowError("fetch_connection", f"TLS error fetching {url}: {err}")
+        if isinstance(err, urllib3.exceptions.NewConnectionError):
+            return _RetryableError("fetch_connection", f"cannot connect for {url}: {detail}")
+        if isinstance(err, urllib3.exceptions.TimeoutError):
+            return _RetryableError("fetch_timeout", f"timed out after {self.config.timeout_s} s fetching {url}")
+        return _RetryableError("fetch_connection", f"connection error fetching {url}: {detail}")
+
+    # -- fsspec ----------------------------------------------------------------------------------------------------
+
+    def _storage_attempt(self, url: str) -> bytes:
+        protocol = _scheme(url)
+        if "::" in url:
+            # fsspec would read "a::b" as a chain of filesystems, reaching schemes the allowlist did not approve.
+            raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference {url!r}")
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as err:
+            raise RowError("invalid_input", f"reading {protocol}:// needs a package that is not installed: {err}") \
+                from None
+        except ValueError:
+            raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {url!r}") from None
+        try:
+            with fsspec.open(url, "rb") as f:
+                size = getattr(f, "size", None)  # object stores know it from open
+                if size is None and f.seekable():
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(0)
+                if size is not None:
+                    self._check_size(size, url)
+                data = f.read(self.config.max_bytes + 1)
+        except RowError:
+            raise
+        except FileNotFoundError:
+            raise RowError("invalid_input", f"no such file or object: {url}") from None
+        except (IsADirectoryError, NotADirectoryError):
+            raise RowError("invalid_input", f"not a file: {url}") from None
+        except PermissionError as err:
+            raise RowError("invalid_input", f"permission denied reading {url}: {err}") from None
+        except TimeoutError as err:
+            raise _RetryableError("fetch_timeout", f"timed out reading {url}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - each backend (botocore, gcsfs, aiohttp) has its own error types
+            raise _RetryableError("fetch_connection", f"error reading {url}: {type(err).__name__}: {err}") from None
+        self._check_size(len(data), url)
+        return data
+
+    # -- data: ------------------------------------------------------------------------------------------------------
+
+    def _data_uri(self, ref: str) -> bytes:
+        header, sep, payload = ref[5:].partition(",")
+        if not sep:
+            raise RowError("invalid_input", f"malformed data: URI (no ',' before the data): {_short(ref, 60)!r}")
+        is_base64 = header.lower().endswith(";base64")
+        if is_base64:
+            try:
+                encoded = re.sub(rb"\s+", b"", unquote_to_bytes(payload))  # line breaks are common in the wild
+                data = base64.b64decode(encoded + b"=" * (-len(encoded) % 4), validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise RowError("invalid_input", f"data: URI is not valid base64 ({err}): {_short(ref, 60)!r}") \
+                    from None
+        else:
+            data = unquote_to_bytes(payload)
+        self._check_size(len(data), "data: URI")
+        return data

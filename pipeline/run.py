@@ -1,0 +1,132 @@
+"""`pipeline.run`: caption or question every image of a set of Parquet shards, resumably."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from model.engine import EngineConfig
+from schemas import ColumnMapping
+
+from .coordinator import Progress, RunSummary, run_units
+from .decode import DecodeConfig
+from .fetch import FetchConfig
+from .shards import discover_shards, plan_units
+from .sink import committed_units, ensure_manifest, failed_units
+from .worker import FaultInjection, ModelWorker, WorkerConfig
+
+
+class PipelineError(ValueError):
+    """A run that cannot start: contradictory or missing settings."""
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS); with neither, start Ray in-process with its own temp dir."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A short path: Ray's socket names must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
+             log_to_driver=True, configure_logging=False)
+
+
+def run(
+    input: str | Sequence[str],
+    output: str,
+    model: str,
+    *,
+    prompt: str | Sequence[str] | None = None,
+    instruction_column: str | None = None,
+    image_column: str = "image_url",
+    id_column: str | None = None,
+    passthrough: Sequence[str] = (),
+    batch_size: int = 8,
+    workers: int | None = None,
+    max_new_tokens: int = 30,
+    num_beams: int = 1,
+    generation: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    rows_per_unit: int = 1000,
+    max_attempts: int = 3,
+    fetch: FetchConfig | None = None,
+    decode: DecodeConfig | None = None,
+    address: str | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    progress: bool = True,
+    fault: FaultInjection | None = None,
+) -> RunSummary:
+    """Process every not-yet-committed work unit of `input` into `output`; returns what this run did.
+
+    Exactly one of `prompt` (one fixed instruction, or several, asked of every image) and
+    `instruction_column` (one instruction per row) says what to ask. Running again over a finished
+    output does nothing; resuming into an output made with other settings is refused unless `force`.
+    """
+    start = time.monotonic()
+    if (prompt is None) == (instruction_column is None):
+        raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
+    instructions = None if prompt is None else ((prompt,) if isinstance(prompt, str) else tuple(prompt))
+    if batch_size < 1 or rows_per_unit < 1 or max_attempts < 1:
+        raise PipelineError("batch_size, rows_per_unit and max_attempts must be at least 1")
+    settings = {"max_new_tokens": max_new_tokens, "num_beams": num_beams} | (generation or {})
+    mapping = ColumnMapping(image_column=image_column, id_column=id_column,
+                            instruction_column=instruction_column, passthrough=tuple(passthrough))
+
+    units = plan_units(discover_shards(input), mapping, rows_per_unit)
+    ensure_manifest(output, {
+        "model": model, "instructions": list(instructions) if instructions else None,
+        "mapping": dataclasses.asdict(mapping), "generation": settings, "rows_per_unit": rows_per_unit,
+    }, force=force)
+    done = committed_units(output)
+    skip = done if retry_failed else done | set(failed_units(output))
+    pending = [unit for unit in units if unit.unit_id not in skip]
+    summary = RunSummary(output=output, units_total=len(units), units_skipped=len(units) - len(pending))
+    if not pending:
+        summary.wall_s = time.monotonic() - start
+        print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
+              "(use retry_failed to redo failed units)", file=sys.stderr)
+        return summary
+
+    connect_ray(address)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and device != "cpu"
+    count = workers or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
+    config = WorkerConfig(
+        engine=EngineConfig(model=model, dtype=dtype, device=device, generation=settings),
+        mapping=mapping, output=output, instructions=instructions, batch_size=batch_size,
+        fetch=fetch or FetchConfig(), decode=decode or DecodeConfig(), fault=fault,
+    )
+    # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
+    actor = ray.remote(ModelWorker).options(
+        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
+    )
+    handles = [actor.remote(config) for _ in range(count)]
+    try:
+        devices = ray.get([handle.ready.remote() for handle in handles])
+    except ray.exceptions.RayActorError as e:
+        for handle in handles:
+            ray.kill(handle)
+        raise PipelineError(f"the model workers could not start: {e}") from e
+    if progress:
+        print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; "
+              f"{len(pending)} of {len(units)} units to do", file=sys.stderr)
+    total_rows = sum(u.num_rows for u in pending) * (len(instructions) if instructions else 1)
+    try:
+        run_units(pending, handles, summary, max_attempts,
+                  progress=Progress(total_rows) if progress else None)
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+    summary.wall_s = time.monotonic() - start
+    return summary

@@ -1,0 +1,258 @@
+"""Output side: whole Parquet parts, commit markers, failed markers and the job manifest, through fsspec.
+
+Layout under the output root (a local folder or a URL such as s3://bucket/out):
+    part-{unit_id}.parquet            one per unit, written whole
+    _progress/{unit_id}.json          commit marker (a ProgressRecord), written after the part
+    _progress/{unit_id}.failed.json   a unit given up after repeated failures; not a commit
+    _manifest.json                    the settings that made this output, and their fingerprint
+A unit is done iff its commit marker exists. A part without a marker (a crash between the two writes) is ignored by
+readers and overwritten when the unit is redone, so a retried unit never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas import ERROR_KINDS, STATUS_ERROR, STATUS_OK, ProgressRecord
+
+from .shards import WorkUnit
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = "_progress"
+MANIFEST = "_manifest.json"
+COMMIT_SUFFIX = ".json"
+FAILED_SUFFIX = ".failed.json"
+
+
+def part_name(unit_id: str) -> str:
+    """The output part of a unit, relative to the output root: fixed by the unit, so a retry overwrites it."""
+    return f"part-{unit_id}.parquet"
+
+
+def _open_root(output_root: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = url_to_fs(output_root)
+    return fs, root.rstrip("/")
+
+
+def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Make `path` hold `data`, never a prefix of it, even if the process dies mid-write."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)  # one PUT (or a completed multipart upload): the object appears whole or not at all
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # Hidden temp name in the same folder: readers skip it, and os.replace within one filesystem is atomic.
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the name does
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def _json_bytes(data: object) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False).encode()
+
+
+def write_part(output_root: str, unit: WorkUnit, table: pa.Table) -> str:
+    """Write the unit's whole output table as its part; returns the part's path or URL."""
+    fs, root = _open_root(output_root)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    path = f"{root}/{part_name(unit.unit_id)}"
+    _write_whole(fs, path, buffer.getvalue().to_pybytes())
+    return _qualify(fs, path)
+
+
+def record_for(unit: WorkUnit, table: pa.Table, attempt: int) -> ProgressRecord:
+    """The commit marker of a unit whose output is `table`, with counts taken from its status/error_kind columns."""
+    statuses = Counter(table.column("status").to_pylist())
+    unknown = set(statuses) - {STATUS_OK, STATUS_ERROR}
+    if unknown:
+        raise ValueError(f"unit {unit.unit_id}: status must be {STATUS_OK!r} or {STATUS_ERROR!r}, found "
+                         f"{sorted(map(repr, unknown))}")
+    kinds = Counter(kind for kind in table.column("error_kind").to_pylist() if kind is not None)
+    if set(kinds) - set(ERROR_KINDS):
+        raise ValueError(f"unit {unit.unit_id}: error_kind must be one of {ERROR_KINDS}, found "
+                         f"{sorted(set(kinds) - set(ERROR_KINDS))}")
+    return ProgressRecord(
+        unit_id=unit.unit_id, shard=unit.shard, first_row=unit.first_row, num_rows=unit.num_rows,
+        rows=table.num_rows, rows_ok=statuses[STATUS_OK], rows_error=statuses[STATUS_ERROR],
+        errors_by_kind=dict(sorted(kinds.items())), part=part_name(unit.unit_id), attempt=attempt,
+        finished_at=_now(),
+    )
+
+
+def commit_unit(output_root: str, record: ProgressRecord) -> None:
+    """Mark the unit done. Its part must already be written; a failed marker left by earlier tries is removed."""
+    fs, root = _open_root(output_root)
+    part = f"{root}/{record.part}"
+    fs.invalidate_cache(part)  # the part may have been written by another process
+    if not fs.exists(part):
+        raise FileNotFoundError(f"cannot commit unit {record.unit_id}: its part {_qualify(fs, part)} does not "
+                                "exist; write the part before committing")
+    _write_whole(fs, f"{root}/{PROGRESS_DIR}/{record.unit_id}{COMMIT_SUFFIX}", _json_bytes(record.to_dict()))
+    failed = f"{root}/{PROGRESS_DIR}/{record.unit_id}{FAILED_SUFFIX}"
+    fs.invalidate_cache(failed)
+    if fs.exists(failed):
+        fs.rm(failed)
+
+
+def _progress_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    folder = f"{root}/{PROGRESS_DIR}"
+    fs.invalidate_cache(folder)  # markers are written by other processes; a cached listing would be stale
+    try:
+        paths = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in paths)
+    return sorted(name for name in names if not name.startswith("."))  # skip temp files of in-flight writes
+
+
+def _commit_ids(names: list[str]) -> list[str]:
+    return [n[: -len(COMMIT_SUFFIX)] for n in names if n.endswith(COMMIT_SUFFIX) and not n.endswith(FAILED_SUFFIX)]
+
+
+def committed_units(output_root: str) -> set[str]:
+    """Ids of the units that have a commit marker."""
+    fs, root = _open_root(output_root)
+    return set(_commit_ids(_progress_names(fs, root)))
+
+
+def _read_json_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, dict]:
+    """Parsed JSON by path, for the paths that still exist (a failed marker may be removed while we list)."""
+    if not paths:
+        return {}
+    contents = fs.cat(paths, on_error="omit")  # concurrent on object stores
+    return {path: json.loads(contents[path]) for path in paths if path in contents}
+
+
+def progress_records(output_root: str) -> list[ProgressRecord]:
+    """The commit markers of the output, ordered by unit id."""
+    fs, root = _open_root(output_root)
+    paths = [f"{root}/{PROGRESS_DIR}/{unit_id}{COMMIT_SUFFIX}" for unit_id in _commit_ids(_progress_names(fs, root))]
+    return [ProgressRecord.from_dict(data) for data in _read_json_files(fs, paths).values()]
+
+
+def mark_failed(output_root: str, unit_id: str, reason: str, attempts: int) -> None:
+    """Record that a unit was given up after `attempts` tries; a later run skips it unless asked to retry it."""
+    fs, root = _open_root(output_root)
+    record = {"unit_id": unit_id, "reason": reason, "attempts": attempts, "failed_at": _now()}
+    _write_whole(fs, f"{root}/{PROGRESS_DIR}/{unit_id}{FAILED_SUFFIX}", _json_bytes(record))
+
+
+def failed_units(output_root: str) -> dict[str, dict]:
+    """Failed markers by unit id, leaving out units committed since (a retry that succeeded)."""
+    fs, root = _open_root(output_root)
+    names = _progress_names(fs, root)
+    committed = set(_commit_ids(names))
+    ids = [n[: -len(FAILED_SUFFIX)] for n in names if n.endswith(FAILED_SUFFIX)]
+    paths = {f"{root}/{PROGRESS_DIR}/{unit_id}{FAILED_SUFFIX}": unit_id for unit_id in ids if unit_id not in committed}
+    return {paths[path]: data for path, data in _read_json_files(fs, list(paths)).items()}
+
+
+def read_output(output_root: str) -> pa.Table:
+    """All committed parts in unit-id order (parts without a commit marker are left out); empty if none."""
+    fs, root = _open_root(output_root)
+    tables = []
+    for record in progress_records(output_root):
+        with fs.open(f"{root}/{record.part}", "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _canonical_json(settings: Mapping) -> str:
+    try:
+        return json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"job settings must be plain JSON values (str, number, bool, None, list, dict): {exc}") from exc
+
+
+def fingerprint(settings: Mapping) -> str:
+    """A stable hash of JSON-able settings: key order and tuple-vs-list do not matter."""
+    return hashlib.sha256(_canonical_json(settings).encode()).hexdigest()[:16]
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
+def _differences(old: object, new: object, path: str = "") -> dict[str, tuple[object, object]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: dict[str, tuple[object, object]] = {}
+        for key in sorted(set(old) | set(new)):
+            found.update(_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}.{key}" if path else key))
+        return found
+    return {} if old == new else {path or "(settings)": (old, new)}
+
+
+class ManifestMismatch(RuntimeError):
+    """An output folder made with other settings than the job now running."""
+
+    def __init__(self, output_root: str, differences: dict[str, tuple[object, object]]):
+        self.output_root = output_root
+        self.differences = differences
+        lines = [f"  {key}: was {old!r}, now {new!r}" for key, (old, new) in differences.items()]
+        super().__init__(
+            f"{output_root} was written with other settings:\n" + "\n".join(lines)
+            + "\nUse a new output location, or force to adopt the new settings (rows already committed keep the "
+              "settings recorded in their model/generation columns)."
+        )
+
+
+def ensure_manifest(output_root: str, settings: Mapping, force: bool = False) -> str:
+    """Check the output's manifest against `settings`: 'created' (none yet), 'matched', or 'replaced' (force).
+
+    A different or unreadable manifest raises ManifestMismatch naming each differing setting, unless force.
+    """
+    fs, root = _open_root(output_root)
+    path = f"{root}/{MANIFEST}"
+    current = json.loads(_canonical_json(settings))  # tuples -> lists, as they will read back
+    manifest = {"fingerprint": fingerprint(settings), "settings": current, "written_at": _now()}
+    fs.invalidate_cache(path)
+    try:
+        stored = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        _write_whole(fs, path, _json_bytes(manifest))
+        return "created"
+    except ValueError:  # not JSON (or not UTF-8): treat as settings we cannot vouch for
+        stored = {}
+    previous = stored.get("settings", _ABSENT) if isinstance(stored, dict) else _ABSENT
+    if previous == current:
+        return "matched"
+    if not force:
+        raise ManifestMismatch(_qualify(fs, root), _differences(previous, current))
+    _write_whole(fs, path, _json_bytes(manifest))
+    log.warning("%s: manifest replaced by force; differences: %s", _qualify(fs, root),
+                _differences(previous, current))
+    return "replaced"

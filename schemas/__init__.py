@@ -1,0 +1,33 @@
+"""Arrow schemas and row contracts shared by pipeline/ and jobs/."""
+
+from .rows import (
+    ERROR_KINDS,
+    OUTPUT_COLUMNS,
+    STATUS_ERROR,
+    STATUS_OK,
+    ColumnMapping,
+    ProgressRecord,
+    SchemaError,
+    check_input_schema,
+    derive_row_id,
+    image_reference,
+    is_binary_image,
+    output_schema,
+    shard_key,
+)
+
+__all__ = [
+    "ERROR_KINDS",
+    "OUTPUT_COLUMNS",
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "ColumnMapping",
+    "ProgressRecord",
+    "SchemaError",
+    "check_input_schema",
+    "derive_row_id",
+    "image_reference",
+    "is_binary_image",
+    "output_schema",
+    "shard_key",
+]

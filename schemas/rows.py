@@ -1,0 +1,184 @@
+"""Row contracts: the input column mapping and its check, the output schema, the per-unit progress record."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+
+# error_kind values of an output row; anything else is a bug in the pipeline.
+ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
+               "model_error")
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Output columns that every job writes; passthrough columns may not reuse these names.
+OUTPUT_COLUMNS = ("id", "instruction", "text", "status", "error_kind", "error", "model", "generation")
+
+
+class SchemaError(ValueError):
+    """An input shard whose columns do not fit the job's column mapping."""
+
+    def __init__(self, shard: str, problems: list[str]):
+        self.shard = shard
+        self.problems = problems
+        super().__init__(f"{shard}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which input columns hold what; names are set by the job."""
+
+    image_column: str = "image_url"  # string (URL / path / data: URI) or binary (raw bytes) column
+    id_column: str | None = None  # None -> id derived from shard + row index (derive_row_id)
+    instruction_column: str | None = None  # None -> the job's fixed prompt(s)
+    passthrough: tuple[str, ...] = ()  # input columns copied to the output unchanged
+
+    def input_columns(self) -> list[str]:
+        """The columns to read from a shard, each once, in a fixed order."""
+        names = [self.image_column, self.id_column, self.instruction_column, *self.passthrough]
+        return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def _value_type(t: pa.DataType) -> pa.DataType:
+    # A dictionary-encoded column (pandas categoricals) reads back as its values.
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_string(t: pa.DataType) -> bool:
+    t = _value_type(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    t = _value_type(t)
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+            or pa.types.is_fixed_size_binary(t))
+
+
+def _accepts(check: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    # A column of only nulls is stored with type null (pandas/pyarrow infer it): its rows become error rows.
+    return lambda t: pa.types.is_null(t) or check(t)
+
+
+def is_binary_image(schema: pa.Schema, mapping: ColumnMapping) -> bool:
+    """True when the image column holds raw bytes rather than references."""
+    return _is_binary(schema.field(mapping.image_column).type)
+
+
+def check_input_schema(shard: str, schema: pa.Schema, mapping: ColumnMapping) -> None:
+    """Raise SchemaError listing every column of `shard` that is missing or of the wrong type."""
+    problems = []
+    expectations = [
+        (mapping.image_column, "string (image reference) or binary (image bytes)",
+         _accepts(lambda t: _is_string(t) or _is_binary(t))),
+        (mapping.id_column, "string or integer (row id)", _accepts(lambda t: _is_string(t) or pa.types.is_integer(t))),
+        (mapping.instruction_column, "string (instruction)", _accepts(_is_string)),
+    ]
+    expectations += [(name, None, None) for name in mapping.passthrough]
+    missing = []
+    for name, expected, accepts in expectations:
+        if name is None:
+            continue
+        index = schema.get_field_index(name)
+        if index < 0:
+            missing.append(name)
+        elif accepts is not None and not accepts(schema.field(index).type):
+            problems.append(f"column {name!r} should be {expected}, found {schema.field(index).type}")
+    if missing:
+        found = ", ".join(schema.names) or "(none)"
+        problems.insert(0, f"missing column(s) {', '.join(map(repr, missing))}; the shard has columns: {found}")
+    if problems:
+        raise SchemaError(shard, problems)
+
+
+def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_texts: bool = False) -> pa.Schema:
+    """The schema of every output part of a job.
+
+    The image column keeps its input name and is always a string: the reference itself, or for a binary image
+    column a short note such as "<1234 bytes>" (see image_reference); image bytes are never copied to the output.
+    """
+    reserved = set(OUTPUT_COLUMNS) | {mapping.image_column}
+    problems = [f"passthrough column {name!r} would clash with the output column of that name"
+                for name in mapping.passthrough if name in reserved]
+    if mapping.image_column in OUTPUT_COLUMNS:
+        problems.append(f"image column {mapping.image_column!r} clashes with the output column of that name")
+    if problems:
+        raise SchemaError("column mapping", problems)
+    text_type = pa.list_(pa.string()) if multiple_texts else pa.string()
+    base = [
+        pa.field("id", pa.string()),
+        pa.field(mapping.image_column, pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("text", text_type),
+        pa.field("status", pa.string()),  # STATUS_OK / STATUS_ERROR
+        pa.field("error_kind", pa.string()),  # one of ERROR_KINDS, null when ok
+        pa.field("error", pa.string()),  # human-readable, null when ok
+        pa.field("model", pa.string()),
+        pa.field("generation", pa.string()),  # JSON of the generation settings
+    ]
+    return pa.schema(base + [input_schema.field(name) for name in mapping.passthrough])
+
+
+def image_reference(image: str | bytes | None) -> str | None:
+    """The value of the output image column for an input image value."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{len(image)} bytes>"
+    return image
+
+
+def shard_key(shard: str) -> str:
+    """A short, filesystem-safe key of a shard: its file stem plus a 12-hex hash of its location.
+
+    The stem keeps keys readable; the hash keeps apart shards that share a basename in different folders
+    (date=.../part-0.parquet). The location is the shard as discovered (absolute local path, or URL with its
+    protocol; file:// and plain paths hash alike), so the key is the same on every run and machine that sees the
+    input at the same location. Moving or renaming the input changes the keys, and with them derived row ids and
+    unit ids: treat that as a new input.
+    """
+    location = shard[len("file://"):] if shard.startswith("file://") else shard
+    if "://" not in location:
+        location = os.path.abspath(location).replace(os.sep, "/")
+    digest = hashlib.sha1(location.encode()).hexdigest()[:12]
+    stem = location.rstrip("/").rsplit("/", 1)[-1]
+    if stem.lower().endswith(".parquet"):
+        stem = stem[: -len(".parquet")]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:48].lstrip(".") or "shard"
+    return f"{stem}-{digest}"
+
+
+def derive_row_id(shard: str, row_index: int) -> str:
+    """The id of a row of a shard without an id column: shard_key + index within the shard."""
+    return f"{shard_key(shard)}-{row_index}"
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    """The commit marker of one work unit, written after its output part (one JSON file per unit)."""
+
+    unit_id: str
+    shard: str
+    first_row: int  # the unit's input rows: [first_row, first_row + num_rows) of the shard
+    num_rows: int
+    rows: int  # output rows written (one per input row and instruction)
+    rows_ok: int
+    rows_error: int
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    part: str = ""  # output part file name, relative to the output root
+    attempt: int = 1
+    finished_at: str = ""  # ISO 8601, UTC
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProgressRecord:
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"progress record lacks field(s) {', '.join(missing)}: {data!r}")
+        return cls(**{n: data[n] for n in names})
