@@ -8,13 +8,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 DEMO_PROMPTS = ("A short image caption:", "What color is the shape?")
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 
 
-def demo_images() -> list[tuple[str, "PIL.Image.Image"]]:  # noqa: F821
-    from PIL import Image, ImageDraw
-
+def demo_images() -> list[tuple[str, Image.Image]]:
     images = []
     for i, (name, rgb) in enumerate(DEMO_COLOURS.items()):
         image = Image.new("RGB", (160, 120), (235, 235, 225))

@@ -13,7 +13,12 @@ from .configs import (
     T5Config,
 )
 from .errors import CheckpointError, ConfigError, GenerationError, ModelError, ProcessorError
-from .instructblip import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+from .instructblip import (
+    Blip2ForConditionalGeneration,
+    Blip2Model,
+    InstructBlipForConditionalGeneration,
+    InstructBlipModel,
+)
 from .processor import Blip2Processor, InstructBlipProcessor
 from .qformer import InstructBlipQFormerModel
 from .vision import InstructBlipVisionModel
@@ -21,6 +26,7 @@ from .vision import InstructBlipVisionModel
 __all__ = [
     "Blip2Config",
     "Blip2ForConditionalGeneration",
+    "Blip2Model",
     "Blip2Processor",
     "Blip2QFormerConfig",
     "Blip2VisionConfig",
@@ -30,6 +36,7 @@ __all__ = [
     "GenerationError",
     "InstructBlipConfig",
     "InstructBlipForConditionalGeneration",
+    "InstructBlipModel",
     "InstructBlipProcessor",
     "InstructBlipQFormerConfig",
     "InstructBlipQFormerModel",

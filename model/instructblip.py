@@ -1,32 +1,31 @@
 """InstructBLIP and BLIP-2: vision encoder -> Q-Former -> projection -> language model.
 
-The module tree and parameter names follow transformers' `InstructBlipForConditionalGeneration`
-and `Blip2ForConditionalGeneration`, so the Hub checkpoints load as they are.
+The module trees and parameter names follow transformers' `InstructBlipForConditionalGeneration`,
+`InstructBlipModel` (the language model without its head), `Blip2ForConditionalGeneration` and
+`Blip2Model`, so their checkpoints load as they are.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_models import PretrainedModel
 from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
 from .errors import ConfigError, ProcessorError
 from .generation import generate_ids
-from .hub import checkpoint_dir
-from .llama import LlamaForCausalLM
-from .loading import load_tensors, materialize, save_tensors, weight_files
-from .opt import OPTForCausalLM
+from .llama import LlamaForCausalLM, LlamaModel
+from .opt import OPTForCausalLM, OPTModel
 from .processor import check_placeholders
 from .qformer import InstructBlipQFormerModel
 from .sessions import DecoderOnlySession, EncoderDecoderSession
-from .t5 import T5ForConditionalGeneration
+from .t5 import T5ForConditionalGeneration, T5Model
 from .vision import InstructBlipVisionModel
 
 LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
@@ -34,6 +33,8 @@ LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
     "opt": OPTForCausalLM,
     "t5": T5ForConditionalGeneration,
 }
+# What transformers' AutoModel builds: the same trunks without the head.
+BASE_LANGUAGE_MODELS: dict[str, type[nn.Module]] = {"llama": LlamaModel, "opt": OPTModel, "t5": T5Model}
 # Kept in fp32 when the rest is cast to fp16/bf16, as transformers does.
 KEEP_IN_FP32 = ("query_tokens",)
 # New tokens when neither max_new_tokens nor max_length is set (transformers' default).
@@ -52,9 +53,19 @@ class InstructBlipOutput:
     language_model_inputs: torch.Tensor | None = None  # projected Q-Former outputs, [B, num_query_tokens, width]
 
 
-class InstructBlipForConditionalGeneration(nn.Module):
-    config_class: type[InstructBlipConfig] = InstructBlipConfig
-    architecture = "InstructBlipForConditionalGeneration"
+@dataclass
+class InstructBlipModelOutput:
+    last_hidden_state: torch.Tensor  # the language model's (T5: its decoder's), after the final norm
+    encoder_last_hidden_state: torch.Tensor | None = None  # T5's encoder output
+    language_model_inputs: torch.Tensor | None = None  # projected Q-Former outputs, [B, num_query_tokens, width]
+
+
+class InstructBlipBase(PretrainedModel):
+    """What the composite models share: the image path, the placeholder merge and checkpoint I/O.
+    Subclasses pick the language-model classes (with or without the head) and what forward returns."""
+
+    config_class: ClassVar[type[InstructBlipConfig]] = InstructBlipConfig
+    language_models: ClassVar[dict[str, type[nn.Module]]]
 
     def __init__(self, config: InstructBlipConfig) -> None:
         super().__init__()
@@ -64,10 +75,7 @@ class InstructBlipForConditionalGeneration(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
         self.qformer = InstructBlipQFormerModel(config.qformer_config)
         self.language_projection = nn.Linear(qformer_width, language_model_width(config.text_config))
-        self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
-        self.generation_config = GenerationConfig.from_dict(
-            {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
-        )
+        self.language_model = self.language_models[config.text_config.model_type](config.text_config)
 
     @property
     def uses_qformer_text(self) -> bool:
@@ -75,7 +83,13 @@ class InstructBlipForConditionalGeneration(nn.Module):
 
     @property
     def tied_weights(self) -> dict[str, str]:
-        return {f"language_model.{k}": f"language_model.{v}" for k, v in self.language_model.tied_weights.items()}
+        aliases = getattr(self.language_model, "tied_weights", {})
+        return {f"language_model.{k}": f"language_model.{v}" for k, v in aliases.items()}
+
+    @property
+    def fallback_weights(self) -> dict[str, str]:
+        fallbacks = getattr(self.language_model, "fallback_weights", {})
+        return {f"language_model.{k}": f"language_model.{v}" for k, v in fallbacks.items()}
 
     def keep_in_fp32(self, name: str) -> bool:
         if name in KEEP_IN_FP32:
@@ -140,6 +154,35 @@ class InstructBlipForConditionalGeneration(nn.Module):
         mask = (input_ids == token).unsqueeze(-1)
         return embeds.masked_scatter(mask, image_features.to(embeds.device, embeds.dtype))
 
+    def build_lm_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None,
+        qformer_attention_mask: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A forward's LM input: (merged embeddings, attention mask, projected image features)."""
+        if input_ids is None:
+            raise ProcessorError("forward needs input_ids (with the image placeholders); use the processor")
+        features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        embeds = self.embed_inputs(input_ids, features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return embeds, attention_mask, features
+
+
+class InstructBlipForConditionalGeneration(InstructBlipBase):
+    architecture = "InstructBlipForConditionalGeneration"
+    language_models = LANGUAGE_MODELS
+
+    def __init__(self, config: InstructBlipConfig) -> None:
+        super().__init__(config)
+        self.generation_config = GenerationConfig.from_dict(
+            {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
+        )
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -152,12 +195,9 @@ class InstructBlipForConditionalGeneration(nn.Module):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> InstructBlipOutput:
-        if input_ids is None:
-            raise ProcessorError("forward needs input_ids (with the image placeholders); use the processor")
-        features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
-        embeds = self.embed_inputs(input_ids, features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        embeds, attention_mask, features = self.build_lm_inputs(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, interpolate_pos_encoding
+        )
         if self.config.use_decoder_only_language_model:
             logits = self.language_model(embeds, attention_mask)
             loss = None if labels is None else causal_lm_loss(logits, labels)
@@ -221,58 +261,14 @@ class InstructBlipForConditionalGeneration(nn.Module):
 
         return generate_ids(make_session, prefix, config, generator=generator, attention_mask=prefix_mask)
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> "InstructBlipForConditionalGeneration":
-        """Load a Hub-layout checkpoint from a local folder, an fsspec URL or a Hub id.
+    # ---- checkpoints: the generation defaults travel with the weights ---------------------------
+    def read_extra_files(self, folder: Path) -> None:
+        path = folder / "generation_config.json"
+        if path.exists():
+            self.generation_config = GenerationConfig.from_dict(json.loads(path.read_text()))
 
-        dtype defaults to float32; `query_tokens` (and T5's `wo`, BLIP-2's Q-Former) stay fp32.
-        """
-        folder = checkpoint_dir(name_or_path)
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise ConfigError(f"{folder}: no config.json")
-        config = cls.config_class.from_json_file(config_path)
-        device = torch.device(device or "cpu")
-        with torch.device("meta"):
-            model = cls(config)
-        materialize(model, dtype or torch.float32, device, model.keep_in_fp32)
-        fallbacks = {
-            f"language_model.{k}": f"language_model.{v}"
-            for k, v in getattr(model.language_model, "fallback_weights", {}).items()
-        }
-        load_tensors(model, weight_files(folder), model.tied_weights, fallbacks)
-        model.tie_weights()
-        generation_path = folder / "generation_config.json"
-        if generation_path.exists():
-            data = json.loads(generation_path.read_text())
-            model.generation_config = GenerationConfig.from_dict(data)
-        return model.eval()
-
-    def tie_weights(self) -> None:
-        """Point every alias at its source parameter again (materialising on meta unties them)."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        for alias, source in self.tied_weights.items():
-            if alias in params and params[alias] is not params[source]:
-                module_name, _, attr = alias.rpartition(".")
-                setattr(self.get_submodule(module_name), attr, params[source])
-
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int = 5 * 2**30) -> None:
-        """Write config.json, generation_config.json and safetensors weights in the Hub layout."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
-        config["architectures"] = [self.architecture]
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    def write_extra_files(self, folder: Path) -> None:
         (folder / "generation_config.json").write_text(json.dumps(self.generation_config.to_dict(), indent=2))
-        aliases = self.tied_weights
-        state = {k: v for k, v in self.state_dict().items() if k not in aliases}
-        save_tensors(state, folder, max_shard_size)
 
 
 class Blip2ForConditionalGeneration(InstructBlipForConditionalGeneration):
@@ -280,6 +276,44 @@ class Blip2ForConditionalGeneration(InstructBlipForConditionalGeneration):
 
     config_class = Blip2Config
     architecture = "Blip2ForConditionalGeneration"
+
+
+class Blip2Model(Blip2ForConditionalGeneration):
+    """transformers' Blip2Model. Unlike InstructBlipModel it keeps the language-model head (its
+    checkpoints have the same keys as Blip2ForConditionalGeneration's) and its forward returns logits."""
+
+    architecture = "Blip2Model"
+
+
+class InstructBlipModel(InstructBlipBase):
+    """transformers' InstructBlipModel: the language model without its head (keys `language_model.layers.*`
+    for LLaMA, `language_model.decoder.*` for OPT, `language_model.{shared,encoder,decoder}.*` for T5)."""
+
+    architecture = "InstructBlipModel"
+    language_models = BASE_LANGUAGE_MODELS
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> InstructBlipModelOutput:
+        embeds, attention_mask, features = self.build_lm_inputs(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, interpolate_pos_encoding
+        )
+        if self.config.use_decoder_only_language_model:
+            hidden = self.language_model(embeds, attention_mask)
+            return InstructBlipModelOutput(last_hidden_state=hidden, language_model_inputs=features)
+        if decoder_input_ids is None:
+            raise ProcessorError("an encoder-decoder forward needs decoder_input_ids")
+        encoded = self.language_model.encode(embeds, attention_mask)
+        hidden = self.language_model.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask)
+        return InstructBlipModelOutput(hidden, encoder_last_hidden_state=encoded, language_model_inputs=features)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,36 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_base)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Last hidden state [B, T, D] (after the final norm) for inputs_embeds [B, T, D].
+
+        attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
+        Without position_ids, positions run on from the cache length, ignoring padding (as transformers does).
+        """
+        batch, length, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        check_attention_mask(attention_mask, batch, past + length)
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=device)[None]
+        mask = causal_padding_mask(attention_mask, length, past + length, device)
+        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, rope, mask, cache)
+        if cache is not None:
+            cache.advance(length)
+        return self.norm(h)
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -141,23 +171,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> Tensor:
         """Logits [B, T, vocab] for inputs_embeds [B, T, D] ([B, 1, vocab] with `last_only`: a prefill
         needs only the next token's, and the vocabulary projection of every position is costly).
-
-        attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
-        Without position_ids, positions run on from the cache length, ignoring padding (as transformers does).
+        The other arguments are LlamaModel.forward's.
         """
-        batch, length, _ = inputs_embeds.shape
-        past = cache.length if cache is not None else 0
-        check_attention_mask(attention_mask, batch, past + length)
-        device = inputs_embeds.device
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=device)[None]
-        mask = causal_padding_mask(attention_mask, length, past + length, device)
-        rope = self.model.rotary_emb(position_ids, inputs_embeds.dtype)
-        h = inputs_embeds
-        for layer in self.model.layers:
-            h = layer(h, rope, mask, cache)
-        if cache is not None:
-            cache.advance(length)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+        h = self.model(inputs_embeds, attention_mask, position_ids, cache)
+        return self.lm_head(h[:, -1:] if last_only else h)

@@ -83,6 +83,46 @@ class OPTModel(nn.Module):
         super().__init__()
         self.decoder = OPTDecoder(config)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Last hidden state [B, T, word_embed_proj_dim] (after the final norm and project_out) for
+        inputs_embeds [B, T, word_embed_proj_dim].
+
+        attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
+        Without position_ids, positions count real tokens of the mask (pads get -1), as transformers does.
+        """
+        decoder = self.decoder
+        batch, length, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        check_attention_mask(attention_mask, batch, past + length)
+        device = inputs_embeds.device
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + length, device=device)[None]
+            else:
+                real = attention_mask.long()
+                position_ids = (real.cumsum(-1) * real - 1)[:, past:]
+        mask = causal_padding_mask(attention_mask, length, past + length, device)
+        h = inputs_embeds if decoder.project_in is None else decoder.project_in(inputs_embeds)
+        h = h + decoder.embed_positions(position_ids + POSITION_OFFSET)
+        for layer in decoder.layers:
+            h = layer(h, mask, cache)
+        if cache is not None:
+            cache.advance(length)
+        if decoder.final_layer_norm is not None:
+            h = decoder.final_layer_norm(h)
+        if decoder.project_out is not None:
+            h = decoder.project_out(h)
+        return h
+
 
 class OPTForCausalLM(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
@@ -115,33 +155,7 @@ class OPTForCausalLM(nn.Module):
         last_only: bool = False,
     ) -> Tensor:
         """Logits [B, T, vocab] for inputs_embeds [B, T, word_embed_proj_dim] ([B, 1, vocab] with
-        `last_only`, for a prefill).
-
-        attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
-        Without position_ids, positions count real tokens of the mask (pads get -1), as transformers does.
+        `last_only`, for a prefill). The other arguments are OPTModel.forward's.
         """
-        decoder = self.model.decoder
-        batch, length, _ = inputs_embeds.shape
-        past = cache.length if cache is not None else 0
-        check_attention_mask(attention_mask, batch, past + length)
-        device = inputs_embeds.device
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + length, device=device)[None]
-            else:
-                real = attention_mask.long()
-                position_ids = (real.cumsum(-1) * real - 1)[:, past:]
-        mask = causal_padding_mask(attention_mask, length, past + length, device)
-        h = inputs_embeds if decoder.project_in is None else decoder.project_in(inputs_embeds)
-        h = h + decoder.embed_positions(position_ids + POSITION_OFFSET)
-        for layer in decoder.layers:
-            h = layer(h, mask, cache)
-        if cache is not None:
-            cache.advance(length)
-        if last_only:
-            h = h[:, -1:]
-        if decoder.final_layer_norm is not None:
-            h = decoder.final_layer_norm(h)
-        if decoder.project_out is not None:
-            h = decoder.project_out(h)
-        return self.lm_head(h)
+        h = self.model(inputs_embeds, attention_mask, position_ids, cache)
+        return self.lm_head(h[:, -1:] if last_only else h)

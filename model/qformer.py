@@ -6,6 +6,8 @@ One class covers both layouts, switched by `config.use_qformer_text_input`:
   transformers' `InstructBlipQFormerModel`.
 - BLIP-2 (False): queries only, a top-level `layernorm`, no text weights at all. Parameter names follow
   transformers' `Blip2QFormerModel` (what `Blip2ForConditionalGeneration` stores under `qformer.`).
+
+`from_pretrained` reads a standalone Q-Former checkpoint of either kind, or the `qformer.` part of a full one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
+from .base_models import PretrainedPart
 from .configs import Blip2QFormerConfig, InstructBlipQFormerConfig
 from .errors import ConfigError, ProcessorError
 
@@ -139,7 +142,11 @@ class QFormerEmbeddings(nn.Module):
         return self.layernorm(torch.cat(parts, dim=1))
 
 
-class InstructBlipQFormerModel(nn.Module):
+class InstructBlipQFormerModel(PretrainedPart):
+    config_key = "qformer_config"
+    checkpoint_prefix = "qformer."
+    standalone = {"InstructBlipQFormerModel": InstructBlipQFormerConfig, "Blip2QFormerModel": Blip2QFormerConfig}
+
     def __init__(self, config: InstructBlipQFormerConfig) -> None:
         super().__init__()
         if isinstance(config, Blip2QFormerConfig) and config.use_qformer_text_input:

@@ -259,29 +259,23 @@ class T5Cache:
             self.cross_mask = self.cross_mask.index_select(0, index)
 
 
-class T5ForConditionalGeneration(nn.Module):
-    """Flan-T5 with transformers' state_dict keys; `tied_weights` maps alias keys to the key they share."""
+class T5Model(nn.Module):
+    """The T5 encoder-decoder without its head (transformers' T5Model): `decode` returns hidden states.
+
+    `tied_weights` maps alias keys to the key they share.
+    """
 
     tied_weights: dict[str, str]
-    fallback_weights: dict[str, str] = {}
     # Flan-T5's feed-forward output overflows in fp16, so the loader keeps these weights fp32.
     keep_in_fp32: tuple[str, ...] = ("wo",)
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.config = config
-        self.tied = head_is_tied(config)
         self.tied_weights: dict[str, str] = dict(EMBEDDING_ALIASES)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, config.num_layers, is_decoder=False)
         self.decoder = T5Stack(config, config.num_decoder_layers, is_decoder=True)
-        if self.tied:
-            self.tied_weights["lm_head.weight"] = "shared.weight"
-        else:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-            # transformers 5.x saves a model built with tie_word_embeddings=False without lm_head (it ties
-            # in memory, unscaled): such a head is the embedding matrix.
-            self.fallback_weights = {"lm_head.weight": "shared.weight"}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
@@ -322,7 +316,7 @@ class T5ForConditionalGeneration(nn.Module):
         decoder_attention_mask: Tensor | None = None,
         cache: T5Cache | None = None,
     ) -> Tensor:
-        """Logits [B, T, vocab] for `decoder_input_ids` [B, T].
+        """Decoder last hidden state [B, T, d_model] (after the final norm) for `decoder_input_ids` [B, T].
 
         With a cache, the ids are the next T positions after those already cached, and
         `decoder_attention_mask` (if any) covers all cached plus new positions.
@@ -353,11 +347,7 @@ class T5ForConditionalGeneration(nn.Module):
             x = block(x, bias, (keys[i], values[i], cross_mask), kv, i)
         if kv is not None:
             kv.advance(length)
-        x = self.decoder.final_layer_norm(x)
-        if self.tied:
-            # Original T5 rescales before reusing the embedding matrix as the head; untied T5 v1.1 does not.
-            return F.linear(x * self.config.d_model**-0.5, self.shared.weight)
-        return self.lm_head(x)
+        return self.decoder.final_layer_norm(x)
 
     def forward(
         self,
@@ -366,6 +356,7 @@ class T5ForConditionalGeneration(nn.Module):
         decoder_input_ids: Tensor,
         decoder_attention_mask: Tensor | None = None,
     ) -> Tensor:
+        """`decode` of the encoded `inputs_embeds`: hidden states here, logits in T5ForConditionalGeneration."""
         encoder_hidden_states = self.encode(inputs_embeds, attention_mask)
         return self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask)
 
@@ -382,3 +373,37 @@ class T5ForConditionalGeneration(nn.Module):
             weight.device,
         )
         return T5Cache(kv)
+
+
+class T5ForConditionalGeneration(T5Model):
+    """Flan-T5 with its language-model head and transformers' state_dict keys."""
+
+    fallback_weights: dict[str, str] = {}
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.tied = head_is_tied(config)
+        if self.tied:
+            self.tied_weights["lm_head.weight"] = "shared.weight"
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            # transformers 5.x saves a model built with tie_word_embeddings=False without lm_head (it ties
+            # in memory, unscaled): such a head is the embedding matrix.
+            self.fallback_weights = {"lm_head.weight": "shared.weight"}
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        encoder_hidden_states: Tensor | None,
+        encoder_attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        cache: T5Cache | None = None,
+    ) -> Tensor:
+        """Logits [B, T, vocab]; the arguments are T5Model.decode's."""
+        x = super().decode(
+            decoder_input_ids, encoder_hidden_states, encoder_attention_mask, decoder_attention_mask, cache
+        )
+        if self.tied:
+            # Original T5 rescales before reusing the embedding matrix as the head; untied T5 v1.1 does not.
+            return F.linear(x * self.config.d_model**-0.5, self.shared.weight)
+        return self.lm_head(x)

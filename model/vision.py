@@ -1,7 +1,8 @@
 """The InstructBLIP / BLIP-2 vision tower (EVA ViT-g in the checkpoints): a pre-LN ViT plus a final LayerNorm.
 
 Parameter names follow transformers' `InstructBlipVisionModel` (identical to `Blip2VisionModel`), so its
-state_dict loads as is.
+state_dict loads as is; `from_pretrained` reads its standalone checkpoints or the `vision_model.` part of a
+full InstructBLIP / BLIP-2 one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
-from .configs import InstructBlipVisionConfig
+from .base_models import PretrainedPart
+from .configs import Blip2VisionConfig, InstructBlipVisionConfig
 from .errors import ProcessorError
 
 
@@ -100,7 +102,11 @@ class VisionEncoder(nn.Module):
         return x
 
 
-class InstructBlipVisionModel(nn.Module):
+class InstructBlipVisionModel(PretrainedPart):
+    config_key = "vision_config"
+    checkpoint_prefix = "vision_model."
+    standalone = {"InstructBlipVisionModel": InstructBlipVisionConfig, "Blip2VisionModel": Blip2VisionConfig}
+
     def __init__(self, config: InstructBlipVisionConfig) -> None:
         super().__init__()
         self.config = config

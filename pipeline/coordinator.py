@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -87,6 +87,81 @@ class Progress:
             self.stream.write("\n")
 
 
+class Dispatcher:
+    """Hands units to workers and settles each outcome: committed, re-queued, or failed."""
+
+    def __init__(self, workers: Sequence[Any], summary: RunSummary, max_attempts: int, in_flight_per_worker: int):
+        self.workers = workers
+        self.summary = summary
+        self.max_attempts = max_attempts
+        self.in_flight_per_worker = in_flight_per_worker
+        self.queue: deque[tuple[WorkUnit, int]] = deque()
+        self.assigned: list[list[Any]] = [[] for _ in workers]  # per worker: refs in submission order
+        self.in_flight: dict[Any, tuple[int, WorkUnit, int]] = {}  # ref -> (worker, unit, attempt)
+        self.errors = Counter(summary.errors_by_kind)
+
+    def submit(self) -> None:
+        for w, worker in enumerate(self.workers):
+            while self.queue and len(self.assigned[w]) < self.in_flight_per_worker:
+                unit, attempt = self.queue.popleft()
+                ref = worker.process_unit.remote(unit, attempt)
+                self.in_flight[ref] = (w, unit, attempt)
+                self.assigned[w].append(ref)
+
+    def settle(self, ref: Any) -> None:
+        if ref not in self.in_flight:
+            return  # settled already, with the other units of its dead worker
+        w, unit, attempt = self.in_flight[ref]
+        try:
+            record = ray.get(ref)
+        except RayActorError:
+            self.worker_died(w)
+            return
+        except RayTaskError as e:  # the unit raised; its worker lives on
+            self.forget(ref)
+            self.charge(unit, attempt, _reason(e))
+            return
+        self.forget(ref)
+        self.committed(record)
+
+    def worker_died(self, w: int) -> None:
+        """All units on a dead worker fail with it, but only the one it was running (the oldest that had
+        not finished: an actor runs its tasks in order) is charged an attempt; the rest go back free."""
+        refs = list(self.assigned[w])
+        finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        charged = False
+        for ref in refs:
+            _, unit, attempt = self.forget(ref)
+            record = _result(ref) if ref in finished else None
+            if record is not None:
+                self.committed(record)
+            elif charged:
+                self.queue.append((unit, attempt))
+            else:
+                charged = True
+                self.charge(unit, attempt, "worker died while running it")
+
+    def forget(self, ref: Any) -> tuple[int, WorkUnit, int]:
+        entry = self.in_flight.pop(ref)
+        self.assigned[entry[0]].remove(ref)
+        return entry
+
+    def charge(self, unit: WorkUnit, attempt: int, reason: str) -> None:
+        if attempt < self.max_attempts:
+            self.queue.append((unit, attempt + 1))
+            return
+        mark_failed(self.summary.output, unit.unit_id, reason, attempt)
+        self.summary.units_failed += 1
+        self.summary.failed[unit.unit_id] = reason
+
+    def committed(self, record: dict) -> None:
+        self.summary.units_done += 1
+        self.summary.rows_ok += record["rows_ok"]
+        self.summary.rows_error += record["rows_error"]
+        self.errors.update(record["errors_by_kind"])
+        self.summary.errors_by_kind = dict(self.errors)
+
+
 def run_units(
     units: Sequence[WorkUnit],
     workers: Sequence[Any],
@@ -94,47 +169,16 @@ def run_units(
     max_attempts: int,
     in_flight_per_worker: int = 2,
     progress: Progress | None = None,
-    on_record: Callable[[dict], None] | None = None,
 ) -> RunSummary:
     """Process `units` on `workers` (Ray actor handles of ModelWorker) until each is committed or failed."""
-    queue: deque[tuple[WorkUnit, int]] = deque((unit, 1) for unit in units)
-    assigned: list[deque] = [deque() for _ in workers]  # per worker: refs in submission order
-    in_flight: dict[Any, tuple[int, WorkUnit, int]] = {}
-    errors = Counter(summary.errors_by_kind)
+    dispatcher = Dispatcher(workers, summary, max_attempts, in_flight_per_worker)
+    dispatcher.queue.extend((unit, 1) for unit in units)
     try:
-        while queue or in_flight:
-            for w, worker in enumerate(workers):
-                while queue and len(assigned[w]) < in_flight_per_worker:
-                    unit, attempt = queue.popleft()
-                    ref = worker.process_unit.remote(unit, attempt)
-                    in_flight[ref] = (w, unit, attempt)
-                    assigned[w].append(ref)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        while dispatcher.queue or dispatcher.in_flight:
+            dispatcher.submit()
+            ready, _ = ray.wait(list(dispatcher.in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
-                w, unit, attempt = in_flight.pop(ref)
-                running = assigned[w][0] is ref
-                assigned[w].remove(ref)
-                try:
-                    record = ray.get(ref)
-                except (RayActorError, RayTaskError) as e:
-                    charged = running or isinstance(e, RayTaskError)
-                    reason = _reason(e)
-                    if not charged:
-                        queue.append((unit, attempt))
-                    elif attempt < max_attempts:
-                        queue.append((unit, attempt + 1))
-                    else:
-                        mark_failed(summary.output, unit.unit_id, reason, attempt)
-                        summary.units_failed += 1
-                        summary.failed[unit.unit_id] = reason
-                    continue
-                summary.units_done += 1
-                summary.rows_ok += record["rows_ok"]
-                summary.rows_error += record["rows_error"]
-                errors.update(record["errors_by_kind"])
-                summary.errors_by_kind = dict(errors)
-                if on_record is not None:
-                    on_record(record)
+                dispatcher.settle(ref)
             if progress is not None:
                 progress.update(summary)
     except KeyboardInterrupt:
@@ -145,8 +189,13 @@ def run_units(
     return summary
 
 
-def _reason(error: Exception) -> str:
-    if isinstance(error, RayTaskError):
-        cause = error.cause if error.cause is not None else error
-        return f"{type(cause).__name__}: {cause}"
-    return f"worker died while running it ({type(error).__name__})"
+def _result(ref: Any) -> dict | None:
+    try:
+        return ray.get(ref)
+    except (RayActorError, RayTaskError):
+        return None
+
+
+def _reason(error: RayTaskError) -> str:
+    cause = error.cause if error.cause is not None else error
+    return f"{type(cause).__name__}: {cause}"

@@ -1,5 +1,64 @@
 import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
 
 # Tests never reach the network: fail fast if anything tries the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not start within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """One real S3 endpoint (moto server on 127.0.0.1) for the whole session.
+
+    The AWS_* variables are set process-wide, before any Ray worker starts, so actors see the
+    same endpoint as the test process."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in
+             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    try:
+        wait_for_port(port, "moto server")
+        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3fs_clean(moto_endpoint):
+    """An s3fs filesystem on the moto endpoint, with fsspec's instance cache cleared around the test."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a filesystem bound to another endpoint
+    yield s3fs.S3FileSystem(endpoint_url=moto_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()

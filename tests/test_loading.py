@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -64,45 +60,10 @@ def test_file_url(checkpoint, reference, tmp_path, monkeypatch):
     assert_same_model(f"file://{checkpoint}", reference)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    else:
-        server.kill()
-        pytest.fail("moto server did not start within 30 s")
-    endpoint = f"http://127.0.0.1:{port}"
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a filesystem bound to an earlier endpoint
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
-
-
-def test_s3_url(checkpoint, reference, tmp_path, monkeypatch, s3_endpoint):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint)
-    fs.mkdir("models")
+def test_s3_url(checkpoint, reference, tmp_path, monkeypatch, s3fs_clean):
+    fs = s3fs_clean
+    if not fs.exists("models"):
+        fs.mkdir("models")
     fs.put(str(checkpoint), "models/tiny", recursive=True)
     monkeypatch.setenv("BLIPBATCH_CACHE", str(tmp_path / "cache"))
     assert_same_model("s3://models/tiny", reference)
@@ -115,7 +76,7 @@ def test_s3_url(checkpoint, reference, tmp_path, monkeypatch, s3_endpoint):
     assert {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()} == before
 
 
-def test_missing_s3_folder(tmp_path, monkeypatch, s3_endpoint):
+def test_missing_s3_folder(tmp_path, monkeypatch, s3fs_clean):
     from model import CheckpointError
 
     monkeypatch.setenv("BLIPBATCH_CACHE", str(tmp_path / "cache"))

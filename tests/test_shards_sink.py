@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import pyarrow as pa
@@ -61,42 +57,17 @@ def write_shard(target, table: pa.Table, row_group_size: int | None = None) -> s
     return target
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    """A real S3 endpoint (moto server on 127.0.0.1) with a bucket named "bucket"; yields an s3fs filesystem."""
+def s3(moto_endpoint):
+    """The session's moto S3 endpoint with a bucket named "bucket"; yields an s3fs filesystem."""
     import s3fs
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        else:
-            pytest.fail("moto server did not start within 30 s")
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                                "AWS_DEFAULT_REGION": "us-east-1"}.items():
-                mp.setenv(name, value)
-            s3fs.S3FileSystem.clear_instance_cache()  # no filesystem bound to another endpoint
-            fs = s3fs.S3FileSystem()
-            fs.mkdir("bucket")
-            yield fs
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem bound to another endpoint
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("bucket"):
+        fs.mkdir("bucket")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def s3_prefix() -> str:

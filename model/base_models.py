@@ -1,0 +1,199 @@
+"""`from_pretrained` / `save_pretrained` in the Hub layout, shared by every model class we export.
+
+One loading path for all of them: resolve the folder (model.hub), read config.json, build the model on
+the meta device, give it storage in the target dtype, then copy the checkpoint in shard by shard
+(model.loading). The vision tower and the Q-Former also load on their own, from either a standalone
+checkpoint (what transformers' `InstructBlipVisionModel.save_pretrained` writes: the sub-config as
+config.json, keys without a prefix) or their part of a full InstructBLIP / BLIP-2 checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .configs import BaseConfig, Blip2Config, InstructBlipConfig
+from .errors import CheckpointError, ConfigError
+from .hub import checkpoint_dir
+from .loading import IGNORED_KEYS, iter_tensors, load_tensors, materialize, save_tensors, weight_files
+
+# model_type of a full checkpoint's config.json -> its config class.
+COMPOSITE_CONFIGS: dict[str, type[InstructBlipConfig]] = {c.model_type: c for c in (InstructBlipConfig, Blip2Config)}
+DEFAULT_SHARD_BYTES = 5 * 2**30
+M = TypeVar("M", bound="PretrainedModel")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{folder}: no config.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+class PretrainedModel(nn.Module):
+    """A model that loads from and saves to a Hub-layout checkpoint folder.
+
+    Subclasses set `config_class` and `architecture` (the name written into config.json), take the
+    config as their only constructor argument, and may name aliased or fallback weights and the
+    parameters kept in fp32.
+    """
+
+    config_class: ClassVar[type[BaseConfig]]
+    architecture: str
+    config: BaseConfig
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Checkpoint keys that name another parameter's tensor: alias -> source."""
+        return {}
+
+    @property
+    def fallback_weights(self) -> dict[str, str]:
+        """Keys a checkpoint may omit -> the key whose values they then take."""
+        return {}
+
+    def keep_in_fp32(self, name: str) -> bool:
+        """Whether parameter `name` stays fp32 when the model is loaded in half precision."""
+        return False
+
+    @classmethod
+    def config_from_checkpoint(cls, data: dict[str, Any]) -> tuple[BaseConfig, str]:
+        """This model's config from a checkpoint's config.json, and the prefix of its keys there."""
+        return cls.config_class.from_dict(data), ""
+
+    def read_extra_files(self, folder: Path) -> None:
+        """Read files beside config.json and the weights (e.g. generation_config.json)."""
+
+    def write_extra_files(self, folder: Path) -> None:
+        """Write files beside config.json and the weights."""
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        name_or_path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> M:
+        """Load from a local folder, an fsspec URL or a Hub id; dtype defaults to float32."""
+        folder = checkpoint_dir(name_or_path)
+        config, prefix = cls.config_from_checkpoint(read_config(folder))
+        with torch.device("meta"):
+            model = cls(config)
+        materialize(model, dtype or torch.float32, torch.device(device or "cpu"), model.keep_in_fp32)
+        files = weight_files(folder)
+        if prefix:
+            load_tensors_under(model, files, prefix)
+        else:
+            load_tensors(model, files, model.tied_weights, model.fallback_weights)
+        model.tie_weights()
+        model.read_extra_files(folder)
+        return model.eval()
+
+    def tie_weights(self) -> None:
+        """Point every alias at its source parameter again (materialising on meta unties them)."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for alias, source in self.tied_weights.items():
+            if alias in params and params[alias] is not params[source]:
+                module_name, _, attr = alias.rpartition(".")
+                setattr(self.get_submodule(module_name), attr, params[source])
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int = DEFAULT_SHARD_BYTES) -> None:
+        """Write config.json and safetensors weights (sharded above `max_shard_size` bytes); aliases are not stored."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config["architectures"] = [self.architecture]
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        self.write_extra_files(folder)
+        aliases = self.tied_weights
+        state = {k: v for k, v in self.state_dict().items() if k not in aliases}
+        save_tensors(state, folder, max_shard_size)
+
+
+class PretrainedPart(PretrainedModel):
+    """A part of the composite models (vision tower, Q-Former) that also loads and saves on its own."""
+
+    config_key: ClassVar[str]  # its sub-config in a full checkpoint's config.json, e.g. "vision_config"
+    checkpoint_prefix: ClassVar[str]  # its keys' prefix in a full checkpoint, e.g. "vision_model."
+    standalone: ClassVar[dict[str, type[BaseConfig]]]  # architecture name -> config class of a standalone checkpoint
+
+    @classmethod
+    def config_from_checkpoint(cls, data: dict[str, Any]) -> tuple[BaseConfig, str]:
+        model_type = data.get("model_type")
+        if model_type in COMPOSITE_CONFIGS:
+            # Through the full config, which also fixes up cross-part fields (the Q-Former's encoder width).
+            full = COMPOSITE_CONFIGS[model_type].from_dict(data)
+            return getattr(full, cls.config_key), cls.checkpoint_prefix
+        for config_class in cls.standalone.values():
+            if config_class.model_type == model_type:
+                return config_class.from_dict(data), ""
+        readable = sorted([c.model_type for c in cls.standalone.values()] + list(COMPOSITE_CONFIGS))
+        raise ConfigError(
+            f"config.json has model_type {model_type!r}; {cls.__name__} reads a checkpoint with model_type "
+            f"{' / '.join(repr(t) for t in readable)}"
+        )
+
+    @property
+    def architecture(self) -> str:
+        return next(name for name, c in self.standalone.items() if c.model_type == self.config.model_type)
+
+
+def tensors_under(files: list[Path], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key without `prefix`, tensor) for the keys under `prefix`; the other tensors are never read."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefix):
+                        yield key[len(prefix) :], f.get_tensor(key)
+        else:
+            # .bin files are memory-mapped: a tensor that is not copied is not read.
+            for key, tensor in iter_tensors([path]):
+                if key.startswith(prefix):
+                    yield key[len(prefix) :], tensor
+
+
+def load_tensors_under(model: nn.Module, files: list[Path], prefix: str) -> None:
+    """Copy the checkpoint tensors under `prefix` into `model`, whose names lack the prefix.
+
+    The checks of `loading.load_tensors`, restricted to those keys: missing, unexpected (under the
+    prefix) or mis-shaped keys raise one error listing them all.
+    """
+    params = model.state_dict(keep_vars=True)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key, tensor in tensors_under(files, prefix):
+        if IGNORED_KEYS.search(key):
+            continue
+        if key not in params:
+            unexpected.append(prefix + key)
+        elif tuple(tensor.shape) != tuple(params[key].shape):
+            mismatched.append(f"{prefix}{key}: checkpoint {tuple(tensor.shape)}, model {tuple(params[key].shape)}")
+        else:
+            with torch.no_grad():
+                params[key].copy_(tensor)
+            loaded.add(key)
+    missing = sorted(prefix + k for k in set(params) - loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected))}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"{files[0].parent}: the {prefix.rstrip('.')!r} part of the checkpoint does not fit the model built "
+            "from its config.json: " + " | ".join(problems)
+        )
