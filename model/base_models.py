@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .configs import BaseConfig, Blip2Config, InstructBlipConfig
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .hub import checkpoint_dir
-from .loading import IGNORED_KEYS, iter_tensors, load_tensors, materialize, save_tensors, weight_files
+from .loading import load_tensors, materialize, save_tensors, weight_files
 
 # model_type of a full checkpoint's config.json -> its config class.
 COMPOSITE_CONFIGS: dict[str, type[InstructBlipConfig]] = {c.model_type: c for c in (InstructBlipConfig, Blip2Config)}
@@ -90,11 +88,7 @@ class PretrainedModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         materialize(model, dtype or torch.float32, torch.device(device or "cpu"), model.keep_in_fp32)
-        files = weight_files(folder)
-        if prefix:
-            load_tensors_under(model, files, prefix)
-        else:
-            load_tensors(model, files, model.tied_weights, model.fallback_weights)
+        load_tensors(model, weight_files(folder), model.tied_weights, model.fallback_weights, prefix)
         model.tie_weights()
         model.read_extra_files(folder)
         return model.eval()
@@ -146,54 +140,3 @@ class PretrainedPart(PretrainedModel):
     @property
     def architecture(self) -> str:
         return next(name for name, c in self.standalone.items() if c.model_type == self.config.model_type)
-
-
-def tensors_under(files: list[Path], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key without `prefix`, tensor) for the keys under `prefix`; the other tensors are never read."""
-    for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key.startswith(prefix):
-                        yield key[len(prefix) :], f.get_tensor(key)
-        else:
-            # .bin files are memory-mapped: a tensor that is not copied is not read.
-            for key, tensor in iter_tensors([path]):
-                if key.startswith(prefix):
-                    yield key[len(prefix) :], tensor
-
-
-def load_tensors_under(model: nn.Module, files: list[Path], prefix: str) -> None:
-    """Copy the checkpoint tensors under `prefix` into `model`, whose names lack the prefix.
-
-    The checks of `loading.load_tensors`, restricted to those keys: missing, unexpected (under the
-    prefix) or mis-shaped keys raise one error listing them all.
-    """
-    params = model.state_dict(keep_vars=True)
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    for key, tensor in tensors_under(files, prefix):
-        if IGNORED_KEYS.search(key):
-            continue
-        if key not in params:
-            unexpected.append(prefix + key)
-        elif tuple(tensor.shape) != tuple(params[key].shape):
-            mismatched.append(f"{prefix}{key}: checkpoint {tuple(tensor.shape)}, model {tuple(params[key].shape)}")
-        else:
-            with torch.no_grad():
-                params[key].copy_(tensor)
-            loaded.add(key)
-    missing = sorted(prefix + k for k in set(params) - loaded)
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected))}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-    if problems:
-        raise CheckpointError(
-            f"{files[0].parent}: the {prefix.rstrip('.')!r} part of the checkpoint does not fit the model built "
-            "from its config.json: " + " | ".join(problems)
-        )

@@ -7,8 +7,6 @@ keeps everything transformers wrote into it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -303,14 +301,6 @@ class InstructBlipConfig(BaseConfig):
         out["use_decoder_only_language_model"] = self.use_decoder_only_language_model
         return out
 
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "InstructBlipConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data)
 
 
 @dataclass

@@ -48,19 +48,24 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) for every tensor, shard after shard."""
+def iter_tensors(files: list[Path], prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) for every tensor whose key starts with `prefix` (stripped), shard after shard.
+
+    Other tensors are never read (safetensors reads by key; .bin files are memory-mapped)."""
     for path in files:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    if key.startswith(prefix):
+                        yield key[len(prefix) :], f.get_tensor(key)
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # unpickling failures come in many types; all mean "unreadable file"
                 raise CheckpointError(f"{path}: cannot read as a PyTorch weights file ({e})") from e
-            yield from state.items()
+            for key, tensor in state.items():
+                if key.startswith(prefix):
+                    yield key[len(prefix) :], tensor
             del state
 
 
@@ -78,10 +83,12 @@ def load_tensors(
     files: list[Path],
     aliases: dict[str, str],
     fallbacks: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> None:
     """Copy every checkpoint tensor into `model`, casting to each parameter's dtype.
 
-    `aliases` maps a checkpoint key that names a shared tensor (a tied head, T5's embed_tokens) to the
+    With `prefix`, only the checkpoint's keys under it are read, into a model whose names lack it (the
+    vision tower of a full checkpoint). `aliases` maps a checkpoint key that names a shared tensor (a tied head, T5's embed_tokens) to the
     key it shares storage with; `fallbacks` maps a key the checkpoint may omit to the key whose values
     it then takes. Missing, unexpected or mis-shaped keys raise one error listing them all.
     """
@@ -90,7 +97,7 @@ def load_tensors(
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    for key, tensor in iter_tensors(files):
+    for key, tensor in iter_tensors(files, prefix):
         target_key = aliases.get(key, key)
         if IGNORED_KEYS.search(key):
             continue
@@ -111,7 +118,9 @@ def load_tensors(
             with torch.no_grad():
                 params[key].copy_(params[source])
             loaded.add(key)
-    missing = sorted(expected - loaded)
+    missing = sorted(prefix + key for key in expected - loaded)
+    unexpected = [prefix + key for key in unexpected]
+    mismatched = [prefix + text for text in mismatched]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
@@ -120,8 +129,10 @@ def load_tensors(
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
     if problems:
-        where = files[0].parent
-        raise CheckpointError(f"{where}: checkpoint does not fit the model built from its config.json: " + " | ".join(problems))
+        part = f"the {prefix.rstrip('.')!r} part of the " if prefix else ""
+        raise CheckpointError(
+            f"{files[0].parent}: {part}checkpoint does not fit the model built from its config.json: " + " | ".join(problems)
+        )
 
 
 def save_tensors(
