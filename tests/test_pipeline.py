@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -72,6 +74,11 @@ class ImageHandler(BaseHTTPRequestHandler):
             self.reply(200, png(int(name.split(".")[0])), "image/png")
         elif kind in ("flaky", "down"):
             self.reply(503, b"busy", "text/plain")
+        elif kind == "hang":
+            time.sleep(2)  # past the client's timeout
+        elif kind == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
         elif self.path in server.files:
             self.reply(200, server.files[self.path], "application/octet-stream")
         else:
@@ -249,6 +256,8 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
         (server.url("/img/3.png"), long_prompt, "invalid_input", "tokens"),
         (server.url("/flaky/4.png"), PROMPTS[1], None, None),
         (server.url("/down/5.png"), PROMPTS[1], "fetch_http", "attempts"),
+        (server.url("/hang/6.png"), PROMPTS[1], "fetch_timeout", "attempts"),
+        (server.url("/reset/7.png"), PROMPTS[1], "fetch_connection", "attempts"),
     ]
     write_shard(tmp_path / "in" / "bad.parquet", {
         "image_url": pa.array([c[0] for c in cases], pa.string()),
@@ -256,7 +265,7 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
     })
     output = str(tmp_path / "out")
     summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="prompt",
-                           max_new_tokens=NEW_TOKENS, fetch=FetchConfig(retries=2, backoff_s=0.01, timeout_s=5),
+                           max_new_tokens=NEW_TOKENS, fetch=FetchConfig(retries=2, backoff_s=0.01, timeout_s=0.5),
                            progress=False)
     assert summary.units_failed == 0
     rows = sorted(read_output(output).to_pylist(), key=lambda row: int(row["id"].rsplit("-", 1)[1]))
@@ -267,7 +276,8 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
         else:
             assert (row["status"], row["error_kind"]) == ("error", kind), row
             assert fragment.lower() in row["error"].lower(), row
-    assert server.hits["/flaky/4.png"] == 2 and server.hits["/down/5.png"] == 3
+    assert server.hits["/flaky/4.png"] == 2
+    assert server.hits["/down/5.png"] == server.hits["/hang/6.png"] == server.hits["/reset/7.png"] == 3
 
 
 def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subprocess.Popen:
@@ -313,3 +323,23 @@ def test_driver_killed_then_rerun_resumes_exactly_once(checkpoint, tmp_path):
     assert f"rows: {done_now * 10} ok, 0 error" in log
     rows = rows_by_id(read_output(output))
     assert len(rows) == 300
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(checkpoint, tmp_path):
+    source = local_input(tmp_path, shards=2, rows=100)
+    output = str(tmp_path / "out")
+    run = cli_run(source, output, checkpoint, tmp_path)
+    deadline = time.monotonic() + 120
+    while len(committed_units(output)) < 2:
+        assert run.poll() is None and time.monotonic() < deadline, "no unit committed in time"
+        time.sleep(0.2)
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    log = sorted(tmp_path.glob("run-*.log"))[-1].read_text()
+    assert "interrupted: committed units are kept" in log
+    # no half-written output: every part file there is a whole Parquet file
+    for part in Path(output).glob("part-*.parquet"):
+        assert pq.read_table(part).num_rows == 10
+    assert len(rows_by_id(read_output(output))) == 10 * len(committed_units(output))
+    assert cli_run(source, output, checkpoint, tmp_path).wait(timeout=300) == 0
+    assert len(rows_by_id(read_output(output))) == 200
