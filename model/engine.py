@@ -1,7 +1,8 @@
 """The inference engine the pipeline calls: images and instructions in, texts out.
 
 It owns the processor and the model, checks each instruction before it reaches the model (so one
-bad row becomes an error for that row only), and halves a batch that runs out of GPU memory.
+bad row becomes an error for that row only), runs the vision encoder once per distinct image of a
+call however many instructions it gets, and halves a batch that runs out of GPU memory.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Engine:
         self.model.generation_config.updated(**self.settings)
         self.decoder_only = self.model.config.use_decoder_only_language_model
         self.max_prompt_tokens = self._max_prompt_tokens()
+        self.vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        self.images_encoded = 0  # vision-encoder passes, one per distinct image of each call
 
     def _max_prompt_tokens(self) -> int | None:
         """Prompt tokens the LM can take with room for the new tokens; None where positions are relative (T5)."""
@@ -91,7 +94,9 @@ class Engine:
         return instruction
 
     def generate(self, images: Sequence[PIL.Image.Image], instructions: Sequence[str]) -> list[str | list[str]]:
-        """One text per (image, instruction) pair, or a list of texts with num_return_sequences > 1."""
+        """One text per (image, instruction) pair, or a list of texts with num_return_sequences > 1.
+
+        The same image object given several times (several questions about it) is encoded once."""
         try:
             return self._generate(images, instructions)
         except torch.cuda.OutOfMemoryError:
@@ -103,9 +108,15 @@ class Engine:
 
     @torch.inference_mode()
     def _generate(self, images: Sequence[PIL.Image.Image], instructions: Sequence[str]) -> list[str | list[str]]:
-        inputs = self.processor(images=list(images), text=list(instructions))
+        distinct = list({id(image): image for image in images}.values())
+        slot = {id(image): i for i, image in enumerate(distinct)}
+        pixel_values = self.processor.image_processor(distinct).to(self.device, self.vision_dtype)
+        image_embeds = self.model.encode_images(pixel_values)
+        self.images_encoded += len(distinct)
+        inputs = self.processor.encode_prompts(instructions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        ids = self.model.generate(**inputs, **self.settings)
+        rows = torch.tensor([slot[id(image)] for image in images], device=self.device)
+        ids = self.model.generate(**inputs, image_embeds=image_embeds.index_select(0, rows), **self.settings)
         start = inputs["input_ids"].shape[1] if self.decoder_only else 1
         texts = [t.strip() for t in self.processor.batch_decode(ids[:, start:], skip_special_tokens=True)]
         per_row = len(texts) // len(images)

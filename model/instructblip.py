@@ -220,7 +220,7 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
@@ -228,12 +228,20 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         interpolate_pos_encoding: bool = False,
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
+        image_embeds: torch.Tensor | None = None,
         **settings: Any,
     ) -> torch.Tensor:
         """Token ids as transformers returns them: decoder-only LMs echo the prompt ids first,
-        T5 starts with `decoder_start_token_id`."""
+        T5 starts with `decoder_start_token_id`.
+
+        `image_embeds` (one row per prompt, from `encode_images`) replaces `pixel_values`, so that an image
+        asked several questions goes through the vision encoder once."""
         config = (generation_config or self.generation_config).updated(**settings)
-        features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        if (pixel_values is None) == (image_embeds is None):
+            raise ProcessorError("generate needs exactly one of pixel_values and image_embeds")
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
+        features = self.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
         batch = features.shape[0]
         if input_ids is None:
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]

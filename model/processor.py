@@ -170,6 +170,11 @@ class Blip2Processor:
             out["pixel_values"] = self.image_processor(images)
         return out
 
+    def encode_prompts(self, text: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The text inputs of `self(images=..., text=text)` without processing the images: for callers
+        that bring image embeddings computed once per image (several prompts about one image)."""
+        return self._encode_lm_text(list(text), True, True, None, None, None)
+
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -231,14 +236,19 @@ class InstructBlipProcessor(Blip2Processor):
                                padding_side=padding_side, return_tensors=return_tensors)
         _, text = self._batch(images, text)
         if text is not None:
-            # LAVIS: truncated on the left to max_txt_len, padded on the right (Q-Former positions start at 0).
-            qformer = self.qformer_tokenizer(
-                text, padding=True, truncation=True, max_length=self.qformer_max_length, padding_side="right",
-                truncation_side="left",
-            )
-            out["qformer_input_ids"] = qformer["input_ids"]
-            out["qformer_attention_mask"] = qformer["attention_mask"]
+            out.update(self._encode_qformer_text(text))
         return out
+
+    def encode_prompts(self, text: Sequence[str]) -> dict[str, torch.Tensor]:
+        return super().encode_prompts(text) | self._encode_qformer_text(list(text))
+
+    def _encode_qformer_text(self, text: list[str]) -> dict[str, torch.Tensor]:
+        # LAVIS: truncated on the left to max_txt_len, padded on the right (Q-Former positions start at 0).
+        qformer = self.qformer_tokenizer(
+            text, padding=True, truncation=True, max_length=self.qformer_max_length, padding_side="right",
+            truncation_side="left",
+        )
+        return {"qformer_input_ids": qformer["input_ids"], "qformer_attention_mask": qformer["attention_mask"]}
 
     def save_pretrained(self, directory: str | Path) -> None:
         super().save_pretrained(directory)

@@ -31,6 +31,7 @@ class RunSummary:
     units_failed: int = 0
     rows_ok: int = 0  # this run's rows
     rows_error: int = 0
+    images_encoded: int = 0  # vision-encoder passes this run
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # unit id -> last reason
     wall_s: float = 0.0
@@ -158,6 +159,7 @@ class Dispatcher:
         self.summary.units_done += 1
         self.summary.rows_ok += record["rows_ok"]
         self.summary.rows_error += record["rows_error"]
+        self.summary.images_encoded += record["images_encoded"]
         self.errors.update(record["errors_by_kind"])
         self.summary.errors_by_kind = dict(self.errors)
 

@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -41,12 +41,26 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
              log_to_driver=True, configure_logging=False)
 
 
+def fixed_instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> tuple[str, ...] | dict[str, str] | None:
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return (prompt,)
+    fixed = dict(prompt) if isinstance(prompt, Mapping) else tuple(prompt)
+    texts = list(fixed.values()) if isinstance(fixed, dict) else list(fixed)
+    if not texts:
+        raise PipelineError("prompt is empty: give at least one instruction")
+    if not all(isinstance(text, str) and text.strip() for text in texts):
+        raise PipelineError("every prompt must be a non-empty string")
+    return fixed
+
+
 def run(
     input: str | Sequence[str],
     output: str,
     model: str,
     *,
-    prompt: str | Sequence[str] | None = None,
+    prompt: str | Sequence[str] | Mapping[str, str] | None = None,
     instruction_column: str | None = None,
     image_column: str = "image_url",
     id_column: str | None = None,
@@ -70,14 +84,15 @@ def run(
 ) -> RunSummary:
     """Process every not-yet-committed work unit of `input` into `output`; returns what this run did.
 
-    Exactly one of `prompt` (one fixed instruction, or several, asked of every image) and
-    `instruction_column` (one instruction per row) says what to ask. Running again over a finished
+    Exactly one of `prompt` (one fixed instruction, several, or named questions {question_id: question}
+    asked of every image; named ones add a `question_id` column) and `instruction_column` (one
+    instruction per row) says what to ask. Several questions about one image share its vision pass. Running again over a finished
     output does nothing; resuming into an output made with other settings is refused unless `force`.
     """
     start = time.monotonic()
     if (prompt is None) == (instruction_column is None):
         raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
-    instructions = None if prompt is None else ((prompt,) if isinstance(prompt, str) else tuple(prompt))
+    instructions = fixed_instructions(prompt)
     if batch_size < 1 or rows_per_unit < 1 or max_attempts < 1:
         raise PipelineError("batch_size, rows_per_unit and max_attempts must be at least 1")
     settings = {"max_new_tokens": max_new_tokens, "num_beams": num_beams} | (generation or {})
@@ -86,7 +101,7 @@ def run(
 
     units = plan_units(discover_shards(input), mapping, rows_per_unit)
     ensure_manifest(output, {
-        "model": model, "instructions": list(instructions) if instructions else None,
+        "model": model, "instructions": instructions,
         "mapping": dataclasses.asdict(mapping), "generation": settings, "rows_per_unit": rows_per_unit,
     }, force=force)
     done = committed_units(output)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -158,12 +158,13 @@ class InputRow:
     instruction: object
     passthrough: dict = field(default_factory=dict)
     row_index: int = 0  # index of the input row within its shard
+    question_id: str | None = None  # the name of a fixed question (annotate jobs)
 
 
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
-              fixed_instructions: Sequence[str] | None = None) -> list[InputRow]:
+              fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
-    every one of fixed_instructions for each row, in order."""
+    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question)."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
         raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
                          "exactly one of the two")
@@ -185,9 +186,16 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
             value = columns[mapping.id_column][offset]
             row_id = None if value is None else str(value)
         image = columns[mapping.image_column][offset]
-        instructions = (fixed_instructions if fixed_instructions is not None
-                        else [columns[mapping.instruction_column][offset]])
-        for instruction in instructions:
+        for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index))
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id))
     return rows
+
+
+def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,
+                  offset: int) -> list[tuple[str | None, object]]:
+    if fixed is None:
+        return [(None, columns[mapping.instruction_column][offset])]
+    if isinstance(fixed, Mapping):
+        return list(fixed.items())
+    return [(None, text) for text in fixed]

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import PIL.Image
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.engine import Engine, EngineConfig, InvalidInstruction
-from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressRecord, image_reference, output_schema
+from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, image_reference, output_schema
 
 from .decode import DecodeConfig, decode_image
 from .errors import RowError
@@ -54,7 +54,8 @@ class WorkerConfig:
     engine: EngineConfig
     mapping: ColumnMapping
     output: str
-    instructions: tuple[str, ...] | None = None  # the job's fixed prompt(s); None: the instruction column
+    # The job's fixed prompt(s), or named questions (question_id -> question); None: the instruction column.
+    instructions: tuple[str, ...] | dict[str, str] | None = None
     batch_size: int = 8
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -70,8 +71,15 @@ class PreparedRow:
 
 
 def batches(rows: Sequence[InputRow], size: int) -> Iterator[Sequence[InputRow]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+    """Micro-batches of about `size` rows that never split the instructions of one input row, so each
+    image is fetched and encoded once however many questions it is asked."""
+    start = 0
+    while start < len(rows):
+        end = min(start + size, len(rows))
+        while end < len(rows) and rows[end].row_index == rows[end - 1].row_index:
+            end += 1
+        yield rows[start:end]
+        start = end
 
 
 class ModelWorker:
@@ -83,6 +91,7 @@ class ModelWorker:
         self.fetcher = Fetcher(config.fetch)
         self.generation_json = json.dumps(config.engine.generation, sort_keys=True)
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
+        self.question_ids = isinstance(config.instructions, dict)
 
     def ready(self) -> str:
         return str(self.engine.device)
@@ -90,6 +99,7 @@ class ModelWorker:
     def process_unit(self, unit: WorkUnit, attempt: int) -> dict:
         """Run one unit end to end; returns its commit record (as a dict)."""
         rows = read_unit(unit, self.config.mapping, self.config.instructions)
+        encoded_before = self.engine.images_encoded
         output: list[dict] = []
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetcher:
             chunks = list(batches(rows, self.config.batch_size))
@@ -101,10 +111,10 @@ class ModelWorker:
                 output.extend(self.run_model(prepared))
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
-        schema = output_schema(pq.read_schema(unit.shard), self.config.mapping, self.multiple_texts)
+        schema = output_schema(pq.read_schema(unit.shard), self.config.mapping, self.multiple_texts, self.question_ids)
         table = pa.Table.from_pylist(output, schema=schema)
         write_part(self.config.output, unit, table)
-        record: ProgressRecord = record_for(unit, table, attempt)
+        record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before)
         commit_unit(self.config.output, record)
         return record.to_dict()
 
@@ -162,6 +172,7 @@ class ModelWorker:
             "id": None if row.id is None else str(row.id),
             self.config.mapping.image_column: image_reference(row.image),
             "instruction": instruction,
+            **({"question_id": row.question_id} if self.question_ids else {}),
             "text": text,
             "status": STATUS_ERROR if item.error else STATUS_OK,
             "error_kind": item.error.kind if item.error else None,

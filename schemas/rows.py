@@ -17,7 +17,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Output columns that every job writes; passthrough columns may not reuse these names.
-OUTPUT_COLUMNS = ("id", "instruction", "text", "status", "error_kind", "error", "model", "generation")
+OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation")
 
 
 class SchemaError(ValueError):
@@ -96,7 +96,8 @@ def check_input_schema(shard: str, schema: pa.Schema, mapping: ColumnMapping) ->
         raise SchemaError(shard, problems)
 
 
-def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_texts: bool = False) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_texts: bool = False,
+                  question_ids: bool = False) -> pa.Schema:
     """The schema of every output part of a job.
 
     The image column keeps its input name and is always a string: the reference itself, or for a binary image
@@ -114,6 +115,7 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
         pa.field("id", pa.string()),
         pa.field(mapping.image_column, pa.string()),
         pa.field("instruction", pa.string()),
+        *([pa.field("question_id", pa.string())] if question_ids else []),  # annotate jobs: the question's name
         pa.field("text", text_type),
         pa.field("status", pa.string()),  # STATUS_OK / STATUS_ERROR
         pa.field("error_kind", pa.string()),  # one of ERROR_KINDS, null when ok
@@ -171,6 +173,7 @@ class ProgressRecord:
     part: str = ""  # output part file name, relative to the output root
     attempt: int = 1
     finished_at: str = ""  # ISO 8601, UTC
+    images_encoded: int = 0  # vision-encoder passes the unit took (one per image, however many questions)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import pipeline
-from model.engine import Engine, EngineConfig
+from model import InstructBlipForConditionalGeneration, InstructBlipProcessor
 from model.tiny import write_tiny_checkpoint
 from pipeline.fetch import FetchConfig
 from pipeline.run import connect_ray
@@ -142,6 +142,15 @@ def write_shard(path: Path, columns: dict, row_group_size: int = 50) -> None:
     pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
 
 
+def generate_alone(checkpoint: str, image: bytes, prompt: str) -> str:
+    """What model/'s public API answers for one image and one instruction (no engine, no batching)."""
+    processor = InstructBlipProcessor.from_pretrained(checkpoint)
+    model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint)
+    inputs = processor(images=Image.open(io.BytesIO(image)).convert("RGB"), text=prompt)
+    ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
+    return processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def rows_by_id(table: pa.Table) -> dict[str, dict]:
     rows = table.to_pylist()
     ids = [row["id"] for row in rows]
@@ -172,9 +181,7 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
     rows = rows_by_id(read_output(output))
     assert set(rows) == set(expected_refs)
     # every text equals what model/ generates for that image and instruction on its own
-    engine = Engine(EngineConfig(model=checkpoint, generation={"max_new_tokens": NEW_TOKENS, "num_beams": 1}))
-    alone = {(k, prompt): engine.generate([Image.open(io.BytesIO(png(k)))], [prompt])[0]
-             for k in range(12) for prompt in PROMPTS}
+    alone = {(k, prompt): generate_alone(checkpoint, png(k), prompt) for k in range(12) for prompt in PROMPTS}
     for row_id, row in rows.items():
         k, prompt, url = expected_refs[row_id]
         assert (row["status"], row["instruction"], row["image_url"]) == ("ok", prompt, url)
@@ -343,3 +350,21 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(checkpoint, tmp_path):
     assert len(rows_by_id(read_output(output))) == 10 * len(committed_units(output))
     assert cli_run(source, output, checkpoint, tmp_path).wait(timeout=300) == 0
     assert len(rows_by_id(read_output(output))) == 200
+
+
+def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
+    """4 named questions over 50 images: 200 output rows, 50 vision-encoder passes (counted in the actor)."""
+    questions = {"caption": PROMPTS[0], "colour": PROMPTS[1], "shape": "What shape is it?", "count": "How many?"}
+    images = local_images(tmp_path / "images", count=10)
+    write_shard(tmp_path / "in" / "part.parquet", {"image_url": [images[r % 10] for r in range(50)]},
+                row_group_size=25)
+    output = str(tmp_path / "out")
+    summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, prompt=questions, rows_per_unit=25,
+                           batch_size=6, max_new_tokens=NEW_TOKENS, progress=False)
+    assert (summary.rows_ok, summary.images_encoded) == (200, 50)
+    rows = read_output(output).to_pylist()
+    assert Counter(row["question_id"] for row in rows) == dict.fromkeys(questions, 50)
+    assert {(row["question_id"], row["instruction"]) for row in rows} == set(questions.items())
+    # the shared vision pass changes nothing: each answer is the model's own for that image and question
+    first = next(row for row in rows if row["question_id"] == "shape")
+    assert first["text"] == generate_alone(checkpoint, Path(first["image_url"]).read_bytes(), questions["shape"])
