@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -171,8 +171,11 @@ def run_units(
     max_attempts: int,
     in_flight_per_worker: int = 2,
     progress: Progress | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> RunSummary:
-    """Process `units` on `workers` (Ray actor handles of ModelWorker) until each is committed or failed."""
+    """Process `units` on `workers` (Ray actor handles of ModelWorker) until each is committed or failed.
+
+    `heartbeat` is called about once a second (the run renews its output lock with it)."""
     dispatcher = Dispatcher(workers, summary, max_attempts, in_flight_per_worker)
     dispatcher.queue.extend((unit, 1) for unit in units)
     try:
@@ -183,6 +186,8 @@ def run_units(
                 dispatcher.settle(ref)
             if progress is not None:
                 progress.update(summary)
+            if heartbeat is not None:
+                heartbeat()
     except KeyboardInterrupt:
         # Parts are written whole and committed after: nothing half-written is left behind.
         summary.interrupted = True

@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -18,7 +18,8 @@ from schemas import ColumnMapping
 from .coordinator import Progress, RunSummary, run_units
 from .decode import DecodeConfig
 from .fetch import FetchConfig
-from .shards import discover_shards, plan_units
+from .lock import OutputLock
+from .shards import WorkUnit, discover_shards, plan_units
 from .sink import committed_units, ensure_manifest, failed_units
 from .worker import FaultInjection, ModelWorker, WorkerConfig
 
@@ -86,8 +87,9 @@ def run(
 
     Exactly one of `prompt` (one fixed instruction, several, or named questions {question_id: question}
     asked of every image; named ones add a `question_id` column) and `instruction_column` (one
-    instruction per row) says what to ask. Several questions about one image share its vision pass. Running again over a finished
-    output does nothing; resuming into an output made with other settings is refused unless `force`.
+    instruction per row) says what to ask. Several questions about one image share its vision pass.
+    Running again over a finished output does nothing; resuming into an output made with other
+    settings is refused unless `force`; a second run on an output another run holds is refused.
     """
     start = time.monotonic()
     if (prompt is None) == (instruction_column is None):
@@ -100,48 +102,59 @@ def run(
                             instruction_column=instruction_column, passthrough=tuple(passthrough))
 
     units = plan_units(discover_shards(input), mapping, rows_per_unit)
-    ensure_manifest(output, {
-        "model": model, "instructions": instructions,
-        "mapping": dataclasses.asdict(mapping), "generation": settings, "rows_per_unit": rows_per_unit,
-    }, force=force)
-    done = committed_units(output)
-    skip = done if retry_failed else done | set(failed_units(output))
-    pending = [unit for unit in units if unit.unit_id not in skip]
-    summary = RunSummary(output=output, units_total=len(units), units_skipped=len(units) - len(pending))
-    if not pending:
-        summary.wall_s = time.monotonic() - start
-        print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
-              "(use retry_failed to redo failed units)", file=sys.stderr)
-        return summary
+    with OutputLock(output) as lock:
+        ensure_manifest(output, {
+            "model": model, "instructions": instructions,
+            "mapping": dataclasses.asdict(mapping), "generation": settings, "rows_per_unit": rows_per_unit,
+        }, force=force)
+        done = committed_units(output)
+        skip = done if retry_failed else done | set(failed_units(output))
+        pending = [unit for unit in units if unit.unit_id not in skip]
+        summary = RunSummary(output=output, units_total=len(units), units_skipped=len(units) - len(pending))
+        if not pending:
+            print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
+                  "(use retry_failed to redo failed units)", file=sys.stderr)
+        else:
+            config = WorkerConfig(
+                engine=EngineConfig(model=model, dtype=dtype, device=device, generation=settings),
+                mapping=mapping, output=output, instructions=instructions, batch_size=batch_size,
+                fetch=fetch or FetchConfig(), decode=decode or DecodeConfig(), fault=fault,
+            )
+            total_rows = sum(u.num_rows for u in pending) * (len(instructions) if instructions else 1)
+            run_on_ray(pending, config, summary, workers, address, max_attempts,
+                       Progress(total_rows) if progress else None, lock.maybe_renew)
+    summary.wall_s = time.monotonic() - start
+    return summary
 
+
+def run_on_ray(
+    pending: Sequence[WorkUnit],
+    config: WorkerConfig,
+    summary: RunSummary,
+    workers: int | None,
+    address: str | None,
+    max_attempts: int,
+    progress: Progress | None,
+    heartbeat: Callable[[], None],
+) -> None:
+    """Start the model actors (one per GPU, or `workers`) and run the units on them."""
     connect_ray(address)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and device != "cpu"
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and config.engine.device != "cpu"
     count = workers or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
-    config = WorkerConfig(
-        engine=EngineConfig(model=model, dtype=dtype, device=device, generation=settings),
-        mapping=mapping, output=output, instructions=instructions, batch_size=batch_size,
-        fetch=fetch or FetchConfig(), decode=decode or DecodeConfig(), fault=fault,
-    )
     # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
     actor = ray.remote(ModelWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
     handles = [actor.remote(config) for _ in range(count)]
     try:
-        devices = ray.get([handle.ready.remote() for handle in handles])
-    except ray.exceptions.RayActorError as e:
-        for handle in handles:
-            ray.kill(handle)
-        raise PipelineError(f"the model workers could not start: {e}") from e
-    if progress:
-        print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; "
-              f"{len(pending)} of {len(units)} units to do", file=sys.stderr)
-    total_rows = sum(u.num_rows for u in pending) * (len(instructions) if instructions else 1)
-    try:
-        run_units(pending, handles, summary, max_attempts,
-                  progress=Progress(total_rows) if progress else None)
+        try:
+            devices = ray.get([handle.ready.remote() for handle in handles])
+        except ray.exceptions.RayActorError as e:
+            raise PipelineError(f"the model workers could not start: {e}") from e
+        if progress is not None:
+            print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
+                  f"{summary.units_total} units to do", file=sys.stderr)
+        run_units(pending, handles, summary, max_attempts, progress=progress, heartbeat=heartbeat)
     finally:
         for handle in handles:
             ray.kill(handle)
-    summary.wall_s = time.monotonic() - start
-    return summary

@@ -368,3 +368,28 @@ def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
     # the shared vision pass changes nothing: each answer is the model's own for that image and question
     first = next(row for row in rows if row["question_id"] == "shape")
     assert first["text"] == generate_alone(checkpoint, Path(first["image_url"]).read_bytes(), questions["shape"])
+
+
+def test_second_run_on_a_held_output_is_refused(ray_local, checkpoint, tmp_path):
+    from pipeline.lock import OutputLock, OutputLocked
+
+    source = local_input(tmp_path, shards=1, rows=10)
+    output = str(tmp_path / "out")
+    with OutputLock(output):  # another run, alive, holds the output
+        with pytest.raises(OutputLocked, match="being written by another run"):
+            pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], max_new_tokens=NEW_TOKENS, progress=False)
+    assert not committed_units(output)
+
+
+def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_path):
+    source = local_input(tmp_path, shards=2, rows=20)
+    output = str(tmp_path / "out")
+    options = dict(prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS, progress=False)
+    first = pipeline.run(source, output, checkpoint, **options)
+    images = local_images(tmp_path / "images")
+    for s in (2, 3):  # the input prefix gains two shards
+        write_shard(tmp_path / "in" / f"part-{s}.parquet", {"image_url": images[:5] * 4}, row_group_size=10)
+    second = pipeline.run(source, output, checkpoint, **options)
+    assert (first.units_done, second.units_done, second.units_skipped) == (2, 2, 2)
+    assert (second.rows_ok, second.images_encoded) == (40, 40)
+    assert len(rows_by_id(read_output(output))) == 80
