@@ -22,6 +22,13 @@ from .shards import WorkUnit
 from .sink import mark_failed
 
 
+RESTART_TIMEOUT_S = 300.0
+
+
+class WorkerLost(RuntimeError):
+    """A model worker died and Ray could not restart it."""
+
+
 @dataclass
 class RunSummary:
     output: str
@@ -99,17 +106,26 @@ class Dispatcher:
         self.queue: deque[tuple[WorkUnit, int]] = deque()
         self.assigned: list[list[Any]] = [[] for _ in workers]  # per worker: refs in submission order
         self.in_flight: dict[Any, tuple[int, WorkUnit, int]] = {}  # ref -> (worker, unit, attempt)
+        # A worker that died gets no work until Ray has restarted it: a task sent meanwhile would fail too.
+        self.probes: dict[Any, tuple[int, float]] = {}  # ready() ref -> (worker, when it died)
         self.errors = Counter(summary.errors_by_kind)
 
+    def waiting_on(self) -> list[Any]:
+        return list(self.in_flight) + list(self.probes)
+
     def submit(self) -> None:
+        probing = {w for w, _ in self.probes.values()}
         for w, worker in enumerate(self.workers):
-            while self.queue and len(self.assigned[w]) < self.in_flight_per_worker:
+            while w not in probing and self.queue and len(self.assigned[w]) < self.in_flight_per_worker:
                 unit, attempt = self.queue.popleft()
                 ref = worker.process_unit.remote(unit, attempt)
                 self.in_flight[ref] = (w, unit, attempt)
                 self.assigned[w].append(ref)
 
     def settle(self, ref: Any) -> None:
+        if ref in self.probes:
+            self.probed(ref)
+            return
         if ref not in self.in_flight:
             return  # settled already, with the other units of its dead worker
         w, unit, attempt = self.in_flight[ref]
@@ -141,6 +157,16 @@ class Dispatcher:
             else:
                 charged = True
                 self.charge(unit, attempt, "worker died while running it")
+        self.probes[self.workers[w].ready.remote()] = (w, time.monotonic())
+
+    def probed(self, ref: Any) -> None:
+        w, died_at = self.probes.pop(ref)
+        if _result(ref) is not None:
+            return  # restarted: it takes work again
+        if time.monotonic() - died_at > RESTART_TIMEOUT_S:
+            raise WorkerLost(f"model worker {w} did not come back within {RESTART_TIMEOUT_S:.0f}s of dying")
+        time.sleep(0.2)
+        self.probes[self.workers[w].ready.remote()] = (w, died_at)
 
     def forget(self, ref: Any) -> tuple[int, WorkUnit, int]:
         entry = self.in_flight.pop(ref)
@@ -181,7 +207,7 @@ def run_units(
     try:
         while dispatcher.queue or dispatcher.in_flight:
             dispatcher.submit()
-            ready, _ = ray.wait(list(dispatcher.in_flight), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(dispatcher.waiting_on(), num_returns=1, timeout=1.0)
             for ref in ready:
                 dispatcher.settle(ref)
             if progress is not None:
@@ -196,7 +222,7 @@ def run_units(
     return summary
 
 
-def _result(ref: Any) -> dict | None:
+def _result(ref: Any) -> Any:
     try:
         return ray.get(ref)
     except (RayActorError, RayTaskError):

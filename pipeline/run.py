@@ -51,8 +51,8 @@ def fixed_instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -
     texts = list(fixed.values()) if isinstance(fixed, dict) else list(fixed)
     if not texts:
         raise PipelineError("prompt is empty: give at least one instruction")
-    if not all(isinstance(text, str) and text.strip() for text in texts):
-        raise PipelineError("every prompt must be a non-empty string")
+    if not all(isinstance(text, str) for text in texts):
+        raise PipelineError("every prompt must be a string (BLIP-2 captions with the empty one)")
     return fixed
 
 
@@ -104,7 +104,7 @@ def run(
     units = plan_units(discover_shards(input), mapping, rows_per_unit)
     with OutputLock(output) as lock:
         ensure_manifest(output, {
-            "model": model, "instructions": instructions,
+            "input": input, "model": model, "instructions": instructions,
             "mapping": dataclasses.asdict(mapping), "generation": settings, "rows_per_unit": rows_per_unit,
         }, force=force)
         done = committed_units(output)
@@ -139,8 +139,12 @@ def run_on_ray(
 ) -> None:
     """Start the model actors (one per GPU, or `workers`) and run the units on them."""
     connect_ray(address)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and config.engine.device != "cpu"
-    count = workers or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    # device "cuda" asks for GPU actors even before any GPU node is up, so an autoscaler adds them.
+    use_gpu = config.engine.device == "cuda" or (config.engine.device is None and gpus > 0)
+    count = workers or (gpus if use_gpu else 1)
+    if count < 1:
+        raise PipelineError("device is cuda but the cluster has no GPU yet: set workers to the number of GPU actors")
     # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
     actor = ray.remote(ModelWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0

@@ -256,3 +256,14 @@ def ensure_manifest(output_root: str, settings: Mapping, force: bool = False) ->
     log.warning("%s: manifest replaced by force; differences: %s", _qualify(fs, root),
                 _differences(previous, current))
     return "replaced"
+
+
+def read_manifest(output_root: str) -> dict | None:
+    """The settings the output was made with (as ensure_manifest stored them), or None without a manifest."""
+    fs, root = _open_root(output_root)
+    path = f"{root}/{MANIFEST}"
+    fs.invalidate_cache(path)
+    try:
+        return json.loads(fs.cat_file(path))["settings"]
+    except FileNotFoundError:
+        return None

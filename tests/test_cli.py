@@ -1,32 +1,138 @@
-"""The `blipbatch` command line."""
+"""The `blipbatch` command line: demo, run with a spec, usage errors, submit to a real Ray cluster."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import DEMO_PROMPTS, main
+from jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
+from model.tiny import write_tiny_checkpoint
+from pipeline.sink import read_output
+from tests.conftest import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = sorted((REPO / "examples" / "images").glob("*.png"))
 
 
-def test_demo_runs_the_whole_path(capsys):
-    assert main(["demo", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "RANDOM weights" in out
-    for prompt in DEMO_PROMPTS:
-        assert f"prompt: {prompt!r}" in out
-    assert out.count("[red circle") == len(DEMO_PROMPTS)
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def test_unknown_command_exits_2():
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "frobnicate"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "invalid choice: 'frobnicate'" in result.stderr
+def test_demo_runs_a_caption_and_an_annotate_job(tmp_path):
+    result = cli("demo", "--output", str(tmp_path / "demo"), "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout
+    assert f"== captions job: {len(IMAGES)} rows ok, 0 in error" in result.stdout
+    assert f"== annotations job: {3 * len(IMAGES)} rows ok, 0 in error" in result.stdout
+    wide = pq.read_table(tmp_path / "demo" / "annotations" / "wide.parquet")
+    assert wide.num_rows == len(IMAGES) and {"color", "shape", "count"} <= set(wide.column_names)
 
 
-def test_help_lists_demo(capsys):
+def test_usage_errors(capsys):
+    assert main(["run", "--input", "x"]) == EXIT_USAGE
+    assert "missing: --output, --model" in capsys.readouterr().err
+    assert cli("frobnicate").returncode == 2
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("run", "submit", "status", "retry-failed", "demo"))
+
+
+def test_bad_spec_is_refused_with_file_and_line(tmp_path, capsys):
+    spec = tmp_path / "job.toml"
+    spec.write_text('[job]\nkind = "caption"\n[input]\npath = "in"\n[output]\npath = "out"\n[model]\npath = "m"\n'
+                    '[generation]\nnum_beam = 3\n')
+    assert main(["run", str(spec)]) == EXIT_REFUSED
+    assert f"{spec}:10: [generation] num_beam: unknown key; did you mean num_beams?" in capsys.readouterr().err
+
+
+def test_every_example_spec_parses_with_overrides(tmp_path):
+    for spec in sorted((REPO / "examples").glob("*.toml")):
+        args = build_parser().parse_args(["run", str(spec), "--batch-size", "4", "--set", "run.max_attempts=2"])
+        assert args.spec == str(spec) and args.batch_size == 4
+
+
+def write_job(tmp_path: Path, checkpoint: Path, kind: str = "annotate") -> Path:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image_url": [str(p) for p in IMAGES] * 2}), tmp_path / "in" / "part.parquet")
+    spec = tmp_path / "job.toml"
+    spec.write_text(f"""
+[job]
+kind = "{kind}"
+[input]
+path = "{tmp_path / 'in'}"
+[output]
+path = "{tmp_path / 'out'}"
+wide = true
+[model]
+path = "{checkpoint}"
+device = "cpu"
+[questions]
+color = "What color is the shape?"
+shape = "What shape is it?"
+[generation]
+max_new_tokens = 3
+[run]
+batch_size = 4
+rows_per_unit = 6
+""")
+    return spec
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A real `ray start --head` cluster on 127.0.0.1 with free ports, stopped afterwards."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    temp = Path("/tmp") / f"bb-cluster-{os.getpid()}"
+    start = subprocess.run(
+        [ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert start.returncode == 0, start.stderr
+    try:
+        wait_for_port(dashboard, "Ray dashboard", timeout=60)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def test_submit_to_a_real_cluster(tmp_path, checkpoint, ray_cluster):
+    spec = write_job(tmp_path, checkpoint)
+    started = time.monotonic()
+    result = cli("submit", str(spec), "--address", ray_cluster, env={"RAY_AUTH_MODE": "disabled"}, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "submitted job" in result.stdout and "SUCCEEDED" in result.stdout
+    rows = read_output(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == 2 * 2 * len(IMAGES) and all(row["status"] == "ok" for row in rows)
+    assert (tmp_path / "out" / "wide.parquet").exists()
+    assert time.monotonic() - started < 400
+
+
+def test_run_spec_locally_then_status(tmp_path, checkpoint):
+    spec = write_job(tmp_path, checkpoint, kind="annotate")
+    result = cli("run", str(spec), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"rows: {4 * len(IMAGES)} ok, 0 error" in result.stdout
+    assert "wide table:" in result.stdout
+    status = cli("status", str(tmp_path / "out"))
+    assert status.returncode == 0 and "0 failed, 0 pending" in status.stdout

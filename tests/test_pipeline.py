@@ -393,3 +393,26 @@ def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_pa
     assert (first.units_done, second.units_done, second.units_skipped) == (2, 2, 2)
     assert (second.rows_ok, second.images_encoded) == (40, 40)
     assert len(rows_by_id(read_output(output))) == 80
+
+
+def test_status_and_retry_failed_commands(ray_local, checkpoint, tmp_path, capsys):
+    from jobs.cli import main
+
+    source = local_input(tmp_path, shards=1, rows=40)
+    units = plan_units(discover_shards(source), ColumnMapping(), 20)
+    output = str(tmp_path / "out")
+    pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS,
+                 max_attempts=1, fault=FaultInjection(unit_ids=(units[0].unit_id,)), progress=False)
+    capsys.readouterr()
+    assert main(["status", output]) == 1
+    out = capsys.readouterr().out
+    assert "units: 1 done, 1 failed, 0 pending" in out
+    assert f"failed unit {units[0].unit_id} after 1 attempts: worker died" in out
+    assert "rows: 20 ok, 0 error" in out
+
+    assert main(["retry-failed", output, "--quiet"]) == 0
+    assert "1 done now, 1 already done, 0 failed" in capsys.readouterr().out
+    assert main(["status", output]) == 0
+    assert "units: 2 done, 0 failed, 0 pending" in capsys.readouterr().out
+    assert len(rows_by_id(read_output(output))) == 40
+    assert main(["status", str(tmp_path / "nothing")]) == 3

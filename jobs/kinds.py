@@ -1,0 +1,166 @@
+"""Job kinds: what a job asks of each image, as pipeline.run arguments; and the wide table of an annotate job.
+
+- caption: one prompt asked of every image (`[prompt] text`, or a default per model family) -> prompt=(text,)
+- vqa: each row's own question, from `[input] instruction_column` -> instruction_column=...
+- annotate: every question of `[questions]` asked of every image -> prompt={question_id: question}; the output has
+  one row per image and question with its `question_id`, and the image's vision features are computed once for all
+  of its questions. With `[output] wide = true`, `wide.parquet` under the output has one row per image instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.sink import read_output
+from schemas import STATUS_ERROR
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    summary: str
+    requires: Mapping[str, str]  # kind-specific keys ("table.key" or "table") it needs -> what they are for
+    allows: tuple[str, ...]  # kind-specific keys it accepts but does not need
+    arguments: Callable[[JobSpec], dict[str, Any]]  # the pipeline.run arguments saying what to ask
+
+
+def _caption(spec: JobSpec) -> dict[str, Any]:
+    return {"prompt": (spec.prompt,)}
+
+
+def _vqa(spec: JobSpec) -> dict[str, Any]:
+    return {"instruction_column": spec.input.instruction_column}
+
+
+def _annotate(spec: JobSpec) -> dict[str, Any]:
+    return {"prompt": dict(spec.questions)}
+
+
+_QUESTIONS_HINT = ('kind "annotate" asks every image each question of this table, '
+                   'e.g. [questions] color = "What color is the car?"')
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    Kind("caption", "one prompt asked of every image", {}, ("prompt",), _caption),
+    Kind("vqa", "each row's own question, from a column",
+         {"input.instruction_column": 'kind "vqa" reads each row\'s question from this column, '
+                                      'e.g. instruction_column = "question"'}, (), _vqa),
+    Kind("annotate", "named questions asked of every image", {"questions": _QUESTIONS_HINT}, ("output.wide",),
+         _annotate),
+)}
+
+# Keys that only some kinds use; a spec that sets one its kind does not use is refused rather than ignored.
+KIND_SPECIFIC_KEYS = ("input.instruction_column", "prompt", "questions", "output.wide")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The wide table of an annotate job.
+
+WIDE_TABLE = "wide.parquet"
+# Columns of the long output that vary by question; the others (id, the image column, passthrough) are the image's.
+_PER_QUESTION = ("instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation")
+
+
+class WideTableError(ValueError):
+    """An output that cannot be made into a wide table."""
+
+
+def _write_whole(output: str, name: str, table: pa.Table) -> str:
+    """Write `table` as `name` under `output`, never half a file: temp and rename locally, one PUT on object stores."""
+    fs, root = url_to_fs(output)
+    path = f"{root.rstrip('/')}/{name}"
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    data = buffer.getvalue().to_pybytes()
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+    else:
+        os.makedirs(root, exist_ok=True)
+        temp = f"{root.rstrip('/')}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(temp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the name does
+            os.replace(temp, path)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+    return f"{output.rstrip('/')}/{name}"
+
+
+def wide_table(long: pa.Table) -> pa.Table:
+    """One row per image id from the long output of an annotate job.
+
+    Columns: the image's own (id, the image column, passthrough; from its first row), then one per question_id in
+    the order the questions were asked, holding the text (null where that question failed), then `errors`: a map
+    question_id -> "error_kind: error" for the image's failed questions, null when none failed. Rows without an id
+    (error rows of input rows whose id was null) have no image to go under and are left out.
+    """
+    if "question_id" not in long.column_names:
+        raise WideTableError("the output has no question_id column: a wide table is made from the output of an "
+                             "annotate job")
+    long = long.filter(pc.is_valid(long.column("id")))
+    ids = long.column("id").combine_chunks()
+    image_ids = pc.unique(ids)  # in order of first appearance
+    image_of_row = pc.index_in(ids, value_set=image_ids).to_numpy()
+    _, first_rows = np.unique(image_of_row, return_index=True)
+    own_columns = [name for name in long.column_names if name not in _PER_QUESTION]
+    wide = long.select(own_columns).take(pa.array(first_rows))
+
+    question_ids = long.column("question_id")
+    for question in pc.unique(question_ids).drop_null().to_pylist():
+        if question in wide.column_names or question == "errors":
+            raise WideTableError(f"question {question!r} clashes with the column {question!r} of the wide table; "
+                                 "rename the question")
+        rows = np.flatnonzero(pc.equal(question_ids, question).fill_null(False).to_numpy(zero_copy_only=False))
+        images = image_of_row[rows]
+        if len(np.unique(images)) != len(images):
+            repeated = image_ids[int(images[np.argmax(np.bincount(images))])].as_py()
+            raise WideTableError(f"id {repeated!r} has several rows for question {question!r}: a wide table needs "
+                                 "unique ids (set [input] id_column to a unique column, or leave it out)")
+        slot = np.full(len(image_ids), -1)
+        slot[images] = rows
+        wide = wide.append_column(question, long.column("text").take(pa.array(slot, mask=slot < 0)))
+
+    errors: list[list[tuple[str, str]] | None] = [None] * len(image_ids)
+    failed = long.filter(pc.equal(long.column("status"), STATUS_ERROR))
+    failed_images = pc.index_in(failed.column("id"), value_set=image_ids).to_pylist()
+    for image, question, kind, message in zip(failed_images, *(failed.column(c).to_pylist()
+                                                               for c in ("question_id", "error_kind", "error"))):
+        errors[image] = (errors[image] or []) + [(question, f"{kind}: {message}")]
+    return wide.append_column("errors", pa.array(errors, type=pa.map_(pa.string(), pa.string())))
+
+
+def write_wide_table(output: str) -> str:
+    """Write `wide.parquet` under `output` (see wide_table) from its committed parts; returns its path or URL.
+
+    It is rewritten whole from every committed unit each time, so it is current after each run."""
+    long = read_output(output)
+    if long.num_rows == 0:
+        raise WideTableError(f"{output}: no committed rows yet, so no wide table")
+    try:
+        table = wide_table(long)
+    except WideTableError as e:
+        raise WideTableError(f"{output}: {e}") from None
+    return _write_whole(output, WIDE_TABLE, table)
+
+
+def finish_job(spec: JobSpec) -> str | None:
+    """What a kind does after pipeline.run: an annotate job with `[output] wide = true` writes its wide table."""
+    if spec.kind == "annotate" and spec.output.wide:
+        return write_wide_table(spec.output.path)
+    return None

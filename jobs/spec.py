@@ -1,0 +1,575 @@
+"""Job spec files: one TOML file says what to run, validated before anything starts.
+
+`load_spec(path, overrides)` reads the file (Python's `tomllib`), applies command-line overrides ("run.batch_size": 16),
+checks every table and key, and returns a `JobSpec`; `run_kwargs(spec)` turns it into the keyword arguments of
+`pipeline.run`. Every error is a `SpecError` naming the file and line, the table and key, what was expected and what
+was found, e.g. `jobs/x.toml:12: [generation] num_beam: unknown key; did you mean num_beams? known: ...`.
+A key missing from a table that is present points at the table's header line; a whole table that is missing has no
+line to point at, so the message names the file alone. A value set by an override says so instead of a line.
+
+Relative local paths in `input.path` and `output.path` are relative to the folder holding the spec file, so a spec
+means the same thing from any working directory; `model.path` too when that folder exists, otherwise it is used as
+written (a Hub id such as "Salesforce/instructblip-vicuna-7b", or a URL). Override values are used as written
+(relative to the current directory, as on any command line).
+
+| key | type | default | meaning |
+|---|---|---|---|
+| `[job] kind` | "caption", "vqa" or "annotate" | required | caption: one prompt asked of every image; vqa: each row's own question (`input.instruction_column`); annotate: every question of `[questions]` asked of every image, one output row per image and question |
+| `[job] name` | string | none | a name for logs and status |
+| `[input] path` | string or array of strings | required | Parquet shards: a folder (every `*.parquet` below it), a glob, or files; local, `s3://`, `gs://` |
+| `[input] image_column` | string | "image_url" | column with an http(s)/s3/gs/file URL, a local path, a `data:` URI, or raw image bytes |
+| `[input] id_column` | string | none | column of unique row ids (string or integer); none: derived from shard and row |
+| `[input] instruction_column` | string | none | vqa only, and required there: the column holding each row's question |
+| `[input] passthrough` | array of strings | [] | input columns copied to every output row |
+| `[output] path` | string | required | output folder, local, `s3://` or `gs://` |
+| `[output] wide` | boolean | false | annotate only: also write `wide.parquet`, one row per image and one column per question |
+| `[model] path` | string | required | checkpoint: a local folder, an fsspec URL, or a Hub id |
+| `[model] dtype` | "bfloat16", "float16" or "float32" | bfloat16 on GPU, float32 on CPU | weights and compute precision |
+| `[model] device` | "cuda" or "cpu" | cuda when the cluster has GPUs | where the model runs |
+| `[prompt] text` | string | per model family (see `default_prompt`) | caption only: the instruction asked of every image; "" is allowed (BLIP-2 captions with no prompt) |
+| `[questions] NAME` | string | none | annotate only, and required there: NAME = "question"; NAME becomes the `question_id` of its rows |
+| `[generation] ...` | see `GENERATION_KEYS` | the checkpoint's generation_config | transformers' generate() settings: max_new_tokens, max_length, min_length, min_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty, early_stopping, num_return_sequences, repetition_penalty, no_repeat_ngram_size, eos_token_id (max_new_tokens defaults to 30, num_beams to 1) |
+| `[fetch] ...` | `pipeline.fetch.FetchConfig` fields | FetchConfig's | timeout_s, max_bytes, max_redirects, retries, backoff_s, max_backoff_s, concurrency, allowed_schemes, attempt_deadline_s |
+| `[decode] ...` | `pipeline.decode.DecodeConfig` fields | DecodeConfig's | max_pixels (images above it are `too_large` rows), formats |
+| `[run] workers` | integer >= 1 | one per GPU, else 1 | model actors |
+| `[run] batch_size` | integer >= 1 | 8 | rows per model call (halved on CUDA out-of-memory) |
+| `[run] rows_per_unit` | integer >= 1 | 1000 | rows per work unit, the unit of retry and commit |
+| `[run] max_attempts` | integer >= 1 | 3 | tries before a unit is marked failed |
+| `[run] address` | string | $RAY_ADDRESS, else Ray in-process | Ray cluster address |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.configs import GenerationConfig
+from model.errors import ConfigError
+from pipeline.decode import DecodeConfig
+from pipeline.fetch import FetchConfig
+from schemas import OUTPUT_COLUMNS
+
+from .kinds import KIND_SPECIFIC_KEYS, KINDS
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be run; the message says where (file:line), which key, and what was expected."""
+
+    def __init__(self, where: str, key: str, problem: str):
+        self.where = where
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    paths: tuple[str, ...]
+    image_column: str = "image_url"
+    id_column: str | None = None
+    instruction_column: str | None = None
+    passthrough: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: str
+    wide: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    dtype: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    workers: int | None = None
+    batch_size: int = 8
+    rows_per_unit: int = 1000
+    max_attempts: int = 3
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    source: Path  # the spec file, absolute
+    kind: str  # a key of jobs.kinds.KINDS
+    name: str | None
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec
+    prompt: str | None  # caption: [prompt] text, or default_prompt(model.path); None for the other kinds
+    questions: dict[str, str]  # annotate: question_id -> question, in file order; empty for the other kinds
+    generation: dict[str, Any]  # transformers' names, only those the spec sets
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    run: RunSpec = field(default_factory=RunSpec)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Default caption prompts per model family.
+
+# InstructBLIP follows instructions, and its caption instruction is the same for the Vicuna and the Flan-T5 checkpoints
+# (LAVIS's caption templates); BLIP-2 (OPT and Flan-T5) captions best with no prompt at all, as its published examples.
+CAPTION_PROMPTS = {"instructblip": "A short image caption:", "blip-2": ""}
+
+
+def model_family(model: str | os.PathLike | Mapping[str, Any]) -> str | None:
+    """"instructblip", "blip-2", or None when it cannot be told.
+
+    `model` is a config.json as a dict, or a checkpoint location: a local folder with a config.json is decided by the
+    config's model_type; anything else (a Hub id, a URL, a folder without config) by the last part of its name
+    ("...instructblip..." or "...blip2..."/"...blip-2...")."""
+    if isinstance(model, Mapping):
+        model_type = str(model.get("model_type", "")).replace("_", "-")
+        return model_type if model_type in CAPTION_PROMPTS else None
+    config_path = Path(model) / "config.json"
+    if config_path.is_file():
+        try:
+            family = model_family(json.loads(config_path.read_text()))
+        except (OSError, ValueError):
+            family = None  # unreadable here: the model loader will say why; the name may still tell
+        if family is not None:
+            return family
+    name = str(model).rstrip("/").rsplit("/", 1)[-1].lower()
+    if "instructblip" in name:
+        return "instructblip"
+    if re.search(r"blip[-_]?2", name):
+        return "blip-2"
+    return None
+
+
+def default_prompt(model: str | os.PathLike | Mapping[str, Any]) -> str:
+    """The caption prompt for a model (see model_family): InstructBLIP "A short image caption:", BLIP-2 "".
+
+    A model whose family cannot be told gets InstructBLIP's prompt: an instruction is harmless to a BLIP-2, while an
+    empty prompt leaves an InstructBLIP without a task."""
+    return CAPTION_PROMPTS[model_family(model) or "instructblip"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Value checks.
+
+
+@dataclass(frozen=True)
+class _Check:
+    expected: str  # completes "expected ..."
+    accepts: Callable[[object], bool]
+    convert: Callable[[object], object] = lambda value: value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _integer(minimum: int) -> _Check:
+    return _Check(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+
+
+def _number(expected: str, condition: Callable[[float], bool]) -> _Check:
+    return _Check(expected, lambda v: _is_number(v) and condition(v), float)
+
+
+def _choice(*options: str) -> _Check:
+    return _Check("one of " + ", ".join(json.dumps(o) for o in options), lambda v: isinstance(v, str) and v in options)
+
+
+_BOOLEAN = _Check("true or false", lambda v: isinstance(v, bool))
+_TEXT = _Check("a non-empty string", _is_text)
+_TEXTS = _Check("an array of non-empty strings", lambda v: isinstance(v, list) and all(map(_is_text, v)), tuple)
+_PATHS = _Check("a path or URL, or a non-empty array of them",
+                lambda v: _is_text(v) or (isinstance(v, list) and len(v) > 0 and all(map(_is_text, v))),
+                lambda v: (v,) if isinstance(v, str) else tuple(v))
+
+# generate() settings the spec accepts: transformers' names and meaning (model.configs.GenerationConfig). Token ids
+# other than eos_token_id belong to the checkpoint, and are left out on purpose.
+GENERATION_KEYS: dict[str, _Check] = {
+    "max_new_tokens": _integer(1),
+    "max_length": _integer(1),
+    "min_length": _integer(0),
+    "min_new_tokens": _integer(0),
+    "do_sample": _BOOLEAN,
+    "temperature": _number("a number > 0", lambda v: v > 0),
+    "top_k": _integer(0),
+    "top_p": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "num_beams": _integer(1),
+    "length_penalty": _number("a number", lambda v: True),
+    "early_stopping": _Check('true, false or "never"', lambda v: isinstance(v, bool) or v == "never"),
+    "num_return_sequences": _integer(1),
+    "repetition_penalty": _number("a number > 0", lambda v: v > 0),
+    "no_repeat_ngram_size": _integer(0),
+    "eos_token_id": _Check("a token id (an integer >= 0) or an array of them",
+                           lambda v: (_is_int(v) and v >= 0)
+                           or (isinstance(v, list) and len(v) > 0 and all(_is_int(i) and i >= 0 for i in v))),
+}
+
+
+def _config_checks(cls: type) -> dict[str, _Check]:
+    """Type checks for the fields of a pipeline config dataclass; its own __post_init__ checks the ranges."""
+    hints = typing.get_type_hints(cls)
+    checks = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if hint is int:
+            checks[f.name] = _Check("an integer", _is_int)
+        elif hint is float:
+            checks[f.name] = _number("a number", lambda v: True)
+        elif hint == tuple[str, ...]:
+            checks[f.name] = _TEXTS
+        else:  # a new field of a type the spec cannot express yet: fail at import, in every test run
+            raise TypeError(f"{cls.__name__}.{f.name}: the job spec has no check for type {hint}")
+    return checks
+
+
+# Per table: key -> check. [questions] takes any key (the question ids) and is checked apart.
+TABLES: dict[str, dict[str, _Check]] = {
+    "job": {"kind": _choice(*KINDS), "name": _TEXT},
+    "input": {"path": _PATHS, "image_column": _TEXT, "id_column": _TEXT, "instruction_column": _TEXT,
+              "passthrough": _TEXTS},
+    "output": {"path": _TEXT, "wide": _BOOLEAN},
+    "model": {"path": _TEXT, "dtype": _choice("bfloat16", "float16", "float32"), "device": _choice("cuda", "cpu")},
+    "prompt": {"text": _Check("a string", lambda v: isinstance(v, str))},
+    "questions": {},
+    "generation": GENERATION_KEYS,
+    "fetch": _config_checks(FetchConfig),
+    "decode": _config_checks(DecodeConfig),
+    "run": {"workers": _integer(1), "batch_size": _integer(1), "rows_per_unit": _integer(1),
+            "max_attempts": _integer(1), "address": _TEXT},
+}
+
+REQUIRED: dict[tuple[str, str], str] = {
+    ("job", "kind"): 'what to do: kind = "caption", "vqa" or "annotate"',
+    ("input", "path"): 'the Parquet shards: a folder, a glob or an array of files, e.g. path = "s3://bucket/shards/"',
+    ("output", "path"): 'where the results go, e.g. path = "s3://bucket/captions/"',
+    ("model", "path"): 'the checkpoint: a local folder, an fsspec URL or a Hub id, '
+                       'e.g. path = "Salesforce/instructblip-vicuna-7b"',
+}
+
+# Columns of the wide table of an annotate job, besides one per question.
+RESERVED_QUESTION_IDS = ("id", "errors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where each key is: TOML parsers report positions only for syntax errors, so the text is scanned for headers and keys.
+
+_KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+_DOTTED = rf"{_KEY}(?:\s*\.\s*{_KEY})*"
+_HEADER = re.compile(rf"^\s*\[\[?\s*({_DOTTED})\s*\]\]?")
+_ASSIGNMENT = re.compile(rf"^\s*({_DOTTED})\s*=")
+_KEY_PART = re.compile(_KEY)
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    parts = []
+    for match in _KEY_PART.finditer(dotted):
+        part = match.group(0)
+        if part.startswith('"'):
+            try:
+                part = json.loads(part)  # TOML's basic-string escapes are JSON's
+            except ValueError:
+                part = part[1:-1]
+        elif part.startswith("'"):
+            part = part[1:-1]
+        parts.append(part)
+    return tuple(parts)
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The 1-based line of each table header and key of a TOML text, as full key paths: ("run", "batch_size")."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    open_string = None  # the delimiter of a multi-line string that spans this line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if open_string is not None:
+            if line.count(open_string) % 2 == 1:
+                open_string = None
+            continue
+        header = _HEADER.match(line)
+        assignment = None if header else _ASSIGNMENT.match(line)
+        if header:
+            table = _key_parts(header.group(1))
+            lines.setdefault(table, number)
+        elif assignment:
+            lines.setdefault(table + _key_parts(assignment.group(1)), number)
+        for delimiter in ('"""', "'''"):
+            if line.count(delimiter) % 2 == 1:
+                open_string = delimiter
+    return lines
+
+
+class _Locator:
+    """Says where a key came from: "file:line", "file (override run.batch_size)", or "file" for what is absent."""
+
+    def __init__(self, source: str, text: str, overridden: set[tuple[str, str]]):
+        self.source = source
+        self.lines = key_lines(text)
+        self.overridden = overridden
+
+    def __call__(self, *path: str) -> str:
+        if path[:2] in self.overridden:
+            return f"{self.source} (override {'.'.join(path[:2])})"
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.lines:
+                return f"{self.source}:{self.lines[path[:end]]}"
+        return self.source
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading.
+
+_TOML_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (list, "an array"),
+               (dict, "a table"))
+
+
+def _toml(value: object) -> str:
+    """A value as TOML writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def _show(value: object) -> str:
+    """A value as TOML writes it, and its TOML type: for "got ..." in messages."""
+    kind = next((name for t, name in _TOML_TYPES if isinstance(value, t)), "a date/time")
+    return f"{_toml(value)} ({kind})"
+
+
+def _known(names: list[str] | tuple[str, ...], given: str) -> str:
+    close = difflib.get_close_matches(given, names, n=1)
+    return (f"did you mean {close[0]}? " if close else "") + "known: " + ", ".join(sorted(names))
+
+
+def _read_toml(path: Path, source: str) -> tuple[str, dict[str, Any]]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SpecError(source, "", f"cannot read the job spec: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(source, "", f"not UTF-8 text (byte {e.start}): a job spec is a TOML file") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        at = re.search(r"\s*\(at line (\d+), column \d+\)$|\s*\(at end of document\)$", message)
+        line = int(at.group(1)) if at and at.group(1) else max(1, len(text.splitlines()))
+        raise SpecError(f"{source}:{line}", "", f"not valid TOML: {message[:at.start()] if at else message}") from None
+
+
+def _apply_overrides(doc: dict[str, Any], overrides: Mapping[str, object], source: str) -> set[tuple[str, str]]:
+    applied = set()
+    for dotted, value in overrides.items():
+        if value is None:  # a command-line flag that was not given
+            continue
+        table, dot, key = dotted.partition(".")
+        where = f"{source} (override {dotted})"
+        if not dot or not key:
+            raise SpecError(where, dotted, 'an override names a table and a key, e.g. "run.batch_size"')
+        if table not in TABLES:
+            raise SpecError(where, f"[{table}]", f"unknown table; {_known([f'[{t}]' for t in TABLES], f'[{table}]')}")
+        if not isinstance(doc.setdefault(table, {}), dict):
+            raise SpecError(where, f"[{table}]", "cannot override a key of a table that is not a table in the file")
+        doc[table][key] = value
+        applied.add((table, key))
+    return applied
+
+
+def _local_relative(path: str) -> bool:
+    return "://" not in path and not os.path.isabs(path) and not path.startswith("~")
+
+
+def _check_tables(doc: dict[str, Any], where: _Locator) -> dict[str, dict[str, Any]]:
+    """Every table and key known and of the right type; returns the converted values by table."""
+    values: dict[str, dict[str, Any]] = {}
+    for table, content in doc.items():
+        if table not in TABLES and isinstance(content, dict):
+            raise SpecError(where(table), f"[{table}]",
+                            f"unknown table; {_known([f'[{t}]' for t in TABLES], f'[{table}]')}")
+        if table not in TABLES:
+            owners = [f"[{t}]" for t, checks in TABLES.items() if table in checks]
+            raise SpecError(where(table), table, "a key outside any table; " + (
+                f"put it under {' or '.join(owners)}" if owners else f"tables: {', '.join(f'[{t}]' for t in TABLES)}"))
+        if not isinstance(content, dict):
+            raise SpecError(where(table), f"[{table}]", f"expected a table, got {_show(content)}")
+        checks = TABLES[table]
+        values[table] = {}
+        for key, value in content.items():
+            if table == "questions":
+                check = _Check("a non-empty string (the question)", _is_text)
+            elif key in checks:
+                check = checks[key]
+            elif key in TABLES:  # a table written as a key: it lands in the table above it
+                raise SpecError(where(table, key), f"[{table}] {key}",
+                                f"unknown key; [{key}] is a table: give it its own [{key}] header line")
+            else:
+                raise SpecError(where(table, key), f"[{table}] {key}", f"unknown key; {_known(list(checks), key)}")
+            if not check.accepts(value):
+                raise SpecError(where(table, key), f"[{table}] {key}", f"expected {check.expected}, got {_show(value)}")
+            values[table][key] = check.convert(value)
+    return values
+
+
+def _pipeline_config(cls: type, table: str, given: dict[str, Any], where: _Locator) -> Any:
+    """Build a FetchConfig/DecodeConfig; its own range checks, key by key, so an error points at its key."""
+    for key, value in given.items():
+        try:
+            cls(**{key: value})
+        except ValueError as e:
+            message = str(e)
+            prefix = f"{cls.__name__}.{key}"
+            message = message[len(prefix):].lstrip(": ") if message.startswith(prefix) else message
+            raise SpecError(where(table, key), f"[{table}] {key}", message) from None
+    return cls(**given)
+
+
+def load_spec(path: str | os.PathLike, overrides: Mapping[str, object] | None = None) -> JobSpec:
+    """Read, override and validate a job spec; raises SpecError naming the file, line, key and what is wrong.
+
+    `overrides` maps dotted keys to values ({"run.batch_size": 16, "model.path": "/data/m"}), applied before
+    validation and checked like the file's own values; a None value is skipped (a command-line flag not given).
+    """
+    source = str(path)
+    spec_file = Path(path).absolute()
+    text, doc = _read_toml(spec_file, source)
+    overridden = _apply_overrides(doc, overrides or {}, source)
+    where = _Locator(source, text, overridden)
+    values = _check_tables(doc, where)
+
+    for (table, key), hint in REQUIRED.items():
+        if key not in values.get(table, {}):
+            raise SpecError(where(table, key), f"[{table}] {key}", f"missing; {hint}")
+    kind = KINDS[values["job"]["kind"]]
+    for dotted in KIND_SPECIFIC_KEYS:
+        table, _, key = dotted.partition(".")
+        present = key in values.get(table, {}) if key else table in values
+        path, label = ((table, key), f"[{table}] {key}") if key else ((table,), f"[{table}]")
+        if dotted in kind.requires and not present:
+            raise SpecError(where(*path), label, f"missing; {kind.requires[dotted]}")
+        if present and dotted not in kind.requires and dotted not in kind.allows:
+            users = [k.name for k in KINDS.values() if dotted in k.requires or dotted in k.allows]
+            raise SpecError(where(*path), label,
+                            f'not used by kind "{kind.name}" (only by {", ".join(users)}); remove it or change '
+                            "[job] kind")
+
+    inputs, output, model, run = (values.get(t, {}) for t in ("input", "output", "model", "run"))
+    base = spec_file.parent
+    if ("input", "path") not in overridden:
+        inputs["path"] = tuple(os.path.join(base, p) if _local_relative(p) else p for p in inputs["path"])
+    if ("output", "path") not in overridden and _local_relative(output["path"]):
+        output["path"] = os.path.join(base, output["path"])
+    if ("model", "path") not in overridden and _local_relative(model["path"]) and (base / model["path"]).exists():
+        model["path"] = os.path.join(base, model["path"])
+
+    image_column = inputs.get("image_column", "image_url")
+    if image_column in OUTPUT_COLUMNS:
+        raise SpecError(where("input", "image_column"), "[input] image_column",
+                        f"{json.dumps(image_column)} clashes with the output column of that name; output columns: "
+                        + ", ".join(OUTPUT_COLUMNS))
+    for name in inputs.get("passthrough", ()):
+        if name in OUTPUT_COLUMNS or name == image_column:
+            raise SpecError(where("input", "passthrough"), "[input] passthrough",
+                            f"{json.dumps(name)} clashes with the output column of that name; output columns: "
+                            + ", ".join((*OUTPUT_COLUMNS, image_column)))
+
+    questions = values.get("questions", {})
+    if kind.name == "annotate" and not questions:
+        raise SpecError(where("questions"), "[questions]", f"empty; {kind.requires['questions']}")
+    for name in questions:
+        if name in RESERVED_QUESTION_IDS:
+            raise SpecError(where("questions", name), f"[questions] {name}",
+                            f"reserved name (a column of the wide table: {', '.join(RESERVED_QUESTION_IDS)}); "
+                            "choose another")
+
+    generation = values.get("generation", {})
+    try:
+        GenerationConfig().updated(**generation)  # the engine's own checks across keys, before any worker starts
+    except ConfigError as e:
+        raise SpecError(where("generation"), "[generation]", str(e)) from None
+
+    prompt = None
+    if kind.name == "caption":
+        prompt = values.get("prompt", {}).get("text")
+        prompt = default_prompt(model["path"]) if prompt is None else prompt
+    return JobSpec(
+        source=spec_file,
+        kind=kind.name,
+        name=values["job"].get("name"),
+        input=InputSpec(paths=inputs["path"], image_column=image_column, id_column=inputs.get("id_column"),
+                        instruction_column=inputs.get("instruction_column"),
+                        passthrough=inputs.get("passthrough", ())),
+        output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
+        model=ModelSpec(path=model["path"], dtype=model.get("dtype"), device=model.get("device")),
+        prompt=prompt,
+        questions=dict(questions),
+        generation=dict(generation),
+        fetch=_pipeline_config(FetchConfig, "fetch", values.get("fetch", {}), where),
+        decode=_pipeline_config(DecodeConfig, "decode", values.get("decode", {}), where),
+        run=RunSpec(**run),
+    )
+
+
+def parse_override(assignment: str) -> tuple[str, object]:
+    """A command-line "table.key=value" as (dotted key, value): the value is read as TOML ("16" -> 16, "true" ->
+    True, '["a", "b"]' -> a list), and kept as a plain string when it is not TOML ("/data/model")."""
+    key, equals, text = assignment.partition("=")
+    if not equals or not key.strip():
+        raise ValueError(f"expected table.key=value, got {assignment!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), value
+
+
+def run_kwargs(spec: JobSpec) -> dict[str, Any]:
+    """Keyword arguments for pipeline.run(**run_kwargs(spec)): everything the spec says (not force/retry_failed/
+    progress, which belong to one invocation)."""
+    generation = dict(spec.generation)
+    named = {name: generation.pop(name) for name in ("max_new_tokens", "num_beams") if name in generation}
+    paths = spec.input.paths
+    return {
+        "input": paths[0] if len(paths) == 1 else list(paths),
+        "output": spec.output.path,
+        "model": spec.model.path,
+        **KINDS[spec.kind].arguments(spec),
+        "image_column": spec.input.image_column,
+        "id_column": spec.input.id_column,
+        "passthrough": list(spec.input.passthrough),
+        "batch_size": spec.run.batch_size,
+        "workers": spec.run.workers,
+        "rows_per_unit": spec.run.rows_per_unit,
+        "max_attempts": spec.run.max_attempts,
+        "address": spec.run.address,
+        "dtype": spec.model.dtype,
+        "device": spec.model.device,
+        **named,
+        "generation": generation,
+        "fetch": spec.fetch,
+        "decode": spec.decode,
+    }
