@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,11 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.sink import read_output
+from pipeline.sink import read_output, write_table
 from schemas import STATUS_ERROR
 
 if TYPE_CHECKING:
@@ -76,30 +71,6 @@ _PER_QUESTION = ("instruction", "question_id", "text", "status", "error_kind", "
 
 class WideTableError(ValueError):
     """An output that cannot be made into a wide table."""
-
-
-def _write_whole(output: str, name: str, table: pa.Table) -> str:
-    """Write `table` as `name` under `output`, never half a file: temp and rename locally, one PUT on object stores."""
-    fs, root = url_to_fs(output)
-    path = f"{root.rstrip('/')}/{name}"
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    data = buffer.getvalue().to_pybytes()
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
-    else:
-        os.makedirs(root, exist_ok=True)
-        temp = f"{root.rstrip('/')}/.{name}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(temp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes reach the disk before the name does
-            os.replace(temp, path)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
-    return f"{output.rstrip('/')}/{name}"
 
 
 def wide_table(long: pa.Table) -> pa.Table:
@@ -156,7 +127,7 @@ def write_wide_table(output: str) -> str:
         table = wide_table(long)
     except WideTableError as e:
         raise WideTableError(f"{output}: {e}") from None
-    return _write_whole(output, WIDE_TABLE, table)
+    return write_table(output, WIDE_TABLE, table)
 
 
 def finish_job(spec: JobSpec) -> str | None:

@@ -80,14 +80,19 @@ def _json_bytes(data: object) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
-def write_part(output_root: str, unit: WorkUnit, table: pa.Table) -> str:
-    """Write the unit's whole output table as its part; returns the part's path or URL."""
+def write_table(output_root: str, name: str, table: pa.Table) -> str:
+    """Write `table` as the Parquet file `name` under the output, whole or not at all; returns its path or URL."""
     fs, root = _open_root(output_root)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
-    path = f"{root}/{part_name(unit.unit_id)}"
+    path = f"{root}/{name}"
     _write_whole(fs, path, buffer.getvalue().to_pybytes())
     return _qualify(fs, path)
+
+
+def write_part(output_root: str, unit: WorkUnit, table: pa.Table) -> str:
+    """Write the unit's whole output table as its part; returns the part's path or URL."""
+    return write_table(output_root, part_name(unit.unit_id), table)
 
 
 def record_for(unit: WorkUnit, table: pa.Table, attempt: int) -> ProgressRecord:
