@@ -29,6 +29,7 @@ def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
     import pipeline
     from jobs.kinds import write_wide_table
     from model.tiny import write_tiny_checkpoint
+    from pipeline.fetch import FetchConfig
     from pipeline.sink import read_output
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,7 +39,8 @@ def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
                   "so the texts below are gibberish by design. They show the whole path working: Parquet shard ->\n"
                   "fetch -> decode -> vision encoder -> Q-Former (with the instruction) -> LLaMA -> Parquet.\n")
         source = str(write_sample_input(Path(tmp) / "input"))
-        common = dict(passthrough=["name"], max_new_tokens=max_new_tokens, batch_size=8, progress=False)
+        common = dict(passthrough=["name"], max_new_tokens=max_new_tokens, batch_size=8, progress=False,
+                      fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
         jobs = (("captions", dict(prompt=CAPTION_PROMPT)), ("annotations", dict(prompt=QUESTIONS)))
         for name, what in jobs:
             target = str(output / name)

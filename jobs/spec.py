@@ -7,10 +7,10 @@ was found, e.g. `jobs/x.toml:12: [generation] num_beam: unknown key; did you mea
 A key missing from a table that is present points at the table's header line; a whole table that is missing has no
 line to point at, so the message names the file alone. A value set by an override says so instead of a line.
 
-Relative local paths in `input.path` and `output.path` are relative to the folder holding the spec file, so a spec
-means the same thing from any working directory; `model.path` too when that folder exists, otherwise it is used as
-written (a Hub id such as "Salesforce/instructblip-vicuna-7b", or a URL). Override values are used as written
-(relative to the current directory, as on any command line).
+Relative local paths in `input.path`, `output.path` and `fetch.local_roots` are relative to the folder holding the
+spec file, so a spec means the same thing from any working directory; `model.path` too when that folder exists,
+otherwise it is used as written (a Hub id such as "Salesforce/instructblip-vicuna-7b", or a URL). Override values are
+used as written (relative to the current directory, as on any command line).
 
 | key | type | default | meaning |
 |---|---|---|---|
@@ -29,7 +29,9 @@ written (a Hub id such as "Salesforce/instructblip-vicuna-7b", or a URL). Overri
 | `[prompt] text` | string | per model family (see `default_prompt`) | caption only: the instruction asked of every image; "" is allowed (BLIP-2 captions with no prompt) |
 | `[questions] NAME` | string | none | annotate only, and required there: NAME = "question"; NAME becomes the `question_id` of its rows |
 | `[generation] ...` | see `GENERATION_KEYS` | the checkpoint's generation_config | transformers' generate() settings: max_new_tokens, max_length, min_length, min_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty, early_stopping, num_return_sequences, repetition_penalty, no_repeat_ngram_size, eos_token_id (max_new_tokens defaults to 30, num_beams to 1) |
-| `[fetch] ...` | `pipeline.fetch.FetchConfig` fields | FetchConfig's | timeout_s, max_bytes, max_redirects, retries, backoff_s, max_backoff_s, concurrency, allowed_schemes, attempt_deadline_s |
+| `[fetch] ...` | `pipeline.fetch.FetchConfig` fields | FetchConfig's | timeout_s, max_bytes, max_redirects, retries, backoff_s, max_backoff_s, concurrency, allowed_schemes, attempt_deadline_s, allow_hosts, local_roots |
+| `[fetch] allow_hosts` | array of strings | [] | http(s) hosts trusted although they resolve to loopback/private/link-local/... addresses (refused otherwise, as `blocked_address` rows): host names and IP addresses or CIDR networks, e.g. ["images.internal", "10.0.0.0/8"] |
+| `[fetch] local_roots` | array of strings | [] | folders that local image paths and file:// URLs may point into (symlinks and ".." resolved); none: no local files are read (`blocked_address` rows) |
 | `[decode] ...` | `pipeline.decode.DecodeConfig` fields | DecodeConfig's | max_pixels (images above it are `too_large` rows), formats |
 | `[run] workers` | integer >= 1 | one per GPU, else 1 | model actors |
 | `[run] batch_size` | integer >= 1 | 8 | rows per model call (halved on CUDA out-of-memory) |
@@ -485,6 +487,10 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, object] | None = 
         output["path"] = os.path.join(base, output["path"])
     if ("model", "path") not in overridden and _local_relative(model["path"]) and (base / model["path"]).exists():
         model["path"] = os.path.join(base, model["path"])
+    fetch = values.get("fetch", {})
+    if "local_roots" in fetch:
+        start = os.getcwd() if ("fetch", "local_roots") in overridden else base
+        fetch["local_roots"] = tuple(os.path.join(start, p) if _local_relative(p) else p for p in fetch["local_roots"])
 
     image_column = inputs.get("image_column", "image_url")
     if image_column in OUTPUT_COLUMNS:
@@ -528,7 +534,7 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, object] | None = 
         prompt=prompt,
         questions=dict(questions),
         generation=dict(generation),
-        fetch=_pipeline_config(FetchConfig, "fetch", values.get("fetch", {}), where),
+        fetch=_pipeline_config(FetchConfig, "fetch", fetch, where),
         decode=_pipeline_config(DecodeConfig, "decode", values.get("decode", {}), where),
         run=RunSpec(**run),
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "pipeline", "jobs", "schemas")
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+AGENT_WAIT_S = 60.0
 
 
 class SubmitError(RuntimeError):
@@ -44,11 +45,18 @@ def submit(spec: str, address: str, wait: bool = True, extra: list[str] | None =
                              "job.toml", *overrides])
     with tempfile.TemporaryDirectory(prefix="blipbatch-submit-") as folder:
         stage(Path(spec), Path(folder))
-        try:
-            client = JobSubmissionClient(address)
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": folder})
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise SubmitError(f"cannot submit to {address}: {e}") from e
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client = JobSubmissionClient(address)
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": folder})
+                break
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                # A cluster that has just started answers this until its job agent is up.
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(2)
+                    continue
+                raise SubmitError(f"cannot submit to {address}: {e}") from e
     print(f"submitted job {job_id} to {address}", flush=True)
     if not wait:
         return 0

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from .redact import redact
 from .shards import WorkUnit
 from .sink import mark_failed
 
@@ -231,4 +232,4 @@ def _result(ref: Any) -> Any:
 
 def _reason(error: RayTaskError) -> str:
     cause = error.cause if error.cause is not None else error
-    return f"{type(cause).__name__}: {cause}"
+    return redact(f"{type(cause).__name__}: {cause}")  # printed and written to the failed marker

@@ -8,6 +8,8 @@ and `error=message`. The kinds (schemas.rows.ERROR_KINDS):
 - too_large: more bytes than the fetch limit, or more pixels than the decode limit
 - decode_error: not a supported raster image, or a corrupt/truncated one
 - invalid_input: null/empty/malformed reference, unsupported scheme, missing file or object
+- blocked_address: refused by the fetch guard: an http(s) host resolving to a non-public address (loopback, private,
+  link-local, ...) not in the allow-list, or a local path outside the local roots (pipeline.guard)
 - model_error: the model failed on this row
 """
 
@@ -15,15 +17,19 @@ from __future__ import annotations
 
 from schemas.rows import ERROR_KINDS
 
+from .redact import redact
+
 __all__ = ["ERROR_KINDS", "RowError"]
 
 
 class RowError(Exception):
-    """A failure confined to one row. `kind` is one of ERROR_KINDS; `message` says what and why."""
+    """A failure confined to one row. `kind` is one of ERROR_KINDS; `message` says what and why, with any
+    credential in it (a presigned URL's signature, a password in a URL) replaced by REDACTED: it goes to outputs."""
 
     def __init__(self, kind: str, message: str) -> None:
         if kind not in ERROR_KINDS:
             raise ValueError(f"unknown error kind {kind!r}; expected one of {', '.join(ERROR_KINDS)}")
+        message = redact(message)
         super().__init__(kind, message)  # both in args, so the error pickles (Ray ships it between processes)
         self.kind = kind
         self.message = message

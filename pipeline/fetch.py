@@ -3,11 +3,20 @@
 References and how they are fetched:
 - `http://`, `https://`: urllib3, one connection pool per Fetcher, a connect and a read timeout per request plus a
   deadline per attempt, redirects followed by hand (at most `max_redirects`), the body streamed under `max_bytes`.
-- `s3://`, `gs://`, `file://`, plain local paths, and any other scheme listed in `allowed_schemes`: fsspec.
+  Every connection, redirect hops included, goes through the address guard (pipeline.guard): the host is resolved,
+  every address checked, and the socket opened to a checked address; `allow_hosts` admits trusted hosts/networks.
+- `file://` and plain local paths: fsspec, only inside `local_roots` (symlinks and ".." resolved first); none by
+  default.
+- `s3://`, `gs://`, and any other scheme listed in `allowed_schemes`: fsspec, allowed by scheme alone, with the
+  worker's own credentials for the store.
 - `data:` URIs, base64 or percent-encoded.
 - raw bytes (a binary column, as img2dataset writes): returned as they are.
 
 Error kinds (RowError.kind) and when they are raised:
+- `blocked_address`: an http(s) host that resolves to a loopback, private, link-local, multicast, reserved or
+  unspecified address (see pipeline.guard), not admitted by `allow_hosts`, on the first request or on a redirect;
+  a local path or file:// URL outside `local_roots` (or any, when there are none). Never retried. Checked before
+  existence, so a refused path does not tell whether the file exists.
 - `invalid_input`: null, empty or whitespace reference; a scheme not in `allowed_schemes`; a malformed URL or data: URI;
   a file or object that does not exist, is a directory, or may not be read; a scheme whose fsspec backend is missing.
   Never retried: the reference itself is wrong.
@@ -41,8 +50,10 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import fsspec
 import urllib3
 import urllib3.exceptions
+from fsspec.implementations.local import LocalFileSystem
 
 from .errors import RowError
+from .guard import AddressGuard, AllowList, LocalRoots, guarded_pool_manager
 
 _HTTP_SCHEMES = ("http", "https")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -65,8 +76,19 @@ class FetchConfig:
     allowed_schemes: tuple[str, ...] = ("http", "https", "s3", "gs", "file", "data")  # "file" also = local paths
     # Whole attempt (connect, headers, body): the read timeout alone lets a server that drips bytes hold a thread.
     attempt_deadline_s: float = 60.0
+    # http(s) hosts trusted although they resolve to non-public addresses: host names, IP addresses, CIDR networks,
+    # e.g. ("images.internal", "10.0.0.0/8"). Empty: only public addresses are fetched from.
+    allow_hosts: tuple[str, ...] = ()
+    # Absolute folders that local paths and file:// URLs may point into. Empty: no local files are read at all, so a
+    # table cannot make a worker read its own disk (credentials, keys) by listing paths.
+    local_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("allowed_schemes", "allow_hosts", "local_roots"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # a lone string would be read as a tuple of characters
+                raise ValueError(f"FetchConfig.{name} must be a tuple of strings, got the string {value!r}")
+            object.__setattr__(self, name, tuple(value))  # a list from a caller: keep the config hashable
         positive = {"timeout_s": self.timeout_s, "max_bytes": self.max_bytes, "concurrency": self.concurrency,
                     "attempt_deadline_s": self.attempt_deadline_s}
         non_negative = {"max_redirects": self.max_redirects, "retries": self.retries, "backoff_s": self.backoff_s,
@@ -79,6 +101,14 @@ class FetchConfig:
                 raise ValueError(f"FetchConfig.{name} must be >= 0, got {value!r}")
         if not self.allowed_schemes:
             raise ValueError("FetchConfig.allowed_schemes is empty: no image reference could be fetched")
+        try:
+            AllowList.parse(self.allow_hosts)
+        except ValueError as e:
+            raise ValueError(f"FetchConfig.allow_hosts: {e}") from None
+        for root in self.local_roots:
+            if not isinstance(root, str) or not os.path.isabs(root):
+                raise ValueError(f"FetchConfig.local_roots: {root!r} is not an absolute path (roots are folders on "
+                                 "the workers, so a relative one would depend on their working directory)")
 
 
 class _RetryableError(RowError):
@@ -137,7 +167,9 @@ class Fetcher:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe
-        self._pool = urllib3.PoolManager(
+        self._roots = LocalRoots(config.local_roots)
+        self._pool = guarded_pool_manager(
+            AddressGuard(config.allow_hosts),
             num_pools=64,  # hosts whose connections are kept; images come from many hosts
             maxsize=config.concurrency,
             retries=False,  # retries and redirects are ours, so that we count and bound them
@@ -168,8 +200,9 @@ class Fetcher:
         if scheme == "data":
             return self._data_uri(ref)
         if scheme in _HTTP_SCHEMES:
-            return self._with_retries(self._http_attempt, ref)
-        return self._with_retries(self._storage_attempt, ref)
+            return self._with_retries(lambda: self._http_attempt(ref))
+        target = self._storage_target(ref, scheme)
+        return self._with_retries(lambda: self._storage_attempt(ref, target))
 
     def fetch_all(self, refs: Sequence[str | bytes | None]) -> list[bytes | RowError]:
         """fetch() over `refs` on up to `concurrency` threads; results (bytes or the RowError) in the order of refs."""
@@ -191,14 +224,14 @@ class Fetcher:
 
     # -- retries ---------------------------------------------------------------------------------------------------
 
-    def _with_retries(self, attempt: Callable[[str], bytes], ref: str) -> bytes:
+    def _with_retries(self, attempt: Callable[[], bytes]) -> bytes:
         for n in range(self.config.retries):
             try:
-                return attempt(ref)
+                return attempt()
             except _RetryableError as err:
                 self._sleep(self._delay(n, err.retry_after))
         try:
-            return attempt(ref)
+            return attempt()
         except _RetryableError as err:
             attempts = self.config.retries + 1
             noun = "attempt" if attempts == 1 else "attempts"
@@ -299,20 +332,26 @@ class Fetcher:
 
     # -- fsspec ----------------------------------------------------------------------------------------------------
 
-    def _storage_attempt(self, url: str) -> bytes:
-        protocol = _scheme(url)
+    def _storage_target(self, url: str, protocol: str) -> str:
+        """What fsspec opens for `url`: the URL itself, or for a local file its real path inside `local_roots`."""
         if "::" in url:
             # fsspec would read "a::b" as a chain of filesystems, reaching schemes the allowlist did not approve.
             raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference {url!r}")
         try:
-            fsspec.get_filesystem_class(protocol)
+            filesystem = fsspec.get_filesystem_class(protocol)
         except ImportError as err:
             raise RowError("invalid_input", f"reading {protocol}:// needs a package that is not installed: {err}") \
                 from None
         except ValueError:
             raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {url!r}") from None
+        if issubclass(filesystem, LocalFileSystem):  # file://, local://, plain paths
+            # The path fsspec would open, resolved; opening the resolved path leaves no symlink to follow later.
+            return self._roots.resolve(filesystem._strip_protocol(url), url)
+        return url
+
+    def _storage_attempt(self, url: str, target: str) -> bytes:
         try:
-            with fsspec.open(url, "rb") as f:
+            with fsspec.open(target, "rb") as f:
                 size = getattr(f, "size", None)  # object stores know it from open
                 if size is None and f.seekable():
                     size = f.seek(0, os.SEEK_END)

@@ -7,18 +7,24 @@ Layout under the output root (a local folder or a URL such as s3://bucket/out):
     _manifest.json                    the settings that made this output, and their fingerprint
 A unit is done iff its commit marker exists. A part without a marker (a crash between the two writes) is ignored by
 readers and overwritten when the unit is redone, so a retried unit never duplicates rows.
+Writes to object stores are retried with backoff on transient errors (retry_store_call): each is one PUT (or one
+completed multipart upload), which the store applies whole or not at all, so no try ever exposes a partial object.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import random
+import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -28,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from schemas import ERROR_KINDS, STATUS_ERROR, STATUS_OK, ProgressRecord
 
+from .redact import redact
 from .shards import WorkUnit
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,18 @@ PROGRESS_DIR = "_progress"
 MANIFEST = "_manifest.json"
 COMMIT_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
+
+# Tries of one object-store write, on top of the client library's own retries; sleeps of exponential backoff with
+# full jitter: uniform in [0, STORE_BACKOFF_S * 2**n], capped at STORE_MAX_BACKOFF_S.
+STORE_ATTEMPTS = 5
+STORE_BACKOFF_S = 0.2
+STORE_MAX_BACKOFF_S = 5.0
+# Errors another try cannot fix: the store understood the request and refused it.
+_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+                     ValueError, TypeError, NotImplementedError)
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENAMETOOLONG, errno.EMSGSIZE})
+
+T = TypeVar("T")
 
 
 def part_name(unit_id: str) -> str:
@@ -56,10 +75,35 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _is_transient(err: Exception) -> bool:
+    if isinstance(err, _PERMANENT_ERRORS):
+        return False
+    return not (isinstance(err, OSError) and err.errno in _PERMANENT_ERRNOS)
+
+
+def retry_store_call(what: str, call: Callable[[], T]) -> T:
+    """`call()`, tried again after a transient error (dropped connection, 500/503, timeout) up to STORE_ATTEMPTS
+    times in all; `what` names the operation in the log. The call must be idempotent, as a whole-object PUT is:
+    a try whose answer was lost may have been applied."""
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - each backend (botocore, gcsfs, aiohttp) has its own error types
+            if attempt >= STORE_ATTEMPTS or not _is_transient(err):
+                raise
+            delay = random.uniform(0.0, min(STORE_MAX_BACKOFF_S, STORE_BACKOFF_S * 2 ** (attempt - 1)))
+            attempt += 1
+            log.warning("%s failed (%s: %s); try %d of %d in %.1f s", what, type(err).__name__, redact(str(err)),
+                        attempt, STORE_ATTEMPTS, delay)
+            time.sleep(delay)
+
+
 def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Make `path` hold `data`, never a prefix of it, even if the process dies mid-write."""
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)  # one PUT (or a completed multipart upload): the object appears whole or not at all
+        # One PUT (or a completed multipart upload): the object appears whole or not at all.
+        retry_store_call(f"writing {_qualify(fs, path)}", lambda: fs.pipe_file(path, data))
         return
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
@@ -126,7 +170,14 @@ def commit_unit(output_root: str, record: ProgressRecord) -> None:
     failed = f"{root}/{PROGRESS_DIR}/{record.unit_id}{FAILED_SUFFIX}"
     fs.invalidate_cache(failed)
     if fs.exists(failed):
-        fs.rm(failed)
+        retry_store_call(f"removing {_qualify(fs, failed)}", lambda: _remove(fs, failed))
+
+
+def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass  # removed already, by a try whose answer was lost
 
 
 def _progress_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

@@ -24,6 +24,7 @@ from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, image_reference, out
 from .decode import DecodeConfig, decode_image
 from .errors import RowError
 from .fetch import FetchConfig, Fetcher
+from .redact import redact
 from .shards import InputRow, WorkUnit, read_unit
 from .sink import commit_unit, record_for, write_part
 
@@ -168,9 +169,11 @@ class ModelWorker:
     def output_row(self, item: PreparedRow, text: str | list[str] | None) -> dict:
         row = item.row
         instruction = row.instruction if isinstance(row.instruction, str) else None
+        reference = image_reference(row.image)
         out = {
             "id": None if row.id is None else str(row.id),
-            self.config.mapping.image_column: image_reference(row.image),
+            # The reference as given, less any credential in it (a presigned URL's signature): outputs are shared.
+            self.config.mapping.image_column: None if reference is None else redact(reference),
             "instruction": instruction,
             **({"question_id": row.question_id} if self.question_ids else {}),
             "text": text,

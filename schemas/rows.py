@@ -12,7 +12,7 @@ import pyarrow as pa
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
 ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
-               "model_error")
+               "blocked_address", "model_error")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 

@@ -84,6 +84,8 @@ max_new_tokens = 3
 [run]
 batch_size = 4
 rows_per_unit = 6
+[fetch]
+local_roots = ["{REPO / 'examples' / 'images'}"]
 """)
     return spec
 
@@ -109,7 +111,25 @@ def ray_cluster(tmp_path):
         wait_for_port(dashboard, "Ray dashboard", timeout=60)
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_cluster(str(temp))
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Kill this cluster's processes (those naming its temp dir, and their children) and no other Ray:
+    `ray stop` would stop every Ray on the machine."""
+    import psutil  # ships with ray[default]
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or []):
+            mine.append(process)
+            mine.extend(process.children(recursive=True))
+    for process in mine:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(mine, timeout=30)
 
 
 def ray_bin() -> str:

@@ -36,8 +36,8 @@ HTML = b"<!DOCTYPE html>\n<html><body>Not found</body></html>"
 
 
 def fast(**overrides) -> FetchConfig:
-    """Test defaults: short timeouts and backoff, so retries cost milliseconds."""
-    settings = {"timeout_s": 2.0, "backoff_s": 0.01, "max_backoff_s": 0.05}
+    """Test defaults: short timeouts and backoff, so retries cost milliseconds; the test server's address allowed."""
+    settings = {"timeout_s": 2.0, "backoff_s": 0.01, "max_backoff_s": 0.05, "allow_hosts": ("127.0.0.1",)}
     settings.update(overrides)
     return FetchConfig(**settings)
 
@@ -335,7 +335,7 @@ def test_fetch_all_returns_errors_in_place(server):
 def test_local_path_and_file_url(tmp_path):
     path = tmp_path / "a b.png"
     path.write_bytes(PNG)
-    fetcher = Fetcher(fast())
+    fetcher = Fetcher(fast(local_roots=(str(tmp_path),)))
     assert fetcher.fetch(str(path)) == PNG
     assert fetcher.fetch(f"file://{path}") == PNG
     expect_error(fetcher, str(tmp_path / "missing.png"), "invalid_input", "no such file or object")
@@ -345,7 +345,8 @@ def test_local_path_and_file_url(tmp_path):
 def test_local_file_over_the_byte_limit(tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(b"x" * 5000)
-    expect_error(Fetcher(fast(max_bytes=1000)), str(path), "too_large", "4.9 KiB", "1000 bytes limit")
+    expect_error(Fetcher(fast(max_bytes=1000, local_roots=(str(tmp_path),))), str(path), "too_large", "4.9 KiB",
+                 "1000 bytes limit")
 
 
 def test_data_uris():

@@ -175,7 +175,8 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
     output = str(tmp_path / "out")
 
     summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="question", id_column="key",
-                           rows_per_unit=64, batch_size=8, max_new_tokens=NEW_TOKENS, progress=False)
+                           rows_per_unit=64, batch_size=8, max_new_tokens=NEW_TOKENS, progress=False,
+                           fetch=FetchConfig(allow_hosts=("127.0.0.1",)))
     assert (summary.units_done, summary.units_failed, summary.rows_ok, summary.rows_error) == (12, 0, 600, 0)
 
     rows = rows_by_id(read_output(output))
@@ -191,7 +192,8 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
     # running again over a finished output does nothing and says so
     capsys.readouterr()
     again = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="question", id_column="key",
-                         rows_per_unit=64, batch_size=8, max_new_tokens=NEW_TOKENS, progress=False)
+                         rows_per_unit=64, batch_size=8, max_new_tokens=NEW_TOKENS, progress=False,
+                         fetch=FetchConfig(allow_hosts=("127.0.0.1",)))
     assert (again.units_done, again.units_skipped, again.rows) == (0, 12, 0)
     assert "nothing to do: all 12 units" in capsys.readouterr().err
     # and other settings into the same output are refused
@@ -209,6 +211,11 @@ def local_images(folder: Path, count: int = 6) -> list[str]:
     return paths
 
 
+def local_files(tmp_path: Path) -> FetchConfig:
+    """Local image paths are read only inside the job's roots: the test's folder."""
+    return FetchConfig(local_roots=(str(tmp_path),))
+
+
 def local_input(tmp_path: Path, shards: int, rows: int) -> str:
     images = local_images(tmp_path / "images")
     for s in range(shards):
@@ -224,7 +231,7 @@ def test_worker_killed_mid_unit_loses_and_duplicates_nothing(ray_local, checkpoi
     fault = FaultInjection(unit_ids=(units[1].unit_id,), after_rows=8, once_marker=str(marker))
     output = str(tmp_path / "out")
     summary = pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
-                           max_new_tokens=NEW_TOKENS, fault=fault, progress=False)
+                           max_new_tokens=NEW_TOKENS, fault=fault, progress=False, fetch=local_files(tmp_path))
     assert marker.exists(), "the fault was never injected"
     assert (summary.units_done, summary.units_failed, summary.rows_ok) == (len(units), 0, 80)
     rows = rows_by_id(read_output(output))
@@ -238,7 +245,7 @@ def test_unit_that_always_kills_its_worker_is_marked_failed(ray_local, checkpoin
     output = str(tmp_path / "out")
     summary = pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
                            max_new_tokens=NEW_TOKENS, max_attempts=2, fault=FaultInjection(unit_ids=(poison,)),
-                           progress=False)
+                           progress=False, fetch=local_files(tmp_path))
     assert (summary.units_done, summary.units_failed) == (len(units) - 1, 1)
     assert "worker died" in summary.failed[poison]
     assert failed_units(output)[poison]["attempts"] == 2
@@ -272,8 +279,8 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
     })
     output = str(tmp_path / "out")
     summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="prompt",
-                           max_new_tokens=NEW_TOKENS, fetch=FetchConfig(retries=2, backoff_s=0.01, timeout_s=0.5),
-                           progress=False)
+                           max_new_tokens=NEW_TOKENS, progress=False,
+                           fetch=FetchConfig(retries=2, backoff_s=0.01, timeout_s=0.5, allow_hosts=("127.0.0.1",)))
     assert summary.units_failed == 0
     rows = sorted(read_output(output).to_pylist(), key=lambda row: int(row["id"].rsplit("-", 1)[1]))
     assert len(rows) == len(cases)
@@ -290,8 +297,11 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
 def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "jobs.cli", "run", "--input", source, "--output", output, "--model", checkpoint,
-               "--prompt", PROMPTS[0], "--rows-per-unit", "10", "--batch-size", "5",
+    # Flags alone cannot name local roots: a spec holds them, and the flags give the rest.
+    spec = tmp_path / "local-files.toml"
+    spec.write_text(f'[job]\nkind = "caption"\n[fetch]\nlocal_roots = ["{tmp_path}"]\n')
+    command = [sys.executable, "-m", "jobs.cli", "run", str(spec), "--input", source, "--output", output,
+               "--model", checkpoint, "--prompt", PROMPTS[0], "--rows-per-unit", "10", "--batch-size", "5",
                "--max-new-tokens", str(NEW_TOKENS), "--quiet"]
     log = open(tmp_path / f"run-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -360,7 +370,7 @@ def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
                 row_group_size=25)
     output = str(tmp_path / "out")
     summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, prompt=questions, rows_per_unit=25,
-                           batch_size=6, max_new_tokens=NEW_TOKENS, progress=False)
+                           batch_size=6, max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path))
     assert (summary.rows_ok, summary.images_encoded) == (200, 50)
     rows = read_output(output).to_pylist()
     assert Counter(row["question_id"] for row in rows) == dict.fromkeys(questions, 50)
@@ -384,7 +394,8 @@ def test_second_run_on_a_held_output_is_refused(ray_local, checkpoint, tmp_path)
 def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_path):
     source = local_input(tmp_path, shards=2, rows=20)
     output = str(tmp_path / "out")
-    options = dict(prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS, progress=False)
+    options = dict(prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS, progress=False,
+                   fetch=local_files(tmp_path))
     first = pipeline.run(source, output, checkpoint, **options)
     images = local_images(tmp_path / "images")
     for s in (2, 3):  # the input prefix gains two shards
@@ -402,7 +413,8 @@ def test_status_and_retry_failed_commands(ray_local, checkpoint, tmp_path, capsy
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
     output = str(tmp_path / "out")
     pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS,
-                 max_attempts=1, fault=FaultInjection(unit_ids=(units[0].unit_id,)), progress=False)
+                 max_attempts=1, fault=FaultInjection(unit_ids=(units[0].unit_id,)), progress=False,
+                 fetch=local_files(tmp_path))
     capsys.readouterr()
     assert main(["status", output]) == 1
     out = capsys.readouterr().out

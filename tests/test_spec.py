@@ -165,13 +165,38 @@ def test_fetch_and_decode_use_the_pipeline_configs_checks(tmp_path):
     assert error_of(path) == f"{path}:15: [fetch] timeout_s: must be > 0, got 0.0"
     path = write(tmp_path, BASE + "\n[fetch]\ntimeout = 5\n", name="f.toml")
     assert error_of(path) == (
-        f"{path}:14: [fetch] timeout: unknown key; did you mean timeout_s? known: allowed_schemes, "
-        "attempt_deadline_s, backoff_s, concurrency, max_backoff_s, max_bytes, max_redirects, retries, timeout_s"
+        f"{path}:14: [fetch] timeout: unknown key; did you mean timeout_s? known: allow_hosts, allowed_schemes, "
+        "attempt_deadline_s, backoff_s, concurrency, local_roots, max_backoff_s, max_bytes, max_redirects, retries, "
+        "timeout_s"
     )
     path = write(tmp_path, BASE + '\n[decode]\nmax_pixels = 1000\nformats = ["PNG", "SVG"]\n', name="d.toml")
     assert error_of(path).startswith(f"{path}:15: [decode] formats: ['SVG'] not readable by Pillow (readable: ")
     spec = load_spec(write(tmp_path, BASE + '\n[fetch]\nallowed_schemes = ["https"]\nmax_bytes = 1024\n', "ok.toml"))
     assert spec.fetch == FetchConfig(allowed_schemes=("https",), max_bytes=1024)
+
+
+def test_fetch_allow_list_and_local_roots(tmp_path, monkeypatch):
+    text = BASE + '\n[fetch]\nallow_hosts = ["images.internal", "10.0.0.0/8"]\nlocal_roots = ["images", "/data/x"]\n'
+    spec = load_spec(write(tmp_path, text))
+    assert spec.fetch.allow_hosts == ("images.internal", "10.0.0.0/8")
+    # a relative root is relative to the spec's folder, like input.path
+    assert spec.fetch.local_roots == (str(tmp_path / "images"), "/data/x")
+    assert run_kwargs(spec)["fetch"] == spec.fetch
+    assert load_spec(write(tmp_path, BASE)).fetch.local_roots == ()  # no local files unless roots are named
+    # an override is relative to the current directory, as on any command line
+    monkeypatch.chdir(tmp_path.parent)
+    spec = load_spec(tmp_path / "job.toml", {"fetch.local_roots": ["shared/images"], "fetch.allow_hosts": ["[::1]"]})
+    assert (spec.fetch.local_roots, spec.fetch.allow_hosts) == ((str(tmp_path.parent / "shared" / "images"),),
+                                                                ("[::1]",))
+    path = write(tmp_path, BASE + '\n[fetch]\nretries = 1\nallow_hosts = ["http://images.internal:80"]\n', "a.toml")
+    assert error_of(path).startswith(f"{path}:15: [fetch] allow_hosts: entry 'http://images.internal:80' is neither "
+                                     "a host name nor an IP address or network")
+    path = write(tmp_path, BASE + '\n[fetch]\nlocal_roots = ["~/images"]\n', "r.toml")
+    assert error_of(path) == (f"{path}:14: [fetch] local_roots: '~/images' is not an absolute path (roots are folders "
+                              "on the workers, so a relative one would depend on their working directory)")
+    path = write(tmp_path, BASE + '\n[fetch]\nallow_hosts = "10.0.0.0/8"\n', "s.toml")
+    assert error_of(path) == (f'{path}:14: [fetch] allow_hosts: expected an array of non-empty strings, '
+                              'got "10.0.0.0/8" (a string)')
 
 
 def test_tables_and_kind_specific_keys(tmp_path):

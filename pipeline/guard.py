@@ -1,0 +1,217 @@
+"""The fetch guard: which network addresses an http(s) fetch may connect to, and which local files a fetch may read.
+
+Address guard (server-side request forgery; shared/reference/pipeline.md section 6.5). Each new connection of an
+http(s) fetch, for the first request and for every redirect hop alike, resolves its host once with
+`socket.getaddrinfo`, checks every address of the answer, and connects only to those checked addresses: the name is
+never resolved a second time, so a DNS answer that changes between the check and the connect (rebinding) cannot slip
+a private address in. TLS still verifies the URL's host name (SNI and certificate): only the socket is pinned.
+
+Refused (error kind `blocked_address`, the message names the host, the address and why): loopback, private (RFC 1918,
+unique-local fc00::/7), link-local (169.254/16 with the cloud metadata address, fe80::/10), multicast, reserved,
+unspecified (0.0.0.0, ::), site-local fec0::/10, and any other address Python's `ipaddress` does not call global
+(shared 100.64/10, documentation ranges). An IPv6 address that carries an IPv4 one is judged by that IPv4 address:
+IPv4-mapped ::ffff:a.b.c.d and NAT64 64:ff9b::/96 instead of the IPv6 address, 6to4 2002::/16 as well as it.
+Literal forms the resolver accepts (decimal 2130706433, short 127.1, octal 0177.0.0.1, hex 0x7f.1) resolve to the
+address that is checked. If any address of an answer is refused, the host is refused.
+
+Allow-list (`FetchConfig.allow_hosts`): host names, matched exactly and case-insensitively, and IP addresses or CIDR
+networks. A listed name is trusted whatever it resolves to; any other host is admitted when each of its addresses is
+public or inside a listed network. ("0.0.0.0/0", "::/0") turns the guard off.
+
+Local roots (`FetchConfig.local_roots`): local paths and file:// URLs are read only when the path, with symlinks and
+".." resolved, lies inside one of these folders; the resolved path is the one opened. No roots: no local files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from socket import timeout as SocketTimeout
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family, create_connection
+
+from .errors import RowError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix: the last 32 bits are the IPv4 address
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.IGNORECASE)
+
+
+def _ipv4_inside(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv4-mapped or NAT64 address stands for; any other address as it is."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def address_problem(address: IPAddress) -> str | None:
+    """Why `address` is no public unicast address ("a loopback address", ...), or None when it is one."""
+    address = _ipv4_inside(address)
+    for flag, what in ((address.is_unspecified, "an unspecified"), (address.is_loopback, "a loopback"),
+                       (address.is_link_local, "a link-local"), (address.is_multicast, "a multicast"),
+                       (address.is_private, "a private"), (address.is_reserved, "a reserved")):
+        if flag:
+            return f"{what} address"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "a site-local address"
+        if address.sixtofour is not None and (inner := address_problem(address.sixtofour)):
+            return f"a 6to4 address carrying {address.sixtofour}, {inner}"
+    if not address.is_global:
+        return "not a globally routable address"
+    return None
+
+
+def _parse_ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text.split("%", 1)[0])  # a zone ("fe80::1%eth0") says nothing about the address
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """Trusted host names (lower case, no trailing dot) and networks."""
+
+    names: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> AllowList:
+        """From "images.internal", "127.0.0.1", "10.0.0.0/8", "[::1]", "fd00::/8"; ValueError names a bad entry."""
+        names, networks = set(), []
+        for entry in entries:
+            if not isinstance(entry, str) or not entry.strip():
+                raise ValueError(f"entries must be non-empty strings, got {entry!r}")
+            text = entry.strip()
+            try:
+                networks.append(ipaddress.ip_network(text.removeprefix("[").removesuffix("]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            if not _HOST_NAME.fullmatch(text):
+                raise ValueError(f"entry {entry!r} is neither a host name nor an IP address or network "
+                                 '(e.g. "images.internal", "127.0.0.1", "10.0.0.0/8"); no scheme, port or path')
+            names.add(text.lower().rstrip("."))
+        return cls(frozenset(names), tuple(networks))
+
+    def admits_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.names
+
+    def admits_address(self, address: IPAddress) -> bool:
+        # The version check matters: ipaddress tests an IPv4 address against an IPv6 network by its integer alone.
+        return any(a.version == n.version and a in n
+                   for a in {address, _ipv4_inside(address)} for n in self.networks)
+
+
+class AddressGuard:
+    """Resolves a host and checks its addresses against the rules above and an allow-list."""
+
+    def __init__(self, allow_hosts: Iterable[str] = ()) -> None:
+        self.allow = AllowList.parse(allow_hosts)
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """The checked addresses to connect to for host:port, in the resolver's order.
+
+        Raises RowError("blocked_address") when any address is refused, socket.gaierror when the name does not
+        resolve."""
+        infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+        # An IPv4-mapped address is connected to as plain IPv4: it needs no IPv6 stack and means the same host.
+        targets = {}
+        for info in infos:
+            raw = info[4][0]
+            parsed = _parse_ip(raw)
+            inner = _ipv4_inside(parsed)
+            mapped = isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None
+            targets.setdefault(str(inner) if mapped else raw, parsed)
+        if not self.allow.admits_host(host):
+            for parsed in targets.values():
+                problem = None if self.allow.admits_address(parsed) else address_problem(parsed)
+                if problem:
+                    inner = _ipv4_inside(parsed)
+                    shown = f"{parsed} (IPv4 {inner})" if inner != parsed else str(parsed)
+                    raise RowError("blocked_address",
+                                   f"host {host!r} resolves to {shown}, {problem}; fetching from it is refused "
+                                   "(list the host or its network in [fetch] allow_hosts if it is trusted)")
+        return list(targets)
+
+
+def _connect_checked(conn: HTTPConnection, guard: AddressGuard) -> socket.socket:
+    """HTTPConnection._new_conn, with the host resolved and checked by `guard` and the socket opened to a checked
+    address; errors are urllib3's, as its own _new_conn raises them."""
+    try:
+        targets = guard.addresses(conn._dns_host, conn.port)
+    except socket.gaierror as e:
+        raise NameResolutionError(conn.host, conn, e) from e
+    error: Exception | None = None
+    for target in targets:  # each checked address in turn, as socket.create_connection tries each of an answer
+        try:
+            sock = create_connection((target, conn.port), conn.timeout, source_address=conn.source_address,
+                                     socket_options=conn.socket_options)
+        except SocketTimeout:
+            error = ConnectTimeoutError(conn, f"Connection to {conn.host} ({target}) timed out. "
+                                              f"(connect timeout={conn.timeout})")
+        except OSError as e:
+            error = NewConnectionError(conn, f"Failed to establish a new connection to {target}: {e}")
+        else:
+            sys.audit("http.client.connect", conn, conn.host, conn.port)
+            return sock
+    raise error or NewConnectionError(conn, f"no address for {conn.host}")
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    guard: AddressGuard  # set on the subclass guarded_pool_manager makes
+
+    def _new_conn(self) -> socket.socket:
+        return _connect_checked(self, self.guard)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    guard: AddressGuard
+
+    def _new_conn(self) -> socket.socket:
+        return _connect_checked(self, self.guard)  # TLS is wrapped around it by connect(), for self.host
+
+
+def guarded_pool_manager(guard: AddressGuard, **pool_kwargs) -> urllib3.PoolManager:
+    """A urllib3.PoolManager (with `pool_kwargs`) each of whose new connections goes through `guard`."""
+    http = type("GuardedHTTPConnection", (_GuardedHTTPConnection,), {"guard": guard})
+    https = type("GuardedHTTPSConnection", (_GuardedHTTPSConnection,), {"guard": guard})
+    manager = urllib3.PoolManager(**pool_kwargs)
+    manager.pool_classes_by_scheme = {
+        "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+        "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+    }
+    return manager
+
+
+class LocalRoots:
+    """The folders local files may be read from."""
+
+    def __init__(self, roots: Iterable[str]) -> None:
+        self.roots = tuple(os.path.realpath(root) for root in roots)
+
+    def resolve(self, path: str, ref: str) -> str:
+        """The real path of `path` (symlinks and ".." resolved) when it lies inside a root; otherwise
+        RowError("blocked_address") naming `ref`, the image reference `path` came from."""
+        if not self.roots:
+            raise RowError("blocked_address", f"local file {ref!r} refused: no [fetch] local_roots are set, so no "
+                                              "local files may be read (list the folders images may come from)")
+        real = os.path.realpath(path)
+        if any(os.path.commonpath([real, root]) == root for root in self.roots):
+            return real
+        shown = ref if real in (ref, path) else f"{ref} (resolves to {real})"
+        raise RowError("blocked_address", f"local file {shown} is outside [fetch] local_roots "
+                                          f"({', '.join(self.roots)})")
