@@ -76,6 +76,8 @@ class FetchConfig:
     allowed_schemes: tuple[str, ...] = ("http", "https", "s3", "gs", "file", "data")  # "file" also = local paths
     # Whole attempt (connect, headers, body): the read timeout alone lets a server that drips bytes hold a thread.
     attempt_deadline_s: float = 60.0
+    # The whole row, every attempt and backoff included: no retry starts (or waits) past it.
+    row_deadline_s: float = 180.0
     # http(s) hosts trusted although they resolve to non-public addresses: host names, IP addresses, CIDR networks,
     # e.g. ("images.internal", "10.0.0.0/8"). Empty: only public addresses are fetched from.
     allow_hosts: tuple[str, ...] = ()
@@ -90,7 +92,7 @@ class FetchConfig:
                 raise ValueError(f"FetchConfig.{name} must be a tuple of strings, got the string {value!r}")
             object.__setattr__(self, name, tuple(value))  # a list from a caller: keep the config hashable
         positive = {"timeout_s": self.timeout_s, "max_bytes": self.max_bytes, "concurrency": self.concurrency,
-                    "attempt_deadline_s": self.attempt_deadline_s}
+                    "attempt_deadline_s": self.attempt_deadline_s, "row_deadline_s": self.row_deadline_s}
         non_negative = {"max_redirects": self.max_redirects, "retries": self.retries, "backoff_s": self.backoff_s,
                         "max_backoff_s": self.max_backoff_s}
         for name, value in positive.items():
@@ -225,17 +227,20 @@ class Fetcher:
     # -- retries ---------------------------------------------------------------------------------------------------
 
     def _with_retries(self, attempt: Callable[[], bytes]) -> bytes:
-        for n in range(self.config.retries):
+        deadline = time.monotonic() + self.config.row_deadline_s
+        n = 0
+        while True:
             try:
                 return attempt()
             except _RetryableError as err:
-                self._sleep(self._delay(n, err.retry_after))
-        try:
-            return attempt()
-        except _RetryableError as err:
-            attempts = self.config.retries + 1
-            noun = "attempt" if attempts == 1 else "attempts"
-            raise RowError(err.kind, f"{err.message} (gave up after {attempts} {noun})") from None
+                delay = self._delay(n, err.retry_after)
+                past_deadline = time.monotonic() + delay >= deadline
+                if n == self.config.retries or past_deadline:
+                    noun = "attempt" if n == 0 else "attempts"
+                    why = f", row deadline of {self.config.row_deadline_s:g}s" if past_deadline else ""
+                    raise RowError(err.kind, f"{err.message} (gave up after {n + 1} {noun}{why})") from None
+                self._sleep(delay)
+                n += 1
 
     def _delay(self, n: int, retry_after: float | None) -> float:
         if retry_after is not None:

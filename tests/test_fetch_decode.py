@@ -217,6 +217,15 @@ def test_503_forever_exhausts_retries(server):
     assert server.hits["/status/503/a"] == 4
 
 
+def test_row_deadline_stops_retrying(server):
+    fetcher = Fetcher(fast(retries=50, backoff_s=0.1, max_backoff_s=0.1, row_deadline_s=0.5),
+                      rng=random.Random(0), sleep=time.sleep)
+    start = time.monotonic()
+    expect_error(fetcher, server.url("/status/503/deadline"), "fetch_http", "row deadline of 0.5s")
+    assert time.monotonic() - start < 1.5
+    assert 2 <= server.hits["/status/503/deadline"] < 50
+
+
 def test_backoff_is_exponential_with_full_jitter(server):
     sleeps: list[float] = []
     config = fast(retries=3, backoff_s=1.0, max_backoff_s=1.5)
