@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .sink import retry_store_call
+
 LOCK_NAME = "_lock.json"
 
 
@@ -78,7 +80,7 @@ class OutputLock:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         else:
-            self.fs.pipe_file(self.path, data)
+            retry_store_call(f"write {self.path}", lambda: self.fs.pipe_file(self.path, data))
 
     def acquire(self) -> None:
         held = self._read()

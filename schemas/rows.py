@@ -100,7 +100,7 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
                   question_ids: bool = False) -> pa.Schema:
     """The schema of every output part of a job.
 
-    The image column keeps its input name and is always a string: the reference itself, or for a binary image
+    The image column keeps its input name and is always a string: the reference itself (credentials redacted), or for a binary image
     column a short note such as "<1234 bytes>" (see image_reference); image bytes are never copied to the output.
     """
     reserved = set(OUTPUT_COLUMNS) | {mapping.image_column}
