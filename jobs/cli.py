@@ -135,6 +135,12 @@ def demo(args: argparse.Namespace) -> int:
     return main_demo(args.output, args.model, args.max_new_tokens)
 
 
+def train_demo(args: argparse.Namespace) -> int:
+    from jobs.train import main_train
+
+    return main_train(args.output, args.steps, args.seed, args.evaluate)
+
+
 def show_status(args: argparse.Namespace) -> int:
     from pipeline.shards import discover_shards, plan_units
     from pipeline.sink import committed_units, failed_units, progress_records, read_manifest
@@ -212,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--model", help="checkpoint to use instead of the built-in small model")
     demo_cmd.add_argument("--max-new-tokens", type=int, default=12)
     demo_cmd.set_defaults(handler=demo)
+    train = commands.add_parser("train-demo", help="train the demo's small model on synthetic shapes (minutes on CPU)",
+                                description="Trains the small InstructBLIP of models/shapes-instructblip from a seed "
+                                "on freshly drawn pictures of shapes, saves it (Hub layout) to --output and prints its "
+                                "accuracy on new pictures.")
+    train.add_argument("--output", default="shapes-instructblip", help="where to save (default ./shapes-instructblip)")
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--evaluate", type=int, default=200, help="pictures to measure accuracy on afterwards (0: none)")
+    train.set_defaults(handler=train_demo)
     status = commands.add_parser("status", help="units done, failed and pending, and rows ok and in error, of an output",
                                  description="Exit code 0 when no unit failed, 1 when some did, 3 when OUTPUT is "
                                  "not a blipbatch output.")

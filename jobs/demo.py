@@ -1,4 +1,5 @@
-"""`blipbatch demo`: a caption job and an annotate job over the sample images in examples/images."""
+"""`blipbatch demo`: a caption job and an annotate job over the sample images in examples/images, with the small
+model trained on synthetic shapes that ships in models/shapes-instructblip."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
-CAPTION_PROMPT = "A short image caption:"
-QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is it?", "count": "How many shapes are there?"}
+from jobs.shapes import CAPTION_PROMPT, QUESTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGES = REPO / "examples" / "images"
+DEMO_MODEL = REPO / "models" / "shapes-instructblip"
 
 
 def write_sample_input(folder: Path) -> Path:
@@ -28,17 +31,20 @@ def write_sample_input(folder: Path) -> Path:
 def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
     import pipeline
     from jobs.kinds import write_wide_table
-    from model.tiny import write_tiny_checkpoint
     from pipeline.fetch import FetchConfig
     from pipeline.sink import read_output
 
+    if model is None:
+        if not (DEMO_MODEL / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL}; rebuild it with "
+                                    f"`blipbatch train-demo --output {DEMO_MODEL}` or pass --model")
+        model = str(DEMO_MODEL)
+        print(f"Model: {DEMO_MODEL}, a 0.4M-parameter InstructBLIP trained on synthetic pictures of circles,\n"
+              "squares and triangles (see its README.md); it knows nothing else. The path is the real one: Parquet\n"
+              "shard -> fetch -> decode -> vision encoder -> Q-Former (with the instruction) -> LLaMA -> Parquet.\n")
     with tempfile.TemporaryDirectory() as tmp:
-        if model is None:
-            model = str(write_tiny_checkpoint(Path(tmp) / "tiny-instructblip"))
-            print("No trained demo model ships yet: using a tiny InstructBLIP with RANDOM weights made on the spot,\n"
-                  "so the texts below are gibberish by design. They show the whole path working: Parquet shard ->\n"
-                  "fetch -> decode -> vision encoder -> Q-Former (with the instruction) -> LLaMA -> Parquet.\n")
         source = str(write_sample_input(Path(tmp) / "input"))
+        # The sample images are local files: their folder is the one local root the jobs may read.
         common = dict(passthrough=["name"], max_new_tokens=max_new_tokens, batch_size=8, progress=False,
                       fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
         jobs = (("captions", dict(prompt=CAPTION_PROMPT)), ("annotations", dict(prompt=QUESTIONS)))

@@ -1,7 +1,7 @@
 """Tiny tokenizer and processor folders in the Hub layout, for demos, tests and the small trained model.
 
-Each writer trains a small vocabulary (a few hundred tokens) with the `tokenizers` library on the built-in
-text below and writes the files that the real InstructBLIP / BLIP-2 checkpoints carry (tokenizer.json,
+Each writer trains a small vocabulary (a few hundred tokens) with the `tokenizers` library on a corpus (by default
+the built-in text below) and writes the files that the real InstructBLIP / BLIP-2 checkpoints carry (tokenizer.json,
 tokenizer_config.json, special_tokens_map.json, added_tokens.json), with the same special-token layout as
 the real ones, so that transformers' AutoTokenizer reads them the way it reads the Hub files.
 """
@@ -53,22 +53,22 @@ class TokenizerInfo:
     pad_token_id: int
 
 
-def _lines() -> list[str]:
-    return [line for line in CORPUS.splitlines() if line.strip()]
+def _lines(corpus: str) -> list[str]:
+    return [line for line in corpus.splitlines() if line.strip()]
 
 
-def _train_bpe(vocab_size: int, specials: list[str]) -> dict:
-    """Train a SentencePiece-like BPE on CORPUS ("▁" marks word starts) and return its JSON model
+def _train_bpe(vocab_size: int, specials: list[str], corpus: str) -> dict:
+    """Train a SentencePiece-like BPE on `corpus` ("▁" marks word starts) and return its JSON model
     ({"vocab", "merges"}); the same from run to run."""
     tok = Tokenizer(models.BPE(unk_token=specials[0]))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(_lines(), trainer)
+    tok.train_from_iterator(_lines(corpus), trainer)
     return json.loads(tok.to_str())["model"]
 
 
-def _bpe_pieces(vocab_size: int, specials: list[str]) -> list[str]:
-    learned = _train_bpe(vocab_size, specials)
+def _bpe_pieces(vocab_size: int, specials: list[str], corpus: str) -> list[str]:
+    learned = _train_bpe(vocab_size, specials, corpus)
     return [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
 
 
@@ -97,10 +97,10 @@ def _save(tok: Tokenizer, directory: Path, config: dict, special_map: dict, adde
         _write_json(directory / "added_tokens.json", added)
 
 
-def write_llama_tokenizer(directory: Path, vocab_size_hint: int = 300) -> TokenizerInfo:
+def write_llama_tokenizer(directory: Path, vocab_size_hint: int = 300, corpus: str = CORPUS) -> TokenizerInfo:
     """Vicuna-style LLaMA tokenizer: BPE with byte fallback, `<unk>`=0 `<s>`=1 `</s>`=2, bos = eos = unk = `</s>`,
     `[PAD]`, `<image>` and `<video>` added after the base vocabulary (like 32000/32001/32002 in the real one)."""
-    learned = _train_bpe(vocab_size_hint, ["<unk>", "<s>", "</s>"])
+    learned = _train_bpe(vocab_size_hint, ["<unk>", "<s>", "</s>"], corpus)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for piece in _BYTE_TOKENS:
         vocab[piece] = len(vocab)
@@ -130,13 +130,16 @@ def write_llama_tokenizer(directory: Path, vocab_size_hint: int = 300) -> Tokeni
     return TokenizerInfo(tok.get_vocab_size(), base + 1, 2, 2, base)
 
 
-def write_t5_tokenizer(directory: Path, vocab_size_hint: int = 300, extra_ids: int = 3) -> TokenizerInfo:
+def write_t5_tokenizer(
+    directory: Path, vocab_size_hint: int = 300, extra_ids: int = 3, corpus: str = CORPUS
+) -> TokenizerInfo:
     """Flan-T5-style tokenizer: Unigram, `<pad>`=0 `</s>`=1 `<unk>`=2, appends `</s>`, sentinel `<extra_id_*>` at the
     end of the base vocabulary (reversed, as in T5), `<image>` added after it."""
     # The pieces come from the (deterministic) BPE trainer: the Unigram trainer's output changes from run to run.
     # Every piece costs about the same, so Viterbi picks the segmentation with the fewest pieces.
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(p, -1.0 - 1e-4 * i) for i, p in enumerate(_bpe_pieces(vocab_size_hint, ["<pad>", "</s>", "<unk>"]))]
+    learned = _bpe_pieces(vocab_size_hint, ["<pad>", "</s>", "<unk>"], corpus)
+    pieces += [(p, -1.0 - 1e-4 * i) for i, p in enumerate(learned)]
     pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
@@ -164,17 +167,16 @@ def write_t5_tokenizer(directory: Path, vocab_size_hint: int = 300, extra_ids: i
     return TokenizerInfo(tok.get_vocab_size(), image_id, None, 1, 0)
 
 
-def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400) -> TokenizerInfo:
+def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400, corpus: str = CORPUS) -> TokenizerInfo:
     """OPT-style GPT-2 byte-level BPE: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3; bos = eos = unk = `</s>`, prepended by
     tokenizer.json's post-processor (transformers 5.x ignores `add_bos_token` when a tokenizer.json exists),
     `<image>` added after the base vocabulary (like 50265 in the real one)."""
     tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        _lines(), trainers.BpeTrainer(vocab_size=vocab_size_hint, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size_hint, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_lines(corpus), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
     )
@@ -190,13 +192,13 @@ def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400) -> Tokenize
     return TokenizerInfo(tok.get_vocab_size(), base, 2, 2, 1)
 
 
-def write_bert_tokenizer(directory: Path, vocab_size_hint: int = 300) -> TokenizerInfo:
+def write_bert_tokenizer(directory: Path, vocab_size_hint: int = 300, corpus: str = CORPUS) -> TokenizerInfo:
     """Q-Former tokenizer: bert-base-uncased-style WordPiece, `[PAD]`=0 `[UNK]`=1 `[CLS]`=2 `[SEP]`=3 `[MASK]`=4,
     `[DEC]` added after the base vocabulary (like 30522 in the real one)."""
     # Built by hand (the WordPiece trainer's ids change between runs): every character, alone and as "##"
     # continuation, a few suffixes, and the most frequent words, so rarer words split into pieces.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = re.findall(r"\w+|[^\w\s]", CORPUS.lower())
+    words = re.findall(r"\w+|[^\w\s]", corpus.lower())
     chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits))
     frequent = [w for w, _ in Counter(w for w in words if len(w) > 1).most_common(vocab_size_hint)]
     pieces = [*specials, *chars, *("##" + c for c in chars if c.isalnum()), "##s", "##ing", "##ed", "##ly", *frequent]
@@ -244,18 +246,19 @@ def write_processor_files(
     image_size: int = 30,
     qformer: bool | None = None,
     combined_layout: bool = False,
+    corpus: str = CORPUS,
 ) -> dict[str, TokenizerInfo]:
     """A whole processor folder: LM tokenizer at the top, `qformer_tokenizer/` (InstructBLIP; default unless
     lm == "opt", i.e. BLIP-2), and the image-processor settings either in `preprocessor_config.json` (the Hub
     layout) or, with `combined_layout`, under "image_processor" in processor_config.json (what transformers 5.23
-    writes). Returns {"tokenizer": ..., "qformer_tokenizer": ...} infos."""
+    writes). Both tokenizers are trained on `corpus`. Returns {"tokenizer": ..., "qformer_tokenizer": ...} infos."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     qformer = lm != "opt" if qformer is None else qformer
     processor_class = "InstructBlipProcessor" if qformer else "Blip2Processor"
-    infos = {"tokenizer": _LM_WRITERS[lm](directory)}
+    infos = {"tokenizer": _LM_WRITERS[lm](directory, corpus=corpus)}
     if qformer:
-        infos["qformer_tokenizer"] = write_bert_tokenizer(directory / "qformer_tokenizer")
+        infos["qformer_tokenizer"] = write_bert_tokenizer(directory / "qformer_tokenizer", corpus=corpus)
     image_config = preprocessor_config(image_size, processor_class)
     processor_config = {"num_query_tokens": num_query_tokens, "processor_class": processor_class}
     if combined_layout:

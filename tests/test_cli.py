@@ -29,7 +29,7 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
 def test_demo_runs_a_caption_and_an_annotate_job(tmp_path):
     result = cli("demo", "--output", str(tmp_path / "demo"), "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stdout
+    assert "shapes-instructblip" in result.stdout and "RANDOM" not in result.stdout
     assert f"== captions job: {len(IMAGES)} rows ok, 0 in error" in result.stdout
     assert f"== annotations job: {3 * len(IMAGES)} rows ok, 0 in error" in result.stdout
     wide = pq.read_table(tmp_path / "demo" / "annotations" / "wide.parquet")
