@@ -456,11 +456,10 @@ class SoakReport:
 
 
 def fetch_config(backoff_s: float) -> FetchConfig:
-    """FetchConfig admitting 127.0.0.1 where the address guard exists (it refuses loopback by default)."""
+    """FetchConfig admitting the image server on 127.0.0.1 (the address guard refuses loopback by default)."""
     from pipeline.fetch import FetchConfig
 
-    allow = {"allow_hosts": ("127.0.0.1",)} if "allow_hosts" in FetchConfig.__dataclass_fields__ else {}
-    return FetchConfig(backoff_s=backoff_s, **allow)
+    return FetchConfig(backoff_s=backoff_s, allow_hosts=("127.0.0.1",))
 
 
 def check_output(output: str, images: int) -> tuple[int, bool, dict[str, int], list[str]]:

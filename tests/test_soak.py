@@ -53,18 +53,21 @@ def test_soak_5000_rows_exactly_once_with_flat_memory(monkeypatch):
 
 
 def test_memory_sampler_sees_growth():
-    """The detector detects: the driver holding 16 MiB more per 100 rows shows as growth and as slope."""
+    """The detector detects: the driver holding 48 MiB more per 100 rows fails the soak test's flatness bounds."""
     import ray  # noqa: F401 - psutil, which the sampler uses, comes with Ray
 
+    step_bytes = 48 * MiB
     rows = [0]
     held = []
     sampler = MemorySampler(lambda: rows[0], interval_s=60)  # sampled by hand below, not by its thread
     sampler.sample()
     for step in range(1, 9):
-        held.append(b"x" * (16 * MiB))  # written, so resident
+        held.append(b"x" * step_bytes)  # written, so resident
         rows[0] = step * 100
         sampler.sample()
     driver = series_of(sampler.samples)[0]
     grown, pct = driver.growth(800)
-    assert grown > 80 * MiB and pct > 10, (grown, pct)
-    assert driver.slope_kib_per_1k_rows(800) > 100 * 1024  # about 160 MiB per 1,000 rows
+    # 6 steps (288 MiB) lie between the 25% and 100% samples; RSS shows most of it (the allocator may reuse some
+    # pages the process had already freed, so not all), far above the soak test's bounds of 50 MiB and 10%.
+    assert grown > 3 * step_bytes and pct > 10, (grown, pct)
+    assert driver.slope_kib_per_1k_rows(800) > 0.5 * step_bytes * 10 / 1024  # about 480 MiB per 1,000 rows
