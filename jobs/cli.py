@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import logging
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 # Exit codes scripts can rely on.
@@ -54,7 +59,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in FLAG_KEYS}
     if isinstance(flags["input"], list) and len(flags["input"]) == 1:
         flags["input"] = flags["input"][0]
-    invocation = dict(force=args.force, retry_failed=args.retry_failed, progress=not args.quiet)
+    # The progress line redraws itself with "\r": it would garble the JSON lines on the same stream.
+    invocation = dict(force=args.force, retry_failed=args.retry_failed, progress=not (args.quiet or args.log_json))
     if args.spec is None:
         missing = [f"--{name}" for name in ("input", "output", "model") if flags[name] is None]
         if missing or (flags["prompt"] is None) == (flags["instruction_column"] is None):
@@ -64,7 +70,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         if args.set:
             print("blipbatch run: --set needs a job spec file", file=sys.stderr)
             return EXIT_USAGE
-        return execute({k: FLAG_DEFAULTS.get(k) if v is None else v for k, v in flags.items()} | invocation)
+        with units_logged_to_stderr(args.log_json):
+            return execute({k: FLAG_DEFAULTS.get(k) if v is None else v for k, v in flags.items()} | invocation)
     try:
         overrides = {FLAG_KEYS[name]: value for name, value in flags.items() if value is not None}
         overrides |= dict(parse_override(assignment) for assignment in args.set)
@@ -72,7 +79,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     except (SpecError, ValueError, OSError) as e:
         print(f"blipbatch run: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    code = execute(run_kwargs(spec) | invocation)
+    with units_logged_to_stderr(args.log_json):
+        code = execute(run_kwargs(spec) | invocation)
     if code == EXIT_OK:
         try:
             wide = finish_job(spec)
@@ -82,6 +90,26 @@ def run_pipeline(args: argparse.Namespace) -> int:
         if wide:
             print(f"wide table: {wide}")
     return code
+
+
+@contextlib.contextmanager
+def units_logged_to_stderr(enabled: bool) -> Iterator[None]:
+    """While open, print the per-unit JSON lines (logger blipbatch.units, see pipeline.metrics) on stderr."""
+    if not enabled:
+        yield
+        return
+    from pipeline.metrics import UNIT_LOG
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = UNIT_LOG.level
+    UNIT_LOG.addHandler(handler)
+    UNIT_LOG.setLevel(logging.INFO)
+    try:
+        yield
+    finally:  # leave the logger as found: main() may be called again in the same process
+        UNIT_LOG.removeHandler(handler)
+        UNIT_LOG.setLevel(level)
 
 
 def add_run_command(commands: argparse._SubParsersAction) -> None:
@@ -116,6 +144,8 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
     run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--log-json", action="store_true",
+                     help="one JSON line per unit committed, retried or failed on stderr, instead of the progress line")
     run.set_defaults(handler=run_pipeline)
 
 
@@ -142,9 +172,8 @@ def train_demo(args: argparse.Namespace) -> int:
 
 
 def show_status(args: argparse.Namespace) -> int:
-    from pipeline.shards import discover_shards, plan_units
+    from jobs.report import planned_units, totals
     from pipeline.sink import committed_units, failed_units, progress_records, read_manifest
-    from schemas import ColumnMapping
 
     settings = read_manifest(args.output)
     if settings is None:
@@ -155,8 +184,7 @@ def show_status(args: argparse.Namespace) -> int:
     print(f"output: {args.output}")
     print(f"model: {settings['model']}")
     try:
-        units = plan_units(discover_shards(settings["input"]), ColumnMapping(**settings["mapping"]),
-                           settings["rows_per_unit"])
+        units = planned_units(settings)
         pending = len([u for u in units if u.unit_id not in done and u.unit_id not in failed])
         print(f"input: {settings['input']} ({len(units)} units)")
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: say so, show the rest
@@ -164,14 +192,10 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"input: {settings['input']} (cannot list it: {e})")
     print(f"units: {len(done)} done, {len(failed)} failed, "
           f"{'unknown' if pending is None else pending} pending")
-    rows_ok = sum(r.rows_ok for r in records)
-    rows_error = sum(r.rows_error for r in records)
-    kinds: dict[str, int] = {}
-    for record in records:
-        for kind, count in record.errors_by_kind.items():
-            kinds[kind] = kinds.get(kind, 0) + count
+    total = totals(records)
+    kinds = total.errors_by_kind
     detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})" if kinds else ""
-    print(f"rows: {rows_ok} ok, {rows_error} error{detail}")
+    print(f"rows: {total.rows_ok} ok, {total.rows_error} error{detail}")
     for unit_id, info in sorted(failed.items()):
         print(f"failed unit {unit_id} after {info['attempts']} attempts: {info['reason']}")
     return EXIT_UNITS_FAILED if failed else EXIT_OK
@@ -197,6 +221,49 @@ def retry_failed(args: argparse.Namespace) -> int:
         rows_per_unit=settings["rows_per_unit"], batch_size=args.batch_size, workers=args.workers,
         max_attempts=args.max_attempts, address=args.address, retry_failed=True, progress=not args.quiet,
     ))
+
+
+def make_report(args: argparse.Namespace) -> int:
+    """Write the HTML report of an output; thumbnails are fetched under the spec's [fetch] and the flags' hosts/roots."""
+    from jobs.report import ReportError, write_report
+    from jobs.spec import SpecError, load_spec
+    from pipeline.fetch import FetchConfig
+
+    try:
+        base = load_spec(args.spec).fetch if args.spec else FetchConfig()
+        fetch = dataclasses.replace(base, allow_hosts=base.allow_hosts + tuple(args.allow_host),
+                                    local_roots=base.local_roots + tuple(os.path.abspath(r) for r in args.local_root))
+    except (SpecError, ValueError, OSError) as e:
+        print(f"blipbatch report: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = write_report(args.output, args.html, sample=args.sample, fetch=fetch, seed=args.seed)
+    except ReportError as e:
+        print(f"blipbatch report: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"report of {args.output}: {path}")
+    return EXIT_OK
+
+
+def add_report_command(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report", help="one self-contained HTML page about a run: summary, throughput, errors, a gallery",
+        description="Write an HTML report of OUTPUT (finished or in progress, local or on an object store): rows ok "
+        "and in error, wall time and images/s, throughput over time and per worker, errors by kind with examples, a "
+        "gallery of sampled images with their instructions and outputs, and the job's settings. Images are fetched "
+        "as the pipeline fetches them, so private hosts and local files need --allow-host / --local-root (or --spec). "
+        "Exit code 3 when OUTPUT is not a blipbatch output.",
+    )
+    report.add_argument("output", help="the run's output folder (local, s3://, gs://)")
+    report.add_argument("--html", default="report.html", help="where to write the page (default ./report.html)")
+    report.add_argument("--sample", type=int, default=24, help="images in the gallery (default 24)")
+    report.add_argument("--seed", type=int, default=0, help="which images are sampled (default 0)")
+    report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails")
+    report.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                        help="trust this private host or network for thumbnails, as [fetch] allow_hosts (repeatable)")
+    report.add_argument("--local-root", action="append", default=[], metavar="DIR",
+                        help="read local image files inside DIR, as [fetch] local_roots (repeatable)")
+    report.set_defaults(handler=make_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--address")
     retry.add_argument("--quiet", action="store_true")
     retry.set_defaults(handler=retry_failed)
+    add_report_command(commands)
     return parser
 
 

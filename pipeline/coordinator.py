@@ -18,6 +18,9 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from schemas import ProgressRecord
+
+from .metrics import RunMetrics
 from .redact import redact
 from .shards import WorkUnit
 from .sink import mark_failed
@@ -110,6 +113,7 @@ class Dispatcher:
         # A worker that died gets no work until Ray has restarted it: a task sent meanwhile would fail too.
         self.probes: dict[Any, tuple[int, float]] = {}  # ready() ref -> (worker, when it died)
         self.errors = Counter(summary.errors_by_kind)
+        self.metrics = RunMetrics(summary.output)
 
     def waiting_on(self) -> list[Any]:
         return list(self.in_flight) + list(self.probes)
@@ -177,8 +181,10 @@ class Dispatcher:
     def charge(self, unit: WorkUnit, attempt: int, reason: str) -> None:
         if attempt < self.max_attempts:
             self.queue.append((unit, attempt + 1))
+            self.metrics.retried(unit.unit_id, attempt, reason)
             return
         mark_failed(self.summary.output, unit.unit_id, reason, attempt)
+        self.metrics.failed(unit.unit_id, attempt, reason)
         self.summary.units_failed += 1
         self.summary.failed[unit.unit_id] = reason
 
@@ -189,6 +195,7 @@ class Dispatcher:
         self.summary.images_encoded += record["images_encoded"]
         self.errors.update(record["errors_by_kind"])
         self.summary.errors_by_kind = dict(self.errors)
+        self.metrics.committed(ProgressRecord.from_dict(record))
 
 
 def run_units(
@@ -211,6 +218,7 @@ def run_units(
             ready, _ = ray.wait(dispatcher.waiting_on(), num_returns=1, timeout=1.0)
             for ref in ready:
                 dispatcher.settle(ref)
+            dispatcher.metrics.queue(len(dispatcher.queue), len(dispatcher.in_flight))
             if progress is not None:
                 progress.update(summary)
             if heartbeat is not None:

@@ -82,6 +82,10 @@ class OutputLock:
         else:
             retry_store_call(f"write {self.path}", lambda: self.fs.pipe_file(self.path, data))
 
+    def holder(self) -> LockInfo | None:
+        """The lock as it stands (live or not; see LockInfo.is_live), or None when no run holds the output."""
+        return self._read()
+
     def acquire(self) -> None:
         held = self._read()
         if held is not None and held.is_live():

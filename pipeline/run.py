@@ -149,7 +149,7 @@ def run_on_ray(
     actor = ray.remote(ModelWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
-    handles = [actor.remote(config) for _ in range(count)]
+    handles = [actor.remote(config, index) for index in range(count)]
     try:
         try:
             devices = ray.get([handle.ready.remote() for handle in handles])

@@ -233,13 +233,16 @@ def failed_units(output_root: str) -> dict[str, dict]:
     return {paths[path]: data for path, data in _read_json_files(fs, list(paths)).items()}
 
 
+def read_part(output_root: str, record: ProgressRecord, columns: list[str] | None = None) -> pa.Table:
+    """The output part of a committed unit (only `columns`, when given)."""
+    fs, root = _open_root(output_root)
+    with fs.open(f"{root}/{record.part}", "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def read_output(output_root: str) -> pa.Table:
     """All committed parts in unit-id order (parts without a commit marker are left out); empty if none."""
-    fs, root = _open_root(output_root)
-    tables = []
-    for record in progress_records(output_root):
-        with fs.open(f"{root}/{record.part}", "rb") as f:
-            tables.append(pq.read_table(f))
+    tables = [read_part(output_root, record) for record in progress_records(output_root)]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -19,11 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.engine import Engine, EngineConfig, InvalidInstruction
-from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, image_reference, output_schema
+from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, UnitTiming, image_reference, output_schema
 
 from .decode import DecodeConfig, decode_image
 from .errors import RowError
 from .fetch import FetchConfig, Fetcher
+from .metrics import WorkerMetrics
 from .redact import redact
 from .shards import InputRow, WorkUnit, read_unit
 from .sink import commit_unit, record_for, write_part
@@ -64,6 +67,16 @@ class WorkerConfig:
 
 
 @dataclass
+class StageTimes:
+    """What one unit spent where; `prepare` (prefetch thread) and `run_model` (actor thread) add to separate fields."""
+
+    images_fetched: int = 0
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+    model_s: float = 0.0
+
+
+@dataclass
 class PreparedRow:
     row: InputRow
     image: PIL.Image.Image | None = None
@@ -84,10 +97,12 @@ def batches(rows: Sequence[InputRow], size: int) -> Iterator[Sequence[InputRow]]
 
 
 class ModelWorker:
-    """Wrapped with ray.remote by the coordinator; usable in-process too."""
+    """Wrapped with ray.remote by the coordinator; usable in-process too. `index` names it in metrics and timing."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, index: int = 0) -> None:
         self.config = config
+        self.index = str(index)
+        self.metrics = WorkerMetrics(self.index)
         self.engine = Engine(config.engine)
         self.fetcher = Fetcher(config.fetch)
         self.generation_json = json.dumps(config.engine.generation, sort_keys=True)
@@ -99,36 +114,49 @@ class ModelWorker:
 
     def process_unit(self, unit: WorkUnit, attempt: int) -> dict:
         """Run one unit end to end; returns its commit record (as a dict)."""
+        started = time.time()
+        times = StageTimes()
         rows = read_unit(unit, self.config.mapping, self.config.instructions)
         encoded_before = self.engine.images_encoded
         output: list[dict] = []
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetcher:
             chunks = list(batches(rows, self.config.batch_size))
-            pending = prefetcher.submit(self.prepare, chunks[0]) if chunks else None
+            pending = prefetcher.submit(self.prepare, chunks[0], times) if chunks else None
             for i in range(len(chunks)):
                 prepared = pending.result()
                 if i + 1 < len(chunks):
-                    pending = prefetcher.submit(self.prepare, chunks[i + 1])
+                    pending = prefetcher.submit(self.prepare, chunks[i + 1], times)
+                model_start = time.perf_counter()
                 output.extend(self.run_model(prepared))
+                times.model_s += time.perf_counter() - model_start
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
         schema = output_schema(pq.read_schema(unit.shard), self.config.mapping, self.multiple_texts, self.question_ids)
         table = pa.Table.from_pylist(output, schema=schema)
         write_part(self.config.output, unit, table)
-        record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before)
+        timing = UnitTiming(started=started, finished=time.time(), worker=self.index, pid=os.getpid(),
+                            node=socket.gethostname(), images_fetched=times.images_fetched, fetch_s=times.fetch_s,
+                            decode_s=times.decode_s, model_s=times.model_s)
+        record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before,
+                         timing=timing)
         commit_unit(self.config.output, record)
         return record.to_dict()
 
-    def prepare(self, rows: Sequence[InputRow]) -> list[PreparedRow]:
+    def prepare(self, rows: Sequence[InputRow], times: StageTimes) -> list[PreparedRow]:
         """Fetch and decode each distinct image once, and check every instruction (CPU side)."""
         by_index = {row.row_index: row.image for row in rows}
+        fetch_start = time.perf_counter()
         fetched = dict(zip(by_index, self.fetcher.fetch_all(list(by_index.values()))))
+        decode_start = time.perf_counter()
         images: dict[int, PIL.Image.Image | RowError] = {}
         for index, data in fetched.items():
             try:
                 images[index] = data if isinstance(data, RowError) else decode_image(data, self.config.decode)
             except RowError as e:
                 images[index] = e
+        times.fetch_s += decode_start - fetch_start
+        times.decode_s += time.perf_counter() - decode_start
+        times.images_fetched += sum(not isinstance(image, RowError) for image in images.values())
         prepared = []
         for row in rows:
             item = PreparedRow(row)
@@ -159,6 +187,7 @@ class ModelWorker:
         """The batch in one call; if it fails, row by row, so that only the rows that fail are errors."""
         if not ready:
             return []
+        self.metrics.model_call(len(ready))
         try:
             return self.engine.generate([p.image for p in ready], [p.instruction for p in ready])
         except Exception as e:  # any model failure: isolate it below

@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import pyarrow as pa
 
@@ -159,6 +159,27 @@ def derive_row_id(shard: str, row_index: int) -> str:
 
 
 @dataclass(frozen=True)
+class UnitTiming:
+    """When and where a unit ran, as its worker measured it: what `blipbatch report` plots."""
+
+    started: float  # Unix time (seconds) the worker began the unit
+    finished: float  # Unix time its part was written (the commit marker follows at once)
+    worker: str  # the model worker's index in its run ("0", "1", ...): the same after Ray restarts it
+    pid: int
+    node: str  # host name
+    images_fetched: int  # distinct images fetched and decoded
+    # Seconds spent in each stage, summed over the unit's micro-batches. Fetch and decode run in a prefetch
+    # thread while the model runs the previous micro-batch, so the three may add up to more than the unit's time.
+    fetch_s: float
+    decode_s: float
+    model_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+@dataclass(frozen=True)
 class ProgressRecord:
     """The commit marker of one work unit, written after its output part (one JSON file per unit)."""
 
@@ -174,14 +195,23 @@ class ProgressRecord:
     attempt: int = 1
     finished_at: str = ""  # ISO 8601, UTC
     images_encoded: int = 0  # vision-encoder passes the unit took (one per image, however many questions)
+    timing: UnitTiming | None = None  # None in markers written before timing was recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ProgressRecord:
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
+        """Parse a marker; fields with a default may be absent (markers written by earlier versions lack them)."""
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [n for n in required if n not in data]
         if missing:
             raise ValueError(f"progress record lacks field(s) {', '.join(missing)}: {data!r}")
-        return cls(**{n: data[n] for n in names})
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        if values.get("timing") is not None:
+            try:
+                values["timing"] = UnitTiming(**values["timing"])
+            except TypeError as e:
+                raise ValueError(f"progress record of unit {data['unit_id']}: bad timing {values['timing']!r}: {e}") \
+                    from None
+        return cls(**values)
