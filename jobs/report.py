@@ -43,6 +43,7 @@ THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
 EXAMPLES_PER_KIND = 3
 MAX_EXAMPLE_PARTS = 20  # parts read for error examples at most, so a report of a huge output stays quick
 THROUGHPUT_BINS = 60
+MAX_WORKER_LINES = 8  # more workers: the throughput plot shows only their total (the bar chart shows each)
 # schemas.image_reference's stand-in for an image given as bytes; redact()'s mark in a reference it cleaned.
 _BYTES_NOTE = re.compile(r"<\d+ bytes>")
 _REDACTED = "REDACTED"
@@ -319,8 +320,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_lab
     """An SVG line chart: one polyline per series of (x, y) points, axes with round ticks, a legend."""
     width, height, left, right, top, bottom = 760, 280, 64, 150, 16, 44
     x_max = max((x for points in series.values() for x, _ in points), default=1.0) or 1.0
-    y_step = _nice_step(max((y for points in series.values() for _, y in points), default=1.0))
-    y_max = y_step * math.ceil(max((y for points in series.values() for _, y in points), default=1.0) / y_step or 1)
+    peak = max((y for points in series.values() for _, y in points), default=1.0)
+    y_step = _nice_step(peak)
+    y_max = y_step * max(1, math.ceil(peak / y_step))
     x_step = _nice_step(x_max)
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -452,7 +454,7 @@ def _timing_sections(data: RunData) -> str:
         return f'<section id="throughput"><h2>Throughput</h2><p class="note no-timing">{_e(note)}</p></section>'
     start, width, series = throughput(timed)
     points = {name: [(width * (b + 0.5), value) for b, value in enumerate(values)] for name, values in series.items()}
-    if len(points) == 2:  # one worker: its line is the total's
+    if len(points) == 2 or len(points) > MAX_WORKER_LINES + 1:  # one worker's line is the total's; many are a blur
         points = {"all workers": points["all workers"]}
     chart = line_chart(points, f"seconds since {_when(start)}", "output rows / s", "Throughput over time")
     stats = worker_stats(timed)
@@ -464,7 +466,7 @@ def _timing_sections(data: RunData) -> str:
         "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in (
             s.worker, ", ".join(sorted(s.hosts)), f"{s.units:,}", f"{s.rows:,}", f"{s.images:,}", _duration(s.busy_s),
             _number(s.rows / s.busy_s) if s.busy_s else "–", _number(s.images / s.busy_s) if s.busy_s else "–",
-            f"{s.fetch_s:.1f}", f"{s.decode_s:.1f}", f"{s.model_s:.1f}")) + "</tr>"
+            f"{s.fetch_s:.2f}", f"{s.decode_s:.2f}", f"{s.model_s:.2f}")) + "</tr>"
         for s in stats)
     table = f'<table><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr>{rows}</table>'
     return (f'<section id="throughput"><h2>Throughput</h2>{chart}<p class="note">Each unit\'s rows are spread evenly '
@@ -517,7 +519,7 @@ def _gallery_section(data: RunData) -> str:
             answers.append(f'<dt>all {len(item.rows)} instructions</dt>'
                            f'<dd class="row-error">{_e(kind)}: {_e(_short(error, 200))}</dd>')
         for row in item.rows if not answers else ():
-            label = row.get("question_id") or row["instruction"] or "(no prompt)"
+            label = row.get("question_id") or _short(row["instruction"], 80) or "(no prompt)"
             if row["status"] == "ok":
                 text = row["text"] if isinstance(row["text"], str) else " | ".join(row["text"] or [])
                 answer = f'<dd class="text">{_e(text)}</dd>'

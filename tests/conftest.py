@@ -62,3 +62,15 @@ def s3fs_clean(moto_endpoint):
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a filesystem bound to another endpoint
     yield s3fs.S3FileSystem(endpoint_url=moto_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def ray_local(moto_endpoint):
+    """One in-process Ray for the module, started after the S3 variables are set so actors see them."""
+    import ray
+
+    from pipeline.run import connect_ray
+
+    connect_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()

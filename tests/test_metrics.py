@@ -125,7 +125,8 @@ batch_size = 2
     report_states: list[tuple[str, int]] = []
     runner.start()
     while runner.is_alive():
-        seen.append(rows_total(scrape(metrics_port)))
+        if samples := scrape(metrics_port):
+            seen.append(rows_total(samples))
         if not report_states and 2 <= len(progress_records(str(output))) < UNITS - 2:
             data = collect(str(output), sample=4)  # a report of the run part-way through
             report_states.append((run_state(data)[0], len(data.records)))
@@ -134,8 +135,8 @@ batch_size = 2
     assert codes == [0]
 
     total = UNITS * ROWS_PER_UNIT
-    deadline = time.monotonic() + 15
-    while (final := scrape(metrics_port)) and rows_total(final) < total and time.monotonic() < deadline:
+    deadline = time.monotonic() + 15  # the last commits reach the endpoint at the next export
+    while rows_total(final := scrape(metrics_port)) < total and time.monotonic() < deadline:
         time.sleep(0.25)
     assert rows_total(final) == total
     during = [value for value in seen if 0 < value < total]

@@ -24,7 +24,6 @@ import pipeline
 from model import InstructBlipForConditionalGeneration, InstructBlipProcessor
 from model.tiny import write_tiny_checkpoint
 from pipeline.fetch import FetchConfig
-from pipeline.run import connect_ray
 from pipeline.shards import discover_shards, plan_units
 from pipeline.sink import ManifestMismatch, committed_units, failed_units, read_output
 from pipeline.worker import FaultInjection
@@ -120,16 +119,6 @@ def server():
     thread.start()
     yield httpd
     httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ray_local(moto_endpoint):
-    """One in-process Ray for the module, started after the S3 variables are set so actors see them."""
-    import ray
-
-    connect_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from jobs.cli import EXIT_REFUSED, main
 from jobs.report import ReportError, collect, render, write_report
 from pipeline.fetch import FetchConfig
 from pipeline.lock import OutputLock
-from pipeline.run import connect_ray
 from pipeline.sink import PROGRESS_DIR, progress_records, read_output
 
 MODEL = str(Path(__file__).resolve().parents[1] / "models" / "shapes-instructblip")
@@ -71,15 +70,6 @@ def server(pictures):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ray_local(moto_endpoint):
-    import ray
-
-    connect_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +289,7 @@ def test_report_refuses_what_is_not_an_output(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.slow
 def test_report_of_an_object_store_output_with_image_bytes(ray_local, s3fs_clean, pictures, tmp_path):
     """Output and input on S3; the images are bytes in the input, so the report reads them from the input shard."""
     s3fs_clean.mkdir("report-bucket")

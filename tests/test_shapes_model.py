@@ -22,21 +22,11 @@ from jobs.cli import main
 from jobs.demo import DEMO_MODEL, SAMPLE_IMAGES, run_demo
 from jobs.train import EVAL_SEED, TrainConfig, train
 from model import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from pipeline.run import connect_ray
 from pipeline.sink import read_output
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-instructblip"
 PICTURES = 200
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    connect_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
