@@ -17,9 +17,11 @@ from typing import Any
 import PIL.Image
 import torch
 
+from .continuous import GreedyBatcher, GreedyLimits
 from .errors import ProcessorError
 from .hub import checkpoint_dir
-from .instructblip import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+from .configs import GenerationConfig
+from .instructblip import DEFAULT_NEW_TOKENS, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 from .processor import Blip2Processor, InstructBlipProcessor
 
 
@@ -33,6 +35,7 @@ class EngineConfig:
     dtype: str | None = None                    # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
     device: str | None = None                   # None: "cuda" when available, else "cpu"
     generation: dict[str, Any] = field(default_factory=dict)   # generate() settings, transformers' names
+    decode_slots: int = 32                      # sequences decoded together by continuous batching (greedy)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -66,9 +69,13 @@ class Engine:
         self.model = model_cls.from_pretrained(folder, dtype=dtype, device=self.device)
         self.settings = dict(config.generation)
         # validate the settings once, up front, rather than on the first batch
-        self.model.generation_config.updated(**self.settings)
+        resolved = self.model.generation_config.updated(**self.settings)
         self.decoder_only = self.model.config.use_decoder_only_language_model
         self.max_prompt_tokens = self._max_prompt_tokens()
+        if config.decode_slots < 1:
+            raise ValueError(f"decode_slots must be at least 1, got {config.decode_slots}")
+        self.decode_slots = config.decode_slots
+        self.greedy_limits = self._continuous_limits(resolved)
         self.vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         self.images_encoded = 0  # vision-encoder passes, one per distinct image of each call
 
@@ -77,8 +84,26 @@ class Engine:
         positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
         if positions is None:
             return None
-        new_tokens = self.settings.get("max_new_tokens") or 20
+        new_tokens = self.settings.get("max_new_tokens") or DEFAULT_NEW_TOKENS
         return positions - self.model.config.num_query_tokens - new_tokens
+
+    def _continuous_limits(self, config: GenerationConfig) -> GreedyLimits | None:
+        """Limits for continuous batching, or None where these settings need the static `generate`: beams,
+        sampling, the penalties that read the whole row, and max_length (it counts the padded prefix)."""
+        static = (
+            not self.decoder_only
+            or config.num_beams > 1
+            or config.do_sample
+            or config.num_return_sequences > 1
+            or config.repetition_penalty != 1.0
+            or config.no_repeat_ngram_size > 0
+            or (config.max_new_tokens is None and config.max_length is not None)
+            or (config.min_new_tokens is None and config.min_length > 0)
+        )
+        if static:
+            return None
+        return GreedyLimits(config.max_new_tokens or DEFAULT_NEW_TOKENS, config.min_new_tokens or 0,
+                            tuple(config.eos_token_ids))
 
     def check_instruction(self, instruction: object) -> str:
         """The instruction as the model will take it; InvalidInstruction says why it cannot."""
@@ -89,7 +114,7 @@ class Engine:
             if length > self.max_prompt_tokens:
                 raise InvalidInstruction(
                     f"the instruction is {length} tokens; this model takes at most {self.max_prompt_tokens} "
-                    f"with {self.settings.get('max_new_tokens') or 20} new tokens"
+                    f"with {self.settings.get('max_new_tokens') or DEFAULT_NEW_TOKENS} new tokens"
                 )
         return instruction
 
@@ -116,10 +141,23 @@ class Engine:
         inputs = self.processor.encode_prompts(instructions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         rows = torch.tensor([slot[id(image)] for image in images], device=self.device)
-        ids = self.model.generate(**inputs, image_embeds=image_embeds.index_select(0, rows), **self.settings)
-        start = inputs["input_ids"].shape[1] if self.decoder_only else 1
-        texts = [t.strip() for t in self.processor.batch_decode(ids[:, start:], skip_special_tokens=True)]
+        image_embeds = image_embeds.index_select(0, rows)
+        if self.greedy_limits is not None:
+            new_ids = self._generate_continuous(image_embeds, inputs)
+        else:
+            ids = self.model.generate(**inputs, image_embeds=image_embeds, **self.settings)
+            new_ids = ids[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
+        texts = [t.strip() for t in self.processor.batch_decode(new_ids, skip_special_tokens=True)]
         per_row = len(texts) // len(images)
         if per_row == 1:
             return texts
         return [texts[i * per_row : (i + 1) * per_row] for i in range(len(images))]
+
+    def _generate_continuous(self, image_embeds: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+        """Greedy new ids per row, decoded `decode_slots` rows at a time with continuous batching."""
+        features = self.model.query_image(image_embeds, inputs.get("qformer_input_ids"),
+                                          inputs.get("qformer_attention_mask"))
+        embeds = self.model.embed_inputs(inputs["input_ids"], features)
+        real = inputs["attention_mask"].bool()
+        prompts = [embeds[row, real[row]] for row in range(embeds.shape[0])]  # each without its padding
+        return GreedyBatcher(self.model.language_model, prompts, self.greedy_limits, self.decode_slots).run()

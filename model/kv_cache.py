@@ -43,3 +43,77 @@ class KVCache:
         """Keep rows `batch_index` (in that order): beam search's choice of surviving beams."""
         self.keys = [k.index_select(0, batch_index) for k in self.keys]
         self.values = [v.index_select(0, batch_index) for v in self.values]
+
+
+class SlotCache:
+    """Keys and values for continuous batching: `slots` sequences, each at its own length.
+
+    Slot s holds one sequence in positions 0 .. lengths[s]; `valid` marks the positions that hold a real token
+    (a prompt's left padding does not). A decode step writes one token per slot at that slot's own length.
+    For the language model it looks like a KVCache whose `length` is the longest slot, so that the attention
+    mask ([slots, length + 1], from `begin_step`) covers every slot's window.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        num_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (slots, num_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros((slots, max_length), dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.rows = torch.arange(slots, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    @classmethod
+    def like(cls, cache: KVCache, slots: int, max_length: int) -> "SlotCache":
+        """A slot cache with the layers, heads, dtype and device of `cache`."""
+        key = cache.keys[0]
+        _, heads, _, head_dim = key.shape
+        return cls(len(cache.keys), slots, heads, head_dim, max_length, key.dtype, key.device)
+
+    def fill(self, slots: torch.Tensor, prefill: KVCache, mask: torch.Tensor) -> None:
+        """Put the sequences of a finished prefill (its rows, padding `mask` [rows, T]) into `slots`."""
+        length = prefill.length
+        for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values)):
+            self.keys[layer][slots, :, :length] = k[:, :, :length]
+            self.values[layer][slots, :, :length] = v[:, :, :length]
+        self.valid[slots] = False
+        self.valid[slots, :length] = mask.bool()
+        self.lengths[slots] = length
+        self.active[slots] = True
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Empty `slots`: until filled again they decode a dummy token at position 0 that attends to itself only."""
+        self.valid[slots] = False
+        self.lengths[slots] = 0
+        self.active[slots] = False
+
+    def begin_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a decode step: (mask [slots, window] over each slot's real tokens and its new one, the new
+        token's position id per slot [slots, 1], counting real tokens only)."""
+        self.length = int(self.lengths.max())
+        if self.length >= self.max_length:
+            raise RuntimeError(f"KV cache overflow: {self.length + 1} positions needed, {self.max_length} allocated")
+        self.valid[self.rows, self.lengths] = True
+        mask = self.valid[:, : self.length + 1]
+        return mask, mask.sum(-1, keepdim=True) - 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one new position per slot (k, v [slots, heads, 1, head_dim]); return every slot's window."""
+        self.keys[layer][self.rows, :, self.lengths] = k[:, :, 0]
+        self.values[layer][self.rows, :, self.lengths] = v[:, :, 0]
+        window = self.length + 1
+        return self.keys[layer][:, :, :window], self.values[layer][:, :, :window]
+
+    def advance(self, num_positions: int) -> None:
+        self.lengths += self.active * num_positions

@@ -1,0 +1,161 @@
+"""Continuous batching (model/continuous.py, used by the Engine for greedy decoding): each prompt gets the ids
+that transformers' greedy `generate` gives it alone, while sequences of different lengths share slots."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from model import InstructBlipForConditionalGeneration
+from model.continuous import GreedyBatcher, GreedyLimits
+from model.engine import Engine, EngineConfig
+from model.processor import InstructBlipProcessor
+from model.tiny import write_tiny_checkpoint
+from tests.oracle import build_hf_model, random_inputs
+
+PROMPT_LENGTHS = [5, 2, 7, 3, 6, 1, 4]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def pair(request, tmp_path_factory):
+    hf_model, _ = build_hf_model(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(folder)
+    return hf_model, InstructBlipForConditionalGeneration.from_pretrained(folder), request.param
+
+
+def one_row(inputs: dict, row: int) -> dict:
+    """Row `row` alone, without the left padding the batch gave it."""
+    real = inputs["attention_mask"][row].bool()
+    return {
+        "pixel_values": inputs["pixel_values"][row : row + 1],
+        "qformer_input_ids": inputs["qformer_input_ids"][row : row + 1],
+        "qformer_attention_mask": inputs["qformer_attention_mask"][row : row + 1],
+        "input_ids": inputs["input_ids"][row : row + 1, real],
+        "attention_mask": inputs["attention_mask"][row : row + 1, real],
+    }
+
+
+def lengths_with_eos(rows: list[list[int]], eos: set[int]) -> list[int]:
+    return [next((i + 1 for i, token in enumerate(row) if token in eos), len(row)) for row in rows]
+
+
+def varied_eos(hf_model, inputs: dict) -> list[int]:
+    """Two eos ids under which the rows end at as many different steps as possible, one row running to the
+    limit: picked from the tokens the rows generate when no eos can stop them."""
+    rows = []
+    for row in range(len(PROMPT_LENGTHS)):
+        alone = one_row(inputs, row)
+        ids = hf_model.generate(**alone, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        rows.append(ids[0, alone["input_ids"].shape[1] :].tolist())
+    tokens = sorted({token for row in rows for token in row})
+    pairs = [{a, b} for a in tokens for b in tokens if a < b]
+    usable = [pair for pair in pairs if NEW_TOKENS in lengths_with_eos(rows, pair)]
+    return sorted(max(usable, key=lambda pair: len(set(lengths_with_eos(rows, pair)))))
+
+
+def prompt_embeds(model, inputs: dict) -> list[torch.Tensor]:
+    features = model.query_image(model.encode_images(inputs["pixel_values"]), inputs["qformer_input_ids"],
+                                 inputs["qformer_attention_mask"])
+    embeds = model.embed_inputs(inputs["input_ids"], features)
+    real = inputs["attention_mask"].bool()
+    return [embeds[row, real[row]] for row in range(embeds.shape[0])]
+
+
+@pytest.mark.parametrize("min_new_tokens", [0, 5])
+@pytest.mark.parametrize("slots", [1, 3, 7])
+def test_same_ids_as_transformers_one_prompt_at_a_time(pair, slots, min_new_tokens):
+    hf_model, ours, lm = pair
+    inputs = random_inputs(len(PROMPT_LENGTHS), PROMPT_LENGTHS, seed=3, lm=lm)
+    with torch.no_grad():
+        eos = varied_eos(hf_model, inputs)
+        expected = []
+        for row in range(len(PROMPT_LENGTHS)):
+            alone = one_row(inputs, row)
+            ids = hf_model.generate(**alone, max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens,
+                                    eos_token_id=eos, do_sample=False)
+            new = ids[0, alone["input_ids"].shape[1] :].tolist()
+            # transformers pads a row that ended before the batch did; alone, it stops at its eos
+            expected.append(new)
+        limits = GreedyLimits(NEW_TOKENS, min_new_tokens, tuple(eos))
+        got = GreedyBatcher(ours.language_model, prompt_embeds(ours, inputs), limits, slots).run()
+    assert got == expected
+    # the rows ended at different steps (so slots were freed and refilled mid-run) and some ran to the limit
+    assert len({len(tokens) for tokens in expected}) >= 3 and max(map(len, expected)) == NEW_TOKENS
+    if min_new_tokens:
+        assert min(map(len, expected)) >= min_new_tokens
+
+
+def test_slots_are_reused_not_grown(pair):
+    """More prompts than slots: the slot cache keeps `slots` rows, and every prompt is answered once."""
+    _, ours, lm = pair
+    inputs = random_inputs(len(PROMPT_LENGTHS), PROMPT_LENGTHS, seed=4, lm=lm)
+    with torch.no_grad():
+        batcher = GreedyBatcher(ours.language_model, prompt_embeds(ours, inputs), GreedyLimits(4), slots=2)
+        tokens = batcher.run()
+    assert [len(t) for t in tokens] == [4] * len(PROMPT_LENGTHS)
+    assert batcher.cache.keys[0].shape[0] == 2
+    assert not batcher.cache.active.any()
+
+
+def test_zero_slots_is_refused(pair):
+    _, ours, lm = pair
+    inputs = random_inputs(2, [3, 4], lm=lm)
+    with pytest.raises(ValueError, match="slots must be at least 1"):
+        GreedyBatcher(ours.language_model, prompt_embeds(ours, inputs), GreedyLimits(4), slots=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+
+
+def picture(seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(40 + seed, 50, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def test_engine_continuous_matches_generate_alone(tiny):
+    """The Engine's greedy path (continuous batching over 2 slots) answers each row as model.generate does
+    for that row alone; an eos list makes the answers end at different lengths."""
+    processor = InstructBlipProcessor.from_pretrained(tiny)
+    model = InstructBlipForConditionalGeneration.from_pretrained(tiny)
+    images = [picture(i) for i in range(5)]
+    instructions = ["a photo of", "What is in the picture? Answer in detail.", "Describe it.", "Why?",
+                    "What colour is the thing in the middle of this image?"]
+    images.append(images[0])  # a second question about the first image
+    instructions.append("How many?")
+
+    def alone(settings: dict) -> list[str]:
+        texts = []
+        for image, instruction in zip(images, instructions):
+            inputs = processor(images=image, text=instruction)
+            ids = model.generate(**inputs, **settings)
+            texts.append(processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        return texts
+
+    with torch.no_grad():
+        full = alone(dict(max_new_tokens=10, min_new_tokens=10))
+    # end rows early on tokens they produce (first word of some answers)
+    eos = sorted({processor.tokenizer.encode(text.split()[0])[-1] for text in full[1::2] if text})
+    settings = dict(max_new_tokens=10, eos_token_id=[model.generation_config.eos_token_ids[0], *eos])
+    engine = Engine(EngineConfig(model=tiny, generation=settings, decode_slots=2))
+    assert engine.greedy_limits is not None  # the continuous path is the one under test
+    with torch.no_grad():
+        expected = alone(settings)
+    assert engine.generate(images, instructions) == expected
+    assert len({len(text) for text in expected}) >= 3
+
+
+def test_engine_uses_static_generate_for_beams(tiny):
+    engine = Engine(EngineConfig(model=tiny, generation=dict(max_new_tokens=4, num_beams=2)))
+    assert engine.greedy_limits is None
+    with pytest.raises(ValueError, match="decode_slots"):
+        Engine(EngineConfig(model=tiny, decode_slots=0))
