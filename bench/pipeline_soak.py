@@ -75,10 +75,24 @@ def expected_counts(rows: int) -> tuple[int, int]:
 
 # -- the image server (its own process, so that its memory and CPU are not the driver's) --------------------------
 
-def render_images(count: int) -> list[bytes]:
-    """`count` distinct small PNGs (sizes and colours vary with the index)."""
+def render_images(count: int, photo_size: tuple[int, int] | None = None) -> list[bytes]:
+    """`count` distinct small PNGs (sizes and colours vary with the index), or with `photo_size` (width, height)
+    JPEGs of that size whose noise makes them compress like photographs."""
     from PIL import Image
 
+    if photo_size is not None:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        jpegs = []
+        for k in range(count):
+            gradient = np.linspace(0, 255, photo_size[0], dtype=np.float32)[None, :, None]
+            noise = rng.normal(0, 40, (photo_size[1], photo_size[0], 3))
+            pixels = np.clip(gradient * ((k % 5) + 1) / 5 + noise, 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+            jpegs.append(buffer.getvalue())
+        return jpegs
     pngs = []
     for k in range(count):
         image = Image.new("RGB", (32 + k % 29, 24 + k % 17), ((k * 37) % 256, (k * 91) % 256, (k * 53) % 256))
@@ -129,9 +143,9 @@ class SoakHandler(BaseHTTPRequestHandler):
 class SoakServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, images: int) -> None:
+    def __init__(self, images: int, photo_size: tuple[int, int] | None = None) -> None:
         super().__init__(("127.0.0.1", 0), SoakHandler)
-        self.images = render_images(images)
+        self.images = render_images(images, photo_size)
         self.hits: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.lock = threading.Lock()
@@ -146,9 +160,9 @@ class SoakServer(ThreadingHTTPServer):
             }).encode()
 
 
-def serve(images: int) -> None:
+def serve(images: int, photo_size: tuple[int, int] | None = None) -> None:
     """The server process: prints its port on the first line of stdout, serves until stdin closes."""
-    httpd = SoakServer(images)
+    httpd = SoakServer(images, photo_size)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     print(httpd.server_address[1], flush=True)
     sys.stdin.read()  # the parent closes our stdin (or dies): stop
@@ -158,9 +172,11 @@ def serve(images: int) -> None:
 class ImageServerProcess:
     """The image server in a child process; `url(path)`, `stats()`, and `close()` (or use it as a context)."""
 
-    def __init__(self, images: int, timeout_s: float = 30.0) -> None:
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", str(images)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, images: int, timeout_s: float = 30.0, photo_size: tuple[int, int] | None = None) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(images)]
+        if photo_size is not None:
+            command += ["--photo-size", f"{photo_size[0]}x{photo_size[1]}"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         port = self._first_line(timeout_s)
         self.base = f"http://127.0.0.1:{port}"
 
@@ -555,9 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep inputs and output here (default: a temp folder, removed)")
     parser.add_argument("--samples-jsonl", help="also append every memory sample to this file as it is taken")
     parser.add_argument("--serve", type=int, metavar="IMAGES", help=argparse.SUPPRESS)  # the server process
+    parser.add_argument("--photo-size", help=argparse.SUPPRESS)  # the server process: WIDTHxHEIGHT JPEGs
     args = parser.parse_args(argv)
     if args.serve is not None:
-        serve(args.serve)
+        serve(args.serve, tuple(int(n) for n in args.photo_size.split("x")) if args.photo_size else None)
         return 0
     if os.environ.pop("RAY_ADDRESS", None):
         print("RAY_ADDRESS ignored: the soak samples processes of an in-process Ray", file=sys.stderr)

@@ -110,3 +110,17 @@ class GreedyBatcher:
                 ended.append(slot)
         if ended:
             self.cache.free(torch.tensor(ended, device=chosen.device))
+
+
+def generate_greedy(
+    model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int
+) -> list[list[int]]:
+    """Greedy new ids per row of an InstructBLIP / BLIP-2 model with a decoder-only LM, `slots` rows at a time.
+
+    image_embeds: the vision encoder's output, one row per prompt; inputs: the processor's text inputs
+    (`input_ids` and `attention_mask` with the image placeholders; `qformer_*` for InstructBLIP)."""
+    features = model.query_image(image_embeds, inputs.get("qformer_input_ids"), inputs.get("qformer_attention_mask"))
+    embeds = model.embed_inputs(inputs["input_ids"], features)
+    real = inputs["attention_mask"].bool()
+    prompts = [embeds[row, real[row]] for row in range(embeds.shape[0])]  # each without its padding
+    return GreedyBatcher(model.language_model, prompts, limits, slots).run()

@@ -17,7 +17,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from .continuous import GreedyBatcher, GreedyLimits
+from .continuous import GreedyLimits, generate_greedy
 from .errors import ProcessorError
 from .hub import checkpoint_dir
 from .configs import GenerationConfig
@@ -143,7 +143,7 @@ class Engine:
         rows = torch.tensor([slot[id(image)] for image in images], device=self.device)
         image_embeds = image_embeds.index_select(0, rows)
         if self.greedy_limits is not None:
-            new_ids = self._generate_continuous(image_embeds, inputs)
+            new_ids = generate_greedy(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots)
         else:
             ids = self.model.generate(**inputs, image_embeds=image_embeds, **self.settings)
             new_ids = ids[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
@@ -152,12 +152,3 @@ class Engine:
         if per_row == 1:
             return texts
         return [texts[i * per_row : (i + 1) * per_row] for i in range(len(images))]
-
-    def _generate_continuous(self, image_embeds: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[list[int]]:
-        """Greedy new ids per row, decoded `decode_slots` rows at a time with continuous batching."""
-        features = self.model.query_image(image_embeds, inputs.get("qformer_input_ids"),
-                                          inputs.get("qformer_attention_mask"))
-        embeds = self.model.embed_inputs(inputs["input_ids"], features)
-        real = inputs["attention_mask"].bool()
-        prompts = [embeds[row, real[row]] for row in range(embeds.shape[0])]  # each without its padding
-        return GreedyBatcher(self.model.language_model, prompts, self.greedy_limits, self.decode_slots).run()
