@@ -36,6 +36,7 @@ class EngineConfig:
     device: str | None = None                   # None: "cuda" when available, else "cpu"
     generation: dict[str, Any] = field(default_factory=dict)   # generate() settings, transformers' names
     decode_slots: int = 32                      # sequences decoded together by continuous batching (greedy)
+    cpu_threads: int | None = None              # torch's intra-op threads on CPU; None: leave torch's setting
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -62,6 +63,8 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         folder = checkpoint_dir(config.model)
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         dtype = resolve_dtype(config.dtype, self.device)
         blip2 = is_blip2(folder)
         model_cls = Blip2ForConditionalGeneration if blip2 else InstructBlipForConditionalGeneration

@@ -145,6 +145,10 @@ def run_on_ray(
     count = workers or (gpus if use_gpu else 1)
     if count < 1:
         raise PipelineError("device is cuda but the cluster has no GPU yet: set workers to the number of GPU actors")
+    if not use_gpu:
+        # Ray gives a fractional-CPU actor OMP_NUM_THREADS=1, which would leave a CPU model on one core.
+        cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
     # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
     actor = ray.remote(ModelWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0

@@ -19,6 +19,7 @@ from pathlib import Path
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from model.engine import Engine, EngineConfig, InvalidInstruction
 from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, UnitTiming, image_reference, output_schema
@@ -110,6 +111,9 @@ class ModelWorker:
         self.question_ids = isinstance(config.instructions, dict)
 
     def ready(self) -> str:
+        """Where the model runs, for the start-up line: "cuda:0", or "cpu (4 threads)"."""
+        if self.engine.device.type == "cpu":
+            return f"cpu ({torch.get_num_threads()} threads)"
         return str(self.engine.device)
 
     def process_unit(self, unit: WorkUnit, attempt: int) -> dict:

@@ -213,6 +213,16 @@ def local_input(tmp_path: Path, shards: int, rows: int) -> str:
     return str(tmp_path / "in")
 
 
+def test_cpu_worker_uses_the_cores_ray_has(ray_local, checkpoint, tmp_path, capsys):
+    """Ray starts a fractional-CPU actor with OMP_NUM_THREADS=1; the model worker takes the cores back
+    (the in-process Ray here has 2 CPUs and one worker)."""
+    source = local_input(tmp_path, shards=1, rows=4)
+    summary = pipeline.run(source, str(tmp_path / "out"), checkpoint, prompt=PROMPTS[0], batch_size=4,
+                           max_new_tokens=NEW_TOKENS, fetch=local_files(tmp_path), workers=1)
+    assert summary.rows_ok == 4
+    assert "1 model worker(s) on cpu (2 threads)" in capsys.readouterr().err
+
+
 def test_worker_killed_mid_unit_loses_and_duplicates_nothing(ray_local, checkpoint, tmp_path):
     source = local_input(tmp_path, shards=2, rows=40)
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
