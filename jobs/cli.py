@@ -43,11 +43,11 @@ FLAG_KEYS = {
     "input": "input.path", "output": "output.path", "model": "model.path", "prompt": "prompt.text",
     "instruction_column": "input.instruction_column", "image_column": "input.image_column",
     "id_column": "input.id_column", "passthrough": "input.passthrough", "batch_size": "run.batch_size",
-    "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens", "num_beams": "generation.num_beams",
+    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens", "num_beams": "generation.num_beams",
     "dtype": "model.dtype", "device": "model.device", "rows_per_unit": "run.rows_per_unit",
     "max_attempts": "run.max_attempts", "address": "run.address",
 }
-FLAG_DEFAULTS = {"image_column": "image_url", "passthrough": [], "batch_size": 8, "max_new_tokens": 30,
+FLAG_DEFAULTS = {"image_column": "image_url", "passthrough": [], "batch_size": 8, "decode_slots": 32, "max_new_tokens": 30,
                  "num_beams": 1, "rows_per_unit": 1000, "max_attempts": 3}
 
 
@@ -131,6 +131,7 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--id-column", help="column of unique row ids (default: derived from shard and row)")
     run.add_argument("--passthrough", nargs="*", help="input columns copied to the output")
     run.add_argument("--batch-size", type=int, help="rows per model call (default 8)")
+    run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default 32)")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
     run.add_argument("--max-new-tokens", type=int, help="default 30")
     run.add_argument("--num-beams", type=int, help="default 1")
@@ -218,8 +219,8 @@ def retry_failed(args: argparse.Namespace) -> int:
         instruction_column=mapping["instruction_column"], image_column=mapping["image_column"],
         id_column=mapping["id_column"], passthrough=mapping["passthrough"],
         max_new_tokens=generation["max_new_tokens"], num_beams=generation["num_beams"], generation=generation,
-        rows_per_unit=settings["rows_per_unit"], batch_size=args.batch_size, workers=args.workers,
-        max_attempts=args.max_attempts, address=args.address, retry_failed=True, progress=not args.quiet,
+        rows_per_unit=settings["rows_per_unit"], batch_size=args.batch_size, decode_slots=args.decode_slots,
+        workers=args.workers, max_attempts=args.max_attempts, address=args.address, retry_failed=True, progress=not args.quiet,
     ))
 
 
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry-failed", help="re-run the failed units of an output with its recorded settings")
     retry.add_argument("output")
     retry.add_argument("--batch-size", type=int, default=8)
+    retry.add_argument("--decode-slots", type=int, default=32)
     retry.add_argument("--workers", type=int)
     retry.add_argument("--max-attempts", type=int, default=3)
     retry.add_argument("--address")

@@ -35,6 +35,7 @@ used as written (relative to the current directory, as on any command line).
 | `[decode] ...` | `pipeline.decode.DecodeConfig` fields | DecodeConfig's | max_pixels (images above it are `too_large` rows), formats |
 | `[run] workers` | integer >= 1 | one per GPU, else 1 | model actors |
 | `[run] batch_size` | integer >= 1 | 8 | rows per model call (halved on CUDA out-of-memory) |
+| `[run] decode_slots` | integer >= 1 | 32 | greedy decoding: sequences decoded together; a finished one's slot takes the call's next row at once |
 | `[run] rows_per_unit` | integer >= 1 | 1000 | rows per work unit, the unit of retry and commit |
 | `[run] max_attempts` | integer >= 1 | 3 | tries before a unit is marked failed |
 | `[run] address` | string | $RAY_ADDRESS, else Ray in-process | Ray cluster address |
@@ -100,6 +101,7 @@ class ModelSpec:
 class RunSpec:
     workers: int | None = None
     batch_size: int = 8
+    decode_slots: int = 32
     rows_per_unit: int = 1000
     max_attempts: int = 3
     address: str | None = None
@@ -256,7 +258,7 @@ TABLES: dict[str, dict[str, _Check]] = {
     "generation": GENERATION_KEYS,
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
-    "run": {"workers": _integer(1), "batch_size": _integer(1), "rows_per_unit": _integer(1),
+    "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1), "rows_per_unit": _integer(1),
             "max_attempts": _integer(1), "address": _TEXT},
 }
 
@@ -568,6 +570,7 @@ def run_kwargs(spec: JobSpec) -> dict[str, Any]:
         "id_column": spec.input.id_column,
         "passthrough": list(spec.input.passthrough),
         "batch_size": spec.run.batch_size,
+        "decode_slots": spec.run.decode_slots,
         "workers": spec.run.workers,
         "rows_per_unit": spec.run.rows_per_unit,
         "max_attempts": spec.run.max_attempts,

@@ -67,6 +67,7 @@ def run(
     id_column: str | None = None,
     passthrough: Sequence[str] = (),
     batch_size: int = 8,
+    decode_slots: int = 32,
     workers: int | None = None,
     max_new_tokens: int = 30,
     num_beams: int = 1,
@@ -95,8 +96,8 @@ def run(
     if (prompt is None) == (instruction_column is None):
         raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
     instructions = fixed_instructions(prompt)
-    if batch_size < 1 or rows_per_unit < 1 or max_attempts < 1:
-        raise PipelineError("batch_size, rows_per_unit and max_attempts must be at least 1")
+    if min(batch_size, decode_slots, rows_per_unit, max_attempts) < 1:
+        raise PipelineError("batch_size, decode_slots, rows_per_unit and max_attempts must be at least 1")
     settings = {"max_new_tokens": max_new_tokens, "num_beams": num_beams} | (generation or {})
     mapping = ColumnMapping(image_column=image_column, id_column=id_column,
                             instruction_column=instruction_column, passthrough=tuple(passthrough))
@@ -116,7 +117,8 @@ def run(
                   "(use retry_failed to redo failed units)", file=sys.stderr)
         else:
             config = WorkerConfig(
-                engine=EngineConfig(model=model, dtype=dtype, device=device, generation=settings),
+                engine=EngineConfig(model=model, dtype=dtype, device=device, generation=settings,
+                                    decode_slots=decode_slots),
                 mapping=mapping, output=output, instructions=instructions, batch_size=batch_size,
                 fetch=fetch or FetchConfig(), decode=decode or DecodeConfig(), fault=fault,
             )
