@@ -54,6 +54,7 @@ class GreedyBatcher:
         self.prompts = prompts
         self.limits = limits
         self.slots = min(slots, len(prompts))
+        self.refill_at = max(1, self.slots // 4)
         self.waiting = deque(range(len(prompts)))
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.holder = [-1] * self.slots  # prompt index in each slot; -1: free
@@ -73,7 +74,9 @@ class GreedyBatcher:
 
     def refill(self) -> None:
         free = [s for s, p in enumerate(self.holder) if p < 0]
-        if not free or not self.waiting:
+        busy = self.slots - len(free)
+        # Wait for a few free slots while others decode: a prefill of one or two prompts uses the hardware poorly.
+        if not self.waiting or not free or (busy and len(free) < min(self.refill_at, len(self.waiting))):
             return
         taken = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
         cache, mask, logits = prefill(self.lm, [self.prompts[i] for i in taken])
