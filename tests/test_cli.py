@@ -34,6 +34,12 @@ def test_demo_runs_a_caption_and_an_annotate_job(tmp_path):
     assert f"== annotations job: {3 * len(IMAGES)} rows ok, 0 in error" in result.stdout
     wide = pq.read_table(tmp_path / "demo" / "annotations" / "wide.parquet")
     assert wide.num_rows == len(IMAGES) and {"color", "shape", "count"} <= set(wide.column_names)
+    # the command it suggests writes a report that knows the run is complete (the demo keeps its input)
+    suggested = result.stdout.strip().splitlines()[-1].split("blipbatch ", 1)[1].split()
+    page = tmp_path / "report.html"
+    report = cli(*suggested, "--html", str(page))
+    assert report.returncode == 0, report.stderr
+    assert "Finished: all 1 units committed." in page.read_text()
 
 
 def test_usage_errors(capsys):
