@@ -50,6 +50,8 @@ class GreedyBatcher:
     def __init__(self, lm: nn.Module, prompts: Sequence[Tensor], limits: GreedyLimits, slots: int) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
+        if not prompts:
+            raise ValueError("no prompts to decode")
         self.lm = lm
         self.prompts = prompts
         self.limits = limits
@@ -60,7 +62,7 @@ class GreedyBatcher:
         self.holder = [-1] * self.slots  # prompt index in each slot; -1: free
         self.cache: SlotCache | None = None  # allocated like the first prefill's cache
         self.max_length = max(p.shape[0] for p in prompts) + limits.max_new_tokens
-        device = prompts[0].device if prompts else None
+        device = prompts[0].device
         self.eos = torch.tensor(limits.eos_ids, dtype=torch.long, device=device)
         self.next_ids = torch.zeros(self.slots, dtype=torch.long, device=device)
 
