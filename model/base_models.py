@@ -10,6 +10,7 @@ config.json, keys without a prefix) or their part of a full InstructBLIP / BLIP-
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -26,6 +27,7 @@ from .loading import load_tensors, materialize, save_tensors, weight_files
 COMPOSITE_CONFIGS: dict[str, type[InstructBlipConfig]] = {c.model_type: c for c in (InstructBlipConfig, Blip2Config)}
 DEFAULT_SHARD_BYTES = 5 * 2**30
 M = TypeVar("M", bound="PretrainedModel")
+logger = logging.getLogger(__name__)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -88,7 +90,14 @@ class PretrainedModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         materialize(model, dtype or torch.float32, torch.device(device or "cpu"), model.keep_in_fp32)
-        load_tensors(model, weight_files(folder), model.tied_weights, model.fallback_weights, prefix)
+        stored_apart = load_tensors(model, weight_files(folder), model.tied_weights, model.fallback_weights, prefix)
+        for alias, tensor in stored_apart.items():
+            logger.warning(
+                "%s: config.json ties %s to %s, but the checkpoint stores both with different values; keeping both "
+                "(as transformers does). Set tie_word_embeddings=false in config.json to silence this.",
+                folder, alias, model.tied_weights[alias],
+            )
+            model.untie(alias, tensor)
         model.tie_weights()
         model.read_extra_files(folder)
         return model.eval()
@@ -100,6 +109,17 @@ class PretrainedModel(nn.Module):
             if alias in params and params[alias] is not params[source]:
                 module_name, _, attr = alias.rpartition(".")
                 setattr(self.get_submodule(module_name), attr, params[source])
+
+    def untie(self, alias: str, values: torch.Tensor) -> None:
+        """Give the aliased parameter `alias` a tensor of its own holding `values`."""
+        module_name, _, attr = alias.rpartition(".")
+        shared = self.get_parameter(alias)
+        setattr(self.get_submodule(module_name), attr, nn.Parameter(values.to(shared.dtype).to(shared.device)))
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            owned = vars(module).get("tied_weights")
+            if alias.startswith(prefix) and isinstance(owned, dict):
+                owned.pop(alias[len(prefix):], None)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int = DEFAULT_SHARD_BYTES) -> None:
         """Write config.json and safetensors weights (sharded above `max_shard_size` bytes); aliases are not stored."""

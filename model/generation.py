@@ -1,7 +1,7 @@
 """Token search with transformers' `generate` semantics: greedy, sampling, beam search (and beam sampling).
 
 The model side owns the forward passes: it hands `generate_ids` a factory of `DecodeSession`s, and this module only
-decides which token comes next. Everything here follows transformers 5.23 (`generation/utils.py`, `_sample` and the
+decides which token comes next. Everything here follows transformers 5.24 (`generation/utils.py`, `_sample` and the
 vectorised `_beam_search`; `generation/logits_process.py`) closely enough to reproduce its ids exactly, including its
 quirks (which ids pad finished rows, how min/max lengths count the prefix, the order of the logits processors).
 
@@ -306,7 +306,9 @@ def _beam_search(
         # b. the best (or sampled) `candidates` continuations per input
         if config.do_sample:
             flat = torch.multinomial(totals.softmax(-1), candidates, generator=generator)
-            cand_scores = totals.gather(1, flat)
+            # transformers >= 5.24 ranks the drawn candidates by score before choosing beams
+            cand_scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
+            flat = flat.gather(1, order)
         else:
             cand_scores, flat = torch.topk(totals, candidates)
         source_beam = flat // vocab

@@ -84,19 +84,23 @@ def load_tensors(
     aliases: dict[str, str],
     fallbacks: dict[str, str] | None = None,
     prefix: str = "",
-) -> None:
+) -> dict[str, torch.Tensor]:
     """Copy every checkpoint tensor into `model`, casting to each parameter's dtype.
 
     With `prefix`, only the checkpoint's keys under it are read, into a model whose names lack it (the
     vision tower of a full checkpoint). `aliases` maps a checkpoint key that names a shared tensor (a tied head, T5's embed_tokens) to the
     key it shares storage with; `fallbacks` maps a key the checkpoint may omit to the key whose values
     it then takes. Missing, unexpected or mis-shaped keys raise one error listing them all.
+
+    Returns the aliases the checkpoint stores with values of their own (a config that says "tied" over a file
+    that is not): transformers keeps both tensors then, and so must the caller.
     """
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     expected = set(model.state_dict()) - set(aliases)
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
+    stored_aliases: dict[str, torch.Tensor] = {}
     for key, tensor in iter_tensors(files, prefix):
         target_key = aliases.get(key, key)
         if IGNORED_KEYS.search(key):
@@ -108,8 +112,10 @@ def load_tensors(
         if tuple(tensor.shape) != tuple(target.shape):
             mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
             continue
-        if key != target_key and target_key in loaded:
-            continue  # an alias stored next to its source: the source wins
+        if key != target_key:
+            stored_aliases[key] = tensor
+            if target_key in loaded:
+                continue  # an alias stored next to its source: the source wins here
         with torch.no_grad():
             target.copy_(tensor)
         loaded.add(target_key)
@@ -133,6 +139,10 @@ def load_tensors(
         raise CheckpointError(
             f"{files[0].parent}: {part}checkpoint does not fit the model built from its config.json: " + " | ".join(problems)
         )
+    return {
+        key: tensor for key, tensor in stored_aliases.items()
+        if not torch.equal(tensor.to(params[aliases[key]].dtype), params[aliases[key]].detach().cpu())
+    }
 
 
 def save_tensors(

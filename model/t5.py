@@ -382,11 +382,14 @@ class T5ForConditionalGeneration(T5Model):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
+        # Original T5 rescales the decoder output before its head, which it ties to the embedding matrix;
+        # untied T5 v1.1 does neither. A checkpoint may still store a head of its own (loading unties it then).
         self.tied = head_is_tied(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if self.tied:
+            self.lm_head.weight = self.shared.weight
             self.tied_weights["lm_head.weight"] = "shared.weight"
         else:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
             # transformers 5.x saves a model built with tie_word_embeddings=False without lm_head (it ties
             # in memory, unscaled): such a head is the embedding matrix.
             self.fallback_weights = {"lm_head.weight": "shared.weight"}
@@ -404,6 +407,5 @@ class T5ForConditionalGeneration(T5Model):
             decoder_input_ids, encoder_hidden_states, encoder_attention_mask, decoder_attention_mask, cache
         )
         if self.tied:
-            # Original T5 rescales before reusing the embedding matrix as the head; untied T5 v1.1 does not.
-            return F.linear(x * self.config.d_model**-0.5, self.shared.weight)
+            x = x * self.config.d_model**-0.5
         return self.lm_head(x)

@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_report_header(config) -> str:
+    from importlib.metadata import version
+
+    return f"test oracle: transformers {version('transformers')} (pinned in pyproject.toml; see tests/ORACLE.md)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

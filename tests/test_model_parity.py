@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -142,3 +144,42 @@ def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
     keep = real_positions(inputs, lm)
     diff = (got - expected).abs()[keep.expand(got.shape[:2])] if lm != "t5" else (got - expected).abs()
     assert diff.max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("lm", ["t5", "opt"])
+def test_tied_config_over_a_separate_stored_head_keeps_both(lm, tmp_path, caplog):
+    """config.json says tie_word_embeddings, the file also holds a different lm_head: transformers keeps both."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    hf_model, _ = build_hf_model(lm, untied_t5_head=False)
+    assert hf_model.config.text_config.tie_word_embeddings
+    hf_model.save_pretrained(tmp_path)
+    if lm == "t5":  # the original T5 layout: a tied head over a rescaled decoder output
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["text_config"]["scale_decoder_outputs"] = True
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    embedding_key = next(k for k in state if k.endswith("embed_tokens.weight") or k == "language_model.shared.weight")
+    head = torch.randn(state[embedding_key].shape, generator=torch.Generator().manual_seed(11)) * 0.25
+    state["language_model.lm_head.weight"] = head
+    save_file(state, weights, metadata={"format": "pt"})
+
+    reference = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reference.language_model.lm_head.weight is not reference.language_model.get_input_embeddings().weight
+    with caplog.at_level("WARNING"):
+        ours = InstructBlipForConditionalGeneration.from_pretrained(tmp_path)
+    assert "keeping both" in caplog.text
+    assert torch.equal(ours.language_model.lm_head.weight, head)
+    assert ours.language_model.lm_head.weight is not ours.language_model.get_input_embeddings().weight
+
+    inputs = model_inputs(lm, False) | decoder_inputs(lm, 3)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = ours(**inputs).logits
+    keep = real_positions(inputs, lm).expand(got.shape[:2])
+    assert (got - expected).abs()[keep].max().item() <= 1e-4
+    # ... and a save keeps the head, so the folder loads the same again
+    ours.save_pretrained(tmp_path / "again")
+    assert "language_model.lm_head.weight" in load_file(tmp_path / "again" / "model.safetensors")
