@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import InstructBlipForConditionalGeneration  # noqa: E402
-from model.continuous import GreedyLimits, generate_greedy  # noqa: E402
+from blipbatch.model import InstructBlipForConditionalGeneration  # noqa: E402
+from blipbatch.model.continuous import GreedyLimits, generate_greedy  # noqa: E402
 
 QUERIES, VOCAB, BATCH, PROMPT = 32, 32001, 8, 45
 IMAGE_TOKEN = VOCAB - 1

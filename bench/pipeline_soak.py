@@ -40,8 +40,8 @@ from urllib.request import urlopen
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if TYPE_CHECKING:  # the pipeline (torch, Ray) is imported only where it is used: the server process needs none
-    from pipeline import RunSummary
-    from pipeline.fetch import FetchConfig
+    from blipbatch.pipeline import RunSummary
+    from blipbatch.pipeline.fetch import FetchConfig
 
 MiB = 2**20
 PROMPT = "A short image caption:"
@@ -473,14 +473,14 @@ class SoakReport:
 
 def fetch_config(backoff_s: float) -> FetchConfig:
     """FetchConfig admitting the image server on 127.0.0.1 (the address guard refuses loopback by default)."""
-    from pipeline.fetch import FetchConfig
+    from blipbatch.pipeline.fetch import FetchConfig
 
     return FetchConfig(backoff_s=backoff_s, allow_hosts=("127.0.0.1",))
 
 
 def check_output(output: str, images: int) -> tuple[int, bool, dict[str, int], list[str]]:
     """(rows out, ids unique, status counts, ids whose status is not the one their URL implies)."""
-    from pipeline.sink import read_output
+    from blipbatch.pipeline.sink import read_output
 
     table = read_output(output).select(["id", "image_url", "status", "error_kind"])
     ids = table.column("id").to_pylist()
@@ -501,12 +501,12 @@ def run_soak(config: SoakConfig) -> SoakReport:
     """Run the soak; Ray is started in-process (and shut down after) unless it is already initialized."""
     import ray
 
-    import pipeline
-    from model.tiny import write_tiny_checkpoint
-    from pipeline.run import connect_ray
-    from pipeline.shards import discover_shards, plan_units
-    from pipeline.sink import committed_units
-    from schemas import ColumnMapping
+    from blipbatch import pipeline
+    from tests.tiny import write_tiny_checkpoint
+    from blipbatch.pipeline.run import connect_ray
+    from blipbatch.pipeline.shards import discover_shards, plan_units
+    from blipbatch.pipeline.sink import committed_units
+    from blipbatch.schemas import ColumnMapping
 
     def log(message: str) -> None:
         if config.log:

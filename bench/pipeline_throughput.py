@@ -33,7 +33,7 @@ PHOTO_SIZE = (640, 480)
 
 
 def write_medium_checkpoint(folder: Path) -> str:
-    from model.tiny import write_random_checkpoint
+    from tests.tiny import write_random_checkpoint
 
     return str(write_random_checkpoint(
         folder,
@@ -56,8 +56,8 @@ def write_input(folder: Path, urls: list[str], rows_per_unit: int) -> str:
 
 def fetch_and_decode(urls: list[str]) -> tuple[float, list]:
     """(images/s in this one thread, the decoded images)."""
-    from pipeline.decode import decode_image
-    from pipeline.fetch import Fetcher
+    from blipbatch.pipeline.decode import decode_image
+    from blipbatch.pipeline.fetch import Fetcher
 
     fetcher = Fetcher(fetch_config(backoff_s=0.05))
     start = time.perf_counter()
@@ -69,7 +69,7 @@ def fetch_and_decode(urls: list[str]) -> tuple[float, list]:
 
 def engine_alone(checkpoint: str, images: list, batch_size: int, max_new_tokens: int, repeats: int) -> float:
     """Median images/s of Engine.generate over all the images, in batches of `batch_size`."""
-    from model.engine import Engine, EngineConfig
+    from blipbatch.model.engine import Engine, EngineConfig
 
     engine = Engine(EngineConfig(model=checkpoint, generation=dict(max_new_tokens=max_new_tokens)))
     engine.generate(images[:batch_size], [PROMPT] * min(batch_size, len(images)))  # warm-up
@@ -86,8 +86,8 @@ def engine_alone(checkpoint: str, images: list, batch_size: int, max_new_tokens:
 def pipeline_run(checkpoint: str, source: str, output: str, rows: int, batch_size: int, rows_per_unit: int,
                  max_new_tokens: int) -> tuple[float, float]:
     """(steady-state images/s from the units' own timing, images/s over the whole pipeline.run call)."""
-    import pipeline
-    from pipeline.sink import progress_records
+    from blipbatch import pipeline
+    from blipbatch.pipeline.sink import progress_records
 
     start = time.perf_counter()
     summary = pipeline.run(source, output, checkpoint, prompt=PROMPT, id_column="key", batch_size=batch_size,

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.model_generate import build_transformers_model, make_inputs  # noqa: E402
-from model import InstructBlipForConditionalGeneration  # noqa: E402
+from blipbatch.model import InstructBlipForConditionalGeneration  # noqa: E402
 
 
 def main() -> None:

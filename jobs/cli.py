@@ -17,12 +17,12 @@ EXIT_OK, EXIT_UNITS_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2
 
 def execute(kwargs: dict[str, Any]) -> int:
     """pipeline.run(**kwargs), its summary printed, its outcome as an exit code."""
-    import pipeline
-    from pipeline.coordinator import WorkerLost
-    from pipeline.lock import OutputLocked
-    from pipeline.shards import NoShardsError, ShardError
-    from pipeline.sink import ManifestMismatch
-    from schemas import SchemaError
+    from blipbatch import pipeline
+    from blipbatch.pipeline.coordinator import WorkerLost
+    from blipbatch.pipeline.lock import OutputLocked
+    from blipbatch.pipeline.shards import NoShardsError, ShardError
+    from blipbatch.pipeline.sink import ManifestMismatch
+    from blipbatch.schemas import SchemaError
 
     try:
         summary = pipeline.run(**kwargs)
@@ -53,8 +53,8 @@ FLAG_DEFAULTS = {"image_column": "image_url", "passthrough": [], "batch_size": 8
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """`run SPEC [flags]`: the spec with the given flags overriding it; `run --input ... [flags]`: flags only."""
-    from jobs.kinds import WideTableError, finish_job
-    from jobs.spec import SpecError, load_spec, parse_override, run_kwargs
+    from blipbatch.jobs.kinds import WideTableError, finish_job
+    from blipbatch.jobs.spec import SpecError, load_spec, parse_override, run_kwargs
 
     flags = {name: getattr(args, name) for name in FLAG_KEYS}
     if isinstance(flags["input"], list) and len(flags["input"]) == 1:
@@ -98,7 +98,7 @@ def units_logged_to_stderr(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from pipeline.metrics import UNIT_LOG
+    from blipbatch.pipeline.metrics import UNIT_LOG
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -151,7 +151,7 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
 
 
 def submit_job(args: argparse.Namespace) -> int:
-    from jobs.submit import SubmitError, submit
+    from blipbatch.jobs.submit import SubmitError, submit
 
     try:
         return submit(args.spec, args.address, wait=not args.no_wait, extra=args.set)
@@ -161,20 +161,20 @@ def submit_job(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from jobs.demo import main_demo
+    from blipbatch.jobs.demo import main_demo
 
     return main_demo(args.output, args.model, args.max_new_tokens)
 
 
 def train_demo(args: argparse.Namespace) -> int:
-    from jobs.train import main_train
+    from blipbatch.jobs.train import main_train
 
     return main_train(args.output, args.steps, args.seed, args.evaluate)
 
 
 def show_status(args: argparse.Namespace) -> int:
-    from jobs.report import planned_units, totals
-    from pipeline.sink import committed_units, failed_units, progress_records, read_manifest
+    from blipbatch.jobs.report import planned_units, totals
+    from blipbatch.pipeline.sink import committed_units, failed_units, progress_records, read_manifest
 
     settings = read_manifest(args.output)
     if settings is None:
@@ -204,7 +204,7 @@ def show_status(args: argparse.Namespace) -> int:
 
 def retry_failed(args: argparse.Namespace) -> int:
     """Re-run an output's failed units with the settings recorded in its manifest."""
-    from pipeline.sink import failed_units, read_manifest
+    from blipbatch.pipeline.sink import failed_units, read_manifest
 
     settings = read_manifest(args.output)
     if settings is None:
@@ -226,9 +226,9 @@ def retry_failed(args: argparse.Namespace) -> int:
 
 def make_report(args: argparse.Namespace) -> int:
     """Write the HTML report of an output; thumbnails are fetched under the spec's [fetch] and the flags' hosts/roots."""
-    from jobs.report import ReportError, write_report
-    from jobs.spec import SpecError, load_spec
-    from pipeline.fetch import FetchConfig
+    from blipbatch.jobs.report import ReportError, write_report
+    from blipbatch.jobs.spec import SpecError, load_spec
+    from blipbatch.pipeline.fetch import FetchConfig
 
     try:
         base = load_spec(args.spec).fetch if args.spec else FetchConfig()
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--max-new-tokens", type=int, default=12)
     demo_cmd.set_defaults(handler=demo)
     train = commands.add_parser("train-demo", help="train the demo's small model on synthetic shapes (minutes on CPU)",
-                                description="Trains the small InstructBLIP of models/shapes-instructblip from a seed "
+                                description="Trains the demo's small InstructBLIP (jobs/demo_data/shapes-instructblip) from a seed "
                                 "on freshly drawn pictures of shapes, saves it (Hub layout) to --output and prints its "
                                 "accuracy on new pictures.")
     train.add_argument("--output", default="shapes-instructblip", help="where to save (default ./shapes-instructblip)")

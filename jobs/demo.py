@@ -1,5 +1,5 @@
-"""`blipbatch demo`: a caption job and an annotate job over the sample images in examples/images, with the small
-model trained on synthetic shapes that ships in models/shapes-instructblip."""
+"""`blipbatch demo`: a caption job and an annotate job over the sample images, with the small model trained on
+synthetic shapes. Both ship inside the package (jobs/demo_data/), so the demo runs from a wheel too."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.shapes import CAPTION_PROMPT, QUESTIONS
+from blipbatch.jobs.shapes import CAPTION_PROMPT, QUESTIONS
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGES = REPO / "examples" / "images"
-DEMO_MODEL = REPO / "models" / "shapes-instructblip"
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+SAMPLE_IMAGES = DEMO_DATA / "images"
+DEMO_MODEL = DEMO_DATA / "shapes-instructblip"
 
 
 def write_sample_input(folder: Path) -> Path:
@@ -28,10 +28,10 @@ def write_sample_input(folder: Path) -> Path:
 
 
 def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
-    import pipeline
-    from jobs.kinds import write_wide_table
-    from pipeline.fetch import FetchConfig
-    from pipeline.sink import read_output
+    from blipbatch import pipeline
+    from blipbatch.jobs.kinds import write_wide_table
+    from blipbatch.pipeline.fetch import FetchConfig
+    from blipbatch.pipeline.sink import read_output
 
     if model is None:
         if not (DEMO_MODEL / "model.safetensors").is_file():

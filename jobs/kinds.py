@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sink import read_output, write_table
-from schemas import STATUS_ERROR
+from blipbatch.pipeline.sink import read_output, write_table
+from blipbatch.schemas import STATUS_ERROR
+from blipbatch.errors import BlipbatchError
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -69,7 +70,7 @@ WIDE_TABLE = "wide.parquet"
 _PER_QUESTION = ("instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation")
 
 
-class WideTableError(ValueError):
+class WideTableError(BlipbatchError, ValueError):
     """An output that cannot be made into a wide table."""
 
 

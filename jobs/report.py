@@ -31,13 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline.decode import DecodeConfig, decode_image
-from pipeline.errors import RowError
-from pipeline.fetch import FetchConfig, Fetcher
-from pipeline.lock import LockInfo, OutputLock
-from pipeline.shards import WorkUnit, discover_shards, plan_units
-from pipeline.sink import failed_units, progress_records, read_manifest, read_part
-from schemas import ColumnMapping, ProgressRecord
+from blipbatch.pipeline.decode import DecodeConfig, decode_image
+from blipbatch.pipeline.errors import RowError
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher
+from blipbatch.pipeline.lock import LockInfo, OutputLock
+from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
+from blipbatch.pipeline.sink import failed_units, progress_records, read_manifest, read_part
+from blipbatch.schemas import ColumnMapping, ProgressRecord
+from blipbatch.errors import BlipbatchError
 
 THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
 EXAMPLES_PER_KIND = 3
@@ -50,7 +51,7 @@ _REDACTED = "REDACTED"
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d")
 
 
-class ReportError(ValueError):
+class ReportError(BlipbatchError, ValueError):
     """OUTPUT is not a blipbatch output, or its commit markers cannot be read."""
 
 

@@ -1,6 +1,6 @@
 """Synthetic shapes: pictures of one to three copies of a coloured shape, with their caption and answers.
 
-The data of the small model that ships in models/shapes-instructblip. Every picture is drawn from a seed, so a
+The data of the small model that ships in jobs/demo_data/shapes-instructblip. Every picture is drawn from a seed, so a
 data set is the same on every machine; sizes, positions, background tints and colour shades vary from picture
 to picture so that a model has to read the shapes rather than remember pixels.
 """

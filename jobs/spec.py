@@ -56,16 +56,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.configs import GenerationConfig
-from model.errors import ConfigError
-from pipeline.decode import DecodeConfig
-from pipeline.fetch import FetchConfig
-from schemas import OUTPUT_COLUMNS
+from blipbatch.model.configs import GenerationConfig
+from blipbatch.model.errors import ConfigError
+from blipbatch.pipeline.decode import DecodeConfig
+from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.schemas import OUTPUT_COLUMNS
 
 from .kinds import KIND_SPECIFIC_KEYS, KINDS
+from blipbatch.errors import BlipbatchError
 
 
-class SpecError(ValueError):
+class SpecError(BlipbatchError, ValueError):
     """A job spec that cannot be run; the message says where (file:line), which key, and what was expected."""
 
     def __init__(self, where: str, key: str, problem: str):

@@ -1,6 +1,6 @@
 """`blipbatch submit`: run a job spec on a Ray cluster through the Ray Jobs API.
 
-The job's working_dir is a staging copy of the project's packages plus the spec (as job.toml), so the
+The job's working_dir is a staging copy of the `blipbatch` package plus the spec (as job.toml), so the
 cluster runs exactly this code on exactly this spec. Paths inside a submitted spec must mean the same
 on the cluster: URLs (s3://...) or absolute paths that exist there.
 """
@@ -13,35 +13,38 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from blipbatch.errors import BlipbatchError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "pipeline", "jobs", "schemas")
+# import package -> its folder in the repository (pyproject.toml's package-dir)
+PACKAGES = {"blipbatch": "blipbatch", "blipbatch/model": "model", "blipbatch/pipeline": "pipeline",
+            "blipbatch/jobs": "jobs", "blipbatch/schemas": "schemas"}
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 AGENT_WAIT_S = 60.0
 
 
-class SubmitError(RuntimeError):
+class SubmitError(BlipbatchError, RuntimeError):
     """The job could not be submitted (bad spec, cluster unreachable)."""
 
 
 def stage(spec: Path, folder: Path) -> None:
-    """The working_dir: our packages (without caches) and the spec."""
-    for package in PACKAGES:
-        shutil.copytree(PROJECT_ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    """The working_dir: the `blipbatch` package laid out as installed (without caches) and the spec."""
+    for package, source in PACKAGES.items():
+        shutil.copytree(PROJECT_ROOT / source, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(spec, folder / "job.toml")
 
 
 def submit(spec: str, address: str, wait: bool = True, extra: list[str] | None = None) -> int:
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.spec import SpecError, load_spec, parse_override
+    from blipbatch.jobs.spec import SpecError, load_spec, parse_override
 
     overrides = [f"--set={assignment}" for assignment in extra or []]
     try:
         load_spec(spec, dict(parse_override(a) for a in extra or []))  # refuse a bad spec here, not on the cluster
     except (SpecError, ValueError, OSError) as e:
         raise SubmitError(str(e)) from e
-    entrypoint = shlex.join([sys.executable if _same_machine(address) else "python", "-m", "jobs.cli", "run",
+    entrypoint = shlex.join([sys.executable if _same_machine(address) else "python", "-m", "blipbatch", "run",
                              "job.toml", *overrides])
     with tempfile.TemporaryDirectory(prefix="blipbatch-submit-") as folder:
         stage(Path(spec), Path(folder))

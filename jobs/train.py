@@ -1,4 +1,4 @@
-"""`blipbatch train-demo`: train the small InstructBLIP of models/shapes-instructblip on synthetic shapes.
+"""`blipbatch train-demo`: train the small InstructBLIP of jobs/demo_data/shapes-instructblip on synthetic shapes.
 
 Everything comes from a seed: the tokenizers are trained (with the `tokenizers` library) on the instructions and
 answers of jobs.shapes, the model (our model/ classes, a LLaMA-style language model) starts from a seeded
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from jobs import shapes
-from model import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
-from model.tiny_tokenizers import write_processor_files
+from blipbatch.jobs import shapes
+from blipbatch.model import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+from blipbatch.jobs.tokenizer_files import write_processor_files
 
 IMAGE_SIZE = 64
 NUM_QUERY_TOKENS = 8

@@ -1,7 +1,9 @@
 """Typed errors raised by `model/`: each names what is wrong and how to fix it."""
 
+from blipbatch.errors import BlipbatchError
 
-class ModelError(Exception):
+
+class ModelError(BlipbatchError):
     """Base class of every error raised by blipbatch's model package."""
 
 

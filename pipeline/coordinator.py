@@ -18,18 +18,19 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from schemas import ProgressRecord
+from blipbatch.schemas import ProgressRecord
 
 from .metrics import RunMetrics
 from .redact import redact
 from .shards import WorkUnit
 from .sink import mark_failed
+from blipbatch.errors import BlipbatchError
 
 
 RESTART_TIMEOUT_S = 300.0
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(BlipbatchError, RuntimeError):
     """A model worker died and Ray could not restart it."""
 
 

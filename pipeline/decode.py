@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import PIL.Image
 import PIL.ImageOps
 
-from model.image_processing import _to_rgb
+from blipbatch.model.image_processing import _to_rgb
 
 from .errors import RowError
 

@@ -15,14 +15,15 @@ and `error=message`. The kinds (schemas.rows.ERROR_KINDS):
 
 from __future__ import annotations
 
-from schemas.rows import ERROR_KINDS
+from blipbatch.schemas.rows import ERROR_KINDS
 
 from .redact import redact
+from blipbatch.errors import BlipbatchError
 
 __all__ = ["ERROR_KINDS", "RowError"]
 
 
-class RowError(Exception):
+class RowError(BlipbatchError):
     """A failure confined to one row. `kind` is one of ERROR_KINDS; `message` says what and why, with any
     credential in it (a presigned URL's signature, a password in a URL) replaced by REDACTED: it goes to outputs."""
 

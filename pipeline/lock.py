@@ -20,11 +20,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .sink import retry_store_call
+from blipbatch.errors import BlipbatchError
 
 LOCK_NAME = "_lock.json"
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(BlipbatchError, RuntimeError):
     """Another run holds the output."""
 
 

@@ -24,7 +24,7 @@ import logging
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from schemas import ProgressRecord
+from blipbatch.schemas import ProgressRecord
 
 UNIT_LOG = logging.getLogger("blipbatch.units")
 

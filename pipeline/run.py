@@ -12,8 +12,8 @@ from typing import Any
 
 import ray
 
-from model.engine import EngineConfig
-from schemas import ColumnMapping
+from blipbatch.model.engine import EngineConfig
+from blipbatch.schemas import ColumnMapping
 
 from .coordinator import Progress, RunSummary, run_units
 from .decode import DecodeConfig
@@ -22,9 +22,10 @@ from .lock import OutputLock
 from .shards import WorkUnit, discover_shards, plan_units
 from .sink import committed_units, ensure_manifest, failed_units
 from .worker import FaultInjection, ModelWorker, WorkerConfig
+from blipbatch.errors import BlipbatchError
 
 
-class PipelineError(ValueError):
+class PipelineError(BlipbatchError, ValueError):
     """A run that cannot start: contradictory or missing settings."""
 
 

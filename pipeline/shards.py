@@ -13,16 +13,17 @@ import pyarrow.parquet as pq
 from fsspec.core import has_magic, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
+from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
+from blipbatch.errors import BlipbatchError
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 
 
-class NoShardsError(FileNotFoundError):
+class NoShardsError(BlipbatchError, FileNotFoundError):
     """An input source that holds no Parquet shards."""
 
 
-class ShardError(ValueError):
+class ShardError(BlipbatchError, ValueError):
     """A shard that cannot be read as planned: not Parquet, listed twice, or changed since planning."""
 
 

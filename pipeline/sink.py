@@ -32,10 +32,11 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas import ERROR_KINDS, STATUS_ERROR, STATUS_OK, ProgressRecord
+from blipbatch.schemas import ERROR_KINDS, STATUS_ERROR, STATUS_OK, ProgressRecord
 
 from .redact import redact
 from .shards import WorkUnit
+from blipbatch.errors import BlipbatchError
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _differences(old: object, new: object, path: str = "") -> dict[str, tuple[ob
     return {} if old == new else {path or "(settings)": (old, new)}
 
 
-class ManifestMismatch(RuntimeError):
+class ManifestMismatch(BlipbatchError, RuntimeError):
     """An output folder made with other settings than the job now running."""
 
     def __init__(self, output_root: str, differences: dict[str, tuple[object, object]]):

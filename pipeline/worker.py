@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model.engine import Engine, EngineConfig, InvalidInstruction
-from schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, UnitTiming, image_reference, output_schema
+from blipbatch.model.engine import Engine, EngineConfig, InvalidInstruction
+from blipbatch.schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, UnitTiming, image_reference, output_schema
 
 from .decode import DecodeConfig, decode_image
 from .errors import RowError

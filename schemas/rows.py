@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import pyarrow as pa
+from blipbatch.errors import BlipbatchError
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
 ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
@@ -20,7 +21,7 @@ STATUS_ERROR = "error"
 OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation")
 
 
-class SchemaError(ValueError):
+class SchemaError(BlipbatchError, ValueError):
     """An input shard whose columns do not fit the job's column mapping."""
 
     def __init__(self, shard: str, problems: list[str]):

@@ -75,7 +75,7 @@ def ray_local(moto_endpoint):
     """One in-process Ray for the module, started after the S3 variables are set so actors see them."""
     import ray
 
-    from pipeline.run import connect_ray
+    from blipbatch.pipeline.run import connect_ray
 
     connect_ray(None, num_cpus=2)
     yield

@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from model import (
+from blipbatch.model import (
     Blip2Model,
     CheckpointError,
     ConfigError,

@@ -12,17 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
-from model.tiny import write_tiny_checkpoint
-from pipeline.sink import read_output
+from blipbatch.jobs.demo import SAMPLE_IMAGES
+from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
+from tiny import write_tiny_checkpoint
+from blipbatch.pipeline.sink import read_output
 from tests.conftest import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = sorted((REPO / "examples" / "images").glob("*.png"))
+IMAGES = sorted(SAMPLE_IMAGES.glob("*.png"))
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "blipbatch", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
@@ -91,7 +92,7 @@ max_new_tokens = 3
 batch_size = 4
 rows_per_unit = 6
 [fetch]
-local_roots = ["{REPO / 'examples' / 'images'}"]
+local_roots = ["{SAMPLE_IMAGES}"]
 """)
     return spec
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model import InstructBlipForConditionalGeneration
-from model.continuous import GreedyBatcher, GreedyLimits, generate_greedy
-from model.engine import Engine, EngineConfig
-from model.processor import InstructBlipProcessor
-from model.tiny import write_tiny_checkpoint
+from blipbatch.model import InstructBlipForConditionalGeneration
+from blipbatch.model.continuous import GreedyBatcher, GreedyLimits, generate_greedy
+from blipbatch.model.engine import Engine, EngineConfig
+from blipbatch.model.processor import InstructBlipProcessor
+from tiny import write_tiny_checkpoint
 from tests.oracle import build_hf_model, random_inputs
 
 PROMPT_LENGTHS = [5, 2, 7, 3, 6, 1, 4]

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from model.tiny import write_tiny_checkpoint
-from pipeline.errors import RowError
-from pipeline.redact import redact
+from tiny import write_tiny_checkpoint
+from blipbatch.pipeline.errors import RowError
+from blipbatch.pipeline.redact import redact
 
 SECRET = "blipbatch-canary-secret-123"  # AWS_SECRET_ACCESS_KEY
 SESSION_TOKEN = "blipbatch-canary-session-456"  # AWS_SESSION_TOKEN
@@ -141,7 +141,7 @@ max_new_tokens = 3
 [fetch]
 allow_hosts = ["127.0.0.1"]
 """)
-    command = [sys.executable, "-m", "jobs.cli", "run", str(spec)]
+    command = [sys.executable, "-m", "blipbatch", "run", str(spec)]
     locks = set()
     with open(tmp_path / "stdout.log", "wb") as out, open(tmp_path / "stderr.log", "wb") as err:
         run = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO, start_new_session=True)

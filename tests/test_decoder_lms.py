@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 
-from model.attention import causal_padding_mask, generation_position_ids
-from model.configs import LlamaConfig, OPTConfig
-from model.errors import ModelError
-from model.llama import LlamaForCausalLM
-from model.opt import OPTForCausalLM
+from blipbatch.model.attention import causal_padding_mask, generation_position_ids
+from blipbatch.model.configs import LlamaConfig, OPTConfig
+from blipbatch.model.errors import ModelError
+from blipbatch.model.llama import LlamaForCausalLM
+from blipbatch.model.opt import OPTForCausalLM
 
 ATOL = 1e-5
 VOCAB = 96

@@ -20,9 +20,9 @@ from urllib.parse import quote
 import PIL.Image
 import pytest
 
-from pipeline.decode import DecodeConfig, decode_image
-from pipeline.errors import ERROR_KINDS, RowError
-from pipeline.fetch import FetchConfig, Fetcher
+from blipbatch.pipeline.decode import DecodeConfig, decode_image
+from blipbatch.pipeline.errors import ERROR_KINDS, RowError
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 
 
 def image_bytes(fmt: str = "PNG", size=(32, 24), color=(200, 30, 30), **save) -> bytes:

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.decode import DecodeConfig, decode_image
-from pipeline.errors import RowError
-from pipeline.fetch import FetchConfig, Fetcher
-from schemas import ColumnMapping, SchemaError, check_input_schema
+from blipbatch.pipeline.decode import DecodeConfig, decode_image
+from blipbatch.pipeline.errors import RowError
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher
+from blipbatch.schemas import ColumnMapping, SchemaError, check_input_schema
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -14,10 +14,10 @@ import transformers
 from transformers.generation import logits_process as hf_processors
 from transformers.modeling_outputs import BaseModelOutput
 
-from model import generation
-from model.configs import GenerationConfig
-from model.errors import ConfigError, GenerationError
-from model.generation import generate_ids
+from blipbatch.model import generation
+from blipbatch.model.configs import GenerationConfig
+from blipbatch.model.errors import ConfigError, GenerationError
+from blipbatch.model.generation import generate_ids
 
 VOCAB = 96
 PAD = 0

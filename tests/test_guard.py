@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import PIL.Image
 import pytest
 
-from pipeline.errors import RowError
-from pipeline.fetch import FetchConfig, Fetcher
-from pipeline.guard import AllowList, address_problem
+from blipbatch.pipeline.errors import RowError
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher
+from blipbatch.pipeline.guard import AllowList, address_problem
 
 
 def _png() -> bytes:

@@ -19,7 +19,7 @@ import pytest
 import ray
 import yaml
 
-from jobs.cli import build_parser
+from blipbatch.jobs.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -266,7 +266,7 @@ def test_command_is_accepted_by_the_cli_parser(invocation: Invocation) -> None:
 @pytest.mark.parametrize("invocation,path", list(named_specs()),
                          ids=lambda x: x.origin if isinstance(x, Invocation) else x)
 def test_named_spec_exists_and_validates(invocation: Invocation, path: str, tmp_path: Path) -> None:
-    from jobs.spec import load_spec
+    from blipbatch.jobs.spec import load_spec
 
     text = spec_text(invocation, path)
     file = tmp_path / PurePosixPath(path).name
@@ -275,7 +275,7 @@ def test_named_spec_exists_and_validates(invocation: Invocation, path: str, tmp_
 
 
 def test_configmap_spec_matches_the_gpu_worker_group(tmp_path: Path) -> None:
-    from jobs.spec import load_spec, run_kwargs
+    from blipbatch.jobs.spec import load_spec, run_kwargs
 
     # One model actor per GPU: the spec asks for as many actors as the RayJob has GPU worker pods.
     file = tmp_path / "job.toml"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from model.tiny import write_tiny_checkpoint
+from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
+from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_s3_url(checkpoint, reference, tmp_path, monkeypatch, s3fs_clean):
 
 
 def test_missing_s3_folder(tmp_path, monkeypatch, s3fs_clean):
-    from model import CheckpointError
+    from blipbatch.model import CheckpointError
 
     monkeypatch.setenv("BLIPBATCH_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CheckpointError, match="s3://nowhere/model"):
@@ -85,7 +85,7 @@ def test_missing_s3_folder(tmp_path, monkeypatch, s3fs_clean):
 
 
 def test_save_pretrained_omits_tied_aliases(tmp_path):
-    from model import InstructBlipConfig
+    from blipbatch.model import InstructBlipConfig
     from tests.oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, QFORMER, TEXT, VISION
 
     config = InstructBlipConfig.from_dict(dict(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT["opt"],

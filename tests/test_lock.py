@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.lock import LOCK_NAME, OutputLock, OutputLocked
+from blipbatch.pipeline.lock import LOCK_NAME, OutputLock, OutputLocked
 
 
 def roots(tmp_path, s3fs_clean):

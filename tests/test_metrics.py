@@ -19,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.cli import main
-from jobs.report import collect, run_state
-from pipeline.sink import progress_records
+from blipbatch.jobs.demo import DEMO_MODEL
+from blipbatch.jobs.cli import main
+from blipbatch.jobs.report import collect, run_state
+from blipbatch.pipeline.sink import progress_records
 from tests.conftest import free_port
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-instructblip"
+MODEL = DEMO_MODEL
 UNITS, ROWS_PER_UNIT, BROKEN = 12, 4, 3
 DELAY_S = 0.15  # per image: units take long enough to watch the counters move
 

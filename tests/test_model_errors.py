@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (
+from blipbatch.model import (
     CheckpointError,
     ConfigError,
     InstructBlipConfig,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from model import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+from blipbatch.model import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 from tests.oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, build_hf_model, random_inputs
 
 CASES = [("llama", False), ("t5", False), ("opt", False), ("opt", True), ("t5", True)]

@@ -20,14 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import pipeline
-from model import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from model.tiny import write_tiny_checkpoint
-from pipeline.fetch import FetchConfig
-from pipeline.shards import discover_shards, plan_units
-from pipeline.sink import ManifestMismatch, committed_units, failed_units, read_output
-from pipeline.worker import FaultInjection
-from schemas import ColumnMapping
+from blipbatch import pipeline
+from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
+from tiny import write_tiny_checkpoint
+from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.shards import discover_shards, plan_units
+from blipbatch.pipeline.sink import ManifestMismatch, committed_units, failed_units, read_output
+from blipbatch.pipeline.worker import FaultInjection
+from blipbatch.schemas import ColumnMapping
 
 NEW_TOKENS = 4
 PROMPTS = ("A short image caption:", "What color is the shape?")
@@ -299,7 +299,7 @@ def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subpro
     # Flags alone cannot name local roots: a spec holds them, and the flags give the rest.
     spec = tmp_path / "local-files.toml"
     spec.write_text(f'[job]\nkind = "caption"\n[fetch]\nlocal_roots = ["{tmp_path}"]\n')
-    command = [sys.executable, "-m", "jobs.cli", "run", str(spec), "--input", source, "--output", output,
+    command = [sys.executable, "-m", "blipbatch", "run", str(spec), "--input", source, "--output", output,
                "--model", checkpoint, "--prompt", PROMPTS[0], "--rows-per-unit", "10", "--batch-size", "5",
                "--max-new-tokens", str(NEW_TOKENS), "--quiet"]
     log = open(tmp_path / f"run-{time.monotonic_ns()}.log", "w")
@@ -380,7 +380,7 @@ def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
 
 
 def test_second_run_on_a_held_output_is_refused(ray_local, checkpoint, tmp_path):
-    from pipeline.lock import OutputLock, OutputLocked
+    from blipbatch.pipeline.lock import OutputLock, OutputLocked
 
     source = local_input(tmp_path, shards=1, rows=10)
     output = str(tmp_path / "out")
@@ -406,7 +406,7 @@ def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_pa
 
 
 def test_status_and_retry_failed_commands(ray_local, checkpoint, tmp_path, capsys):
-    from jobs.cli import main
+    from blipbatch.jobs.cli import main
 
     source = local_input(tmp_path, shards=1, rows=40)
     units = plan_units(discover_shards(source), ColumnMapping(), 20)

@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers
 
-from model.errors import CheckpointError, ProcessorError
-from model.image_processing import BlipImageProcessor
-from model.processor import Blip2Processor, InstructBlipProcessor, check_placeholders
-from model.tokenizer import Tokenizer
-from model.tiny_tokenizers import preprocessor_config, write_bert_tokenizer, write_processor_files
+from blipbatch.model.errors import CheckpointError, ProcessorError
+from blipbatch.model.image_processing import BlipImageProcessor
+from blipbatch.model.processor import Blip2Processor, InstructBlipProcessor, check_placeholders
+from blipbatch.model.tokenizer import Tokenizer
+from blipbatch.jobs.tokenizer_files import preprocessor_config, write_bert_tokenizer, write_processor_files
 
 NUM_QUERY_TOKENS = 4
 LMS = ("llama", "t5", "opt")

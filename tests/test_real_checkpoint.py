@@ -67,7 +67,7 @@ def checkpoint_kind(folder: Path) -> str:
 def test_published_outputs():
     from PIL import Image
 
-    from model import (
+    from blipbatch.model import (
         Blip2ForConditionalGeneration,
         Blip2Processor,
         InstructBlipForConditionalGeneration,

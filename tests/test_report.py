@@ -21,15 +21,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import pipeline
-from jobs import shapes
-from jobs.cli import EXIT_REFUSED, main
-from jobs.report import ReportError, collect, render, write_report
-from pipeline.fetch import FetchConfig
-from pipeline.lock import OutputLock
-from pipeline.sink import PROGRESS_DIR, progress_records, read_output
+from blipbatch.jobs.demo import DEMO_MODEL
+from blipbatch import pipeline
+from blipbatch.jobs import shapes
+from blipbatch.jobs.cli import EXIT_REFUSED, main
+from blipbatch.jobs.report import ReportError, collect, render, write_report
+from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.lock import OutputLock
+from blipbatch.pipeline.sink import PROGRESS_DIR, progress_records, read_output
 
-MODEL = str(Path(__file__).resolve().parents[1] / "models" / "shapes-instructblip")
+MODEL = str(DEMO_MODEL)
 PICTURES = 20
 QUESTIONS = {"caption": shapes.CAPTION_PROMPT, **shapes.QUESTIONS}
 LOCALHOST = FetchConfig(allow_hosts=("127.0.0.1",), retries=0)

@@ -1,4 +1,4 @@
-"""The small trained InstructBLIP that ships in models/shapes-instructblip.
+"""The small trained InstructBLIP that ships in jobs/demo_data/shapes-instructblip.
 
 It answers right through the whole pipeline on pictures it has never seen, the instruction decides which answer
 it gives, transformers loads it and generates the same ids, `blipbatch demo` uses it, and the training script
@@ -16,15 +16,15 @@ import torch
 import transformers
 from PIL import Image
 
-import pipeline
-from jobs import shapes
-from jobs.cli import main
-from jobs.demo import DEMO_MODEL, SAMPLE_IMAGES, run_demo
-from jobs.train import EVAL_SEED, TrainConfig, train
-from model import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from pipeline.sink import read_output
+from blipbatch import pipeline
+from blipbatch.jobs import shapes
+from blipbatch.jobs.cli import main
+from blipbatch.jobs.demo import DEMO_MODEL, SAMPLE_IMAGES, run_demo
+from blipbatch.jobs.train import EVAL_SEED, TrainConfig, train
+from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
+from blipbatch.pipeline.sink import read_output
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-instructblip"
+SHIPPED = Path(__file__).resolve().parents[1] / "jobs" / "demo_data" / "shapes-instructblip"
 PICTURES = 200
 NEW_TOKENS = 6
 
@@ -103,7 +103,7 @@ def test_transformers_generates_the_same_ids(pictures):
 
 
 def scene_of_sample(stem: str) -> shapes.ShapeScene:
-    """examples/images names its pictures by what they show: "three-purple-squares", "red-circle"."""
+    """The sample images are named its pictures by what they show: "three-purple-squares", "red-circle"."""
     words = stem.split("-")
     count = shapes.COUNT_WORDS.index(words[0]) + 1 if words[0] in shapes.COUNT_WORDS else 1
     return shapes.ShapeScene(words[-2], words[-1].removesuffix("s"), count)

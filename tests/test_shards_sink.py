@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shards import InputRow, NoShardsError, ShardError, WorkUnit, discover_shards, plan_units, read_unit
-from pipeline.sink import (
+from blipbatch.pipeline.shards import InputRow, NoShardsError, ShardError, WorkUnit, discover_shards, plan_units, read_unit
+from blipbatch.pipeline.sink import (
     ManifestMismatch,
     commit_unit,
     committed_units,
@@ -24,7 +24,7 @@ from pipeline.sink import (
     record_for,
     write_part,
 )
-from schemas import (
+from blipbatch.schemas import (
     ColumnMapping,
     ProgressRecord,
     SchemaError,

@@ -13,14 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline
-from jobs.kinds import KINDS, WideTableError, finish_job, write_wide_table
-from jobs.spec import (GENERATION_KEYS, SpecError, default_prompt, key_lines, load_spec, model_family,
+from blipbatch import pipeline
+from blipbatch.jobs.kinds import KINDS, WideTableError, finish_job, write_wide_table
+from blipbatch.jobs.spec import (GENERATION_KEYS, SpecError, default_prompt, key_lines, load_spec, model_family,
                        parse_override, run_kwargs)
-from model.configs import GenerationConfig
-from pipeline.fetch import FetchConfig
-from pipeline.shards import WorkUnit
-from pipeline.sink import commit_unit, record_for, write_part
+from blipbatch.model.configs import GenerationConfig
+from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.shards import WorkUnit
+from blipbatch.pipeline.sink import commit_unit, record_for, write_part
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import pipeline
-from model.tiny import write_tiny_checkpoint
-from pipeline.run import connect_ray
-from pipeline.shards import WorkUnit
-from pipeline.sink import (
+from blipbatch import pipeline
+from tiny import write_tiny_checkpoint
+from blipbatch.pipeline.run import connect_ray
+from blipbatch.pipeline.shards import WorkUnit
+from blipbatch.pipeline.sink import (
     PROGRESS_DIR,
     commit_unit,
     committed_units,
@@ -36,7 +36,7 @@ from pipeline.sink import (
     record_for,
     write_part,
 )
-from schemas import ProgressRecord
+from blipbatch.schemas import ProgressRecord
 
 from tests.faulty_proxy import FAULT_KINDS, FaultPlan, FaultyProxy
 

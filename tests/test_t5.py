@@ -7,8 +7,8 @@ import torch
 import transformers
 from torch import nn
 
-from model.configs import T5Config
-from model.t5 import T5ForConditionalGeneration, head_is_tied, relative_position_bucket
+from blipbatch.model.configs import T5Config
+from blipbatch.model.t5 import T5ForConditionalGeneration, head_is_tied, relative_position_bucket
 
 VOCAB = 40
 # Few buckets and a short max distance, so short sequences already reach the log-spaced buckets.

@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 
-from model.activations import activation
-from model.configs import Blip2QFormerConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
-from model.errors import ConfigError, ProcessorError
-from model.qformer import InstructBlipQFormerModel
-from model.vision import InstructBlipVisionModel
+from blipbatch.model.activations import activation
+from blipbatch.model.configs import Blip2QFormerConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+from blipbatch.model.errors import ConfigError, ProcessorError
+from blipbatch.model.qformer import InstructBlipQFormerModel
+from blipbatch.model.vision import InstructBlipVisionModel
 
 VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=2

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .configs import InstructBlipConfig
-from .instructblip import InstructBlipForConditionalGeneration
-from .tiny_tokenizers import write_processor_files
+from blipbatch.model.configs import InstructBlipConfig
+from blipbatch.model.instructblip import InstructBlipForConditionalGeneration
+from blipbatch.jobs.tokenizer_files import write_processor_files
 
 NUM_QUERY_TOKENS = 8
 IMAGE_SIZE = 64

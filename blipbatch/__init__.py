@@ -1,0 +1,64 @@
+"""blipbatch: InstructBLIP / BLIP-2 over millions of images, with the transformers API, on Ray.
+
+The public names load on first use, so `import blipbatch.model` does not import Ray and `import blipbatch`
+imports nothing heavy:
+
+    from blipbatch import InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from blipbatch import run          # the pipeline: Parquet shards in, Parquet out
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from .errors import BlipbatchError
+
+try:
+    __version__ = version("blipbatch")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2Processor", "Blip2QFormerConfig",
+            "Blip2VisionConfig", "GenerationConfig", "InstructBlipConfig", "InstructBlipForConditionalGeneration",
+            "InstructBlipModel", "InstructBlipProcessor", "InstructBlipQFormerConfig", "InstructBlipQFormerModel",
+            "InstructBlipVisionConfig", "InstructBlipVisionModel", "ModelError",
+        ),
+        "blipbatch.model",
+    ),
+    "run": "blipbatch.pipeline",
+    "RunSummary": "blipbatch.pipeline",
+    "PipelineError": "blipbatch.pipeline",
+    "SpecError": "blipbatch.jobs.spec",
+    "read_output": "blipbatch.pipeline.sink",
+}
+
+__all__ = ["BlipbatchError", "__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .model import (
+        Blip2Config, Blip2ForConditionalGeneration, Blip2Model, Blip2Processor, Blip2QFormerConfig,
+        Blip2VisionConfig, GenerationConfig, InstructBlipConfig, InstructBlipForConditionalGeneration,
+        InstructBlipModel, InstructBlipProcessor, InstructBlipQFormerConfig, InstructBlipQFormerModel,
+        InstructBlipVisionConfig, InstructBlipVisionModel, ModelError,
+    )
+    from .pipeline import PipelineError, RunSummary, run
+    from .pipeline.sink import read_output
+    from .jobs.spec import SpecError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'blipbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
