@@ -53,7 +53,8 @@ def build(feed_forward_proj: str = "gated-gelu", dense_act_fn: str | None = "gel
     config = T5Config.from_dict(hf_config.to_dict())
     ours = T5ForConditionalGeneration(config).eval()
     assert ours.tied is tied
-    state = {k: v for k, v in hf.state_dict().items() if k not in ours.tied_weights}
+    ours_keys = set(ours.state_dict())
+    state = {k: v for k, v in hf.state_dict().items() if k not in ours.tied_weights or k in ours_keys}
     ours.load_state_dict(state, strict=True)
     return hf, ours
 
