@@ -268,7 +268,10 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from blipbatch import __version__
+
     parser = argparse.ArgumentParser(prog="blipbatch", description="Batch InstructBLIP / BLIP-2 inference.")
+    parser.add_argument("--version", action="version", version=f"blipbatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_command(commands)
     sub = commands.add_parser("submit", help="run a job spec on a Ray cluster through its Jobs API",
