@@ -23,8 +23,9 @@ _KNOWN_KEYS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", 
                "image_mean", "image_std")
 
 
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    # Transparent pixels are composited onto white (not dropped), as transformers does.
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` as RGB the way transformers' `convert_to_rgb` makes it: transparent pixels composited onto white (not
+    dropped), every other mode through Pillow's convert (which clips 16-bit and float samples to 0..255)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -86,11 +87,13 @@ class BlipImageProcessor:
             "do_normalize": self.do_normalize, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
         }
 
-    def _one(self, image: PIL.Image.Image) -> torch.Tensor:
+    def resized(self, image: PIL.Image.Image) -> torch.Tensor:
+        """One image RGB-converted and resized: uint8 [3, H, W]. The CPU-heavy half of __call__, which the
+        pipeline's prepare stage runs on its threads; `normalize` of the stacked results is the other half."""
         if not isinstance(image, PIL.Image.Image):
             raise ProcessorError(f"images must be PIL.Image.Image, got {type(image).__name__}")
         if self.do_convert_rgb:
-            image = _to_rgb(image)
+            image = to_rgb(image)
         elif image.mode != "RGB":
             raise ProcessorError(f"image mode {image.mode!r} needs do_convert_rgb=True (the model takes RGB)")
         if self.do_resize:
@@ -98,7 +101,10 @@ class BlipImageProcessor:
             image = image.resize((self.size["width"], self.size["height"]), resample=self.resample)
         width, height = image.size
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-        pixels = pixels.permute(2, 0, 1)  # HWC -> CHW
+        return pixels.permute(2, 0, 1).contiguous()  # HWC -> CHW
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] from `resized` -> pixel_values float32 [B, 3, H, W]: rescale, normalize."""
         if self.do_rescale:  # in float64 then float32, as transformers does
             pixels = (pixels.double() * self.rescale_factor).float()
         pixels = pixels.float()
@@ -113,8 +119,8 @@ class BlipImageProcessor:
             images = [images]
         if not images:
             raise ProcessorError("no images given")
-        tensors = [self._one(image) for image in images]
+        tensors = [self.resized(image) for image in images]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise ProcessorError(f"images of different sizes {sorted(shapes)} cannot be batched; enable do_resize")
-        return torch.stack(tensors)
+        return self.normalize(torch.stack(tensors))

@@ -20,7 +20,7 @@ from blipbatch.schemas.rows import ERROR_KINDS
 from .redact import redact
 from blipbatch.errors import BlipbatchError
 
-__all__ = ["ERROR_KINDS", "RowError"]
+__all__ = ["ERROR_KINDS", "RowError", "format_size"]
 
 
 class RowError(BlipbatchError):
@@ -37,3 +37,12 @@ class RowError(BlipbatchError):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+def format_size(n: int) -> str:
+    """A byte count for a message: "12.3 MiB", "4.0 KiB", "17 bytes"."""
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} bytes"

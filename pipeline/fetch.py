@@ -1,28 +1,38 @@
 """Fetch image bytes from a row's image reference: http(s), object stores and local files, data: URIs, raw bytes.
 
 References and how they are fetched:
-- `http://`, `https://`: urllib3, one connection pool per Fetcher, a connect and a read timeout per request plus a
-  deadline per attempt, redirects followed by hand (at most `max_redirects`), the body streamed under `max_bytes`.
+- `http://`, `https://`: urllib3, one connection pool per Fetcher, a connect and a read timeout per request,
+  redirects followed by hand (at most `max_redirects`), the body streamed under `max_bytes`.
   Every connection, redirect hops included, goes through the address guard (pipeline.guard): the host is resolved,
   every address checked, and the socket opened to a checked address; `allow_hosts` admits trusted hosts/networks.
-- `file://` and plain local paths: fsspec, only inside `local_roots` (symlinks and ".." resolved first); none by
-  default.
+- `file://` and plain local paths: fsspec, only regular files inside `local_roots` (symlinks and ".." resolved
+  first; FIFOs, devices and sockets refused before opening); none by default.
 - `s3://`, `gs://`, and any other scheme listed in `allowed_schemes`: fsspec, allowed by scheme alone, with the
   worker's own credentials for the store.
 - `data:` URIs, base64 or percent-encoded.
 - raw bytes (a binary column, as img2dataset writes): returned as they are.
+
+Deadlines: every attempt (http(s) connect, headers and body, a local file, an object-store read) runs under
+`attempt_deadline_s` and what is left of `row_deadline_s`, enforced from outside the blocking call (pipeline.deadline):
+a server that drips its header block, a stalled store or a slow disk ends the row on time.
+
+Messages quote the reference with its credentials redacted (pipeline.redact), and each secret the reference carries is
+removed from the final message, whatever a backend's own text quoted.
 
 Error kinds (RowError.kind) and when they are raised:
 - `blocked_address`: an http(s) host that resolves to a loopback, private, link-local, multicast, reserved or
   unspecified address (see pipeline.guard), not admitted by `allow_hosts`, on the first request or on a redirect;
   a local path or file:// URL outside `local_roots` (or any, when there are none). Never retried. Checked before
   existence, so a refused path does not tell whether the file exists.
-- `invalid_input`: null, empty or whitespace reference; a scheme not in `allowed_schemes`; a malformed URL or data: URI;
-  a file or object that does not exist, is a directory, or may not be read; a scheme whose fsspec backend is missing.
+- `invalid_input`: null, empty or whitespace reference; a scheme not in `allowed_schemes`; a malformed reference
+  ("htp:/x": a scheme without "//", a URL without a host, a bucket URL without a bucket or with credentials in it) or
+  data: URI; a file or object that does not exist, is a directory, FIFO or device, or may not be read; a scheme whose
+  fsspec backend is missing.
   Never retried: the reference itself is wrong.
 - `fetch_http`: an HTTP error status. 429 and 5xx are retried, then reported with the number of attempts; other 4xx
   are reported at once. Also: more redirects than allowed, a redirect without a Location or to a non-HTTP scheme.
-- `fetch_timeout`: connect or read timeout, or the attempt ran past `attempt_deadline_s`; retried.
+- `fetch_timeout`: connect or read timeout, or the attempt ran past `attempt_deadline_s` (or the row's deadline);
+  retried while the row deadline allows.
 - `fetch_connection`: refused or reset connections, DNS failures, broken responses, storage backend errors; retried.
   TLS errors are reported at once (a bad certificate does not heal on retry).
 - `too_large`: more than `max_bytes` (from Content-Length before reading, or counted while streaming); never retried.
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import email.utils
 import os
 import random
@@ -52,11 +63,15 @@ import urllib3
 import urllib3.exceptions
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import RowError
+from . import deadline
+from .errors import RowError, format_size
 from .guard import AddressGuard, AllowList, LocalRoots, guarded_pool_manager
+from .redact import redact, scrub, secrets_of
 
 _HTTP_SCHEMES = ("http", "https")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# "name:" at the start without "//" after it: a mistyped URL, not a path (one letter, "C:", is a Windows drive).
+_SCHEME_WITHOUT_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # An error body this small is read off so the connection can be reused; a larger one closes the connection.
@@ -121,17 +136,16 @@ class _RetryableError(RowError):
         self.retry_after = retry_after
 
 
-def _size(n: int) -> str:
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    if n >= 2**10:
-        return f"{n / 2**10:.1f} KiB"
-    return f"{n} bytes"
-
-
-def _short(ref: str, limit: int = 200) -> str:
-    # data: URIs can be megabytes long; messages quote only their start.
+def _show(ref: str, limit: int = 200) -> str:
+    """`ref` as a message quotes it: credentials redacted first (so no cut can leave half a secret), then cut to
+    `limit` characters (data: URIs can be megabytes long)."""
+    ref = redact(ref)
     return ref if len(ref) <= limit else ref[:limit] + "..."
+
+
+def _did_you_mean(scheme: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(scheme.lower(), allowed, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -156,6 +170,28 @@ def _scheme(ref: str) -> str:
         return "data"
     match = _SCHEME_RE.match(ref)
     return match.group(1).lower() if match else "file"
+
+
+def _check_http_url(url: str) -> None:
+    """RowError("invalid_input") saying what is wrong with an http(s) URL that names no usable host."""
+    shown = _show(url)
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError:  # its text may quote part of a password written with a raw '/': not repeated
+        raise RowError("invalid_input", f"malformed URL {shown!r}: the host or port cannot be read (a '/', '?', "
+                                        "'#' or '@' in a user name or password must be percent-encoded)") from None
+    if not host:
+        raise RowError("invalid_input", f"malformed URL {shown!r}: no host after '//'")
+    if any(ch.isspace() for ch in parts.netloc):
+        raise RowError("invalid_input", f"malformed URL {shown!r}: the host contains white space")
+
+
+def _bucket(url: str) -> str:
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return ""
 
 
 class Fetcher:
@@ -194,17 +230,41 @@ class Fetcher:
         if not isinstance(ref, str):
             raise RowError("invalid_input", f"image reference must be a string or bytes, got {type(ref).__name__}")
         ref = ref.strip()
-        scheme = _scheme(ref)
-        if scheme not in self.config.allowed_schemes:
-            what = f"scheme {scheme!r}" if _SCHEME_RE.match(ref) else "local paths"
-            raise RowError("invalid_input", f"{what} not allowed in image reference {_short(ref)!r} "
-                                            f"(allowed schemes: {', '.join(self.config.allowed_schemes)})")
+        try:
+            return self._fetch_reference(ref)
+        except RowError as err:
+            # Messages quote the redacted reference; a backend's own text may still quote a secret of it, decoded
+            # or mangled, so each secret the reference carries is removed wherever it appears.
+            secrets = secrets_of(ref)
+            if any(secret in err.message for secret in secrets):
+                raise RowError(err.kind, scrub(err.message, secrets)) from None
+            raise
+
+    def _fetch_reference(self, ref: str) -> bytes:
+        scheme = self._checked_scheme(ref)
         if scheme == "data":
             return self._data_uri(ref)
         if scheme in _HTTP_SCHEMES:
-            return self._with_retries(lambda: self._http_attempt(ref))
+            _check_http_url(ref)
+            return self._with_retries(ref, lambda: self._http_attempt(ref))
         target = self._storage_target(ref, scheme)
-        return self._with_retries(lambda: self._storage_attempt(ref, target))
+        return self._with_retries(ref, lambda: self._storage_attempt(ref, target))
+
+    def _checked_scheme(self, ref: str) -> str:
+        """The reference's scheme, when it is well formed and allowed; RowError("invalid_input") saying what is
+        wrong otherwise."""
+        allowed = self.config.allowed_schemes
+        scheme = _scheme(ref)
+        if scheme == "file" and (mistyped := _SCHEME_WITHOUT_SLASHES.match(ref)):
+            name = mistyped.group(1)
+            raise RowError("invalid_input", f"malformed image reference {_show(ref)!r}: it starts with {name + ':'!r} "
+                                            f"but a URL needs '://' after its scheme{_did_you_mean(name, allowed)} "
+                                            "(a local path has no scheme)")
+        if scheme not in allowed:
+            what = f"scheme {scheme!r}" if _SCHEME_RE.match(ref) else "local paths"
+            raise RowError("invalid_input", f"{what} not allowed in image reference {_show(ref)!r} "
+                                            f"(allowed schemes: {', '.join(allowed)}){_did_you_mean(scheme, allowed)}")
+        return scheme
 
     def fetch_all(self, refs: Sequence[str | bytes | None]) -> list[bytes | RowError]:
         """fetch() over `refs` on up to `concurrency` threads; results (bytes or the RowError) in the order of refs."""
@@ -222,25 +282,36 @@ class Fetcher:
 
     def _check_size(self, n: int, what: str) -> None:
         if n > self.config.max_bytes:
-            raise RowError("too_large", f"{what} is {_size(n)}, above the {_size(self.config.max_bytes)} limit")
+            raise RowError("too_large", f"{what} is {format_size(n)}, above the {format_size(self.config.max_bytes)} limit")
 
     # -- retries ---------------------------------------------------------------------------------------------------
 
-    def _with_retries(self, attempt: Callable[[], bytes]) -> bytes:
-        deadline = time.monotonic() + self.config.row_deadline_s
+    def _with_retries(self, ref: str, attempt: Callable[[], bytes]) -> bytes:
+        row_deadline = time.monotonic() + self.config.row_deadline_s
         n = 0
         while True:
             try:
-                return attempt()
+                return self._bounded(ref, attempt, row_deadline)
             except _RetryableError as err:
                 delay = self._delay(n, err.retry_after)
-                past_deadline = time.monotonic() + delay >= deadline
+                past_deadline = time.monotonic() + delay >= row_deadline
                 if n == self.config.retries or past_deadline:
                     noun = "attempt" if n == 0 else "attempts"
                     why = f", row deadline of {self.config.row_deadline_s:g}s" if past_deadline else ""
                     raise RowError(err.kind, f"{err.message} (gave up after {n + 1} {noun}{why})") from None
                 self._sleep(delay)
                 n += 1
+
+    def _bounded(self, ref: str, attempt: Callable[[], bytes], row_deadline: float) -> bytes:
+        """One attempt, ended from outside (its sockets and files shut) at the attempt or the row deadline,
+        whichever comes first: a blocking read cannot outlast either (pipeline.deadline)."""
+        seconds = min(self.config.attempt_deadline_s, row_deadline - time.monotonic())
+        which = "attempt_deadline_s" if seconds == self.config.attempt_deadline_s else "what was left of row_deadline_s"
+
+        def timeout() -> _RetryableError:
+            return _RetryableError("fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})")
+
+        return deadline.run_within(seconds, attempt, timeout)
 
     def _delay(self, n: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -251,24 +322,23 @@ class Fetcher:
     # -- http ------------------------------------------------------------------------------------------------------
 
     def _http_attempt(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.config.attempt_deadline_s
         current = url
         for _ in range(self.config.max_redirects + 1):
             response = self._request(current)
             try:
                 if 200 <= response.status < 300:
-                    return self._read_body(response, current, deadline)
+                    return self._read_body(response, current)
                 self._discard(response)  # before raising, so no unread body goes back to the pool
                 if response.status in _REDIRECT_STATUSES:
                     current = self._redirect_target(current, response)
                     continue
                 if response.status == 429 or response.status >= 500:
-                    raise _RetryableError("fetch_http", f"HTTP {response.status} from {current}",
+                    raise _RetryableError("fetch_http", f"HTTP {response.status} from {_show(current)}",
                                           _parse_retry_after(response.headers.get("Retry-After")))
-                raise RowError("fetch_http", f"HTTP {response.status} from {current}")
+                raise RowError("fetch_http", f"HTTP {response.status} from {_show(current)}")
             finally:
                 response.release_conn()
-        raise RowError("fetch_http", f"more than {self.config.max_redirects} redirects starting at {url}")
+        raise RowError("fetch_http", f"more than {self.config.max_redirects} redirects starting at {_show(url)}")
 
     def _request(self, url: str) -> urllib3.BaseHTTPResponse:
         try:
@@ -279,33 +349,32 @@ class Fetcher:
     def _redirect_target(self, url: str, response: urllib3.BaseHTTPResponse) -> str:
         location = response.headers.get("Location")
         if not location:
-            raise RowError("fetch_http", f"HTTP {response.status} redirect without a Location header from {url}")
+            raise RowError("fetch_http", f"HTTP {response.status} redirect without a Location header from "
+                                         f"{_show(url)}")
         target = urljoin(url, location)
         scheme = urlsplit(target).scheme.lower()
         if scheme not in _HTTP_SCHEMES:
-            raise RowError("fetch_http", f"redirect from {url} to a non-HTTP URL {_short(target)!r}")
+            raise RowError("fetch_http", f"redirect from {_show(url)} to a non-HTTP URL {_show(target)!r}")
         if scheme not in self.config.allowed_schemes:
-            raise RowError("fetch_http", f"redirect from {url} to {_short(target)!r}: scheme {scheme!r} not allowed")
+            raise RowError("fetch_http", f"redirect from {_show(url)} to {_show(target)!r}: scheme {scheme!r} "
+                                         "not allowed")
         return target
 
-    def _read_body(self, response: urllib3.BaseHTTPResponse, url: str, deadline: float) -> bytes:
+    def _read_body(self, response: urllib3.BaseHTTPResponse, url: str) -> bytes:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.config.max_bytes:
             response.close()  # do not download what we will refuse
-            raise RowError("too_large", f"{url} declares {_size(int(declared))} (Content-Length), above the "
-                                        f"{_size(self.config.max_bytes)} limit")
+            raise RowError("too_large", f"{_show(url)} declares {format_size(int(declared))} (Content-Length), above "
+                                        f"the {format_size(self.config.max_bytes)} limit")
         chunks: list[bytes] = []
         total = 0
         try:
-            while chunk := response.read1(_CHUNK):  # read1: returns what has arrived, so the deadline is checked
+            while chunk := response.read1(_CHUNK):  # read1: what has arrived, so the byte limit holds as it streams
                 total += len(chunk)
                 if total > self.config.max_bytes:
                     response.close()
-                    raise RowError("too_large", f"{url} sent more than the {_size(self.config.max_bytes)} limit")
-                if time.monotonic() > deadline:
-                    response.close()
-                    raise _RetryableError("fetch_timeout", f"{url} took longer than {self.config.attempt_deadline_s} s "
-                                                           f"to send its body")
+                    raise RowError("too_large", f"{_show(url)} sent more than the "
+                                                f"{format_size(self.config.max_bytes)} limit")
                 chunks.append(chunk)
         except urllib3.exceptions.HTTPError as err:
             raise self._http_error(err, url) from None
@@ -324,16 +393,16 @@ class Fetcher:
 
     def _http_error(self, err: urllib3.exceptions.HTTPError, url: str) -> RowError:
         # Order matters: NewConnectionError (refused, DNS) subclasses ConnectTimeoutError in urllib3 2.
-        detail = f"{type(err).__name__}: {err}"
+        detail, shown = f"{type(err).__name__}: {err}", _show(url)
         if isinstance(err, urllib3.exceptions.LocationValueError):
-            return RowError("invalid_input", f"malformed URL {_short(url)!r}: {err}")
+            return RowError("invalid_input", f"malformed URL {shown!r}: {err}")
         if isinstance(err, urllib3.exceptions.SSLError):
-            return RowError("fetch_connection", f"TLS error fetching {url}: {err}")
+            return RowError("fetch_connection", f"TLS error fetching {shown}: {err}")
         if isinstance(err, urllib3.exceptions.NewConnectionError):
-            return _RetryableError("fetch_connection", f"cannot connect for {url}: {detail}")
+            return _RetryableError("fetch_connection", f"cannot connect for {shown}: {detail}")
         if isinstance(err, urllib3.exceptions.TimeoutError):
-            return _RetryableError("fetch_timeout", f"timed out after {self.config.timeout_s} s fetching {url}")
-        return _RetryableError("fetch_connection", f"connection error fetching {url}: {detail}")
+            return _RetryableError("fetch_timeout", f"timed out after {self.config.timeout_s} s fetching {shown}")
+        return _RetryableError("fetch_connection", f"connection error fetching {shown}: {detail}")
 
     # -- fsspec ----------------------------------------------------------------------------------------------------
 
@@ -341,42 +410,56 @@ class Fetcher:
         """What fsspec opens for `url`: the URL itself, or for a local file its real path inside `local_roots`."""
         if "::" in url:
             # fsspec would read "a::b" as a chain of filesystems, reaching schemes the allowlist did not approve.
-            raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference {url!r}")
+            raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference "
+                                            f"{_show(url)!r}")
         try:
             filesystem = fsspec.get_filesystem_class(protocol)
         except ImportError as err:
             raise RowError("invalid_input", f"reading {protocol}:// needs a package that is not installed: {err}") \
                 from None
         except ValueError:
-            raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {url!r}") from None
+            raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {_show(url)!r}") \
+                from None
         if issubclass(filesystem, LocalFileSystem):  # file://, local://, plain paths
             # The path fsspec would open, resolved; opening the resolved path leaves no symlink to follow later.
+            # Refused there too: anything but a regular file (a FIFO would block the read).
             return self._roots.resolve(filesystem._strip_protocol(url), url)
+        bucket = _bucket(url)
+        if not bucket:
+            raise RowError("invalid_input", f"malformed image reference {_show(url)!r}: no bucket after "
+                                            f"'{protocol}://'")
+        if "@" in bucket:
+            raise RowError("invalid_input", f"image reference {_show(url)!r} carries credentials before its bucket: "
+                                            f"{protocol}:// objects are read with the worker's own credentials, so "
+                                            "remove the part up to '@' (and treat those credentials as exposed)")
         return url
 
     def _storage_attempt(self, url: str, target: str) -> bytes:
+        shown = _show(url)
         try:
             with fsspec.open(target, "rb") as f:
+                deadline.hold(f)  # closed from outside if the attempt's time runs out
                 size = getattr(f, "size", None)  # object stores know it from open
                 if size is None and f.seekable():
                     size = f.seek(0, os.SEEK_END)
                     f.seek(0)
                 if size is not None:
-                    self._check_size(size, url)
+                    self._check_size(size, shown)
                 data = f.read(self.config.max_bytes + 1)
         except RowError:
             raise
         except FileNotFoundError:
-            raise RowError("invalid_input", f"no such file or object: {url}") from None
+            raise RowError("invalid_input", f"no such file or object: {shown}") from None
         except (IsADirectoryError, NotADirectoryError):
-            raise RowError("invalid_input", f"not a file: {url}") from None
+            raise RowError("invalid_input", f"not a file: {shown}") from None
         except PermissionError as err:
-            raise RowError("invalid_input", f"permission denied reading {url}: {err}") from None
+            raise RowError("invalid_input", f"permission denied reading {shown}: {err.strerror}") from None
         except TimeoutError as err:
-            raise _RetryableError("fetch_timeout", f"timed out reading {url}: {err}") from None
+            raise _RetryableError("fetch_timeout", f"timed out reading {shown}: {err}") from None
         except Exception as err:  # noqa: BLE001 - each backend (botocore, gcsfs, aiohttp) has its own error types
-            raise _RetryableError("fetch_connection", f"error reading {url}: {type(err).__name__}: {err}") from None
-        self._check_size(len(data), url)
+            raise _RetryableError("fetch_connection", f"error reading {shown}: {type(err).__name__}: {err}") \
+                from None
+        self._check_size(len(data), shown)
         return data
 
     # -- data: ------------------------------------------------------------------------------------------------------
@@ -384,14 +467,14 @@ class Fetcher:
     def _data_uri(self, ref: str) -> bytes:
         header, sep, payload = ref[5:].partition(",")
         if not sep:
-            raise RowError("invalid_input", f"malformed data: URI (no ',' before the data): {_short(ref, 60)!r}")
+            raise RowError("invalid_input", f"malformed data: URI (no ',' before the data): {_show(ref, 60)!r}")
         is_base64 = header.lower().endswith(";base64")
         if is_base64:
             try:
                 encoded = re.sub(rb"\s+", b"", unquote_to_bytes(payload))  # line breaks are common in the wild
                 data = base64.b64decode(encoded + b"=" * (-len(encoded) % 4), validate=True)
             except (binascii.Error, ValueError) as err:
-                raise RowError("invalid_input", f"data: URI is not valid base64 ({err}): {_short(ref, 60)!r}") \
+                raise RowError("invalid_input", f"data: URI is not valid base64 ({err}): {_show(ref, 60)!r}") \
                     from None
         else:
             data = unquote_to_bytes(payload)

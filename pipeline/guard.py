@@ -28,6 +28,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family, create_connection
 
+from . import deadline
 from .errors import RowError
+from .redact import redact
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -156,9 +159,12 @@ def _connect_checked(conn: HTTPConnection, guard: AddressGuard) -> socket.socket
     except socket.gaierror as e:
         raise NameResolutionError(conn.host, conn, e) from e
     error: Exception | None = None
+    timeout = conn.timeout
+    if (attempt := deadline.current()) is not None and isinstance(timeout, (int, float)):
+        timeout = max(0.01, min(timeout, attempt.remaining()))  # a connect that waits never outlasts the attempt
     for target in targets:  # each checked address in turn, as socket.create_connection tries each of an answer
         try:
-            sock = create_connection((target, conn.port), conn.timeout, source_address=conn.source_address,
+            sock = create_connection((target, conn.port), timeout, source_address=conn.source_address,
                                      socket_options=conn.socket_options)
         except SocketTimeout:
             error = ConnectTimeoutError(conn, f"Connection to {conn.host} ({target}) timed out. "
@@ -177,12 +183,29 @@ class _GuardedHTTPConnection(HTTPConnection):
     def _new_conn(self) -> socket.socket:
         return _connect_checked(self, self.guard)
 
+    def request(self, *args, **kwargs) -> None:
+        deadline.hold(self)  # the attempt's deadline shuts this connection's socket: headers and body are bounded
+        super().request(*args, **kwargs)
+
 
 class _GuardedHTTPSConnection(HTTPSConnection):
     guard: AddressGuard
 
     def _new_conn(self) -> socket.socket:
         return _connect_checked(self, self.guard)  # TLS is wrapped around it by connect(), for self.host
+
+    def request(self, *args, **kwargs) -> None:
+        deadline.hold(self)
+        super().request(*args, **kwargs)
+
+
+class _ReleasingPool:
+    """A connection pool mixin: a connection going back to the pool leaves its attempt first, so that attempt's
+    deadline cannot shut it while another attempt uses it."""
+
+    def _put_conn(self, conn) -> None:
+        deadline.release(conn)
+        super()._put_conn(conn)
 
 
 def guarded_pool_manager(guard: AddressGuard, **pool_kwargs) -> urllib3.PoolManager:
@@ -191,8 +214,8 @@ def guarded_pool_manager(guard: AddressGuard, **pool_kwargs) -> urllib3.PoolMana
     https = type("GuardedHTTPSConnection", (_GuardedHTTPSConnection,), {"guard": guard})
     manager = urllib3.PoolManager(**pool_kwargs)
     manager.pool_classes_by_scheme = {
-        "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
-        "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+        "http": type("GuardedHTTPConnectionPool", (_ReleasingPool, HTTPConnectionPool), {"ConnectionCls": http}),
+        "https": type("GuardedHTTPSConnectionPool", (_ReleasingPool, HTTPSConnectionPool), {"ConnectionCls": https}),
     }
     return manager
 
@@ -204,14 +227,65 @@ class LocalRoots:
         self.roots = tuple(os.path.realpath(root) for root in roots)
 
     def resolve(self, path: str, ref: str) -> str:
-        """The real path of `path` (symlinks and ".." resolved) when it lies inside a root; otherwise
-        RowError("blocked_address") naming `ref`, the image reference `path` came from."""
+        """The real path of `path` (symlinks and ".." resolved) when it lies inside a root and is a regular file.
+
+        RowError naming `ref`, the image reference `path` came from (redacted): "blocked_address" outside the roots
+        (checked first, so a refused path does not tell whether it exists), "invalid_input" for a missing path or
+        anything but a regular file: a FIFO or a device would block the reader, so it is refused before opening."""
+        shown = redact(ref)
         if not self.roots:
-            raise RowError("blocked_address", f"local file {ref!r} refused: no [fetch] local_roots are set, so no "
+            raise RowError("blocked_address", f"local file {shown!r} refused: no [fetch] local_roots are set, so no "
                                               "local files may be read (list the folders images may come from)")
         real = os.path.realpath(path)
-        if any(os.path.commonpath([real, root]) == root for root in self.roots):
-            return real
-        shown = ref if real in (ref, path) else f"{ref} (resolves to {real})"
-        raise RowError("blocked_address", f"local file {shown} is outside [fetch] local_roots "
-                                          f"({', '.join(self.roots)})")
+        if not any(os.path.commonpath([real, root]) == root for root in self.roots):
+            where = shown if real in (ref, path) else f"{shown} (resolves to {redact(real)})"
+            raise RowError("blocked_address", f"local file {where} is outside [fetch] local_roots "
+                                              f"({', '.join(self.roots)})")
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            raise RowError("invalid_input", f"no such file or object: {shown}") from None
+        except OSError as err:
+            raise RowError("invalid_input", f"cannot read {shown}: {err.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise RowError("invalid_input", f"not a file: {shown} is {_file_kind(mode)}; only regular files are read")
+        return real
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _home_folders() -> set[str]:
+    homes = {os.path.realpath(os.path.expanduser("~")), "/root"}
+    for parent in ("/home", "/Users"):
+        try:
+            homes.update(os.path.join(parent, name) for name in os.listdir(parent))
+        except OSError:
+            continue  # no such folder on this system
+    return homes
+
+
+def risky_local_roots(roots: Iterable[str]) -> list[str]:
+    """A warning for each local root that opens far more than image folders: "/" or a folder holding, or being, a
+    home folder (SSH keys, cloud credentials, shell history). For the run summary; the roots are still used."""
+    homes = _home_folders()
+    warnings = []
+    for root in roots:
+        real = os.path.realpath(root)
+        if real == os.path.sep:
+            why = "is the whole file system"
+        elif real in homes:
+            why = "is a home folder"
+        elif any(os.path.commonpath([home, real]) == real for home in homes):
+            why = "holds home folders"
+        else:
+            continue
+        warnings.append(f"[fetch] local_roots entry {root!r} {why}: any row of the input can read any file in it "
+                        "(SSH keys, cloud credentials); list only the folders that hold the images")
+    return warnings

@@ -1,28 +1,37 @@
 """Remove credentials from text that goes into outputs and logs: error messages, image references, failure reasons.
 
 Image references and the messages about them can carry secrets: presigned S3/GCS URLs (X-Amz-Signature,
-X-Amz-Security-Token, X-Goog-Signature), SAS or API tokens in a query (sig=, token=, key=), a password in a URL's
-user info (https://user:password@host/), or a header quoted from an HTTP exchange (Authorization: ...). `redact`
-replaces each such value with REDACTED and leaves the rest as it was, so a message still says which host and path
-failed. It is idempotent: redacting twice gives the same text.
+X-Amz-Security-Token, X-Goog-Signature), SAS or API tokens in a query (sig=, token=, key=, password=), a password in a
+URL's user info (https://user:password@host/, also with a raw @ / # ? inside the password), the same
+`KEY:SECRET@bucket` quoted without its scheme (as storage backends do in their errors), or a header quoted from an
+HTTP exchange (Authorization: ...). `redact` replaces each such value with REDACTED and leaves the rest as it was, so a
+message still says which host and path failed. It is idempotent: redacting twice gives the same text. When in doubt
+it removes more (a path holding both ':' and '@' loses the part before the last '@'), never less.
+
+`scrub` also removes the literal secrets of one known reference (`secrets_of`), wherever and however a backend's
+message quotes them (decoded, re-encoded).
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 REDACTED = "REDACTED"
 
 # A URL inside free text: scheme://, then up to whitespace, a quote or an angle bracket.
-_URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>]+""")
-# scheme://USERINFO@ : the user info before the host (a name, a name:password, or a bare token).
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]+@")
-# Query (or ;-parameter) names whose values are credentials: a name containing one of these words, or one of the
-# short names exactly (Azure SAS `sig`, Google API `key`).
-_SECRET_WORD = r"signature|token|secret|password|passwd|credential|api[_-]?key|access[_-]?key"
-_SECRET_PARAM = re.compile(rf"([?&;](?:[\w.-]*(?:{_SECRET_WORD})[\w.-]*|sig|key|auth|pwd)=)[^&#;]*", re.IGNORECASE)
+_URL = re.compile(r"""([A-Za-z][A-Za-z0-9+.-]*://)([^\s'"<>]+)""")
+# KEY:SECRET@host without a scheme, starting at a word boundary that is not inside a URL's authority or path.
+_BARE_USERINFO = re.compile(r"""(?<![\w.+%~:/@-])[\w.+%~-]+:(?!//)[^\s'"<>]*@(?=[\w\[])""")
+# name=value, in a query, a ;-parameter list or free text; _is_secret_name decides whether the value goes.
+_PARAM = re.compile(r"""(?<![\w.-])([\w.-]+)(=)([^&\s'"<>;#]*)""")
+# Name parts (split at - _ .) that mark a credential, and words that do so anywhere in a name (apiKey, accessToken).
+_SECRET_PARTS = frozenset({"pass", "password", "passwd", "passphrase", "pwd", "pw", "token", "secret", "signature",
+                           "sig", "credential", "credentials", "key", "auth", "session", "sas"})
+_SECRET_WORDS = ("password", "passwd", "token", "secret", "signature", "credential", "apikey", "accesskey",
+                 "privatekey", "sessionkey")
 # A header or setting quoted in an exception message ("Authorization: ...", "aws_session_token=..."): the value to
-# the end of its line. Not inside a URL's query, which _SECRET_PARAM handles.
+# the end of its line.
 _SECRET_FIELD = re.compile(
     r"(?<![?&;\w-])(authorization|proxy-authorization|cookie|set-cookie|x-amz-security-token|x-api-key|"
     r"aws_secret_access_key|aws_session_token)(\s*[:=]\s*)[^\r\n]+",
@@ -30,13 +39,64 @@ _SECRET_FIELD = re.compile(
 )
 
 
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return (not set(re.split(r"[-_.]", lowered)).isdisjoint(_SECRET_PARTS)
+            or any(word in lowered for word in _SECRET_WORDS))
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the user info of the URL `scheme://rest` ends (the index of its '@'), or -1 when it has none.
+
+    Up to the last '@': a password may hold a raw '@'. When the text before it holds '/', '?' or '#', it is still
+    user info if its first part has a ':' (user:pa/ss@host); otherwise the '@' is in the path (/img@2x.png)."""
+    at = rest.rfind("@")
+    if at < 0:
+        return -1
+    before = rest[:at]
+    first = re.split(r"[/?#]", before, maxsplit=1)[0]
+    return at if first == before or ":" in first else -1
+
+
 def _redact_url(match: re.Match[str]) -> str:
-    url = _USERINFO.sub(rf"\g<1>{REDACTED}@", match.group(0))
-    return _SECRET_PARAM.sub(rf"\g<1>{REDACTED}", url)
+    scheme, rest = match.group(1), match.group(2)
+    end = _userinfo_end(rest)
+    if end >= 0:
+        rest = f"{REDACTED}{rest[end:]}"
+    return scheme + rest
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    name, equals, value = match.groups()
+    return f"{name}{equals}{REDACTED}" if value and _is_secret_name(name) else match.group(0)
 
 
 def redact(text: str) -> str:
-    """`text` with the credentials in its URLs and quoted headers replaced by REDACTED."""
+    """`text` with the credentials in its URLs, parameters and quoted headers replaced by REDACTED."""
     if "://" in text:
         text = _URL.sub(_redact_url, text)
+    if "@" in text:
+        text = _BARE_USERINFO.sub(f"{REDACTED}@", text)
+    if "=" in text:
+        text = _PARAM.sub(_redact_param, text)
     return _SECRET_FIELD.sub(rf"\g<1>\g<2>{REDACTED}", text)
+
+
+def secrets_of(reference: str) -> tuple[str, ...]:
+    """The secret strings inside one image reference: its user info and the values of secret-like parameters, each
+    as written and percent-decoded."""
+    found: list[str] = []
+    match = _URL.match(reference)
+    if match and (end := _userinfo_end(match.group(2))) >= 0:
+        userinfo = match.group(2)[:end]
+        found += [userinfo, *userinfo.split(":", 1)[1:]]
+    found += [m.group(3) for m in _PARAM.finditer(reference) if m.group(3) and _is_secret_name(m.group(1))]
+    variants = {text for secret in found for text in (secret, unquote(secret))}
+    return tuple(sorted((s for s in variants if len(s) >= 4), key=len, reverse=True))  # 3 chars would hit words
+
+
+def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """redact(text), and each of `secrets` (from secrets_of) replaced wherever it appears."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return redact(text)

@@ -318,7 +318,7 @@ def test_html_page_fetches_but_does_not_decode(server):
     with pytest.raises(RowError) as caught:
         decode_image(data)
     assert caught.value.kind == "decode_error"
-    assert caught.value.message.startswith("not an image: starts with '<!DOCTYPE html")
+    assert caught.value.message == f"not an image: HTML, {len(HTML)} bytes (supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
 
 
 def test_fetch_all_keeps_order_and_runs_concurrently(server):
@@ -502,10 +502,13 @@ def test_empty_svg_html_and_unknown_formats():
     assert decode_error(b"") == "empty file (0 bytes)"
     svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
     assert decode_error(svg) == "SVG is not supported (raster formats only: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
-    assert decode_error(HTML) == "not an image: starts with '<!DOCTYPE html>'"
-    assert decode_error(b"\x00\x01\x02garbage" * 10).startswith("not an image in a supported format (JPEG")
+    assert decode_error(HTML) == f"not an image: HTML, {len(HTML)} bytes (supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
+    assert decode_error(b"\x00\x01\x02garbage" * 10) == ("not an image: binary data of unknown type, 100 bytes "
+                                                          "(supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)")
     # a real image in a format left out of the list is refused before any plugin parses it
-    assert decode_error(image_bytes("GIF"), config=DecodeConfig(formats=("PNG",))).startswith("not an image")
+    gif = image_bytes("GIF")
+    assert decode_error(gif, config=DecodeConfig(formats=("PNG",))) == \
+        f"not an image: a GIF image, {len(gif)} bytes (supported: PNG)"
 
 
 def one_colour_png(width: int, height: int) -> bytes:
