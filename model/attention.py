@@ -58,3 +58,31 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | 
     # No mask tensor: plain causal attention, or (S > T only for T == 1) a new token that sees the whole cache.
     is_causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def attend_eager(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None, causal: bool = False,
+    head_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention that also returns its probabilities [B, H, T, S], for `output_attentions` (and `head_mask`).
+
+    As transformers' eager attention: scores in the input dtype, softmax in fp32; `mask` is boolean (True = attend)
+    or an additive float bias; `causal` without a mask is the plain causal mask of `attend`; `head_mask` scales each
+    head's probabilities (BERT's head masking). SDPA stays the path when nobody asks for the probabilities.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is None and causal and q.shape[2] > 1:
+        q_len, k_len = q.shape[2], k.shape[2]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    probs = scores.float().softmax(-1).to(q.dtype)
+    if head_mask is not None:
+        probs = probs * head_mask
+    return torch.matmul(probs, v), probs

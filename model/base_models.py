@@ -81,15 +81,26 @@ class PretrainedModel(nn.Module):
     def from_pretrained(
         cls: type[M],
         name_or_path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: torch.device | str | int | None = None,
     ) -> M:
-        """Load from a local folder, an fsspec URL or a Hub id; dtype defaults to float32."""
+        """Load from a local folder, an fsspec URL or a Hub id.
+
+        dtype (or transformers' older name torch_dtype): a torch dtype or its name ("float16", "bfloat16", ...), or
+        "auto" for the dtype config.json records; default float32. device (or device_map, as transformers: "cpu",
+        "cuda", "cuda:N", "auto" = the first GPU if any): where the whole model goes; default cpu.
+        """
         folder = checkpoint_dir(name_or_path)
-        config, prefix = cls.config_from_checkpoint(read_config(folder))
+        data = read_config(folder)
+        config, prefix = cls.config_from_checkpoint(data)
+        dtype = load_dtype(dtype, torch_dtype, data)
+        device = load_device(device, device_map)
         with torch.device("meta"):
             model = cls(config)
-        materialize(model, dtype or torch.float32, torch.device(device or "cpu"), model.keep_in_fp32)
+        materialize(model, dtype, device, model.keep_in_fp32)
         stored_apart = load_tensors(model, weight_files(folder), model.tied_weights, model.fallback_weights, prefix)
         for alias, tensor in stored_apart.items():
             logger.warning(
@@ -101,6 +112,24 @@ class PretrainedModel(nn.Module):
         model.tie_weights()
         model.read_extra_files(folder)
         return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (transformers' `model.device`)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The first floating-point parameter's dtype (transformers' `model.dtype`)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied weight counts once), as transformers counts them."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(
+            p.numel() for p in self.parameters()
+            if (p.requires_grad or not only_trainable) and id(p) not in embeddings
+        )
 
     def tie_weights(self) -> None:
         """Point every alias at its source parameter again (materialising on meta unties them)."""
@@ -132,6 +161,42 @@ class PretrainedModel(nn.Module):
         aliases = self.tied_weights
         state = {k: v for k, v in self.state_dict().items() if k not in aliases}
         save_tensors(state, folder, max_shard_size)
+
+
+def load_dtype(
+    dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None, config: dict[str, Any]
+) -> torch.dtype:
+    """The load dtype from `dtype` or its older name `torch_dtype` (a torch dtype, a name, or "auto")."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
+    value = dtype if dtype is not None else torch_dtype
+    if value == "auto":
+        # What the checkpoint was saved in (transformers 5.x writes "dtype", 4.x "torch_dtype"); float32 if neither.
+        value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if value is None or isinstance(value, torch.dtype):
+        return value or torch.float32
+    found = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ConfigError(f"dtype {value!r} is not a floating-point torch dtype; use float32, bfloat16, float16 or 'auto'")
+    return found
+
+
+def load_device(device: torch.device | str | None, device_map: torch.device | str | int | None) -> torch.device:
+    """The one device the whole model loads on, from `device` or transformers' `device_map`."""
+    if device is not None and device_map is not None:
+        raise ConfigError("give device or device_map, not both")
+    value = device if device is not None else device_map
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(value, dict):
+        raise ConfigError(
+            "device_map as a dict (layers split over devices) is not supported: the model loads whole on one device; "
+            "use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        )
+    try:
+        return torch.device(value if value is not None else "cpu")
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {value!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from err
 
 
 class PretrainedPart(PretrainedModel):

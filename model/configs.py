@@ -99,9 +99,15 @@ class InstructBlipQFormerConfig(BaseConfig):
     encoder_hidden_size: int = 1408
     # InstructBLIP feeds the instruction into the Q-Former; BLIP-2 does not (and has no text weights).
     use_qformer_text_input: bool = True
+    position_embedding_type: str = "absolute"
 
     def validate(self) -> None:
         _check_heads("qformer_config", self.hidden_size, self.num_attention_heads)
+        if self.position_embedding_type != "absolute":
+            raise ConfigError(
+                f"qformer_config: position_embedding_type {self.position_embedding_type!r} is not supported; only "
+                "'absolute' is (what every InstructBLIP and BLIP-2 checkpoint uses)"
+            )
         if self.cross_attention_frequency < 1:
             raise ConfigError("qformer_config: cross_attention_frequency must be at least 1")
 
@@ -292,6 +298,23 @@ class InstructBlipConfig(BaseConfig):
         # The Q-Former cross-attends to the vision output, whatever its stored encoder size says.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
 
+    @classmethod
+    def from_vision_qformer_text_configs(
+        cls,
+        vision_config: BaseConfig | dict[str, Any],
+        qformer_config: BaseConfig | dict[str, Any],
+        text_config: BaseConfig | dict[str, Any],
+        **kwargs: Any,
+    ) -> "InstructBlipConfig":
+        """The composite config from its three parts (config objects or dicts) and top-level keys, as transformers'."""
+        parts = {
+            "vision_config": vision_config, "qformer_config": qformer_config, "text_config": text_config,
+        }
+        data = {k: v.to_dict() if isinstance(v, BaseConfig) else dict(v) for k, v in parts.items()}
+        for key in ("vision_config", "qformer_config"):
+            data[key].pop("model_type", None)  # a part of the other family (BLIP-2 / InstructBLIP) reads the same
+        return cls.from_dict({**kwargs, **data})
+
     @property
     def use_decoder_only_language_model(self) -> bool:
         return self.text_config.model_type in DECODER_ONLY_TYPES
@@ -335,6 +358,8 @@ class GenerationConfig(BaseConfig):
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
+    return_dict_in_generate: bool = False  # a GenerateOutput (sequences, scores, ...) instead of the ids
+    output_scores: bool = False  # with return_dict_in_generate: the processed scores of every step
 
     def updated(self, **overrides: Any) -> "GenerationConfig":
         """A copy with `overrides` applied; unknown names are an error, not silently ignored."""

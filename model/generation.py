@@ -10,7 +10,7 @@ Tensors stay on the device of the session's logits; the loops read one flag back
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Protocol
 
@@ -180,6 +180,18 @@ def _check(config: GenerationConfig) -> None:
         raise GenerationError(f"top_k must be 0 (off) or positive, got {config.top_k}")
 
 
+@dataclass
+class SearchScores:
+    """What `output_scores` asks for, filled by the search when given (the fast path passes None).
+
+    steps: per generated token, the processed scores [N, vocab] the search chose from (beam search: log-probabilities
+    after the processors, before adding the beam's running score), as transformers' `scores`.
+    sequences: beam search only, each returned hypothesis' length-normalised score (`sequences_scores`)."""
+
+    steps: list[Tensor] = field(default_factory=list)
+    sequences: Tensor | None = None
+
+
 # --- the search loops -----------------------------------------------------------------------------------------------
 
 
@@ -190,6 +202,7 @@ def generate_ids(
     config: GenerationConfig,
     generator: torch.Generator | None = None,
     attention_mask: Tensor | None = None,
+    scores: SearchScores | None = None,
 ) -> Tensor:
     """Generate token ids exactly as transformers' `generate` would, around a model-side `DecodeSession`.
 
@@ -201,6 +214,7 @@ def generate_ids(
         transformers, so `torch.manual_seed(s)` reproduces its samples.
     attention_mask [B, P]: the mask transformers gets with a decoder-only prompt; the repetition penalty skips each
         row's leading padding, as transformers does. Leave None for encoder-decoder models.
+    scores: filled with the per-step scores (and beam search's sequence scores) when given.
     Returns [B * num_return_sequences, P + new] ids; rows that finished early are padded.
     """
     _check(config)
@@ -222,8 +236,8 @@ def generate_ids(
         ignore_before = (attention_mask != 0).int().argmax(1).to(device).repeat_interleave(expand, 0)
     procs = logits_processors(config, limits.min_length, limits.eos, ignore_before)
     if config.num_beams > 1:
-        return _beam_search(session, logits, ids, procs, config, limits, generator)
-    return _greedy_or_sample(session, logits, ids, procs, config.do_sample, limits, generator)
+        return _beam_search(session, logits, ids, procs, config, limits, generator, scores)
+    return _greedy_or_sample(session, logits, ids, procs, config.do_sample, limits, generator, scores)
 
 
 def _greedy_or_sample(
@@ -234,10 +248,13 @@ def _greedy_or_sample(
     do_sample: bool,
     limits: _Limits,
     generator: torch.Generator | None,
+    trace: SearchScores | None = None,
 ) -> Tensor:
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     while True:
         scores = _process(procs, ids, logits.float())
+        if trace is not None:
+            trace.steps.append(scores)
         if do_sample:
             next_ids = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -268,6 +285,7 @@ def _beam_search(
     config: GenerationConfig,
     limits: _Limits,
     generator: torch.Generator | None,
+    trace: SearchScores | None = None,
 ) -> Tensor:
     """transformers' vectorised beam search: per input, keep the `num_beams` best running beams and, separately,
     the `num_beams` best finished hypotheses (scores divided by generated_length ** length_penalty)."""
@@ -300,6 +318,8 @@ def _beam_search(
         # a. scores of every (beam, token) continuation, accumulated over the beam's tokens
         log_probs = torch.log_softmax(logits.float(), -1)
         log_probs = _process(procs, running[:, :, :cur_len].reshape(rows, cur_len), log_probs)
+        if trace is not None:
+            trace.steps.append(log_probs)
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, beams * vocab)
 
@@ -354,6 +374,8 @@ def _beam_search(
         logits = session.step(running[:, :, cur_len - 1].reshape(rows))
 
     returned = config.num_return_sequences
+    if trace is not None:
+        trace.sequences = finished_scores[:, :returned].reshape(batch * returned)
     out = finished[:, :returned].reshape(batch * returned, max_length)
     new_tokens = int(finished_new_tokens[:, :returned].max())
     return out[:, : prefix_len + new_tokens]

@@ -7,8 +7,8 @@ The module trees and parameter names follow transformers' `InstructBlipForCondit
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,13 +19,24 @@ from torch import nn
 from .base_models import PretrainedModel
 from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
 from .errors import ConfigError, ProcessorError
-from .generation import generate_ids
+from .generation import SearchScores, generate_ids
+from .kv_cache import KVCache
 from .llama import LlamaForCausalLM, LlamaModel
 from .opt import OPTForCausalLM, OPTModel
-from .processor import check_placeholders
+from .outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    Collector,
+    GenerateOutput,
+    InstructBlipForConditionalGenerationModelOutput,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+    collected,
+)
+from .processor import check_placeholder_mask, check_placeholders
 from .qformer import InstructBlipQFormerModel
 from .sessions import DecoderOnlySession, EncoderDecoderSession
-from .t5 import T5ForConditionalGeneration, T5Model
+from .t5 import T5Cache, T5ForConditionalGeneration, T5Model
 from .vision import InstructBlipVisionModel
 
 LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
@@ -46,26 +57,13 @@ def language_model_width(text_config: BaseConfig) -> int:
     return text_config.d_model if text_config.model_type == "t5" else text_config.hidden_size
 
 
-@dataclass
-class InstructBlipOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    language_model_inputs: torch.Tensor | None = None  # projected Q-Former outputs, [B, num_query_tokens, width]
-
-
-@dataclass
-class InstructBlipModelOutput:
-    last_hidden_state: torch.Tensor  # the language model's (T5: its decoder's), after the final norm
-    encoder_last_hidden_state: torch.Tensor | None = None  # T5's encoder output
-    language_model_inputs: torch.Tensor | None = None  # projected Q-Former outputs, [B, num_query_tokens, width]
-
-
 class InstructBlipBase(PretrainedModel):
     """What the composite models share: the image path, the placeholder merge and checkpoint I/O.
     Subclasses pick the language-model classes (with or without the head) and what forward returns."""
 
     config_class: ClassVar[type[InstructBlipConfig]] = InstructBlipConfig
     language_models: ClassVar[dict[str, type[nn.Module]]]
+    has_head: ClassVar[bool]  # the language model ends in its LM head (logits) or not (hidden states)
 
     def __init__(self, config: InstructBlipConfig) -> None:
         super().__init__()
@@ -102,7 +100,37 @@ class InstructBlipBase(PretrainedModel):
     # ---- image side -------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Vision encoder output [B, 1 + patches, vision width]; computed once per image."""
-        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.vision_model.encode(pixel_values, interpolate_pos_encoding)
+
+    def qformer_inputs(
+        self,
+        image_embeds: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """The Q-Former's keyword arguments for these image embeddings: the learned queries, then (InstructBLIP)
+        the instruction with a mask over queries + instruction."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        if not self.uses_qformer_text:
+            return {"query_embeds": queries, "encoder_hidden_states": image_embeds}
+        if qformer_input_ids is None:
+            raise ProcessorError(
+                "InstructBLIP needs qformer_input_ids (the instruction tokenized for the Q-Former); "
+                "build the inputs with InstructBlipProcessor"
+            )
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
+        mask = torch.cat([query_mask, qformer_attention_mask.to(queries.device)], dim=1)
+        return {
+            "query_embeds": queries, "encoder_hidden_states": image_embeds, "input_ids": qformer_input_ids,
+            "attention_mask": mask,
+        }
+
+    def project_queries(self, qformer_hidden: torch.Tensor) -> torch.Tensor:
+        """Q-Former last hidden state [B, Q (+ T), H] -> the queries in LM space [B, Q, LM width]."""
+        query_output = qformer_hidden[:, : self.config.num_query_tokens]
+        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
 
     def query_image(
         self,
@@ -111,23 +139,8 @@ class InstructBlipBase(PretrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Q-Former over image embeddings (and the instruction) -> LM-space features [B, Q, LM width]."""
-        batch = image_embeds.shape[0]
-        queries = self.query_tokens.expand(batch, -1, -1)
-        if self.uses_qformer_text:
-            if qformer_input_ids is None:
-                raise ProcessorError(
-                    "InstructBLIP needs qformer_input_ids (the instruction tokenized for the Q-Former); "
-                    "build the inputs with InstructBlipProcessor"
-                )
-            if qformer_attention_mask is None:
-                qformer_attention_mask = torch.ones_like(qformer_input_ids)
-            query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
-            mask = torch.cat([query_mask, qformer_attention_mask.to(queries.device)], dim=1)
-            hidden = self.qformer(queries, image_embeds, input_ids=qformer_input_ids, attention_mask=mask)
-        else:
-            hidden = self.qformer(queries, image_embeds)
-        query_output = hidden[:, : self.config.num_query_tokens]
-        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        inputs = self.qformer_inputs(image_embeds, qformer_input_ids, qformer_attention_mask)
+        return self.project_queries(self.qformer.run(**inputs))
 
     def get_image_features(
         self,
@@ -136,12 +149,15 @@ class InstructBlipBase(PretrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
+        """The projected queries [B, Q, LM width] that replace the image placeholders."""
         image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
         return self.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
 
     # ---- language side ----------------------------------------------------------------------
-    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by the projected queries."""
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def image_token_id(self) -> int:
         token = self.config.image_token_index
         if token is None:
             raise ConfigError(
@@ -149,40 +165,42 @@ class InstructBlipBase(PretrainedModel):
                 "transformers 4.47; use the current Hub revision, or add the id of the '<image>' token "
                 "as image_token_index to config.json"
             )
-        check_placeholders(input_ids, token, self.config.num_query_tokens)
-        embeds = self.language_model.get_input_embeddings()(input_ids)
-        mask = (input_ids == token).unsqueeze(-1)
-        return embeds.masked_scatter(mask, image_features.to(embeds.device, embeds.dtype))
+        return token
 
-    def build_lm_inputs(
-        self,
-        pixel_values: torch.Tensor,
-        qformer_input_ids: torch.Tensor | None,
-        qformer_attention_mask: torch.Tensor | None,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        interpolate_pos_encoding: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A forward's LM input: (merged embeddings, attention mask, projected image features)."""
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, L, 1]: the image placeholder positions, from `input_ids`, or (without ids) where
+        `inputs_embeds` holds the image token's embedding, as transformers finds them."""
+        token = self.image_token_id()
         if input_ids is None:
-            raise ProcessorError("forward needs input_ids (with the image placeholders); use the processor")
-        features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
-        embeds = self.embed_inputs(input_ids, features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return embeds, attention_mask, features
+            image_embedding = self.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
+            found = (inputs_embeds == image_embedding).all(-1)
+        else:
+            found = input_ids == token
+        return found.unsqueeze(-1).to(inputs_embeds.device)
 
+    def merge_image_features(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """The LM's input embeddings (from `inputs_embeds`, else embedded `input_ids`) with the image placeholders
+        replaced by the projected queries; each row must hold exactly num_query_tokens placeholders."""
+        num_queries = self.config.num_query_tokens
+        if input_ids is not None:
+            check_placeholders(input_ids, self.image_token_id(), num_queries)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ProcessorError("give input_ids or inputs_embeds (with the image placeholders); use the processor")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        if input_ids is None:
+            need = f"inputs_embeds needs exactly {{n}} positions holding the image token's embedding (id {self.image_token_id()})"
+            check_placeholder_mask(mask[..., 0], num_queries, need)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
-class InstructBlipForConditionalGeneration(InstructBlipBase):
-    architecture = "InstructBlipForConditionalGeneration"
-    language_models = LANGUAGE_MODELS
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by the projected queries."""
+        return self.merge_image_features(input_ids, None, image_features)
 
-    def __init__(self, config: InstructBlipConfig) -> None:
-        super().__init__(config)
-        self.generation_config = GenerationConfig.from_dict(
-            {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
-        )
-
+    # ---- forward ----------------------------------------------------------------------------
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -192,23 +210,96 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> InstructBlipOutput:
-        embeds, attention_mask, features = self.build_lm_inputs(
-            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, interpolate_pos_encoding
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> InstructBlipForConditionalGenerationModelOutput | tuple:
+        """transformers' forward: loss and logits (with the head), vision_outputs, qformer_outputs and
+        language_model_outputs, each with hidden_states / attentions when asked (README "Python API").
+
+        `inputs_embeds` replaces the embedded `input_ids` (then the placeholders are found by the image token's
+        embedding); `use_cache=True` returns the language model's keys and values as `past_key_values` (one tuple
+        per layer: (k, v), T5 (k, v, cross k, cross v)); `return_dict=False` gives the tuple form.
+        """
+        vision_outputs = self.vision_model(
+            pixel_values, output_attentions, output_hidden_states, return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
+        inputs = self.qformer_inputs(vision_outputs.last_hidden_state, qformer_input_ids, qformer_attention_mask)
+        qformer_outputs = self.qformer(
+            **inputs, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+        )
+        embeds = self.merge_image_features(input_ids, inputs_embeds, self.project_queries(qformer_outputs[0]))
+        if attention_mask is None:
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        asked = (output_attentions, output_hidden_states, bool(use_cache))
         if self.config.use_decoder_only_language_model:
-            logits = self.language_model(embeds, attention_mask)
-            loss = None if labels is None else causal_lm_loss(logits, labels)
+            lm_outputs = self.decoder_only_outputs(embeds, attention_mask, labels, *asked)
         else:
-            if decoder_input_ids is None:
-                if labels is None:
-                    raise ProcessorError("an encoder-decoder forward needs decoder_input_ids or labels")
-                decoder_input_ids = self.shift_right(labels)
-            logits = self.language_model(embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
-            loss = None if labels is None else F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device))
-        return InstructBlipOutput(logits=logits, loss=loss, language_model_inputs=features)
+            lm_outputs = self.encoder_decoder_outputs(
+                embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels, *asked
+            )
+        out = InstructBlipForConditionalGenerationModelOutput(
+            loss=getattr(lm_outputs, "loss", None),
+            logits=getattr(lm_outputs, "logits", None),
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+            language_model_outputs=lm_outputs,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def decoder_only_outputs(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+        output_attentions: bool | None, output_hidden_states: bool | None, use_cache: bool,
+    ) -> CausalLMOutputWithPast | BaseModelOutputWithPast:
+        collect = Collector.asked(output_hidden_states, output_attentions)
+        cache = self.language_model.new_cache(embeds.shape[0], embeds.shape[1]) if use_cache else None
+        out = self.language_model(embeds, attention_mask, cache=cache, collect=collect)
+        extras = dict(
+            past_key_values=legacy_cache(cache),
+            hidden_states=collected(collect, "hidden_states"),
+            attentions=collected(collect, "attentions"),
+        )
+        if not self.has_head:
+            return BaseModelOutputWithPast(last_hidden_state=out, **extras)
+        loss = None if labels is None else causal_lm_loss(out, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=out, **extras)
+
+    def encoder_decoder_outputs(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor | None,
+        decoder_attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+        output_attentions: bool | None, output_hidden_states: bool | None, use_cache: bool,
+    ) -> Seq2SeqLMOutput | Seq2SeqModelOutput:
+        if decoder_input_ids is None:
+            if labels is None or not self.has_head:
+                raise ProcessorError("an encoder-decoder forward needs decoder_input_ids" + (" or labels" if self.has_head else ""))
+            decoder_input_ids = self.shift_right(labels)
+        encoder_collect = Collector.asked(output_hidden_states, output_attentions)
+        decoder_collect = Collector.asked(output_hidden_states, output_attentions)
+        cache = self.language_model.new_cache(embeds.shape[0], decoder_input_ids.shape[1]) if use_cache else None
+        encoded = self.language_model.encode(embeds, attention_mask, encoder_collect)
+        out = self.language_model.decode(
+            decoder_input_ids, encoded, attention_mask, decoder_attention_mask, cache, decoder_collect
+        )
+        fields = dict(
+            past_key_values=legacy_cache(cache),
+            decoder_hidden_states=collected(decoder_collect, "hidden_states"),
+            decoder_attentions=collected(decoder_collect, "attentions"),
+            cross_attentions=collected(decoder_collect, "cross_attentions"),
+            encoder_last_hidden_state=encoded,
+            encoder_hidden_states=collected(encoder_collect, "hidden_states"),
+            encoder_attentions=collected(encoder_collect, "attentions"),
+        )
+        if not self.has_head:
+            return Seq2SeqModelOutput(last_hidden_state=out, **fields)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten().to(out.device))
+        return Seq2SeqLMOutput(loss=loss, logits=out, **fields)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         text = self.config.text_config
@@ -216,6 +307,18 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         shifted[:, 1:] = labels[:, :-1]
         shifted[:, 0] = text.decoder_start_token_id
         return shifted.masked_fill(shifted == -100, text.pad_token_id)
+
+
+class InstructBlipForConditionalGeneration(InstructBlipBase):
+    architecture = "InstructBlipForConditionalGeneration"
+    language_models = LANGUAGE_MODELS
+    has_head = True
+
+    def __init__(self, config: InstructBlipConfig) -> None:
+        super().__init__(config)
+        self.generation_config = GenerationConfig.from_dict(
+            {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
+        )
 
     @torch.no_grad()
     def generate(
@@ -225,14 +328,16 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         qformer_attention_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
         image_embeds: torch.Tensor | None = None,
         **settings: Any,
-    ) -> torch.Tensor:
-        """Token ids as transformers returns them: decoder-only LMs echo the prompt ids first,
-        T5 starts with `decoder_start_token_id`.
+    ) -> torch.Tensor | GenerateOutput:
+        """Token ids as transformers returns them: decoder-only LMs echo the prompt ids first (none when only
+        `inputs_embeds` is given), T5 starts with `decoder_start_token_id`. With return_dict_in_generate=True a
+        GenerateOutput (`sequences`, and with output_scores=True `scores` and, for beams, `sequences_scores`).
 
         `image_embeds` (one row per prompt, from `encode_images`) replaces `pixel_values`, so that an image
         asked several questions goes through the vision encoder once."""
@@ -243,14 +348,18 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
             image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
         features = self.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
         batch = features.shape[0]
-        if input_ids is None:
+        if input_ids is None and inputs_embeds is None:
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
             input_ids = torch.tensor([start] * batch, dtype=torch.long, device=features.device)
+        embeds = self.merge_image_features(input_ids, inputs_embeds, features)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed_inputs(input_ids, features)
-        if self.config.use_decoder_only_language_model:
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if self.config.use_decoder_only_language_model and input_ids is not None:
             prefix, prefix_mask = input_ids, attention_mask
+        elif self.config.use_decoder_only_language_model:
+            # Only embeddings: transformers returns the new tokens alone, and its lengths do not count the prompt.
+            prefix, prefix_mask = embeds.new_zeros((batch, 0), dtype=torch.long), None
+            config = lengths_without_prompt(config, embeds.shape[1])
         else:
             start_id = config.decoder_start_token_id
             if start_id is None:
@@ -260,14 +369,22 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         if config.max_new_tokens is None and config.max_length is None:
             limit = getattr(self.config.text_config, "max_position_embeddings", None) or float("inf")
             config = config.updated(max_length=min(prefix.shape[1] + DEFAULT_NEW_TOKENS, limit))
-        cache_length = max_total_length(config, prefix.shape[1])
+        new_tokens = max_total_length(config, prefix.shape[1]) - prefix.shape[1]
 
         def make_session(expand: int) -> DecoderOnlySession | EncoderDecoderSession:
             if self.config.use_decoder_only_language_model:
+                cache_length = embeds.shape[1] + new_tokens
                 return DecoderOnlySession(self.language_model, embeds, attention_mask, cache_length, expand)
+            cache_length = prefix.shape[1] + new_tokens
             return EncoderDecoderSession(self.language_model, embeds, attention_mask, prefix, cache_length, expand)
 
-        return generate_ids(make_session, prefix, config, generator=generator, attention_mask=prefix_mask)
+        trace = SearchScores() if config.return_dict_in_generate and config.output_scores else None
+        ids = generate_ids(make_session, prefix, config, generator=generator, attention_mask=prefix_mask, scores=trace)
+        if not config.return_dict_in_generate:
+            return ids
+        if trace is None:
+            return GenerateOutput(sequences=ids)
+        return GenerateOutput(sequences=ids, sequences_scores=trace.sequences, scores=tuple(trace.steps))
 
     # ---- checkpoints: the generation defaults travel with the weights ---------------------------
     def read_extra_files(self, folder: Path) -> None:
@@ -288,40 +405,43 @@ class Blip2ForConditionalGeneration(InstructBlipForConditionalGeneration):
 
 class Blip2Model(Blip2ForConditionalGeneration):
     """transformers' Blip2Model. Unlike InstructBlipModel it keeps the language-model head (its
-    checkpoints have the same keys as Blip2ForConditionalGeneration's) and its forward returns logits."""
+    checkpoints have the same keys as Blip2ForConditionalGeneration's), so its forward also returns logits."""
 
     architecture = "Blip2Model"
 
 
 class InstructBlipModel(InstructBlipBase):
     """transformers' InstructBlipModel: the language model without its head (keys `language_model.layers.*`
-    for LLaMA, `language_model.decoder.*` for OPT, `language_model.{shared,encoder,decoder}.*` for T5)."""
+    for LLaMA, `language_model.decoder.*` for OPT, `language_model.{shared,encoder,decoder}.*` for T5); its
+    forward's language_model_outputs hold the last hidden state instead of logits."""
 
     architecture = "InstructBlipModel"
     language_models = BASE_LANGUAGE_MODELS
+    has_head = False
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        qformer_input_ids: torch.Tensor | None = None,
-        qformer_attention_mask: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-    ) -> InstructBlipModelOutput:
-        embeds, attention_mask, features = self.build_lm_inputs(
-            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, interpolate_pos_encoding
+
+def legacy_cache(cache: KVCache | T5Cache | None) -> tuple | None:
+    """A forward's cache as transformers' legacy past_key_values: per layer (k, v), T5 (k, v, cross k, cross v)."""
+    if cache is None:
+        return None
+    if isinstance(cache, T5Cache):
+        kv = cache.self_attention
+        return tuple(
+            (k[:, :, : kv.length], v[:, :, : kv.length], ck, cv)
+            for k, v, ck, cv in zip(kv.keys, kv.values, cache.cross_keys, cache.cross_values)
         )
-        if self.config.use_decoder_only_language_model:
-            hidden = self.language_model(embeds, attention_mask)
-            return InstructBlipModelOutput(last_hidden_state=hidden, language_model_inputs=features)
-        if decoder_input_ids is None:
-            raise ProcessorError("an encoder-decoder forward needs decoder_input_ids")
-        encoded = self.language_model.encode(embeds, attention_mask)
-        hidden = self.language_model.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask)
-        return InstructBlipModelOutput(hidden, encoder_last_hidden_state=encoded, language_model_inputs=features)
+    return tuple((k[:, :, : cache.length], v[:, :, : cache.length]) for k, v in zip(cache.keys, cache.values))
+
+
+def lengths_without_prompt(config: GenerationConfig, prompt_length: int) -> GenerationConfig:
+    """transformers' lengths for a decoder-only generate from inputs_embeds alone: an explicit max_length or
+    min_length counted the prompt, the returned ids do not."""
+    changes: dict[str, int] = {}
+    if config.max_new_tokens is None and config.max_length is not None:
+        changes["max_length"] = config.max_length - prompt_length
+    if config.min_new_tokens is None and config.min_length:
+        changes["min_length"] = max(config.min_length - prompt_length, 0)
+    return dataclasses.replace(config, **changes)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

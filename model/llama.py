@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import attend, causal_padding_mask, check_attention_mask
+from .attention import attend, attend_eager, causal_padding_mask, check_attention_mask
 from .configs import LlamaConfig
 from .kv_cache import KVCache
+from .outputs import Collector
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +60,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+        collect: Collector | None = None,
     ) -> Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -68,7 +70,11 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask, scale=self.scale)
+        if collect is None or collect.attentions is None:
+            out = attend(q, k, v, mask, scale=self.scale)
+        else:
+            out, probs = attend_eager(q, k, v, mask, scale=self.scale, causal=True)
+            collect.attentions.append(probs)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -94,15 +100,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+        collect: Collector | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, collect)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        self.config = config
         # No padding_idx: it only matters for training, and Vicuna's pad id may lie outside the vocab.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -112,17 +120,27 @@ class LlamaModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        weight = self.embed_tokens.weight
+        c = self.config
+        return KVCache(
+            c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_length, weight.dtype, weight.device
+        )
+
     def forward(
         self,
         inputs_embeds: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        collect: Collector | None = None,
     ) -> Tensor:
         """Last hidden state [B, T, D] (after the final norm) for inputs_embeds [B, T, D].
 
         attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
         Without position_ids, positions run on from the cache length, ignoring padding (as transformers does).
+        `collect` gathers transformers' hidden_states (the input, then every layer; the last one normed) and
+        attentions.
         """
         batch, length, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -134,10 +152,15 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, rope, mask, cache)
+            if collect is not None:
+                collect.hidden(h)
+            h = layer(h, rope, mask, cache, collect)
         if cache is not None:
             cache.advance(length)
-        return self.norm(h)
+        h = self.norm(h)
+        if collect is not None:
+            collect.hidden(h)
+        return h
 
 
 class LlamaForCausalLM(nn.Module):
@@ -155,11 +178,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        weight = self.model.embed_tokens.weight
-        c = self.config
-        return KVCache(
-            c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_length, weight.dtype, weight.device
-        )
+        return self.model.new_cache(batch_size, max_length)
 
     def forward(
         self,
@@ -168,10 +187,11 @@ class LlamaForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        collect: Collector | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] for inputs_embeds [B, T, D] ([B, 1, vocab] with `last_only`: a prefill
         needs only the next token's, and the vocabulary projection of every position is costly).
         The other arguments are LlamaModel.forward's.
         """
-        h = self.model(inputs_embeds, attention_mask, position_ids, cache)
+        h = self.model(inputs_embeds, attention_mask, position_ids, cache, collect)
         return self.lm_head(h[:, -1:] if last_only else h)

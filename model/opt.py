@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from .activations import activation
-from .attention import attend, causal_padding_mask, check_attention_mask
+from .attention import attend, attend_eager, causal_padding_mask, check_attention_mask
 from .configs import OPTConfig
 from .kv_cache import KVCache
+from .outputs import Collector
 
 # OPT's learned position table starts 2 rows in (a fairseq leftover); checkpoints store those rows.
 POSITION_OFFSET = 2
@@ -27,7 +28,9 @@ class OPTAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, collect: Collector | None = None
+    ) -> Tensor:
         batch, length, _ = x.shape
         # OPT scales the query before the dot product (not the scores); same rounding as transformers.
         q = (self.q_proj(x) * self.scale).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -35,7 +38,11 @@ class OPTAttention(nn.Module):
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask, scale=1.0)
+        if collect is None or collect.attentions is None:
+            out = attend(q, k, v, mask, scale=1.0)
+        else:
+            out, probs = attend_eager(q, k, v, mask, scale=1.0, causal=True)
+            collect.attentions.append(probs)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -52,11 +59,13 @@ class OPTDecoderLayer(nn.Module):
         # Pre-LN for every released size except opt-350m, which normalises after each residual add.
         self.pre_norm = config.do_layer_norm_before
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, collect: Collector | None = None
+    ) -> Tensor:
         if self.pre_norm:
-            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache)
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, collect)
             return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache))
+        x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache, collect))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
@@ -81,10 +90,19 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
+        self.config = config
         self.decoder = OPTDecoder(config)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.decoder.embed_tokens
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        weight = self.decoder.embed_tokens.weight
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        return KVCache(
+            c.num_hidden_layers, batch_size, c.num_attention_heads, head_dim, max_length, weight.dtype, weight.device
+        )
 
     def forward(
         self,
@@ -92,12 +110,14 @@ class OPTModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        collect: Collector | None = None,
     ) -> Tensor:
         """Last hidden state [B, T, word_embed_proj_dim] (after the final norm and project_out) for
         inputs_embeds [B, T, word_embed_proj_dim].
 
         attention_mask [B, past + T] (1 real, 0 pad) covers the cached and the new positions.
         Without position_ids, positions count real tokens of the mask (pads get -1), as transformers does.
+        `collect` gathers transformers' hidden_states (each layer's input, then the final output) and attentions.
         """
         decoder = self.decoder
         batch, length, _ = inputs_embeds.shape
@@ -114,13 +134,17 @@ class OPTModel(nn.Module):
         h = inputs_embeds if decoder.project_in is None else decoder.project_in(inputs_embeds)
         h = h + decoder.embed_positions(position_ids + POSITION_OFFSET)
         for layer in decoder.layers:
-            h = layer(h, mask, cache)
+            if collect is not None:
+                collect.hidden(h)
+            h = layer(h, mask, cache, collect)
         if cache is not None:
             cache.advance(length)
         if decoder.final_layer_norm is not None:
             h = decoder.final_layer_norm(h)
         if decoder.project_out is not None:
             h = decoder.project_out(h)
+        if collect is not None:
+            collect.hidden(h)
         return h
 
 
@@ -139,12 +163,7 @@ class OPTForCausalLM(nn.Module):
         return self.model.decoder.embed_tokens
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        weight = self.model.decoder.embed_tokens.weight
-        c = self.config
-        head_dim = c.hidden_size // c.num_attention_heads
-        return KVCache(
-            c.num_hidden_layers, batch_size, c.num_attention_heads, head_dim, max_length, weight.dtype, weight.device
-        )
+        return self.model.new_cache(batch_size, max_length)
 
     def forward(
         self,
@@ -153,9 +172,10 @@ class OPTForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        collect: Collector | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] for inputs_embeds [B, T, word_embed_proj_dim] ([B, 1, vocab] with
         `last_only`, for a prefill). The other arguments are OPTModel.forward's.
         """
-        h = self.model(inputs_embeds, attention_mask, position_ids, cache)
+        h = self.model(inputs_embeds, attention_mask, position_ids, cache, collect)
         return self.lm_head(h[:, -1:] if last_only else h)

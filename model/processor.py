@@ -46,15 +46,62 @@ def check_placeholders(input_ids: torch.Tensor, image_token_id: int, num_query_t
     transformers silently leaves rows with missing placeholders without image features; we refuse instead."""
     if input_ids.dim() != 2:
         raise ProcessorError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    counts = (input_ids == image_token_id).sum(dim=1).tolist()
+    check_placeholder_mask(input_ids == image_token_id, num_query_tokens, f"input_ids needs exactly {{n}} image tokens (id {image_token_id})")
+
+
+def check_placeholder_mask(is_image: torch.Tensor, num_query_tokens: int, need: str) -> None:
+    """Raise ProcessorError unless every row of the boolean mask `is_image` [B, L] marks `num_query_tokens` positions.
+
+    `need` says what each row needs, with `{n}` for the count (e.g. "input_ids needs exactly {n} image tokens")."""
+    counts = is_image.sum(dim=1).tolist()
     bad = [(row, n) for row, n in enumerate(counts) if n != num_query_tokens]
     if bad:
         listed = ", ".join(f"row {row} has {n}" for row, n in bad[:8])
         raise ProcessorError(
-            f"each row of input_ids needs exactly {num_query_tokens} image tokens (id {image_token_id}), but "
+            f"each row of {need.format(n=num_query_tokens)}, but "
             f"{listed}{' ...' if len(bad) > 8 else ''}; build the inputs with the processor (with images) and do "
             "not truncate them"
         )
+
+
+class BatchFeature(dict):
+    """What the processors return: a dict of tensors, as transformers' BatchFeature (keys also read as attributes).
+
+    `.to(device)` moves every tensor; `.to(dtype)` casts only the floating ones (pixel_values), never the ids;
+    `.to(device, dtype)` and the keywords `device=` / `dtype=` / `non_blocking=` work as with a tensor.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
+        device, dtype, non_blocking = _to_arguments(args, kwargs)
+        moved = BatchFeature()
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                value = value.to(device=device, dtype=cast, non_blocking=non_blocking)
+            moved[key] = value
+        return moved
+
+
+def _to_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.device | None, torch.dtype | None, bool]:
+    """(device, dtype, non_blocking) from `.to`'s positional and keyword forms."""
+    unknown = sorted(set(kwargs) - {"device", "dtype", "non_blocking"})
+    if unknown:
+        raise ProcessorError(f"BatchFeature.to got unexpected arguments {unknown}; it takes a device and/or a dtype")
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            dtype = arg
+        elif isinstance(arg, (str, torch.device, int)):
+            device = arg
+        else:
+            raise ProcessorError(f"BatchFeature.to takes a device (e.g. 'cuda') or a torch dtype, got {arg!r}")
+    return (torch.device(device) if device is not None else None), dtype, bool(kwargs.get("non_blocking", False))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -157,13 +204,13 @@ class Blip2Processor:
         max_length: int | None = None,
         padding_side: str | None = None,
         return_tensors: str = "pt",
-    ) -> dict[str, torch.Tensor]:
+    ) -> BatchFeature:
         """pixel_values [B,3,H,W] float32 (with images); input_ids, attention_mask [B, Q+L] int64 (with text;
         the Q placeholders only when images are given, as in transformers)."""
         if return_tensors != "pt":
             raise ProcessorError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
         images, text = self._batch(images, text)
-        out: dict[str, torch.Tensor] = {}
+        out = BatchFeature()
         if text is not None:
             out.update(self._encode_lm_text(text, images is not None, padding, truncation, max_length, padding_side))
         if images is not None:
@@ -230,7 +277,7 @@ class InstructBlipProcessor(Blip2Processor):
         max_length: int | None = None,
         padding_side: str | None = None,
         return_tensors: str = "pt",
-    ) -> dict[str, torch.Tensor]:
+    ) -> BatchFeature:
         """As Blip2Processor, plus qformer_input_ids / qformer_attention_mask [B, L'] (with text)."""
         out = super().__call__(images, text, padding=padding, truncation=truncation, max_length=max_length,
                                padding_side=padding_side, return_tensors=return_tensors)

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
+from .attention import attend_eager
 from .configs import T5Config
 from .errors import ModelError
 from .kv_cache import KVCache
+from .outputs import Collector
 
 EMBEDDING_ALIASES = {
     "encoder.embed_tokens.weight": "shared.weight",
@@ -102,11 +104,18 @@ class T5Attention(nn.Module):
         """Keys and values [B, H, S, d_kv] of `x` [B, S, d_model]."""
         return self._heads(self.k(x)), self._heads(self.v(x))
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, attentions: list[Tensor] | None = None
+    ) -> Tensor:
+        """`attentions`: a list to append the probabilities to (output_attentions), else None."""
         q = self._heads(self.q(x))
         if bias is not None:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        if attentions is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        else:
+            out, probs = attend_eager(q, k, v, bias, scale=1.0)
+            attentions.append(probs)
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -116,12 +125,15 @@ class T5LayerSelfAttention(nn.Module):
         self.SelfAttention = T5Attention(config, has_relative_attention_bias)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x: Tensor, bias: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, bias: Tensor | None, cache: KVCache | None, layer: int,
+        attentions: list[Tensor] | None = None,
+    ) -> Tensor:
         h = self.layer_norm(x)
         k, v = self.SelfAttention.project_kv(h)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        return x + self.SelfAttention(h, k, v, bias)
+        return x + self.SelfAttention(h, k, v, bias, attentions)
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -130,8 +142,10 @@ class T5LayerCrossAttention(nn.Module):
         self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return x + self.EncDecAttention(self.layer_norm(x), k, v, mask)
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, attentions: list[Tensor] | None = None
+    ) -> Tensor:
+        return x + self.EncDecAttention(self.layer_norm(x), k, v, mask, attentions)
 
 
 class T5DenseActDense(nn.Module):
@@ -187,10 +201,13 @@ class T5Block(nn.Module):
         cross: tuple[Tensor, Tensor, Tensor | None] | None = None,
         cache: KVCache | None = None,
         index: int = 0,
+        collect: Collector | None = None,
     ) -> Tensor:
-        x = _clamp_fp16(self.layer[0](x, self_bias, cache, index))
+        self_probs = collect.attentions if collect is not None else None
+        x = _clamp_fp16(self.layer[0](x, self_bias, cache, index, self_probs))
         if cross is not None:
-            x = _clamp_fp16(self.layer[1](x, *cross))
+            cross_probs = collect.cross_attentions if collect is not None else None
+            x = _clamp_fp16(self.layer[1](x, *cross, cross_probs))
         return _clamp_fp16(self.layer[-1](x))
 
 
@@ -226,6 +243,13 @@ def _key_padding(mask: Tensor | None, batch: int, length: int, what: str) -> Ten
     if tuple(mask.shape) != (batch, length):
         raise ModelError(f"{what} has shape {tuple(mask.shape)}, expected ({batch}, {length})")
     return mask.bool()[:, None, None, :]
+
+
+def _final_norm(stack: T5Stack, x: Tensor, collect: Collector | None) -> Tensor:
+    x = stack.final_layer_norm(x)
+    if collect is not None:
+        collect.hidden(x)
+    return x
 
 
 class T5Cache:
@@ -280,8 +304,11 @@ class T5Model(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
 
-    def encode(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Encoder last hidden state [B, S, d_model] for `inputs_embeds` [B, S, d_model]."""
+    def encode(
+        self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, collect: Collector | None = None
+    ) -> Tensor:
+        """Encoder last hidden state [B, S, d_model] for `inputs_embeds` [B, S, d_model]; `collect` gathers
+        transformers' encoder_hidden_states (the input, then every block; the last one normed) and attentions."""
         batch, length = inputs_embeds.shape[:2]
         bias = self.encoder.position_bias(length, length)
         allowed = _key_padding(attention_mask, batch, length, "attention_mask")
@@ -289,8 +316,10 @@ class T5Model(nn.Module):
             bias = _masked(bias, allowed)
         x = inputs_embeds
         for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
+            if collect is not None:
+                collect.hidden(x)
+            x = block(x, bias, collect=collect)
+        return _final_norm(self.encoder, x, collect)
 
     def _cross_states(
         self, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor | None
@@ -315,11 +344,13 @@ class T5Model(nn.Module):
         encoder_attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         cache: T5Cache | None = None,
+        collect: Collector | None = None,
     ) -> Tensor:
         """Decoder last hidden state [B, T, d_model] (after the final norm) for `decoder_input_ids` [B, T].
 
         With a cache, the ids are the next T positions after those already cached, and
-        `decoder_attention_mask` (if any) covers all cached plus new positions.
+        `decoder_attention_mask` (if any) covers all cached plus new positions. `collect` gathers the decoder's
+        hidden states, self-attentions and cross-attentions.
         """
         batch, length = decoder_input_ids.shape
         past = cache.length if cache is not None else 0
@@ -344,10 +375,12 @@ class T5Model(nn.Module):
         x = self.shared(decoder_input_ids)
         kv = cache.self_attention if cache is not None else None
         for i, block in enumerate(self.decoder.block):
-            x = block(x, bias, (keys[i], values[i], cross_mask), kv, i)
+            if collect is not None:
+                collect.hidden(x)
+            x = block(x, bias, (keys[i], values[i], cross_mask), kv, i, collect)
         if kv is not None:
             kv.advance(length)
-        return self.decoder.final_layer_norm(x)
+        return _final_norm(self.decoder, x, collect)
 
     def forward(
         self,
@@ -401,10 +434,11 @@ class T5ForConditionalGeneration(T5Model):
         encoder_attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         cache: T5Cache | None = None,
+        collect: Collector | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab]; the arguments are T5Model.decode's."""
         x = super().decode(
-            decoder_input_ids, encoder_hidden_states, encoder_attention_mask, decoder_attention_mask, cache
+            decoder_input_ids, encoder_hidden_states, encoder_attention_mask, decoder_attention_mask, cache, collect
         )
         if self.tied:
             x = x * self.config.d_model**-0.5

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
+from .attention import attend_eager
 from .base_models import PretrainedPart
 from .configs import Blip2VisionConfig, InstructBlipVisionConfig
 from .errors import ProcessorError
+from .outputs import BaseModelOutputWithPooling
 
 
 class VisionEmbeddings(nn.Module):
@@ -60,10 +62,15 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.projection = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attentions: list[Tensor] | None = None) -> Tensor:
+        """`attentions`: a list to append this layer's probabilities to (output_attentions), else None."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if attentions is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out, probs = attend_eager(q, k, v, None)
+            attentions.append(probs)
         return self.projection(out.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -86,8 +93,8 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: Tensor, attentions: list[Tensor] | None = None) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), attentions)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -96,9 +103,16 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, hidden_states: list[Tensor] | None = None, attentions: list[Tensor] | None = None
+    ) -> Tensor:
+        """The lists, when given, collect the input and every layer's output / every layer's attention."""
+        if hidden_states is not None:
+            hidden_states.append(x)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, attentions)
+            if hidden_states is not None:
+                hidden_states.append(x)
         return x
 
 
@@ -114,11 +128,40 @@ class InstructBlipVisionModel(PretrainedPart):
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
-        """pixel_values [B, 3, H, W] -> last_hidden_state [B, 1 + num_patches, hidden] (after post_layernorm)."""
+    def encode(
+        self,
+        pixel_values: Tensor,
+        interpolate_pos_encoding: bool = False,
+        hidden_states: list[Tensor] | None = None,
+        attentions: list[Tensor] | None = None,
+    ) -> Tensor:
+        """pixel_values [B, 3, H, W] -> last_hidden_state [B, 1 + num_patches, hidden] (after post_layernorm):
+        the fast path, with no output record. The lists are forward's collectors."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ProcessorError(f"pixel_values must be [batch, 3, height, width], got {list(pixel_values.shape)}")
-        return self.post_layernorm(self.encoder(self.embeddings(pixel_values, interpolate_pos_encoding)))
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)
+        return self.post_layernorm(self.encoder(x, hidden_states, attentions))
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """As transformers: last_hidden_state, pooler_output (the CLS state, post_layernorm applied once more, as
+        there), hidden_states (embeddings, then every layer's output before post_layernorm), attentions."""
+        hidden = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        last = self.encode(pixel_values, interpolate_pos_encoding, hidden, attentions)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=last,
+            pooler_output=self.post_layernorm(last[:, 0, :]),
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
 
 
 # BLIP-2's vision tower has the same parameters and maths.

@@ -75,7 +75,7 @@ def test_vision_parity(vision_pair):
     hf, ours = vision_pair
     pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(1))
     expected = hf(pixel_values=pixels).last_hidden_state
-    got = ours(pixels)
+    got = ours(pixels).last_hidden_state
     assert got.shape == (2, 1 + 15 * 15, 32)
     assert max_diff(got, expected) < TOL
 
@@ -86,7 +86,7 @@ def test_vision_interpolate_pos_encoding(vision_pair, size):
     hf, ours = vision_pair
     pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
     expected = hf(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
-    got = ours(pixels, interpolate_pos_encoding=True)
+    got = ours(pixels, interpolate_pos_encoding=True).last_hidden_state
     assert got.shape == (2, 1 + (size[0] // 2) * (size[1] // 2), 32)
     assert max_diff(got, expected) < TOL
 
@@ -104,9 +104,9 @@ def test_vision_bf16_model_takes_fp32_pixels(vision_pair):
     model.load_state_dict(ours.state_dict())
     model = model.to(torch.bfloat16).eval()
     pixels = torch.randn(1, 3, 30, 30, generator=torch.Generator().manual_seed(3))
-    got = model(pixels)
+    got = model(pixels).last_hidden_state
     assert got.dtype == torch.bfloat16
-    assert max_diff(got, ours(pixels)) < 0.15  # bf16 rounding only
+    assert max_diff(got, ours(pixels).last_hidden_state) < 0.15  # bf16 rounding only
 
 
 # ---------------------------------------------------------------- InstructBLIP Q-Former
@@ -146,25 +146,25 @@ def test_instructblip_qformer_parity(frequency):
     expected = hf(
         input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image
     ).last_hidden_state
-    got = ours(queries, image, input_ids=ids, attention_mask=mask)
+    got = ours(queries, image, input_ids=ids, attention_mask=mask).last_hidden_state
     assert got.shape == (3, NUM_QUERIES + 5, 32)
     finite = torch.isfinite(expected)
     assert finite[:, :NUM_QUERIES].all()
     assert max_diff(got[finite], expected[finite]) < TOL
     # No mask is the same as an all-ones mask.
     expected = hf(input_ids=ids, query_embeds=queries, encoder_hidden_states=image).last_hidden_state
-    assert max_diff(ours(queries, image, input_ids=ids), expected) < TOL
+    assert max_diff(ours(queries, image, input_ids=ids).last_hidden_state, expected) < TOL
 
 
 @torch.no_grad()
 def test_instructblip_qformer_padding_is_masked():
     _, ours = instructblip_qformer_pair(2)
     queries, image, ids, mask = qformer_inputs()
-    full = ours(queries, image, input_ids=ids, attention_mask=mask)
+    full = ours(queries, image, input_ids=ids, attention_mask=mask).last_hidden_state
     # Changing a padded token must not move any kept position.
     ids2 = ids.clone()
     ids2[1, -1] = 42
-    moved = ours(queries, image, input_ids=ids2, attention_mask=mask)
+    moved = ours(queries, image, input_ids=ids2, attention_mask=mask).last_hidden_state
     assert max_diff(moved[1, :-2], full[1, :-2]) == 0.0
 
 
@@ -198,7 +198,7 @@ def test_blip2_qformer_parity(blip2_qformer_pair):
     hf, ours = blip2_qformer_pair
     queries, image, _, _ = qformer_inputs()
     expected = hf(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
-    got = ours(queries, image)
+    got = ours(queries, image).last_hidden_state
     assert got.shape == (3, NUM_QUERIES, 32)
     assert max_diff(got, expected) < TOL
     with pytest.raises(ProcessorError, match="no text input"):
@@ -211,7 +211,7 @@ def test_blip2_fp32_qformer_takes_bf16_image_features(blip2_qformer_pair):
     queries, image, _, _ = qformer_inputs()
     image = image.to(torch.bfloat16)
     expected = hf(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
-    got = ours(queries, image)
+    got = ours(queries, image).last_hidden_state
     assert got.dtype == torch.float32
     assert max_diff(got, expected) < TOL
 
