@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,28 @@ def pytest_report_header(config) -> str:
     from importlib.metadata import version
 
     return f"test oracle: transformers {version('transformers')} (pinned in pyproject.toml; see tests/ORACLE.md)"
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Kill this cluster's processes (those naming its temp dir, and their children) and no other Ray:
+    `ray stop` would stop every Ray on the machine."""
+    import psutil  # ships with ray[default]
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or []):
+            mine.append(process)
+            mine.extend(process.children(recursive=True))
+    for process in mine:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(mine, timeout=30)
+
+
+def ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:

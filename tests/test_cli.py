@@ -16,7 +16,7 @@ from blipbatch.jobs.demo import SAMPLE_IMAGES
 from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
 from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.sink import read_output
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, ray_bin, stop_cluster, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = sorted(SAMPLE_IMAGES.glob("*.png"))
@@ -119,28 +119,6 @@ def ray_cluster(tmp_path):
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         stop_cluster(str(temp))
-
-
-def stop_cluster(temp_dir: str) -> None:
-    """Kill this cluster's processes (those naming its temp dir, and their children) and no other Ray:
-    `ray stop` would stop every Ray on the machine."""
-    import psutil  # ships with ray[default]
-
-    mine = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in process.info["cmdline"] or []):
-            mine.append(process)
-            mine.extend(process.children(recursive=True))
-    for process in mine:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(mine, timeout=30)
-
-
-def ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
 
 
 def test_submit_to_a_real_cluster(tmp_path, checkpoint, ray_cluster):
