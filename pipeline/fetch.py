@@ -66,7 +66,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import deadline
 from .errors import RowError, format_size
 from .guard import AddressGuard, AllowList, LocalRoots, guarded_pool_manager
-from .redact import redact, scrub, secrets_of
+from .redact import redact, scrub, secrets_of, userinfo
 
 _HTTP_SCHEMES = ("http", "https")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -424,14 +424,13 @@ class Fetcher:
             # The path fsspec would open, resolved; opening the resolved path leaves no symlink to follow later.
             # Refused there too: anything but a regular file (a FIFO would block the read).
             return self._roots.resolve(filesystem._strip_protocol(url), url)
-        bucket = _bucket(url)
-        if not bucket:
+        if not _bucket(url):
             raise RowError("invalid_input", f"malformed image reference {_show(url)!r}: no bucket after "
                                             f"'{protocol}://'")
-        if "@" in bucket:
+        if userinfo(url) is not None:  # also "KEY:pa/ss@bucket", whose bucket would read as "KEY:pa"
             raise RowError("invalid_input", f"image reference {_show(url)!r} carries credentials before its bucket: "
                                             f"{protocol}:// objects are read with the worker's own credentials, so "
-                                            "remove the part up to '@' (and treat those credentials as exposed)")
+                                            "remove the part up to '@'")
         return url
 
     def _storage_attempt(self, url: str, target: str) -> bytes:

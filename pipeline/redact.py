@@ -82,14 +82,20 @@ def redact(text: str) -> str:
     return _SECRET_FIELD.sub(rf"\g<1>\g<2>{REDACTED}", text)
 
 
+def userinfo(url: str) -> str | None:
+    """The user info of `url` (what redact removes before its host), or None when it has none."""
+    match = _URL.match(url)
+    if match is None or (end := _userinfo_end(match.group(2))) < 0:
+        return None
+    return match.group(2)[:end]
+
+
 def secrets_of(reference: str) -> tuple[str, ...]:
     """The secret strings inside one image reference: its user info and the values of secret-like parameters, each
     as written and percent-decoded."""
     found: list[str] = []
-    match = _URL.match(reference)
-    if match and (end := _userinfo_end(match.group(2))) >= 0:
-        userinfo = match.group(2)[:end]
-        found += [userinfo, *userinfo.split(":", 1)[1:]]
+    if (info := userinfo(reference)) is not None:
+        found += [info, *info.split(":", 1)[1:]]
     found += [m.group(3) for m in _PARAM.finditer(reference) if m.group(3) and _is_secret_name(m.group(1))]
     variants = {text for secret in found for text in (secret, unquote(secret))}
     return tuple(sorted((s for s in variants if len(s) >= 4), key=len, reverse=True))  # 3 chars would hit words
