@@ -11,76 +11,133 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-# Exit codes scripts can rely on.
-EXIT_OK, EXIT_UNITS_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Exit codes scripts can rely on (README "Exit codes").
+EXIT_OK, EXIT_UNITS_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+
+# What addresses each error kind: the flag, then the spec key.
+ERROR_HINTS = {
+    "blocked_address": "--allow-host HOST ([fetch] allow_hosts) for a private host",
+    "blocked_local": "--local-root DIR ([fetch] local_roots) for local files",  # blocked_address of a local path
+    "too_large": "--set decode.max_pixels=N ([decode] max_pixels)",
+    "fetch_timeout": "--set fetch.timeout_s=S ([fetch] timeout_s, row_deadline_s)",
+    "fetch_http": "check the URLs; then --redo-errors",
+    "fetch_connection": "check that the hosts are reachable; then --redo-errors",
+    "decode_error": "check the images' format; --set decode.formats=[...] ([decode] formats)",
+    "invalid_input": "check the input column named in the message",
+    "model_error": "see the message; --batch-size N ([run] batch_size) if out of memory",
+}
+TOP_ERROR_KINDS = 3
 
 
-def execute(kwargs: dict[str, Any]) -> int:
-    """pipeline.run(**kwargs), its summary printed, its outcome as an exit code."""
+def _is_local_reference(reference: str | None) -> bool:
+    return reference is not None and not reference.startswith(("http://", "https://", "s3://", "gs://", "data:"))
+
+
+def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[str]:
+    """The run's top error kinds, each with one example message and the flag or spec key that addresses it."""
+    from blipbatch.jobs.report import error_examples
+    from blipbatch.pipeline.sink import progress_records
+
+    records = [r for r in progress_records(output) if r.rows_error]
+    examples = error_examples(output, records, image_column, per_kind=1)
+    lines = []
+    for kind, count in sorted(kinds.items(), key=lambda item: -item[1])[:TOP_ERROR_KINDS]:
+        example = (examples.get(kind) or [{}])[0]
+        hint_kind = "blocked_local" if kind == "blocked_address" and _is_local_reference(example.get("reference")) \
+            else kind
+        lines.append(f"{kind} ({count} rows): {example.get('error') or 'no example found'}")
+        lines.append(f"  fix: {ERROR_HINTS.get(hint_kind, 'see the message')}")
+    return lines
+
+
+def execute(job: Any, **invocation: Any) -> int:
+    """pipeline.run(job), its summary printed, its outcome as an exit code."""
     from blipbatch import pipeline
+    from blipbatch.errors import BlipbatchError
     from blipbatch.pipeline.coordinator import WorkerLost
-    from blipbatch.pipeline.lock import OutputLocked
-    from blipbatch.pipeline.shards import NoShardsError, ShardError
-    from blipbatch.pipeline.sink import ManifestMismatch
-    from blipbatch.schemas import SchemaError
+    from blipbatch.pipeline.run import Terminated
 
     try:
-        summary = pipeline.run(**kwargs)
-    except (ManifestMismatch, OutputLocked, SchemaError, NoShardsError, ShardError, pipeline.PipelineError) as e:
-        print(f"blipbatch: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+        summary = pipeline.run(job, **invocation)
     except WorkerLost as e:
         print(f"blipbatch: {e}; committed units are kept, run the same command again to resume", file=sys.stderr)
         return EXIT_UNITS_FAILED
+    except BlipbatchError as e:
+        print(f"blipbatch: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt as e:  # before the first unit was handed out: nothing was written
+        print("blipbatch: interrupted while starting; nothing was processed", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     print(summary)
+    if summary.rows_error:
+        print("\n".join(error_advice(job.output.path, job.input.image_column, summary.errors_by_kind)))
     if summary.interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_UNITS_FAILED if summary.units_failed else EXIT_OK
+        return EXIT_TERMINATED if summary.terminated else EXIT_INTERRUPTED
+    if summary.units_failed:
+        return EXIT_UNITS_FAILED
+    if summary.rows and summary.rows_error / summary.rows >= job.run.max_error_rate:
+        print(f"error rate {summary.rows_error / summary.rows:.0%} reached [run] max_error_rate "
+              f"{job.run.max_error_rate:g}: exit {EXIT_ERROR_RATE}", file=sys.stderr)
+        return EXIT_ERROR_RATE
+    return EXIT_OK
 
 
-# `blipbatch run` flags -> the job-spec key they override.
+# `blipbatch run` flags -> the job-spec key they override; defaults are the spec's (pipeline.job).
 FLAG_KEYS = {
     "input": "input.path", "output": "output.path", "model": "model.path", "prompt": "prompt.text",
     "instruction_column": "input.instruction_column", "image_column": "input.image_column",
     "id_column": "input.id_column", "passthrough": "input.passthrough", "batch_size": "run.batch_size",
-    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens", "num_beams": "generation.num_beams",
-    "dtype": "model.dtype", "device": "model.device", "rows_per_unit": "run.rows_per_unit",
-    "max_attempts": "run.max_attempts", "address": "run.address",
+    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens",
+    "num_beams": "generation.num_beams", "dtype": "model.dtype", "device": "model.device",
+    "rows_per_unit": "run.rows_per_unit", "max_attempts": "run.max_attempts", "address": "run.address",
+    "max_error_rate": "run.max_error_rate",
 }
-FLAG_DEFAULTS = {"image_column": "image_url", "passthrough": [], "batch_size": 8, "decode_slots": 32, "max_new_tokens": 30,
-                 "num_beams": 1, "rows_per_unit": 1000, "max_attempts": 3}
+# Repeatable flags that add to the spec's array.
+EXTEND_KEYS = {"local_root": "fetch.local_roots", "allow_host": "fetch.allow_hosts"}
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The spec overrides the flags and --set give, in that order (--set wins)."""
+    from blipbatch.jobs.spec import Extend, parse_override
+
+    flags = {name: getattr(args, name) for name in FLAG_KEYS}
+    if flags["input"] is not None and len(flags["input"]) == 1:
+        flags["input"] = flags["input"][0]
+    overrides: dict[str, object] = {FLAG_KEYS[name]: value for name, value in flags.items() if value is not None}
+    if args.local_root:
+        overrides["fetch.local_roots"] = Extend(os.path.abspath(root) for root in args.local_root)
+    if args.allow_host:
+        overrides["fetch.allow_hosts"] = Extend(args.allow_host)
+    if args.spec is None:
+        overrides["job.kind"] = "vqa" if args.instruction_column else "caption"
+    overrides |= dict(parse_override(assignment) for assignment in args.set)
+    return overrides
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """`run SPEC [flags]`: the spec with the given flags overriding it; `run --input ... [flags]`: flags only."""
+    from blipbatch.errors import BlipbatchError
     from blipbatch.jobs.kinds import WideTableError, finish_job
-    from blipbatch.jobs.spec import SpecError, load_spec, parse_override, run_kwargs
+    from blipbatch.jobs.spec import load_spec
 
-    flags = {name: getattr(args, name) for name in FLAG_KEYS}
-    if isinstance(flags["input"], list) and len(flags["input"]) == 1:
-        flags["input"] = flags["input"][0]
-    # The progress line redraws itself with "\r": it would garble the JSON lines on the same stream.
-    invocation = dict(force=args.force, retry_failed=args.retry_failed, progress=not (args.quiet or args.log_json))
     if args.spec is None:
-        missing = [f"--{name}" for name in ("input", "output", "model") if flags[name] is None]
-        if missing or (flags["prompt"] is None) == (flags["instruction_column"] is None):
+        missing = [f"--{name}" for name in ("input", "output", "model") if getattr(args, name) is None
+                   and not any(a.startswith(FLAG_KEYS[name] + "=") for a in args.set)]
+        if missing or (args.prompt is None) == (args.instruction_column is None):
             print("blipbatch run: give a job spec file, or --input, --output, --model and one of --prompt / "
                   f"--instruction-column{' (missing: ' + ', '.join(missing) + ')' if missing else ''}", file=sys.stderr)
             return EXIT_USAGE
-        if args.set:
-            print("blipbatch run: --set needs a job spec file", file=sys.stderr)
-            return EXIT_USAGE
-        with units_logged_to_stderr(args.log_json):
-            return execute({k: FLAG_DEFAULTS.get(k) if v is None else v for k, v in flags.items()} | invocation)
     try:
-        overrides = {FLAG_KEYS[name]: value for name, value in flags.items() if value is not None}
-        overrides |= dict(parse_override(assignment) for assignment in args.set)
-        spec = load_spec(args.spec, overrides)
-    except (SpecError, ValueError, OSError) as e:
+        spec = load_spec(args.spec, flag_overrides(args))
+    except (BlipbatchError, ValueError, OSError) as e:
         print(f"blipbatch run: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    # The progress line redraws itself with "\r": it would garble the JSON lines on the same stream.
+    invocation = dict(force=args.force, retry_failed=args.retry_failed, redo_errors=args.redo_errors,
+                      progress=not (args.quiet or args.log_json))
     with units_logged_to_stderr(args.log_json):
-        code = execute(run_kwargs(spec) | invocation)
+        code = execute(spec, **invocation)
     if code == EXIT_OK:
         try:
             wide = finish_job(spec)
@@ -117,8 +174,9 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
         "run", help="caption / question every image of Parquet shards, resumably",
         description="Process every work unit of the input not yet committed in the output, as a job spec file "
         "says (flags override it), or as the flags alone say. Running the same command again resumes. Exit codes: "
-        "0 all done, 1 some units failed, 2 usage, 3 refused (bad spec or input, settings that differ from the "
-        "output's, output held by another run), 130 interrupted.",
+        "0 all done, 1 some units failed, 2 usage, 3 refused (bad spec, model, input or output, settings that differ "
+        "from the output's, output held by another run), 4 too many rows in error ([run] max_error_rate), "
+        "130 interrupted (Ctrl-C), 143 terminated (SIGTERM); committed units are kept on 130 and 143.",
     )
     run.add_argument("spec", nargs="?", help="job spec (TOML); see examples/*.toml")
     run.add_argument("--input", nargs="+", help="Parquet folder, glob or files (local, s3://, gs://)")
@@ -129,7 +187,8 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     what.add_argument("--instruction-column", help="column holding each row's instruction")
     run.add_argument("--image-column", help="URL/path/data: URI or raw-bytes column (default image_url)")
     run.add_argument("--id-column", help="column of unique row ids (default: derived from shard and row)")
-    run.add_argument("--passthrough", nargs="*", help="input columns copied to the output")
+    run.add_argument("--passthrough", action="append", metavar="COLUMN",
+                     help="input column copied to the output (repeatable)")
     run.add_argument("--batch-size", type=int, help="rows per model call (default 8)")
     run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default 32)")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
@@ -140,14 +199,28 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--rows-per-unit", type=int, help="rows per work unit, the unit of retry and commit (default 1000)")
     run.add_argument("--max-attempts", type=int, help="tries before a unit is marked failed (default 3)")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
+    run.add_argument("--max-error-rate", type=float,
+                     help="exit 4 when this share of the run's rows ended in error (default 1.0: all of them)")
+    add_fetch_flags(run, "images")
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                     help="override any spec key, e.g. --set generation.repetition_penalty=1.5")
+                     help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
     run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
+    run.add_argument("--redo-errors", nargs="*", metavar="KIND",
+                     help="also redo the error rows of committed units (of these error kinds; none given: every "
+                          "error row) with the current settings, keeping their ok rows")
     run.add_argument("--quiet", action="store_true", help="no progress line")
     run.add_argument("--log-json", action="store_true",
                      help="one JSON line per unit committed, retried or failed on stderr, instead of the progress line")
     run.set_defaults(handler=run_pipeline)
+
+
+def add_fetch_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--allow-host and --local-root: they add to the job's [fetch] allow_hosts and local_roots."""
+    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                        help=f"trust this private host or network for {what}, as [fetch] allow_hosts (repeatable)")
+    parser.add_argument("--local-root", action="append", default=[], metavar="DIR",
+                        help=f"read local image files inside DIR for {what}, as [fetch] local_roots (repeatable)")
 
 
 def submit_job(args: argparse.Namespace) -> int:
@@ -172,69 +245,107 @@ def train_demo(args: argparse.Namespace) -> int:
     return main_train(args.output, args.steps, args.seed, args.evaluate)
 
 
+def recorded_settings(output: str, command: str) -> Any:
+    """The output's manifest (schemas.JobSettings), or None after saying why on stderr."""
+    from blipbatch.pipeline.manifest import ManifestError, read_manifest
+
+    try:
+        settings = read_manifest(output)
+    except ManifestError as e:
+        print(f"blipbatch {command}: {e}", file=sys.stderr)
+        return None
+    if settings is None:
+        print(f"blipbatch {command}: {output}: no blipbatch output here (no _manifest.json)", file=sys.stderr)
+    return settings
+
+
 def show_status(args: argparse.Namespace) -> int:
     from blipbatch.jobs.report import planned_units, totals
-    from blipbatch.pipeline.sink import committed_units, failed_units, progress_records, read_manifest
+    from blipbatch.pipeline.lock import OutputLock
+    from blipbatch.pipeline.resume import known_ids, redo_hint, unmatched_units
+    from blipbatch.pipeline.shards import describe_duplicates, duplicate_ids
+    from blipbatch.pipeline.sink import committed_units, failed_units, progress_records
+    from blipbatch.schemas import ColumnMapping
 
-    settings = read_manifest(args.output)
+    settings = recorded_settings(args.output, "status")
     if settings is None:
-        print(f"{args.output}: no blipbatch output here (no _manifest.json)", file=sys.stderr)
         return EXIT_REFUSED
     done, failed = committed_units(args.output), failed_units(args.output)
     records = progress_records(args.output)
     print(f"output: {args.output}")
-    print(f"model: {settings['model']}")
+    holder = OutputLock(args.output).holder()
+    if holder is not None and holder.is_live():
+        print(f"running: a run holds this output ({holder.describe()})")
+    print(f"model: {settings.model}")
     try:
-        units = planned_units(settings)
+        units = known_ids(planned_units(settings.to_dict()), done)
         pending = len([u for u in units if u.unit_id not in done and u.unit_id not in failed])
-        print(f"input: {settings['input']} ({len(units)} units)")
+        print(f"input: {settings.input} ({len(units)} units)")
+        unmatched = unmatched_units(done, units)
+        if unmatched:
+            print(f"warning: {len(unmatched)} committed unit(s) match no unit of the input (a shard removed or "
+                  f"changed since): {', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
+        if args.verify:
+            shards = list(dict.fromkeys(u.shard for u in units))
+            found = duplicate_ids(shards, ColumnMapping(**settings.mapping), across_shards=True)
+            print("verify: ids unique across shards" if not found else
+                  "verify: duplicate ids:\n" + describe_duplicates(found, settings.mapping["id_column"]))
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: say so, show the rest
         pending = None
-        print(f"input: {settings['input']} (cannot list it: {e})")
+        print(f"input: {settings.input} (cannot list it: {e})")
     print(f"units: {len(done)} done, {len(failed)} failed, "
           f"{'unknown' if pending is None else pending} pending")
     total = totals(records)
     kinds = total.errors_by_kind
     detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})" if kinds else ""
     print(f"rows: {total.rows_ok} ok, {total.rows_error} error{detail}")
+    if kinds:
+        print(f"redo error rows, after fixing their cause: {redo_hint(kinds)}")
     for unit_id, info in sorted(failed.items()):
         print(f"failed unit {unit_id} after {info['attempts']} attempts: {info['reason']}")
     return EXIT_UNITS_FAILED if failed else EXIT_OK
 
 
 def retry_failed(args: argparse.Namespace) -> int:
-    """Re-run an output's failed units with the settings recorded in its manifest."""
-    from blipbatch.pipeline.sink import failed_units, read_manifest
+    """Re-run an output's failed units with the job its manifest recorded (fetch and decode settings included);
+    the flags change only how the run is laid out."""
+    from blipbatch.pipeline.manifest import recorded_job
+    from blipbatch.pipeline.sink import failed_units
 
-    settings = read_manifest(args.output)
+    settings = recorded_settings(args.output, "retry-failed")
     if settings is None:
-        print(f"{args.output}: no blipbatch output here (no _manifest.json)", file=sys.stderr)
         return EXIT_REFUSED
     if not failed_units(args.output):
         print(f"{args.output}: no failed units")
         return EXIT_OK
-    mapping, generation = settings["mapping"], settings["generation"]
-    return execute(dict(
-        input=settings["input"], output=args.output, model=settings["model"], prompt=settings["instructions"],
-        instruction_column=mapping["instruction_column"], image_column=mapping["image_column"],
-        id_column=mapping["id_column"], passthrough=mapping["passthrough"],
-        max_new_tokens=generation["max_new_tokens"], num_beams=generation["num_beams"], generation=generation,
-        rows_per_unit=settings["rows_per_unit"], batch_size=args.batch_size, decode_slots=args.decode_slots,
-        workers=args.workers, max_attempts=args.max_attempts, address=args.address, retry_failed=True, progress=not args.quiet,
-    ))
+    job = recorded_job(settings, args.output)
+    layout = {name: value for name in ("batch_size", "decode_slots", "workers", "max_attempts", "address")
+              if (value := getattr(args, name)) is not None}
+    job = dataclasses.replace(job, run=dataclasses.replace(job.run, **layout))
+    return execute(job, retry_failed=True, progress=not args.quiet)
 
 
 def make_report(args: argparse.Namespace) -> int:
-    """Write the HTML report of an output; thumbnails are fetched under the spec's [fetch] and the flags' hosts/roots."""
+    """Write the HTML report of an output; thumbnails are fetched under the recorded [fetch] settings (or the
+    spec's), plus the flags' hosts and roots."""
+    from blipbatch.errors import BlipbatchError
     from blipbatch.jobs.report import ReportError, write_report
-    from blipbatch.jobs.spec import SpecError, load_spec
+    from blipbatch.jobs.spec import load_spec
     from blipbatch.pipeline.fetch import FetchConfig
+    from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_job
 
     try:
-        base = load_spec(args.spec).fetch if args.spec else FetchConfig()
+        if args.spec:
+            base = load_spec(args.spec).fetch
+        else:
+            settings = read_manifest(args.output)
+            base = recorded_job(settings, args.output).fetch if settings is not None else FetchConfig()
         fetch = dataclasses.replace(base, allow_hosts=base.allow_hosts + tuple(args.allow_host),
                                     local_roots=base.local_roots + tuple(os.path.abspath(r) for r in args.local_root))
-    except (SpecError, ValueError, OSError) as e:
+    except ManifestError as e:
+        print(f"blipbatch report: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (BlipbatchError, ValueError, OSError) as e:
         print(f"blipbatch report: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -259,11 +370,9 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--html", default="report.html", help="where to write the page (default ./report.html)")
     report.add_argument("--sample", type=int, default=24, help="images in the gallery (default 24)")
     report.add_argument("--seed", type=int, default=0, help="which images are sampled (default 0)")
-    report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails")
-    report.add_argument("--allow-host", action="append", default=[], metavar="HOST",
-                        help="trust this private host or network for thumbnails, as [fetch] allow_hosts (repeatable)")
-    report.add_argument("--local-root", action="append", default=[], metavar="DIR",
-                        help="read local image files inside DIR, as [fetch] local_roots (repeatable)")
+    report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails (default: the settings "
+                        "the output's manifest recorded)")
+    add_fetch_flags(report, "thumbnails")
     report.set_defaults(handler=make_report)
 
 
@@ -302,14 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Exit code 0 when no unit failed, 1 when some did, 3 when OUTPUT is "
                                  "not a blipbatch output.")
     status.add_argument("output")
+    status.add_argument("--verify", action="store_true",
+                        help="also read the input's id column and report ids repeated across shards")
     status.set_defaults(handler=show_status)
     retry = commands.add_parser("retry-failed", help="re-run the failed units of an output with its recorded settings")
     retry.add_argument("output")
-    retry.add_argument("--batch-size", type=int, default=8)
-    retry.add_argument("--decode-slots", type=int, default=32)
-    retry.add_argument("--workers", type=int)
-    retry.add_argument("--max-attempts", type=int, default=3)
-    retry.add_argument("--address")
+    retry.add_argument("--batch-size", type=int, help="default: the recorded one")
+    retry.add_argument("--decode-slots", type=int, help="default: the recorded one")
+    retry.add_argument("--workers", type=int, help="default: the recorded one")
+    retry.add_argument("--max-attempts", type=int, help="default: the recorded one")
+    retry.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
     retry.add_argument("--quiet", action="store_true")
     retry.set_defaults(handler=retry_failed)
     add_report_command(commands)
@@ -317,8 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from blipbatch.errors import BlipbatchError
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BlipbatchError as e:  # every refusal of ours, in one line; anything else is a bug and keeps its traceback
+        print(f"blipbatch {args.command}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

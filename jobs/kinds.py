@@ -1,8 +1,8 @@
-"""Job kinds: what a job asks of each image, as pipeline.run arguments; and the wide table of an annotate job.
+"""Job kinds: what a job asks of each image, as the Job's instructions; and the wide table of an annotate job.
 
-- caption: one prompt asked of every image (`[prompt] text`, or a default per model family) -> prompt=(text,)
-- vqa: each row's own question, from `[input] instruction_column` -> instruction_column=...
-- annotate: every question of `[questions]` asked of every image -> prompt={question_id: question}; the output has
+- caption: one prompt asked of every image (`[prompt] text`, or a default per model family) -> instructions (text,)
+- vqa: each row's own question, from `[input] instruction_column` -> no fixed instructions
+- annotate: every question of `[questions]` asked of every image -> instructions {question_id: question}; the output has
   one row per image and question with its `question_id`, and the image's vision features are computed once for all
   of its questions. With `[output] wide = true`, `wide.parquet` under the output has one row per image instead.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -31,31 +31,20 @@ class Kind:
     summary: str
     requires: Mapping[str, str]  # kind-specific keys ("table.key" or "table") it needs -> what they are for
     allows: tuple[str, ...]  # kind-specific keys it accepts but does not need
-    arguments: Callable[[JobSpec], dict[str, Any]]  # the pipeline.run arguments saying what to ask
-
-
-def _caption(spec: JobSpec) -> dict[str, Any]:
-    return {"prompt": (spec.prompt,)}
-
-
-def _vqa(spec: JobSpec) -> dict[str, Any]:
-    return {"instruction_column": spec.input.instruction_column}
-
-
-def _annotate(spec: JobSpec) -> dict[str, Any]:
-    return {"prompt": dict(spec.questions)}
+    # (caption prompt, questions) -> the Job's instructions; None: each row's own, from the instruction column
+    instructions: Callable[[str | None, Mapping[str, str]], tuple[str, ...] | dict[str, str] | None]
 
 
 _QUESTIONS_HINT = ('kind "annotate" asks every image each question of this table, '
                    'e.g. [questions] color = "What color is the car?"')
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("caption", "one prompt asked of every image", {}, ("prompt",), _caption),
+    Kind("caption", "one prompt asked of every image", {}, ("prompt",), lambda prompt, questions: (prompt,)),
     Kind("vqa", "each row's own question, from a column",
          {"input.instruction_column": 'kind "vqa" reads each row\'s question from this column, '
-                                      'e.g. instruction_column = "question"'}, (), _vqa),
+                                      'e.g. instruction_column = "question"'}, (), lambda prompt, questions: None),
     Kind("annotate", "named questions asked of every image", {"questions": _QUESTIONS_HINT}, ("output.wide",),
-         _annotate),
+         lambda prompt, questions: dict(questions)),
 )}
 
 # Keys that only some kinds use; a spec that sets one its kind does not use is refused rather than ignored.

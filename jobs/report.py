@@ -36,7 +36,8 @@ from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
-from blipbatch.pipeline.sink import failed_units, progress_records, read_manifest, read_part
+from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_job
+from blipbatch.pipeline.sink import failed_units, progress_records, read_part
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
 
@@ -107,13 +108,15 @@ class RunData:
 
 
 def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, seed: int = 0) -> RunData:
-    """Read what the report shows from `output`; raises ReportError if it is not a blipbatch output."""
+    """Read what the report shows from `output`; raises ReportError if it is not a blipbatch output. Thumbnails are
+    fetched under `fetch`, by default the [fetch] settings the output's manifest recorded."""
     try:
-        settings = read_manifest(output)
-    except (ValueError, KeyError) as e:
-        raise ReportError(f"{output}: its _manifest.json is unreadable ({e}); is this a blipbatch output?") from None
-    if settings is None:
+        manifest = read_manifest(output)
+    except ManifestError as e:
+        raise ReportError(f"{e}; is this a blipbatch output?") from None
+    if manifest is None:
         raise ReportError(f"{output}: not a blipbatch output (no _manifest.json there)")
+    settings = manifest.to_dict()
     try:
         records = sorted(progress_records(output), key=lambda r: r.unit_id)
     except ValueError as e:
@@ -127,7 +130,7 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
                    generated_at=datetime.now(timezone.utc).timestamp())
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
-    data.gallery = sample_gallery(output, settings, records, sample, fetch or FetchConfig(), seed)
+    data.gallery = sample_gallery(output, settings, records, sample, fetch or recorded_job(manifest, output).fetch, seed)
     return data
 
 

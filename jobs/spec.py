@@ -1,8 +1,9 @@
 """Job spec files: one TOML file says what to run, validated before anything starts.
 
 `load_spec(path, overrides)` reads the file (Python's `tomllib`), applies command-line overrides ("run.batch_size": 16),
-checks every table and key, and returns a `JobSpec`; `run_kwargs(spec)` turns it into the keyword arguments of
-`pipeline.run`. Every error is a `SpecError` naming the file and line, the table and key, what was expected and what
+checks every table and key, and returns a `JobSpec`: the pipeline's typed `Job` (pipeline.job) plus what the job kind
+needs, so `pipeline.run(spec)` runs it. `load_spec(None, overrides)` builds a job from overrides alone (the command
+line's flags-only form). Every error is a `SpecError` naming the file and line, the table and key, what was expected and what
 was found, e.g. `jobs/x.toml:12: [generation] num_beam: unknown key; did you mean num_beams? known: ...`.
 A key missing from a table that is present points at the table's header line; a whole table that is missing has no
 line to point at, so the message names the file alone. A value set by an override says so instead of a line.
@@ -22,7 +23,7 @@ used as written (relative to the current directory, as on any command line).
 | `[input] instruction_column` | string | none | vqa only, and required there: the column holding each row's question |
 | `[input] passthrough` | array of strings | [] | input columns copied to every output row |
 | `[output] path` | string | required | output folder, local, `s3://` or `gs://` |
-| `[output] wide` | boolean | false | annotate only: also write `wide.parquet`, one row per image and one column per question |
+| `[output] wide` | boolean | false | annotate only: also write the wide table `OUT.wide.parquet` beside the output folder `OUT`, one row per image and one column per question |
 | `[model] path` | string | required | checkpoint: a local folder, an fsspec URL, or a Hub id |
 | `[model] dtype` | "bfloat16", "float16" or "float32" | bfloat16 on GPU, float32 on CPU | weights and compute precision |
 | `[model] device` | "cuda" or "cpu" | cuda when the cluster has GPUs | where the model runs |
@@ -38,6 +39,7 @@ used as written (relative to the current directory, as on any command line).
 | `[run] decode_slots` | integer >= 1 | 32 | greedy decoding: sequences decoded together; a finished one's slot takes the call's next row at once |
 | `[run] rows_per_unit` | integer >= 1 | 1000 | rows per work unit, the unit of retry and commit |
 | `[run] max_attempts` | integer >= 1 | 3 | tries before a unit is marked failed |
+| `[run] max_error_rate` | number in (0, 1] | 1.0 | `blipbatch run` exits 4 when this share of the run's rows (or more) ended in error; 1.0: only when every row did |
 | `[run] address` | string | $RAY_ADDRESS, else Ray in-process | Ray cluster address |
 """
 
@@ -60,6 +62,7 @@ from blipbatch.model.configs import GenerationConfig
 from blipbatch.model.errors import ConfigError
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.job import InputConfig, Job, ModelConfig, OutputConfig, PipelineError, RunConfig
 from blipbatch.schemas import OUTPUT_COLUMNS
 
 from .kinds import KIND_SPECIFIC_KEYS, KINDS
@@ -77,51 +80,23 @@ class SpecError(BlipbatchError, ValueError):
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    paths: tuple[str, ...]
-    image_column: str = "image_url"
-    id_column: str | None = None
-    instruction_column: str | None = None
-    passthrough: tuple[str, ...] = ()
+class OutputSpec(OutputConfig):
+    wide: bool = False  # annotate: also write the wide table (jobs.kinds)
 
 
-@dataclass(frozen=True)
-class OutputSpec:
-    path: str
-    wide: bool = False
+@dataclass(frozen=True, kw_only=True)
+class JobSpec(Job):
+    """A Job as a spec file (or the command line) says it, with what only the jobs layer uses."""
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    path: str
-    dtype: str | None = None
-    device: str | None = None
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    workers: int | None = None
-    batch_size: int = 8
-    decode_slots: int = 32
-    rows_per_unit: int = 1000
-    max_attempts: int = 3
-    address: str | None = None
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    source: Path  # the spec file, absolute
+    source: Path | None  # the spec file, absolute; None for a job from flags alone
     kind: str  # a key of jobs.kinds.KINDS
-    name: str | None
-    input: InputSpec
-    output: OutputSpec
-    model: ModelSpec
-    prompt: str | None  # caption: [prompt] text, or default_prompt(model.path); None for the other kinds
-    questions: dict[str, str]  # annotate: question_id -> question, in file order; empty for the other kinds
-    generation: dict[str, Any]  # transformers' names, only those the spec sets
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    run: RunSpec = field(default_factory=RunSpec)
+    name: str | None = None
+    prompt: str | None = None  # caption: [prompt] text, or default_prompt(model.path); None for the other kinds
+    questions: dict[str, str] = field(default_factory=dict)  # annotate: question_id -> question, in file order
+
+
+class Extend(tuple):
+    """An override value that adds to the array the spec file gives (repeatable flags such as --local-root)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,7 +235,8 @@ TABLES: dict[str, dict[str, _Check]] = {
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
     "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1), "rows_per_unit": _integer(1),
-            "max_attempts": _integer(1), "address": _TEXT},
+            "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
+            "address": _TEXT},
 }
 
 REQUIRED: dict[tuple[str, str], str] = {
@@ -388,6 +364,8 @@ def _read_toml(path: Path, source: str) -> tuple[str, dict[str, Any]]:
 
 
 def _apply_overrides(doc: dict[str, Any], overrides: Mapping[str, object], source: str) -> set[tuple[str, str]]:
+    """Apply `overrides` to the parsed document; returns the (table, key) pairs whose value they replaced (an
+    Extend value adds to the file's array instead, so what the file gave keeps the meaning it had there)."""
     applied = set()
     for dotted, value in overrides.items():
         if value is None:  # a command-line flag that was not given
@@ -400,8 +378,12 @@ def _apply_overrides(doc: dict[str, Any], overrides: Mapping[str, object], sourc
             raise SpecError(where, f"[{table}]", f"unknown table; {_known([f'[{t}]' for t in TABLES], f'[{table}]')}")
         if not isinstance(doc.setdefault(table, {}), dict):
             raise SpecError(where, f"[{table}]", "cannot override a key of a table that is not a table in the file")
-        doc[table][key] = value
-        applied.add((table, key))
+        if isinstance(value, Extend):
+            given = doc[table].get(key, [])
+            doc[table][key] = (given if isinstance(given, list) else [given]) + list(value)
+        else:
+            doc[table][key] = value
+            applied.add((table, key))
     return applied
 
 
@@ -453,17 +435,23 @@ def _pipeline_config(cls: type, table: str, given: dict[str, Any], where: _Locat
     return cls(**given)
 
 
-def load_spec(path: str | os.PathLike, overrides: Mapping[str, object] | None = None) -> JobSpec:
+COMMAND_LINE = "command line"
+
+
+def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | None = None) -> JobSpec:
     """Read, override and validate a job spec; raises SpecError naming the file, line, key and what is wrong.
 
     `overrides` maps dotted keys to values ({"run.batch_size": 16, "model.path": "/data/m"}), applied before
-    validation and checked like the file's own values; a None value is skipped (a command-line flag not given).
+    validation and checked like the file's own values; a None value is skipped (a command-line flag not given), an
+    Extend value adds to the file's array. With `path` None the job is the overrides alone.
     """
-    source = str(path)
-    spec_file = Path(path).absolute()
-    text, doc = _read_toml(spec_file, source)
+    if path is None:
+        source, spec_file, text, doc = COMMAND_LINE, None, "", {}
+    else:
+        source, spec_file = str(path), Path(path).absolute()
+        text, doc = _read_toml(spec_file, source)
     overridden = _apply_overrides(doc, overrides or {}, source)
-    where = _Locator(source, text, overridden)
+    where = _Locator(source, text, {tuple(d.split(".", 1)) for d, v in (overrides or {}).items() if v is not None})
     values = _check_tables(doc, where)
 
     for (table, key), hint in REQUIRED.items():
@@ -483,7 +471,7 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, object] | None = 
                             "[job] kind")
 
     inputs, output, model, run = (values.get(t, {}) for t in ("input", "output", "model", "run"))
-    base = spec_file.parent
+    base = spec_file.parent if spec_file is not None else Path.cwd()
     if ("input", "path") not in overridden:
         inputs["path"] = tuple(os.path.join(base, p) if _local_relative(p) else p for p in inputs["path"])
     if ("output", "path") not in overridden and _local_relative(output["path"]):
@@ -525,22 +513,26 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, object] | None = 
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
         prompt = default_prompt(model["path"]) if prompt is None else prompt
-    return JobSpec(
-        source=spec_file,
-        kind=kind.name,
-        name=values["job"].get("name"),
-        input=InputSpec(paths=inputs["path"], image_column=image_column, id_column=inputs.get("id_column"),
-                        instruction_column=inputs.get("instruction_column"),
-                        passthrough=inputs.get("passthrough", ())),
-        output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
-        model=ModelSpec(path=model["path"], dtype=model.get("dtype"), device=model.get("device")),
-        prompt=prompt,
-        questions=dict(questions),
-        generation=dict(generation),
-        fetch=_pipeline_config(FetchConfig, "fetch", fetch, where),
-        decode=_pipeline_config(DecodeConfig, "decode", values.get("decode", {}), where),
-        run=RunSpec(**run),
-    )
+    try:
+        return JobSpec(
+            source=spec_file,
+            kind=kind.name,
+            name=values["job"].get("name"),
+            prompt=prompt,
+            questions=dict(questions),
+            input=InputConfig(paths=inputs["path"], image_column=image_column, id_column=inputs.get("id_column"),
+                              instruction_column=inputs.get("instruction_column"),
+                              passthrough=inputs.get("passthrough", ())),
+            output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
+            model=ModelConfig(path=model["path"], dtype=model.get("dtype"), device=model.get("device")),
+            instructions=kind.instructions(prompt, questions),
+            generation=dict(generation),
+            fetch=_pipeline_config(FetchConfig, "fetch", fetch, where),
+            decode=_pipeline_config(DecodeConfig, "decode", values.get("decode", {}), where),
+            run=RunConfig(**run),
+        )
+    except PipelineError as e:  # a check across tables the ones above do not make
+        raise SpecError(source, "", str(e)) from None
 
 
 def parse_override(assignment: str) -> tuple[str, object]:
@@ -554,32 +546,3 @@ def parse_override(assignment: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         value = text
     return key.strip(), value
-
-
-def run_kwargs(spec: JobSpec) -> dict[str, Any]:
-    """Keyword arguments for pipeline.run(**run_kwargs(spec)): everything the spec says (not force/retry_failed/
-    progress, which belong to one invocation)."""
-    generation = dict(spec.generation)
-    named = {name: generation.pop(name) for name in ("max_new_tokens", "num_beams") if name in generation}
-    paths = spec.input.paths
-    return {
-        "input": paths[0] if len(paths) == 1 else list(paths),
-        "output": spec.output.path,
-        "model": spec.model.path,
-        **KINDS[spec.kind].arguments(spec),
-        "image_column": spec.input.image_column,
-        "id_column": spec.input.id_column,
-        "passthrough": list(spec.input.passthrough),
-        "batch_size": spec.run.batch_size,
-        "decode_slots": spec.run.decode_slots,
-        "workers": spec.run.workers,
-        "rows_per_unit": spec.run.rows_per_unit,
-        "max_attempts": spec.run.max_attempts,
-        "address": spec.run.address,
-        "dtype": spec.model.dtype,
-        "device": spec.model.device,
-        **named,
-        "generation": generation,
-        "fetch": spec.fetch,
-        "decode": spec.decode,
-    }

@@ -47,7 +47,8 @@ class RunSummary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # unit id -> last reason
     wall_s: float = 0.0
-    interrupted: bool = False
+    interrupted: bool = False  # by Ctrl-C (SIGINT) or SIGTERM
+    terminated: bool = False  # the interrupt was SIGTERM
 
     @property
     def rows(self) -> int:
@@ -70,12 +71,16 @@ class RunSummary:
 
 
 class Progress:
-    """One status line on a terminal (rows/s, errors, ETA), redrawn at most every `interval` seconds."""
+    """One status line on a terminal (rows/s, errors, ETA), redrawn at most every `interval` seconds; where the
+    stream is not a terminal (a log file), one plain line at most every LOG_INTERVAL_S seconds instead."""
+
+    LOG_INTERVAL_S = 30.0
 
     def __init__(self, total_rows: int, stream: TextIO | None = sys.stderr, interval: float = 1.0) -> None:
         self.total_rows = total_rows
         self.stream = stream
-        self.interval = interval
+        self.terminal = stream is not None and stream.isatty()
+        self.interval = interval if self.terminal else max(interval, self.LOG_INTERVAL_S)
         self.start = time.monotonic()
         self.last = 0.0
 
@@ -88,15 +93,14 @@ class Progress:
         rate = summary.rows / elapsed if elapsed > 0 else 0.0
         left = max(self.total_rows - summary.rows, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        self.stream.write(
-            f"\r[{summary.units_done + summary.units_failed}/{summary.units_total - summary.units_skipped} units] "
-            f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}   "
-        )
+        line = (f"[{summary.units_done + summary.units_failed}/{summary.units_total - summary.units_skipped} units] "
+                f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}")
+        self.stream.write(f"\r{line}   " if self.terminal else f"{line}\n")
         self.stream.flush()
 
     def close(self, summary: RunSummary) -> None:
         self.update(summary, force=True)
-        if self.stream is not None:
+        if self.stream is not None and self.terminal:
             self.stream.write("\n")
 
 

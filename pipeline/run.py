@@ -2,152 +2,252 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import json
+import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import fsspec
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
+from blipbatch.model.base_models import COMPOSITE_CONFIGS
 from blipbatch.model.engine import EngineConfig
-from blipbatch.schemas import ColumnMapping
 
 from .coordinator import Progress, RunSummary, run_units
-from .decode import DecodeConfig
-from .fetch import FetchConfig
+from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
-from .shards import WorkUnit, discover_shards, plan_units
-from .sink import committed_units, ensure_manifest, failed_units
+from .manifest import check_manifest, job_settings, write_manifest
+from .redact import redact
+from .resume import plan_run, unfinished_shards
+from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
+from .sink import progress_records
 from .worker import FaultInjection, ModelWorker, WorkerConfig
-from blipbatch.errors import BlipbatchError
+
+__all__ = ["PipelineError", "connect_ray", "run", "run_job"]
 
 
-class PipelineError(BlipbatchError, ValueError):
-    """A run that cannot start: contradictory or missing settings."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as after Ctrl-C: committed units kept, lock released."""
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS); with neither, start Ray in-process with its own temp dir."""
+    """Join the cluster at `address` (or $RAY_ADDRESS); with neither, start Ray in-process with its own temp dir,
+    removed when this process exits."""
     if ray.is_initialized():
         return
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's worker-log prefixes: no ANSI codes in log files
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # Ray's notice that it made a token for this cluster is about a cluster of our own, on this machine and for this
+    # process only: it would otherwise be the first line of every run's stderr.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A short path: Ray's socket names must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=True, configure_logging=False)
+    atexit.register(_remove_ray_temp, temp_dir)  # runs before Ray's own exit hook (atexit is last in, first out)
 
 
-def fixed_instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> tuple[str, ...] | dict[str, str] | None:
-    if prompt is None:
-        return None
-    if isinstance(prompt, str):
-        return (prompt,)
-    fixed = dict(prompt) if isinstance(prompt, Mapping) else tuple(prompt)
-    texts = list(fixed.values()) if isinstance(fixed, dict) else list(fixed)
-    if not texts:
-        raise PipelineError("prompt is empty: give at least one instruction")
-    if not all(isinstance(text, str) for text in texts):
-        raise PipelineError("every prompt must be a string (BLIP-2 captions with the empty one)")
-    return fixed
+def _remove_ray_temp(temp_dir: str) -> None:
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks made before Ray starts and before anything is written, so a wrong path fails in a second, in one line.
+
+def check_model(path: str) -> None:
+    """A local or fsspec checkpoint must have a readable config.json of a model type we load; a Hub id is
+    resolved by the workers (from the cache or the Hub)."""
+    local = "://" not in path
+    if local and not os.path.exists(os.path.expanduser(path)):
+        if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+            return  # a Hub id such as "Salesforce/instructblip-vicuna-7b"
+        raise PipelineError(f"model: checkpoint folder {path} does not exist")
+    config = f"{path.rstrip('/')}/config.json"
+    try:
+        with fsspec.open(os.path.expanduser(config) if local else config, "rb") as f:
+            model_type = json.load(f).get("model_type")
+    except FileNotFoundError:
+        raise PipelineError(f"model: {redact(path)} has no config.json; give the checkpoint folder (config.json, "
+                            "weights, tokenizer)") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise PipelineError(f"model: cannot read {redact(config)}: {redact(str(e)) or type(e).__name__}") from None
+    if model_type not in COMPOSITE_CONFIGS:
+        raise PipelineError(f"model: {redact(config)} has model_type {model_type!r}; blipbatch runs "
+                            f"{' and '.join(sorted(COMPOSITE_CONFIGS))} checkpoints")
+
+
+def check_output(path: str) -> None:
+    """The output must be a folder, or a path where one can be made; on object stores, not an object."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not isinstance(fs, LocalFileSystem):
+        if fs.isfile(root):
+            raise PipelineError(f"output: {redact(path)} is an object, not a folder; give a prefix for the output")
+        return
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise PipelineError(f"output: {path} is a file; give a folder (it is made if missing)")
+    parent = root
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise PipelineError(f"output: {parent} is a file, so {path} cannot be made; give a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"output: {parent} is not writable")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 def run(
-    input: str | Sequence[str],
-    output: str,
-    model: str,
+    job: Job | str | Sequence[str],
+    output: str | None = None,
+    model: str | None = None,
     *,
-    prompt: str | Sequence[str] | Mapping[str, str] | None = None,
-    instruction_column: str | None = None,
-    image_column: str = "image_url",
-    id_column: str | None = None,
-    passthrough: Sequence[str] = (),
-    batch_size: int = 8,
-    decode_slots: int = 32,
-    workers: int | None = None,
-    max_new_tokens: int = 30,
-    num_beams: int = 1,
-    generation: dict[str, Any] | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    rows_per_unit: int = 1000,
-    max_attempts: int = 3,
-    fetch: FetchConfig | None = None,
-    decode: DecodeConfig | None = None,
-    address: str | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    redo_errors: Sequence[str] | None = None,
     progress: bool = True,
-    fault: FaultInjection | None = None,
+    **settings: Any,
 ) -> RunSummary:
-    """Process every not-yet-committed work unit of `input` into `output`; returns what this run did.
+    """Process every not-yet-committed work unit of the job's input into its output; returns what this run did.
 
-    Exactly one of `prompt` (one fixed instruction, several, or named questions {question_id: question}
-    asked of every image; named ones add a `question_id` column) and `instruction_column` (one
-    instruction per row) says what to ask. Several questions about one image share its vision pass.
-    Running again over a finished output does nothing; resuming into an output made with other
-    settings is refused unless `force`; a second run on an output another run holds is refused.
+    `job` is a Job (pipeline.job), or the input of the keyword form: `run(input, output, model, prompt=...,
+    batch_size=..., ...)`, whose keywords are the fields of InputConfig, ModelConfig and RunConfig, `prompt`
+    (one fixed instruction, several, or named questions {question_id: question}), `generation` (plus the shorthands
+    max_new_tokens and num_beams), `fetch` and `decode`; each default is Job's.
+    Running again over a finished output does nothing; resuming into an output made with other settings is refused
+    unless `force`; `retry_failed` also redoes units marked failed; `redo_errors` (error kinds; empty: all) also
+    redoes the error rows of those kinds of committed units, keeping their ok rows; a second run on an output
+    another run holds is refused.
     """
-    start = time.monotonic()
-    if (prompt is None) == (instruction_column is None):
-        raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
-    instructions = fixed_instructions(prompt)
-    if min(batch_size, decode_slots, rows_per_unit, max_attempts) < 1:
-        raise PipelineError("batch_size, decode_slots, rows_per_unit and max_attempts must be at least 1")
-    settings = {"max_new_tokens": max_new_tokens, "num_beams": num_beams} | (generation or {})
-    mapping = ColumnMapping(image_column=image_column, id_column=id_column,
-                            instruction_column=instruction_column, passthrough=tuple(passthrough))
+    if isinstance(job, Job):
+        if output is not None or model is not None or settings:
+            raise TypeError("pipeline.run(job) takes no other settings: the Job holds them all")
+    else:
+        if output is None or model is None:
+            raise TypeError("pipeline.run(input, output, model, ...) needs input, output and model")
+        job = job_from_keywords(job, output, model, **settings)
+    return run_job(job, force=force, retry_failed=retry_failed, redo_errors=redo_errors, progress=progress)
 
-    units = plan_units(discover_shards(input), mapping, rows_per_unit)
+
+def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_errors: Sequence[str] | None = None,
+            progress: bool = True, fault: FaultInjection | None = None) -> RunSummary:
+    """pipeline.run for a Job; `fault` is the tests' crash hook (worker.FaultInjection)."""
+    start = time.monotonic()
+    output = job.output.path
+    check_model(job.model.path)
+    check_output(output)
+    paths = job.input.paths
+    check_apart(paths, output)
+    units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,
+                       job.run.rows_per_unit)
+    check_unique_ids(unfinished_shards(output, units), job.input.columns)
+    settings = job_settings(job).to_dict()
     with OutputLock(output) as lock:
-        ensure_manifest(output, {
-            "input": input, "model": model, "instructions": instructions,
-            "mapping": dataclasses.asdict(mapping), "generation": settings, "rows_per_unit": rows_per_unit,
-        }, force=force)
-        done = committed_units(output)
-        skip = done if retry_failed else done | set(failed_units(output))
-        pending = [unit for unit in units if unit.unit_id not in skip]
-        summary = RunSummary(output=output, units_total=len(units), units_skipped=len(units) - len(pending))
+        manifest = check_manifest(output, settings, force=force)
+        plan = plan_run(output, units, retry_failed, redo_errors)
+        pending = plan.pending
+        summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped)
         if not pending:
             print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
-                  "(use retry_failed to redo failed units)", file=sys.stderr)
+                  "(--retry-failed redoes failed units, --redo-errors error rows)", file=sys.stderr)
         else:
             config = WorkerConfig(
-                engine=EngineConfig(model=model, dtype=dtype, device=device, generation=settings,
-                                    decode_slots=decode_slots),
-                mapping=mapping, output=output, instructions=instructions, batch_size=batch_size,
-                fetch=fetch or FetchConfig(), decode=decode or DecodeConfig(), fault=fault,
+                engine=EngineConfig(model=job.model.path, dtype=job.model.dtype, device=job.model.device,
+                                    generation=dict(job.generation), decode_slots=job.run.decode_slots),
+                mapping=job.input.columns, output=output, instructions=job.instructions,
+                batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
             )
-            total_rows = sum(u.num_rows for u in pending) * (len(instructions) if instructions else 1)
-            run_on_ray(pending, config, summary, workers, address, max_attempts,
-                       Progress(total_rows) if progress else None, lock.maybe_renew)
+            total_rows = plan.output_rows(job.rows_per_input_row)
+            # The manifest is written once the workers are up, just before the first unit is handed out: a run
+            # that cannot start leaves the output as it found it.
+            on_ready = (lambda: None) if manifest == "matched" else (lambda: write_manifest(output, settings))
+            run_on_ray(pending, config, summary, job, Progress(total_rows) if progress else None,
+                       lock.maybe_renew, on_ready)
+            if summary.interrupted:
+                recount(summary, plan.committed)
     summary.wall_s = time.monotonic() - start
     return summary
+
+
+def recount(summary: RunSummary, done_before: set[str]) -> None:
+    """After an interrupt, count this run's units from the commit markers: a worker may have committed a unit
+    whose answer the driver never read."""
+    records = [r for r in progress_records(summary.output) if r.unit_id not in done_before]
+    summary.units_done = len(records)
+    summary.rows_ok = sum(r.rows_ok for r in records)
+    summary.rows_error = sum(r.rows_error for r in records)
+    kinds: dict[str, int] = {}
+    for record in records:
+        for kind, count in record.errors_by_kind.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    summary.errors_by_kind = kinds
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt(summary: RunSummary) -> Iterator[None]:
+    """While open (main thread only), SIGTERM raises Terminated, so a scheduler's stop ends the run as Ctrl-C does
+    (summary.terminated says which). Entered after ray.init, which installs a SIGTERM handler that exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        summary.terminated = True
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _startup_failure(error: Exception) -> str:
+    """The root cause of an actor that could not start, in one line: the exception its __init__ raised."""
+    cause = getattr(error, "cause", None)
+    while cause is not None and getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    if isinstance(cause, BaseException):
+        return redact(f"{type(cause).__name__}: {cause}".splitlines()[0])
+    text = str(error).strip().splitlines()
+    last = next((line.strip() for line in reversed(text) if line.strip()), type(error).__name__)
+    return redact(last)
 
 
 def run_on_ray(
     pending: Sequence[WorkUnit],
     config: WorkerConfig,
     summary: RunSummary,
-    workers: int | None,
-    address: str | None,
-    max_attempts: int,
+    job: Job,
     progress: Progress | None,
     heartbeat: Callable[[], None],
+    on_ready: Callable[[], None],
 ) -> None:
-    """Start the model actors (one per GPU, or `workers`) and run the units on them."""
-    connect_ray(address)
+    """Start the model actors (one per GPU, or `workers`) and run the units on them; `on_ready` is called once
+    they are up, before the first unit is handed out."""
+    connect_ray(job.run.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     # device "cuda" asks for GPU actors even before any GPU node is up, so an autoscaler adds them.
     use_gpu = config.engine.device == "cuda" or (config.engine.device is None and gpus > 0)
-    count = workers or (gpus if use_gpu else 1)
+    count = job.run.workers or (gpus if use_gpu else 1)
     if count < 1:
-        raise PipelineError("device is cuda but the cluster has no GPU yet: set workers to the number of GPU actors")
+        raise PipelineError("device is cuda but the cluster has no GPU yet: set --workers (run.workers) to the "
+                            "number of GPU actors")
     if not use_gpu:
         # Ray gives a fractional-CPU actor OMP_NUM_THREADS=1, which would leave a CPU model on one core.
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
@@ -156,16 +256,18 @@ def run_on_ray(
     actor = ray.remote(ModelWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
-    handles = [actor.remote(config, index) for index in range(count)]
-    try:
+    with sigterm_as_interrupt(summary):
+        handles = [actor.remote(config, index) for index in range(count)]
         try:
-            devices = ray.get([handle.ready.remote() for handle in handles])
-        except ray.exceptions.RayActorError as e:
-            raise PipelineError(f"the model workers could not start: {e}") from e
-        if progress is not None:
-            print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
-                  f"{summary.units_total} units to do", file=sys.stderr)
-        run_units(pending, handles, summary, max_attempts, progress=progress, heartbeat=heartbeat)
-    finally:
-        for handle in handles:
-            ray.kill(handle)
+            try:
+                devices = ray.get([handle.ready.remote() for handle in handles])
+            except ray.exceptions.RayActorError as e:
+                raise PipelineError(f"the model workers could not start: {_startup_failure(e)}") from None
+            on_ready()
+            if progress is not None:
+                print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
+                      f"{summary.units_total} units to do", file=sys.stderr)
+            run_units(pending, handles, summary, job.run.max_attempts, progress=progress, heartbeat=heartbeat)
+        finally:
+            for handle in handles:
+                ray.kill(handle)

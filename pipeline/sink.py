@@ -1,10 +1,10 @@
-"""Output side: whole Parquet parts, commit markers, failed markers and the job manifest, through fsspec.
+"""Output side: whole Parquet parts, commit markers and failed markers, through fsspec.
 
 Layout under the output root (a local folder or a URL such as s3://bucket/out):
     part-{unit_id}.parquet            one per unit, written whole
     _progress/{unit_id}.json          commit marker (a ProgressRecord), written after the part
     _progress/{unit_id}.failed.json   a unit given up after repeated failures; not a commit
-    _manifest.json                    the settings that made this output, and their fingerprint
+    _manifest.json                    the settings that made this output (pipeline.manifest)
 A unit is done iff its commit marker exists. A part without a marker (a crash between the two writes) is ignored by
 readers and overwritten when the unit is redone, so a retried unit never duplicates rows.
 Writes to object stores are retried with backoff on transient errors (retry_store_call): each is one PUT (or one
@@ -14,7 +14,6 @@ completed multipart upload), which the store applies whole or not at all, so no 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TypeVar
 
@@ -36,12 +35,10 @@ from blipbatch.schemas import ERROR_KINDS, STATUS_ERROR, STATUS_OK, ProgressReco
 
 from .redact import redact
 from .shards import WorkUnit
-from blipbatch.errors import BlipbatchError
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_progress"
-MANIFEST = "_manifest.json"
 COMMIT_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
 
@@ -245,85 +242,3 @@ def read_output(output_root: str) -> pa.Table:
     """All committed parts in unit-id order (parts without a commit marker are left out); empty if none."""
     tables = [read_part(output_root, record) for record in progress_records(output_root)]
     return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def _canonical_json(settings: Mapping) -> str:
-    try:
-        return json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"job settings must be plain JSON values (str, number, bool, None, list, dict): {exc}") from exc
-
-
-def fingerprint(settings: Mapping) -> str:
-    """A stable hash of JSON-able settings: key order and tuple-vs-list do not matter."""
-    return hashlib.sha256(_canonical_json(settings).encode()).hexdigest()[:16]
-
-
-class _Absent:
-    def __repr__(self) -> str:
-        return "(absent)"
-
-
-_ABSENT = _Absent()
-
-
-def _differences(old: object, new: object, path: str = "") -> dict[str, tuple[object, object]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        found: dict[str, tuple[object, object]] = {}
-        for key in sorted(set(old) | set(new)):
-            found.update(_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}.{key}" if path else key))
-        return found
-    return {} if old == new else {path or "(settings)": (old, new)}
-
-
-class ManifestMismatch(BlipbatchError, RuntimeError):
-    """An output folder made with other settings than the job now running."""
-
-    def __init__(self, output_root: str, differences: dict[str, tuple[object, object]]):
-        self.output_root = output_root
-        self.differences = differences
-        lines = [f"  {key}: was {old!r}, now {new!r}" for key, (old, new) in differences.items()]
-        super().__init__(
-            f"{output_root} was written with other settings:\n" + "\n".join(lines)
-            + "\nUse a new output location, or force to adopt the new settings (rows already committed keep the "
-              "settings recorded in their model/generation columns)."
-        )
-
-
-def ensure_manifest(output_root: str, settings: Mapping, force: bool = False) -> str:
-    """Check the output's manifest against `settings`: 'created' (none yet), 'matched', or 'replaced' (force).
-
-    A different or unreadable manifest raises ManifestMismatch naming each differing setting, unless force.
-    """
-    fs, root = _open_root(output_root)
-    path = f"{root}/{MANIFEST}"
-    current = json.loads(_canonical_json(settings))  # tuples -> lists, as they will read back
-    manifest = {"fingerprint": fingerprint(settings), "settings": current, "written_at": _now()}
-    fs.invalidate_cache(path)
-    try:
-        stored = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        _write_whole(fs, path, _json_bytes(manifest))
-        return "created"
-    except ValueError:  # not JSON (or not UTF-8): treat as settings we cannot vouch for
-        stored = {}
-    previous = stored.get("settings", _ABSENT) if isinstance(stored, dict) else _ABSENT
-    if previous == current:
-        return "matched"
-    if not force:
-        raise ManifestMismatch(_qualify(fs, root), _differences(previous, current))
-    _write_whole(fs, path, _json_bytes(manifest))
-    log.warning("%s: manifest replaced by force; differences: %s", _qualify(fs, root),
-                _differences(previous, current))
-    return "replaced"
-
-
-def read_manifest(output_root: str) -> dict | None:
-    """The settings the output was made with (as ensure_manifest stored them), or None without a manifest."""
-    fs, root = _open_root(output_root)
-    path = f"{root}/{MANIFEST}"
-    fs.invalidate_cache(path)
-    try:
-        return json.loads(fs.cat_file(path))["settings"]
-    except FileNotFoundError:
-        return None

@@ -1,5 +1,6 @@
 """Arrow schemas and row contracts shared by pipeline/ and jobs/."""
 
+from .manifest import MANIFEST_VERSION, JobSettings
 from .rows import (
     ERROR_KINDS,
     OUTPUT_COLUMNS,
@@ -18,6 +19,8 @@ from .rows import (
 )
 
 __all__ = [
+    "MANIFEST_VERSION",
+    "JobSettings",
     "ERROR_KINDS",
     "OUTPUT_COLUMNS",
     "STATUS_ERROR",

@@ -25,7 +25,10 @@ from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipPr
 from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.shards import discover_shards, plan_units
-from blipbatch.pipeline.sink import ManifestMismatch, committed_units, failed_units, read_output
+from blipbatch.pipeline.manifest import ManifestMismatch
+from blipbatch.pipeline.sink import committed_units, failed_units, read_output
+from blipbatch.pipeline.job import job_from_keywords
+from blipbatch.pipeline.run import run_job
 from blipbatch.pipeline.worker import FaultInjection
 from blipbatch.schemas import ColumnMapping
 
@@ -223,14 +226,19 @@ def test_cpu_worker_uses_the_cores_ray_has(ray_local, checkpoint, tmp_path, caps
     assert "1 model worker(s) on cpu (2 threads)" in capsys.readouterr().err
 
 
+def run_with_fault(input, output, model, *, fault, progress=True, **settings):
+    """pipeline.run with the tests' crash hook, which its public signature leaves out."""
+    return run_job(job_from_keywords(input, output, model, **settings), fault=fault, progress=progress)
+
+
 def test_worker_killed_mid_unit_loses_and_duplicates_nothing(ray_local, checkpoint, tmp_path):
     source = local_input(tmp_path, shards=2, rows=40)
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
     marker = tmp_path / "crashed-once"
     fault = FaultInjection(unit_ids=(units[1].unit_id,), after_rows=8, once_marker=str(marker))
     output = str(tmp_path / "out")
-    summary = pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
-                           max_new_tokens=NEW_TOKENS, fault=fault, progress=False, fetch=local_files(tmp_path))
+    summary = run_with_fault(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
+                             max_new_tokens=NEW_TOKENS, fault=fault, progress=False, fetch=local_files(tmp_path))
     assert marker.exists(), "the fault was never injected"
     assert (summary.units_done, summary.units_failed, summary.rows_ok) == (len(units), 0, 80)
     rows = rows_by_id(read_output(output))
@@ -242,9 +250,9 @@ def test_unit_that_always_kills_its_worker_is_marked_failed(ray_local, checkpoin
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
     poison = units[1].unit_id
     output = str(tmp_path / "out")
-    summary = pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
-                           max_new_tokens=NEW_TOKENS, max_attempts=2, fault=FaultInjection(unit_ids=(poison,)),
-                           progress=False, fetch=local_files(tmp_path))
+    summary = run_with_fault(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
+                             max_new_tokens=NEW_TOKENS, max_attempts=2, fault=FaultInjection(unit_ids=(poison,)),
+                             progress=False, fetch=local_files(tmp_path))
     assert (summary.units_done, summary.units_failed) == (len(units) - 1, 1)
     assert "worker died" in summary.failed[poison]
     assert failed_units(output)[poison]["attempts"] == 2
@@ -411,9 +419,9 @@ def test_status_and_retry_failed_commands(ray_local, checkpoint, tmp_path, capsy
     source = local_input(tmp_path, shards=1, rows=40)
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
     output = str(tmp_path / "out")
-    pipeline.run(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS,
-                 max_attempts=1, fault=FaultInjection(unit_ids=(units[0].unit_id,)), progress=False,
-                 fetch=local_files(tmp_path))
+    run_with_fault(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS,
+                   max_attempts=1, fault=FaultInjection(unit_ids=(units[0].unit_id,)), progress=False,
+                   fetch=local_files(tmp_path))
     capsys.readouterr()
     assert main(["status", output]) == 1
     out = capsys.readouterr().out

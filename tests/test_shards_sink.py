@@ -11,13 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from blipbatch.pipeline.shards import InputRow, NoShardsError, ShardError, WorkUnit, discover_shards, plan_units, read_unit
+from blipbatch.pipeline.manifest import ManifestMismatch, ensure_manifest, fingerprint
 from blipbatch.pipeline.sink import (
-    ManifestMismatch,
     commit_unit,
     committed_units,
-    ensure_manifest,
     failed_units,
-    fingerprint,
     mark_failed,
     progress_records,
     read_output,

@@ -1,10 +1,9 @@
 """Job spec files (jobs/spec.py) and job kinds (jobs/kinds.py): loading, the messages a user sees, overrides,
-default prompts, pipeline.run arguments, and the wide table of an annotate job."""
+default prompts, the Job pipeline.run takes, and the wide table of an annotate job."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import textwrap
 from pathlib import Path
@@ -13,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blipbatch import pipeline
 from blipbatch.jobs.kinds import KINDS, WideTableError, finish_job, write_wide_table
-from blipbatch.jobs.spec import (GENERATION_KEYS, SpecError, default_prompt, key_lines, load_spec, model_family,
-                       parse_override, run_kwargs)
+from blipbatch.jobs.spec import (GENERATION_KEYS, Extend, SpecError, default_prompt, key_lines, load_spec,
+                                 model_family, parse_override)
 from blipbatch.model.configs import GenerationConfig
 from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.job import Job, RunConfig
+from blipbatch.pipeline.manifest import job_settings
 from blipbatch.pipeline.shards import WorkUnit
 from blipbatch.pipeline.sink import commit_unit, record_for, write_part
 
@@ -55,12 +55,12 @@ def error_of(path: Path, overrides: dict | None = None) -> str:
 
 
 @pytest.mark.parametrize("kind", ["caption", "vqa", "annotate"])
-def test_each_example_loads_and_its_arguments_fit_pipeline_run(kind):
+def test_each_example_loads_as_the_job_pipeline_run_takes(kind):
     spec = load_spec(EXAMPLES / f"{kind}.toml")
     assert spec.kind == kind
     assert spec.source == EXAMPLES / f"{kind}.toml"
-    # Every argument is one pipeline.run takes, and the required ones are all there.
-    inspect.signature(pipeline.run).bind(**run_kwargs(spec))
+    assert isinstance(spec, Job)  # pipeline.run(spec) runs it
+    assert (spec.instructions is None) == (kind == "vqa")
 
 
 def test_example_values_are_read_as_written():
@@ -181,7 +181,7 @@ def test_fetch_allow_list_and_local_roots(tmp_path, monkeypatch):
     assert spec.fetch.allow_hosts == ("images.internal", "10.0.0.0/8")
     # a relative root is relative to the spec's folder, like input.path
     assert spec.fetch.local_roots == (str(tmp_path / "images"), "/data/x")
-    assert run_kwargs(spec)["fetch"] == spec.fetch
+    assert job_settings(spec).fetch["local_roots"] == (str(tmp_path / "images"), "/data/x")  # the manifest keeps it
     assert load_spec(write(tmp_path, BASE)).fetch.local_roots == ()  # no local files unless roots are named
     # an override is relative to the current directory, as on any command line
     monkeypatch.chdir(tmp_path.parent)
@@ -230,7 +230,7 @@ def test_tables_and_kind_specific_keys(tmp_path):
                                         'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
     assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
                               "output columns: id, instruction, question_id, text, status, error_kind, error, model, "
-                              "generation, image_url")
+                              "generation, derived_id, image_url")
 
 
 def test_syntax_errors_and_unreadable_files(tmp_path):
@@ -278,13 +278,13 @@ def test_overrides_replace_and_add_values(tmp_path):
                             "generation.num_beams": 3, "run.address": None})
     assert spec.run.batch_size == 16 and spec.run.workers == 2 and spec.run.address is None
     assert spec.model.path == "/data/other"
-    assert spec.generation == {"num_beams": 3}
+    assert spec.generation == {"max_new_tokens": 30, "num_beams": 3}  # the job's default for what is not set
     # Override values are validated like the file's, and the message says they came from an override.
     assert error_of(path, {"run.batch_size": 0}) == (
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_slots, max_attempts, rows_per_unit, workers")
+        "batch_size, decode_slots, max_attempts, max_error_rate, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
@@ -353,32 +353,56 @@ def test_a_caption_spec_without_a_prompt_gets_the_family_default(tmp_path):
     assert given.prompt == "Describe the image."
 
 
-# --- pipeline.run arguments per kind ---------------------------------------------------------------------------------
+# --- the Job each kind makes ----------------------------------------------------------------------------------------
 
 
-def test_run_kwargs_for_each_kind(tmp_path):
+def test_the_job_of_each_kind(tmp_path):
     caption = load_spec(write(tmp_path, BASE + "\n[generation]\nmax_new_tokens = 12\ntop_k = 5\n"))
-    kwargs = run_kwargs(caption)
-    assert kwargs["prompt"] == ("A short image caption:",) and "instruction_column" not in kwargs
-    assert kwargs["input"] == "s3://bucket/shards/" and kwargs["output"] == "s3://bucket/out/"
-    assert kwargs["max_new_tokens"] == 12 and "num_beams" not in kwargs and kwargs["generation"] == {"top_k": 5}
-    assert kwargs["fetch"] == FetchConfig() and kwargs["batch_size"] == 8 and kwargs["passthrough"] == []
+    assert caption.instructions == ("A short image caption:",) and caption.input.instruction_column is None
+    assert caption.input.paths == ("s3://bucket/shards/",) and caption.output.path == "s3://bucket/out/"
+    assert caption.generation == {"max_new_tokens": 12, "num_beams": 1, "top_k": 5}
+    assert caption.fetch == FetchConfig() and caption.run.batch_size == 8 and caption.input.passthrough == ()
 
     vqa = load_spec(write(tmp_path, BASE.replace('"caption"', '"vqa"').replace(
         'path = "s3://bucket/shards/"', 'path = ["s3://b/1.parquet", "s3://b/2.parquet"]\ninstruction_column = "q"'),
         name="vqa.toml"))
-    kwargs = run_kwargs(vqa)
-    assert kwargs["instruction_column"] == "q" and "prompt" not in kwargs
-    assert kwargs["input"] == ["s3://b/1.parquet", "s3://b/2.parquet"]
+    assert vqa.input.instruction_column == "q" and vqa.instructions is None
+    assert vqa.input.paths == ("s3://b/1.parquet", "s3://b/2.parquet")
 
     annotate = load_spec(write(tmp_path, BASE.replace('"caption"', '"annotate"')
                                + '\n[questions]\nsize = "How big?"\ncolor = "What color?"\n', name="a.toml"))
-    kwargs = run_kwargs(annotate)
-    assert kwargs["prompt"] == {"size": "How big?", "color": "What color?"}
-    assert list(kwargs["prompt"]) == ["size", "color"]  # the file's order is the order asked
-    for spec in (caption, vqa, annotate):
-        inspect.signature(pipeline.run).bind(**run_kwargs(spec))
+    assert annotate.instructions == {"size": "How big?", "color": "What color?"}
+    assert list(annotate.instructions) == ["size", "color"]  # the file's order is the order asked
     assert set(KINDS) == {"caption", "vqa", "annotate"}
+
+
+def test_a_job_from_overrides_alone(tmp_path, monkeypatch):
+    """The command line's flags-only form: the same checks and defaults as a file, "command line" as the place."""
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(None, {"job.kind": "caption", "input.path": "in", "output.path": "out", "model.path": "m",
+                            "prompt.text": "Describe:", "fetch.local_roots": Extend(["/data/a", "/data/b"])})
+    assert spec.source is None and spec.instructions == ("Describe:",) and spec.input.paths == ("in",)
+    assert spec.fetch.local_roots == ("/data/a", "/data/b") and spec.run == RunConfig()
+    with pytest.raises(SpecError, match=r"^command line \(override run.batch_size\): \[run\] batch_size: expected"):
+        load_spec(None, {"job.kind": "caption", "input.path": "in", "output.path": "out", "model.path": "m",
+                         "run.batch_size": 0})
+
+
+def test_an_extend_override_adds_to_the_files_array(tmp_path, monkeypatch):
+    text = BASE + '\n[fetch]\nlocal_roots = ["images"]\nallow_hosts = ["a.internal"]\n'
+    monkeypatch.chdir(tmp_path.parent)
+    spec = load_spec(write(tmp_path, text), {"fetch.local_roots": Extend(["/data/x"]),
+                                             "fetch.allow_hosts": Extend(["b.internal"])})
+    # the file's relative root keeps its meaning (the spec's folder); the flag's absolute one is added
+    assert spec.fetch.local_roots == (str(tmp_path / "images"), "/data/x")
+    assert spec.fetch.allow_hosts == ("a.internal", "b.internal")
+    assert load_spec(write(tmp_path, BASE, "b.toml"), {"fetch.local_roots": Extend(["/d"])}).fetch.local_roots == ("/d",)
+
+
+def test_max_error_rate_is_checked(tmp_path):
+    assert load_spec(write(tmp_path, BASE + "\n[run]\nmax_error_rate = 0.25\n")).run.max_error_rate == 0.25
+    assert error_of(write(tmp_path, BASE + "\n[run]\nmax_error_rate = 0\n", "z.toml")).endswith(
+        "[run] max_error_rate: expected a number in (0, 1], got 0 (an integer)")
 
 
 # --- the wide table --------------------------------------------------------------------------------------------------
@@ -413,7 +437,7 @@ def test_wide_table_from_a_hand_made_output(tmp_path):
     write_part(output, uncommitted, pa.Table.from_pylist(_long_rows("d", "http://x/d.jpg", 40, {"color": "x",
                                                                                                 "size": "y"})))
     path = write_wide_table(output)
-    assert path == f"{output}/wide.parquet"
+    assert path == f"{output}.wide.parquet"
     wide = pq.read_table(path)
     assert wide.column_names == ["id", "image_url", "width", "color", "size", "errors"]
     assert wide.to_pylist() == [
@@ -431,10 +455,10 @@ def test_wide_table_is_written_after_an_annotate_job_that_asks_for_it(tmp_path):
     _commit(str(output), "u0", _long_rows("a", "u", 1, {"q1": "yes"}))
     text = BASE.replace('"caption"', '"annotate"').replace('"s3://bucket/out/"', '"out"') + '\n[questions]\nq1 = "?"\n'
     assert finish_job(load_spec(write(tmp_path, text))) is None  # wide not asked for
-    assert not (output / "wide.parquet").exists()
+    assert not (tmp_path / "out.wide.parquet").exists()
     spec = load_spec(write(tmp_path, text.replace('path = "out"', 'path = "out"\nwide = true'), name="w.toml"))
-    assert finish_job(spec) == f"{output}/wide.parquet"
-    assert pq.read_table(output / "wide.parquet").column("q1").to_pylist() == ["yes"]
+    assert finish_job(spec) == f"{output}.wide.parquet"
+    assert pq.read_table(tmp_path / "out.wide.parquet").column("q1").to_pylist() == ["yes"]
 
 
 def test_wide_table_refuses_outputs_it_cannot_widen(tmp_path):

@@ -23,11 +23,11 @@ from blipbatch import pipeline
 from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.run import connect_ray
 from blipbatch.pipeline.shards import WorkUnit
+from blipbatch.pipeline.manifest import ensure_manifest
 from blipbatch.pipeline.sink import (
     PROGRESS_DIR,
     commit_unit,
     committed_units,
-    ensure_manifest,
     failed_units,
     mark_failed,
     part_name,

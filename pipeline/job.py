@@ -1,0 +1,159 @@
+"""The job: one typed, frozen config, built from a spec file, command-line flags or the Python API.
+
+`Job` holds what a run needs: the input (shards and columns), the output folder, the model, the instructions, the
+generation settings, how images are fetched and decoded, and how the run is laid out. Each default is written here
+once (the README's job-spec table documents them); `pipeline.run(job)` takes it, the worker and the engine receive
+typed parts of it, and the output's manifest records it (pipeline.manifest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from blipbatch.errors import BlipbatchError
+from blipbatch.schemas import ColumnMapping
+
+from .decode import DecodeConfig
+from .fetch import FetchConfig
+
+# What the job sets when the user sets nothing; every other generate() setting is the checkpoint's own.
+DEFAULT_GENERATION: Mapping[str, Any] = MappingProxyType({"max_new_tokens": 30, "num_beams": 1})
+
+# The fixed prompt(s), or named questions (question_id -> question). Plain dicts, not read-only views: a Job travels
+# to Ray workers (pickled) and into the manifest (JSON).
+Instructions = tuple[str, ...] | dict[str, str]
+
+
+class PipelineError(BlipbatchError, ValueError):
+    """A run that cannot start: contradictory or missing settings, an unusable model or output location."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputConfig(ColumnMapping):
+    """The Parquet shards (folders, globs or files; local or URLs) and which of their columns hold what."""
+
+    paths: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)
+        object.__setattr__(self, "passthrough", tuple(self.passthrough))
+        if not paths:
+            raise PipelineError("input: give at least one Parquet folder, glob or file")
+
+    @property
+    def columns(self) -> ColumnMapping:
+        """The column mapping alone, as the shards and the worker use it."""
+        return ColumnMapping(image_column=self.image_column, id_column=self.id_column,
+                             instruction_column=self.instruction_column, passthrough=self.passthrough)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str  # output folder: local, s3://, gs://
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str  # checkpoint: local folder, fsspec URL or Hub id
+    dtype: str | None = None  # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
+    device: str | None = None  # "cuda" or "cpu"; None: cuda when the cluster has GPUs
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    workers: int | None = None  # model actors; None: one per GPU, else 1
+    batch_size: int = 8  # rows per model call
+    decode_slots: int = 32  # greedy: sequences decoded together
+    rows_per_unit: int = 1000  # rows per work unit, the unit of retry and commit
+    max_attempts: int = 3  # tries before a unit is marked failed
+    max_error_rate: float = 1.0  # share of this run's rows in error at which the run exits 4
+    address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else Ray in-process
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "decode_slots", "rows_per_unit", "max_attempts"):
+            if not getattr(self, name) >= 1:
+                raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.workers is not None and self.workers < 1:
+            raise PipelineError(f"run.workers must be at least 1, got {self.workers!r}")
+        if not 0.0 < self.max_error_rate <= 1.0:
+            raise PipelineError(f"run.max_error_rate must be in (0, 1], got {self.max_error_rate!r}")
+
+
+def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Instructions | None:
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return (prompt,)
+    fixed = dict(prompt) if isinstance(prompt, Mapping) else tuple(prompt)
+    texts = list(fixed.values()) if isinstance(fixed, dict) else list(fixed)
+    if not texts:
+        raise PipelineError("prompt is empty: give at least one instruction")
+    if not all(isinstance(text, str) for text in texts):
+        raise PipelineError("every prompt must be a string (BLIP-2 captions with the empty one)")
+    return fixed
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one run needs; see the module docstring. `instructions`: the fixed prompt(s), or named questions
+    {question_id: question}; None when each row's instruction comes from `input.instruction_column`."""
+
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    instructions: Instructions | None = None
+    # generate() overrides on top of the checkpoint's generation_config, transformers' names; DEFAULT_GENERATION first
+    generation: dict[str, Any] = field(default_factory=dict)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if (self.instructions is None) == (self.input.instruction_column is None):
+            raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
+        object.__setattr__(self, "instructions", _instructions(self.instructions))
+        object.__setattr__(self, "generation", {**DEFAULT_GENERATION, **self.generation})
+
+    @property
+    def rows_per_input_row(self) -> int:
+        """Output rows per input row: one per fixed instruction, else one."""
+        return len(self.instructions) if self.instructions is not None else 1
+
+
+def job_from_keywords(
+    input: str | Sequence[str],
+    output: str,
+    model: str,
+    *,
+    prompt: str | Sequence[str] | Mapping[str, str] | None = None,
+    generation: Mapping[str, Any] | None = None,
+    fetch: FetchConfig | None = None,
+    decode: DecodeConfig | None = None,
+    **settings: Any,
+) -> Job:
+    """A Job from pipeline.run's keyword form: column, model and run settings by their field names
+    (image_column, dtype, batch_size, ...), max_new_tokens/num_beams as shorthands for generation."""
+    sections: dict[type, dict[str, Any]] = {InputConfig: {}, ModelConfig: {}, RunConfig: {}}
+    gen = dict(generation or {})
+    for name, value in settings.items():
+        if name in ("max_new_tokens", "num_beams"):
+            gen[name] = value
+            continue
+        owner = next((cls for cls in sections if name in cls.__dataclass_fields__ and name != "path"), None)
+        if owner is None:
+            raise TypeError(f"pipeline.run() got an unexpected keyword argument {name!r}")
+        sections[owner][name] = value
+    return Job(
+        input=InputConfig(paths=input, **sections[InputConfig]),
+        output=OutputConfig(output),
+        model=ModelConfig(model, **sections[ModelConfig]),
+        instructions=prompt,
+        generation=gen,
+        fetch=fetch or FetchConfig(),
+        decode=decode or DecodeConfig(),
+        run=RunConfig(**sections[RunConfig]),
+    )
