@@ -4,7 +4,8 @@
 - vqa: each row's own question, from `[input] instruction_column` -> no fixed instructions
 - annotate: every question of `[questions]` asked of every image -> instructions {question_id: question}; the output has
   one row per image and question with its `question_id`, and the image's vision features are computed once for all
-  of its questions. With `[output] wide = true`, `wide.parquet` under the output has one row per image instead.
+  of its questions. With `[output] wide = true`, the wide table `OUT.wide.parquet` beside the output folder OUT has
+  one row per image instead (beside, not inside: the output folder holds only parts of one schema).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+import fsspec
 
 from blipbatch.pipeline.sink import read_output, write_table
 from blipbatch.schemas import STATUS_ERROR
@@ -54,7 +57,8 @@ KIND_SPECIFIC_KEYS = ("input.instruction_column", "prompt", "questions", "output
 # ---------------------------------------------------------------------------------------------------------------------
 # The wide table of an annotate job.
 
-WIDE_TABLE = "wide.parquet"
+WIDE_SUFFIX = ".wide.parquet"  # the wide table of OUT is OUT.wide.parquet
+_OLD_WIDE_TABLE = "wide.parquet"  # where outputs written before it moved beside them kept it, inside the output
 # Columns of the long output that vary by question; the others (id, the image column, passthrough) are the image's.
 _PER_QUESTION = ("instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation")
 
@@ -106,10 +110,20 @@ def wide_table(long: pa.Table) -> pa.Table:
     return wide.append_column("errors", pa.array(errors, type=pa.map_(pa.string(), pa.string())))
 
 
-def write_wide_table(output: str) -> str:
-    """Write `wide.parquet` under `output` (see wide_table) from its committed parts; returns its path or URL.
+def wide_location(output: str) -> str:
+    """Where the wide table of `output` goes: beside it, named after it."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    if "/" not in root.lstrip("/"):
+        raise WideTableError(f"{output}: the wide table goes beside the output folder, and a bucket or filesystem "
+                             "root has nothing beside it; put the output in a folder (a prefix)")
+    return f"{output.rstrip('/')}{WIDE_SUFFIX}"
 
-    It is rewritten whole from every committed unit each time, so it is current after each run."""
+
+def write_wide_table(output: str) -> str:
+    """Write the wide table (see wide_table) of `output` from its committed parts to wide_location(output); returns
+    its path or URL. It is rewritten whole from every committed unit each time, so it is current after each run."""
+    location = wide_location(output)
     long = read_output(output)
     if long.num_rows == 0:
         raise WideTableError(f"{output}: no committed rows yet, so no wide table")
@@ -117,7 +131,12 @@ def write_wide_table(output: str) -> str:
         table = wide_table(long)
     except WideTableError as e:
         raise WideTableError(f"{output}: {e}") from None
-    return write_table(output, WIDE_TABLE, table)
+    written = write_table(location, table)
+    fs, root = fsspec.core.url_to_fs(output)
+    old = f"{root.rstrip('/')}/{_OLD_WIDE_TABLE}"
+    if fs.exists(old):  # a wide table inside the output would be read as a part of it
+        fs.rm_file(old)
+    return written
 
 
 def finish_job(spec: JobSpec) -> str | None:

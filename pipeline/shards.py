@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import has_magic, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
 
 from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 from blipbatch.errors import BlipbatchError
@@ -25,6 +30,14 @@ class NoShardsError(BlipbatchError, FileNotFoundError):
 
 class ShardError(BlipbatchError, ValueError):
     """A shard that cannot be read as planned: not Parquet, listed twice, or changed since planning."""
+
+
+class DuplicateIdError(ShardError):
+    """An id column that holds the same id on several rows."""
+
+
+class OverlapError(BlipbatchError, ValueError):
+    """An output location inside an input location, or the reverse."""
 
 
 def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -87,35 +100,59 @@ def discover_shards(source: str | Sequence[str]) -> list[str]:
 class WorkUnit:
     """Consecutive whole row groups of one shard: the unit of scheduling, retry and commit."""
 
-    unit_id: str  # shard_key + row-group range: stable across runs, unique within a job, safe as a file name
+    unit_id: str  # shard_id + row-group range: the same wherever the shard lies, unique within a job, a safe file name
     shard: str
     row_groups: tuple[int, ...]
     first_row: int  # index within the shard of the unit's first row
     num_rows: int
+    shard_id: str = ""  # fingerprint of the shard's Parquet footer (its content); units made by hand may leave it out
+    schema: pa.Schema | None = None  # the shard's schema, passthrough columns with the type unified across shards
+    # A redo of a committed unit: the positions in its part of the rows to do again (read_unit reads only those;
+    # sink.merge_redone puts them back among the rows kept). None: the whole unit.
+    redo: tuple[int, ...] | None = None
 
 
-def _read_footer(shard: str) -> tuple[pa.Schema, list[int]]:
+@dataclass(frozen=True)
+class _Footer:
+    schema: pa.Schema
+    group_rows: list[int]
+    shard_id: str
+
+
+def _footer_id(f: object) -> str:
+    """A fingerprint of a Parquet file's footer: its row groups' sizes, offsets and statistics, and its schema, so two
+    files with the same content have the same one and a renamed or moved file keeps it."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(size - 8)
+    tail = f.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    f.seek(size - 8 - length)
+    return hashlib.sha256(size.to_bytes(8, "little") + f.read(length)).hexdigest()[:16]
+
+
+def _read_footer(shard: str) -> _Footer:
     fs, path = url_to_fs(shard)
     try:
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             schema, metadata = parquet.schema_arrow, parquet.metadata
+            shard_id = _footer_id(f)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{shard}: cannot read it as Parquet: {exc}") from exc
-    return schema, [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    return _Footer(schema, [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], shard_id)
 
 
-def _units_of(shard: str, group_rows: list[int], max_rows: int) -> list[WorkUnit]:
-    key = shard_key(shard)
+def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
     units: list[WorkUnit] = []
     groups: list[int] = []
     first_row = rows = 0
 
     def close() -> None:
         if rows:  # row groups without rows produce no output, so no unit
-            units.append(WorkUnit(f"{key}-rg{groups[0]:05d}-{groups[-1]:05d}", shard, tuple(groups), first_row, rows))
+            units.append(WorkUnit(f"{footer.shard_id}-rg{groups[0]:05d}-{groups[-1]:05d}", shard, tuple(groups),
+                                  first_row, rows, footer.shard_id, footer.schema))
 
-    for index, n in enumerate(group_rows):
+    for index, n in enumerate(footer.group_rows):
         if groups and rows + n > max_rows:
             close()
             first_row, groups, rows = first_row + rows, [], 0
@@ -126,28 +163,186 @@ def _units_of(shard: str, group_rows: list[int], max_rows: int) -> list[WorkUnit
     return units
 
 
-def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit: int = 1000) -> list[WorkUnit]:
-    """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers only.
+def legacy_unit_id(unit: WorkUnit) -> str:
+    """The id the unit had when ids came from the shard's location (outputs written before content ids)."""
+    return f"{shard_key(unit.shard)}-rg{unit.unit_id.rsplit('-rg', 1)[1]}"
 
-    Every shard's schema is checked against the mapping first, so a bad shard stops the job before any work.
-    Unit ids depend on max_rows_per_unit: a job must keep it fixed across resumes (put it in the manifest).
-    """
-    if max_rows_per_unit < 1:
-        raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")
+
+def _check_locations(shards: Sequence[str]) -> None:
     seen: dict[str, str] = {}
     for shard in shards:
         key = shard_key(shard)
         if key in seen:
             raise ShardError(f"{shard}: same location as {seen[key]}; each shard may appear once")
         seen[key] = shard
+
+
+def _check_contents(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
+    seen: dict[str, str] = {}
+    for shard, footer in zip(shards, footers):
+        if not sum(footer.group_rows):
+            continue  # empty shards (often alike) make no unit
+        if footer.shard_id in seen:
+            raise ShardError(f"{shard}: same content as {seen[footer.shard_id]} (an identical Parquet footer); each "
+                             "shard may appear once: remove the copy from the input")
+        seen[footer.shard_id] = shard
+
+
+def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapping: ColumnMapping) -> list[pa.Field]:
+    """Each passthrough column with one type for every shard that has rows: the common type of its types (null and a
+    type give the type, narrower integers the wider, string and large_string large_string), or a refusal naming the
+    two shards whose types have none."""
+    fields = []
+    for name in mapping.passthrough:
+        typed = [(shard, footer.schema.field(name)) for shard, footer in zip(shards, footers) if sum(footer.group_rows)]
+        if not typed:
+            continue
+        owner, unified = typed[0]  # owner: the first shard of the type unified so far
+        for shard, f in typed[1:]:
+            try:
+                merged = pa.unify_schemas([pa.schema([unified]), pa.schema([f])], promote_options="permissive")[0]
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                raise ShardError(f"passthrough column {name!r} is {unified.type} in {owner} but {f.type} in {shard}, "
+                                 "and the two types have no common type; make the column one type in every shard, "
+                                 "or leave it out of passthrough") from None
+            if merged.type != unified.type:
+                owner, unified = (shard if merged.type == f.type else owner), merged
+        fields.append(unified)
+    return fields
+
+
+def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
+    for f in fields:
+        schema = schema.set(schema.get_field_index(f.name), f)
+    return schema
+
+
+def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit: int = 1000) -> list[WorkUnit]:
+    """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers only.
+
+    Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
+    bad shard stops the job before any work. Unit ids come from each shard's content (its footer's fingerprint) and
+    the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job must
+    keep fixed across resumes (the manifest records it).
+    """
+    if max_rows_per_unit < 1:
+        raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")
+    _check_locations(shards)
     with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
         footers = list(pool.map(_read_footer, shards))
+    for shard, footer in zip(shards, footers):
+        check_input_schema(shard, footer.schema, mapping)
+        output_schema(footer.schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run
+    _check_contents(shards, footers)
+    passthrough = _unified_passthrough(shards, footers, mapping)
     units = []
-    for shard, (schema, group_rows) in zip(shards, footers):
-        check_input_schema(shard, schema, mapping)
-        output_schema(schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run
-        units += _units_of(shard, group_rows, max_rows_per_unit)
+    for shard, footer in zip(shards, footers):
+        unified = _Footer(_with_fields(footer.schema, passthrough), footer.group_rows, footer.shard_id)
+        units += _units_of(shard, unified, max_rows_per_unit)
     return units
+
+
+def _ids(shard: str, column: str) -> pa.Array:
+    fs, path = url_to_fs(shard)
+    with fs.open(path, "rb") as f:
+        ids = pq.read_table(f, columns=[column]).column(0)
+    return pc.cast(ids, pa.string()).combine_chunks()  # as the output writes them: 7 and "7" are the same id
+
+
+def duplicate_ids(shards: Sequence[str], mapping: ColumnMapping, across_shards: bool = False,
+                  limit: int = 10) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Ids of the id column found on more than one row, as [(id, [(shard, row index), ...])], at most `limit`:
+    within each shard, or across them too (`across_shards`, which holds every id in memory). Null ids do not count
+    (their rows become error rows)."""
+    if mapping.id_column is None:
+        return []
+    with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
+        columns = list(pool.map(lambda shard: _ids(shard, mapping.id_column), shards))
+    groups = [(list(shards), columns)] if across_shards else [([s], [c]) for s, c in zip(shards, columns)]
+    found: list[tuple[str, list[tuple[str, int]]]] = []
+    for names, arrays in groups:
+        ids = pa.concat_arrays(arrays)
+        counts = pc.value_counts(ids)
+        repeated = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values"))))
+        starts = [sum(len(a) for a in arrays[:i]) for i in range(len(arrays))]
+        for value in repeated.field("values").to_pylist()[: limit - len(found)]:
+            rows = pc.indices_nonzero(pc.equal(ids, value)).to_pylist()
+            found.append((value, [_shard_row(names, starts, row) for row in rows]))
+    return found
+
+
+def _shard_row(shards: Sequence[str], starts: Sequence[int], index: int) -> tuple[str, int]:
+    at = max(i for i, start in enumerate(starts) if start <= index)
+    return shards[at], index - starts[at]
+
+
+def describe_duplicates(found: Sequence[tuple[str, Sequence[tuple[str, int]]]], column: str) -> str:
+    """One line per duplicated id: where it occurs."""
+    lines = []
+    for value, places in found:
+        by_shard: dict[str, list[int]] = defaultdict(list)
+        for shard, row in places:
+            by_shard[shard].append(row)
+        where = "; ".join(f"{shard} rows {', '.join(map(str, rows))}" for shard, rows in by_shard.items())
+        lines.append(f"  {column} {value!r}: {where}")
+    return "\n".join(lines)
+
+
+def check_unique_ids(shards: Sequence[str], mapping: ColumnMapping) -> None:
+    """Refuse shards whose id column repeats an id within the shard (reads that column of each shard)."""
+    found = duplicate_ids(shards, mapping)
+    if found:
+        raise DuplicateIdError(
+            f"the id column {mapping.id_column!r} repeats ids within a shard (first {len(found)} shown):\n"
+            + describe_duplicates(found, mapping.id_column)
+            + "\nIds must be unique: fix the input, or leave [input] id_column (--id-column) out to derive ids "
+              "from the shard and row.")
+
+
+def check_apart(inputs: Sequence[str], output: str) -> None:
+    """Refuse an output location inside an input location, or an input inside the output: each run would read its own
+    parts as new input, or write over its input."""
+    out_protocol, out_path = _location(output)
+    for entry in inputs:
+        protocol, path = _location(entry)
+        if protocol != out_protocol:
+            continue
+        base = _static_prefix(path)
+        if path == out_path:
+            raise OverlapError(f"output {output} is the input {entry}; put the output elsewhere")
+        if _within(base, out_path):
+            raise OverlapError(f"input {entry} is inside the output {output}; put the output elsewhere")
+        if _within(out_path, base) and (not has_magic(path) or _glob_reaches(path, base, out_path)):
+            raise OverlapError(f"output {output} is inside the input {entry}: each run would read its own output "
+                               "parts as new input; put the output outside the input")
+
+
+def _location(entry: str) -> tuple[str, str]:
+    fs, path = url_to_fs(entry)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.realpath(path)  # symlinks too: one folder, one spelling
+    return protocol, path.rstrip("/")
+
+
+def _static_prefix(path: str) -> str:
+    """The folder a glob searches: its components before the first one with a wildcard."""
+    parts = path.split("/")
+    fixed = next((i for i, part in enumerate(parts) if has_magic(part)), len(parts))
+    return "/".join(parts[:fixed])
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _glob_reaches(pattern: str, base: str, output: str) -> bool:
+    """Whether a glob would match the output folder, a folder above it (searched recursively) or a part in it."""
+    regex = re.compile(glob_translate(pattern))
+    folders = [output]
+    while folders[-1] != base and "/" in folders[-1]:
+        folders.append(folders[-1].rsplit("/", 1)[0])
+    return any(regex.match(candidate) for candidate in [*folders, f"{output}/part-0.parquet"])
 
 
 @dataclass(frozen=True)
@@ -160,12 +355,14 @@ class InputRow:
     passthrough: dict = field(default_factory=dict)
     row_index: int = 0  # index of the input row within its shard
     question_id: str | None = None  # the name of a fixed question (annotate jobs)
+    derived_id: str | None = None  # with an id column: the id derive_row_id gives the row (joins back null ids)
 
 
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
               fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
-    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question)."""
+    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question). For a
+    redo (unit.redo), only the rows at those positions."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
         raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
                          "exactly one of the two")
@@ -181,16 +378,17 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
     rows = []
     for offset in range(table.num_rows):
         row_index = unit.first_row + offset
+        derived = derive_row_id(unit.shard_id, row_index)
         if mapping.id_column is None:
-            row_id = derive_row_id(unit.shard, row_index)
+            row_id, derived_id = derived, None
         else:
             value = columns[mapping.id_column][offset]
-            row_id = None if value is None else str(value)
+            row_id, derived_id = (None if value is None else str(value)), derived
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id))
-    return rows
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id))
+    return rows if unit.redo is None else [rows[position] for position in unit.redo]
 
 
 def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,

@@ -1,12 +1,18 @@
 """Output side: whole Parquet parts, commit markers and failed markers, through fsspec.
 
-Layout under the output root (a local folder or a URL such as s3://bucket/out):
-    part-{unit_id}.parquet            one per unit, written whole
-    _progress/{unit_id}.json          commit marker (a ProgressRecord), written after the part
-    _progress/{unit_id}.failed.json   a unit given up after repeated failures; not a commit
-    _manifest.json                    the settings that made this output (pipeline.manifest)
-A unit is done iff its commit marker exists. A part without a marker (a crash between the two writes) is ignored by
-readers and overwritten when the unit is redone, so a retried unit never duplicates rows.
+Layout under the output root (a local folder or a URL such as s3://bucket/out); the root is a dataset: every Parquet
+file under it is a committed part with the output schema, and bookkeeping lives in names readers skip:
+    part-{unit_id}.parquet                 one per committed unit, whole
+    _staging/part-{unit_id}.parquet.tmp    a part written but not committed yet (not "*.parquet": DuckDB and Polars
+                                           globs such as OUT/**/*.parquet descend into "_" folders, pyarrow does not)
+    _progress/{unit_id}.json               the unit's commit marker (a ProgressRecord)
+    _progress/{unit_id}.failed.json        a unit given up after repeated failures; not a commit
+    _manifest.json, _lock.json             the job's settings (pipeline.manifest), the run lock (pipeline.lock)
+A unit is committed iff its marker exists and its part is in place. commit_unit writes the marker, then moves the
+staged part into place (a rename on local disk, one server-side copy on object stores): the move is what makes the
+rows visible, whole. A redone unit's old marker is removed before its new part replaces the old one, so a marker
+never vouches for another part. A marker without its part (a crash between the two) is a commit that did not finish:
+the unit is redone and its part name reused, so a retried unit never duplicates rows.
 Writes to object stores are retried with backoff on transient errors (retry_store_call): each is one PUT (or one
 completed multipart upload), which the store applies whole or not at all, so no try ever exposes a partial object.
 """
@@ -21,12 +27,13 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timezone
 from typing import TypeVar
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -39,6 +46,8 @@ from .shards import WorkUnit
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_progress"
+STAGING_DIR = "_staging"
+STAGED_SUFFIX = ".tmp"
 COMMIT_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
 
@@ -58,6 +67,11 @@ T = TypeVar("T")
 def part_name(unit_id: str) -> str:
     """The output part of a unit, relative to the output root: fixed by the unit, so a retry overwrites it."""
     return f"part-{unit_id}.parquet"
+
+
+def staged_name(unit_id: str) -> str:
+    """Where a unit's part waits for its commit, relative to the output root."""
+    return f"{STAGING_DIR}/{part_name(unit_id)}{STAGED_SUFFIX}"
 
 
 def _open_root(output_root: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -122,19 +136,18 @@ def _json_bytes(data: object) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
-def write_table(output_root: str, name: str, table: pa.Table) -> str:
-    """Write `table` as the Parquet file `name` under the output, whole or not at all; returns its path or URL."""
-    fs, root = _open_root(output_root)
+def write_table(location: str, table: pa.Table) -> str:
+    """Write `table` as the Parquet file `location` (a path or URL), whole or not at all; returns it qualified."""
+    fs, path = _open_root(location)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
-    path = f"{root}/{name}"
     _write_whole(fs, path, buffer.getvalue().to_pybytes())
     return _qualify(fs, path)
 
 
 def write_part(output_root: str, unit: WorkUnit, table: pa.Table) -> str:
-    """Write the unit's whole output table as its part; returns the part's path or URL."""
-    return write_table(output_root, part_name(unit.unit_id), table)
+    """Stage the unit's whole output table (readers do not see it until commit_unit); returns its path or URL."""
+    return write_table(f"{output_root.rstrip('/')}/{staged_name(unit.unit_id)}", table)
 
 
 def record_for(unit: WorkUnit, table: pa.Table, attempt: int) -> ProgressRecord:
@@ -157,18 +170,36 @@ def record_for(unit: WorkUnit, table: pa.Table, attempt: int) -> ProgressRecord:
 
 
 def commit_unit(output_root: str, record: ProgressRecord) -> None:
-    """Mark the unit done. Its part must already be written; a failed marker left by earlier tries is removed."""
+    """Commit the unit whose part write_part staged: its marker, then its part moved into place (see the module
+    docstring for the order when the unit had a part already). A failed marker left by earlier tries is removed."""
     fs, root = _open_root(output_root)
-    part = f"{root}/{record.part}"
-    fs.invalidate_cache(part)  # the part may have been written by another process
-    if not fs.exists(part):
-        raise FileNotFoundError(f"cannot commit unit {record.unit_id}: its part {_qualify(fs, part)} does not "
+    staged, part = f"{root}/{staged_name(record.unit_id)}", f"{root}/{record.part}"
+    marker = f"{root}/{PROGRESS_DIR}/{record.unit_id}{COMMIT_SUFFIX}"
+    fs.invalidate_cache()  # the part may have been staged by another process
+    if not fs.exists(staged):
+        raise FileNotFoundError(f"cannot commit unit {record.unit_id}: its part {_qualify(fs, staged)} does not "
                                 "exist; write the part before committing")
-    _write_whole(fs, f"{root}/{PROGRESS_DIR}/{record.unit_id}{COMMIT_SUFFIX}", _json_bytes(record.to_dict()))
+    if fs.exists(part):  # a redo: the old marker must not vouch for the new part, even for a moment
+        retry_store_call(f"removing {_qualify(fs, marker)}", lambda: _remove(fs, marker))
+        _move(fs, staged, part)
+        _write_whole(fs, marker, _json_bytes(record.to_dict()))
+    else:
+        _write_whole(fs, marker, _json_bytes(record.to_dict()))
+        _move(fs, staged, part)
     failed = f"{root}/{PROGRESS_DIR}/{record.unit_id}{FAILED_SUFFIX}"
     fs.invalidate_cache(failed)
     if fs.exists(failed):
         retry_store_call(f"removing {_qualify(fs, failed)}", lambda: _remove(fs, failed))
+
+
+def _move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Make `target` hold what `source` holds, at once and whole, then drop `source`."""
+    if isinstance(fs, LocalFileSystem):
+        os.replace(source, target)  # atomic within one filesystem
+        return
+    # One server-side copy: the object appears whole or not at all (a copy whose answer was lost is redone).
+    retry_store_call(f"committing {_qualify(fs, target)}", lambda: fs.copy(source, target))
+    retry_store_call(f"removing {_qualify(fs, source)}", lambda: _remove(fs, source))
 
 
 def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -193,10 +224,29 @@ def _commit_ids(names: list[str]) -> list[str]:
     return [n[: -len(COMMIT_SUFFIX)] for n in names if n.endswith(COMMIT_SUFFIX) and not n.endswith(FAILED_SUFFIX)]
 
 
+def _part_ids(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
+    """Ids of the units whose part is in place."""
+    fs.invalidate_cache(root)
+    try:
+        paths = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return set()
+    prefix, suffix = part_name("|").split("|")
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in paths)
+    return {name[len(prefix): -len(suffix)] for name in names if name.startswith(prefix) and name.endswith(suffix)}
+
+
+def _committed_ids(fs: fsspec.AbstractFileSystem, root: str, progress_names: list[str]) -> list[str]:
+    # Markers listed first: a commit that finishes between the two listings is missed, never one half done counted.
+    marked = _commit_ids(progress_names)
+    placed = _part_ids(fs, root)
+    return [unit_id for unit_id in marked if unit_id in placed]
+
+
 def committed_units(output_root: str) -> set[str]:
-    """Ids of the units that have a commit marker."""
+    """Ids of the committed units: a marker and the part in place."""
     fs, root = _open_root(output_root)
-    return set(_commit_ids(_progress_names(fs, root)))
+    return set(_committed_ids(fs, root, _progress_names(fs, root)))
 
 
 def _read_json_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, dict]:
@@ -208,9 +258,10 @@ def _read_json_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[st
 
 
 def progress_records(output_root: str) -> list[ProgressRecord]:
-    """The commit markers of the output, ordered by unit id."""
+    """The commit markers of the committed units, ordered by unit id."""
     fs, root = _open_root(output_root)
-    paths = [f"{root}/{PROGRESS_DIR}/{unit_id}{COMMIT_SUFFIX}" for unit_id in _commit_ids(_progress_names(fs, root))]
+    ids = _committed_ids(fs, root, _progress_names(fs, root))
+    paths = [f"{root}/{PROGRESS_DIR}/{unit_id}{COMMIT_SUFFIX}" for unit_id in ids]
     return [ProgressRecord.from_dict(data) for data in _read_json_files(fs, paths).values()]
 
 
@@ -225,7 +276,7 @@ def failed_units(output_root: str) -> dict[str, dict]:
     """Failed markers by unit id, leaving out units committed since (a retry that succeeded)."""
     fs, root = _open_root(output_root)
     names = _progress_names(fs, root)
-    committed = set(_commit_ids(names))
+    committed = set(_committed_ids(fs, root, names))
     ids = [n[: -len(FAILED_SUFFIX)] for n in names if n.endswith(FAILED_SUFFIX)]
     paths = {f"{root}/{PROGRESS_DIR}/{unit_id}{FAILED_SUFFIX}": unit_id for unit_id in ids if unit_id not in committed}
     return {paths[path]: data for path, data in _read_json_files(fs, list(paths)).items()}
@@ -238,7 +289,37 @@ def read_part(output_root: str, record: ProgressRecord, columns: list[str] | Non
         return pq.read_table(f, columns=columns)
 
 
+def error_positions(output_root: str, record: ProgressRecord, kinds: Collection[str]) -> tuple[int, ...]:
+    """Positions in a committed unit's part of its error rows of `kinds`."""
+    table = read_part(output_root, record, ["status", "error_kind"])
+    wanted = pc.and_(pc.equal(table.column("status"), STATUS_ERROR),
+                     pc.is_in(table.column("error_kind"), pa.array(sorted(kinds), pa.string())))
+    return tuple(pc.indices_nonzero(wanted.fill_null(False)).to_pylist())
+
+
+def merge_redone(output_root: str, unit: WorkUnit, redone: pa.Table) -> pa.Table:
+    """The unit's whole output table: `redone` itself, or for a redo (unit.redo) the unit's committed part with the
+    rows at unit.redo replaced, in order, by those of `redone`. The part keeps its schema (an output's parts share
+    one, whatever version wrote them) and its ids (the rows are the same input rows)."""
+    if unit.redo is None:
+        return redone
+    fs, root = _open_root(output_root)
+    with fs.open(f"{root}/{part_name(unit.unit_id)}", "rb") as f:
+        kept = pq.read_table(f)
+    if redone.num_rows != len(unit.redo) or (unit.redo and max(unit.redo) >= kept.num_rows):
+        raise ValueError(f"unit {unit.unit_id}: {redone.num_rows} rows redone for {len(unit.redo)} positions of a "
+                         f"part of {kept.num_rows} rows")
+    redone = redone.select(kept.column_names).cast(kept.schema)
+    positions = pa.array(unit.redo, pa.int64())
+    redone = redone.set_column(kept.schema.get_field_index("id"), "id", kept.column("id").take(positions))
+    order = list(range(kept.num_rows))
+    for k, position in enumerate(unit.redo):
+        order[position] = kept.num_rows + k
+    return pa.concat_tables([kept, redone]).take(pa.array(order, pa.int64()))
+
+
 def read_output(output_root: str) -> pa.Table:
-    """All committed parts in unit-id order (parts without a commit marker are left out); empty if none."""
+    """All committed parts in unit-id order; empty if none. (pandas, pyarrow, DuckDB and Polars read the output
+    folder as a dataset too: README, "Reading an output".)"""
     tables = [read_part(output_root, record) for record in progress_records(output_root)]
     return pa.concat_tables(tables) if tables else pa.table({})

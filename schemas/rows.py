@@ -18,7 +18,8 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Output columns that every job writes; passthrough columns may not reuse these names.
-OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation")
+OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation",
+                  "derived_id")
 
 
 class SchemaError(BlipbatchError, ValueError):
@@ -35,7 +36,7 @@ class ColumnMapping:
     """Which input columns hold what; names are set by the job."""
 
     image_column: str = "image_url"  # string (URL / path / data: URI) or binary (raw bytes) column
-    id_column: str | None = None  # None -> id derived from shard + row index (derive_row_id)
+    id_column: str | None = None  # None -> id derived from the shard's content + row index (derive_row_id)
     instruction_column: str | None = None  # None -> the job's fixed prompt(s)
     passthrough: tuple[str, ...] = ()  # input columns copied to the output unchanged
 
@@ -107,6 +108,8 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
     reserved = set(OUTPUT_COLUMNS) | {mapping.image_column}
     problems = [f"passthrough column {name!r} would clash with the output column of that name"
                 for name in mapping.passthrough if name in reserved]
+    problems += [f"passthrough column {name!r} is listed {mapping.passthrough.count(name)} times; list it once"
+                 for name in dict.fromkeys(mapping.passthrough) if mapping.passthrough.count(name) > 1]
     if mapping.image_column in OUTPUT_COLUMNS:
         problems.append(f"image column {mapping.image_column!r} clashes with the output column of that name")
     if problems:
@@ -123,6 +126,8 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
         pa.field("error", pa.string()),  # human-readable, null when ok
         pa.field("model", pa.string()),
         pa.field("generation", pa.string()),  # JSON of the generation settings
+        # With an id column: the row's derived id (derive_row_id), so a row whose id is null can still be joined back.
+        *([pa.field("derived_id", pa.string())] if mapping.id_column is not None else []),
     ]
     return pa.schema(base + [input_schema.field(name) for name in mapping.passthrough])
 
@@ -135,13 +140,11 @@ def image_reference(image: str | bytes | None) -> str | None:
 
 
 def shard_key(shard: str) -> str:
-    """A short, filesystem-safe key of a shard: its file stem plus a 12-hex hash of its location.
+    """A short, filesystem-safe key of a shard's location: its file stem plus a 12-hex hash of the location.
 
-    The stem keeps keys readable; the hash keeps apart shards that share a basename in different folders
-    (date=.../part-0.parquet). The location is the shard as discovered (absolute local path, or URL with its
-    protocol; file:// and plain paths hash alike), so the key is the same on every run and machine that sees the
-    input at the same location. Moving or renaming the input changes the keys, and with them derived row ids and
-    unit ids: treat that as a new input.
+    The location is the shard as discovered (absolute local path, or URL with its protocol; file:// and plain paths
+    hash alike). It tells apart two listings of one file; unit ids and derived row ids come from the shard's content
+    instead (pipeline.shards), except in outputs written before that, whose unit ids were shard_key + row groups.
     """
     location = shard[len("file://"):] if shard.startswith("file://") else shard
     if "://" not in location:
@@ -154,9 +157,10 @@ def shard_key(shard: str) -> str:
     return f"{stem}-{digest}"
 
 
-def derive_row_id(shard: str, row_index: int) -> str:
-    """The id of a row of a shard without an id column: shard_key + index within the shard."""
-    return f"{shard_key(shard)}-{row_index}"
+def derive_row_id(shard_id: str, row_index: int) -> str:
+    """The id a row gets from where it is, when the input has no id column: the shard's content fingerprint (its
+    Parquet footer's, see pipeline.shards) and the row's index within the shard."""
+    return f"{shard_id}-{row_index}"
 
 
 @dataclass(frozen=True)

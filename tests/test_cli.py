@@ -33,7 +33,7 @@ def test_demo_runs_a_caption_and_an_annotate_job(tmp_path):
     assert "shapes-instructblip" in result.stdout and "RANDOM" not in result.stdout
     assert f"== captions job: {len(IMAGES)} rows ok, 0 in error" in result.stdout
     assert f"== annotations job: {3 * len(IMAGES)} rows ok, 0 in error" in result.stdout
-    wide = pq.read_table(tmp_path / "demo" / "annotations" / "wide.parquet")
+    wide = pq.read_table(tmp_path / "demo" / "annotations.wide.parquet")
     assert wide.num_rows == len(IMAGES) and {"color", "shape", "count"} <= set(wide.column_names)
     # the command it suggests writes a report that knows the run is complete (the demo keeps its input)
     suggested = result.stdout.strip().splitlines()[-1].split("blipbatch ", 1)[1].split()
@@ -129,7 +129,7 @@ def test_submit_to_a_real_cluster(tmp_path, checkpoint, ray_cluster):
     assert "submitted job" in result.stdout and "SUCCEEDED" in result.stdout
     rows = read_output(str(tmp_path / "out")).to_pylist()
     assert len(rows) == 2 * 2 * len(IMAGES) and all(row["status"] == "ok" for row in rows)
-    assert (tmp_path / "out" / "wide.parquet").exists()
+    assert (tmp_path / "out.wide.parquet").exists()
     assert time.monotonic() - started < 400
 
 

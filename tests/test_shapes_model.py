@@ -116,7 +116,7 @@ def test_demo_uses_the_shipped_model_and_answers_right(ray_local, tmp_path, caps
     expected = {path.stem: scene_of_sample(path.stem) for path in SAMPLE_IMAGES.glob("*.png")}
     captions = {row["name"]: row["text"] for row in read_output(str(tmp_path / "captions")).to_pylist()}
     assert {name: shapes.parse_caption(text) for name, text in captions.items()} == expected
-    wide = pq.read_table(tmp_path / "annotations" / "wide.parquet").to_pylist()
+    wide = pq.read_table(tmp_path / "annotations.wide.parquet").to_pylist()
     assert {row["name"]: {k: row[k] for k in shapes.QUESTIONS} for row in wide} == {
         name: scene.answers for name, scene in expected.items()
     }

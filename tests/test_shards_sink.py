@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -10,7 +11,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blipbatch.pipeline.shards import InputRow, NoShardsError, ShardError, WorkUnit, discover_shards, plan_units, read_unit
+from blipbatch.pipeline.shards import (
+    DuplicateIdError,
+    InputRow,
+    NoShardsError,
+    OverlapError,
+    ShardError,
+    WorkUnit,
+    check_apart,
+    check_unique_ids,
+    discover_shards,
+    duplicate_ids,
+    legacy_unit_id,
+    plan_units,
+    read_unit,
+)
 from blipbatch.pipeline.manifest import ManifestMismatch, ensure_manifest, fingerprint
 from blipbatch.pipeline.sink import (
     commit_unit,
@@ -29,6 +44,7 @@ from blipbatch.schemas import (
     derive_row_id,
     image_reference,
     output_schema,
+    shard_key,
 )
 
 MAPPING = ColumnMapping(image_column="image_url", id_column="key", instruction_column="prompt", passthrough=("lang",))
@@ -138,17 +154,39 @@ def test_plan_units_align_to_row_groups(tmp_path):
 def test_unit_ids_stable_unique_and_safe(tmp_path):
     # two shards with the same basename in different folders, plus an empty shard (no unit)
     one = write_shard(tmp_path / "d=1" / "part-0.parquet", rows_table(5), row_group_size=2)
-    two = write_shard(tmp_path / "d=2" / "part-0.parquet", rows_table(5), row_group_size=2)
+    two = write_shard(tmp_path / "d=2" / "part-0.parquet", rows_table(5, start=5), row_group_size=2)
     empty = write_shard(tmp_path / "empty.parquet", rows_table(0))
     first = plan_units([one, two, empty], MAPPING, max_rows_per_unit=2)
     again = plan_units([one, two, empty], MAPPING, max_rows_per_unit=2)
     assert first == again
     ids = [u.unit_id for u in first]
     assert len(ids) == len(set(ids)) == 6
-    assert all(u.unit_id.startswith("part-0-") for u in first)
+    assert [u.unit_id.rsplit("-rg", 1)[1] for u in first[:3]] == ["00000-00000", "00001-00001", "00002-00002"]
     assert all(set(i) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for i in ids)
     with pytest.raises(ShardError, match="each shard may appear once"):
         plan_units([one, f"file://{one}"], MAPPING)
+
+
+def test_unit_ids_come_from_content_not_location(tmp_path, s3):
+    shard = write_shard(tmp_path / "a.parquet", rows_table(5), row_group_size=2)
+    units = plan_units([shard], MAPPING, max_rows_per_unit=2)
+    renamed = tmp_path / "moved" / "b.parquet"
+    renamed.parent.mkdir()
+    os.rename(shard, renamed)
+    moved = plan_units([str(renamed)], MAPPING, max_rows_per_unit=2)
+    assert [u.unit_id for u in moved] == [u.unit_id for u in units]
+    assert [r.id for u in moved for r in read_unit(u, ColumnMapping(), ["?"])] == [
+        r.id for u in units for r in read_unit(dataclasses.replace(u, shard=str(renamed)), ColumnMapping(), ["?"])]
+    uploaded = write_shard(f"{s3_prefix()}/in/c.parquet", rows_table(5), row_group_size=2)
+    assert [u.unit_id for u in plan_units([uploaded], MAPPING, max_rows_per_unit=2)] == [u.unit_id for u in units]
+    assert legacy_unit_id(moved[0]) == f"{shard_key(str(renamed))}-rg00000-00000"  # what older outputs named it
+    # other content, other ids; the same content twice in one input is refused, naming both copies
+    other = write_shard(tmp_path / "a.parquet", rows_table(5, start=1), row_group_size=2)
+    assert not {u.unit_id for u in plan_units([other], MAPPING)} & {u.unit_id for u in plan_units([str(renamed)],
+                                                                                                   MAPPING)}
+    copy = write_shard(tmp_path / "copy.parquet", rows_table(5), row_group_size=2)
+    with pytest.raises(ShardError, match=f"{copy}: same content as {renamed}"):
+        plan_units([str(renamed), copy], MAPPING)
 
 
 def test_schema_errors_name_shard_column_expected_and_found(tmp_path):
@@ -181,7 +219,8 @@ def test_output_schema():
     input_schema = rows_table(1).schema
     schema = output_schema(input_schema, MAPPING)
     assert schema.names == ["id", "image_url", "instruction", "text", "status", "error_kind", "error", "model",
-                            "generation", "lang"]
+                            "generation", "derived_id", "lang"]
+    assert "derived_id" not in output_schema(input_schema, ColumnMapping(instruction_column="prompt")).names
     assert schema.field("text").type == pa.string()
     assert schema.field("lang").type == pa.large_string()  # passthrough keeps its input type
     assert output_schema(input_schema, MAPPING, multiple_texts=True).field("text").type == pa.list_(pa.string())
@@ -202,13 +241,13 @@ def test_read_unit_rows_ids_and_instructions(tmp_path):
     rows = read_unit(units[1], MAPPING)
     assert [r.row_index for r in rows] == [3, 4, 5]
     assert rows[0] == InputRow(id="3", image="http://127.0.0.1/img/3.jpg", instruction="question 3",
-                               passthrough={"lang": "l0"}, row_index=3)
+                               passthrough={"lang": "l0"}, row_index=3, derived_id=derive_row_id(units[1].shard_id, 3))
     assert sum(len(read_unit(u, MAPPING)) for u in units) == 7
 
     # no id column: ids derived from the shard and the row index, stable across reads
     derived = ColumnMapping(image_column="image_url")
     rows = read_unit(units[2], derived, fixed_instructions=["A photo of"])
-    assert [r.id for r in rows] == [derive_row_id(shard, 6)]
+    assert [r.id for r in rows] == [derive_row_id(units[2].shard_id, 6)] and rows[0].derived_id is None
     assert read_unit(units[2], derived, fixed_instructions=["A photo of"]) == rows
 
     # fixed questions: one row per (input row, question), in order, the id staying the row's id
@@ -241,15 +280,6 @@ def test_read_unit_from_s3(s3):
     units = plan_units(discover_shards(shard.rsplit("/", 1)[0]), MAPPING, max_rows_per_unit=2)
     assert [u.num_rows for u in units] == [2, 2, 1]
     assert [r.id for u in units for r in read_unit(u, MAPPING)] == ["0", "1", "2", "3", "4"]
-
-
-def test_derive_row_id_is_stable_and_location_specific(tmp_path):
-    path = str(tmp_path / "d=1" / "part-0.parquet")
-    assert derive_row_id(path, 5) == derive_row_id(f"file://{path}", 5)
-    assert derive_row_id(path, 5) != derive_row_id(str(tmp_path / "d=2" / "part-0.parquet"), 5)
-    assert derive_row_id("s3://b/in/x.parquet", 0) == derive_row_id("s3://b/in/x.parquet", 0)
-    assert derive_row_id("s3://b/in/x.parquet", 0) != derive_row_id("gs://b/in/x.parquet", 0)
-    assert derive_row_id("s3://b/in/x.parquet", 0).startswith("x-")
 
 
 # ---------------------------------------------------------------- sink
@@ -323,8 +353,9 @@ def test_sink_local(tmp_path):
     output_root = str(tmp_path / "out")
     exercise_sink(output_root)
     names = sorted(os.listdir(output_root))
-    assert names == ["_progress"] + sorted(f"part-s-abc-rg{i:05d}-{i:05d}.parquet" for i in (0, 1, 2, 9))
+    assert names == ["_progress", "_staging"] + sorted(f"part-s-abc-rg{i:05d}-{i:05d}.parquet" for i in (0, 1, 2, 9))
     assert not [n for n in os.listdir(tmp_path / "out" / "_progress") if n.startswith(".")]  # no temp files left
+    assert os.listdir(tmp_path / "out" / "_staging") == []  # every staged part was committed
     # the output folder, used as an input, yields the parts and not the bookkeeping
     assert len(discover_shards(output_root)) == 4
 
@@ -398,3 +429,63 @@ def test_manifest_s3(s3):
     assert ensure_manifest(output_root, SETTINGS) == "matched"
     with pytest.raises(ManifestMismatch, match="model"):
         ensure_manifest(output_root, {**SETTINGS, "model": "other"})
+
+
+# ---------------------------------------------------------------- tables across shards
+
+def test_passthrough_types_are_unified_across_shards_or_refused(tmp_path):
+    mapping = ColumnMapping(instruction_column="prompt", passthrough=("tag",))
+    base = rows_table(2).select(["image_url", "prompt"])
+    null = write_shard(tmp_path / "a.parquet", base.append_column("tag", pa.nulls(2)))
+    narrow = write_shard(tmp_path / "b.parquet", rows_table(2, start=2).select(["image_url", "prompt"])
+                         .append_column("tag", pa.array([1, 2], pa.int32())))
+    wide = write_shard(tmp_path / "c.parquet", rows_table(2, start=4).select(["image_url", "prompt"])
+                       .append_column("tag", pa.array([3, None], pa.int64())))
+    units = plan_units([null, narrow, wide], mapping)
+    assert {u.schema.field("tag").type for u in units} == {pa.int64()}
+    assert {output_schema(u.schema, mapping).field("tag").type for u in units} == {pa.int64()}
+
+    text = write_shard(tmp_path / "d.parquet", rows_table(2, start=6).select(["image_url", "prompt"])
+                       .append_column("tag", pa.array(["x", "y"])))
+    with pytest.raises(ShardError) as info:
+        plan_units([null, narrow, text], mapping)
+    message = str(info.value)
+    assert "'tag'" in message and narrow in message and text in message and "int32" in message and "string" in message
+
+    with pytest.raises(SchemaError, match="passthrough column 'tag' is listed 2 times"):
+        plan_units([null], ColumnMapping(instruction_column="prompt", passthrough=("tag", "tag")))
+
+
+def test_duplicate_ids_within_a_shard_at_planning_and_across_shards(tmp_path):
+    keys = rows_table(6).set_column(1, "key", pa.array([1, 2, 1, 3, None, None]))
+    dup = write_shard(tmp_path / "dup.parquet", keys, row_group_size=2)
+    clean = write_shard(tmp_path / "clean.parquet", rows_table(3, start=3))  # ids 3, 4, 5: 3 repeats dup's
+    with pytest.raises(DuplicateIdError) as info:
+        check_unique_ids([clean, dup], MAPPING)
+    assert f"key '1': {dup} rows 0, 2" in str(info.value)
+    assert "'3'" not in str(info.value)  # in two shards, not within one
+    check_unique_ids([clean], MAPPING)
+    check_unique_ids([dup], ColumnMapping(instruction_column="prompt"))  # derived ids are unique by construction
+    found = duplicate_ids([clean, dup], MAPPING, across_shards=True)
+    assert sorted(found) == [("1", [(dup, 0), (dup, 2)]), ("3", [(clean, 0), (dup, 3)])]
+
+
+def test_output_inside_input_or_input_inside_output_is_refused(tmp_path, s3):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(OverlapError, match=f"output {data}/out is inside the input {data}"):
+        check_apart([str(data)], str(data / "out"))
+    with pytest.raises(OverlapError, match="inside the input"):
+        check_apart([f"{data}/**"], str(data / "out"))
+    with pytest.raises(OverlapError, match="inside the input"):
+        check_apart([f"{data}/*"], f"file://{data}/out/")
+    with pytest.raises(OverlapError, match=f"input {data}/out/x.parquet is inside the output {data}/out"):
+        check_apart([str(data / "out" / "x.parquet")], str(data / "out"))
+    with pytest.raises(OverlapError, match="is the input"):
+        check_apart([str(data)], str(data))
+    check_apart([f"{data}/*.parquet"], str(data / "out"))  # the glob cannot reach the output's parts
+    check_apart([str(data / "in")], str(data / "input-captions"))  # a shared name prefix is not inside
+    with pytest.raises(OverlapError, match="s3://bucket/x/out is inside the input s3://bucket/x"):
+        check_apart(["s3://bucket/x"], "s3://bucket/x/out")
+    check_apart(["s3://bucket/x"], "s3://bucket/y")
+    check_apart([str(data)], "s3://bucket" + str(data) + "/out")  # another filesystem

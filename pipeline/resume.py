@@ -1,0 +1,94 @@
+"""Which of the planned units a run does against what its output holds already.
+
+- Units committed are skipped; units marked failed too, unless the run retries them.
+- A redo of error rows (`redo_errors`): each committed unit with error rows of the kinds asked is done again, narrowed
+  to those rows (WorkUnit.redo); the worker merges them back among the rows kept (sink.merge_redone) and the unit is
+  committed again whole, so each input row still has exactly one output row per instruction.
+- Unit ids come from the shards' content; outputs written before that named their units after the shards' locations
+  (shards.legacy_unit_id): a unit committed under its old id keeps it, so the old output resumes without redoing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from blipbatch.schemas import ERROR_KINDS
+
+from .job import PipelineError
+from .shards import WorkUnit, legacy_unit_id
+from .sink import committed_units, error_positions, failed_units, progress_records
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    units: list[WorkUnit]  # every planned unit, under the id its output knows it by
+    pending: list[WorkUnit]  # what this run does: units not committed (nor failed, unless retried), then redos
+    committed: set[str]  # ids of the units committed before this run
+    redo_rows: int = 0  # error rows to redo, over the redone units
+
+    @property
+    def skipped(self) -> int:
+        """Planned units this run leaves as they are."""
+        return len(self.units) - sum(unit.redo is None for unit in self.pending)
+
+    def output_rows(self, per_input_row: int) -> int:
+        """Output rows this run writes (a redo: only the rows it does again)."""
+        return sum(unit.num_rows * per_input_row if unit.redo is None else len(unit.redo) for unit in self.pending)
+
+
+def redo_kinds(kinds: Collection[str]) -> frozenset[str]:
+    """The error kinds a redo takes: those named, or every kind when none is."""
+    unknown = sorted(set(kinds) - set(ERROR_KINDS))
+    if unknown:
+        raise PipelineError(f"--redo-errors: unknown error kind(s) {', '.join(unknown)}; the kinds are "
+                            f"{', '.join(ERROR_KINDS)}")
+    return frozenset(kinds or ERROR_KINDS)
+
+
+def known_ids(units: Sequence[WorkUnit], committed: Collection[str]) -> list[WorkUnit]:
+    """The units, each under the id it was committed by: its content id, or the location id older outputs used."""
+    return [unit if unit.unit_id in committed or legacy_unit_id(unit) not in committed
+            else dataclasses.replace(unit, unit_id=legacy_unit_id(unit)) for unit in units]
+
+
+def plan_run(output: str, planned: Sequence[WorkUnit], retry_failed: bool = False,
+             redo_errors: Collection[str] | None = None) -> RunPlan:
+    """What a run over `planned` does in `output`; `redo_errors`: None for no redo, else the kinds (empty: all)."""
+    committed = committed_units(output)
+    units = known_ids(planned, committed)
+    skip = committed if retry_failed else committed | set(failed_units(output))
+    pending = [unit for unit in units if unit.unit_id not in skip]
+    redo_rows = 0
+    if redo_errors is not None:
+        kinds = redo_kinds(redo_errors)
+        records = {record.unit_id: record for record in progress_records(output)}
+        for unit in units:
+            record = records.get(unit.unit_id)
+            if record is None or not kinds & set(record.errors_by_kind):
+                continue
+            positions = error_positions(output, record, kinds)
+            pending.append(dataclasses.replace(unit, redo=positions))
+            redo_rows += len(positions)
+    return RunPlan(units, pending, committed, redo_rows)
+
+
+def unfinished_shards(output: str, planned: Sequence[WorkUnit]) -> list[str]:
+    """The shards with a unit not committed yet: those a run still reads whole."""
+    committed = committed_units(output)
+    return list(dict.fromkeys(unit.shard for unit in known_ids(planned, committed) if unit.unit_id not in committed))
+
+
+def unmatched_units(committed: Collection[str], units: Sequence[WorkUnit]) -> list[str]:
+    """Committed units that match no planned unit: their shard was removed or changed, or the input moved to other
+    content. Their rows stay in the output."""
+    return sorted(set(committed) - {unit.unit_id for unit in known_ids(units, committed)})
+
+
+def redo_hint(errors_by_kind: Mapping[str, int]) -> str | None:
+    """The command that redoes the error rows of an output, after their cause is fixed; None without errors."""
+    if not errors_by_kind:
+        return None
+    kinds = " ".join(sorted(errors_by_kind))
+    return f"blipbatch run SPEC --redo-errors {kinds}  (SPEC: the job's spec; or no kinds for every error row)"
