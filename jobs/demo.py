@@ -57,8 +57,16 @@ def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
             print(f"  {row['name']:22s} {label:8s} {row['text']!r}")
     wide = write_wide_table(str(output / "annotations"))
     print(f"\nannotations as one row per image, one column per question: {wide}")
-    print(f"a page with the images and captions: blipbatch report {output / 'captions'} --local-root {SAMPLE_IMAGES}")
+    # The output records its [fetch] local_roots, so the report needs no flags to show the images.
+    print(f"a page with the images and captions: {command()} report {output / 'captions'}")
     return 0
+
+
+def command() -> str:
+    """How to run blipbatch again from any shell: the script beside this interpreter (a venv that is not
+    activated), else the module."""
+    script = Path(sys.executable).with_name("blipbatch")
+    return str(script) if script.is_file() else f"{sys.executable} -m blipbatch"
 
 
 def main_demo(output: str, model: str | None, max_new_tokens: int) -> int:

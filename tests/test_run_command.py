@@ -197,3 +197,42 @@ def test_status_says_a_run_holds_the_output(tmp_path, capsys):
         main(["status", str(output)])
     out = capsys.readouterr().out
     assert f"running: a run holds this output (held by pid {os.getpid()}" in out and "model: m" in out
+
+
+# --- a user's folder cannot shadow our code -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_from_a_folder_with_a_users_model_and_pipeline_modules(tmp_path):
+    """Ray's workers put the working directory first on sys.path: a user's model.py & co must not shadow ours."""
+    poison = "raise ImportError('the user module was imported instead of blipbatch')\n"
+    for name in ("model.py", "pipeline.py", "schemas.py"):
+        (tmp_path / name).write_text(poison)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "__init__.py").write_text(poison)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text(poison)
+    write_input(tmp_path / "in")
+    (tmp_path / "job.toml").write_text(f"""
+[job]
+kind = "caption"
+[input]
+path = "in"
+[output]
+path = "out"
+[model]
+path = "{DEMO_MODEL}"
+device = "cpu"
+[generation]
+max_new_tokens = 3
+[fetch]
+local_roots = ["{SAMPLE_IMAGES}"]
+""")
+    result = cli("run", "job.toml", "--quiet", cwd=tmp_path)
+    assert result.returncode == EXIT_OK, result.stderr
+    rows = read_output(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == len(IMAGES) and all(r["status"] == "ok" for r in rows)
+    probe = subprocess.run([sys.executable, "-c", "import blipbatch; from blipbatch import "
+                            "InstructBlipForConditionalGeneration as c; print(c.__module__)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip().startswith("blipbatch.model"), probe.stderr
