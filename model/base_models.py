@@ -120,8 +120,10 @@ class PretrainedModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The first floating-point parameter's dtype (transformers' `model.dtype`)."""
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+        """The dtype the model was loaded in (transformers' `model.dtype`): the first floating-point parameter's,
+        skipping those kept in fp32 under half precision."""
+        floating = [(name, p.dtype) for name, p in self.named_parameters() if p.is_floating_point()]
+        return next((dtype for name, dtype in floating if not self.keep_in_fp32(name)), floating[0][1])
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied weight counts once), as transformers counts them."""
