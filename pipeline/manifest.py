@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from blipbatch.errors import BlipbatchError
 from blipbatch.schemas import MANIFEST_VERSION, JobSettings
@@ -72,6 +73,11 @@ def job_settings(job: Job) -> JobSettings:
     )
 
 
+def _tuples(fields: dict[str, Any] | None) -> dict[str, Any]:
+    """A config's fields as JSON read them back, arrays as the tuples the frozen configs hold."""
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in (fields or {}).items()}
+
+
 def recorded_job(settings: JobSettings, output: str) -> Job:
     """The Job an output was made with, from its manifest; settings a version 1 manifest lacks take their defaults."""
     run = dict(settings.run or {})
@@ -81,8 +87,8 @@ def recorded_job(settings: JobSettings, output: str) -> Job:
         model=ModelConfig(settings.model, dtype=settings.dtype, device=settings.device),
         instructions=settings.instructions,
         generation=settings.generation,
-        fetch=FetchConfig(**(settings.fetch or {})),
-        decode=DecodeConfig(**(settings.decode or {})),
+        fetch=FetchConfig(**_tuples(settings.fetch)),
+        decode=DecodeConfig(**_tuples(settings.decode)),
         run=RunConfig(rows_per_unit=settings.rows_per_unit, **run),
     )
 
