@@ -61,7 +61,7 @@ def _detected_type(data: bytes) -> str:
         if data.startswith(signature):
             return what
     for name, (_, accept) in PIL.Image.OPEN.items():  # magic-number checks only: no plugin parses the data
-        if accept is not None and accept(data[:16]) is True:  # a str would be a note, not a match
+        if _accepts(accept, data[:16]):
             return f"a {name} image"
     head = data[:_TEXT_HEAD].lstrip(b"\xef\xbb\xbf \t\r\n")  # UTF-8 BOM and leading whitespace
     try:
@@ -94,14 +94,23 @@ def _too_large(pixels: int, size: str, max_pixels: int) -> RowError:
     return RowError("too_large", f"image is {size}{_megapixels(pixels)}, above the {_megapixels(max_pixels)} limit")
 
 
+def _accepts(accept, prefix: bytes) -> bool:
+    """A Pillow plugin's magic-number check; a str answer is its "looks like it, but unsupported" note, and a prefix
+    shorter than the check reads raises (Pillow's own open() treats both as "not this format")."""
+    try:
+        answer = accept(prefix)
+    except _NOT_THIS_FORMAT:
+        return False
+    return bool(answer) and not isinstance(answer, str)
+
+
 def _open(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
     """PIL.Image.open(data, formats=formats) less its pixel-count check, which reads Pillow's process-wide
     MAX_IMAGE_PIXELS: decode_image applies DecodeConfig.max_pixels right after, for this call only."""
     prefix = data[:16]
     for name in formats:
         factory, accept = PIL.Image.OPEN[name.upper()]
-        accepted = accept is None or accept(prefix)
-        if not accepted or isinstance(accepted, str):  # a str is Pillow's "looks like it, but unsupported" note
+        if accept is not None and not _accepts(accept, prefix):
             continue
         try:
             return factory(io.BytesIO(data), "")

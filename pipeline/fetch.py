@@ -66,7 +66,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import deadline
 from .errors import RowError, format_size
 from .guard import AddressGuard, AllowList, LocalRoots, guarded_pool_manager
-from .redact import redact, scrub, secrets_of, userinfo
+from .redact import redact, redact_log_records, scrub, secrets_of, userinfo
 
 _HTTP_SCHEMES = ("http", "https")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -202,6 +202,7 @@ class Fetcher:
     def __init__(self, config: FetchConfig, *, sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None) -> None:
         self.config = config
+        redact_log_records()  # urllib3, botocore and s3fs log the URLs they fetch (at DEBUG)
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe

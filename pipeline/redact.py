@@ -8,13 +8,19 @@ HTTP exchange (Authorization: ...). `redact` replaces each such value with REDAC
 message still says which host and path failed. It is idempotent: redacting twice gives the same text. When in doubt
 it removes more (a path holding both ':' and '@' loses the part before the last '@'), never less.
 
+`redact_log_records` makes every log record of the process pass through `redact` as it is made (its message and
+its traceback): the libraries that fetch images (urllib3, botocore, s3fs) log the URLs they request.
+
 `scrub` also removes the literal secrets of one known reference (`secrets_of`), wherever and however a backend's
 message quotes them (decoded, re-encoded).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import traceback
 from urllib.parse import unquote
 
 REDACTED = "REDACTED"
@@ -58,11 +64,26 @@ def _userinfo_end(rest: str) -> int:
     return at if first == before or ":" in first else -1
 
 
+def _secret_spans(rest: str) -> list[tuple[int, int]]:
+    """Where the secrets of the URL `scheme://rest` lie in `rest`: its user info and its secret-like parameter values,
+    overlapping spans merged. Both rules are applied to the same text, so what one of them misreads (a '?' inside
+    a password, an '@' inside a token) the other still covers."""
+    spans = [(m.start(3), m.end(3)) for m in _PARAM.finditer(rest) if m.group(3) and _is_secret_name(m.group(1))]
+    if (end := _userinfo_end(rest)) >= 0:
+        spans.append((0, end))
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
 def _redact_url(match: re.Match[str]) -> str:
     scheme, rest = match.group(1), match.group(2)
-    end = _userinfo_end(rest)
-    if end >= 0:
-        rest = f"{REDACTED}{rest[end:]}"
+    for start, stop in reversed(_secret_spans(rest)):
+        rest = f"{rest[:start]}{REDACTED}{rest[stop:]}"
     return scheme + rest
 
 
@@ -106,3 +127,32 @@ def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         text = text.replace(secret, REDACTED)
     return redact(text)
+
+
+_install_lock = threading.Lock()
+
+
+def _redacting(factory):
+    def make_record(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            record.msg, record.args = redact(record.getMessage()), None
+        except Exception:  # noqa: BLE001 - a record whose arguments do not format: logging reports it as it would
+            return record
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return record
+
+    make_record.redacts = True
+    return make_record
+
+
+def redact_log_records() -> None:
+    """From now on, every log record of this process is redacted as it is made (records are made only for levels
+    that are enabled, so the cost is one redact per emitted line). Idempotent."""
+    with _install_lock:
+        factory = logging.getLogRecordFactory()
+        if not getattr(factory, "redacts", False):
+            logging.setLogRecordFactory(_redacting(factory))

@@ -11,6 +11,8 @@ import pickle
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -549,3 +551,50 @@ def test_pixel_limit_does_not_rely_on_pillows_global(bomb, monkeypatch):
     assert decode_image(one_colour_png(100, 100), DecodeConfig(max_pixels=10_000)).size == (100, 100)
     assert "above the 0.01 MP limit" in decode_error(one_colour_png(101, 100), "too_large",
                                                      DecodeConfig(max_pixels=10_000))
+
+
+# -- malformed references, messages, imports -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref, fragments", [
+    ("htp:/not a url", ["malformed image reference 'htp:/not a url'", "it starts with 'htp:'", "needs '://'",
+                        "did you mean 'http'?"]),
+    ("http:/images.example/a.jpg", ["it starts with 'http:'", "needs '://'"]),
+    ("htp://images.example/a.jpg", ["scheme 'htp' not allowed", "did you mean 'http'?"]),
+    ("http:///a.jpg", ["malformed URL 'http:///a.jpg': no host after '//'"]),
+    ("https://images example/a.jpg", ["the host contains white space"]),
+    ("http://user:pa/ss@images.example/a.jpg", ["malformed URL 'http://REDACTED@images.example/a.jpg'",
+                                                "must be percent-encoded"]),
+    ("s3:///a.jpg", ["no bucket after 's3://'"]),
+    ("s3://AKIAEXAMPLEKEY:SECRETVALUE123@bucket/x.jpg", ["'s3://REDACTED@bucket/x.jpg' carries credentials"]),
+])
+def test_malformed_references_are_invalid_input_saying_what_is_wrong(tmp_path, ref, fragments):
+    # local roots set, so a mistyped URL is not merely "a local file outside the roots"
+    err = expect_error(Fetcher(fast(local_roots=(str(tmp_path),))), ref, "invalid_input", *fragments)
+    assert "local_roots" not in err.message and "SECRETVALUE" not in err.message and "pa/ss" not in err.message
+
+
+def test_a_windows_drive_or_relative_path_is_still_a_local_path(tmp_path):
+    fetcher = Fetcher(fast(local_roots=(str(tmp_path),)))
+    expect_error(fetcher, "C:/images/a.jpg", "blocked_address", "outside [fetch] local_roots")
+
+
+def test_not_an_image_never_quotes_the_file(tmp_path):
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$saltsalt$hashhashhash:20228:0:99999:7:::\n")
+    data = Fetcher(fast(local_roots=(str(tmp_path),))).fetch(str(secret))
+    message = decode_error(data)
+    assert message == f"not an image: text, {len(data)} bytes (supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
+    assert decode_error(b"%PDF-1.7\n...").startswith("not an image: a PDF document, 12 bytes")
+    assert decode_error(b'{"token": "x"}').startswith("not an image: JSON, 14 bytes")
+
+
+def test_importing_fetch_and_decode_has_no_side_effects():
+    """A fresh interpreter: no Ray, and Pillow's process-wide pixel limit as Pillow set it."""
+    code = ("import sys, PIL.Image; before = PIL.Image.MAX_IMAGE_PIXELS; "
+            "import blipbatch.pipeline.fetch, blipbatch.pipeline.decode, blipbatch.pipeline.guard; "
+            "assert 'ray' not in sys.modules, 'ray imported'; "
+            "assert PIL.Image.MAX_IMAGE_PIXELS == before, PIL.Image.MAX_IMAGE_PIXELS; "
+            "from blipbatch.pipeline import run; assert callable(run)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
