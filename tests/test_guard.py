@@ -18,7 +18,7 @@ import pytest
 
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
-from blipbatch.pipeline.guard import AllowList, address_problem
+from blipbatch.pipeline.guard import AllowList, address_problem, risky_local_roots
 
 
 def _png() -> bytes:
@@ -392,3 +392,24 @@ def test_config_checks_the_allow_list_and_roots():
         FetchConfig(local_roots=("images",))
     assert FetchConfig().allow_hosts == () and FetchConfig().local_roots == ()
     assert os.path.isabs(FetchConfig(local_roots=("/",)).local_roots[0])
+
+
+def test_roots_that_open_the_whole_disk_or_a_home_folder_are_warned_about(tmp_path, monkeypatch):
+    home = tmp_path / "home" / "ann"
+    (home / "pictures").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    warnings = risky_local_roots(["/", str(home), str(tmp_path / "home"), str(home / "pictures"), f"{home}/.."])
+    assert warnings == [
+        "[fetch] local_roots entry '/' is the whole file system: any row of the input can read any file in it "
+        "(SSH keys, cloud credentials); list only the folders that hold the images",
+        f"[fetch] local_roots entry '{home}' is a home folder: any row of the input can read any file in it "
+        "(SSH keys, cloud credentials); list only the folders that hold the images",
+        f"[fetch] local_roots entry '{tmp_path / 'home'}' holds home folders: any row of the input can read any file "
+        "in it (SSH keys, cloud credentials); list only the folders that hold the images",
+        f"[fetch] local_roots entry '{home}/..' holds home folders: any row of the input can read any file in it "
+        "(SSH keys, cloud credentials); list only the folders that hold the images",
+    ]
+    assert risky_local_roots([str(home / "pictures"), str(tmp_path)]) == [
+        f"[fetch] local_roots entry '{tmp_path}' holds home folders: any row of the input can read any file in it "
+        "(SSH keys, cloud credentials); list only the folders that hold the images"]
+    assert risky_local_roots([str(home / "pictures")]) == []
