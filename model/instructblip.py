@@ -219,12 +219,16 @@ class InstructBlipBase(PretrainedModel):
         inputs_embeds: torch.Tensor | None = None,
     ) -> InstructBlipForConditionalGenerationModelOutput | tuple:
         """transformers' forward: loss and logits (with the head), vision_outputs, qformer_outputs and
-        language_model_outputs, each with hidden_states / attentions when asked (README "Python API").
+        language_model_outputs, each with hidden_states / attentions when asked (README "Using the model").
 
         `inputs_embeds` replaces the embedded `input_ids` (then the placeholders are found by the image token's
         embedding); `use_cache=True` returns the language model's keys and values as `past_key_values` (one tuple
         per layer: (k, v), T5 (k, v, cross k, cross v)); `return_dict=False` gives the tuple form.
         """
+        if labels is not None and not self.has_head:
+            raise ProcessorError(
+                f"{type(self).__name__} has no LM head to score labels; use the ForConditionalGeneration class"
+            )
         vision_outputs = self.vision_model(
             pixel_values, output_attentions, output_hidden_states, return_dict=True,
             interpolate_pos_encoding=interpolate_pos_encoding,
@@ -275,8 +279,8 @@ class InstructBlipBase(PretrainedModel):
         output_attentions: bool | None, output_hidden_states: bool | None, use_cache: bool,
     ) -> Seq2SeqLMOutput | Seq2SeqModelOutput:
         if decoder_input_ids is None:
-            if labels is None or not self.has_head:
-                raise ProcessorError("an encoder-decoder forward needs decoder_input_ids" + (" or labels" if self.has_head else ""))
+            if labels is None:
+                raise ProcessorError("an encoder-decoder forward needs decoder_input_ids (or, with the head, labels)")
             decoder_input_ids = self.shift_right(labels)
         encoder_collect = Collector.asked(output_hidden_states, output_attentions)
         decoder_collect = Collector.asked(output_hidden_states, output_attentions)

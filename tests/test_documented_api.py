@@ -415,6 +415,29 @@ def test_blip2_and_base_model_share_the_outputs(tmp_path):
     out = base(**inputs_for("llama"), output_hidden_states=True)
     assert out.logits is None and out.language_model_outputs.hidden_states[-1] is not None
     assert list(out.language_model_outputs.keys()) == ["last_hidden_state", "hidden_states"]
+    with pytest.raises(ProcessorError, match="no LM head"):
+        base(**inputs_for("llama"), labels=inputs_for("llama")["input_ids"])
+
+
+@torch.no_grad()
+def test_fast_paths_never_compute_the_extra_outputs(pair, monkeypatch):
+    """generate (the engine's path) and a plain forward run SDPA only: the eager attention that produces the
+    probabilities is never called unless asked for."""
+    _, ours, lm = pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eager attention on a fast path")
+
+    for module in ("vision", "qformer", "llama", "opt", "t5"):
+        monkeypatch.setattr(f"blipbatch.model.{module}.attend_eager", refuse)
+    inputs = inputs_for(lm)
+    out = ours(**inputs)
+    assert out.language_model_outputs.past_key_values is None
+    assert out.vision_outputs.hidden_states is None and out.qformer_outputs.attentions is None
+    gen_inputs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    ours.generate(**gen_inputs, max_new_tokens=3, num_beams=2)
+    with pytest.raises(AssertionError, match="fast path"):
+        ours(**inputs, output_attentions=True)
 
 
 # ---- configs -----------------------------------------------------------------------------------------------------
