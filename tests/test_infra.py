@@ -275,17 +275,25 @@ def test_named_spec_exists_and_validates(invocation: Invocation, path: str, tmp_
 
 
 def test_configmap_spec_matches_the_gpu_worker_group(tmp_path: Path) -> None:
-    from blipbatch.jobs.spec import load_spec, run_kwargs
+    from blipbatch.jobs.spec import load_spec
 
     # One model actor per GPU: the spec asks for as many actors as the RayJob has GPU worker pods.
     file = tmp_path / "job.toml"
     file.write_text(CONFIGMAPS["blipbatch-job"]["job.toml"])
-    kwargs = run_kwargs(load_spec(file))
+    job = load_spec(file)
     (_, spec), *_ = rayjob_specs()
     gpu_pods = sum(g["replicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
-    assert kwargs["workers"] == gpu_pods
-    assert kwargs["device"] == "cuda"
-    assert "file" not in kwargs["fetch"].allowed_schemes
+    assert job.run.workers == gpu_pods
+    assert job.model.device == "cuda"
+    assert "file" not in job.fetch.allowed_schemes
+
+
+def test_the_head_gives_blipbatch_time_to_stop_on_sigterm() -> None:
+    """A deleted or stopped RayJob: SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, inside the pod's grace."""
+    for origin, cluster in ray_cluster_specs():
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in head["containers"][0].get("env", [])}
+        assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) + 5 <= head["terminationGracePeriodSeconds"], origin
 
 
 # ---------------------------------------------------------------------------------------------------
