@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -63,3 +66,48 @@ def test_renewal_pushes_the_expiry(tmp_path):
     assert lock.info.expires_at > first
     with pytest.raises(OutputLocked):
         OutputLock(str(tmp_path)).acquire()
+
+
+def race_takeovers(root: str, rounds: int) -> Counter:
+    """Two runs take over the same stale lock at the same moment, `rounds` times: exactly one may win each time."""
+    outcomes: Counter = Counter()
+    for n in range(rounds):
+        stale = OutputLock(root, ttl_s=0.05)
+        stale.acquire()
+        time.sleep(0.06)
+        barrier = threading.Barrier(2)
+        contenders = [OutputLock(root), OutputLock(root)]
+
+        def take(lock: OutputLock) -> str:
+            barrier.wait(timeout=10)
+            try:
+                lock.acquire()
+            except OutputLocked as e:
+                return "lost at the swap" if "same moment" in str(e) else "lost: saw the winner's lock"
+            return "won"
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(take, contenders))
+        assert sorted(results)[-1] == "won" and results.count("won") == 1, (n, results)
+        winner = contenders[results.index("won")]
+        assert winner.holder() == winner.info  # the lock holds the winner's token, not the loser's
+        with pytest.raises(OutputLocked, match="taken over"):
+            stale.renew()
+        winner.release()
+        assert winner.holder() is None
+        outcomes.update(results)
+    return outcomes
+
+
+def test_two_takeovers_of_a_stale_lock_race_and_one_wins_local(tmp_path):
+    outcomes = race_takeovers(str(tmp_path / "out"), 50)
+    assert outcomes["won"] == 50
+
+
+def test_two_takeovers_of_a_stale_lock_race_and_one_wins_s3(tmp_path, s3fs_clean):
+    if not s3fs_clean.exists("locks"):
+        s3fs_clean.mkdir("locks")
+    outcomes = race_takeovers(f"s3://locks/race-{tmp_path.name}", 50)
+    assert outcomes["won"] == 50
+    # The race was real: some losers had read the stale lock too, and the store refused their swap.
+    assert outcomes["lost at the swap"] > 0, outcomes
