@@ -19,11 +19,12 @@ from .instructblip import (
     InstructBlipForConditionalGeneration,
     InstructBlipModel,
 )
-from .processor import Blip2Processor, InstructBlipProcessor
+from .processor import BatchFeature, Blip2Processor, InstructBlipProcessor
 from .qformer import InstructBlipQFormerModel
 from .vision import InstructBlipVisionModel
 
 __all__ = [
+    "BatchFeature",
     "Blip2Config",
     "Blip2ForConditionalGeneration",
     "Blip2Model",
