@@ -88,6 +88,19 @@ def files_under(folder: Path) -> list[Path]:
     return found
 
 
+def keep_ray_logs(before: set[Path], held: dict[Path, Path], hold: Path) -> None:
+    """Hard-link each file of the run's Ray temp dirs into `hold`: the run removes its temp dir when it exits, and
+    a link keeps the file (and what is still written to it) for the check afterwards."""
+    for folder in set(Path("/tmp").glob("bb-ray-*")) - before:
+        for path in files_under(folder):
+            if path not in held:
+                try:
+                    os.link(path, hold / str(len(held)))
+                except OSError:
+                    continue  # removed meanwhile, or a socket
+                held[path] = hold / str(len(held))
+
+
 def leaks_in_bytes(data: bytes) -> set[str]:
     return {canary for canary in CANARIES if canary.encode() in data}
 
@@ -143,6 +156,8 @@ allow_hosts = ["127.0.0.1"]
 """)
     command = [sys.executable, "-m", "blipbatch", "run", str(spec)]
     locks = set()
+    ray_logs: dict[Path, Path] = {}
+    (tmp_path / "ray-logs").mkdir()
     with open(tmp_path / "stdout.log", "wb") as out, open(tmp_path / "stderr.log", "wb") as err:
         run = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO, start_new_session=True)
         deadline = time.monotonic() + 240
@@ -153,6 +168,7 @@ allow_hosts = ["127.0.0.1"]
                     locks.add((output / "_lock.json").read_bytes())
                 except FileNotFoundError:
                     pass
+                keep_ray_logs(ray_dirs_before, ray_logs, tmp_path / "ray-logs")
                 time.sleep(0.05)
         finally:
             if run.poll() is None:
@@ -183,16 +199,10 @@ allow_hosts = ["127.0.0.1"]
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if leaks_in_bytes(text.encode()):
             leaks[name] = leaks_in_bytes(text.encode())
-    ray_dirs = set(Path("/tmp").glob("bb-ray-*")) - ray_dirs_before
-    assert ray_dirs, "no Ray temp dir from the run"
-    for folder in ray_dirs:
-        for path in files_under(folder):
-            try:
-                found = leaks_in_bytes(path.read_bytes())
-            except OSError:
-                continue
-            if found:
-                leaks[str(path)] = found
+    assert any(path.name.endswith((".out", ".err", ".log")) for path in ray_logs), "no Ray log file from the run"
+    for path, kept in ray_logs.items():
+        if found := leaks_in_bytes(kept.read_bytes()):
+            leaks[str(path)] = found
     assert leaks == {}
 
 
