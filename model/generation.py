@@ -149,13 +149,18 @@ class _Limits:
     eos: Tensor | None = None  # eos_ids on the logits' device, once known
 
 
-def _resolve(config: GenerationConfig, prefix_len: int) -> _Limits:
+def max_total_length(config: GenerationConfig, prefix_len: int) -> int:
+    """The one token limit: longest sequence (prefix + new tokens) a generate call may produce, the cache size.
+    max_new_tokens wins over max_length, as in transformers."""
     if config.max_new_tokens is not None:
-        max_length = prefix_len + config.max_new_tokens
-    elif config.max_length is not None:
-        max_length = config.max_length
-    else:
-        raise GenerationError("set max_new_tokens or max_length")
+        return prefix_len + config.max_new_tokens
+    if config.max_length is not None:
+        return config.max_length
+    raise GenerationError("set max_new_tokens or max_length")
+
+
+def _resolve(config: GenerationConfig, prefix_len: int) -> _Limits:
+    max_length = max_total_length(config, prefix_len)
     if prefix_len >= max_length:
         raise GenerationError(
             f"the prefix is {prefix_len} tokens long but max_length is {max_length}: nothing can be generated; "

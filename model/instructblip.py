@@ -19,7 +19,7 @@ from torch import nn
 from .base_models import PretrainedModel
 from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
 from .errors import ConfigError, ProcessorError
-from .generation import SearchScores, generate_ids
+from .generation import SearchScores, generate_ids, max_total_length
 from .kv_cache import KVCache
 from .llama import LlamaForCausalLM, LlamaModel
 from .opt import OPTForCausalLM, OPTModel
@@ -452,10 +452,3 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100, as transformers' ForCausalLMLoss."""
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
-
-
-def max_total_length(config: GenerationConfig, prefix_length: int) -> int:
-    """Longest sequence (prefix + new tokens) a generate call can produce: the cache size."""
-    if config.max_new_tokens is not None:
-        return prefix_length + config.max_new_tokens
-    return config.max_length
