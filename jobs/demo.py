@@ -44,7 +44,7 @@ def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
     # The input stays beside the outputs, so that `blipbatch report` can tell what is pending.
     source = str(write_sample_input(output / "input"))
     # The sample images are local files: their folder is the one local root the jobs may read.
-    common = dict(passthrough=["name"], max_new_tokens=max_new_tokens, batch_size=8, progress=False,
+    common = dict(passthrough=["name"], max_new_tokens=max_new_tokens, progress=False,
                   fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
     jobs = (("captions", dict(prompt=CAPTION_PROMPT)), ("annotations", dict(prompt=QUESTIONS)))
     for name, what in jobs:

@@ -130,7 +130,8 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
                    generated_at=datetime.now(timezone.utc).timestamp())
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
-    data.gallery = sample_gallery(output, settings, records, sample, fetch or recorded_job(manifest, output).fetch, seed)
+    fetch = fetch or recorded_job(manifest, output).fetch
+    data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data
 
 

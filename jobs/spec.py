@@ -3,8 +3,8 @@
 `load_spec(path, overrides)` reads the file (Python's `tomllib`), applies command-line overrides ("run.batch_size": 16),
 checks every table and key, and returns a `JobSpec`: the pipeline's typed `Job` (pipeline.job) plus what the job kind
 needs, so `pipeline.run(spec)` runs it. `load_spec(None, overrides)` builds a job from overrides alone (the command
-line's flags-only form). Every error is a `SpecError` naming the file and line, the table and key, what was expected and what
-was found, e.g. `jobs/x.toml:12: [generation] num_beam: unknown key; did you mean num_beams? known: ...`.
+line's flags-only form). Every error is a `SpecError` naming the file and line, the table and key, what was expected
+and what was found, e.g. `jobs/x.toml:12: [generation] num_beam: unknown key; did you mean num_beams? known: ...`.
 A key missing from a table that is present points at the table's header line; a whole table that is missing has no
 line to point at, so the message names the file alone. A value set by an override says so instead of a line.
 
@@ -13,34 +13,8 @@ spec file, so a spec means the same thing from any working directory; `model.pat
 otherwise it is used as written (a Hub id such as "Salesforce/instructblip-vicuna-7b", or a URL). Override values are
 used as written (relative to the current directory, as on any command line).
 
-| key | type | default | meaning |
-|---|---|---|---|
-| `[job] kind` | "caption", "vqa" or "annotate" | required | caption: one prompt asked of every image; vqa: each row's own question (`input.instruction_column`); annotate: every question of `[questions]` asked of every image, one output row per image and question |
-| `[job] name` | string | none | a name for logs and status |
-| `[input] path` | string or array of strings | required | Parquet shards: a folder (every `*.parquet` below it), a glob, or files; local, `s3://`, `gs://` |
-| `[input] image_column` | string | "image_url" | column with an http(s)/s3/gs/file URL, a local path, a `data:` URI, or raw image bytes |
-| `[input] id_column` | string | none | column of unique row ids (string or integer); none: derived from shard and row |
-| `[input] instruction_column` | string | none | vqa only, and required there: the column holding each row's question |
-| `[input] passthrough` | array of strings | [] | input columns copied to every output row |
-| `[output] path` | string | required | output folder, local, `s3://` or `gs://` |
-| `[output] wide` | boolean | false | annotate only: also write the wide table `OUT.wide.parquet` beside the output folder `OUT`, one row per image and one column per question |
-| `[model] path` | string | required | checkpoint: a local folder, an fsspec URL, or a Hub id |
-| `[model] dtype` | "bfloat16", "float16" or "float32" | bfloat16 on GPU, float32 on CPU | weights and compute precision |
-| `[model] device` | "cuda" or "cpu" | cuda when the cluster has GPUs | where the model runs |
-| `[prompt] text` | string | per model family (see `default_prompt`) | caption only: the instruction asked of every image; "" is allowed (BLIP-2 captions with no prompt) |
-| `[questions] NAME` | string | none | annotate only, and required there: NAME = "question"; NAME becomes the `question_id` of its rows |
-| `[generation] ...` | see `GENERATION_KEYS` | the checkpoint's generation_config | transformers' generate() settings: max_new_tokens, max_length, min_length, min_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty, early_stopping, num_return_sequences, repetition_penalty, no_repeat_ngram_size, eos_token_id (max_new_tokens defaults to 30, num_beams to 1) |
-| `[fetch] ...` | `pipeline.fetch.FetchConfig` fields | FetchConfig's | timeout_s, max_bytes, max_redirects, retries, backoff_s, max_backoff_s, concurrency, allowed_schemes, attempt_deadline_s, allow_hosts, local_roots |
-| `[fetch] allow_hosts` | array of strings | [] | http(s) hosts trusted although they resolve to loopback/private/link-local/... addresses (refused otherwise, as `blocked_address` rows): host names and IP addresses or CIDR networks, e.g. ["images.internal", "10.0.0.0/8"] |
-| `[fetch] local_roots` | array of strings | [] | folders that local image paths and file:// URLs may point into (symlinks and ".." resolved); none: no local files are read (`blocked_address` rows) |
-| `[decode] ...` | `pipeline.decode.DecodeConfig` fields | DecodeConfig's | max_pixels (images above it are `too_large` rows), formats |
-| `[run] workers` | integer >= 1 | one per GPU, else 1 | model actors |
-| `[run] batch_size` | integer >= 1 | 8 | rows per model call (halved on CUDA out-of-memory) |
-| `[run] decode_slots` | integer >= 1 | 32 | greedy decoding: sequences decoded together; a finished one's slot takes the call's next row at once |
-| `[run] rows_per_unit` | integer >= 1 | 1000 | rows per work unit, the unit of retry and commit |
-| `[run] max_attempts` | integer >= 1 | 3 | tries before a unit is marked failed |
-| `[run] max_error_rate` | number in (0, 1] | 1.0 | `blipbatch run` exits 4 when this share of the run's rows (or more) ended in error; 1.0: only when every row did |
-| `[run] address` | string | $RAY_ADDRESS, else Ray in-process | Ray cluster address |
+The keys, their types, defaults and meaning: the README's "Job spec reference" table (the single source; each default
+is defined once, in pipeline.job and the pipeline's FetchConfig/DecodeConfig).
 """
 
 from __future__ import annotations
@@ -63,7 +37,7 @@ from blipbatch.model.errors import ConfigError
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import InputConfig, Job, ModelConfig, OutputConfig, PipelineError, RunConfig
-from blipbatch.schemas import OUTPUT_COLUMNS
+from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
 
 from .kinds import KIND_SPECIFIC_KEYS, KINDS
 from blipbatch.errors import BlipbatchError
@@ -234,8 +208,8 @@ TABLES: dict[str, dict[str, _Check]] = {
     "generation": GENERATION_KEYS,
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
-    "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1), "rows_per_unit": _integer(1),
-            "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
+            "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
             "address": _TEXT},
 }
 
@@ -483,7 +457,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
         start = os.getcwd() if ("fetch", "local_roots") in overridden else base
         fetch["local_roots"] = tuple(os.path.join(start, p) if _local_relative(p) else p for p in fetch["local_roots"])
 
-    image_column = inputs.get("image_column", "image_url")
+    image_column = inputs.get("image_column", ColumnMapping.image_column)  # the mapping's default
     if image_column in OUTPUT_COLUMNS:
         raise SpecError(where("input", "image_column"), "[input] image_column",
                         f"{json.dumps(image_column)} clashes with the output column of that name; output columns: "

@@ -169,7 +169,8 @@ def test_retry_failed_and_report_use_the_recorded_local_roots(ray_local, tmp_pat
     source, output = write_input(tmp_path / "in", copies=2, row_group=len(IMAGES)), str(tmp_path / "out")
     units = plan_units(discover_shards(str(source)), ColumnMapping(), len(IMAGES))
     job = job_from_keywords(str(source), output, str(DEMO_MODEL), prompt="What shape is it?", max_new_tokens=3,
-                            max_attempts=1, rows_per_unit=len(IMAGES), fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
+                            max_attempts=1, rows_per_unit=len(IMAGES),
+                            fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
     summary = run_job(job, progress=False, fault=FaultInjection(unit_ids=(units[0].unit_id,)))
     assert summary.units_failed == 1 and summary.rows_ok == len(IMAGES)
     capsys.readouterr()

@@ -396,7 +396,8 @@ def test_an_extend_override_adds_to_the_files_array(tmp_path, monkeypatch):
     # the file's relative root keeps its meaning (the spec's folder); the flag's absolute one is added
     assert spec.fetch.local_roots == (str(tmp_path / "images"), "/data/x")
     assert spec.fetch.allow_hosts == ("a.internal", "b.internal")
-    assert load_spec(write(tmp_path, BASE, "b.toml"), {"fetch.local_roots": Extend(["/d"])}).fetch.local_roots == ("/d",)
+    alone = load_spec(write(tmp_path, BASE, "b.toml"), {"fetch.local_roots": Extend(["/d"])})
+    assert alone.fetch.local_roots == ("/d",)
 
 
 def test_max_error_rate_is_checked(tmp_path):
