@@ -177,7 +177,7 @@ def _check_http_url(url: str) -> None:
     shown = _show(url)
     try:
         parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port
+        host, _port = parts.hostname, parts.port  # .port raises ValueError when it is no number
     except ValueError:  # its text may quote part of a password written with a raw '/': not repeated
         raise RowError("invalid_input", f"malformed URL {shown!r}: the host or port cannot be read (a '/', '?', "
                                         "'#' or '@' in a user name or password must be percent-encoded)") from None
@@ -283,7 +283,8 @@ class Fetcher:
 
     def _check_size(self, n: int, what: str) -> None:
         if n > self.config.max_bytes:
-            raise RowError("too_large", f"{what} is {format_size(n)}, above the {format_size(self.config.max_bytes)} limit")
+            raise RowError("too_large", f"{what} is {format_size(n)}, above the {format_size(self.config.max_bytes)} "
+                                        "limit")
 
     # -- retries ---------------------------------------------------------------------------------------------------
 
