@@ -123,7 +123,7 @@ def test_retries_stop_at_the_row_deadline(hostile):
     assert elapsed < 4.0 + 2, f"the row took {elapsed:.1f} s"
 
 
-def test_https_header_drip_ends_at_the_attempt_deadline(hostile, tmp_path, monkeypatch):
+def test_https_header_drip_ends_at_the_attempt_deadline(tmp_path, monkeypatch):
     """The deadline shuts a TLS socket too: a TLS proxy in front of the drip server holds the handshake's
     certificate, then relays the dripped header block."""
     ca, cert, key = make_certificates(tmp_path)
