@@ -83,6 +83,7 @@ class Progress:
         self.interval = interval if self.terminal else max(interval, self.LOG_INTERVAL_S)
         self.start = time.monotonic()
         self.last = 0.0
+        self.printed = ""
 
     def update(self, summary: RunSummary, force: bool = False) -> None:
         now = time.monotonic()
@@ -95,7 +96,11 @@ class Progress:
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         line = (f"[{summary.units_done + summary.units_failed}/{summary.units_total - summary.units_skipped} units] "
                 f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}")
-        self.stream.write(f"\r{line}   " if self.terminal else f"{line}\n")
+        if self.terminal:
+            self.stream.write(f"\r{line}   ")
+        elif line != self.printed:  # a log file gets each state once
+            self.stream.write(f"{line}\n")
+        self.printed = line
         self.stream.flush()
 
     def close(self, summary: RunSummary) -> None:

@@ -237,3 +237,22 @@ local_roots = ["{SAMPLE_IMAGES}"]
                             "InstructBlipForConditionalGeneration as c; print(c.__module__)"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert probe.returncode == 0 and probe.stdout.strip().startswith("blipbatch.model"), probe.stderr
+
+
+def test_log_json_stderr_is_json_lines_and_progress_off_a_terminal_has_no_carriage_returns(tmp_path):
+    source = write_input(tmp_path / "in")
+    base = flags(source, tmp_path / "json", "--local-root", str(SAMPLE_IMAGES))
+    base.remove("--quiet")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's token notice is on by default
+    result = subprocess.run([sys.executable, "-m", "blipbatch", *base, "--log-json"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300, env=env)
+    assert result.returncode == EXIT_OK, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and [json.loads(line)["event"] for line in lines] == ["unit_committed"], result.stderr
+    loud = [a for a in flags(source, tmp_path / "plain", "--local-root", str(SAMPLE_IMAGES)) if a != "--quiet"]
+    plain = subprocess.run([sys.executable, "-m", "blipbatch", *loud], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300, env=env)
+    assert plain.returncode == EXIT_OK, plain.stderr
+    assert "\r" not in plain.stderr and ANSI not in plain.stderr
+    progress = [line for line in plain.stderr.splitlines() if line.startswith("[")]
+    assert progress and len(progress) == len(set(progress)) and progress[-1].startswith("[1/1 units]")
