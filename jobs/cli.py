@@ -36,7 +36,7 @@ def _is_local_reference(reference: str | None) -> bool:
 
 def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[str]:
     """The run's top error kinds, each with one example message and the flag or spec key that addresses it."""
-    from blipbatch.jobs.report import error_examples
+    from blipbatch.jobs.report_facts import error_examples
     from blipbatch.pipeline.sink import progress_records
 
     records = [r for r in progress_records(output) if r.rows_error]
@@ -260,7 +260,7 @@ def recorded_settings(output: str, command: str) -> Any:
 
 
 def show_status(args: argparse.Namespace) -> int:
-    from blipbatch.jobs.report import planned_units, totals
+    from blipbatch.jobs.report_facts import planned_units, totals
     from blipbatch.pipeline.lock import OutputLock
     from blipbatch.pipeline.resume import known_ids, redo_hint, unmatched_units
     from blipbatch.pipeline.shards import describe_duplicates, duplicate_ids

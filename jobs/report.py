@@ -1,6 +1,7 @@
 """`blipbatch report OUTPUT`: one self-contained HTML page about a run, finished or still running, local or on an
 object store.
 
+This module writes the page; jobs/report_facts.py reads what it shows and jobs/report_charts.py draws the charts.
 It shows the summary (rows ok and in error, units, wall time, images/s), throughput over time and per worker (inline
 SVG, from the timing each unit's commit marker records), errors by kind with example rows, failed units, a gallery of
 sampled images with their instructions and outputs, and the job's settings from the manifest. Thumbnails are fetched
@@ -11,377 +12,18 @@ Only committed units are read, so a report of a run in progress shows what is co
 
 from __future__ import annotations
 
-import base64
-import bisect
 import html
-import io
-import itertools
 import json
-import math
-import random
-import re
-from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
-from blipbatch.pipeline.decode import DecodeConfig, decode_image
-from blipbatch.pipeline.errors import RowError
-from blipbatch.pipeline.fetch import FetchConfig, Fetcher
-from blipbatch.pipeline.lock import LockInfo, OutputLock
-from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
-from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_job
-from blipbatch.pipeline.sink import failed_units, progress_records, read_part
-from blipbatch.schemas import ColumnMapping, ProgressRecord
-from blipbatch.errors import BlipbatchError
+from blipbatch.pipeline.fetch import FetchConfig
 
-THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
-EXAMPLES_PER_KIND = 3
-MAX_EXAMPLE_PARTS = 20  # parts read for error examples at most, so a report of a huge output stays quick
-THROUGHPUT_BINS = 60
+from .report_charts import bar_chart, format_number, line_chart
+from .report_facts import ReportError, RunData, collect, throughput, totals, union_seconds, worker_stats
+
 MAX_WORKER_LINES = 8  # more workers: the throughput plot shows only their total (the bar chart shows each)
-# schemas.image_reference's stand-in for an image given as bytes; redact()'s mark in a reference it cleaned.
-_BYTES_NOTE = re.compile(r"<\d+ bytes>")
-_REDACTED = "REDACTED"
-_PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d")
-
-
-class ReportError(BlipbatchError, ValueError):
-    """OUTPUT is not a blipbatch output, or its commit markers cannot be read."""
-
-
-def planned_units(settings: dict) -> list[WorkUnit]:
-    """The work units of the input a manifest's settings name, cut as the run cut them."""
-    return plan_units(discover_shards(settings["input"]), ColumnMapping(**settings["mapping"]),
-                      settings["rows_per_unit"])
-
-
-@dataclass(frozen=True)
-class Totals:
-    rows_ok: int
-    rows_error: int
-    errors_by_kind: dict[str, int]
-    images_encoded: int
-
-
-def totals(records: Sequence[ProgressRecord]) -> Totals:
-    """Rows ok and in error, errors by kind and vision passes over committed units."""
-    kinds: Counter[str] = Counter()
-    for record in records:
-        kinds.update(record.errors_by_kind)
-    return Totals(sum(r.rows_ok for r in records), sum(r.rows_error for r in records), dict(sorted(kinds.items())),
-                  sum(r.images_encoded for r in records))
-
-
-# -------------------------------------------------------------------------------------------------- what is read
-
-
-@dataclass
-class GalleryItem:
-    """One sampled image and the output rows of its instructions."""
-
-    row_id: str | None
-    reference: str | None  # as the output holds it (redacted)
-    rows: list[dict]
-    thumbnail: str | None = None  # a data: URI
-    problem: str | None = None  # why there is no thumbnail
-
-
-@dataclass
-class RunData:
-    output: str
-    settings: dict
-    records: list[ProgressRecord]
-    failed: dict[str, dict]
-    units_planned: int | None  # None: the input could not be listed from here
-    input_problem: str | None
-    lock: LockInfo | None
-    gallery: list[GalleryItem] = field(default_factory=list)
-    examples: dict[str, list[dict]] = field(default_factory=dict)
-    generated_at: float = 0.0
-
-
-def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, seed: int = 0) -> RunData:
-    """Read what the report shows from `output`; raises ReportError if it is not a blipbatch output. Thumbnails are
-    fetched under `fetch`, by default the [fetch] settings the output's manifest recorded."""
-    try:
-        manifest = read_manifest(output)
-    except ManifestError as e:
-        raise ReportError(f"{e}; is this a blipbatch output?") from None
-    if manifest is None:
-        raise ReportError(f"{output}: not a blipbatch output (no _manifest.json there)")
-    settings = manifest.to_dict()
-    try:
-        records = sorted(progress_records(output), key=lambda r: r.unit_id)
-    except ValueError as e:
-        raise ReportError(f"{output}: a commit marker is unreadable: {e}") from None
-    failed = failed_units(output)
-    try:
-        units_planned, input_problem = len(planned_units(settings)), None
-    except (OSError, ValueError) as e:  # the input moved or is unreachable from here: report the rest
-        units_planned, input_problem = None, f"{type(e).__name__}: {e}"
-    data = RunData(output, settings, records, failed, units_planned, input_problem, OutputLock(output).holder(),
-                   generated_at=datetime.now(timezone.utc).timestamp())
-    image_column = settings["mapping"]["image_column"]
-    data.examples = error_examples(output, records, image_column)
-    fetch = fetch or recorded_job(manifest, output).fetch
-    data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
-    return data
-
-
-def error_examples(output: str, records: Sequence[ProgressRecord], image_column: str,
-                   per_kind: int = EXAMPLES_PER_KIND, max_parts: int = MAX_EXAMPLE_PARTS) -> dict[str, list[dict]]:
-    """Up to `per_kind` error rows (id, reference, message) of each error kind, from at most `max_parts` parts."""
-    examples: dict[str, list[dict]] = defaultdict(list)
-    parts_read = 0
-    for record in records:
-        if not any(len(examples[kind]) < per_kind for kind in record.errors_by_kind):
-            continue
-        if parts_read == max_parts:
-            break
-        table = read_part(output, record, ["id", image_column, "error_kind", "error"])
-        parts_read += 1
-        for row in table.filter(pc.is_valid(table["error_kind"])).to_pylist():
-            seen = examples[row["error_kind"]]
-            # An image asked several questions fails each the same way: one example per image.
-            if len(seen) < per_kind and all(ex["id"] != row["id"] for ex in seen):
-                examples[row["error_kind"]].append({"id": row["id"], "reference": row[image_column],
-                                                    "error": row["error"]})
-    return dict(examples)
-
-
-def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord], sample: int,
-                   fetch: FetchConfig, seed: int = 0) -> list[GalleryItem]:
-    """`sample` input images drawn uniformly (seeded) from the committed units, with thumbnails."""
-    sizes = [record.num_rows for record in records]
-    ends = list(itertools.accumulate(sizes))
-    picks = sorted(random.Random(seed).sample(range(ends[-1]), min(sample, ends[-1]))) if ends else []
-    by_record: dict[int, list[int]] = defaultdict(list)
-    for pick in picks:
-        r = bisect.bisect_right(ends, pick)
-        by_record[r].append(pick - (ends[r] - sizes[r]))
-    image_column = settings["mapping"]["image_column"]
-    columns = ["id", image_column, "instruction", "text", "status", "error_kind", "error"]
-    if isinstance(settings["instructions"], dict):  # named questions: rows carry their question_id
-        columns.insert(3, "question_id")
-    items: list[GalleryItem] = []
-    sources: list[str | bytes | RowError | None] = []
-    from_input: dict[str, dict[int, int]] = defaultdict(dict)  # shard -> {input row: gallery index}
-    for r, offsets in sorted(by_record.items()):
-        record = records[r]
-        table = read_part(output, record, columns)
-        per_row = record.rows // record.num_rows  # output rows per input row: one per instruction
-        for offset in offsets:
-            rows = table.slice(offset * per_row, per_row).to_pylist()
-            reference = rows[0][image_column]
-            items.append(GalleryItem(rows[0]["id"], reference, rows))
-            if reference is not None and (_BYTES_NOTE.fullmatch(reference) or _REDACTED in reference):
-                # The output holds no usable reference (image bytes, or a credential cut out): read the input row.
-                from_input[record.shard][record.first_row + offset] = len(sources)
-            sources.append(reference)
-    for shard, rows in from_input.items():
-        for row, value in read_input_values(shard, image_column, sorted(rows)).items():
-            sources[rows[row]] = value
-    for item, image in zip(items, thumbnails(sources, fetch)):
-        if isinstance(image, RowError):
-            item.problem = f"{image.kind}: {image.message}"
-        else:
-            item.thumbnail = image
-    return items
-
-
-def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int, object]:
-    """The values of `column` at `rows` (indexes within the shard); a RowError for each when the shard is unreadable."""
-    try:
-        fs, path = url_to_fs(shard)
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            starts = [0, *itertools.accumulate(parquet.metadata.row_group(g).num_rows
-                                               for g in range(parquet.metadata.num_row_groups))]
-            values: dict[int, object] = {}
-            for group, wanted in itertools.groupby(rows, key=lambda row: bisect.bisect_right(starts, row) - 1):
-                column_values = parquet.read_row_group(group, columns=[column]).column(column)
-                values.update((row, column_values[row - starts[group]].as_py()) for row in wanted)
-            return values
-    except (OSError, ValueError, IndexError, pa.ArrowException) as e:
-        problem = RowError("invalid_input", f"cannot read the image from the input shard {shard}: {e}")
-        return dict.fromkeys(rows, problem)
-
-
-def thumbnails(sources: Sequence[str | bytes | RowError | None], fetch: FetchConfig) -> list[str | RowError]:
-    """A JPEG data: URI per image reference, through the pipeline's fetch and decode; a RowError where that fails."""
-    fetcher = Fetcher(fetch)
-    try:
-        todo = [i for i, source in enumerate(sources) if not isinstance(source, RowError)]
-        fetched = dict(zip(todo, fetcher.fetch_all([sources[i] for i in todo])))
-    finally:
-        fetcher.close()
-    results: list[str | RowError] = []
-    for i, source in enumerate(sources):
-        data = fetched.get(i, source)
-        if isinstance(data, RowError):
-            results.append(data)
-            continue
-        try:
-            image = decode_image(data, DecodeConfig())
-        except RowError as e:
-            results.append(e)
-            continue
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=85)
-        results.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return results
-
-
-# -------------------------------------------------------------------------------------------------- timing
-
-
-def _union_seconds(intervals: Sequence[tuple[float, float]]) -> float:
-    """Seconds covered by at least one interval: the time something ran, gaps between runs left out."""
-    covered, end = 0.0, -math.inf
-    for start, stop in sorted(intervals):
-        if stop > end:
-            covered += stop - max(start, end)
-            end = stop
-    return covered
-
-
-@dataclass
-class WorkerStats:
-    worker: str
-    units: int = 0
-    rows: int = 0
-    images: int = 0
-    fetch_s: float = 0.0
-    decode_s: float = 0.0
-    model_s: float = 0.0
-    intervals: list[tuple[float, float]] = field(default_factory=list)
-    hosts: set[str] = field(default_factory=set)  # "node (pid)"
-
-    @property
-    def busy_s(self) -> float:
-        return _union_seconds(self.intervals)
-
-
-def worker_stats(records: Sequence[ProgressRecord]) -> list[WorkerStats]:
-    stats: dict[str, WorkerStats] = {}
-    for record in records:
-        timing = record.timing
-        if timing is None:
-            continue
-        s = stats.setdefault(timing.worker, WorkerStats(timing.worker))
-        s.units += 1
-        s.rows += record.rows
-        s.images += timing.images_fetched
-        s.fetch_s += timing.fetch_s
-        s.decode_s += timing.decode_s
-        s.model_s += timing.model_s
-        s.intervals.append((timing.started, timing.finished))
-        s.hosts.add(f"{timing.node} (pid {timing.pid})")
-    return sorted(stats.values(), key=lambda s: (len(s.worker), s.worker))
-
-
-def throughput(records: Sequence[ProgressRecord], bins: int = THROUGHPUT_BINS) -> tuple[float, float, dict[str, list[float]]]:
-    """(start time, bin width in s, rows/s per bin for "all workers" and for each worker).
-
-    A unit's rows are spread evenly over its start..finish, so a bin gets the share of each unit it overlaps."""
-    timed = [r for r in records if r.timing is not None]
-    start = min(r.timing.started for r in timed)
-    width = max(max(r.timing.finished for r in timed) - start, 1e-3) / bins
-    series: dict[str, list[float]] = defaultdict(lambda: [0.0] * bins)
-    for record in timed:
-        t = record.timing
-        rate = record.rows / max(t.seconds, 1e-9)
-        first, last = int((t.started - start) / width), min(int((t.finished - start) / width), bins - 1)
-        for b in range(first, last + 1):
-            overlap = min(t.finished, start + (b + 1) * width) - max(t.started, start + b * width)
-            if overlap > 0:
-                for name in ("all workers", f"worker {t.worker}"):
-                    series[name][b] += rate * overlap / width
-    return start, width, dict(series)
-
-
-# -------------------------------------------------------------------------------------------------- SVG
-
-
-def _nice_step(maximum: float, ticks: int = 5) -> float:
-    raw = max(maximum, 1e-9) / ticks
-    magnitude = 10 ** math.floor(math.log10(raw))
-    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-
-
-def _number(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str) -> str:
-    """An SVG line chart: one polyline per series of (x, y) points, axes with round ticks, a legend."""
-    width, height, left, right, top, bottom = 760, 280, 64, 150, 16, 44
-    x_max = max((x for points in series.values() for x, _ in points), default=1.0) or 1.0
-    peak = max((y for points in series.values() for _, y in points), default=1.0)
-    y_step = _nice_step(peak)
-    y_max = y_step * max(1, math.ceil(peak / y_step))
-    x_step = _nice_step(x_max)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + plot_w * x / x_max
-
-    def sy(y: float) -> float:
-        return top + plot_h * (1 - y / y_max)
-
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>']
-    for k in range(int(round(y_max / y_step)) + 1):
-        y = sy(k * y_step)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_number(k * y_step)}</text>')
-    for k in range(int(x_max / x_step) + 1):
-        x = sx(k * x_step)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" class="axis"/>'
-                     f'<text x="{x:.1f}" y="{top + plot_h + 18}" text-anchor="middle">{_number(k * x_step)}</text>')
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="axis"/>'
-                 f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)}</text>'
-                 f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-                 f'{html.escape(y_label)}</text>')
-    for i, (name, points) in enumerate(series.items()):
-        colour = _PALETTE[i % len(_PALETTE)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-        dash = "" if i == 0 else ' stroke-dasharray="5 3"'
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="{2.5 if i == 0 else 1.5}"'
-                     f'{dash}><title>{html.escape(name)}</title></polyline>'
-                     f'<rect x="{width - right + 14}" y="{top + 4 + i * 18}" width="12" height="12" fill="{colour}"/>'
-                     f'<text x="{width - right + 32}" y="{top + 14 + i * 18}">{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def bar_chart(bars: Sequence[tuple[str, float]], unit: str, title: str) -> str:
-    """An SVG horizontal bar chart, one labelled bar per (label, value)."""
-    width, left, right, bar, gap = 760, 110, 120, 22, 8
-    height = len(bars) * (bar + gap) + gap
-    peak = max((value for _, value in bars), default=0.0) or 1.0
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>']
-    for i, (label, value) in enumerate(bars):
-        y = gap + i * (bar + gap)
-        length = (width - left - right) * value / peak
-        parts.append(f'<text x="{left - 8}" y="{y + bar / 2 + 4}" text-anchor="end">{html.escape(label)}</text>'
-                     f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{bar}" '
-                     f'fill="{_PALETTE[i % len(_PALETTE)]}"/>'
-                     f'<text x="{left + length + 6:.1f}" y="{y + bar / 2 + 4}">{_number(value)} {html.escape(unit)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-# -------------------------------------------------------------------------------------------------- HTML
 
 
 def _e(value: object) -> str:
@@ -430,11 +72,11 @@ def _summary(data: RunData) -> str:
              ("units failed", f"{len(data.failed):,}")]
     notes = []
     if timed:
-        wall = _union_seconds([(t.started, t.finished) for t in timed])
+        wall = union_seconds([(t.started, t.finished) for t in timed])
         images = sum(t.images_fetched for t in timed)
         rows = sum(r.rows for r in data.records if r.timing is not None)
-        cards += [("wall time", _duration(wall)), ("images/s", _number(images / wall) if wall else "–"),
-                  ("rows/s", _number(rows / wall) if wall else "–")]
+        cards += [("wall time", _duration(wall)), ("images/s", format_number(images / wall) if wall else "–"),
+                  ("rows/s", format_number(rows / wall) if wall else "–")]
         notes.append(f"From {_when(min(t.started for t in timed))} to {_when(max(t.finished for t in timed))}; "
                      "wall time counts the time units were running (gaps between runs left out).")
         if len(timed) < len(data.records):
@@ -470,7 +112,7 @@ def _timing_sections(data: RunData) -> str:
     rows = "".join(
         "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in (
             s.worker, ", ".join(sorted(s.hosts)), f"{s.units:,}", f"{s.rows:,}", f"{s.images:,}", _duration(s.busy_s),
-            _number(s.rows / s.busy_s) if s.busy_s else "–", _number(s.images / s.busy_s) if s.busy_s else "–",
+            format_number(s.rows / s.busy_s) if s.busy_s else "–", format_number(s.images / s.busy_s) if s.busy_s else "–",
             f"{s.fetch_s:.2f}", f"{s.decode_s:.2f}", f"{s.model_s:.2f}")) + "</tr>"
         for s in stats)
     table = f'<table><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr>{rows}</table>'

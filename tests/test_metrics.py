@@ -21,7 +21,8 @@ from PIL import Image
 
 from blipbatch.jobs.demo import DEMO_MODEL
 from blipbatch.jobs.cli import main
-from blipbatch.jobs.report import collect, run_state
+from blipbatch.jobs.report import run_state
+from blipbatch.jobs.report_facts import collect
 from blipbatch.pipeline.sink import progress_records
 from tests.conftest import free_port
 

@@ -25,7 +25,8 @@ from blipbatch.jobs.demo import DEMO_MODEL
 from blipbatch import pipeline
 from blipbatch.jobs import shapes
 from blipbatch.jobs.cli import EXIT_REFUSED, main
-from blipbatch.jobs.report import ReportError, collect, render, write_report
+from blipbatch.jobs.report import render, write_report
+from blipbatch.jobs.report_facts import ReportError, collect
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.lock import OutputLock
 from blipbatch.pipeline.sink import PROGRESS_DIR, progress_records, read_output
