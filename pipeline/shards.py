@@ -22,6 +22,10 @@ from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, 
 from blipbatch.errors import BlipbatchError
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
+# A shard's content fingerprint hashes its footer and, of up to MAX_SAMPLED_CHUNKS column chunks, the first and last
+# SAMPLE_BYTES (the whole chunk when smaller): at most 8 MiB read per shard.
+SAMPLE_BYTES = 64 * 1024
+MAX_SAMPLED_CHUNKS = 64
 
 
 class NoShardsError(BlipbatchError, FileNotFoundError):
@@ -105,7 +109,7 @@ class WorkUnit:
     row_groups: tuple[int, ...]
     first_row: int  # index within the shard of the unit's first row
     num_rows: int
-    shard_id: str = ""  # fingerprint of the shard's Parquet footer (its content); units made by hand may leave it out
+    shard_id: str = ""  # the shard's content fingerprint (see _content_id); units made by hand may leave it out
     schema: pa.Schema | None = None  # the shard's schema, passthrough columns with the type unified across shards
     # A redo of a committed unit: the positions in its part of the rows to do again (read_unit reads only those;
     # sink.merge_redone puts them back among the rows kept). None: the whole unit.
@@ -119,15 +123,41 @@ class _Footer:
     shard_id: str
 
 
-def _footer_id(f: object) -> str:
-    """A fingerprint of a Parquet file's footer: its row groups' sizes, offsets and statistics, and its schema, so two
-    files with the same content have the same one and a renamed or moved file keeps it."""
+def _footer(f: object) -> bytes:
+    """A Parquet file's size and its footer's bytes: every row group's sizes, offsets and statistics, and the schema."""
     size = f.seek(0, os.SEEK_END)
     f.seek(size - 8)
-    tail = f.read(8)
-    length = int.from_bytes(tail[:4], "little")
+    length = int.from_bytes(f.read(4), "little")
     f.seek(size - 8 - length)
-    return hashlib.sha256(size.to_bytes(8, "little") + f.read(length)).hexdigest()[:16]
+    return size.to_bytes(8, "little") + f.read(length)
+
+
+def _chunk_samples(metadata: pq.FileMetaData) -> list[tuple[int, int]]:
+    """Byte ranges of the column chunks to hash: whole when small, else their head and tail; for at most
+    MAX_SAMPLED_CHUNKS chunks spread over the file, so that a shard's fingerprint costs a few MiB to read at most."""
+    chunks = [metadata.row_group(g).column(c) for g in range(metadata.num_row_groups)
+              for c in range(metadata.num_columns)]
+    step = max(1, -(-len(chunks) // MAX_SAMPLED_CHUNKS))
+    ranges = []
+    for chunk in chunks[::step]:
+        start = chunk.data_page_offset
+        if chunk.has_dictionary_page and chunk.dictionary_page_offset:
+            start = min(start, chunk.dictionary_page_offset)
+        end = start + chunk.total_compressed_size
+        ranges += [(start, end)] if end - start <= 2 * SAMPLE_BYTES else [(start, start + SAMPLE_BYTES),
+                                                                          (end - SAMPLE_BYTES, end)]
+    return ranges
+
+
+def _content_id(fs: fsspec.AbstractFileSystem, path: str, footer: bytes, metadata: pq.FileMetaData) -> str:
+    """A shard's content fingerprint: its footer, and samples of its column chunks (two different files can share a
+    footer: same sizes and statistics, rows in another order), so a copy, renamed or moved, keeps it."""
+    ranges = _chunk_samples(metadata)
+    digest = hashlib.sha256(footer)
+    if ranges:
+        for data in fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]):
+            digest.update(data)
+    return digest.hexdigest()[:16]
 
 
 def _read_footer(shard: str) -> _Footer:
@@ -136,7 +166,8 @@ def _read_footer(shard: str) -> _Footer:
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             schema, metadata = parquet.schema_arrow, parquet.metadata
-            shard_id = _footer_id(f)
+            footer = _footer(f)
+        shard_id = _content_id(fs, path, footer, metadata)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{shard}: cannot read it as Parquet: {exc}") from exc
     return _Footer(schema, [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], shard_id)
@@ -183,8 +214,8 @@ def _check_contents(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
         if not sum(footer.group_rows):
             continue  # empty shards (often alike) make no unit
         if footer.shard_id in seen:
-            raise ShardError(f"{shard}: same content as {seen[footer.shard_id]} (an identical Parquet footer); each "
-                             "shard may appear once: remove the copy from the input")
+            raise ShardError(f"{shard}: same content as {seen[footer.shard_id]}; each shard may appear once: remove "
+                             "the copy from the input")
         seen[footer.shard_id] = shard
 
 
@@ -218,11 +249,12 @@ def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
 
 
 def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit: int = 1000) -> list[WorkUnit]:
-    """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers only.
+    """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers (and the
+    samples of column chunks that make a shard's fingerprint).
 
     Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
-    bad shard stops the job before any work. Unit ids come from each shard's content (its footer's fingerprint) and
-    the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job must
+    bad shard stops the job before any work. Unit ids come from each shard's content (a fingerprint of its footer and
+    samples of its column chunks) and the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job must
     keep fixed across resumes (the manifest records it).
     """
     if max_rows_per_unit < 1:

@@ -158,8 +158,8 @@ def shard_key(shard: str) -> str:
 
 
 def derive_row_id(shard_id: str, row_index: int) -> str:
-    """The id a row gets from where it is, when the input has no id column: the shard's content fingerprint (its
-    Parquet footer's, see pipeline.shards) and the row's index within the shard."""
+    """The id a row gets from where it is, when the input has no id column: the shard's content fingerprint
+    (WorkUnit.shard_id, see pipeline.shards) and the row's index within the shard."""
     return f"{shard_id}-{row_index}"
 
 

@@ -405,8 +405,8 @@ def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_pa
                    fetch=local_files(tmp_path))
     first = pipeline.run(source, output, checkpoint, **options)
     images = local_images(tmp_path / "images")
-    for s in (2, 3):  # the input prefix gains two shards
-        write_shard(tmp_path / "in" / f"part-{s}.parquet", {"image_url": images[:5] * 4}, row_group_size=10)
+    for s in (2, 3):  # the input prefix gains two shards (of their own content: a copy of a shard is refused)
+        write_shard(tmp_path / "in" / f"part-{s}.parquet", {"image_url": images[s - 2:s + 3] * 4}, row_group_size=10)
     second = pipeline.run(source, output, checkpoint, **options)
     assert (first.units_done, second.units_done, second.units_skipped) == (2, 2, 2)
     assert (second.rows_ok, second.images_encoded) == (40, 40)
