@@ -40,7 +40,7 @@ _SECRET_WORDS = ("password", "passwd", "token", "secret", "signature", "credenti
 # the end of its line.
 _SECRET_FIELD = re.compile(
     r"(?<![?&;\w-])(authorization|proxy-authorization|cookie|set-cookie|x-amz-security-token|x-api-key|"
-    r"aws_secret_access_key|aws_session_token)(\s*[:=]\s*)[^\r\n]+",
+    r"aws_secret_access_key|aws_session_token)(\s*[:=]\s*)([^\r\n]+)",
     re.IGNORECASE,
 )
 
@@ -64,13 +64,16 @@ def _userinfo_end(rest: str) -> int:
     return at if first == before or ":" in first else -1
 
 
-def _secret_spans(rest: str) -> list[tuple[int, int]]:
-    """Where the secrets of the URL `scheme://rest` lie in `rest`: its user info and its secret-like parameter values,
-    overlapping spans merged. Both rules are applied to the same text, so what one of them misreads (a '?' inside
-    a password, an '@' inside a token) the other still covers."""
-    spans = [(m.start(3), m.end(3)) for m in _PARAM.finditer(rest) if m.group(3) and _is_secret_name(m.group(1))]
-    if (end := _userinfo_end(rest)) >= 0:
-        spans.append((0, end))
+def _secret_spans(text: str) -> list[tuple[int, int]]:
+    """Where the secrets in `text` lie, by every rule at once (user info of each URL, bare KEY:SECRET@, secret-like
+    parameter values, quoted headers), overlapping spans merged. All rules read the same text, so what one of them
+    misreads (a '?' inside a password, an '@' inside a token) another still covers."""
+    spans = [(m.start(3), m.end(3)) for m in _PARAM.finditer(text) if m.group(3) and _is_secret_name(m.group(1))]
+    spans += [(m.start(3), m.end(3)) for m in _SECRET_FIELD.finditer(text)]
+    spans += [(m.start(), m.end() - 1) for m in _BARE_USERINFO.finditer(text)]  # up to the '@'
+    for m in _URL.finditer(text):
+        if (end := _userinfo_end(m.group(2))) >= 0:
+            spans.append((m.start(2), m.start(2) + end))
     merged: list[tuple[int, int]] = []
     for start, stop in sorted(spans):
         if merged and start <= merged[-1][1]:
@@ -80,27 +83,11 @@ def _secret_spans(rest: str) -> list[tuple[int, int]]:
     return merged
 
 
-def _redact_url(match: re.Match[str]) -> str:
-    scheme, rest = match.group(1), match.group(2)
-    for start, stop in reversed(_secret_spans(rest)):
-        rest = f"{rest[:start]}{REDACTED}{rest[stop:]}"
-    return scheme + rest
-
-
-def _redact_param(match: re.Match[str]) -> str:
-    name, equals, value = match.groups()
-    return f"{name}{equals}{REDACTED}" if value and _is_secret_name(name) else match.group(0)
-
-
 def redact(text: str) -> str:
     """`text` with the credentials in its URLs, parameters and quoted headers replaced by REDACTED."""
-    if "://" in text:
-        text = _URL.sub(_redact_url, text)
-    if "@" in text:
-        text = _BARE_USERINFO.sub(f"{REDACTED}@", text)
-    if "=" in text:
-        text = _PARAM.sub(_redact_param, text)
-    return _SECRET_FIELD.sub(rf"\g<1>\g<2>{REDACTED}", text)
+    for start, stop in reversed(_secret_spans(text)):
+        text = f"{text[:start]}{REDACTED}{text[stop:]}"
+    return text
 
 
 def userinfo(url: str) -> str | None:

@@ -76,6 +76,7 @@ def references(host: str, segments: list[str], delimiters: str, parameter: str) 
         f"htp:/reader:{raw}@{host}/x.jpg",  # no '//'
         f"http:/reader:{raw}@{host}/x.jpg",
         f"HTTP://reader:{raw}@{host}/x.jpg",
+        f"data:image/png;{parameter}={query};base64,@@@",  # not base64: the message quotes the URI's start
     ]
 
 
