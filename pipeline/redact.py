@@ -5,8 +5,9 @@ X-Amz-Security-Token, X-Goog-Signature), SAS or API tokens in a query (sig=, tok
 URL's user info (https://user:password@host/, also with a raw @ / # ? inside the password), the same
 `KEY:SECRET@bucket` quoted without its scheme (as storage backends do in their errors), or a header quoted from an
 HTTP exchange (Authorization: ...). `redact` replaces each such value with REDACTED and leaves the rest as it was, so a
-message still says which host and path failed. It is idempotent: redacting twice gives the same text. When in doubt
-it removes more (a path holding both ':' and '@' loses the part before the last '@'), never less.
+message still says which host and path failed. It is idempotent: redacting twice gives the same text. Every rule marks
+spans of the same text and their union is replaced, so one rule's match never hides part of a secret from another.
+When in doubt it removes more (a path holding both ':' and '@' loses the part before the last '@'), never less.
 
 `redact_log_records` makes every log record of the process pass through `redact` as it is made (its message and
 its traceback): the libraries that fetch images (urllib3, botocore, s3fs) log the URLs they request.
