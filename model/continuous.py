@@ -1,8 +1,12 @@
 """Continuous batching for greedy decoding with a decoder-only language model (LLaMA, OPT).
 
 Prompts wait in a queue and `slots` of them decode together. When a sequence ends (an eos id or its
-new-token limit) its slot is refilled from the queue before the next step, so short answers do not
-hold a batch for long ones: transformers' `generate` runs every row of a batch until the longest is done.
+new-token limit) its slot is refilled from the queue, so short answers do not hold a batch for long ones:
+transformers' `generate` runs every row of a batch until the longest is done.
+
+The decode loop keeps its bookkeeping on the device (which prompt each slot holds, how many tokens it has, which
+slots ended), so a step launches kernels without waiting for the previous one: the host reads which slots are free
+only every `sync_every` steps, to refill them. On CUDA the step itself can run as a CUDA graph (`GraphStep`).
 
 Each prompt gets the tokens that a greedy `generate` of that prompt gives (the same maths on the same
 positions; only the floating-point effects of which rows share a batch differ).
@@ -10,6 +14,7 @@ positions; only the floating-point effects of which rows share a batch differ).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +24,10 @@ from torch import Tensor, nn
 
 from .attention import generation_position_ids
 from .kv_cache import KVCache, SlotCache
+
+LOG = logging.getLogger(__name__)
+
+SYNC_EVERY = 4  # decode steps between the host's reads of which slots are free
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,8 @@ class GreedyLimits:
 def prefill(lm: nn.Module, prompts: Sequence[Tensor]) -> tuple[KVCache, Tensor, Tensor]:
     """Run prompts (each [T_i, D] embeddings, no padding) as one left-padded batch.
 
-    Returns (their KV cache, the padding mask [n, T], next-token logits [n, vocab] in float32)."""
+    Returns (their KV cache, the padding mask [n, T], next-token logits [n, vocab] in float32). Prompts of one
+    length need no mask: attention then runs as plain causal SDPA (flash/efficient kernels on CUDA)."""
     longest = max(p.shape[0] for p in prompts)
     first = prompts[0]
     embeds = first.new_zeros((len(prompts), longest, first.shape[1]))
@@ -40,14 +50,85 @@ def prefill(lm: nn.Module, prompts: Sequence[Tensor]) -> tuple[KVCache, Tensor, 
         embeds[row, longest - prompt.shape[0] :] = prompt
         mask[row, longest - prompt.shape[0] :] = 1
     cache = lm.new_cache(len(prompts), longest)
-    logits = lm(embeds, mask, generation_position_ids(mask), cache=cache, last_only=True)
+    if all(p.shape[0] == longest for p in prompts):
+        logits = lm(embeds, cache=cache, last_only=True)
+    else:
+        logits = lm(embeds, mask, generation_position_ids(mask), cache=cache, last_only=True)
     return cache, mask, logits[:, -1].float()
 
 
-class GreedyBatcher:
-    """Greedy decoding of many prompts through a fixed number of slots (one KV cache, one row per slot)."""
+def decode_logits(lm: nn.Module, cache: SlotCache, next_ids: Tensor, length: int) -> Tensor:
+    """One decode step of every slot: next-token logits [slots, vocab] in float32; `length` as in begin_step."""
+    mask, positions = cache.begin_step(length)
+    embeds = lm.get_input_embeddings()(next_ids[:, None])
+    return lm(embeds, mask, positions, cache=cache)[:, -1].float()
 
-    def __init__(self, lm: nn.Module, prompts: Sequence[Tensor], limits: GreedyLimits, slots: int) -> None:
+
+class GraphStep:
+    """`decode_logits` over one preallocated SlotCache with a fixed window (the cache's max_length), captured as a
+    CUDA graph: a step is then one graph launch instead of thousands of kernel launches from Python.
+
+    One cache and graph are kept, for the last (slot-count bucket, length bucket), so calls of similar sizes reuse
+    them and another size recaptures (a second graph would hold a second KV cache). `capture=False` runs the same
+    fixed-shape step eagerly (CPU tests of everything but the capture)."""
+
+    LENGTH_STEP = 32
+
+    def __init__(self, lm: nn.Module, capture: bool = True) -> None:
+        self.lm = lm
+        self.capture = capture
+        self.key: tuple[int, int] | None = None
+        self.cache: SlotCache | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def slots_for(self, wanted: int, limit: int) -> int:
+        """Slots to decode `wanted` sequences with: the next power of two, at most `limit` (the configured slots)."""
+        return min(1 << max(0, wanted - 1).bit_length(), max(limit, wanted))
+
+    def prepare(self, slots: int, max_length: int) -> SlotCache:
+        """An empty SlotCache of `slots` rows and at least `max_length` positions, with its step captured."""
+        key = (slots, -(-max_length // self.LENGTH_STEP) * self.LENGTH_STEP)
+        if key != self.key:
+            self.key, self.cache, self.graph = None, None, None  # free the old graph's memory first
+            self.cache = SlotCache.like(self.lm.new_cache(1, 1), slots, key[1])
+            self.next_ids = torch.zeros(slots, dtype=torch.long, device=self.cache.rows.device)
+            if self.capture:
+                self.graph = self._capture()
+            self.key = key
+        self.cache.reset()
+        return self.cache
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        # Warm-up on a side stream (lazy inits, cuBLAS workspaces), as torch.cuda.graphs asks; the empty cache's
+        # slots decode dummies, so warm-up and capture leave no state behind.
+        window = self.cache.max_length - 1
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_logits(self.lm, self.cache, self.next_ids, window)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = decode_logits(self.lm, self.cache, self.next_ids, window)
+        return graph
+
+    def __call__(self, next_ids: Tensor) -> Tensor:
+        if self.graph is None:
+            return decode_logits(self.lm, self.cache, next_ids, self.cache.max_length - 1)
+        self.next_ids.copy_(next_ids)
+        self.graph.replay()
+        return self.logits
+
+
+class GreedyBatcher:
+    """Greedy decoding of many prompts through a fixed number of slots (one KV cache, one row per slot).
+
+    Device state, one entry per slot: `holder` (the prompt it decodes; n = free), `count` (its new tokens),
+    `next_ids`; per prompt: `out` (its new ids) and `out_lengths`. Row n of `out` is where free slots write."""
+
+    def __init__(self, lm: nn.Module, prompts: Sequence[Tensor], limits: GreedyLimits, slots: int,
+                 sync_every: int = SYNC_EVERY, graph: GraphStep | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         if not prompts:
@@ -55,70 +136,102 @@ class GreedyBatcher:
         self.lm = lm
         self.prompts = prompts
         self.limits = limits
-        self.slots = min(slots, len(prompts))
+        self.sync_every = sync_every
+        self.graph = graph
+        wanted = min(slots, len(prompts))
+        self.slots = graph.slots_for(wanted, slots) if graph is not None else wanted
         self.refill_at = max(1, self.slots // 4)
         self.waiting = deque(range(len(prompts)))
-        self.tokens: list[list[int]] = [[] for _ in prompts]
-        self.holder = [-1] * self.slots  # prompt index in each slot; -1: free
-        self.cache: SlotCache | None = None  # allocated like the first prefill's cache
+        self.free = list(range(self.slots))  # the host's view, as of the last sync
         self.max_length = max(p.shape[0] for p in prompts) + limits.max_new_tokens
-        device = prompts[0].device
-        self.eos = torch.tensor(limits.eos_ids, dtype=torch.long, device=device)
+        self.cache: SlotCache | None = graph.prepare(self.slots, self.max_length) if graph is not None else None
+        self.bound = 0  # host bound on the longest slot's length (the attention window)
+        self.steps_left = 0  # host bound on the decode steps until every filled slot has ended
+        n, device = len(prompts), prompts[0].device
+        self.none = n  # the holder of a free slot
+        self.holder = torch.full((self.slots,), n, dtype=torch.long, device=device)
+        self.count = torch.zeros(self.slots, dtype=torch.long, device=device)
         self.next_ids = torch.zeros(self.slots, dtype=torch.long, device=device)
+        self.all_slots = torch.arange(self.slots, device=device)
+        self.out = torch.zeros((n + 1, limits.max_new_tokens), dtype=torch.long, device=device)
+        self.out_lengths = torch.zeros(n + 1, dtype=torch.long, device=device)
+        self.eos_mask: Tensor | None = None  # [vocab] bool, built from the first logits
 
     def run(self) -> list[list[int]]:
         """New token ids per prompt, in prompt order (an eos that ended a sequence included)."""
-        while self.waiting or any(p >= 0 for p in self.holder):
+        while True:
+            self.sync()
+            if not self.waiting and len(self.free) == self.slots:
+                break
             self.refill()
-            if any(p >= 0 for p in self.holder):
+            for _ in range(self.sync_every):
+                if self.steps_left == 0:
+                    break
                 self.decode_step()
-        return self.tokens
+        lengths = self.out_lengths[: self.none].tolist()
+        return [row[:length] for row, length in zip(self.out[: self.none].tolist(), lengths)]
+
+    def sync(self) -> None:
+        """Read which slots are free and the longest slot (the loop's only host sync, every few steps)."""
+        if self.cache is None:
+            return
+        holder, lengths = torch.stack([self.holder, self.cache.lengths]).tolist()
+        self.free = [slot for slot, prompt in enumerate(holder) if prompt == self.none]
+        self.bound = max(lengths)
 
     def refill(self) -> None:
-        free = [s for s, p in enumerate(self.holder) if p < 0]
-        busy = self.slots - len(free)
+        busy = self.slots - len(self.free)
         # Wait for a few free slots while others decode: a prefill of one or two prompts uses the hardware poorly.
-        if not self.waiting or not free or (busy and len(free) < min(self.refill_at, len(self.waiting))):
+        if not self.waiting or not self.free or (busy and len(self.free) < min(self.refill_at, len(self.waiting))):
             return
-        taken = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        taken = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
         cache, mask, logits = prefill(self.lm, [self.prompts[i] for i in taken])
         if self.cache is None:
             self.cache = SlotCache.like(cache, self.slots, self.max_length)
-        slots = free[: len(taken)]
-        self.cache.fill(torch.tensor(slots, device=mask.device), cache, mask)
-        for slot, prompt in zip(slots, taken):
-            self.holder[slot] = prompt
-        self.take_tokens(slots, logits)
+        device = mask.device
+        slots = torch.tensor(self.free[: len(taken)], device=device)
+        self.free = self.free[len(taken) :]
+        self.cache.fill(slots, cache, mask)
+        self.holder[slots] = torch.tensor(taken, device=device)
+        self.count[slots] = 0
+        self.bound = max(self.bound, cache.length)
+        self.steps_left = max(self.steps_left, self.limits.max_new_tokens - 1)  # the first token came from prefill
+        self.take(slots, logits)
 
     def decode_step(self) -> None:
-        mask, positions = self.cache.begin_step()
-        embeds = self.lm.get_input_embeddings()(self.next_ids[:, None])
-        logits = self.lm(embeds, mask, positions, cache=self.cache)[:, -1].float()
-        busy = [s for s, p in enumerate(self.holder) if p >= 0]
-        self.take_tokens(busy, logits[torch.tensor(busy, device=logits.device)])
+        if self.graph is not None:
+            logits = self.graph(self.next_ids)
+        else:
+            logits = decode_logits(self.lm, self.cache, self.next_ids, min(self.bound, self.max_length - 1))
+        self.take(self.all_slots, logits)
+        self.bound += 1
+        self.steps_left -= 1
 
-    def take_tokens(self, slots: list[int], logits: Tensor) -> None:
-        """Pick the next token of each slot in `slots` (row i of logits is slots[i]'s); free the slots whose
-        sequence ended."""
-        if self.limits.min_new_tokens and self.eos.numel():
-            short = torch.tensor([len(self.tokens[self.holder[s]]) < self.limits.min_new_tokens for s in slots],
-                                 device=logits.device)
-            logits[short[:, None] & torch.isin(torch.arange(logits.shape[1], device=logits.device), self.eos)] = -float("inf")
+    def take(self, slots: Tensor, logits: Tensor) -> None:
+        """Pick the next token of each slot in `slots` (row i of logits is slots[i]'s), record it for the slot's
+        prompt, and free the slots whose sequence ended; all on the device."""
+        limits = self.limits
+        if self.eos_mask is None:
+            self.eos_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            self.eos_mask[[i for i in limits.eos_ids if 0 <= i < logits.shape[-1]]] = True
+        holder, count = self.holder[slots], self.count[slots]
+        if limits.min_new_tokens and limits.eos_ids:
+            logits = logits.masked_fill((count < limits.min_new_tokens)[:, None] & self.eos_mask, -float("inf"))
         chosen = logits.argmax(-1)
-        self.next_ids[torch.tensor(slots, device=chosen.device)] = chosen
-        ended = []
-        for slot, token in zip(slots, chosen.tolist()):
-            out = self.tokens[self.holder[slot]]
-            out.append(token)
-            if token in self.limits.eos_ids or len(out) >= self.limits.max_new_tokens:
-                self.holder[slot] = -1
-                ended.append(slot)
-        if ended:
-            self.cache.free(torch.tensor(ended, device=chosen.device))
+        active = holder != self.none
+        self.out[holder, count.clamp(max=limits.max_new_tokens - 1)] = chosen
+        count = count + active
+        ended = active & (self.eos_mask[chosen] | (count >= limits.max_new_tokens))
+        self.out_lengths[torch.where(ended, holder, self.none)] = count
+        self.count[slots] = count
+        self.next_ids[slots] = chosen
+        self.holder[slots] = torch.where(ended, self.none, holder)
+        self.cache.release(slots, ended)
 
 
 def generate_greedy(
-    model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int
+    model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int,
+    graph: GraphStep | None = None,
 ) -> list[list[int]]:
     """Greedy new ids per row of an InstructBLIP / BLIP-2 model with a decoder-only LM, `slots` rows at a time.
 
@@ -126,6 +239,6 @@ def generate_greedy(
     (`input_ids` and `attention_mask` with the image placeholders; `qformer_*` for InstructBLIP)."""
     features = model.query_image(image_embeds, inputs.get("qformer_input_ids"), inputs.get("qformer_attention_mask"))
     embeds = model.embed_inputs(inputs["input_ids"], features)
-    real = inputs["attention_mask"].bool()
+    real = inputs["attention_mask"].bool().cpu()  # one transfer here, rather than a sync per row's mask
     prompts = [embeds[row, real[row]] for row in range(embeds.shape[0])]  # each without its padding
-    return GreedyBatcher(model.language_model, prompts, limits, slots).run()
+    return GreedyBatcher(model.language_model, prompts, limits, slots, graph=graph).run()

@@ -16,8 +16,9 @@ from typing import Any
 
 import PIL.Image
 import torch
+from torch import nn
 
-from .continuous import GreedyLimits, generate_greedy
+from .continuous import GraphStep, GreedyLimits, generate_greedy
 from .errors import ProcessorError
 from .hub import checkpoint_dir
 from .configs import GenerationConfig
@@ -35,8 +36,29 @@ class EngineConfig:
     dtype: str | None = None                    # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
     device: str | None = None                   # None: "cuda" when available, else "cpu"
     generation: dict[str, Any] = field(default_factory=dict)   # generate() settings, transformers' names
-    decode_slots: int = 32                      # sequences decoded together by continuous batching (greedy)
+    decode_slots: int | None = None             # sequences decoded together (greedy); None: `default_rows`
     cpu_threads: int | None = None              # torch's intra-op threads on CPU; None: leave torch's setting
+    cuda_graphs: bool = True                    # on CUDA, greedy decode steps run as a CUDA graph
+
+
+CPU_ROWS = (8, 32)  # CPU defaults: rows per model call, decode slots
+TYPICAL_PROMPT_TOKENS = 64  # text tokens of a prompt, for the memory rule of `default_rows`
+
+
+def rows_for_memory(model: nn.Module, free_bytes: int, max_new_tokens: int) -> int:
+    """Rows per model call (and decode slots) that three quarters of `free_bytes` of GPU memory hold: a power of
+    two in [8, 512]. A row costs two KV caches of (queries + 64 prompt tokens + new tokens) positions (the
+    prefill's and the decode slots') plus 4 x its vision tokens x the vision MLP width in the model's dtype (the
+    encoder's activations). Vicuna-7B in bf16 with 30 new tokens: 145 MB a row, so 256 on an 80 GB card."""
+    kv = model.language_model.new_cache(1, 1)
+    per_token = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values])
+    config = model.config
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    per_row = 2 * per_token * (config.num_query_tokens + TYPICAL_PROMPT_TOKENS + max_new_tokens)
+    per_row += 4 * tokens * vision.intermediate_size * next(model.parameters()).element_size()
+    rows = max(1, free_bytes * 3 // 4 // per_row)
+    return max(8, min(512, 1 << (rows.bit_length() - 1)))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -59,28 +81,49 @@ def is_blip2(folder: str | os.PathLike) -> bool:
     return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "blip-2"
 
 
+Loaded = tuple[InstructBlipProcessor, InstructBlipForConditionalGeneration]
+
+
+def load(config: EngineConfig, device: torch.device) -> Loaded:
+    """The processor and the model of the checkpoint `config.model`, on `device`."""
+    folder = checkpoint_dir(config.model)
+    blip2 = is_blip2(folder)
+    model_cls = Blip2ForConditionalGeneration if blip2 else InstructBlipForConditionalGeneration
+    processor = (Blip2Processor if blip2 else InstructBlipProcessor).from_pretrained(folder)
+    return processor, model_cls.from_pretrained(folder, dtype=resolve_dtype(config.dtype, device), device=device)
+
+
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
-        folder = checkpoint_dir(config.model)
+    def __init__(self, config: EngineConfig, loaded: Loaded | None = None) -> None:
+        """Loads the checkpoint `config.model`, or takes `loaded` (processor, model already on config.device):
+        a model built in memory, as the GPU bench does."""
         self.device = resolve_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        dtype = resolve_dtype(config.dtype, self.device)
-        blip2 = is_blip2(folder)
-        model_cls = Blip2ForConditionalGeneration if blip2 else InstructBlipForConditionalGeneration
-        self.processor = (Blip2Processor if blip2 else InstructBlipProcessor).from_pretrained(folder)
-        self.model = model_cls.from_pretrained(folder, dtype=dtype, device=self.device)
+        self.processor, self.model = loaded or load(config, self.device)
         self.settings = dict(config.generation)
         # validate the settings once, up front, rather than on the first batch
         resolved = self.model.generation_config.updated(**self.settings)
         self.decoder_only = self.model.config.use_decoder_only_language_model
         self.max_prompt_tokens = self._max_prompt_tokens()
-        if config.decode_slots < 1:
+        if config.decode_slots is not None and config.decode_slots < 1:
             raise ValueError(f"decode_slots must be at least 1, got {config.decode_slots}")
-        self.decode_slots = config.decode_slots
+        self.default_rows = self._default_rows(resolved)
+        self.decode_slots = config.decode_slots or self.default_rows[1]
         self.greedy_limits = self._continuous_limits(resolved)
         self.vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and self.greedy_limits is not None
+        self.graph_step = GraphStep(self.model.language_model) if use_graphs else None
         self.images_encoded = 0  # vision-encoder passes, one per distinct image of each call
+
+    def _default_rows(self, config: GenerationConfig) -> tuple[int, int]:
+        """(rows per model call, decode slots) when not set: CPU_ROWS on CPU; on CUDA, what the free memory
+        holds after loading (`rows_for_memory`), for both."""
+        if self.device.type != "cuda":
+            return CPU_ROWS
+        free, _ = torch.cuda.mem_get_info(self.device)
+        rows = rows_for_memory(self.model, free, config.max_new_tokens or DEFAULT_NEW_TOKENS)
+        return rows, rows
 
     def _max_prompt_tokens(self) -> int | None:
         """Prompt tokens the LM can take with room for the new tokens; None where positions are relative (T5)."""
@@ -125,33 +168,51 @@ class Engine:
         """One text per (image, instruction) pair, or a list of texts with num_return_sequences > 1.
 
         The same image object given several times (several questions about it) is encoded once."""
-        try:
-            return self._generate(images, instructions)
-        except torch.cuda.OutOfMemoryError:
-            if len(images) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(images) // 2
-            return self.generate(images[:half], instructions[:half]) + self.generate(images[half:], instructions[half:])
-
-    @torch.inference_mode()
-    def _generate(self, images: Sequence[PIL.Image.Image], instructions: Sequence[str]) -> list[str | list[str]]:
         distinct = list({id(image): image for image in images}.values())
         slot = {id(image): i for i, image in enumerate(distinct)}
-        pixel_values = self.processor.image_processor(distinct).to(self.device, self.vision_dtype)
-        image_embeds = self.model.encode_images(pixel_values)
-        self.images_encoded += len(distinct)
+        pixel_values = self.processor.image_processor(distinct)
+        return self.generate_pixels(pixel_values, [slot[id(image)] for image in images], instructions)
+
+    def generate_pixels(
+        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
+    ) -> list[str | list[str]]:
+        """As `generate`, from preprocessed images: pixel_values [images, 3, H, W] (the processor's output, on the
+        CPU, pinned for an asynchronous copy), instruction i about image image_rows[i]. A call that runs out of
+        GPU memory is halved and retried."""
+        try:
+            return self._generate(pixel_values, image_rows, instructions)
+        except torch.cuda.OutOfMemoryError:
+            if len(instructions) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(instructions) // 2
+            return [*self._part(pixel_values, image_rows[:half], instructions[:half]),
+                    *self._part(pixel_values, image_rows[half:], instructions[half:])]
+
+    def _part(self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]) -> list:
+        used = list(dict.fromkeys(image_rows))
+        index = {row: i for i, row in enumerate(used)}
+        return self.generate_pixels(pixel_values[used], [index[row] for row in image_rows], instructions)
+
+    @torch.inference_mode()
+    def _generate(
+        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
+    ) -> list[str | list[str]]:
+        pixels = pixel_values.to(self.device, non_blocking=True).to(self.vision_dtype)
+        image_embeds = self.model.encode_images(pixels)
+        self.images_encoded += pixels.shape[0]
         inputs = self.processor.encode_prompts(instructions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        rows = torch.tensor([slot[id(image)] for image in images], device=self.device)
+        rows = torch.tensor(image_rows, device=self.device)
         image_embeds = image_embeds.index_select(0, rows)
         if self.greedy_limits is not None:
-            new_ids = generate_greedy(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots)
+            new_ids = generate_greedy(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots,
+                                      self.graph_step)
         else:
             ids = self.model.generate(**inputs, image_embeds=image_embeds, **self.settings)
             new_ids = ids[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
         texts = [t.strip() for t in self.processor.batch_decode(new_ids, skip_special_tokens=True)]
-        per_row = len(texts) // len(images)
+        per_row = len(texts) // len(instructions)
         if per_row == 1:
             return texts
-        return [texts[i * per_row : (i + 1) * per_row] for i in range(len(images))]
+        return [texts[i * per_row : (i + 1) * per_row] for i in range(len(instructions))]

@@ -50,7 +50,7 @@ class SlotCache:
 
     Slot s holds one sequence in positions 0 .. lengths[s]; `valid` marks the positions that hold a real token
     (a prompt's left padding does not). A decode step writes one token per slot at that slot's own length.
-    For the language model it looks like a KVCache whose `length` is the longest slot, so that the attention
+    For the language model it looks like a KVCache whose `length` bounds the longest slot, so that the attention
     mask ([slots, length + 1], from `begin_step`) covers every slot's window.
     """
 
@@ -92,18 +92,29 @@ class SlotCache:
         self.lengths[slots] = length
         self.active[slots] = True
 
-    def free(self, slots: torch.Tensor) -> None:
-        """Empty `slots`: until filled again they decode a dummy token at position 0 that attends to itself only."""
-        self.valid[slots] = False
-        self.lengths[slots] = 0
-        self.active[slots] = False
+    def release(self, slots: torch.Tensor, ended: torch.Tensor) -> None:
+        """Empty those of `slots` whose `ended` (bool, one per slot given) is set: until filled again they decode
+        a dummy token at position 0 that attends to itself only. Masks, not a list of slots: no host sync."""
+        keep = ~ended
+        self.valid[slots] &= keep[:, None]
+        self.lengths[slots] *= keep
+        self.active[slots] &= keep
 
-    def begin_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start a decode step: (mask [slots, window] over each slot's real tokens and its new one, the new
-        token's position id per slot [slots, 1], counting real tokens only)."""
-        self.length = int(self.lengths.max())
-        if self.length >= self.max_length:
-            raise RuntimeError(f"KV cache overflow: {self.length + 1} positions needed, {self.max_length} allocated")
+    def reset(self) -> None:
+        """Every slot empty (a cache reused by another call)."""
+        self.valid.fill_(False)
+        self.lengths.zero_()
+        self.active.fill_(False)
+
+    def begin_step(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a decode step over a window of `length` cached positions plus the new one; `length` is the
+        caller's bound on the longest slot (known on the host, so no sync), or max_length - 1 for a fixed shape.
+
+        Returns (mask [slots, length + 1] over each slot's real tokens and its new one, the new token's position
+        id per slot [slots, 1], counting real tokens only)."""
+        if length >= self.max_length:
+            raise RuntimeError(f"KV cache overflow: {length + 1} positions needed, {self.max_length} allocated")
+        self.length = length
         self.valid[self.rows, self.lengths] = True
         mask = self.valid[:, : self.length + 1]
         return mask, mask.sum(-1, keepdim=True) - 1

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from blipbatch.model import InstructBlipForConditionalGeneration
-from blipbatch.model.continuous import GreedyBatcher, GreedyLimits, generate_greedy
+from blipbatch.model.continuous import SYNC_EVERY, GraphStep, GreedyBatcher, GreedyLimits, generate_greedy
 from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
 from tiny import write_tiny_checkpoint
@@ -65,29 +65,86 @@ def random_prompts(model, count: int) -> list[torch.Tensor]:
     return [torch.randn(length, width, generator=g) for length in range(3, 3 + count)]
 
 
+_EXPECTED: dict = {}
+
+
+def transformers_alone(hf_model, lm: str, min_new_tokens: int) -> tuple[dict, list[int], list[list[int]]]:
+    """(inputs, eos ids, each row's ids from transformers' greedy generate of that row alone); computed once per
+    language model and min_new_tokens, since transformers is the slow part of these tests."""
+    key = (lm, min_new_tokens)
+    if key not in _EXPECTED:
+        inputs = random_inputs(len(PROMPT_LENGTHS), PROMPT_LENGTHS, seed=3, lm=lm)
+        with torch.no_grad():
+            eos = varied_eos(hf_model, inputs)
+            expected = []
+            for row in range(len(PROMPT_LENGTHS)):
+                alone = one_row(inputs, row)
+                ids = hf_model.generate(**alone, max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens,
+                                        eos_token_id=eos, do_sample=False)
+                # transformers pads a row that ended before the batch did; alone, it stops at its eos
+                expected.append(ids[0, alone["input_ids"].shape[1] :].tolist())
+        _EXPECTED[key] = inputs, eos, expected
+    return _EXPECTED[key]
+
+
+@pytest.mark.parametrize("step", ["eager", "fixed"])
 @pytest.mark.parametrize("min_new_tokens", [0, 5])
-@pytest.mark.parametrize("slots", [1, 3, 7])
-def test_same_ids_as_transformers_one_prompt_at_a_time(pair, slots, min_new_tokens):
+@pytest.mark.parametrize("slots", [1, 3, 7, 64])
+def test_same_ids_as_transformers_one_prompt_at_a_time(pair, slots, min_new_tokens, step):
+    """The decode loop without per-step host syncs; "fixed": the CUDA-graph-shaped step (a preallocated cache,
+    slots rounded up to a power of two, the whole window every step), run eagerly."""
     hf_model, ours, lm = pair
-    inputs = random_inputs(len(PROMPT_LENGTHS), PROMPT_LENGTHS, seed=3, lm=lm)
+    inputs, eos, expected = transformers_alone(hf_model, lm, min_new_tokens)
+    limits = GreedyLimits(NEW_TOKENS, min_new_tokens, tuple(eos))
+    text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    graph = GraphStep(ours.language_model, capture=False) if step == "fixed" else None
     with torch.no_grad():
-        eos = varied_eos(hf_model, inputs)
-        expected = []
-        for row in range(len(PROMPT_LENGTHS)):
-            alone = one_row(inputs, row)
-            ids = hf_model.generate(**alone, max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens,
-                                    eos_token_id=eos, do_sample=False)
-            new = ids[0, alone["input_ids"].shape[1] :].tolist()
-            # transformers pads a row that ended before the batch did; alone, it stops at its eos
-            expected.append(new)
-        limits = GreedyLimits(NEW_TOKENS, min_new_tokens, tuple(eos))
-        text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        got = generate_greedy(ours, ours.encode_images(inputs["pixel_values"]), text_inputs, limits, slots)
+        got = generate_greedy(ours, ours.encode_images(inputs["pixel_values"]), text_inputs, limits, slots, graph)
     assert got == expected
     # the rows ended at different steps (so slots were freed and refilled mid-run) and some ran to the limit
     assert len({len(tokens) for tokens in expected}) >= 3 and max(map(len, expected)) == NEW_TOKENS
     if min_new_tokens:
         assert min(map(len, expected)) >= min_new_tokens
+
+
+@pytest.mark.parametrize("step", ["eager", "fixed"])
+def test_64_slots_over_many_prompts_match_transformers(pair, step):
+    """70 prompts of different lengths through 64 slots (refilled as rows end at different steps): each gets the
+    ids of transformers' language model generating from that prompt alone."""
+    hf_model, ours, _ = pair
+    prompts = random_prompts(ours, 70)
+    with torch.no_grad():
+        free = [hf_model.language_model.generate(inputs_embeds=p[None], max_new_tokens=8, min_new_tokens=8,
+                                                 do_sample=False)[0].tolist() for p in prompts[:10]]
+        eos = sorted({row[3] for row in free[:2]} | {row[5] for row in free[2:4]})
+        expected = [hf_model.language_model.generate(inputs_embeds=p[None], max_new_tokens=8, do_sample=False,
+                                                     eos_token_id=eos)[0].tolist() for p in prompts]
+        graph = GraphStep(ours.language_model, capture=False) if step == "fixed" else None
+        got = GreedyBatcher(ours.language_model, prompts, GreedyLimits(8, 0, tuple(eos)), 64, graph=graph).run()
+    assert got == expected
+    assert len({len(row) for row in expected}) >= 3
+
+
+def test_decode_loop_reads_the_device_every_few_steps(pair, monkeypatch):
+    """Host reads of device values (tolist, item, int/bool of a tensor) happen at most once per SYNC_EVERY decode
+    steps (plus the final read of the ids), not once per step."""
+    _, ours, _ = pair
+    lm = ours.language_model
+    forwards, reads = [0], [0]
+    lm.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    for name in ("tolist", "item", "__int__", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with torch.no_grad():
+        tokens = GreedyBatcher(lm, random_prompts(ours, 5), GreedyLimits(24), slots=5).run()
+    assert [len(t) for t in tokens] == [24] * 5
+    assert forwards[0] == 24  # one prefill, 23 decode steps
+    assert reads[0] <= 23 // SYNC_EVERY + 4, reads[0]
 
 
 def test_slots_are_reused_not_grown(pair):

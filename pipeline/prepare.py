@@ -1,0 +1,247 @@
+"""The prepare stage: a unit's rows -> micro-batches of checked instructions and the batch's pixel tensor.
+
+Everything the CPU does for the model happens here, off the model's thread, so the GPU never waits on Pillow:
+- fetch: every distinct image of the unit is queued at once on the fetch threads (`FetchConfig.concurrency`), so
+  slow rows in different micro-batches wait together and a unit takes about its slowest row, not the sum of each
+  micro-batch's slowest;
+- decode, RGB conversion and resize (`BlipImageProcessor.resized`, the processor's own code): on `threads` CPU
+  threads, each image as soon as its bytes arrive; Pillow releases the GIL there, so threads scale (to about 8);
+- normalize and stack (`BlipImageProcessor.normalize`) into one float32 tensor per micro-batch, pinned when the model
+  is on CUDA (so the copy to the GPU is asynchronous), `ahead` micro-batches in advance.
+
+Memory: images being decoded hold at most `decoded_bytes` (counted from each image's header before decoding, at
+8 bytes a pixel: Pillow's 4-byte pixels plus the RGB copy); one image larger than that decodes alone. A batch of
+huge images thus decodes a few at a time however many share the batch, and their memory goes back to the OS
+(`return_freed_images_to_the_os`). What the stage keeps is small: the unit's fetched bytes until decoded, and
+3 x H x W bytes per decoded image (150 KB at 224 x 224), plus `ahead` normalized batches (float32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import PIL.Image
+import torch
+
+from blipbatch.model.image_processing import BlipImageProcessor
+
+from .decode import DecodeConfig, decode_image
+from .errors import RowError
+from .fetch import Fetcher
+from .shards import InputRow
+
+BYTES_PER_PIXEL = 8  # Pillow's RGB/RGBA pixel (4 bytes) and the converted copy beside it
+MAX_DEFAULT_THREADS = 8  # threads in one process stop gaining here (reference/gpu.md)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD = 4 * 2**20
+
+
+def return_freed_images_to_the_os() -> None:
+    """Allocations of 4 MiB and more straight from mmap, so a big decoded image's memory goes back to the OS when
+    freed. Otherwise glibc raises its mmap threshold after the first big free and keeps freed image blocks in each
+    thread's arena: 8 threads decoding 16 MP PNGs one at a time grew the process by 590 MB instead of 130 MB.
+    Process-wide, so called when a stage is built, never at import; a no-op where the C library has no mallopt."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    threads: int | None = None  # decode + resize threads; None: the CPUs this process may use, at most 8
+    decoded_bytes: int = 2**30  # images being decoded at once hold at most this (see the module doc)
+    ahead: int = 2  # micro-batches normalized and stacked before the model asks for them
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "decoded_bytes", "ahead"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"PrepareConfig.{name} must be an integer >= 1, got {value!r}")
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity, which containers and Ray set), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_THREADS))
+
+
+class ByteBudget:
+    """A counting limit on bytes held at once; a request above the whole budget waits until it can go alone."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(n, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.held + n <= self.capacity)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= n
+                self._cond.notify_all()
+
+
+def decoded_size(data: bytes) -> int:
+    """Bytes that decoding `data` takes, from its header alone; 0 when unreadable (decode_image says why)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # any header Pillow cannot read: decode_image turns it into the row's error
+        return 0
+    return width * height * BYTES_PER_PIXEL
+
+
+@dataclass
+class StageTimes:
+    """What one unit spent where. fetch_s and decode_s add up the time of every image on its thread (thread
+    seconds, so they can exceed the unit's wall time); model_s is the model thread's."""
+
+    images_fetched: int = 0
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+    model_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + seconds)
+
+
+@dataclass
+class PreparedRow:
+    row: InputRow
+    image: int | None = None  # the row's image: its index in the batch's pixel tensor
+    instruction: str | None = None
+    error: RowError | None = None
+
+
+@dataclass
+class PreparedBatch:
+    rows: list[PreparedRow]
+    pixels: torch.Tensor | None  # [distinct good images, 3, H, W] float32; None when no row is ready
+
+
+def batches(rows: Sequence[InputRow], size: int) -> Iterator[Sequence[InputRow]]:
+    """Micro-batches of about `size` rows that never split the instructions of one input row, so each
+    image is fetched and encoded once however many questions it is asked."""
+    start = 0
+    while start < len(rows):
+        end = min(start + size, len(rows))
+        while end < len(rows) and rows[end].row_index == rows[end - 1].row_index:
+            end += 1
+        yield rows[start:end]
+        start = end
+
+
+class PrepareStage:
+    """The prepare stage of one unit; iterate `batches()` from the model's thread. Use as a context manager: leaving
+    it (also on an error) drops what is still queued."""
+
+    def __init__(self, fetcher: Fetcher, decode: DecodeConfig, processor: BlipImageProcessor, config: PrepareConfig,
+                 check_instruction, pin_memory: bool = False) -> None:
+        self.fetcher = fetcher
+        self.decode = decode
+        self.processor = processor
+        self.config = config
+        self.check_instruction = check_instruction  # instruction -> str, or raises an error naming why
+        self.pin_memory = pin_memory
+        self.times = StageTimes()
+        self.budget = ByteBudget(config.decoded_bytes)
+        return_freed_images_to_the_os()
+        self._fetch_pool = ThreadPoolExecutor(fetcher.config.concurrency, thread_name_prefix="fetch")
+        self._cpu_pool = ThreadPoolExecutor(config.threads or default_threads(), thread_name_prefix="prepare")
+        self._assembler = ThreadPoolExecutor(1, thread_name_prefix="assemble")
+
+    def __enter__(self) -> PrepareStage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pools = (self._assembler, self._fetch_pool, self._cpu_pool)
+        for pool in pools:  # drop everything queued first, then wait for what runs (fetches end by their deadlines)
+            pool.shutdown(wait=False, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=True)
+
+    def batches(self, rows: Sequence[InputRow], size: int) -> Iterator[PreparedBatch]:
+        """The unit's micro-batches in order; every image of the unit starts fetching at the first call."""
+        images = {row.row_index: self._fetch_pool.submit(self._fetch, row.image) for row in rows}
+        chunks = list(batches(rows, size))
+        pending = [self._assembler.submit(self._assemble, chunk, images) for chunk in chunks[: self.config.ahead]]
+        for i in range(len(chunks)):
+            if i + self.config.ahead < len(chunks):
+                pending.append(self._assembler.submit(self._assemble, chunks[i + self.config.ahead], images))
+            yield pending[i].result()
+            pending[i] = None  # the batch is the model's now
+
+    def _fetch(self, ref: object) -> Future | RowError:
+        """Fetch on a fetch thread, then queue the decode on the CPU threads (which never wait on the network)."""
+        start = time.perf_counter()
+        try:
+            data = self.fetcher.fetch(ref)
+        except RowError as err:
+            return err
+        finally:
+            self.times.add("fetch_s", time.perf_counter() - start)
+        return self._cpu_pool.submit(self._decode, data)
+
+    def _decode(self, data: bytes) -> torch.Tensor | RowError:
+        """Decode, RGB, resize: uint8 [3, H, W], under the decoded-bytes budget."""
+        start = time.perf_counter()
+        try:
+            with self.budget.hold(decoded_size(data)):
+                try:
+                    image = decode_image(data, self.decode)
+                except RowError as err:
+                    return err
+                with image:
+                    return self.processor.resized(image)
+        finally:
+            self.times.add("decode_s", time.perf_counter() - start)
+
+    @staticmethod
+    def _result(future: Future) -> torch.Tensor | RowError:
+        result = future.result()
+        return result.result() if isinstance(result, Future) else result
+
+    def _assemble(self, rows: Sequence[InputRow], images: dict[int, Future]) -> PreparedBatch:
+        """Wait for the rows' images, check the instructions, normalize and stack the good images."""
+        decoded = {index: self._result(images[index]) for index in dict.fromkeys(row.row_index for row in rows)}
+        self.times.add("images_fetched", sum(not isinstance(d, RowError) for d in decoded.values()))
+        slot: dict[int, int] = {}
+        prepared = []
+        for row in rows:
+            item = PreparedRow(row)
+            image = decoded[row.row_index]
+            if row.id is None:
+                item.error = RowError("invalid_input", f"row {row.row_index}: the id column is null")
+            elif isinstance(image, RowError):
+                item.error = image
+            else:
+                try:
+                    item.instruction = self.check_instruction(row.instruction)
+                except RowError as err:
+                    item.error = err
+                else:
+                    item.image = slot.setdefault(row.row_index, len(slot))
+            prepared.append(item)
+        if not slot:
+            return PreparedBatch(prepared, None)
+        pixels = self.processor.normalize(torch.stack([decoded[index] for index in slot]))
+        return PreparedBatch(prepared, pixels.pin_memory() if self.pin_memory else pixels)

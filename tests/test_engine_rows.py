@@ -1,0 +1,47 @@
+"""How many rows a model call takes when the job does not say: CPU defaults, and on CUDA the free-memory rule
+(computed here on the meta device, so no GPU is needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blipbatch.model.configs import InstructBlipConfig
+from blipbatch.model.engine import CPU_ROWS, Engine, EngineConfig, rows_for_memory
+from blipbatch.model.instructblip import InstructBlipForConditionalGeneration
+from tiny import write_tiny_checkpoint
+
+GIB = 2**30
+
+
+def vicuna_7b_on_meta(dtype: torch.dtype = torch.bfloat16) -> InstructBlipForConditionalGeneration:
+    config = InstructBlipConfig.from_dict(dict(
+        vision_config=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                           patch_size=14, image_size=224),
+        qformer_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, vocab_size=32064),
+        num_query_tokens=32, image_token_index=32000,
+    ))
+    with torch.device("meta"):
+        return InstructBlipForConditionalGeneration(config).to(dtype)
+
+
+@pytest.mark.parametrize("free_gib,rows", [(64, 256), (124, 512), (20, 64), (0.5, 8), (1000, 512)])
+def test_rows_for_memory_on_vicuna_7b(free_gib, rows):
+    """What is left of an 80 GB card after loading the 7B model (~64 GiB) gives 256 rows; an H200 (~124 GiB) 512;
+    the rule never goes below 8 or above 512."""
+    assert rows_for_memory(vicuna_7b_on_meta(), int(free_gib * GIB), 30) == rows
+
+
+def test_rows_for_memory_counts_the_kv_cache():
+    """fp32 doubles a row's cost, and more new tokens cost more: the rule halves where the memory per row doubles."""
+    model = vicuna_7b_on_meta()
+    assert rows_for_memory(vicuna_7b_on_meta(torch.float32), 64 * GIB, 30) == 128
+    assert rows_for_memory(model, 64 * GIB, 400) < rows_for_memory(model, 64 * GIB, 30)
+
+
+def test_cpu_defaults_and_no_cuda_graphs(tmp_path):
+    engine = Engine(EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu"))
+    assert engine.default_rows == CPU_ROWS == (8, 32)
+    assert engine.decode_slots == 32 and engine.graph_step is None
