@@ -66,16 +66,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class RunConfig:
     workers: int | None = None  # model actors; None: one per GPU, else 1
-    batch_size: int = 8  # rows per model call
-    decode_slots: int = 32  # greedy: sequences decoded together
+    batch_size: int | None = None  # rows per model call; None: 8 on CPU, from the GPU's free memory on CUDA (Engine)
+    decode_slots: int | None = None  # greedy: sequences decoded together; None: 32 on CPU, as batch_size on CUDA
+    prepare_threads: int | None = None  # per worker: threads that decode and resize; None: its CPUs, at most 8
+    decoded_bytes: int = 2**30  # per worker: images being decoded at once hold at most this (pipeline.prepare)
     rows_per_unit: int = 1000  # rows per work unit, the unit of retry and commit
     max_attempts: int = 3  # tries before a unit is marked failed
     max_error_rate: float = 1.0  # share of this run's rows in error at which the run exits 4
     address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else Ray in-process
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "decode_slots", "rows_per_unit", "max_attempts"):
-            if not getattr(self, name) >= 1:
+        for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
         if self.workers is not None and self.workers < 1:
             raise PipelineError(f"run.workers must be at least 1, got {self.workers!r}")

@@ -32,6 +32,7 @@ from .redact import redact
 from .resume import plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
 from .sink import progress_records
+from .prepare import PrepareConfig
 from .worker import FaultInjection, ModelWorker, WorkerConfig
 
 __all__ = ["PipelineError", "connect_ray", "run", "run_job"]
@@ -171,6 +172,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
+                prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
             )
             total_rows = plan.output_rows(job.rows_per_input_row)
             # The manifest is written once the workers are up, just before the first unit is handed out: a run

@@ -284,7 +284,7 @@ def test_overrides_replace_and_add_values(tmp_path):
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_slots, max_attempts, max_error_rate, rows_per_unit, workers")
+        "batch_size, decode_slots, decoded_bytes, max_attempts, max_error_rate, prepare_threads, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
@@ -361,7 +361,7 @@ def test_the_job_of_each_kind(tmp_path):
     assert caption.instructions == ("A short image caption:",) and caption.input.instruction_column is None
     assert caption.input.paths == ("s3://bucket/shards/",) and caption.output.path == "s3://bucket/out/"
     assert caption.generation == {"max_new_tokens": 12, "num_beams": 1, "top_k": 5}
-    assert caption.fetch == FetchConfig() and caption.run.batch_size == 8 and caption.input.passthrough == ()
+    assert caption.fetch == FetchConfig() and caption.run.batch_size is None and caption.input.passthrough == ()
 
     vqa = load_spec(write(tmp_path, BASE.replace('"caption"', '"vqa"').replace(
         'path = "s3://bucket/shards/"', 'path = ["s3://b/1.parquet", "s3://b/2.parquet"]\ninstruction_column = "q"'),
