@@ -26,12 +26,16 @@ from urllib.parse import unquote
 
 REDACTED = "REDACTED"
 
-# A URL inside free text: scheme://, then up to whitespace, a quote or an angle bracket.
-_URL = re.compile(r"""([A-Za-z][A-Za-z0-9+.-]*://)([^\s'"<>]+)""")
-# KEY:SECRET@host without a scheme, starting at a word boundary that is not inside a URL's authority or path.
-_BARE_USERINFO = re.compile(r"""(?<![\w.+%~:/@-])[\w.+%~-]+:(?!//)[^\s'"<>]*@(?=[\w\[])""")
-# name=value, in a query, a ;-parameter list or free text; _is_secret_name decides whether the value goes.
-_PARAM = re.compile(r"""(?<![\w.-])([\w.-]+)(=)([^&\s'"<>;#]*)""")
+# Every rule below reads one token at a time (a run up to white space, a quote or an angle bracket) and does work
+# linear in its length, so a megabyte data: URI or a hostile string costs one pass, not one per position.
+_TOKEN = re.compile(r"""[^\s'"<>]+""")
+# The start of a URL: scheme://, the scheme starting where no scheme character precedes it.
+_SCHEME = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://")
+# The start of KEY:SECRET@host without a scheme: a name at a boundary that is not inside an authority or a path.
+_BARE_KEY = re.compile(r"(?<![\w.+%~:/@-])[\w.+%~-]+:(?!//)")
+_HOST_START = re.compile(r"[\w\[]")
+_VALUE_END = re.compile(r"[&;#]")  # a parameter value ends there (or at the token's end)
+_PATH_START = re.compile(r"[/?#]")
 # Name parts (split at - _ .) that mark a credential, and words that do so anywhere in a name (apiKey, accessToken).
 _SECRET_PARTS = frozenset({"pass", "password", "passwd", "passphrase", "pwd", "pw", "token", "secret", "signature",
                            "sig", "credential", "credentials", "key", "auth", "session", "sas"})
@@ -39,11 +43,10 @@ _SECRET_WORDS = ("password", "passwd", "token", "secret", "signature", "credenti
                  "privatekey", "sessionkey")
 # A header or setting quoted in an exception message ("Authorization: ...", "aws_session_token=..."): the value to
 # the end of its line.
-_SECRET_FIELD = re.compile(
-    r"(?<![?&;\w-])(authorization|proxy-authorization|cookie|set-cookie|x-amz-security-token|x-api-key|"
-    r"aws_secret_access_key|aws_session_token)(\s*[:=]\s*)([^\r\n]+)",
-    re.IGNORECASE,
-)
+_FIELD_NAMES = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-amz-security-token", "x-api-key",
+                "aws_secret_access_key", "aws_session_token")
+_SECRET_FIELD = re.compile(rf"(?<![?&;\w-])({'|'.join(map(re.escape, _FIELD_NAMES))})(\s*[:=]\s*)([^\r\n]+)",
+                           re.IGNORECASE)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -52,29 +55,64 @@ def _is_secret_name(name: str) -> bool:
             or any(word in lowered for word in _SECRET_WORDS))
 
 
-def _userinfo_end(rest: str) -> int:
-    """Where the user info of the URL `scheme://rest` ends (the index of its '@'), or -1 when it has none.
+def _is_name_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_.-"
 
-    Up to the last '@': a password may hold a raw '@'. When the text before it holds '/', '?' or '#', it is still
-    user info if its first part has a ':' (user:pa/ss@host); otherwise the '@' is in the path (/img@2x.png)."""
-    at = rest.rfind("@")
-    if at < 0:
-        return -1
-    before = rest[:at]
-    first = re.split(r"[/?#]", before, maxsplit=1)[0]
-    return at if first == before or ":" in first else -1
+
+def _userinfo_spans(token: str) -> list[tuple[int, int]]:
+    """The user info of a URL in `token`: from after "scheme://" up to the token's last '@'. When the text before
+    that '@' holds '/', '?' or '#', it is still user info if its first part has a ':' (user:pa/ss@host, a raw '/'
+    in a password); otherwise the '@' is in the path (/img@2x.png). One span: the leftmost URL's, which reaches the
+    last '@' and so covers any later one."""
+    at = token.rfind("@")
+    if at < 0 or "://" not in token:
+        return []
+    for match in _SCHEME.finditer(token, 0, at):
+        start = match.end()
+        first = _PATH_START.search(token, start, at)  # stops at the next URL's "://" at the latest
+        if first is None or ":" in token[start:first.start()]:
+            return [(start, at)]
+    return []
+
+
+def _bare_userinfo_spans(token: str) -> list[tuple[int, int]]:
+    """KEY:SECRET@host without a scheme (as botocore quotes a bucket name): from the key to the last '@'."""
+    at = token.rfind("@")
+    if at < 0 or not _HOST_START.match(token, at + 1):
+        return []
+    match = _BARE_KEY.search(token, 0, at)
+    return [(match.start(), at)] if match else []
+
+
+def _parameter_spans(token: str) -> list[tuple[int, int]]:
+    """The values of secret-like name=value parameters in `token` (a query, ;-parameters, free text)."""
+    spans = []
+    equals = token.find("=")
+    while equals >= 0:
+        name_start = equals
+        while name_start > 0 and _is_name_char(token[name_start - 1]):
+            name_start -= 1
+        value_end = equals + 1
+        if name_start < equals and _is_secret_name(token[name_start:equals]):
+            end = _VALUE_END.search(token, equals + 1)
+            value_end = end.start() if end else len(token)
+            if value_end > equals + 1:
+                spans.append((equals + 1, value_end))
+        equals = token.find("=", value_end)  # an '=' inside a value is part of it
+    return spans
 
 
 def _secret_spans(text: str) -> list[tuple[int, int]]:
-    """Where the secrets in `text` lie, by every rule at once (user info of each URL, bare KEY:SECRET@, secret-like
-    parameter values, quoted headers), overlapping spans merged. All rules read the same text, so what one of them
-    misreads (a '?' inside a password, an '@' inside a token) another still covers."""
-    spans = [(m.start(3), m.end(3)) for m in _PARAM.finditer(text) if m.group(3) and _is_secret_name(m.group(1))]
-    spans += [(m.start(3), m.end(3)) for m in _SECRET_FIELD.finditer(text)]
-    spans += [(m.start(), m.end() - 1) for m in _BARE_USERINFO.finditer(text)]  # up to the '@'
-    for m in _URL.finditer(text):
-        if (end := _userinfo_end(m.group(2))) >= 0:
-            spans.append((m.start(2), m.start(2) + end))
+    """Where the secrets in `text` lie, by every rule at once, overlapping spans merged. All rules read the same
+    text, so what one of them misreads (a '?' inside a password, an '@' inside a token) another still covers."""
+    spans = []
+    for token in _TOKEN.finditer(text):
+        value, offset = token.group(), token.start()
+        for rule in (_userinfo_spans, _bare_userinfo_spans, _parameter_spans):
+            spans += [(offset + start, offset + stop) for start, stop in rule(value)]
+    lowered = text.lower()
+    if any(name in lowered for name in _FIELD_NAMES):
+        spans += [(m.start(3), m.end(3)) for m in _SECRET_FIELD.finditer(text)]
     merged: list[tuple[int, int]] = []
     for start, stop in sorted(spans):
         if merged and start <= merged[-1][1]:
@@ -86,17 +124,18 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
 
 def redact(text: str) -> str:
     """`text` with the credentials in its URLs, parameters and quoted headers replaced by REDACTED."""
-    for start, stop in reversed(_secret_spans(text)):
-        text = f"{text[:start]}{REDACTED}{text[stop:]}"
-    return text
+    pieces, last = [], 0
+    for start, stop in _secret_spans(text):
+        pieces += [text[last:start], REDACTED]
+        last = stop
+    return "".join(pieces) + text[last:]
 
 
 def userinfo(url: str) -> str | None:
-    """The user info of `url` (what redact removes before its host), or None when it has none."""
-    match = _URL.match(url)
-    if match is None or (end := _userinfo_end(match.group(2))) < 0:
-        return None
-    return match.group(2)[:end]
+    """The user info of the URL `url` (what redact removes before its host), or None when it has none."""
+    token = _TOKEN.match(url)
+    spans = _userinfo_spans(token.group()) if token and _SCHEME.match(url) else []
+    return url[spans[0][0]:spans[0][1]] if spans else None
 
 
 def secrets_of(reference: str) -> tuple[str, ...]:
@@ -105,7 +144,8 @@ def secrets_of(reference: str) -> tuple[str, ...]:
     found: list[str] = []
     if (info := userinfo(reference)) is not None:
         found += [info, *info.split(":", 1)[1:]]
-    found += [m.group(3) for m in _PARAM.finditer(reference) if m.group(3) and _is_secret_name(m.group(1))]
+    for token in _TOKEN.finditer(reference):
+        found += [token.group()[start:stop] for start, stop in _parameter_spans(token.group())]
     variants = {text for secret in found for text in (secret, unquote(secret))}
     return tuple(sorted((s for s in variants if len(s) >= 4), key=len, reverse=True))  # 3 chars would hit words
 

@@ -12,6 +12,7 @@ import logging
 import random
 import string
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -111,6 +112,25 @@ def test_no_secret_in_any_error_message(echo, segments, delimiters, parameter):
 def test_redact_examples(reference, kept):
     assert redact(reference) == kept
     assert redact(kept) == kept
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.one_of(st.sampled_from(["://", "s3://", "@", ":", "/", "?", "#", "&", "=", ";", "token=", "key=",
+                                           "user:", "pass", " ", '"', "Authorization: ", "\n", "REDACTED"]),
+                          st.text(SEGMENT_ALPHABET, max_size=6)), max_size=20).map("".join))
+def test_redact_is_idempotent(text):
+    once = redact(text)
+    assert redact(once) == once
+
+
+@pytest.mark.parametrize("text", [
+    "data:image/png;base64," + "QUJD+/" * 700_000,  # a 4 MB data: URI
+    ",a:" * 30_000, "a://" * 30_000 + "@x", "key=" * 40_000, ",a" * 60_000 + "@x", "x@" * 60_000, "a:/" * 40_000 + "@b",
+])
+def test_redact_takes_linear_time(text):
+    start = time.monotonic()
+    redact(text)
+    assert time.monotonic() - start < 1.0, "redact is not linear in its input (a hostile reference could stall a row)"
 
 
 # -- a whole run: outputs, report and logs ---------------------------------------------------------------------------
