@@ -6,6 +6,8 @@ waiting: the row gets its timeout on time, and the attempt's thread ends as soon
 An attempt registers what it holds (`hold`) through the thread-local `current()`: the guarded HTTP connections
 (pipeline.guard) register themselves for each request, storage reads register their open file. A connection given
 back to its pool is released first (`release`), so an expiring attempt never shuts a connection another attempt uses.
+A read that closing cannot interrupt (a local file on a hung network mount, an object store's client waiting on its
+own timeout) keeps its thread until it returns; the row does not wait for it. DNS resolution is such a call too.
 """
 
 from __future__ import annotations
