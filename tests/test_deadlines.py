@@ -117,6 +117,15 @@ def test_header_drip_ends_at_the_attempt_deadline(hostile, path):
     wait_for_hang_ups(hostile, before + 1, within_s=2 * PAUSE_S + 1)
 
 
+def test_a_connect_that_is_never_answered_ends_at_the_attempt_deadline():
+    """A listening socket whose backlog is full drops further SYNs: the connect waits, as for a black-holed host."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server, socket.socket() as filler:
+        filler.connect(server.getsockname())  # fills the backlog of 0 (+1)
+        err, elapsed = timed_error(Fetcher(config(timeout_s=30.0)), f"http://127.0.0.1:{server.getsockname()[1]}/x")
+    assert err.kind == "fetch_timeout", err
+    assert elapsed < 1.5 + 2, f"the connect held the row {elapsed:.1f} s"
+
+
 def test_retries_stop_at_the_row_deadline(hostile):
     err, elapsed = timed_error(Fetcher(config(retries=10, row_deadline_s=4.0)), hostile.url("/drip"))
     assert err.kind == "fetch_timeout" and "row deadline of 4s" in err.message, err
