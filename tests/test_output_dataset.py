@@ -3,6 +3,7 @@ part that is not committed; the annotate wide table lives beside it. Local disk 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,8 @@ import pytest
 from fsspec.core import url_to_fs
 
 from blipbatch import read_output
-from blipbatch.pipeline.shards import WorkUnit
+from blipbatch.pipeline.resume import plan_run, unmatched_units
+from blipbatch.pipeline.shards import WorkUnit, legacy_unit_id, plan_units
 from blipbatch.pipeline.sink import (
     PROGRESS_DIR,
     commit_unit,
@@ -145,3 +147,21 @@ def test_an_old_output_still_reads_and_commits(tmp_path):
     commit_unit(str(output), record_for(old_units[2], table, attempt=2))
     assert_reads(str(output), 18)
     assert os.listdir(output / "_staging") == []
+
+
+def test_an_old_output_resumes_under_its_location_ids(tmp_path):
+    """Units committed before ids came from content were named after the shard's location: a resume knows them."""
+    shard = tmp_path / "in" / "s.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.table({"image_url": [f"/img/{i}.png" for i in range(6)], "key": [str(i) for i in range(6)],
+                             "lang": ["en"] * 6}), shard, row_group_size=3)
+    planned = plan_units([str(shard)], MAPPING, max_rows_per_unit=3)
+    output = str(tmp_path / "old")
+    old = dataclasses.replace(planned[0], unit_id=legacy_unit_id(planned[0]))
+    write_part(output, old, unit_output(old, "old"))
+    commit_unit(output, record_for(old, unit_output(old, "old"), attempt=1))
+    plan = plan_run(output, planned)
+    assert [u.unit_id for u in plan.units] == [old.unit_id, planned[1].unit_id]
+    assert [u.unit_id for u in plan.pending] == [planned[1].unit_id] and plan.skipped == 1
+    assert unmatched_units(plan.committed, planned) == []
+    assert unmatched_units(plan.committed, planned[1:]) == [old.unit_id]

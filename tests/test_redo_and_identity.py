@@ -22,7 +22,9 @@ from PIL import Image
 
 from blipbatch import read_output
 from blipbatch.jobs.cli import main
+from blipbatch.pipeline.shards import plan_units
 from blipbatch.pipeline.sink import PROGRESS_DIR, committed_units, part_name, progress_records, staged_name
+from blipbatch.schemas import ColumnMapping
 from tiny import write_tiny_checkpoint
 
 QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is it?"}
@@ -193,14 +195,21 @@ def test_duplicate_ids_are_refused_naming_shard_and_id(ray_local, tmp_path, chec
     assert f"key 'x': {inputs / 'a.parquet'} rows 0, 2" in err
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
-    # Across shards: each shard alone is fine, so the run goes on; status --verify names both.
+    # Across shards: each shard alone is fine, so the run goes on; status --verify names both. A null id is an
+    # error row that keeps the row's derived id, to join it back.
     write_shard(str(inputs / "a.parquet"), [png(images, i) for i in range(2)], ["x", "y"])
-    write_shard(str(inputs / "b.parquet"), [png(images, 2)], ["x"])
+    write_shard(str(inputs / "b.parquet"), [png(images, 2), png(images, 3)], ["x", None])
     assert main(["run", spec, "--quiet"]) == 0
     capsys.readouterr()
     main(["status", str(tmp_path / "out"), "--verify"])
     out = capsys.readouterr().out
     assert f"key 'x': {inputs / 'a.parquet'} rows 0; {inputs / 'b.parquet'} rows 0" in out
+    rows = read_output(str(tmp_path / "out")).to_pylist()
+    (shard_b,) = {r.shard_id for r in plan_units([str(inputs / "b.parquet")], ColumnMapping(id_column="key"))}
+    nulls = [r for r in rows if r["id"] is None]
+    assert [(r["status"], r["error_kind"], r["derived_id"]) for r in nulls] == [
+        ("error", "invalid_input", f"{shard_b}-1")] * len(QUESTIONS)
+    assert all(r["derived_id"] for r in rows)
 
 
 def test_output_inside_its_input_is_refused_before_any_work(ray_local, tmp_path, checkpoint, capsys):
@@ -210,3 +219,21 @@ def test_output_inside_its_input_is_refused_before_any_work(ray_local, tmp_path,
     assert main(["run", spec, "--quiet"]) == 3
     assert f"output {tmp_path / 'in' / 'out'} is inside the input {tmp_path / 'in'}" in capsys.readouterr().err
     assert not (tmp_path / "in" / "out").exists()
+
+
+def test_passthrough_of_several_types_across_shards_reads_as_one(ray_local, tmp_path, checkpoint):
+    """D4: a passthrough column that is null in one shard, int32 in another and int64 in a third: one type in every
+    part, so the output and its wide table read whole."""
+    images = tmp_path / "images"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, keys, tags in (("a", ["0", "1"], pa.nulls(2)), ("b", ["2"], pa.array([7], pa.int32())),
+                             ("c", ["3"], pa.array([None], pa.int64()))):
+        pq.write_table(pa.table({"image_url": [png(images, int(k)) for k in keys], "key": keys, "tag": tags}),
+                       inputs / f"{name}.parquet")
+    output = str(tmp_path / "out")
+    assert main(["run", write_spec(tmp_path, checkpoint, str(inputs), output, [images], "d4.toml"), "--quiet"]) == 0
+    assert {pq.read_schema(p).field("tag").type for p in Path(output).glob("*.parquet")} == {pa.int64()}
+    assert_whole(output, 4)
+    assert sorted(pq.read_table(f"{output}.wide.parquet").column("tag").to_pylist(), key=str) == [7, None, None,
+                                                                                                   None]
