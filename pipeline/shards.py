@@ -253,9 +253,9 @@ def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit:
     samples of column chunks that make a shard's fingerprint).
 
     Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
-    bad shard stops the job before any work. Unit ids come from each shard's content (a fingerprint of its footer and
-    samples of its column chunks) and the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job must
-    keep fixed across resumes (the manifest records it).
+    bad shard stops the job before any work. Unit ids come from each shard's content (its fingerprint, _content_id)
+    and the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job
+    must keep fixed across resumes (the manifest records it).
     """
     if max_rows_per_unit < 1:
         raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")

@@ -15,7 +15,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import pytest
 from fsspec.core import url_to_fs
 
 from blipbatch import read_output
@@ -52,11 +51,10 @@ def units(n: int) -> list[WorkUnit]:
 
 
 def readme_reads(output: str) -> dict[str, pa.Table]:
-    """The README's one-line reads ("Reading an output"), each as an Arrow table."""
-    fs, _ = url_to_fs(output)
+    """The README's one-line reads ("Reading an output"), each as an Arrow table (blipbatch's own read too)."""
     con = duckdb.connect()
     if output.startswith("s3://"):
-        con.register_filesystem(fs)  # DuckDB reads s3:// through fsspec (no httpfs extension to download)
+        con.register_filesystem(url_to_fs(output)[0])  # DuckDB reads s3:// through fsspec (no httpfs to download)
     return {
         "pandas": pa.Table.from_pandas(pd.read_parquet(output), preserve_index=False),
         "pyarrow": ds.dataset(output).to_table(),

@@ -10,11 +10,7 @@ import os
 import uuid
 from pathlib import Path
 
-import duckdb
-import pandas as pd
-import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from fsspec.core import url_to_fs
@@ -25,6 +21,7 @@ from blipbatch.jobs.cli import main
 from blipbatch.pipeline.shards import plan_units
 from blipbatch.pipeline.sink import PROGRESS_DIR, committed_units, part_name, progress_records, staged_name
 from blipbatch.schemas import ColumnMapping
+from test_output_dataset import readme_reads
 from tiny import write_tiny_checkpoint
 
 QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is it?"}
@@ -77,19 +74,6 @@ batch_size = 4
 local_roots = {json.dumps([str(r) for r in roots])}
 """)
     return str(spec)
-
-
-def readme_reads(output: str) -> dict[str, pa.Table]:
-    """The README's one-line reads of an output ("Reading an output")."""
-    con = duckdb.connect()
-    if output.startswith("s3://"):
-        con.register_filesystem(url_to_fs(output)[0])
-    return {
-        "pandas": pa.Table.from_pandas(pd.read_parquet(output), preserve_index=False),
-        "pyarrow": ds.dataset(output).to_table(),
-        "duckdb": con.sql(f"SELECT * FROM '{output}/**/*.parquet'").to_arrow_table(),
-        "polars": pl.scan_parquet(f"{output}/**/*.parquet").collect().to_arrow(),
-    }
 
 
 def assert_whole(output: str, images: int) -> None:
