@@ -265,7 +265,7 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
     cases = [  # (image reference, instruction, expected error kind or None, a fragment of the message)
         (server.url("/img/1.png"), PROMPTS[0], None, None),
         (server.url("/missing.png"), PROMPTS[0], "fetch_http", "404"),
-        (server.url("/page.html"), PROMPTS[0], "decode_error", "<!DOCTYPE html"),
+        (server.url("/page.html"), PROMPTS[0], "decode_error", "not an image: HTML, 53 bytes"),  # never its bytes
         (server.url("/truncated.jpg"), PROMPTS[0], "decode_error", "truncated"),
         (server.url("/empty.png"), PROMPTS[0], "decode_error", "empty"),
         (server.url("/bomb.png"), PROMPTS[0], "too_large", "20000x20000"),
