@@ -23,7 +23,7 @@ from blipbatch.schemas import ProgressRecord
 from .metrics import RunMetrics
 from .redact import redact
 from .shards import WorkUnit
-from .sink import mark_failed
+from .sink import mark_failed, rows_at
 from blipbatch.errors import BlipbatchError
 
 
@@ -154,7 +154,7 @@ class Dispatcher:
             self.charge(unit, attempt, _reason(e))
             return
         self.forget(ref)
-        self.committed(record)
+        self.committed(record, unit)
 
     def worker_died(self, w: int) -> None:
         """All units on a dead worker fail with it, but only the one it was running (the oldest that had
@@ -166,7 +166,7 @@ class Dispatcher:
             _, unit, attempt = self.forget(ref)
             record = _result(ref) if ref in finished else None
             if record is not None:
-                self.committed(record)
+                self.committed(record, unit)
             elif charged:
                 self.queue.append((unit, attempt))
             else:
@@ -198,14 +198,18 @@ class Dispatcher:
         self.summary.units_failed += 1
         self.summary.failed[unit.unit_id] = reason
 
-    def committed(self, record: dict) -> None:
+    def committed(self, record: dict, unit: WorkUnit) -> None:
+        progress = ProgressRecord.from_dict(record)
+        # A redo counts the rows it did again, not those its unit kept.
+        ok, error, kinds = ((record["rows_ok"], record["rows_error"], record["errors_by_kind"]) if unit.redo is None
+                            else rows_at(self.summary.output, progress, unit.redo))
         self.summary.units_done += 1
-        self.summary.rows_ok += record["rows_ok"]
-        self.summary.rows_error += record["rows_error"]
+        self.summary.rows_ok += ok
+        self.summary.rows_error += error
         self.summary.images_encoded += record["images_encoded"]
-        self.errors.update(record["errors_by_kind"])
+        self.errors.update(kinds)
         self.summary.errors_by_kind = dict(self.errors)
-        self.metrics.committed(ProgressRecord.from_dict(record))
+        self.metrics.committed(progress)
 
 
 def run_units(

@@ -27,7 +27,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timezone
 from typing import TypeVar
 
@@ -295,6 +295,14 @@ def error_positions(output_root: str, record: ProgressRecord, kinds: Collection[
     wanted = pc.and_(pc.equal(table.column("status"), STATUS_ERROR),
                      pc.is_in(table.column("error_kind"), pa.array(sorted(kinds), pa.string())))
     return tuple(pc.indices_nonzero(wanted.fill_null(False)).to_pylist())
+
+
+def rows_at(output_root: str, record: ProgressRecord, positions: Sequence[int]) -> tuple[int, int, dict[str, int]]:
+    """Rows ok and in error, and errors by kind, among the rows at `positions` of a committed unit's part."""
+    table = read_part(output_root, record, ["status", "error_kind"]).take(pa.array(positions, pa.int64()))
+    statuses = Counter(table.column("status").to_pylist())
+    kinds = Counter(kind for kind in table.column("error_kind").to_pylist() if kind is not None)
+    return statuses[STATUS_OK], statuses[STATUS_ERROR], dict(kinds)
 
 
 def merge_redone(output_root: str, unit: WorkUnit, redone: pa.Table) -> pa.Table:

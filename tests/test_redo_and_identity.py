@@ -116,7 +116,9 @@ def test_blocked_images_redone_after_adding_a_root_and_read_whole(ray_local, tmp
     assert part_bytes(output) == before
     assert main(["run", fixed, "--quiet", "--redo-errors", "fetch_http"]) == 0  # no row of that kind: nothing
     assert part_bytes(output) == before
+    capsys.readouterr()
     assert main(["run", fixed, "--quiet", "--redo-errors", "blocked_address"]) == 0
+    assert "rows: 8 ok, 0 error" in capsys.readouterr().out  # this run's rows: those it did again
 
     rows = read_output(output).to_pylist()
     assert all(r["status"] == "ok" for r in rows)
