@@ -97,6 +97,12 @@ FLAG_KEYS = {
 EXTEND_KEYS = {"local_root": "fetch.local_roots", "allow_host": "fetch.allow_hosts"}
 
 
+def given(args: argparse.Namespace, name: str) -> bool:
+    """Whether the flag `name`, or a --set of its spec key, was given."""
+    key = FLAG_KEYS.get(name, name)
+    return getattr(args, name, None) is not None or any(a.partition("=")[0].strip() == key for a in args.set)
+
+
 def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The spec overrides the flags and --set give, in that order (--set wins)."""
     from blipbatch.jobs.spec import Extend, parse_override
@@ -110,7 +116,7 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
     if args.allow_host:
         overrides["fetch.allow_hosts"] = Extend(args.allow_host)
     if args.spec is None:
-        overrides["job.kind"] = "vqa" if args.instruction_column else "caption"
+        overrides["job.kind"] = "vqa" if given(args, "instruction_column") else "caption"
     overrides |= dict(parse_override(assignment) for assignment in args.set)
     return overrides
 
@@ -122,9 +128,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from blipbatch.jobs.spec import load_spec
 
     if args.spec is None:
-        missing = [f"--{name}" for name in ("input", "output", "model") if getattr(args, name) is None
-                   and not any(a.startswith(FLAG_KEYS[name] + "=") for a in args.set)]
-        if missing or (args.prompt is None) == (args.instruction_column is None):
+        missing = [f"--{name.replace('_', '-')}" for name in ("input", "output", "model") if not given(args, name)]
+        asks = given(args, "prompt") != given(args, "instruction_column") or given(args, "job.kind")
+        if missing or not asks:
             print("blipbatch run: give a job spec file, or --input, --output, --model and one of --prompt / "
                   f"--instruction-column{' (missing: ' + ', '.join(missing) + ')' if missing else ''}", file=sys.stderr)
             return EXIT_USAGE
@@ -201,7 +207,7 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
     run.add_argument("--max-error-rate", type=float,
                      help="exit 4 when this share of the run's rows ended in error (default 1.0: all of them)")
-    add_fetch_flags(run, "images")
+    add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
     run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings")
@@ -215,12 +221,12 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=run_pipeline)
 
 
-def add_fetch_flags(parser: argparse.ArgumentParser, what: str) -> None:
+def add_fetch_flags(parser: argparse.ArgumentParser, purpose: str = "") -> None:
     """--allow-host and --local-root: they add to the job's [fetch] allow_hosts and local_roots."""
     parser.add_argument("--allow-host", action="append", default=[], metavar="HOST",
-                        help=f"trust this private host or network for {what}, as [fetch] allow_hosts (repeatable)")
+                        help=f"trust this private host or network{purpose}, as [fetch] allow_hosts (repeatable)")
     parser.add_argument("--local-root", action="append", default=[], metavar="DIR",
-                        help=f"read local image files inside DIR for {what}, as [fetch] local_roots (repeatable)")
+                        help=f"read local image files inside DIR{purpose}, as [fetch] local_roots (repeatable)")
 
 
 def submit_job(args: argparse.Namespace) -> int:
@@ -372,7 +378,7 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--seed", type=int, default=0, help="which images are sampled (default 0)")
     report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails (default: the settings "
                         "the output's manifest recorded)")
-    add_fetch_flags(report, "thumbnails")
+    add_fetch_flags(report, " for thumbnails")
     report.set_defaults(handler=make_report)
 
 

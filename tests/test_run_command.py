@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blipbatch.jobs.cli import EXIT_ERROR_RATE, EXIT_OK, EXIT_REFUSED, EXIT_TERMINATED, build_parser, main
+from blipbatch.jobs.cli import (EXIT_ERROR_RATE, EXIT_OK, EXIT_REFUSED, EXIT_TERMINATED, build_parser, flag_overrides,
+                                main)
+from blipbatch.jobs.spec import load_spec
 from blipbatch.jobs.demo import DEMO_MODEL, SAMPLE_IMAGES
 from blipbatch.pipeline.lock import LOCK_NAME, OutputLock
 from blipbatch.pipeline.fetch import FetchConfig
@@ -108,6 +110,11 @@ def test_passthrough_cannot_swallow_the_spec_and_set_needs_no_spec():
                                       "--set", "run.batch_size=2", "--local-root", "imgs", "--allow-host", "h"])
     assert args.spec is None and args.set == ["run.batch_size=2"]
     assert (args.local_root, args.allow_host) == (["imgs"], ["h"])
+    # any job from flags and --set alone, an annotate job too
+    args = build_parser().parse_args(["run", "--set", "input.path=in", "--output", "out", "--model", "m",
+                                      "--set", "job.kind=annotate", "--set", 'questions.color="What color?"'])
+    job = load_spec(None, flag_overrides(args))
+    assert job.kind == "annotate" and job.instructions == {"color": "What color?"} and job.input.paths == ("in",)
 
 
 def test_flags_only_run_with_local_root_then_error_rate_exit_4(ray_local, tmp_path, capsys):
