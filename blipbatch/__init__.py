@@ -3,8 +3,9 @@
 The public names load on first use, so `import blipbatch.model` does not import Ray and `import blipbatch`
 imports nothing heavy:
 
-    from blipbatch import InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from blipbatch import InstructBlipForConditionalGeneration, InstructBlipProcessor, load_spec
     from blipbatch import run          # the pipeline: Parquet shards in, Parquet out
+    run(load_spec("job.toml"))         # the job a spec file describes (flags: load_spec(path, overrides))
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ _EXPORTS = {
         "blipbatch.model",
     ),
     "run": "blipbatch.pipeline",
+    "Job": "blipbatch.pipeline",
     "RunSummary": "blipbatch.pipeline",
     "PipelineError": "blipbatch.pipeline",
     "SpecError": "blipbatch.jobs.spec",
+    "load_spec": "blipbatch.jobs.spec",
     "read_output": "blipbatch.pipeline.sink",
 }
 
@@ -47,9 +50,9 @@ if TYPE_CHECKING:
         InstructBlipModel, InstructBlipProcessor, InstructBlipQFormerConfig, InstructBlipQFormerModel,
         InstructBlipVisionConfig, InstructBlipVisionModel, ModelError,
     )
-    from .pipeline import PipelineError, RunSummary, run
+    from .pipeline import Job, PipelineError, RunSummary, run
     from .pipeline.sink import read_output
-    from .jobs.spec import SpecError
+    from .jobs.spec import SpecError, load_spec
 
 
 def __getattr__(name: str) -> Any:
