@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import os
 import re
 from collections import defaultdict
@@ -284,27 +286,35 @@ def _ids(shard: str, column: str) -> pa.Array:
 def duplicate_ids(shards: Sequence[str], mapping: ColumnMapping, across_shards: bool = False,
                   limit: int = 10) -> list[tuple[str, list[tuple[str, int]]]]:
     """Ids of the id column found on more than one row, as [(id, [(shard, row index), ...])], at most `limit`:
-    within each shard, or across them too (`across_shards`, which holds every id in memory). Null ids do not count
-    (their rows become error rows)."""
+    within each shard (one shard's ids in memory at a time), or across them too (`across_shards`: every id in
+    memory). Null ids do not count (their rows become error rows)."""
     if mapping.id_column is None:
         return []
-    with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
-        columns = list(pool.map(lambda shard: _ids(shard, mapping.id_column), shards))
-    groups = [(list(shards), columns)] if across_shards else [([s], [c]) for s, c in zip(shards, columns)]
     found: list[tuple[str, list[tuple[str, int]]]] = []
-    for names, arrays in groups:
-        ids = pa.concat_arrays(arrays)
-        counts = pc.value_counts(ids)
-        repeated = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values"))))
-        starts = [sum(len(a) for a in arrays[:i]) for i in range(len(arrays))]
-        for value in repeated.field("values").to_pylist()[: limit - len(found)]:
-            rows = pc.indices_nonzero(pc.equal(ids, value)).to_pylist()
-            found.append((value, [_shard_row(names, starts, row) for row in rows]))
+    with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
+        columns = pool.map(lambda shard: _ids(shard, mapping.id_column), shards)
+        if across_shards:
+            _repeated(list(shards), list(columns), limit, found)
+        else:
+            for shard, ids in zip(shards, columns):
+                _repeated([shard], [ids], limit, found)
     return found
 
 
+def _repeated(shards: list[str], columns: list[pa.Array], limit: int,
+              found: list[tuple[str, list[tuple[str, int]]]]) -> None:
+    """Add to `found` the ids repeated over `columns` (the id columns of `shards`, in order), up to `limit` in all."""
+    ids = pa.concat_arrays(columns)
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values"))))
+    starts = [0, *itertools.accumulate(len(c) for c in columns)][:-1]
+    for value in repeated.field("values").to_pylist()[: max(limit - len(found), 0)]:
+        rows = pc.indices_nonzero(pc.equal(ids, value)).to_pylist()
+        found.append((value, [_shard_row(shards, starts, row) for row in rows]))
+
+
 def _shard_row(shards: Sequence[str], starts: Sequence[int], index: int) -> tuple[str, int]:
-    at = max(i for i, start in enumerate(starts) if start <= index)
+    at = bisect.bisect_right(starts, index) - 1
     return shards[at], index - starts[at]
 
 
