@@ -485,3 +485,20 @@ def test_standalone_parts_have_the_documented_forward(tmp_path):
                       input_ids=torch.tensor([[5, 6]]), output_hidden_states=True, return_dict=False)
     assert len(image.hidden_states) == VISION["num_hidden_layers"] + 1
     assert len(out) == 3 and out[0].shape == (1, 4, QFORMER["hidden_size"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("settings", [dict(max_new_tokens=4), dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)],
+                         ids=["greedy", "beam"])
+def test_generate_scores_match_transformers_on_every_language_model(pair, settings):
+    hf, ours, lm = pair
+    inputs = {k: v for k, v in inputs_for(lm).items() if k != "decoder_input_ids"}
+    asked = dict(return_dict_in_generate=True, output_scores=True, **settings)
+    got, expected = ours.generate(**inputs, **asked), hf.generate(**inputs, **asked)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.scores) == len(expected.scores)
+    for a, b in zip(got.scores, expected.scores):
+        assert a.shape == b.shape and torch.equal(torch.isfinite(a), torch.isfinite(b))
+        assert max_diff(a[torch.isfinite(b)], b[torch.isfinite(b)]) <= 1e-4
+    if "num_beams" in settings:
+        assert max_diff(got.sequences_scores, expected.sequences_scores) <= 1e-4
