@@ -15,9 +15,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 from fsspec.core import url_to_fs
 
 from blipbatch import read_output
+from blipbatch.jobs.kinds import WideTableError, wide_location, write_wide_table
 from blipbatch.pipeline.resume import plan_run, unmatched_units
 from blipbatch.pipeline.shards import WorkUnit, legacy_unit_id, plan_units
 from blipbatch.pipeline.sink import (
@@ -163,3 +165,19 @@ def test_an_old_output_resumes_under_its_location_ids(tmp_path):
     assert [u.unit_id for u in plan.pending] == [planned[1].unit_id] and plan.skipped == 1
     assert unmatched_units(plan.committed, planned) == []
     assert unmatched_units(plan.committed, planned[1:]) == [old.unit_id]
+
+
+def test_the_wide_table_moves_beside_an_old_output(tmp_path):
+    """Outputs written before kept wide.parquet inside, where every reader took it for a part; the next write of the
+    wide table puts it beside the output and removes the old one."""
+    output = str(tmp_path / "out")
+    for unit in units(2):
+        write_part(output, unit, unit_output(unit, "x"))
+        commit_unit(output, record_for(unit, unit_output(unit, "x"), attempt=1))
+    pq.write_table(pa.table({"id": ["0"], "color": ["x"]}), tmp_path / "out" / "wide.parquet")
+    assert write_wide_table(output) == f"{output}.wide.parquet"
+    assert not (tmp_path / "out" / "wide.parquet").exists()
+    assert_reads(output, 12)
+    assert pq.read_table(f"{output}.wide.parquet").num_rows == 6
+    with pytest.raises(WideTableError, match="beside the output folder"):
+        wide_location("s3://bucket")
