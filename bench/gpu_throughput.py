@@ -18,12 +18,15 @@ Measured, in order (reference/gpu.md has the first H100 figures and the ~530 ima
    graphs on CUDA), at each batch size;
 4. `Engine.generate` with decoded PIL images (the Python API's path: the processor runs in the caller's thread);
 5. `ModelWorker.process_unit` on the JPEG files -> Parquet (one unit), with its stage times;
+6. with `--quantize fp8` (Hopper): our model quantized in place (model/fp8.py), continuous batching and the worker
+   again, and the share of rows whose ids equal bf16's;
 and per phase the peak device memory, and the best rate as a share of the compute limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -291,7 +294,8 @@ def engine_pil(engine, paths: list[Path], size: Size, device: torch.device, resu
     results.add(f"Engine.generate with PIL images, batch {size.batch}", len(images), seconds, device)
 
 
-def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: torch.device, results: Results) -> None:
+def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: torch.device, results: Results,
+                label: str = "") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -302,8 +306,9 @@ def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: tor
     from blipbatch.schemas import ColumnMapping
 
     source = folder / "input"
-    source.mkdir()
+    source.mkdir(exist_ok=True)
     pq.write_table(pa.table({"image_url": [str(p) for p in paths]}), source / "part-00000.parquet")
+    folder = folder / f"worker{label}"
     [unit] = plan_units(discover_shards(str(source)), ColumnMapping(), len(paths))
     config = WorkerConfig(
         engine=EngineConfig(model="in-memory", device=str(device), generation=engine.settings), mapping=ColumnMapping(),
@@ -319,8 +324,37 @@ def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: tor
         raise RuntimeError(f"the worker wrote {ok} ok rows of {len(paths)}")
     timing = records[0].get("timing") or {}
     note = ", ".join(f"{k} {timing[k]:.2f}s" for k in ("fetch_s", "decode_s", "model_s") if k in timing)
-    results.add(f"worker process_unit: {len(paths)} JPEG files -> Parquet", len(paths), seconds, device,
+    results.add(f"worker process_unit{label}: {len(paths)} JPEG files -> Parquet", len(paths), seconds, device,
                 f"batch {size.batch}; {note} (fetch/decode in thread-seconds)")
+
+
+def fp8_phase(engine, inputs_for, paths: list[Path], size: Size, folder: Path, device: torch.device,
+              results: Results) -> None:
+    """Quantize our model to FP8 in place; the share of rows whose ids equal bf16's, FP8 speed, FP8 end to end."""
+    from blipbatch.model.continuous import GreedyLimits, generate_greedy
+    from blipbatch.model.fp8 import check_fp8_support, quantize_fp8_
+
+    check_fp8_support(device)
+    model = engine.model
+    limits = GreedyLimits(size.new_tokens, size.new_tokens, tuple(model.generation_config.eos_token_ids))
+    inputs = inputs_for(size.batch)
+    text = {k: v for k, v in inputs.items() if k != "pixel_values"}
+
+    def greedy() -> list[list[int]]:
+        return generate_greedy(model, model.encode_images(inputs["pixel_values"]), text, limits, size.batch,
+                               engine.graph_step)
+
+    with torch.inference_mode():
+        reference = greedy()
+        quantize_fp8_(model)
+        if engine.graph_step is not None:
+            engine.graph_step.forget()
+        quantized = greedy()  # also the warm-up (and capture) of the FP8 step
+        seconds = timed(lambda: [greedy() for _ in range(size.repeats)], device)
+    same = sum(a == b for a, b in zip(reference, quantized)) / len(reference)
+    results.add(f"ours continuous batching FP8, batch {size.batch}", size.batch * size.repeats, seconds, device,
+                f"ids identical to bf16 for {100 * same:.0f}% of rows")
+    worker_unit(engine, paths, size, folder, device, results, label=" FP8")
 
 
 # -- report --------------------------------------------------------------------------------------------------------
@@ -345,6 +379,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
+    parser.add_argument("--quantize", choices=["fp8"], default=None,
+                        help="after the rest, quantize our model to FP8 (Hopper) and measure it again")
+    parser.add_argument("--images", type=int, default=None, help="JPEG files (default: 1,024 for 7b, 64 for medium)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["prepare", "transformers", "model", "engine", "worker"])
     args = parser.parse_args()
     ensure_imports()
@@ -356,6 +393,8 @@ def main() -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.size = args.size or ("7b" if device.type == "cuda" else "medium")
     size = SIZES[args.size]
+    if args.images:
+        size = dataclasses.replace(size, images=args.images)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results = Results(setup_line(args, device, dtype))
     print(json.dumps(results.setup), flush=True)
@@ -390,6 +429,8 @@ def main() -> None:
             engine_pil(engine, paths, size, device, results)
         if "worker" not in args.skip:
             worker_unit(engine, paths, size, work, device, results)
+        if args.quantize:
+            fp8_phase(engine, inputs_for, paths, size, work, device, results)
     results.setup["host peak RSS GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     results.setup["wall s"] = time.perf_counter() - started
     best = max(results.rates.items(), key=lambda item: item[1] if "prepare" not in item[0] else 0)

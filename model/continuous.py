@@ -89,7 +89,7 @@ class GraphStep:
         """An empty SlotCache of `slots` rows and at least `max_length` positions, with its step captured."""
         key = (slots, -(-max_length // self.LENGTH_STEP) * self.LENGTH_STEP)
         if key != self.key:
-            self.key, self.cache, self.graph = None, None, None  # free the old graph's memory first
+            self.forget()  # free the old graph's memory first
             self.cache = SlotCache.like(self.lm.new_cache(1, 1), slots, key[1])
             self.next_ids = torch.zeros(slots, dtype=torch.long, device=self.cache.rows.device)
             if self.capture:
@@ -97,6 +97,10 @@ class GraphStep:
             self.key = key
         self.cache.reset()
         return self.cache
+
+    def forget(self) -> None:
+        """Drop the cache and the captured graph (the model's weights were replaced: the graph points at the old)."""
+        self.key, self.cache, self.graph = None, None, None
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         # Warm-up on a side stream (lazy inits, cuBLAS workspaces), as torch.cuda.graphs asks; the empty cache's
@@ -109,7 +113,8 @@ class GraphStep:
                 decode_logits(self.lm, self.cache, self.next_ids, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the prepare stage's threads keep pinning memory while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = decode_logits(self.lm, self.cache, self.next_ids, window)
         return graph
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .continuous import GraphStep, GreedyLimits, generate_greedy
-from .errors import ProcessorError
+from .errors import ConfigError, ProcessorError
+from .fp8 import check_fp8_support, quantize_fp8_
 from .hub import checkpoint_dir
 from .configs import GenerationConfig
 from .instructblip import DEFAULT_NEW_TOKENS, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
@@ -39,6 +40,7 @@ class EngineConfig:
     decode_slots: int | None = None             # sequences decoded together (greedy); None: `default_rows`
     cpu_threads: int | None = None              # torch's intra-op threads on CPU; None: leave torch's setting
     cuda_graphs: bool = True                    # on CUDA, greedy decode steps run as a CUDA graph
+    quantize: str | None = None                 # "fp8": FP8 linear layers on Hopper GPUs (model/fp8.py)
 
 
 CPU_ROWS = (8, 32)  # CPU defaults: rows per model call, decode slots
@@ -98,9 +100,17 @@ class Engine:
         """Loads the checkpoint `config.model`, or takes `loaded` (processor, model already on config.device):
         a model built in memory, as the GPU bench does."""
         self.device = resolve_device(config.device)
+        if config.quantize not in (None, "fp8"):
+            raise ConfigError(f'quantize must be "fp8" or unset, got {config.quantize!r}')
+        if config.quantize:
+            check_fp8_support(self.device)  # before loading gigabytes for nothing
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         self.processor, self.model = loaded or load(config, self.device)
+        if config.quantize:
+            if not self.model.config.use_decoder_only_language_model:
+                raise ConfigError('quantize = "fp8" supports LLaMA (Vicuna) and OPT language models, not T5')
+            quantize_fp8_(self.model)
         self.settings = dict(config.generation)
         # validate the settings once, up front, rather than on the first batch
         resolved = self.model.generation_config.updated(**self.settings)

@@ -206,12 +206,13 @@ class PrepareStage:
         start = time.perf_counter()
         try:
             with self.budget.hold(decoded_size(data)):
-                try:
-                    image = decode_image(data, self.decode)
-                except RowError as err:
-                    return err
+                image = decode_image(data, self.decode)
                 with image:
                     return self.processor.resized(image)
+        except RowError as err:
+            return err
+        except Exception as err:  # anything else about one image (the processor refusing it, no memory for it)
+            return RowError("decode_error", f"{type(err).__name__}: {err}")
         finally:
             self.times.add("decode_s", time.perf_counter() - start)
 

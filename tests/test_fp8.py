@@ -1,0 +1,51 @@
+"""FP8 is opt-in and Hopper-only: refused clearly elsewhere; the quantization itself checked on the CPU (the FP8
+matmul, torch._scaled_mm, needs the GPU: bench/gpu_throughput.py --quantize fp8 measures it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from blipbatch.model import InstructBlipForConditionalGeneration
+from blipbatch.model.engine import Engine, EngineConfig
+from blipbatch.model.errors import ConfigError
+from blipbatch.model.fp8 import FP8_MAX, Fp8Linear, quantize_fp8_, quantize_rows
+from tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+
+
+def test_fp8_is_refused_on_cpu_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match=r'quantize = "fp8" needs an NVIDIA GPU with FP8 tensor cores .*on the CPU'):
+        Engine(EngineConfig(model=str(tmp_path / "not-even-a-checkpoint"), device="cpu", quantize="fp8"))
+    with pytest.raises(ConfigError, match='quantize must be "fp8" or unset'):
+        Engine(EngineConfig(model=str(tmp_path), device="cpu", quantize="int4"))
+
+
+def test_quantize_rows_keeps_each_row_within_fp8_precision():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different scales
+    values, scale = quantize_rows(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert values.float().abs().amax(-1).eq(FP8_MAX).all()  # each row uses the whole range
+    back = values.float() * scale
+    # e4m3 keeps 3 mantissa bits: relative error at most 2**-4 of the row's largest value
+    assert ((back - x).abs() <= x.abs().amax(-1, keepdim=True) * 2**-4).all()
+
+
+def test_quantize_swaps_the_vision_and_decoder_linears_only(tiny):
+    model = InstructBlipForConditionalGeneration.from_pretrained(tiny)
+    vision = sum(isinstance(m, nn.Linear) for m in model.vision_model.modules())
+    decoder = sum(isinstance(m, nn.Linear) for m in model.language_model.model.layers.modules())
+    untouched = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                 if not name.startswith(("vision_model.", "language_model.model.layers."))}
+    assert quantize_fp8_(model) == vision + decoder > 0
+    assert not any(isinstance(m, nn.Linear) for m in model.vision_model.modules())
+    assert {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} == untouched
+    assert "language_model.lm_head" in untouched
+    layer = model.language_model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
