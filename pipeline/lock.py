@@ -5,7 +5,7 @@ this host and its process is gone, otherwise when it expires after `ttl_s` (a sc
 blocked for long). Every change to the lock is a compare-and-swap on the lock as it was read, so two runs racing for
 it (to create it, or to take over the same stale lock) cannot both win:
 - local disk: read, decide and write under an exclusive flock of the output folder (released by the kernel if the
-  process dies), the write a rename of a whole temp file;
+  process dies), the write a rename of a whole temp file (a filesystem without flock: check, then write);
 - S3: conditional writes: create with If-None-Match "*", replace and delete with If-Match on the ETag read, so the
   store refuses a write over a lock that changed since it was read;
 - other object stores: check, then write (two runs started within the same second could both take the lock).
@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -30,6 +31,8 @@ from fsspec.implementations.local import LocalFileSystem
 from blipbatch.errors import BlipbatchError
 
 from .sink import retry_store_call
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock.json"
 FLOCK_WAIT_S = 10.0  # a critical section is a read and a write: this long means a stuck process
@@ -124,6 +127,11 @@ class _LocalStore(_Store):
                         raise OutputLocked(f"{folder}: another process kept the lock file busy for "
                                            f"{FLOCK_WAIT_S:.0f}s") from None
                     time.sleep(0.005)
+                except OSError as err:  # a filesystem without flock (some network and FUSE mounts)
+                    if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                        raise
+                    log.warning("%s: no flock on this filesystem; taking the lock is check-then-write", folder)
+                    break
             yield
         finally:
             os.close(fd)  # releases the flock
