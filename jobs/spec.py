@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blipbatch.model.configs import GenerationConfig
-from blipbatch.model.errors import ConfigError
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
-from blipbatch.pipeline.job import InputConfig, Job, ModelConfig, OutputConfig, PipelineError, RunConfig
+from blipbatch.pipeline.job import (GenerationSettingsError, InputConfig, Job, ModelConfig, OutputConfig, PipelineError,
+                                    RunConfig)
 from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
 
 from .kinds import KIND_SPECIFIC_KEYS, KINDS
@@ -480,11 +479,6 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
                             "choose another")
 
     generation = values.get("generation", {})
-    try:
-        GenerationConfig().updated(**generation)  # the engine's own checks across keys, before any worker starts
-    except ConfigError as e:
-        raise SpecError(where("generation"), "[generation]", str(e)) from None
-
     prompt = None
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
@@ -507,6 +501,8 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
             decode=_pipeline_config(DecodeConfig, "decode", values.get("decode", {}), where),
             run=RunConfig(**run),
         )
+    except GenerationSettingsError as e:  # the engine's checks across keys, made by the Job
+        raise SpecError(where("generation"), "[generation]", e.problem) from None
     except PipelineError as e:  # a check across tables the ones above do not make
         raise SpecError(source, "", str(e)) from None
 

@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any
 
 from blipbatch.errors import BlipbatchError
+from blipbatch.model.configs import GenerationConfig
+from blipbatch.model.errors import ConfigError
 from blipbatch.schemas import ColumnMapping
 
 from .decode import DecodeConfig
@@ -29,6 +31,14 @@ Instructions = tuple[str, ...] | dict[str, str]
 
 class PipelineError(BlipbatchError, ValueError):
     """A run that cannot start: contradictory or missing settings, an unusable model or output location."""
+
+
+class GenerationSettingsError(PipelineError):
+    """generate() settings that are unknown or do not go together; `problem` says which and why."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"generation: {problem}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +110,17 @@ def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Ins
     return fixed
 
 
+def _checked_generation(given: Mapping[str, Any]) -> dict[str, Any]:
+    """DEFAULT_GENERATION with `given` over it, checked by the engine's own rules (every key, and across keys) once,
+    here, before any worker starts; the checkpoint's generation_config fills in the rest there."""
+    settings = {**DEFAULT_GENERATION, **given}
+    try:
+        GenerationConfig().updated(**settings)
+    except ConfigError as e:
+        raise GenerationSettingsError(str(e)) from None
+    return settings
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything one run needs; see the module docstring. `instructions`: the fixed prompt(s), or named questions
@@ -119,7 +140,7 @@ class Job:
         if (self.instructions is None) == (self.input.instruction_column is None):
             raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
         object.__setattr__(self, "instructions", _instructions(self.instructions))
-        object.__setattr__(self, "generation", {**DEFAULT_GENERATION, **self.generation})
+        object.__setattr__(self, "generation", _checked_generation(self.generation))
 
     @property
     def rows_per_input_row(self) -> int:

@@ -484,3 +484,14 @@ def test_values_in_messages_are_written_as_toml(tmp_path):
     path = write(tmp_path, BASE + "\n[fetch]\nallowed_schemes = [\"https\", 3]\n", name="l.toml")
     assert error_of(path) == (f'{path}:14: [fetch] allowed_schemes: expected an array of non-empty strings, '
                               'got ["https", 3] (an array)')
+
+
+def test_a_python_api_job_checks_its_generation_settings_once_when_built():
+    from blipbatch.pipeline.job import GenerationSettingsError, job_from_keywords
+
+    job = job_from_keywords("in", "out", "m", prompt="x", num_beams=3, generation={"length_penalty": 0.5})
+    assert job.generation == {"max_new_tokens": 30, "num_beams": 3, "length_penalty": 0.5}
+    with pytest.raises(GenerationSettingsError, match="unknown generation settings: max_new_token;"):
+        job_from_keywords("in", "out", "m", prompt="x", generation={"max_new_token": 3})
+    with pytest.raises(GenerationSettingsError, match="num_return_sequences"):
+        job_from_keywords("in", "out", "m", prompt="x", num_beams=2, generation={"num_return_sequences": 3})
