@@ -251,14 +251,22 @@ def prepare_stage(paths: list[Path], processor, results: Results) -> None:
                     f"decode {stage.times.decode_s:.1f} thread-s, fetch {stage.times.fetch_s:.1f} thread-s")
 
 
-def transformers_generate(hf, inputs_for, size: Size, device: torch.device, results: Results) -> None:
-    settings = dict(max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens, do_sample=False)
+def static_generate(model, name: str, settings: dict, inputs_for, size: Size, device: torch.device,
+                    results: Results, after=None) -> None:
+    """Timed `generate` calls at each batch size, after a warm-up; then `after(batch, inputs)`, if given."""
     with torch.inference_mode():
-        hf.generate(**inputs_for(min(size.batches)), **settings)  # warm-up
+        model.generate(**inputs_for(min(size.batches)), **settings)  # warm-up
         for batch in size.batches:
             inputs = inputs_for(batch)
-            seconds = timed(lambda: [hf.generate(**inputs, **settings) for _ in range(size.repeats)], device)
-            results.add(f"transformers generate, batch {batch}", batch * size.repeats, seconds, device)
+            seconds = timed(lambda: [model.generate(**inputs, **settings) for _ in range(size.repeats)], device)
+            results.add(f"{name}, batch {batch}", batch * size.repeats, seconds, device)
+            if after is not None:
+                after(batch, inputs)
+
+
+def transformers_generate(hf, inputs_for, size: Size, device: torch.device, results: Results) -> None:
+    settings = dict(max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens, do_sample=False)
+    static_generate(hf, "transformers generate", settings, inputs_for, size, device, results)
 
 
 def ours_model_only(ours, inputs_for, size: Size, device: torch.device, results: Results) -> None:
@@ -272,16 +280,13 @@ def ours_model_only(ours, inputs_for, size: Size, device: torch.device, results:
         text = {k: v for k, v in inputs.items() if k != "pixel_values"}
         generate_greedy(ours, ours.encode_images(inputs["pixel_values"]), text, limits, len(text["input_ids"]), graph)
 
-    with torch.inference_mode():
-        ours.generate(**inputs_for(min(size.batches)), **settings)  # warm-up
-        for batch in size.batches:
-            inputs = inputs_for(batch)
-            seconds = timed(lambda: [ours.generate(**inputs, **settings) for _ in range(size.repeats)], device)
-            results.add(f"ours static generate, batch {batch}", batch * size.repeats, seconds, device)
-            greedy(inputs)  # warm-up (and on CUDA the graph's capture) for this slot count
-            seconds = timed(lambda: [greedy(inputs) for _ in range(size.repeats)], device)
-            results.add(f"ours continuous batching, batch {batch}", batch * size.repeats, seconds, device,
-                        "CUDA graph" if graph else "eager")
+    def continuous(batch: int, inputs: dict) -> None:
+        greedy(inputs)  # warm-up (and on CUDA the graph's capture) for this slot count
+        seconds = timed(lambda: [greedy(inputs) for _ in range(size.repeats)], device)
+        results.add(f"ours continuous batching, batch {batch}", batch * size.repeats, seconds, device,
+                    "CUDA graph" if graph else "eager")
+
+    static_generate(ours, "ours static generate", settings, inputs_for, size, device, results, after=continuous)
 
 
 def engine_pil(engine, paths: list[Path], size: Size, device: torch.device, results: Results) -> None:
@@ -433,9 +438,10 @@ def main() -> None:
             fp8_phase(engine, inputs_for, paths, size, work, device, results)
     results.setup["host peak RSS GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     results.setup["wall s"] = time.perf_counter() - started
-    best = max(results.rates.items(), key=lambda item: item[1] if "prepare" not in item[0] else 0)
-    print(f"\nbest model path: {best[0]}: {best[1]:.1f} images/s = {100 * best[1] / LIMIT_IMAGES_PER_S:.0f}% of "
-          f"~{LIMIT_IMAGES_PER_S} images/s (the H100 compute limit; meaningful on that card only)")
+    model_rates = {name: rate for name, rate in results.rates.items() if not name.startswith("prepare")}
+    for name, rate in sorted(model_rates.items(), key=lambda item: -item[1])[:1]:
+        print(f"\nbest: {name}: {rate:.1f} images/s = {100 * rate / LIMIT_IMAGES_PER_S:.0f}% of "
+              f"~{LIMIT_IMAGES_PER_S} images/s (the H100 compute limit; meaningful on that card only)")
     print(json.dumps(results.setup))
     if args.json:
         args.json.write_text(json.dumps({"setup": results.setup, "images_per_s": results.rates,
