@@ -20,7 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"blipbatch": "blipbatch", "blipbatch/model": "model", "blipbatch/pipeline": "pipeline",
             "blipbatch/jobs": "jobs", "blipbatch/schemas": "schemas"}
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
-AGENT_WAIT_S = 60.0
+AGENT_WAIT_S = 180.0  # a cluster that has just started, on a busy machine, may take minutes to start its job agent
 
 
 class SubmitError(BlipbatchError, RuntimeError):
