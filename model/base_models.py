@@ -127,7 +127,9 @@ class PretrainedModel(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied weight counts once), as transformers counts them."""
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        embeddings = set()
+        if exclude_embeddings:
+            embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         return sum(
             p.numel() for p in self.parameters()
             if (p.requires_grad or not only_trainable) and id(p) not in embeddings
@@ -179,7 +181,9 @@ def load_dtype(
         return value or torch.float32
     found = getattr(torch, str(value).removeprefix("torch."), None)
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise ConfigError(f"dtype {value!r} is not a floating-point torch dtype; use float32, bfloat16, float16 or 'auto'")
+        raise ConfigError(
+            f"dtype {value!r} is not a floating-point torch dtype; use float32, bfloat16, float16 or 'auto'"
+        )
     return found
 
 

@@ -192,7 +192,8 @@ class InstructBlipBase(PretrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         if input_ids is None:
-            need = f"inputs_embeds needs exactly {{n}} positions holding the image token's embedding (id {self.image_token_id()})"
+            token = self.image_token_id()
+            need = f"inputs_embeds needs exactly {{n}} positions holding the image token's embedding (id {token})"
             check_placeholder_mask(mask[..., 0], num_queries, need)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
@@ -353,7 +354,7 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         features = self.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
         batch = features.shape[0]
         if input_ids is None and inputs_embeds is None:
-            start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
+            start = [self.image_token_id()] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
             input_ids = torch.tensor([start] * batch, dtype=torch.long, device=features.device)
         embeds = self.merge_image_features(input_ids, inputs_embeds, features)
         if attention_mask is None:

@@ -148,7 +148,8 @@ class InstructBlipForConditionalGenerationModelOutput(ModelOutput):
     logits: Tensor | None = None
     vision_outputs: BaseModelOutputWithPooling | None = None
     qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
-    language_model_outputs: CausalLMOutputWithPast | Seq2SeqLMOutput | BaseModelOutputWithPast | Seq2SeqModelOutput | None = None
+    # CausalLMOutputWithPast / Seq2SeqLMOutput with the head, BaseModelOutputWithPast / Seq2SeqModelOutput without
+    language_model_outputs: ModelOutput | None = None
 
 
 Blip2ForConditionalGenerationModelOutput = InstructBlipForConditionalGenerationModelOutput

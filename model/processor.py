@@ -46,7 +46,8 @@ def check_placeholders(input_ids: torch.Tensor, image_token_id: int, num_query_t
     transformers silently leaves rows with missing placeholders without image features; we refuse instead."""
     if input_ids.dim() != 2:
         raise ProcessorError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    check_placeholder_mask(input_ids == image_token_id, num_query_tokens, f"input_ids needs exactly {{n}} image tokens (id {image_token_id})")
+    need = f"input_ids needs exactly {{n}} image tokens (id {image_token_id})"
+    check_placeholder_mask(input_ids == image_token_id, num_query_tokens, need)
 
 
 def check_placeholder_mask(is_image: torch.Tensor, num_query_tokens: int, need: str) -> None:

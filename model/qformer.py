@@ -270,7 +270,9 @@ class InstructBlipQFormerModel(PretrainedPart):
         mask = _key_mask(attention_mask, batch, x.shape[1], "attention_mask", "queries + text", x.device)
         # The Q-Former may run in fp32 beside a bf16/fp16 vision tower: bring the image into its dtype.
         image = encoder_hidden_states.to(self._cross_attention_dtype())
-        image_mask = _key_mask(encoder_attention_mask, batch, image.shape[1], "encoder_attention_mask", "image", x.device)
+        image_mask = _key_mask(
+            encoder_attention_mask, batch, image.shape[1], "encoder_attention_mask", "image", x.device
+        )
         return self.encoder(x, image, mask, num_queries, image_mask, extras)
 
     def _layer_head_masks(self, head_mask: Tensor | None) -> list[Tensor | None]:

@@ -453,21 +453,23 @@ def test_from_vision_qformer_text_configs_equals_transformers():
     """v4.56's classmethod built `cls(vision_config=v.to_dict(), qformer_config=q.to_dict(), text_config=t.to_dict(),
     **kwargs)`; transformers 5.x builds the same config from the parts' dicts in its constructor."""
     top = dict(num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
-    theirs = transformers.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT["llama"], **top)
+    parts = dict(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT["llama"])
+    theirs = transformers.InstructBlipConfig(**parts, **top)
     hf_parts = (theirs.vision_config.to_dict(), theirs.qformer_config.to_dict(), theirs.text_config.to_dict())
     got = InstructBlipConfig.from_vision_qformer_text_configs(*hf_parts, **top)
     assert modelled(got) == modelled(InstructBlipConfig.from_dict(theirs.to_dict()))
     assert got.qformer_config.encoder_hidden_size == VISION["hidden_size"] and got.num_query_tokens == NUM_QUERY_TOKENS
     # our own config objects give the config that the same dicts give
-    parts = (ours_api.InstructBlipVisionConfig.from_dict(VISION), InstructBlipQFormerConfig.from_dict(QFORMER),
-             ours_api.LlamaConfig.from_dict(TEXT["llama"]))
-    from_objects = InstructBlipConfig.from_vision_qformer_text_configs(*parts, **top)
-    expected = InstructBlipConfig.from_dict(dict(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT["llama"], **top))
+    objects = (ours_api.InstructBlipVisionConfig.from_dict(VISION), InstructBlipQFormerConfig.from_dict(QFORMER),
+               ours_api.LlamaConfig.from_dict(TEXT["llama"]))
+    from_objects = InstructBlipConfig.from_vision_qformer_text_configs(*objects, **top)
+    expected = InstructBlipConfig.from_dict(dict(**parts, **top))
     assert modelled(from_objects) == modelled(expected)
 
 
 def test_position_embedding_type_absolute_only():
-    assert InstructBlipQFormerConfig.from_dict({"position_embedding_type": "absolute"}).position_embedding_type == "absolute"
+    absolute = InstructBlipQFormerConfig.from_dict({"position_embedding_type": "absolute"})
+    assert absolute.position_embedding_type == "absolute"
     for other in ("relative_key", "relative_key_query"):
         with pytest.raises(ConfigError, match=f"position_embedding_type '{other}' is not supported.*'absolute'"):
             InstructBlipQFormerConfig.from_dict({"position_embedding_type": other})
@@ -488,8 +490,10 @@ def test_standalone_parts_have_the_documented_forward(tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("settings", [dict(max_new_tokens=4), dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)],
-                         ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "settings", [dict(max_new_tokens=4), dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)],
+    ids=["greedy", "beam"],
+)
 def test_generate_scores_match_transformers_on_every_language_model(pair, settings):
     hf, ours, lm = pair
     inputs = {k: v for k, v in inputs_for(lm).items() if k != "decoder_input_ids"}

@@ -180,7 +180,8 @@ def test_generate_scores_match_transformers(processor, ours, theirs, settings):
     assert torch.equal(got.sequences, expected.sequences)
     assert_scores_match(got.scores, expected.scores)
     if settings.get("num_beams", 1) > 1:
-        assert got.sequences_scores.shape == expected.sequences_scores.shape == (2 * settings.get("num_return_sequences", 1),)
+        returned = 2 * settings.get("num_return_sequences", 1)
+        assert got.sequences_scores.shape == expected.sequences_scores.shape == (returned,)
         assert (got.sequences_scores - expected.sequences_scores).abs().max().item() <= SCORE_TOL
     else:
         assert got.sequences_scores is None and list(got.keys()) == ["sequences", "scores"]
