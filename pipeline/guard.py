@@ -19,7 +19,12 @@ networks. A listed name is trusted whatever it resolves to; any other host is ad
 public or inside a listed network. ("0.0.0.0/0", "::/0") turns the guard off.
 
 Local roots (`FetchConfig.local_roots`): local paths and file:// URLs are read only when the path, with symlinks and
-".." resolved, lies inside one of these folders; the resolved path is the one opened. No roots: no local files.
+".." resolved, lies inside one of these folders and is a regular file (a FIFO or a device would block the reader, so
+it is refused before opening); the resolved path is the one opened. No roots: no local files. `risky_local_roots`
+words a warning for roots that open far more than images ("/", a home folder), for the run summary.
+
+Every connection of an attempt is registered with the attempt's deadline (pipeline.deadline), which shuts its socket
+when the time is up, and is released from it when it goes back to the pool.
 """
 
 from __future__ import annotations
@@ -265,7 +270,7 @@ def _home_folders() -> set[str]:
     homes = {os.path.realpath(os.path.expanduser("~")), "/root"}
     for parent in ("/home", "/Users"):
         try:
-            homes.update(os.path.join(parent, name) for name in os.listdir(parent))
+            homes.update(os.path.realpath(os.path.join(parent, name)) for name in os.listdir(parent))
         except OSError:
             continue  # no such folder on this system
     return homes
