@@ -119,7 +119,7 @@ def _open(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
     raise PIL.UnidentifiedImageError
 
 
-def to_eight_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+def _to_eight_bits(image: PIL.Image.Image) -> PIL.Image.Image:
     """A 16-bit greyscale image (I;16 and I modes) as 8-bit L, each sample divided by 257 and rounded: the inverse of
     the 8->16 bit expansion (v * 257), so a 16-bit file made from an 8-bit picture decodes to that picture. Pillow's
     convert() would clip instead (every sample above 255 white). Other modes are returned as they are: F is read on
@@ -154,7 +154,7 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> PIL.Imag
         except _CORRUPT_DATA_ERRORS as err:
             raise RowError("decode_error", f"truncated or corrupt {image.format}: {err}") from None
         try:
-            return to_rgb(to_eight_bits(image))
+            return to_rgb(_to_eight_bits(image))
         except ValueError as err:
             raise RowError("decode_error", f"cannot convert {image.format} mode {image.mode!r} to RGB: {err}") \
                 from None
