@@ -99,11 +99,11 @@ class InstructBlipQFormerConfig(BaseConfig):
     encoder_hidden_size: int = 1408
     # InstructBLIP feeds the instruction into the Q-Former; BLIP-2 does not (and has no text weights).
     use_qformer_text_input: bool = True
-    position_embedding_type: str = "absolute"
+    position_embedding_type: str | None = None  # None: "absolute", the only kind (not written to config.json)
 
     def validate(self) -> None:
         _check_heads("qformer_config", self.hidden_size, self.num_attention_heads)
-        if self.position_embedding_type != "absolute":
+        if self.position_embedding_type not in (None, "absolute"):
             raise ConfigError(
                 f"qformer_config: position_embedding_type {self.position_embedding_type!r} is not supported; only "
                 "'absolute' is (what every InstructBLIP and BLIP-2 checkpoint uses)"
