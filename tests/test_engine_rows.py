@@ -45,3 +45,30 @@ def test_cpu_defaults_and_no_cuda_graphs(tmp_path):
     engine = Engine(EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu"))
     assert engine.default_rows == CPU_ROWS == (8, 32)
     assert engine.decode_slots == 32 and engine.graph_step is None
+
+
+def test_out_of_memory_halves_and_keeps_each_row_with_its_image(tmp_path):
+    """A call that runs out of GPU memory is split in halves (each with only the images its rows use) until the
+    parts fit; the texts are those of the whole call. The memory error is injected for calls over 2 rows."""
+    engine = Engine(EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu",
+                                 generation={"max_new_tokens": 4}))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 64, 64, generator=g)
+    image_rows = [0, 1, 0, 2, 1]
+    instructions = ["a photo of", "what is it?", "describe it", "which colour?", "how many?"]
+    whole = engine.generate_pixels(pixels, image_rows, instructions)
+    fitting = engine._generate
+    calls = []
+
+    def small_memory(pixel_values, rows, texts):
+        calls.append(len(texts))
+        if len(texts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return fitting(pixel_values, rows, texts)
+
+    engine._generate = small_memory
+    assert engine.generate_pixels(pixels, image_rows, instructions) == whole
+    assert calls == [5, 2, 3, 1, 2]
+    # each text is the one that row gets alone, with its own image
+    assert [engine.generate_pixels(pixels[[row]], [0], [text])[0] for row, text in zip(image_rows, instructions)] \
+        == whole
