@@ -220,16 +220,46 @@ def sigterm_as_interrupt(summary: RunSummary) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _startup_failure(error: Exception) -> str:
-    """The root cause of an actor that could not start, in one line: the exception its __init__ raised."""
-    cause = getattr(error, "cause", None)
-    while cause is not None and getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    if isinstance(cause, BaseException):
-        return redact(f"{type(cause).__name__}: {cause}".splitlines()[0])
-    text = str(error).strip().splitlines()
-    last = next((line.strip() for line in reversed(text) if line.strip()), type(error).__name__)
-    return redact(last)
+class WorkerStartFailed(PipelineError):
+    """A model worker could not start (a corrupt checkpoint, out of memory, ...); the message is the root cause."""
+
+
+class StartingWorker(ModelWorker):
+    """A ModelWorker whose start-up failure is the answer of ready(), not the actor's death: Ray prints a dead actor's
+    creation traceback on the driver's stderr, where the run says the cause in one line instead."""
+
+    def __init__(self, config: WorkerConfig, index: int = 0) -> None:
+        self.failure: str | None = None
+        try:
+            super().__init__(config, index)
+        except Exception as e:  # noqa: BLE001 - any failure to load is reported by ready(), in one line
+            self.failure = redact(f"{type(e).__name__}: {e}".splitlines()[0])
+
+    def ready(self) -> str:
+        if self.failure is not None:
+            raise WorkerStartFailed(self.failure)
+        return super().ready()
+
+
+def wait_ready(handles: Sequence[Any]) -> list[str]:
+    """Each worker's ready() answer; the first start-up failure as one PipelineError. Every answer is read, so Ray
+    reports no error as unhandled."""
+    devices, failures = [], []
+    for ref in [handle.ready.remote() for handle in handles]:
+        try:
+            devices.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:
+            failures.append(str(e.cause) if isinstance(e.cause, WorkerStartFailed) else _last_line(e))
+        except ray.exceptions.RayActorError as e:
+            failures.append(_last_line(e))
+    if failures:
+        raise PipelineError(f"the model workers could not start: {failures[0]}")
+    return devices
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return redact(lines[-1] if lines else type(error).__name__)
 
 
 def run_on_ray(
@@ -256,16 +286,13 @@ def run_on_ray(
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
     # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
-    actor = ray.remote(ModelWorker).options(
+    actor = ray.remote(StartingWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
     with sigterm_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
         try:
-            try:
-                devices = ray.get([handle.ready.remote() for handle in handles])
-            except ray.exceptions.RayActorError as e:
-                raise PipelineError(f"the model workers could not start: {_startup_failure(e)}") from None
+            devices = wait_ready(handles)
             on_ready()
             if progress is not None:
                 print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
