@@ -132,6 +132,7 @@ class Engine:
         if self.device.type != "cuda":
             return CPU_ROWS
         free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
         rows = rows_for_memory(self.model, free, config.max_new_tokens or DEFAULT_NEW_TOKENS)
         return rows, rows
 
