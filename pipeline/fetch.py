@@ -129,11 +129,13 @@ class FetchConfig:
 
 
 class _RetryableError(RowError):
-    """A transient failure of one attempt; `retry_after` is the server's Retry-After in seconds, if it sent one."""
+    """A transient failure of one attempt; `retry_after` is the server's Retry-After in seconds, if it sent one;
+    `cut_short`: the attempt was ended by the row's deadline, before its own."""
 
-    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, kind: str, message: str, retry_after: float | None = None, cut_short: bool = False) -> None:
         super().__init__(kind, message)
         self.retry_after = retry_after
+        self.cut_short = cut_short
 
 
 def _show(ref: str, limit: int = 200) -> str:
@@ -291,10 +293,14 @@ class Fetcher:
     def _with_retries(self, ref: str, attempt: Callable[[], bytes]) -> bytes:
         row_deadline = time.monotonic() + self.config.row_deadline_s
         n = 0
+        cause: _RetryableError | None = None
         while True:
             try:
                 return self._bounded(ref, attempt, row_deadline)
             except _RetryableError as err:
+                if err.cut_short and cause is not None:
+                    err = cause  # the row's time ran out in a retry: what made it retry is the row's error
+                cause = err
                 delay = self._delay(n, err.retry_after)
                 past_deadline = time.monotonic() + delay >= row_deadline
                 if n == self.config.retries or past_deadline:
@@ -308,10 +314,12 @@ class Fetcher:
         """One attempt, ended from outside (its sockets and files shut) at the attempt or the row deadline,
         whichever comes first: a blocking read cannot outlast either (pipeline.deadline)."""
         seconds = min(self.config.attempt_deadline_s, row_deadline - time.monotonic())
-        which = "attempt_deadline_s" if seconds == self.config.attempt_deadline_s else "what was left of row_deadline_s"
+        cut_short = seconds < self.config.attempt_deadline_s
+        which = "what was left of row_deadline_s" if cut_short else "attempt_deadline_s"
 
         def timeout() -> _RetryableError:
-            return _RetryableError("fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})")
+            return _RetryableError("fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})",
+                                   cut_short=cut_short)
 
         return deadline.run_within(seconds, attempt, timeout)
 

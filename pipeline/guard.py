@@ -166,7 +166,8 @@ def _connect_checked(conn: HTTPConnection, guard: AddressGuard) -> socket.socket
     error: Exception | None = None
     timeout = conn.timeout
     if (attempt := deadline.current()) is not None and isinstance(timeout, (int, float)):
-        timeout = max(0.01, min(timeout, attempt.remaining()))  # a connect that waits never outlasts the attempt
+        # The attempt's waiter reports its deadline; this ends the abandoned connect soon after, not timeout_s later.
+        timeout = max(0.01, min(timeout, attempt.remaining() + 1.0))
     for target in targets:  # each checked address in turn, as socket.create_connection tries each of an answer
         try:
             sock = create_connection((target, conn.port), timeout, source_address=conn.source_address,

@@ -254,3 +254,29 @@ def test_a_run_over_twenty_dripping_rows_ends_on_time(hostile, ray_local, tmp_pa
     kinds = sorted(row["error_kind"] or "ok" for row in rows)
     assert kinds == ["fetch_timeout"] * 20 + ["ok"], kinds
     assert (summary.rows_ok, summary.rows_error) == (1, 20)
+
+
+def test_a_retry_cut_by_the_row_deadline_reports_what_made_the_row_retry():
+    """The first attempt fails fast (nothing listens), the retry hangs (the port now listens with a full backlog) and
+    is cut by the row deadline: the row says why it retried, not that its last attempt ran out of time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the socket is closed
+    opened: list[socket.socket] = []
+
+    def sleep(seconds: float) -> None:
+        if not opened:  # from now on a connect to the port waits: SYNs beyond the backlog are dropped
+            opened.append(socket.create_server(("127.0.0.1", port), backlog=0))
+            opened.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(0.5)
+
+    fetcher = Fetcher(config(retries=3, row_deadline_s=1.5, attempt_deadline_s=5.0, backoff_s=0.0), sleep=sleep)
+    try:
+        err, elapsed = timed_error(fetcher, f"http://127.0.0.1:{port}/x")
+    finally:
+        for sock in opened:
+            sock.close()
+    assert len(opened) == 2, "the first attempt did not fail fast"
+    assert err.kind == "fetch_connection" and "cannot connect" in err.message, err
+    assert "gave up after 2 attempts, row deadline of 1.5s" in err.message, err
+    assert elapsed < 1.5 + 2
