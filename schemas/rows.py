@@ -173,8 +173,9 @@ class UnitTiming:
     pid: int
     node: str  # host name
     images_fetched: int  # distinct images fetched and decoded
-    # Seconds spent in each stage, summed over the unit's micro-batches. Fetch and decode run in a prefetch
-    # thread while the model runs the previous micro-batch, so the three may add up to more than the unit's time.
+    # Seconds spent in each stage. fetch_s and decode_s add up every image's time on its prepare-stage thread
+    # (thread-seconds: images are fetched and decoded on many threads, beside the model), so the three may add up
+    # to more than the unit's time; model_s is the model thread's.
     fetch_s: float
     decode_s: float
     model_s: float
