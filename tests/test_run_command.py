@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blipbatch.jobs.cli import (EXIT_ERROR_RATE, EXIT_OK, EXIT_REFUSED, EXIT_TERMINATED, build_parser, flag_overrides,
-                                main)
+from blipbatch.jobs.cli import (EXIT_ERROR_RATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_TERMINATED, build_parser,
+                                flag_overrides, main)
 from blipbatch.jobs.spec import load_spec
 from blipbatch.jobs.demo import DEMO_MODEL, SAMPLE_IMAGES
 from blipbatch.pipeline.lock import LOCK_NAME, OutputLock
@@ -145,7 +145,9 @@ def test_flags_only_run_with_local_root_then_error_rate_exit_4(ray_local, tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_keeps_committed_units_and_exits_143(tmp_path):
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, EXIT_TERMINATED), (signal.SIGINT, EXIT_INTERRUPTED)])
+def test_a_signal_mid_run_keeps_committed_units_and_says_so(tmp_path, stop, code):
+    """SIGTERM (a scheduler) is handled as Ctrl-C: committed units kept, lock released, summary, 143 (130 for Ctrl-C)."""
     source, output = write_input(tmp_path / "in", copies=10, row_group=6), tmp_path / "out"
     args = flags(source, output, "--local-root", str(SAMPLE_IMAGES), "--batch-size", "2", "--rows-per-unit", "6")
     process = subprocess.Popen([sys.executable, "-m", "blipbatch", *args], cwd=tmp_path, text=True,
@@ -154,9 +156,9 @@ def test_sigterm_mid_run_keeps_committed_units_and_exits_143(tmp_path):
     deadline = time.monotonic() + 240
     while not list((output / "_progress").glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_TERMINATED, err
+    assert process.returncode == code, err
     assert "interrupted: committed units are kept" in out and "Traceback" not in err
     committed = len(list((output / "_progress").glob("*.json")))
     assert f"{committed} done now" in out  # the summary counts what the markers say
