@@ -9,12 +9,14 @@ projection, the embeddings and the LM head stay as they are (small, or where rou
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
 
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 HOPPER = (9, 0)
+ROW_MULTIPLE = 16
 
 
 def check_fp8_support(device: torch.device) -> None:
@@ -50,10 +52,15 @@ class Fp8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.reshape(-1, x.shape[-1])
+        count = rows.shape[0]
+        # FP8 GEMMs want every dimension a multiple of 16: pad the rows (the layer sizes already are)
+        rows = F.pad(rows, (0, 0, 0, -count % ROW_MULTIPLE)).contiguous()
         values, scale = quantize_rows(rows)
         out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.out_dtype)
+                               out_dtype=self.out_dtype)[:count]
+        if self.bias is not None:  # added apart: not every torch version takes a bias with row-wise scales
+            out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
