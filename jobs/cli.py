@@ -9,7 +9,11 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports the pipeline only when a command needs it, so `--help` stays quick
+    from blipbatch.pipeline.job import Job
+    from blipbatch.schemas import JobSettings
 
 # Exit codes scripts can rely on (README "Exit codes").
 EXIT_OK, EXIT_UNITS_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
@@ -51,7 +55,7 @@ def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[
     return lines
 
 
-def execute(job: Any, **invocation: Any) -> int:
+def execute(job: Job, **invocation: Any) -> int:
     """pipeline.run(job), its summary printed, its outcome as an exit code."""
     from blipbatch import pipeline
     from blipbatch.errors import BlipbatchError
@@ -251,7 +255,7 @@ def train_demo(args: argparse.Namespace) -> int:
     return main_train(args.output, args.steps, args.seed, args.evaluate)
 
 
-def recorded_settings(output: str, command: str) -> Any:
+def recorded_settings(output: str, command: str) -> JobSettings | None:
     """The output's manifest (schemas.JobSettings), or None after saying why on stderr."""
     from blipbatch.pipeline.manifest import ManifestError, read_manifest
 
