@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from blipbatch.pipeline.shards import (
+    SAMPLE_BYTES,
     DuplicateIdError,
     InputRow,
     NoShardsError,
@@ -192,6 +193,14 @@ def test_unit_ids_come_from_content_not_location(tmp_path, s3):
                         row_group_size=5)
     assert pq.read_metadata(same_footer).to_dict()["row_groups"] == pq.read_metadata(plain).to_dict()["row_groups"]
     assert len({u.unit_id for u in plan_units([same_footer, plain], MAPPING)}) == 2
+    # a shard larger than two samples: hashed by its head and tail, still the same wherever it lies
+    big = write_shard(tmp_path / "big.parquet", rows_table(30000), row_group_size=10000)
+    assert os.path.getsize(big) > 2 * SAMPLE_BYTES + 10000
+    big_units = plan_units([big], MAPPING, max_rows_per_unit=10000)
+    uploaded_big = f"{s3_prefix()}/in/big.parquet"
+    s3.put_file(big, uploaded_big)
+    assert [u.unit_id for u in plan_units([uploaded_big], MAPPING, max_rows_per_unit=10000)] == [
+        u.unit_id for u in big_units]
     copy = write_shard(tmp_path / "copy.parquet", rows_table(5), row_group_size=2)
     with pytest.raises(ShardError, match=f"{copy}: same content as {renamed}"):
         plan_units([str(renamed), copy], MAPPING)
