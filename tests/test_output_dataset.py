@@ -20,7 +20,8 @@ from fsspec.core import url_to_fs
 
 from blipbatch import read_output
 from blipbatch.jobs.kinds import WideTableError, wide_location, write_wide_table
-from blipbatch.pipeline.resume import plan_run, unmatched_units
+from blipbatch.pipeline.job import PipelineError
+from blipbatch.pipeline.resume import plan_run, redo_kinds, unmatched_units
 from blipbatch.pipeline.shards import WorkUnit, legacy_unit_id, plan_units
 from blipbatch.pipeline.sink import (
     PROGRESS_DIR,
@@ -32,7 +33,7 @@ from blipbatch.pipeline.sink import (
     staged_name,
     write_part,
 )
-from blipbatch.schemas import ColumnMapping, output_schema
+from blipbatch.schemas import ERROR_KINDS, ColumnMapping, output_schema
 
 MAPPING = ColumnMapping(image_column="image_url", id_column="key", passthrough=("lang",))
 SCHEMA = output_schema(pa.schema([("image_url", pa.string()), ("key", pa.int64()), ("lang", pa.string())]), MAPPING,
@@ -181,3 +182,10 @@ def test_the_wide_table_moves_beside_an_old_output(tmp_path):
     assert pq.read_table(f"{output}.wide.parquet").num_rows == 6
     with pytest.raises(WideTableError, match="beside the output folder"):
         wide_location("s3://bucket")
+
+
+def test_redo_kinds_are_checked():
+    assert redo_kinds([]) == frozenset(ERROR_KINDS)
+    assert redo_kinds(["blocked_address"]) == {"blocked_address"}
+    with pytest.raises(PipelineError, match="unknown error kind.*job.toml.*blocked_address.*SPEC --redo-errors"):
+        redo_kinds(["blocked_address", "job.toml"])
