@@ -2,8 +2,10 @@
 
 - Units committed are skipped; units marked failed too, unless the run retries them.
 - A redo of error rows (`redo_errors`): each committed unit with error rows of the kinds asked is done again, narrowed
-  to those rows (WorkUnit.redo); the worker merges them back among the rows kept (sink.merge_redone) and the unit is
+  to those rows (WorkUnit.redo); the worker merges them back among the rows kept (sink.whole_output) and the unit is
   committed again whole, so each input row still has exactly one output row per instruction.
+- An output's parts keep one schema: new parts take that of the parts committed (WorkUnit.part_schema), so an output
+  begun by an earlier version, whose rows lack a newer column, stays one table for every reader.
 - Unit ids come from the shards' content; outputs written before that named their units after the shards' locations
   (shards.legacy_unit_id): a unit committed under its old id keeps it, so the old output resumes without redoing it.
 """
@@ -18,7 +20,7 @@ from blipbatch.schemas import ERROR_KINDS
 
 from .job import PipelineError
 from .shards import WorkUnit, legacy_unit_id
-from .sink import committed_units, error_positions, failed_units, progress_records
+from .sink import committed_units, error_positions, failed_units, part_schema, progress_records
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ def plan_run(output: str, planned: Sequence[WorkUnit], retry_failed: bool = Fals
             positions = error_positions(output, record, kinds)
             pending.append(dataclasses.replace(unit, redo=positions))
             redo_rows += len(positions)
+    if committed:  # new parts take the schema of those there (an output begun by an earlier version keeps its own)
+        schema = part_schema(output, min(committed))
+        pending = [dataclasses.replace(unit, part_schema=schema) for unit in pending]
     return RunPlan(units, pending, committed, redo_rows)
 
 

@@ -113,8 +113,9 @@ class WorkUnit:
     shard_id: str = ""  # the shard's content fingerprint (see _content_id); units made by hand may leave it out
     schema: pa.Schema | None = None  # the shard's schema, passthrough columns with the type unified across shards
     # A redo of a committed unit: the positions in its part of the rows to do again (read_unit reads only those;
-    # sink.merge_redone puts them back among the rows kept). None: the whole unit.
+    # sink.whole_output puts them back among the rows kept). None: the whole unit.
     redo: tuple[int, ...] | None = None
+    part_schema: pa.Schema | None = None  # the schema of the output's parts so far (None: none yet); its part takes it
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,8 @@ def _check_contents(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
 
 def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapping: ColumnMapping) -> list[pa.Field]:
     """Each passthrough column with one type for every shard that has rows: the common type of its types (null and a
-    type give the type, narrower integers the wider, string and large_string large_string), or a refusal naming the
-    two shards whose types have none."""
+    type give the type, narrower integers the wider, string and large_string large_string; null alone: string), or a
+    refusal naming the two shards whose types have none."""
     fields = []
     for name in mapping.passthrough:
         typed = [(shard, footer.schema.field(name)) for shard, footer in zip(shards, footers) if sum(footer.group_rows)]
@@ -225,7 +226,8 @@ def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapp
                                  "or leave it out of passthrough") from None
             if merged.type != unified.type:
                 owner, unified = (shard if merged.type == f.type else owner), merged
-        fields.append(unified)
+        # Null in every shard: written as string, a type that later shards' values can still be cast to.
+        fields.append(unified.with_type(pa.string()) if pa.types.is_null(unified.type) else unified)
     return fields
 
 

@@ -305,25 +305,53 @@ def rows_at(output_root: str, record: ProgressRecord, positions: Sequence[int]) 
     return statuses[STATUS_OK], statuses[STATUS_ERROR], dict(kinds)
 
 
-def merge_redone(output_root: str, unit: WorkUnit, redone: pa.Table) -> pa.Table:
-    """The unit's whole output table: `redone` itself, or for a redo (unit.redo) the unit's committed part with the
-    rows at unit.redo replaced, in order, by those of `redone`. The part keeps its schema (an output's parts share
-    one, whatever version wrote them) and its ids (the rows are the same input rows)."""
-    if unit.redo is None:
-        return redone
+def part_schema(output_root: str, unit_id: str) -> pa.Schema:
+    """The schema of a committed unit's part."""
+    fs, root = _open_root(output_root)
+    with fs.open(f"{root}/{part_name(unit_id)}", "rb") as f:
+        return pq.read_schema(f)
+
+
+def whole_output(output_root: str, unit: WorkUnit, table: pa.Table) -> pa.Table:
+    """The part a unit commits, from the rows its worker made: for a redo (unit.redo), the unit's committed part
+    with the rows at unit.redo replaced, in order, by those of `table`, keeping their ids (the same input rows); and
+    in the schema of the output's parts (unit.part_schema), so that an output begun by an earlier version keeps one
+    schema: a column it lacks is dropped, one it has is filled with nulls."""
+    if unit.redo is not None:
+        table = _merged(output_root, unit, table)
+    return table if unit.part_schema is None else _conform(table, unit.part_schema, unit.unit_id)
+
+
+def _merged(output_root: str, unit: WorkUnit, redone: pa.Table) -> pa.Table:
     fs, root = _open_root(output_root)
     with fs.open(f"{root}/{part_name(unit.unit_id)}", "rb") as f:
         kept = pq.read_table(f)
     if redone.num_rows != len(unit.redo) or (unit.redo and max(unit.redo) >= kept.num_rows):
         raise ValueError(f"unit {unit.unit_id}: {redone.num_rows} rows redone for {len(unit.redo)} positions of a "
                          f"part of {kept.num_rows} rows")
-    redone = redone.select(kept.column_names).cast(kept.schema)
+    redone = _conform(redone, kept.schema, unit.unit_id)
     positions = pa.array(unit.redo, pa.int64())
     redone = redone.set_column(kept.schema.get_field_index("id"), "id", kept.column("id").take(positions))
     order = list(range(kept.num_rows))
     for k, position in enumerate(unit.redo):
         order[position] = kept.num_rows + k
     return pa.concat_tables([kept, redone]).take(pa.array(order, pa.int64()))
+
+
+def _conform(table: pa.Table, schema: pa.Schema, unit_id: str) -> pa.Table:
+    if table.schema == schema:
+        return table
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        try:
+            columns.append(table.column(f.name).cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            raise ValueError(f"unit {unit_id}: column {f.name!r} is {table.schema.field(f.name).type}, but the "
+                             f"output's parts hold {f.type}; write to a new output") from None
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def read_output(output_root: str) -> pa.Table:

@@ -28,7 +28,7 @@ from .metrics import WorkerMetrics
 from .prepare import PreparedBatch, PreparedRow, PrepareConfig, PrepareStage
 from .redact import redact
 from .shards import WorkUnit, read_unit
-from .sink import commit_unit, merge_redone, record_for, write_part
+from .sink import commit_unit, whole_output, record_for, write_part
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ModelWorker:
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
         schema = output_schema(unit.schema, self.config.mapping, self.multiple_texts, self.question_ids)
-        table = merge_redone(self.config.output, unit, pa.Table.from_pylist(output, schema=schema))
+        table = whole_output(self.config.output, unit, pa.Table.from_pylist(output, schema=schema))
         write_part(self.config.output, unit, table)
         times = stage.times
         timing = UnitTiming(started=started, finished=time.time(), worker=self.index, pid=os.getpid(),

@@ -31,6 +31,7 @@ from blipbatch.pipeline.sink import (
     progress_records,
     record_for,
     staged_name,
+    whole_output,
     write_part,
 )
 from blipbatch.schemas import ERROR_KINDS, ColumnMapping, output_schema
@@ -189,3 +190,24 @@ def test_redo_kinds_are_checked():
     assert redo_kinds(["blocked_address"]) == {"blocked_address"}
     with pytest.raises(PipelineError, match="unknown error kind.*job.toml.*blocked_address.*SPEC --redo-errors"):
         redo_kinds(["blocked_address", "job.toml"])
+
+
+def test_new_parts_take_the_schema_of_the_parts_there(tmp_path):
+    """An output begun by an earlier version (no derived_id column): the parts committed now keep its schema, so
+    every reader still reads one table; a column whose values cannot take the parts' type fails its unit clearly."""
+    output = str(tmp_path / "out")
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "derived_id"])
+    first, second = units(2)
+    write_part(output, first, unit_output(first, "old").select(old_schema.names))
+    commit_unit(output, record_for(first, unit_output(first, "old"), attempt=1))
+    plan = plan_run(output, [first, second])
+    (pending,) = plan.pending
+    assert pending.part_schema == old_schema
+    table = whole_output(output, pending, unit_output(second, "new"))
+    assert table.schema == old_schema
+    write_part(output, pending, table)
+    commit_unit(output, record_for(pending, table, attempt=1))
+    assert_reads(output, 12)
+    wrong = unit_output(second, "new").set_column(SCHEMA.get_field_index("lang"), "lang", pa.array([[1]] * 6))
+    with pytest.raises(ValueError, match="column 'lang' is list<item: int64>, but the output's parts hold string"):
+        whole_output(output, pending, wrong)
