@@ -32,10 +32,11 @@ MANIFEST = "_manifest.json"
 # is fetched or refused at all, but not what an ok row's text means. Every other setting (input, model, dtype,
 # instructions, column mapping, generation, rows per unit) must match the manifest.
 RESUME_MAY_CHANGE = frozenset({"fetch", "decode", "device", "run", "version"})
-# Run settings recorded; the Ray address is where, not what, and is left out.
 # Settings that must match but version 1 manifests did not record.
 _ADDED_IN_V2 = frozenset({"dtype"})
-_RECORDED_RUN = ("workers", "batch_size", "decode_slots", "max_attempts", "max_error_rate")
+# Run settings recorded; the Ray address is where, not what, and is left out.
+_RECORDED_RUN = ("workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "max_attempts",
+                 "max_error_rate")
 
 
 def _canonical_json(settings: Mapping) -> str:
