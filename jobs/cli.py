@@ -342,14 +342,14 @@ def make_report(args: argparse.Namespace) -> int:
     from blipbatch.jobs.report import ReportError, write_report
     from blipbatch.jobs.spec import load_spec
     from blipbatch.pipeline.fetch import FetchConfig
-    from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_job
+    from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_fetch
 
     try:
         if args.spec:
             base = load_spec(args.spec).fetch
         else:
             settings = read_manifest(args.output)
-            base = recorded_job(settings, args.output).fetch if settings is not None else FetchConfig()
+            base = recorded_fetch(settings) if settings is not None else FetchConfig()
         fetch = dataclasses.replace(base, allow_hosts=base.allow_hosts + tuple(args.allow_host),
                                     local_roots=base.local_roots + tuple(os.path.abspath(r) for r in args.local_root))
     except ManifestError as e:

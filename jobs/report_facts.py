@@ -29,7 +29,7 @@ from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
-from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_job
+from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_fetch
 from blipbatch.pipeline.sink import failed_units, progress_records, read_part
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
@@ -121,7 +121,7 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
                    generated_at=datetime.now(timezone.utc).timestamp())
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
-    fetch = fetch or recorded_job(manifest, output).fetch
+    fetch = fetch or recorded_fetch(manifest)
     data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data
 

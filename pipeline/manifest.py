@@ -79,6 +79,11 @@ def _tuples(fields: dict[str, Any] | None) -> dict[str, Any]:
     return {name: tuple(value) if isinstance(value, list) else value for name, value in (fields or {}).items()}
 
 
+def recorded_fetch(settings: JobSettings) -> FetchConfig:
+    """How the output's images were fetched (defaults for a version 1 manifest, which did not record it)."""
+    return FetchConfig(**_tuples(settings.fetch))
+
+
 def recorded_job(settings: JobSettings, output: str) -> Job:
     """The Job an output was made with, from its manifest; settings a version 1 manifest lacks take their defaults."""
     run = dict(settings.run or {})
@@ -88,7 +93,7 @@ def recorded_job(settings: JobSettings, output: str) -> Job:
         model=ModelConfig(settings.model, dtype=settings.dtype, device=settings.device),
         instructions=settings.instructions,
         generation=settings.generation,
-        fetch=FetchConfig(**_tuples(settings.fetch)),
+        fetch=recorded_fetch(settings),
         decode=DecodeConfig(**_tuples(settings.decode)),
         run=RunConfig(rows_per_unit=settings.rows_per_unit, **run),
     )
