@@ -28,7 +28,6 @@ class RunPlan:
     units: list[WorkUnit]  # every planned unit, under the id its output knows it by
     pending: list[WorkUnit]  # what this run does: units not committed (nor failed, unless retried), then redos
     committed: set[str]  # ids of the units committed before this run
-    redo_rows: int = 0  # error rows to redo, over the redone units
 
     @property
     def skipped(self) -> int:
@@ -63,7 +62,6 @@ def plan_run(output: str, planned: Sequence[WorkUnit], retry_failed: bool = Fals
     units = known_ids(planned, committed)
     skip = committed if retry_failed else committed | set(failed_units(output))
     pending = [unit for unit in units if unit.unit_id not in skip]
-    redo_rows = 0
     if redo_errors is not None:
         kinds = redo_kinds(redo_errors)
         records = {record.unit_id: record for record in progress_records(output)}
@@ -71,13 +69,11 @@ def plan_run(output: str, planned: Sequence[WorkUnit], retry_failed: bool = Fals
             record = records.get(unit.unit_id)
             if record is None or not kinds & set(record.errors_by_kind):
                 continue
-            positions = error_positions(output, record, kinds)
-            pending.append(dataclasses.replace(unit, redo=positions))
-            redo_rows += len(positions)
+            pending.append(dataclasses.replace(unit, redo=error_positions(output, record, kinds)))
     if committed:  # new parts take the schema of those there (an output begun by an earlier version keeps its own)
         schema = part_schema(output, min(committed))
         pending = [dataclasses.replace(unit, part_schema=schema) for unit in pending]
-    return RunPlan(units, pending, committed, redo_rows)
+    return RunPlan(units, pending, committed)
 
 
 def unfinished_shards(output: str, planned: Sequence[WorkUnit]) -> list[str]:
