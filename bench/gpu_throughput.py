@@ -330,7 +330,7 @@ def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: tor
     ok = sum(status == "ok" for status in table.column("status").to_pylist())
     if ok != len(paths):
         raise RuntimeError(f"the worker wrote {ok} ok rows of {len(paths)}")
-    timing = records[0].get("timing") or {}
+    timing = dataclasses.asdict(records[0].timing) if records[0].timing else {}
     note = ", ".join(f"{k} {timing[k]:.2f}s" for k in ("fetch_s", "decode_s", "model_s") if k in timing)
     results.add(f"worker process_unit{label}: {len(paths)} JPEG files -> Parquet", len(paths), seconds, device,
                 f"batch {size.batch}; {note} (fetch/decode in thread-seconds)")

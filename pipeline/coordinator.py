@@ -198,18 +198,17 @@ class Dispatcher:
         self.summary.units_failed += 1
         self.summary.failed[unit.unit_id] = reason
 
-    def committed(self, record: dict, unit: WorkUnit) -> None:
-        progress = ProgressRecord.from_dict(record)
+    def committed(self, record: ProgressRecord, unit: WorkUnit) -> None:
         # A redo counts the rows it did again, not those its unit kept.
-        ok, error, kinds = ((record["rows_ok"], record["rows_error"], record["errors_by_kind"]) if unit.redo is None
-                            else rows_at(self.summary.output, progress, unit.redo))
+        ok, error, kinds = ((record.rows_ok, record.rows_error, record.errors_by_kind) if unit.redo is None
+                            else rows_at(self.summary.output, record, unit.redo))
         self.summary.units_done += 1
         self.summary.rows_ok += ok
         self.summary.rows_error += error
-        self.summary.images_encoded += record["images_encoded"]
+        self.summary.images_encoded += record.images_encoded
         self.errors.update(kinds)
         self.summary.errors_by_kind = dict(self.errors)
-        self.metrics.committed(progress)
+        self.metrics.committed(record)
 
 
 def run_units(

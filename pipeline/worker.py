@@ -19,7 +19,8 @@ import pyarrow as pa
 import torch
 
 from blipbatch.model.engine import Engine, EngineConfig, InvalidInstruction
-from blipbatch.schemas import STATUS_ERROR, STATUS_OK, ColumnMapping, UnitTiming, image_reference, output_schema
+from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressRecord, UnitTiming, image_reference,
+                               output_schema)
 
 from .decode import DecodeConfig
 from .errors import RowError
@@ -87,8 +88,8 @@ class ModelWorker:
             return f"cpu ({torch.get_num_threads()} threads)"
         return str(self.engine.device)
 
-    def process_unit(self, unit: WorkUnit, attempt: int) -> dict:
-        """Run one unit end to end; returns its commit record (as a dict)."""
+    def process_unit(self, unit: WorkUnit, attempt: int) -> ProgressRecord:
+        """Run one unit end to end; returns its commit record."""
         started = time.time()
         rows = read_unit(unit, self.config.mapping, self.config.instructions)
         encoded_before = self.engine.images_encoded
@@ -112,7 +113,7 @@ class ModelWorker:
         record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before,
                          timing=timing)
         commit_unit(self.config.output, record)
-        return record.to_dict()
+        return record
 
     def check_instruction(self, instruction: object) -> str:
         try:
