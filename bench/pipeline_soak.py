@@ -301,7 +301,7 @@ class MemorySampler:
                 role = process_role(child.name(), child.cmdline())
             except psutil.Error:  # gone (or a zombie) since it was listed
                 continue
-            if role == "ray::ModelWorker":
+            if role in ("ray::ModelWorker", "ray::StartingWorker"):  # StartingWorker: what pipeline.run starts
                 workers[child.pid] = rss
             else:
                 system[role] += rss

@@ -60,6 +60,7 @@ def execute(job: Job, **invocation: Any) -> int:
     from blipbatch import pipeline
     from blipbatch.errors import BlipbatchError
     from blipbatch.pipeline.coordinator import WorkerLost
+    from blipbatch.pipeline.guard import risky_local_roots
     from blipbatch.pipeline.run import Terminated
 
     try:
@@ -74,6 +75,8 @@ def execute(job: Job, **invocation: Any) -> int:
         print("blipbatch: interrupted while starting; nothing was processed", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     print(summary)
+    for warning in risky_local_roots(job.fetch.local_roots):
+        print(f"warning: {warning}", file=sys.stderr)
     if summary.rows_error:
         print("\n".join(error_advice(job.output.path, job.input.image_column, summary.errors_by_kind)))
     if summary.interrupted:
@@ -439,8 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from blipbatch.errors import BlipbatchError
+    from blipbatch.pipeline.redact import redact_log_records
 
     args = build_parser().parse_args(argv)
+    redact_log_records()  # the driver's own log lines (Ray, botocore, urllib3) quote URLs too
     try:
         return args.handler(args)
     except BlipbatchError as e:  # every refusal of ours, in one line; anything else is a bug and keeps its traceback

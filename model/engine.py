@@ -220,7 +220,9 @@ class Engine:
             new_ids = generate_greedy(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots,
                                       self.graph_step)
         else:
-            ids = self.model.generate(**inputs, image_embeds=image_embeds, **self.settings)
+            # ids, whatever the checkpoint's generation_config.json says about return_dict_in_generate
+            settings = self.settings | {"return_dict_in_generate": False}
+            ids = self.model.generate(**inputs, image_embeds=image_embeds, **settings)
             new_ids = ids[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
         texts = [t.strip() for t in self.processor.batch_decode(new_ids, skip_special_tokens=True)]
         per_row = len(texts) // len(instructions)

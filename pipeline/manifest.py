@@ -33,7 +33,7 @@ MANIFEST = "_manifest.json"
 # instructions, column mapping, generation, rows per unit) must match the manifest.
 RESUME_MAY_CHANGE = frozenset({"fetch", "decode", "device", "run", "version"})
 # Settings that must match but version 1 manifests did not record.
-_ADDED_IN_V2 = frozenset({"dtype"})
+_ADDED_IN_V2 = frozenset({"dtype", "quantize"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
 _RECORDED_RUN = ("workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "max_attempts",
                  "max_error_rate")
@@ -67,6 +67,7 @@ def job_settings(job: Job) -> JobSettings:
         generation=dict(job.generation),
         rows_per_unit=job.run.rows_per_unit,
         dtype=job.model.dtype,
+        quantize=job.model.quantize,
         device=job.model.device,
         fetch=dataclasses.asdict(job.fetch),
         decode=dataclasses.asdict(job.decode),
@@ -90,7 +91,7 @@ def recorded_job(settings: JobSettings, output: str) -> Job:
     return Job(
         input=InputConfig(paths=settings.input, **settings.mapping),
         output=OutputConfig(output),
-        model=ModelConfig(settings.model, dtype=settings.dtype, device=settings.device),
+        model=ModelConfig(settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize),
         instructions=settings.instructions,
         generation=settings.generation,
         fetch=recorded_fetch(settings),

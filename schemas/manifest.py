@@ -26,6 +26,7 @@ class JobSettings:
     generation: dict[str, Any]
     rows_per_unit: int
     dtype: str | None = None
+    quantize: str | None = None  # "fp8" or None: changes the outputs, so it must match on resume
     device: str | None = None
     fetch: dict[str, Any] | None = None
     decode: dict[str, Any] | None = None

@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine (`ray start --head` and a second `ray start --address`), S3 (moto on
 127.0.0.1) as the storage both nodes share: a run spreads over both nodes; the second node's raylet is killed mid-run,
-and the run still ends with every row exactly once, the units that were on the lost node done again elsewhere."""
+with the worker processes it started, and the run still ends with every row exactly once, the units that were on the
+lost node done again elsewhere."""
 
 from __future__ import annotations
 
@@ -97,7 +98,10 @@ def test_run_over_two_nodes_survives_losing_one(two_nodes, s3fs_clean, tmp_path)
             except FileNotFoundError:
                 done = 0
             if done >= 3:
-                raylet_of(second_node).send_signal(signal.SIGKILL)
+                # The node goes down whole: its raylet and the worker processes it started.
+                raylet = raylet_of(second_node)
+                for process in [*raylet.children(recursive=True), raylet]:
+                    process.send_signal(signal.SIGKILL)
                 killed.set()
                 return
             time.sleep(0.2)

@@ -31,7 +31,7 @@ def test_the_manifest_records_every_setting_that_shapes_the_output(tmp_path):
     settings = stored["settings"]
     assert settings["fetch"]["local_roots"] == ["/data/images"] and settings["fetch"]["allow_hosts"] == ["10.0.0.0/8"]
     assert settings["fetch"]["timeout_s"] == 3.0 and settings["decode"]["max_pixels"] == job.decode.max_pixels
-    assert (settings["dtype"], settings["device"]) == ("float32", "cpu")
+    assert (settings["dtype"], settings["device"], settings["quantize"]) == ("float32", "cpu", None)
     assert settings["run"] == {"workers": 2, "batch_size": 4, "decode_slots": 16, "max_attempts": 3,
                                "max_error_rate": 1.0, "prepare_threads": None, "decoded_bytes": job.run.decoded_bytes}
     assert settings["generation"] == {"max_new_tokens": 12, "num_beams": 1}
@@ -48,7 +48,7 @@ def test_resume_may_change_fetch_decode_device_and_run_but_not_what_an_ok_row_me
     relaxed = a_job(output, batch_size=16, workers=1, device="cuda", fetch=FetchConfig(local_roots=("/other",)))
     assert check_manifest(output, job_settings(relaxed).to_dict()) == "updated"
     for change in ({"prompt": "Other:"}, {"max_new_tokens": 13}, {"dtype": "bfloat16"}, {"rows_per_unit": 10},
-                   {"image_column": "url"}):
+                   {"image_column": "url"}, {"quantize": "fp8"}):
         with pytest.raises(ManifestMismatch) as info:
             check_manifest(output, job_settings(a_job(output, **change)).to_dict())
         assert "--force" in str(info.value)

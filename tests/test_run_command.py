@@ -174,6 +174,13 @@ def test_a_signal_mid_run_keeps_committed_units_and_says_so(tmp_path, stop, code
 # --- the recorded job: retry-failed and report need no fetch flags --------------------------------------------------
 
 
+def test_a_local_root_of_the_whole_file_system_is_warned_about(ray_local, tmp_path, capsys):
+    source = write_input(tmp_path / "in")
+    assert main(flags(source, tmp_path / "out", "--local-root", "/")) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "warning: [fetch] local_roots entry '/' is the whole file system" in err
+
+
 def test_retry_failed_and_report_use_the_recorded_local_roots(ray_local, tmp_path, capsys):
     source, output = write_input(tmp_path / "in", copies=2, row_group=len(IMAGES)), str(tmp_path / "out")
     units = plan_units(discover_shards(str(source)), ColumnMapping(), len(IMAGES))

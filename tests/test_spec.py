@@ -495,3 +495,11 @@ def test_a_python_api_job_checks_its_generation_settings_once_when_built():
         job_from_keywords("in", "out", "m", prompt="x", generation={"max_new_token": 3})
     with pytest.raises(GenerationSettingsError, match="num_return_sequences"):
         job_from_keywords("in", "out", "m", prompt="x", num_beams=2, generation={"num_return_sequences": 3})
+
+
+def test_model_quantize_reaches_the_job_and_its_manifest(tmp_path):
+    path = write(tmp_path, BASE + 'quantize = "fp8"\n')
+    spec = load_spec(path)
+    assert spec.model.quantize == "fp8"
+    assert job_settings(spec).quantize == "fp8"
+    assert load_spec(write(tmp_path, BASE, name="plain.toml")).model.quantize is None
