@@ -202,8 +202,8 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--id-column", help="column of unique row ids (default: derived from shard and row)")
     run.add_argument("--passthrough", action="append", metavar="COLUMN",
                      help="input column copied to the output (repeatable)")
-    run.add_argument("--batch-size", type=int, help="rows per model call (default 8)")
-    run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default 32)")
+    run.add_argument("--batch-size", type=int, help="rows per model call (default: 8 on CPU; on CUDA what free memory holds, see README)")
+    run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default: 32 on CPU; on CUDA as --batch-size)")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
     run.add_argument("--max-new-tokens", type=int, help="default 30")
     run.add_argument("--num-beams", type=int, help="default 1")

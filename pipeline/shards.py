@@ -23,6 +23,8 @@ from fsspec.utils import glob_translate
 from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 from blipbatch.errors import BlipbatchError
 
+from .job import RunConfig
+
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
 # smaller): two reads of at most 256 KiB per shard on top of the footer's.
@@ -237,7 +239,8 @@ def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
     return schema
 
 
-def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit: int = 1000) -> list[WorkUnit]:
+def plan_units(shards: Sequence[str], mapping: ColumnMapping,
+               max_rows_per_unit: int = RunConfig.rows_per_unit) -> list[WorkUnit]:
     """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers (and the
     samples of data that make a shard's fingerprint).
 
