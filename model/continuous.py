@@ -130,7 +130,8 @@ class GreedyBatcher:
     """Greedy decoding of many prompts through a fixed number of slots (one KV cache, one row per slot).
 
     Device state, one entry per slot: `holder` (the prompt it decodes; n = free), `count` (its new tokens),
-    `next_ids`; per prompt: `out` (its new ids) and `out_lengths`. Row n of `out` is where free slots write."""
+    `next_ids`; per prompt: `out` (its new ids), `out_lengths` and `logprob_sums` (the sum of its chosen tokens'
+    log-probabilities, for `mean_logprobs`). Row n of these is where free slots write."""
 
     def __init__(self, lm: nn.Module, prompts: Sequence[Tensor], limits: GreedyLimits, slots: int,
                  sync_every: int = SYNC_EVERY, graph: GraphStep | None = None) -> None:
@@ -160,6 +161,7 @@ class GreedyBatcher:
         self.all_slots = torch.arange(self.slots, device=device)
         self.out = torch.zeros((n + 1, limits.max_new_tokens), dtype=torch.long, device=device)
         self.out_lengths = torch.zeros(n + 1, dtype=torch.long, device=device)
+        self.logprob_sums = torch.zeros(n + 1, dtype=torch.float64, device=device)
         self.eos_mask: Tensor | None = None  # [vocab] bool, built from the first logits
 
     def run(self) -> list[list[int]]:
@@ -175,6 +177,12 @@ class GreedyBatcher:
                 self.decode_step()
         lengths = self.out_lengths[: self.none].tolist()
         return [row[:length] for row, length in zip(self.out[: self.none].tolist(), lengths)]
+
+    def mean_logprobs(self) -> list[float]:
+        """After `run`: per prompt, the mean log-probability of its new tokens (the eos that ended it included), as
+        transformers' `compute_transition_scores(..., normalize_logits=True)` averaged over them."""
+        sums, lengths = self.logprob_sums[: self.none], self.out_lengths[: self.none]
+        return (sums / lengths.clamp(min=1)).tolist()
 
     def sync(self) -> None:
         """Read which slots are free and the longest slot (the loop's only host sync, every few steps)."""
@@ -223,6 +231,9 @@ class GreedyBatcher:
         if limits.min_new_tokens and limits.eos_ids:
             logits = logits.masked_fill((count < limits.min_new_tokens)[:, None] & self.eos_mask, -float("inf"))
         chosen = logits.argmax(-1)
+        # log_softmax of the chosen token, from the logits after the min-length mask (the scores chosen from)
+        logprob = logits.gather(-1, chosen[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        self.logprob_sums.index_put_((holder,), logprob.double(), accumulate=True)
         active = holder != self.none
         self.out[holder, count.clamp(max=limits.max_new_tokens - 1)] = chosen
         count = count + active
@@ -234,11 +245,12 @@ class GreedyBatcher:
         self.cache.release(slots, ended)
 
 
-def generate_greedy(
+def greedy_batcher(
     model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int,
     graph: GraphStep | None = None,
-) -> list[list[int]]:
-    """Greedy new ids per row of an InstructBLIP / BLIP-2 model with a decoder-only LM, `slots` rows at a time.
+) -> GreedyBatcher:
+    """The GreedyBatcher of the rows of an InstructBLIP / BLIP-2 model with a decoder-only LM, `slots` rows at a
+    time: `run()` gives their new ids, then `mean_logprobs()` their scores.
 
     image_embeds: the vision encoder's output, one row per prompt; inputs: the processor's text inputs
     (`input_ids` and `attention_mask` with the image placeholders; `qformer_*` for InstructBLIP)."""
@@ -246,4 +258,12 @@ def generate_greedy(
     embeds = model.embed_inputs(inputs["input_ids"], features)
     real = inputs["attention_mask"].bool().cpu()  # one transfer here, rather than a sync per row's mask
     prompts = [embeds[row, real[row]] for row in range(embeds.shape[0])]  # each without its padding
-    return GreedyBatcher(model.language_model, prompts, limits, slots, graph=graph).run()
+    return GreedyBatcher(model.language_model, prompts, limits, slots, graph=graph)
+
+
+def generate_greedy(
+    model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int,
+    graph: GraphStep | None = None,
+) -> list[list[int]]:
+    """Greedy new ids per row (see `greedy_batcher`)."""
+    return greedy_batcher(model, image_embeds, inputs, limits, slots, graph).run()

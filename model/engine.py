@@ -1,4 +1,4 @@
-"""The inference engine the pipeline calls: images and instructions in, texts out.
+"""The inference engine the pipeline calls: images and instructions in, texts (and their scores) out.
 
 It owns the processor and the model, checks each instruction before it reaches the model (so one
 bad row becomes an error for that row only), runs the vision encoder once per distinct image of a
@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from .continuous import GraphStep, GreedyLimits, generate_greedy
+from .continuous import GraphStep, GreedyLimits, greedy_batcher
 from .errors import ConfigError, ProcessorError
 from .fp8 import check_fp8_support, quantize_fp8_
 from .hub import checkpoint_dir
@@ -43,6 +43,16 @@ class EngineConfig:
     quantize: str | None = None                 # "fp8": FP8 linear layers on Hopper GPUs (model/fp8.py)
 
 
+@dataclass(frozen=True)
+class Generated:
+    """What one (image, instruction) gives: its text and score, or with num_return_sequences > 1 a list of each.
+
+    score: the text's mean token log-probability (beam search: transformers' sequence score)."""
+
+    text: str | list[str]
+    score: float | list[float]
+
+
 CPU_ROWS = (8, 32)  # CPU defaults: rows per model call, decode slots
 TYPICAL_PROMPT_TOKENS = 64  # text tokens of a prompt, for the memory rule of `default_rows`
 
@@ -61,6 +71,17 @@ def rows_for_memory(model: nn.Module, free_bytes: int, max_new_tokens: int) -> i
     per_row += 4 * tokens * vision.intermediate_size * next(model.parameters()).element_size()
     rows = max(1, free_bytes * 3 // 4 // per_row)
     return max(8, min(512, 1 << (rows.bit_length() - 1)))
+
+
+def mean_logprobs(new_ids: torch.Tensor, steps: Sequence[torch.Tensor], eos_ids: Sequence[int]) -> list[float]:
+    """Per row of new_ids [N, S] (a search's new tokens; steps[i] [N, vocab]: the scores it chose token i from), the
+    mean log-probability of its tokens up to and including the first eos: transformers'
+    `compute_transition_scores(sequences, scores, normalize_logits=True)` averaged over the row's tokens."""
+    chosen = torch.stack([step.float().log_softmax(-1).gather(-1, new_ids[:, i, None]).squeeze(-1)
+                          for i, step in enumerate(steps)], 1).double()
+    is_eos = torch.isin(new_ids, torch.tensor(list(eos_ids), dtype=new_ids.dtype, device=new_ids.device))
+    kept = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # not after the first eos (those are padding)
+    return (chosen.masked_fill(~kept, 0).sum(1) / kept.sum(1).clamp(min=1)).tolist()
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -121,6 +142,7 @@ class Engine:
         self.default_rows = self._default_rows(resolved)
         self.decode_slots = config.decode_slots or self.default_rows[1]
         self.greedy_limits = self._continuous_limits(resolved)
+        self.eos_ids = tuple(resolved.eos_token_ids)
         self.vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and self.greedy_limits is not None
         self.graph_step = GraphStep(self.model.language_model) if use_graphs else None
@@ -188,8 +210,13 @@ class Engine:
         self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
     ) -> list[str | list[str]]:
         """As `generate`, from preprocessed images: pixel_values [images, 3, H, W] (the processor's output, on the
-        CPU, pinned for an asynchronous copy), instruction i about image image_rows[i]. A call that runs out of
-        GPU memory is halved and retried."""
+        CPU, pinned for an asynchronous copy), instruction i about image image_rows[i]."""
+        return [generated.text for generated in self.generate_scored(pixel_values, image_rows, instructions)]
+
+    def generate_scored(
+        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
+    ) -> list[Generated]:
+        """As `generate_pixels`, with each text's score. A call that runs out of GPU memory is halved and retried."""
         try:
             return self._generate(pixel_values, image_rows, instructions)
         except torch.cuda.OutOfMemoryError:
@@ -203,12 +230,12 @@ class Engine:
     def _part(self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]) -> list:
         used = list(dict.fromkeys(image_rows))
         index = {row: i for i, row in enumerate(used)}
-        return self.generate_pixels(pixel_values[used], [index[row] for row in image_rows], instructions)
+        return self.generate_scored(pixel_values[used], [index[row] for row in image_rows], instructions)
 
     @torch.inference_mode()
     def _generate(
         self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
-    ) -> list[str | list[str]]:
+    ) -> list[Generated]:
         pixels = pixel_values.to(self.device, non_blocking=True).to(self.vision_dtype)
         image_embeds = self.model.encode_images(pixels)
         self.images_encoded += pixels.shape[0]
@@ -217,15 +244,22 @@ class Engine:
         rows = torch.tensor(image_rows, device=self.device)
         image_embeds = image_embeds.index_select(0, rows)
         if self.greedy_limits is not None:
-            new_ids = generate_greedy(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots,
-                                      self.graph_step)
+            batcher = greedy_batcher(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots,
+                                     self.graph_step)
+            new_ids = batcher.run()
+            scores = batcher.mean_logprobs()
         else:
-            # ids, whatever the checkpoint's generation_config.json says about return_dict_in_generate
-            settings = self.settings | {"return_dict_in_generate": False}
-            ids = self.model.generate(**inputs, image_embeds=image_embeds, **settings)
-            new_ids = ids[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
+            # a GenerateOutput with scores, whatever the checkpoint's generation_config.json says
+            settings = self.settings | {"return_dict_in_generate": True, "output_scores": True}
+            output = self.model.generate(**inputs, image_embeds=image_embeds, **settings)
+            new_ids = output.sequences[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
+            if output.sequences_scores is not None:  # beam search: transformers' sequence scores
+                scores = output.sequences_scores.double().tolist()
+            else:
+                scores = mean_logprobs(new_ids, output.scores, self.eos_ids)
         texts = [t.strip() for t in self.processor.batch_decode(new_ids, skip_special_tokens=True)]
         per_row = len(texts) // len(instructions)
         if per_row == 1:
-            return texts
-        return [texts[i * per_row : (i + 1) * per_row] for i in range(len(instructions))]
+            return [Generated(text, score) for text, score in zip(texts, scores)]
+        return [Generated(texts[i * per_row : (i + 1) * per_row], scores[i * per_row : (i + 1) * per_row])
+                for i in range(len(instructions))]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from blipbatch.model.engine import Engine, EngineConfig, InvalidInstruction
+from blipbatch.model.engine import Engine, EngineConfig, Generated, InvalidInstruction
 from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressRecord, UnitTiming, image_reference,
                                output_schema)
 
@@ -123,27 +123,27 @@ class ModelWorker:
 
     def run_model(self, batch: PreparedBatch) -> list[dict]:
         ready = [p for p in batch.rows if p.error is None]
-        texts = self.generate(batch.pixels, ready, [p.image for p in ready])
-        for item, text in zip(ready, texts):
-            if isinstance(text, RowError):
-                item.error = text
-        results = dict(zip((id(p) for p in ready), texts))
+        answers = self.generate(batch.pixels, ready, [p.image for p in ready])
+        for item, answer in zip(ready, answers):
+            if isinstance(answer, RowError):
+                item.error = answer
+        results = dict(zip((id(p) for p in ready), answers))
         return [self.output_row(p, None if p.error else results[id(p)]) for p in batch.rows]
 
     def generate(self, pixels: torch.Tensor, ready: list[PreparedRow], images: list[int]) -> list:
-        """Texts (or RowErrors) of the `ready` rows, row i about image images[i] of `pixels`: in one call; if it
-        fails, row by row, so that only the rows that fail are errors."""
+        """Generated texts and scores (or RowErrors) of the `ready` rows, row i about image images[i] of `pixels`:
+        in one call; if it fails, row by row, so that only the rows that fail are errors."""
         if not ready:
             return []
         self.metrics.model_call(len(ready))
         try:
-            return self.engine.generate_pixels(pixels, images, [p.instruction for p in ready])
+            return self.engine.generate_scored(pixels, images, [p.instruction for p in ready])
         except Exception as e:  # any model failure: isolate it below
             if len(ready) == 1:
                 return [RowError("model_error", f"{type(e).__name__}: {e}")]
         return [self.generate(pixels[i : i + 1], [item], [0])[0] for item, i in zip(ready, images)]
 
-    def output_row(self, item: PreparedRow, text: str | list[str] | None) -> dict:
+    def output_row(self, item: PreparedRow, generated: Generated | None) -> dict:
         row = item.row
         instruction = row.instruction if isinstance(row.instruction, str) else None
         reference = image_reference(row.image)
@@ -153,7 +153,8 @@ class ModelWorker:
             self.config.mapping.image_column: None if reference is None else redact(reference),
             "instruction": instruction,
             **({"question_id": row.question_id} if self.question_ids else {}),
-            "text": text,
+            "text": None if generated is None else generated.text,
+            "score": None if generated is None else generated.score,
             "status": STATUS_ERROR if item.error else STATUS_OK,
             "error_kind": item.error.kind if item.error else None,
             "error": item.error.message if item.error else None,

@@ -18,8 +18,8 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Output columns that every job writes; passthrough columns may not reuse these names.
-OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "status", "error_kind", "error", "model", "generation",
-                  "derived_id")
+OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
+                  "generation", "derived_id")
 
 
 class SchemaError(BlipbatchError, ValueError):
@@ -115,12 +115,14 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
     if problems:
         raise SchemaError("column mapping", problems)
     text_type = pa.list_(pa.string()) if multiple_texts else pa.string()
+    score_type = pa.list_(pa.float64()) if multiple_texts else pa.float64()
     base = [
         pa.field("id", pa.string()),
         pa.field(mapping.image_column, pa.string()),
         pa.field("instruction", pa.string()),
         *([pa.field("question_id", pa.string())] if question_ids else []),  # annotate jobs: the question's name
         pa.field("text", text_type),
+        pa.field("score", score_type),  # the text's mean token log-probability (beams: the sequence score)
         pa.field("status", pa.string()),  # STATUS_OK / STATUS_ERROR
         pa.field("error_kind", pa.string()),  # one of ERROR_KINDS, null when ok
         pa.field("error", pa.string()),  # human-readable, null when ok

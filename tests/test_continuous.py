@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from blipbatch.model import InstructBlipForConditionalGeneration
-from blipbatch.model.continuous import SYNC_EVERY, GraphStep, GreedyBatcher, GreedyLimits, generate_greedy
+from blipbatch.model.continuous import (SYNC_EVERY, GraphStep, GreedyBatcher, GreedyLimits, generate_greedy,
+                                         greedy_batcher)
 from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
 from tiny import write_tiny_checkpoint
@@ -214,3 +215,28 @@ def test_engine_uses_static_generate_for_beams(tiny):
     assert engine.greedy_limits is None
     with pytest.raises(ValueError, match="decode_slots"):
         Engine(EngineConfig(model=tiny, decode_slots=0))
+
+
+@pytest.mark.parametrize("slots,step", [(3, "eager"), (64, "fixed")])
+@pytest.mark.parametrize("min_new_tokens", [0, 5])
+def test_mean_logprobs_match_transformers_transition_scores(pair, slots, min_new_tokens, step):
+    """Each row's score is the mean of transformers' compute_transition_scores(..., normalize_logits=True) over its
+    tokens (generating that row alone, so up to its eos); the rows end at different steps."""
+    hf_model, ours, lm = pair
+    inputs, eos, expected = transformers_alone(hf_model, lm, min_new_tokens)
+    means = []
+    with torch.no_grad():
+        for row in range(len(PROMPT_LENGTHS)):
+            out = hf_model.generate(**one_row(inputs, row), max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens,
+                                    eos_token_id=eos, do_sample=False, return_dict_in_generate=True,
+                                    output_scores=True)
+            means.append(hf_model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+                         .mean().item())
+        text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        graph = GraphStep(ours.language_model, capture=False) if step == "fixed" else None
+        batcher = greedy_batcher(ours, ours.encode_images(inputs["pixel_values"]), text_inputs,
+                                 GreedyLimits(NEW_TOKENS, min_new_tokens, tuple(eos)), slots, graph)
+        assert batcher.run() == expected
+    assert len({len(tokens) for tokens in expected}) >= 3
+    assert batcher.mean_logprobs() == pytest.approx(means, abs=1e-4)
+    assert all(mean < 0 for mean in means)

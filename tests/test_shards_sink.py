@@ -235,12 +235,15 @@ def test_schema_errors_name_shard_column_expected_and_found(tmp_path):
 def test_output_schema():
     input_schema = rows_table(1).schema
     schema = output_schema(input_schema, MAPPING)
-    assert schema.names == ["id", "image_url", "instruction", "text", "status", "error_kind", "error", "model",
+    assert schema.names == ["id", "image_url", "instruction", "text", "score", "status", "error_kind", "error", "model",
                             "generation", "derived_id", "lang"]
     assert "derived_id" not in output_schema(input_schema, ColumnMapping(instruction_column="prompt")).names
     assert schema.field("text").type == pa.string()
     assert schema.field("lang").type == pa.large_string()  # passthrough keeps its input type
-    assert output_schema(input_schema, MAPPING, multiple_texts=True).field("text").type == pa.list_(pa.string())
+    assert schema.field("score").type == pa.float64()
+    several = output_schema(input_schema, MAPPING, multiple_texts=True)
+    assert several.field("text").type == pa.list_(pa.string())
+    assert several.field("score").type == pa.list_(pa.float64())
     binary = pa.schema([("jpg", pa.binary())])
     assert output_schema(binary, ColumnMapping(image_column="jpg")).field("jpg").type == pa.string()
     assert image_reference(b"\xff\xd8\xff") == "<3 bytes>"
@@ -385,10 +388,12 @@ def test_sink_s3(s3):
 
 def test_record_for_rejects_unknown_status_and_kind():
     unit = units_for("unused", 1)[0]
-    table = output_for(unit, "x").set_column(4, "status", pa.array(["ok", "done", "ok", "error"]))
+    table = output_for(unit, "x")
+    status, kind = table.schema.get_field_index("status"), table.schema.get_field_index("error_kind")
+    table = output_for(unit, "x").set_column(status, "status", pa.array(["ok", "done", "ok", "error"]))
     with pytest.raises(ValueError, match="'done'"):
         record_for(unit, table, attempt=1)
-    table = output_for(unit, "x").set_column(5, "error_kind", pa.array([None, None, "oops", None], pa.string()))
+    table = output_for(unit, "x").set_column(kind, "error_kind", pa.array([None, None, "oops", None], pa.string()))
     with pytest.raises(ValueError, match="oops"):
         record_for(unit, table, attempt=1)
 
