@@ -12,10 +12,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def pytest_report_header(config) -> str:
+def oracle_line() -> str:
     from importlib.metadata import version
 
     return f"test oracle: transformers {version('transformers')} (pinned in pyproject.toml; see tests/ORACLE.md)"
+
+
+def pytest_report_header(config) -> str:
+    return oracle_line()
+
+
+def pytest_sessionstart(session) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.verbosity < 0:  # -q (what CI runs) hides the header: say it anyway
+        reporter.write_line(oracle_line())
 
 
 def stop_cluster(temp_dir: str) -> None:
