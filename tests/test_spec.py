@@ -229,7 +229,7 @@ def test_tables_and_kind_specific_keys(tmp_path):
     path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"',
                                         'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
     assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
-                              "output columns: id, instruction, question_id, text, status, error_kind, error, model, "
+                              "output columns: id, instruction, question_id, text, score, status, error_kind, error, model, "
                               "generation, derived_id, image_url")
 
 
