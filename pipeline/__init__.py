@@ -4,10 +4,11 @@ The public names load on first use, so that importing one stage (`blipbatch.pipe
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from blipbatch._lazy import lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -24,16 +25,7 @@ if TYPE_CHECKING:
     from .run import run
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'blipbatch.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):
