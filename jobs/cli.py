@@ -57,8 +57,16 @@ def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[
 
 def execute(job: Job, **invocation: Any) -> int:
     """pipeline.run(job), its summary printed, its outcome as an exit code."""
-    from blipbatch import pipeline
     from blipbatch.errors import BlipbatchError
+    from blipbatch.pipeline.preflight import check_model, check_output
+
+    try:  # before torch and Ray are imported (seconds): a wrong path is refused at once
+        check_model(job.model.path)
+        check_output(job.output.path)
+    except BlipbatchError as e:
+        print(f"blipbatch: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    from blipbatch import pipeline
     from blipbatch.pipeline.coordinator import WorkerLost
     from blipbatch.pipeline.guard import risky_local_roots
     from blipbatch.pipeline.run import Terminated

@@ -18,13 +18,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .configs import BaseConfig, Blip2Config, InstructBlipConfig
+from .configs import COMPOSITE_CONFIGS, BaseConfig, InstructBlipConfig
 from .errors import ConfigError
 from .hub import checkpoint_dir
 from .loading import load_tensors, materialize, save_tensors, weight_files
 
 # model_type of a full checkpoint's config.json -> its config class.
-COMPOSITE_CONFIGS: dict[str, type[InstructBlipConfig]] = {c.model_type: c for c in (InstructBlipConfig, Blip2Config)}
 DEFAULT_SHARD_BYTES = 5 * 2**30
 M = TypeVar("M", bound="PretrainedModel")
 logger = logging.getLogger(__name__)

@@ -396,3 +396,7 @@ class GenerationConfig(BaseConfig):
             raise ConfigError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+
+# model_type -> the config of a whole checkpoint (vision + Q-Former + language model) that blipbatch loads.
+COMPOSITE_CONFIGS: dict[str, type[InstructBlipConfig]] = {c.model_type: c for c in (InstructBlipConfig, Blip2Config)}

@@ -14,6 +14,7 @@ import PIL.Image
 import torch
 
 from .errors import ConfigError, ProcessorError
+from .rgb import to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -21,16 +22,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Keys that describe the image processor in preprocessor_config.json; the rest are kept and written back.
 _KNOWN_KEYS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
                "image_mean", "image_std")
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """`image` as RGB the way transformers' `convert_to_rgb` makes it: transparent pixels composited onto white (not
-    dropped), every other mode through Pillow's convert (which clips 16-bit and float samples to 0..255)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class BlipImageProcessor:

@@ -20,7 +20,7 @@ import PIL.Image
 import PIL.ImageFile
 import PIL.ImageOps
 
-from blipbatch.model.image_processing import to_rgb
+from blipbatch.model.rgb import to_rgb
 
 from .errors import RowError, format_size
 

@@ -66,11 +66,24 @@ def test_wrong_model_path_is_one_line_exit_3_and_no_manifest(tmp_path, capsys):
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     assert main(flags(source, output)[:5] + ["--model", str(tmp_path / "llama"), "--prompt", "x"]) == 3
     assert "has model_type 'llama'; blipbatch runs blip-2 and instructblip checkpoints" in capsys.readouterr().err
-    # the same from a real process: one line on stderr, no ANSI codes, no traceback
+    # the same from a fresh process, imports included: one line on stderr, no ANSI codes, no traceback, in under 3 s
+    started = time.monotonic()
     result = cli(*flags(source, output)[:5], "--model", str(tmp_path / "no-such-model"), "--prompt", "x", cwd=tmp_path)
+    assert time.monotonic() - started < 3.0
     assert result.returncode == EXIT_REFUSED
     assert result.stderr.strip().count("\n") == 0 and ANSI not in result.stderr, result.stderr
     assert not output.exists()
+
+
+def test_the_early_checks_import_neither_torch_nor_ray(tmp_path):
+    # What keeps a refusal fast (torch alone takes seconds to import on a busy machine).
+    source, output = write_input(tmp_path / "in"), tmp_path / "out"
+    argv = [*flags(source, output)[:5], "--model", str(tmp_path / "no-such-model"), "--prompt", "x"]
+    probe = ("import sys; from blipbatch.jobs.cli import main; code = main(sys.argv[1:]); "
+             "print(code, sorted({'torch', 'ray'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.stdout.split("\n")[0] == f"{EXIT_REFUSED} []", (result.stdout, result.stderr)
 
 
 def test_output_that_is_a_file_is_one_line_exit_3(tmp_path, capsys):
