@@ -59,8 +59,11 @@ def execute(job: Job, **invocation: Any) -> int:
     """pipeline.run(job), its summary printed, its outcome as an exit code."""
     from blipbatch.errors import BlipbatchError
     from blipbatch.pipeline.preflight import check_model, check_output
+    from blipbatch.pipeline.resume import redo_kinds
 
-    try:  # before torch and Ray are imported (seconds): a wrong path is refused at once
+    try:  # before torch and Ray are imported (seconds): a wrong path or error kind is refused at once
+        if invocation.get("redo_errors") is not None:
+            redo_kinds(invocation["redo_errors"])
         check_model(job.model.path)
         check_output(job.output.path)
     except BlipbatchError as e:
@@ -141,7 +144,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from blipbatch.errors import BlipbatchError
     from blipbatch.jobs.kinds import WideTableError, finish_job
     from blipbatch.jobs.spec import load_spec
+    from blipbatch.schemas import ERROR_KINDS
 
+    if args.spec is None and args.redo_errors and args.redo_errors[-1] not in ERROR_KINDS:
+        # `run --redo-errors [KIND ...] SPEC`: argparse hands the spec to the flag; error kinds are a closed set, so
+        # a last word that is none of them is the spec.
+        *args.redo_errors, args.spec = args.redo_errors
     if args.spec is None:
         missing = [f"--{name.replace('_', '-')}" for name in ("input", "output", "model") if not given(args, name)]
         asks = given(args, "prompt") != given(args, "instruction_column") or given(args, "job.kind")

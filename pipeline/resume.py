@@ -44,8 +44,7 @@ def redo_kinds(kinds: Collection[str]) -> frozenset[str]:
     unknown = sorted(set(kinds) - set(ERROR_KINDS))
     if unknown:
         raise PipelineError(f"--redo-errors: unknown error kind(s) {', '.join(unknown)}; the kinds are "
-                            f"{', '.join(ERROR_KINDS)} (the spec goes before the flag: blipbatch run SPEC "
-                            "--redo-errors KIND ...)")
+                            f"{', '.join(ERROR_KINDS)}")
     return frozenset(kinds or ERROR_KINDS)
 
 

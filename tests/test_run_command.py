@@ -116,6 +116,18 @@ def test_a_worker_that_cannot_start_is_one_line_and_leaves_no_manifest(tmp_path)
 # --- flags ----------------------------------------------------------------------------------------------------------
 
 
+def test_redo_errors_before_the_spec_leaves_the_spec_a_spec(tmp_path, capsys):
+    spec = tmp_path / "job.toml"
+    spec.write_text(f'[job]\nkind = "caption"\n[input]\npath = "{write_input(tmp_path / "in")}"\n'
+                    f'[output]\npath = "{tmp_path / "out"}"\n[model]\npath = "{tmp_path / "no-such-model"}"\n')
+    for redo in ([], ["blocked_address"], ["blocked_address", "fetch_http"]):
+        # the spec was read: the refusal is about its model path, not a missing spec or an unknown error kind
+        assert main(["run", "--redo-errors", *redo, str(spec)]) == EXIT_REFUSED
+        assert "model: checkpoint folder" in capsys.readouterr().err
+    assert main(["run", "--redo-errors", "no_such_kind", "blocked_address", str(spec)]) == EXIT_REFUSED
+    assert "unknown error kind(s) no_such_kind" in capsys.readouterr().err
+
+
 def test_passthrough_cannot_swallow_the_spec_and_set_needs_no_spec():
     args = build_parser().parse_args(["run", "--passthrough", "a", "job.toml", "--passthrough", "b"])
     assert args.spec == "job.toml" and args.passthrough == ["a", "b"]
