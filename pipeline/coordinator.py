@@ -3,11 +3,13 @@
 Each worker gets a few units at a time (Ray runs an actor's tasks one after another, so the oldest
 unit in flight on a worker is the one it is working on). When a worker dies, Ray restarts it; the
 unit it was running is charged an attempt and re-queued, the units queued behind it are re-queued
-free of charge. A unit that fails `max_attempts` times is marked failed and the run goes on.
+free of charge. A unit that fails `max_attempts` times is marked failed and the run goes on. A worker
+not serving again within RESTART_TIMEOUT_S is given up on; the run stops only when every worker is.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter, deque
@@ -27,11 +29,14 @@ from .sink import mark_failed, rows_at
 from blipbatch.errors import BlipbatchError
 
 
+# A worker that died and is not serving again within this long (Ray cannot place it, or it keeps failing to start)
+# is given up on; the run goes on with the others, and stops only when none is left.
 RESTART_TIMEOUT_S = 300.0
+logger = logging.getLogger(__name__)
 
 
 class WorkerLost(BlipbatchError, RuntimeError):
-    """A model worker died and Ray could not restart it."""
+    """Every model worker died and Ray could not restart any of them."""
 
 
 @dataclass
@@ -49,6 +54,7 @@ class RunSummary:
     wall_s: float = 0.0
     interrupted: bool = False  # by Ctrl-C (SIGINT) or SIGTERM
     terminated: bool = False  # the interrupt was SIGTERM
+    workers_lost: int = 0  # died and did not come back within RESTART_TIMEOUT_S
 
     @property
     def rows(self) -> int:
@@ -65,6 +71,9 @@ class RunSummary:
             f"time: {self.wall_s:.1f}s, {rate:.1f} rows/s",
         ]
         lines += [f"failed unit {unit}: {reason}" for unit, reason in sorted(self.failed.items())]
+        if self.workers_lost:
+            lines.append(f"workers: {self.workers_lost} died and did not come back within {RESTART_TIMEOUT_S:.0f}s; "
+                         "the others took their units")
         if self.interrupted:
             lines.append("interrupted: committed units are kept; run the same command again to resume")
         return "\n".join(lines)
@@ -122,6 +131,7 @@ class Dispatcher:
         self.in_flight: dict[Any, tuple[int, WorkUnit, int]] = {}  # ref -> (worker, unit, attempt)
         # A worker that died gets no work until Ray has restarted it: a task sent meanwhile would fail too.
         self.probes: dict[Any, tuple[int, float]] = {}  # ready() ref -> (worker, when it died)
+        self.lost: set[int] = set()  # workers given up on: never sent work again
         self.errors = Counter(summary.errors_by_kind)
         self.metrics = RunMetrics(summary.output)
 
@@ -129,9 +139,9 @@ class Dispatcher:
         return list(self.in_flight) + list(self.probes)
 
     def submit(self) -> None:
-        probing = {w for w, _ in self.probes.values()}
+        idle = {w for w, _ in self.probes.values()} | self.lost
         for w, worker in enumerate(self.workers):
-            while w not in probing and self.queue and len(self.assigned[w]) < self.in_flight_per_worker:
+            while w not in idle and self.queue and len(self.assigned[w]) < self.in_flight_per_worker:
                 unit, attempt = self.queue.popleft()
                 ref = worker.process_unit.remote(unit, attempt)
                 self.in_flight[ref] = (w, unit, attempt)
@@ -178,10 +188,22 @@ class Dispatcher:
         w, died_at = self.probes.pop(ref)
         if _result(ref) is not None:
             return  # restarted: it takes work again
-        if time.monotonic() - died_at > RESTART_TIMEOUT_S:
-            raise WorkerLost(f"model worker {w} did not come back within {RESTART_TIMEOUT_S:.0f}s of dying")
         time.sleep(0.2)
         self.probes[self.workers[w].ready.remote()] = (w, died_at)
+
+    def give_up_on_late_restarts(self) -> None:
+        """Stop waiting for workers dead longer than RESTART_TIMEOUT_S (a probe may never answer: Ray cannot place
+        the actor while its node is gone); WorkerLost once no worker is left."""
+        now = time.monotonic()
+        for ref, (w, died_at) in list(self.probes.items()):
+            if now - died_at > RESTART_TIMEOUT_S:
+                del self.probes[ref]
+                self.lost.add(w)
+                self.summary.workers_lost = len(self.lost)
+                logger.warning("model worker %d did not come back within %.0fs of dying; going on without it",
+                               w, RESTART_TIMEOUT_S)
+        if len(self.lost) == len(self.workers):
+            raise WorkerLost(f"every model worker died and none came back within {RESTART_TIMEOUT_S:.0f}s")
 
     def forget(self, ref: Any) -> tuple[int, WorkUnit, int]:
         entry = self.in_flight.pop(ref)
@@ -231,6 +253,7 @@ def run_units(
             ready, _ = ray.wait(dispatcher.waiting_on(), num_returns=1, timeout=1.0)
             for ref in ready:
                 dispatcher.settle(ref)
+            dispatcher.give_up_on_late_restarts()
             dispatcher.metrics.queue(len(dispatcher.queue), len(dispatcher.in_flight))
             if progress is not None:
                 progress.update(summary)
