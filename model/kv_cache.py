@@ -115,7 +115,9 @@ class SlotCache:
         if length >= self.max_length:
             raise RuntimeError(f"KV cache overflow: {length + 1} positions needed, {self.max_length} allocated")
         self.length = length
-        self.valid[self.rows, self.lengths] = True
+        # scatter_ with a scalar, not `valid[rows, lengths] = True`: on CUDA that indexing copies a host scalar to
+        # the device, which CUDA graph capture refuses (found on an H100 by bench/gpu_check.py).
+        self.valid.scatter_(1, self.lengths[:, None], True)
         mask = self.valid[:, : self.length + 1]
         return mask, mask.sum(-1, keepdim=True) - 1
 

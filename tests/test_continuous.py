@@ -3,15 +3,18 @@ that transformers' greedy `generate` gives it alone, while sequences of differen
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from blipbatch.model import InstructBlipForConditionalGeneration
-from blipbatch.model.continuous import (SYNC_EVERY, GraphStep, GreedyBatcher, GreedyLimits, generate_greedy,
-                                         greedy_batcher)
+from blipbatch.model.continuous import (SYNC_EVERY, GraphStep, GreedyBatcher, GreedyLimits, decode_logits,
+                                         generate_greedy, greedy_batcher)
 from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
 from tiny import write_tiny_checkpoint
@@ -240,3 +243,34 @@ def test_mean_logprobs_match_transformers_transition_scores(pair, slots, min_new
     assert len({len(tokens) for tokens in expected}) >= 3
     assert batcher.mean_logprobs() == pytest.approx(means, abs=1e-4)
     assert all(mean < 0 for mean in means)
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records what a CUDA graph cannot capture, seen on the meta device (no GPU here): an op given a host tensor
+    (a copy to the device), and `aten.scalar_tensor` (a Python scalar written through tensor indexing, which on
+    CUDA is made on the host and copied). Syncs (.item(), bool(tensor)) fail on meta by themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.scalar_tensor.default or any(
+                isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" for leaf in tree_leaves((args, kwargs))):
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_the_captured_decode_step_moves_nothing_from_the_host(pair):
+    # What GraphStep captures on CUDA is decode_logits over its fixed-shape cache. An H100 run found
+    # `valid[rows, lengths] = True` there: capture refused the host scalar's copy.
+    _, ours, _ = pair
+    lm = copy.deepcopy(ours.language_model).to("meta")
+    step = GraphStep(lm, capture=False)
+    cache = step.prepare(4, 40)
+    with torch.inference_mode():
+        decode_logits(lm, cache, step.next_ids, cache.max_length - 1)  # warm-up, as before a capture
+        with HostTraffic() as traffic:
+            decode_logits(lm, cache, step.next_ids, cache.max_length - 1)
+    assert traffic.found == []
