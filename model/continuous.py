@@ -93,7 +93,7 @@ class GraphStep:
             self.cache = SlotCache.like(self.lm.new_cache(1, 1), slots, key[1])
             self.next_ids = torch.zeros(slots, dtype=torch.long, device=self.cache.rows.device)
             if self.capture:
-                self.graph = self._capture()
+                self.graph = self._capture_or_none()
             self.key = key
         self.cache.reset()
         return self.cache
@@ -101,6 +101,17 @@ class GraphStep:
     def forget(self) -> None:
         """Drop the cache and the captured graph (the model's weights were replaced: the graph points at the old)."""
         self.key, self.cache, self.graph = None, None, None
+
+    def _capture_or_none(self) -> torch.cuda.CUDAGraph | None:
+        """The captured step, or None (and no capture from now on) where capturing fails: the same fixed-shape step
+        then runs eagerly, slower but with the same results, rather than the run dying on a driver or torch quirk."""
+        try:
+            return self._capture()
+        except RuntimeError as error:
+            self.capture = False
+            LOG.warning("CUDA graph capture of the decode step failed, decoding without graphs from now on "
+                        "([model] cuda_graphs = false skips the attempt): %s", error)
+            return None
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         # Warm-up on a side stream (lazy inits, cuBLAS workspaces), as torch.cuda.graphs asks; the empty cache's

@@ -72,6 +72,7 @@ class ModelConfig:
     dtype: str | None = None  # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
     device: str | None = None  # "cuda" or "cpu"; None: cuda when the cluster has GPUs
     quantize: str | None = None  # "fp8": FP8 linear layers, Hopper GPUs only (model/fp8.py); None: the dtype's
+    cuda_graphs: bool = True  # on CUDA, greedy decode steps as a CUDA graph; False: eager (slower, same results)
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
         else:
             config = WorkerConfig(
                 engine=EngineConfig(model=job.model.path, dtype=job.model.dtype, device=job.model.device,
-                                    quantize=job.model.quantize,
+                                    quantize=job.model.quantize, cuda_graphs=job.model.cuda_graphs,
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,

@@ -274,3 +274,18 @@ def test_the_captured_decode_step_moves_nothing_from_the_host(pair):
         with HostTraffic() as traffic:
             decode_logits(lm, cache, step.next_ids, cache.max_length - 1)
     assert traffic.found == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="capture works here: a CPU model's step would be captured empty")
+def test_a_failed_capture_decodes_eagerly_with_the_same_ids(pair, caplog):
+    # Without CUDA, capturing fails as a driver or torch quirk would on a GPU: the run goes on without graphs.
+    hf_model, ours, lm = pair
+    inputs, eos, expected = transformers_alone(hf_model, lm, 0)
+    text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    step = GraphStep(ours.language_model, capture=True)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="blipbatch.model.continuous"):
+        got = generate_greedy(ours, ours.encode_images(inputs["pixel_values"]), text_inputs,
+                              GreedyLimits(NEW_TOKENS, 0, tuple(eos)), 4, step)
+    assert got == expected
+    assert step.graph is None and not step.capture
+    assert [r.message for r in caplog.records if "CUDA graph capture" in r.message] != []

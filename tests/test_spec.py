@@ -503,3 +503,10 @@ def test_model_quantize_reaches_the_job_and_its_manifest(tmp_path):
     assert spec.model.quantize == "fp8"
     assert job_settings(spec).quantize == "fp8"
     assert load_spec(write(tmp_path, BASE, name="plain.toml")).model.quantize is None
+
+
+def test_model_cuda_graphs_reaches_the_job(tmp_path):
+    assert load_spec(write(tmp_path, BASE + "cuda_graphs = false\n")).model.cuda_graphs is False
+    assert load_spec(write(tmp_path, BASE, name="plain.toml")).model.cuda_graphs is True
+    path = write(tmp_path, BASE + 'cuda_graphs = "no"\n', name="bad.toml")
+    assert error_of(path) == f'{path}:12: [model] cuda_graphs: expected true or false, got "no" (a string)'
