@@ -3,10 +3,10 @@
 Everything comes from a seed: the tokenizers are trained (with the `tokenizers` library) on the instructions and
 answers of jobs.shapes, the model (our model/ classes, a LLaMA-style language model) starts from a seeded
 initialisation, and every step draws fresh pictures from `shapes.samples(seed)`. The pictures of a batch are asked
-the four instructions in turn, so the model has to read the instruction to know which answer is wanted. The loss
-is `forward(..., labels=...)`'s: the answer and its end-of-sequence token are the targets; the image placeholders,
-the prompt and the padding are masked with -100. The folder it writes is the Hub layout that both our model/ and
-transformers load.
+the four instructions in the turns of ASKED, so the model has to read the instruction to know which answer is
+wanted. The loss is `forward(..., labels=...)`'s: the answer and its end-of-sequence token are the targets; the
+image placeholders, the prompt and the padding are masked with -100. The folder it writes is the Hub layout that
+both our model/ and transformers load.
 """
 
 from __future__ import annotations
@@ -24,16 +24,23 @@ from blipbatch.jobs import shapes
 from blipbatch.model import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 from blipbatch.jobs.tokenizer_files import write_processor_files
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = shapes.INPUT_SIZE
 NUM_QUERY_TOKENS = 8
 # A seed no training run uses by default: the pictures accuracy is measured on.
 EVAL_SEED = 1_000_003
+# The seed of the held-out generator's pictures (shapes.held_out_samples), which no training run sees.
+HELD_OUT_SEED = 0
 IGNORE = -100  # label of positions that are not targets (transformers' ignore index)
+# Which instruction (an index into shapes.INSTRUCTIONS) picture i of a batch is asked: ASKED[i % 8]. Half the rows
+# are captions, which name count, colour and shape, a quarter counts, an eighth each colour and shape: counting is
+# what this small model learns last (asked each instruction a quarter of the time, it read 96% of counts right
+# after 8,000 steps).
+ASKED = (0, 3, 0, 2, 0, 3, 0, 1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 4000
+    steps: int = 9000
     batch_images: int = 64  # pictures per step, one row each
     lr: float = 1.5e-3
     warmup_steps: int = 100
@@ -94,7 +101,7 @@ def init_weights_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
 
 
 class Batcher:
-    """Training rows for pictures, picture i asked instruction i % 4, laid out as forward() takes them.
+    """Training rows for pictures, picture i asked instruction ASKED[i % 8], laid out as forward() takes them.
 
     LM row: [<image> x Q][BOS instruction][answer EOS][PAD...], padded on the right, so positions count from the
     first token as they do in generate() (which skips left padding). Labels: the answer and EOS only."""
@@ -109,7 +116,7 @@ class Batcher:
 
     def __call__(self, samples: Sequence[shapes.ShapeSample]) -> dict[str, torch.Tensor]:
         pixel_values = self.processor.image_processor([s.image for s in samples])
-        asked = [i % len(self.instructions) for i in range(len(samples))]
+        asked = [ASKED[i % len(ASKED)] for i in range(len(samples))]
         rows, labels = [], []
         for sample, which in zip(samples, asked):
             text = self.instructions[which]
@@ -134,11 +141,12 @@ class Batcher:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    """Linear warm-up, then cosine decay to zero (decayed to a tenth of the peak, the model read about 1% fewer
+    captions right: the last steps' noise stays in the weights)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build(seed: int) -> tuple[InstructBlipForConditionalGeneration, InstructBlipProcessor]:
@@ -195,12 +203,13 @@ def train(folder: str | Path, config: TrainConfig = TrainConfig(),
 
 @torch.inference_mode()
 def evaluate(folder: str | Path, count: int = 200, seed: int = EVAL_SEED, batch_size: int = 50,
-             max_new_tokens: int = 6) -> dict[str, float]:
+             max_new_tokens: int = 6, held_out: bool = False) -> dict[str, float]:
     """Accuracy of a checkpoint on `count` fresh pictures through model/'s API (greedy decoding): the share of
-    pictures whose answer to each question is right, and whose caption names the right count, colour and shape."""
+    pictures whose answer to each question is right, and whose caption names the right count, colour and shape.
+    The pictures come from the training generator, or with `held_out` from the held-out one."""
     processor = InstructBlipProcessor.from_pretrained(folder)
     model = InstructBlipForConditionalGeneration.from_pretrained(folder)
-    data = shapes.make_dataset(count, seed)
+    data = shapes.make_dataset(count, seed, held_out=held_out)
     right = dict.fromkeys([*shapes.QUESTIONS, "caption"], 0)
     for first in range(0, count, batch_size):
         chunk = data[first : first + batch_size]
@@ -216,15 +225,16 @@ def evaluate(folder: str | Path, count: int = 200, seed: int = EVAL_SEED, batch_
     return {key: n / count for key, n in right.items()}
 
 
-def main_train(output: str, steps: int, seed: int, evaluate_count: int) -> int:
-    config = TrainConfig(steps=steps, seed=seed)
+def main_train(output: str, steps: int | None, seed: int, evaluate_count: int) -> int:
+    config = TrainConfig(seed=seed) if steps is None else TrainConfig(steps=steps, seed=seed)
     print(f"training {config} -> {output}", flush=True)
     result = train(output, config, log=lambda line: print(line, flush=True))
     print(f"trained in {result.seconds:.0f}s (loss {result.first_loss:.3f} -> {result.last_loss:.3f}); "
           f"saved to {result.folder}")
     if evaluate_count:
-        scores = evaluate(output, count=evaluate_count)
-        print(f"accuracy on {evaluate_count} new pictures (seed {EVAL_SEED}): "
-              + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()))
+        for what, seed, held_out in (("new", EVAL_SEED, False), ("held-out generator", HELD_OUT_SEED, True)):
+            scores = evaluate(output, count=evaluate_count, seed=seed, held_out=held_out)
+            print(f"accuracy on {evaluate_count} {what} pictures (seed {seed}): "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True)
     return 0
 
