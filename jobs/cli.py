@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "on freshly drawn pictures of shapes, saves it (Hub layout) to --output and prints its "
                                 "accuracy on new pictures of the training generator and of the held-out one.")
     train.add_argument("--output", default="shapes-instructblip", help="where to save (default ./shapes-instructblip)")
-    train.add_argument("--steps", type=int, help="optimizer steps (default: the shipped model's, jobs.train.TrainConfig)")
+    train.add_argument("--steps", type=int,
+                       help="optimizer steps (default: the shipped model's, jobs.train.TrainConfig)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--evaluate", type=int, default=200, help="pictures to measure accuracy on afterwards (0: none)")
     train.set_defaults(handler=train_demo)

@@ -33,8 +33,7 @@ HELD_OUT_SEED = 0
 IGNORE = -100  # label of positions that are not targets (transformers' ignore index)
 # Which instruction (an index into shapes.INSTRUCTIONS) picture i of a batch is asked: ASKED[i % 8]. Half the rows
 # are captions, which name count, colour and shape, a quarter counts, an eighth each colour and shape: counting is
-# what this small model learns last (asked each instruction a quarter of the time, it read 96% of counts right
-# after 8,000 steps).
+# what this small model learns last, so it gets the most rows.
 ASKED = (0, 3, 0, 2, 0, 3, 0, 1)
 
 
@@ -141,8 +140,7 @@ class Batcher:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to zero (decayed to a tenth of the peak, the model read about 1% fewer
-    captions right: the last steps' noise stays in the weights)."""
+    """Linear warm-up, then cosine decay to zero, so the last steps' noise does not stay in the weights."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
