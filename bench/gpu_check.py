@@ -62,8 +62,8 @@ def main() -> int:
             shares = {"ours static vs transformers": same_share(static, theirs)}
             for slots in (ROWS // 3, ROWS):
                 continuous = generate_greedy(ours, embeds, text, limits, slots, graph)
-                shares[f"continuous ({slots} slots{', CUDA graph' if graph else ''}) vs ours static"] = (
-                    same_share(continuous, static))
+                step = "CUDA graph" if graph and graph.capture else "eager"  # a failed capture falls back to eager
+                shares[f"continuous ({slots} slots, {step}) vs ours static"] = same_share(continuous, static)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__},"
           f" {ROWS} rows, prompt {prompt_length} tokens, {size.new_tokens} new tokens, fp32")
     for name, share in shares.items():

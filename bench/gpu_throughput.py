@@ -287,7 +287,7 @@ def ours_model_only(ours, inputs_for, size: Size, device: torch.device, results:
         greedy(inputs)  # warm-up (and on CUDA the graph's capture) for this slot count
         seconds = timed(lambda: [greedy(inputs) for _ in range(size.repeats)], device)
         results.add(f"ours continuous batching, batch {batch}", batch * size.repeats, seconds, device,
-                    "CUDA graph" if graph else "eager")
+                    "CUDA graph" if graph and graph.capture else "eager (no CUDA or its capture failed)")
 
     static_generate(ours, "ours static generate", settings, inputs_for, size, device, results, after=continuous)
 
