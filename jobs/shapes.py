@@ -48,6 +48,10 @@ MIN_INPUT_SIDE = 6  # ... and at least this many input pixels across
 # a row then read as one).
 GAP = 0.1
 GRADIENTS = 0.4  # the share of training backgrounds that shade from one colour to a near one across the picture
+# The share of training pictures saved as JPEG (at a quality drawn from JPEG_QUALITY) and read back: images in the
+# wild are mostly JPEGs, whose block artefacts a model that only saw clean pixels miscounts.
+JPEG_SHARE = 0.3
+JPEG_QUALITY = (40, 95)
 
 # The held-out generator (draw_held_out_scene), with parameters training never uses: near-square pictures, a
 # gradient between two independent tints under pixel noise, anti-aliased shapes of a narrower size range.
@@ -209,7 +213,16 @@ def draw_scene(scene: ShapeScene, rng: random.Random) -> PIL.Image.Image:
     draw = PIL.ImageDraw.Draw(image)
     for box in _boxes(rng, scene.count, width, height, sides, space):
         _draw(draw, scene.shape, box, fill)
+    if rng.random() < JPEG_SHARE:
+        image = as_jpeg(image, rng.randint(*JPEG_QUALITY))
     return image
+
+
+def as_jpeg(image: PIL.Image.Image, quality: int) -> PIL.Image.Image:
+    """`image` saved as JPEG at `quality` and read back: the same picture with JPEG's block artefacts."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return PIL.Image.open(buffer).convert("RGB")
 
 
 def _held_out_tint(rng: random.Random, fill: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -199,15 +199,20 @@ def train(folder: str | Path, config: TrainConfig = TrainConfig(),
     return TrainResult(folder, seconds, sum(losses[:window]) / window, sum(losses[-window:]) / window)
 
 
+def evaluate(folder: str | Path, count: int = 200, seed: int = EVAL_SEED, held_out: bool = False,
+             max_new_tokens: int = 6) -> dict[str, float]:
+    """`accuracy` on `count` fresh pictures of the training generator, or with `held_out` of the held-out one."""
+    return accuracy(folder, shapes.make_dataset(count, seed, held_out=held_out), max_new_tokens=max_new_tokens)
+
+
 @torch.inference_mode()
-def evaluate(folder: str | Path, count: int = 200, seed: int = EVAL_SEED, batch_size: int = 50,
-             max_new_tokens: int = 6, held_out: bool = False) -> dict[str, float]:
-    """Accuracy of a checkpoint on `count` fresh pictures through model/'s API (greedy decoding): the share of
-    pictures whose answer to each question is right, and whose caption names the right count, colour and shape.
-    The pictures come from the training generator, or with `held_out` from the held-out one."""
+def accuracy(folder: str | Path, data: Sequence[shapes.ShapeSample], batch_size: int = 50,
+             max_new_tokens: int = 6) -> dict[str, float]:
+    """Accuracy of a checkpoint on `data` through model/'s API (greedy decoding): the share of pictures whose
+    answer to each question is right, and whose caption names the right count, colour and shape."""
     processor = InstructBlipProcessor.from_pretrained(folder)
     model = InstructBlipForConditionalGeneration.from_pretrained(folder)
-    data = shapes.make_dataset(count, seed, held_out=held_out)
+    count = len(data)
     right = dict.fromkeys([*shapes.QUESTIONS, "caption"], 0)
     for first in range(0, count, batch_size):
         chunk = data[first : first + batch_size]
