@@ -494,8 +494,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
                               instruction_column=inputs.get("instruction_column"),
                               passthrough=inputs.get("passthrough", ())),
             output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
-            model=ModelConfig(path=model["path"], dtype=model.get("dtype"), device=model.get("device"),
-                              quantize=model.get("quantize"), cuda_graphs=model.get("cuda_graphs", True)),
+            model=ModelConfig(**model),  # [model]'s keys are ModelConfig's fields; unset ones keep its defaults
             instructions=kind.instructions(prompt, questions),
             generation=dict(generation),
             fetch=_pipeline_config(FetchConfig, "fetch", fetch, where),
