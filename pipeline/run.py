@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import fsspec
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from blipbatch.model.engine import EngineConfig
 
@@ -104,6 +106,39 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
     output = job.output.path
     check_model(job.model.path)
     check_output(output)
+    made = _folders_to_make(output)
+    try:
+        return _run_checked(job, start, force=force, retry_failed=retry_failed, redo_errors=redo_errors,
+                            progress=progress, fault=fault)
+    except BaseException:
+        _remove_if_left_empty(made)  # a run that cannot start (or is stopped while starting) leaves no folder behind
+        raise
+
+
+def _folders_to_make(output: str) -> list[str]:
+    """The local folders, deepest first, that running into `output` makes (none on object stores)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        return []
+    made = []
+    while not os.path.exists(root):
+        made.append(root)
+        root = os.path.dirname(root)
+    return made
+
+
+def _remove_if_left_empty(made: Sequence[str]) -> None:
+    """Remove the folders a run made if they hold no file (the lock is gone once released)."""
+    if made and not any(files for _, _, files in os.walk(made[0])):
+        shutil.rmtree(made[0], ignore_errors=True)
+        for folder in made[1:]:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, redo_errors: Sequence[str] | None,
+                 progress: bool, fault: FaultInjection | None) -> RunSummary:
+    output = job.output.path
     paths = job.input.paths
     check_apart(paths, output)
     units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,

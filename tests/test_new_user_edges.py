@@ -1,0 +1,61 @@
+"""Edges a new user meets with `blipbatch run`: outputs that cannot be written, a run that cannot start, a redo of
+error rows over an output with rows that stay broken. Real subprocesses and in-process Ray, the demo model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blipbatch.jobs.cli import EXIT_REFUSED, main
+from blipbatch.jobs.demo import DEMO_MODEL
+from test_run_command import ANSI, cli, flags, write_input
+
+
+@pytest.mark.parametrize("output", ["/proc/blipbatch-x", "/sys/blipbatch-x", "/proc/blipbatch-x/deeper"])
+def test_an_output_in_proc_or_sys_is_one_line_exit_3(tmp_path, capsys, output):
+    source = write_input(tmp_path / "in")
+    assert main(flags(source, output)) == EXIT_REFUSED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"blipbatch: output: {output} cannot be written ("), err
+    assert err[0].endswith("give a writable folder")
+
+
+def test_a_read_only_folder_is_one_line_exit_3_and_left_as_found(tmp_path, capsys):
+    source, folder = write_input(tmp_path / "in"), tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK) and os.geteuid() == 0:
+            # root writes through permission bits: a read-only place for root is a read-only mount (/sys above)
+            pytest.skip("running as root: permission bits do not stop root")
+        assert main(flags(source, folder / "out")) == EXIT_REFUSED
+        assert "cannot be written (Permission denied)" in capsys.readouterr().err
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_the_check_of_a_writable_output_leaves_nothing_behind(tmp_path):
+    from blipbatch.pipeline.preflight import check_output
+
+    check_output(str(tmp_path / "a" / "b" / "out"))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "there").mkdir()
+    check_output(str(tmp_path / "there"))
+    assert os.listdir(tmp_path / "there") == []
+
+
+def test_a_run_whose_workers_cannot_start_leaves_no_output_folder(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in DEMO_MODEL.iterdir():
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    (broken / "qformer_tokenizer").symlink_to(DEMO_MODEL / "qformer_tokenizer")
+    source, output = write_input(tmp_path / "in"), tmp_path / "new" / "out"
+    result = cli(*flags(source, output)[:5], "--model", str(broken), "--prompt", "x", cwd=tmp_path)
+    assert result.returncode == EXIT_REFUSED, result.stderr
+    assert "Traceback" not in result.stderr and ANSI not in result.stderr
+    assert not (tmp_path / "new").exists()
