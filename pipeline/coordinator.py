@@ -46,6 +46,11 @@ class RunSummary:
     units_skipped: int = 0  # committed by an earlier run
     units_done: int = 0  # committed by this run
     units_failed: int = 0
+    units_to_do: int = 0  # what this run set out to do: units not committed before, and redos of committed ones
+    units_redone: int = 0  # committed units whose error rows this run did again (--redo-errors), committed again
+    rows_redone: int = 0  # of those units: the error rows done again,
+    rows_fixed: int = 0  # those of them now ok,
+    still_failing: dict[str, int] = field(default_factory=dict)  # and those still in error, by kind
     rows_ok: int = 0  # this run's rows
     rows_error: int = 0
     images_encoded: int = 0  # vision-encoder passes this run
@@ -64,12 +69,16 @@ class RunSummary:
         rate = self.rows / self.wall_s if self.wall_s > 0 else 0.0
         lines = [
             f"output: {self.output}",
-            f"units: {self.units_total} total, {self.units_done} done now, {self.units_skipped} already done, "
-            f"{self.units_failed} failed",
+            f"units: {self.units_total} total, {self.units_done} done now, {self.units_skipped} already done"
+            + (f" ({self.units_redone} of them redone)" if self.units_redone else "") + f", {self.units_failed} failed",
             f"rows: {self.rows_ok} ok, {self.rows_error} error"
-            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(self.errors_by_kind.items()))})" if self.errors_by_kind else ""),
+            + (f" ({_by_kind(self.errors_by_kind)})" if self.errors_by_kind else ""),
             f"time: {self.wall_s:.1f}s, {rate:.1f} rows/s",
         ]
+        if self.units_redone:
+            still = sum(self.still_failing.values())
+            lines.insert(3, f"redone: {self.rows_redone} error rows of {self.units_redone} units, {self.rows_fixed} "
+                            f"fixed, {still} still failing" + (f" ({_by_kind(self.still_failing)})" if still else ""))
         lines += [f"failed unit {unit}: {reason}" for unit, reason in sorted(self.failed.items())]
         if self.workers_lost:
             lines.append(f"workers: {self.workers_lost} died and did not come back within {RESTART_TIMEOUT_S:.0f}s; "
@@ -77,6 +86,10 @@ class RunSummary:
         if self.interrupted:
             lines.append("interrupted: committed units are kept; run the same command again to resume")
         return "\n".join(lines)
+
+
+def _by_kind(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
 
 
 class Progress:
@@ -103,7 +116,8 @@ class Progress:
         rate = summary.rows / elapsed if elapsed > 0 else 0.0
         left = max(self.total_rows - summary.rows, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        line = (f"[{summary.units_done + summary.units_failed}/{summary.units_total - summary.units_skipped} units] "
+        done = summary.units_done + summary.units_redone + summary.units_failed
+        line = (f"[{done}/{summary.units_to_do} units] "
                 f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}")
         if self.terminal:
             self.stream.write(f"\r{line}   ")
@@ -224,7 +238,13 @@ class Dispatcher:
         # A redo counts the rows it did again, not those its unit kept.
         ok, error, kinds = ((record.rows_ok, record.rows_error, record.errors_by_kind) if unit.redo is None
                             else rows_at(self.summary.output, record, unit.redo))
-        self.summary.units_done += 1
+        if unit.redo is None:
+            self.summary.units_done += 1
+        else:
+            self.summary.units_redone += 1
+            self.summary.rows_redone += ok + error
+            self.summary.rows_fixed += ok
+            self.summary.still_failing = dict(Counter(self.summary.still_failing) + Counter(kinds))
         self.summary.rows_ok += ok
         self.summary.rows_error += error
         self.summary.images_encoded += record.images_encoded

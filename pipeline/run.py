@@ -149,7 +149,8 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
         manifest = check_manifest(output, settings, force=force)
         plan = plan_run(output, units, retry_failed, redo_errors)
         pending = plan.pending
-        summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped)
+        summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped,
+                             units_to_do=len(pending))
         if not pending:
             print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
                   "(--retry-failed redoes failed units, --redo-errors error rows)", file=sys.stderr)
@@ -166,7 +167,7 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
             # The manifest is written once the workers are up, just before the first unit is handed out: a run
             # that cannot start leaves the output as it found it.
             on_ready = (lambda: None) if manifest == "matched" else (lambda: write_manifest(output, settings))
-            run_on_ray(pending, config, summary, job, Progress(total_rows) if progress else None,
+            run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
                        lock.maybe_renew, on_ready)
             if summary.interrupted:
                 recount(summary, plan.committed)

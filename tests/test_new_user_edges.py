@@ -59,3 +59,28 @@ def test_a_run_whose_workers_cannot_start_leaves_no_output_folder(tmp_path):
     assert result.returncode == EXIT_REFUSED, result.stderr
     assert "Traceback" not in result.stderr and ANSI not in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_redo_with_rows_that_stay_broken_is_judged_by_the_whole_output(ray_local, tmp_path, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blipbatch.jobs.demo import SAMPLE_IMAGES
+    from test_run_command import IMAGES
+
+    source = tmp_path / "in"
+    source.mkdir()
+    broken = ["/etc/hostname", "/etc/hosts"]  # outside the local root: blocked_address, whatever is redone
+    pq.write_table(pa.table({"image_url": IMAGES + broken}), source / "part.parquet")
+    output = tmp_path / "out"
+    args = [*flags(source, output, "--local-root", str(SAMPLE_IMAGES), "--max-error-rate", "0.5")]
+    assert main(args) == 0  # 2 of 8 rows in error
+    capfd.readouterr()
+    args.remove("--quiet")
+    assert main([*args, "--redo-errors"]) == 0  # both redone rows fail again: 2 of 8 in the output, not 2 of 2
+    captured = capfd.readouterr()
+    assert "units: 1 total, 0 done now, 1 already done (1 of them redone), 0 failed" in captured.out
+    assert "redone: 2 error rows of 1 units, 0 fixed, 2 still failing (blocked_address 2)" in captured.out
+    assert "[1/1 units]" in captured.err and "[1/0 units]" not in captured.err
+    assert main([*args, "--redo-errors", "--max-error-rate", "0.25"]) == 4  # 2 of 8: a quarter of the output's rows
+    assert "error rate 25% of the output's rows reached [run] max_error_rate 0.25" in capfd.readouterr().err
