@@ -412,10 +412,27 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=make_report)
 
 
+class Parser(argparse.ArgumentParser):
+    """No flag taken by a prefix of its name (a misspelling must not silently become another flag); the commands'
+    parsers are of this class too (add_subparsers makes them of the parent's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def refuse_unknown(self, words: list[str]) -> None:
+        """Exit 2 with this command's usage, naming the first unknown word, and the flag it is closest to."""
+        import difflib
+
+        word = words[0].partition("=")[0]
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        self.error(f"unrecognized argument {word}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blipbatch import __version__
 
-    parser = argparse.ArgumentParser(prog="blipbatch", description="Batch InstructBLIP / BLIP-2 inference.")
+    parser = Parser(prog="blipbatch", description="Batch InstructBLIP / BLIP-2 inference.")
     parser.add_argument("--version", action="version", version=f"blipbatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_command(commands)
@@ -461,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--quiet", action="store_true")
     retry.set_defaults(handler=retry_failed)
     add_report_command(commands)
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)  # whose usage an unknown flag is answered with
     return parser
 
 
@@ -468,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     from blipbatch.errors import BlipbatchError
     from blipbatch.pipeline.redact import redact_log_records
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.refuse_unknown(unknown)
     redact_log_records()  # the driver's own log lines (Ray, botocore, urllib3) quote URLs too
     try:
         return args.handler(args)

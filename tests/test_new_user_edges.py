@@ -84,3 +84,16 @@ def test_a_redo_with_rows_that_stay_broken_is_judged_by_the_whole_output(ray_loc
     assert "[1/1 units]" in captured.err and "[1/0 units]" not in captured.err
     assert main([*args, "--redo-errors", "--max-error-rate", "0.25"]) == 4  # 2 of 8: a quarter of the output's rows
     assert "error rate 25% of the output's rows reached [run] max_error_rate 0.25" in capfd.readouterr().err
+
+
+def test_a_misspelled_flag_gets_runs_usage_and_a_suggestion_and_no_prefix_is_taken(capsys):
+    for argv, suggestion in ((["run", "job.toml", "--bach-size", "8"], "--batch-size"),
+                             (["run", "job.toml", "--batch", "8"], "--batch-size"),  # a prefix is not the flag
+                             (["status", "out", "--verfy"], "--verify")):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: blipbatch {argv[0]} ")
+        assert err.strip().splitlines()[-1] == (f"blipbatch {argv[0]}: error: unrecognized argument {argv[2]}; "
+                                                f"did you mean {suggestion}?")
