@@ -28,6 +28,12 @@ ERROR_HINTS = {
     "fetch_http": "check the URLs; then --redo-errors",
     "fetch_connection": "check that the hosts are reachable; then --redo-errors",
     "decode_error": "check the images' format; --set decode.formats=[...] ([decode] formats)",
+    # decode_error by what the message says (decode_hint_kind): only a format left out is fixed by decode.formats
+    "decode_empty": "the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error",
+    "decode_damaged": "the files are damaged (cut short or corrupt): replace them at their source; then "
+                      "--redo-errors decode_error",
+    "decode_format": "add the format: --set decode.formats=[...] ([decode] formats)",
+    "decode_not_image": "the references point to something that is not an image: fix them or their source",
     "invalid_input": "check the input column named in the message",
     "model_error": "see the message; --batch-size N ([run] batch_size) if out of memory",
 }
@@ -36,6 +42,19 @@ TOP_ERROR_KINDS = 3
 
 def _is_local_reference(reference: str | None) -> bool:
     return reference is not None and not reference.startswith(("http://", "https://", "s3://", "gs://", "data:"))
+
+
+def decode_hint_kind(message: str) -> str:
+    """Which hint fits a decode_error message (pipeline.decode words them)."""
+    if message.startswith("empty file"):
+        return "decode_empty"
+    if message.startswith(("truncated or corrupt", "corrupt image header", "cannot convert")):
+        return "decode_damaged"
+    if message.startswith("not an image: a ") and " image, " in message:  # a real image of a format left out
+        return "decode_format"
+    if message.startswith(("not an image", "SVG")):
+        return "decode_not_image"
+    return "decode_error"
 
 
 def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[str]:
@@ -48,8 +67,11 @@ def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[
     lines = []
     for kind, count in sorted(kinds.items(), key=lambda item: -item[1])[:TOP_ERROR_KINDS]:
         example = (examples.get(kind) or [{}])[0]
-        hint_kind = "blocked_local" if kind == "blocked_address" and _is_local_reference(example.get("reference")) \
-            else kind
+        hint_kind = kind
+        if kind == "blocked_address" and _is_local_reference(example.get("reference")):
+            hint_kind = "blocked_local"
+        elif kind == "decode_error" and example.get("error"):
+            hint_kind = decode_hint_kind(example["error"])
         lines.append(f"{kind} ({count} rows): {example.get('error') or 'no example found'}")
         lines.append(f"  fix: {ERROR_HINTS.get(hint_kind, 'see the message')}")
     return lines

@@ -97,3 +97,48 @@ def test_a_misspelled_flag_gets_runs_usage_and_a_suggestion_and_no_prefix_is_tak
         assert err.startswith(f"usage: blipbatch {argv[0]} ")
         assert err.strip().splitlines()[-1] == (f"blipbatch {argv[0]}: error: unrecognized argument {argv[2]}; "
                                                 f"did you mean {suggestion}?")
+
+
+def test_the_decode_error_hint_fits_what_the_decoder_said():
+    import io
+
+    from PIL import Image
+
+    from blipbatch.jobs.cli import ERROR_HINTS, decode_hint_kind
+    from blipbatch.pipeline.decode import DecodeConfig, decode_image
+    from blipbatch.pipeline.errors import RowError
+
+    def said(data: bytes, config: DecodeConfig = DecodeConfig()) -> str:
+        with pytest.raises(RowError) as caught:
+            decode_image(data, config)
+        return ERROR_HINTS[decode_hint_kind(caught.value.message)]
+
+    def image(fmt: str) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (32, 24), (200, 30, 30)).save(out, fmt)
+        return out.getvalue()
+
+    assert said(b"").startswith("the files are empty (0 bytes)")
+    assert said(image("JPEG")[:200]).startswith("the files are damaged")
+    assert said(image("GIF"), DecodeConfig(formats=("PNG",))).startswith("add the format: --set decode.formats")
+    assert said(b"<!DOCTYPE html>\n<html><body>Not found</body></html>").startswith("the references point to")
+    assert "decode.formats" not in said(b"") + said(image("JPEG")[:200])
+
+
+def test_a_run_over_an_empty_file_says_to_replace_it(ray_local, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_run_command import IMAGES
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "empty.png").write_bytes(b"")
+    (images / "ok.png").write_bytes(open(IMAGES[0], "rb").read())
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.table({"image_url": [str(images / "empty.png"), str(images / "ok.png")]}), source / "p.parquet")
+    assert main(flags(source, tmp_path / "out", "--local-root", str(images))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "decode_error (1 rows): empty file (0 bytes)"
+    assert out[-1] == "  fix: the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error"
