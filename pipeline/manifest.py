@@ -187,6 +187,27 @@ def write_manifest(output_root: str, settings: Mapping) -> None:
     _write_whole(fs, f"{root}/{MANIFEST}", _json_bytes(manifest))
 
 
+def record_used(output_root: str, used: Mapping[str, Any]) -> None:
+    """Add to the manifest what the run's workers actually use (`used`: workers, batch size, decode slots, devices;
+    a default such as batch size "from memory on CUDA" resolved), beside the settings asked for; written whole."""
+    fs, root = _open_root(output_root)
+    path = f"{root}/{MANIFEST}"
+    fs.invalidate_cache(path)
+    manifest = json.loads(fs.cat_file(path))
+    manifest["used"] = json.loads(_canonical_json(used))
+    _write_whole(fs, path, _json_bytes(manifest))
+
+
+def read_used(output_root: str) -> dict[str, Any] | None:
+    """What the last run's workers used, as record_used wrote it; None when not recorded."""
+    fs, root = _open_root(output_root)
+    try:
+        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest.get("used") if isinstance(manifest, dict) else None
+
+
 def ensure_manifest(output_root: str, settings: Mapping, force: bool = False) -> str:
     """check_manifest, then write the manifest unless it matched; returns check_manifest's answer."""
     state = check_manifest(output_root, settings, force)

@@ -25,7 +25,7 @@ from blipbatch.model.engine import EngineConfig
 from .coordinator import Progress, RunSummary, run_units
 from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
-from .manifest import check_manifest, job_settings, write_manifest
+from .manifest import check_manifest, job_settings, record_used, write_manifest
 from .redact import redact
 from .resume import plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
@@ -166,7 +166,10 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
             total_rows = plan.output_rows(job.rows_per_input_row)
             # The manifest is written once the workers are up, just before the first unit is handed out: a run
             # that cannot start leaves the output as it found it.
-            on_ready = (lambda: None) if manifest == "matched" else (lambda: write_manifest(output, settings))
+            def on_ready(used: dict[str, object]) -> None:
+                if manifest != "matched":
+                    write_manifest(output, settings)
+                record_used(output, used)
             run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
                        lock.maybe_renew, on_ready)
             if summary.interrupted:
@@ -245,6 +248,17 @@ def wait_ready(handles: Sequence[Any]) -> list[str]:
     return devices
 
 
+def used_by(handles: Sequence[Any]) -> dict[str, object]:
+    """The workers' count, and their batch size, decode slots and device: one value when all share it, else a list
+    (one per worker)."""
+    each = ray.get([handle.used.remote() for handle in handles])
+    used: dict[str, object] = {"workers": len(each)}
+    for key in ("batch_size", "decode_slots", "device"):
+        values = [worker[key] for worker in each]
+        used[key] = values[0] if len(set(values)) == 1 else values
+    return used
+
+
 def _last_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return redact(lines[-1] if lines else type(error).__name__)
@@ -257,10 +271,10 @@ def run_on_ray(
     job: Job,
     progress: Progress | None,
     heartbeat: Callable[[], None],
-    on_ready: Callable[[], None],
+    on_ready: Callable[[dict[str, object]], None],
 ) -> None:
     """Start the model actors (one per GPU, or `workers`) and run the units on them; `on_ready` is called once
-    they are up, before the first unit is handed out."""
+    they are up, before the first unit is handed out, with what they use (used_by)."""
     connect_ray(job.run.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     # device "cuda" asks for GPU actors even before any GPU node is up, so an autoscaler adds them.
@@ -281,7 +295,7 @@ def run_on_ray(
         handles = [actor.remote(config, index) for index in range(count)]
         try:
             devices = wait_ready(handles)
-            on_ready()
+            on_ready(used_by(handles))
             if progress is not None:
                 print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
                       f"{summary.units_total} units to do", file=sys.stderr)

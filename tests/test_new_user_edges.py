@@ -125,7 +125,7 @@ def test_the_decode_error_hint_fits_what_the_decoder_said():
     assert "decode.formats" not in said(b"") + said(image("JPEG")[:200])
 
 
-def test_a_run_over_an_empty_file_says_to_replace_it(ray_local, tmp_path, capsys):
+def test_a_run_over_an_empty_file_says_to_replace_it_and_records_what_it_used(ray_local, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -142,3 +142,11 @@ def test_a_run_over_an_empty_file_says_to_replace_it(ray_local, tmp_path, capsys
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "decode_error (1 rows): empty file (0 bytes)"
     assert out[-1] == "  fix: the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error"
+    # Nothing asked of the batch size, decode slots or workers: the manifest records what the workers used.
+    from blipbatch.pipeline.manifest import read_manifest, read_used
+
+    assert read_manifest(str(tmp_path / "out")).run["batch_size"] is None
+    used = read_used(str(tmp_path / "out"))
+    assert {k: used[k] for k in ("workers", "batch_size", "decode_slots")} == {"workers": 1, "batch_size": 8,
+                                                                               "decode_slots": 32}
+    assert used["device"].startswith("cpu (")
