@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -196,6 +198,37 @@ def record_used(output_root: str, used: Mapping[str, Any]) -> None:
     manifest = json.loads(fs.cat_file(path))
     manifest["used"] = json.loads(_canonical_json(used))
     _write_whole(fs, path, _json_bytes(manifest))
+
+
+RUNS_DIR = "_runs"  # one small JSON per run that did work: when it started, its wall time (start-up included), rows
+
+
+def record_run(output_root: str, started_at: float, wall_s: float, rows: int) -> None:
+    """Record a run's wall time as its summary prints it (from the call, start-up included), for the report."""
+    fs, root = _open_root(output_root)
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_at))}-{uuid.uuid4().hex[:8]}.json"
+    _write_whole(fs, f"{root}/{RUNS_DIR}/{name}", _json_bytes({"started_at": started_at, "wall_s": wall_s,
+                                                                "rows": rows}))
+
+
+def recorded_runs(output_root: str) -> list[dict[str, Any]]:
+    """The runs record_run wrote, oldest first (none for outputs written before runs were recorded)."""
+    fs, root = _open_root(output_root)
+    folder = f"{root}/{RUNS_DIR}"
+    fs.invalidate_cache(folder)
+    try:
+        paths = sorted(fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, ValueError):
+            continue  # unreadable: left out of the report's times, which say how many runs they count
+        if isinstance(run, dict) and isinstance(run.get("wall_s"), (int, float)):
+            runs.append(run)
+    return runs
 
 
 def read_used(output_root: str) -> dict[str, Any] | None:

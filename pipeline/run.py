@@ -25,7 +25,7 @@ from blipbatch.model.engine import EngineConfig
 from .coordinator import Progress, RunSummary, run_units
 from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
-from .manifest import check_manifest, job_settings, record_used, write_manifest
+from .manifest import check_manifest, job_settings, record_run, record_used, write_manifest
 from .redact import redact
 from .resume import plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
@@ -145,6 +145,7 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
                        job.run.rows_per_unit)
     check_unique_ids(unfinished_shards(output, units), job.input.columns)
     settings = job_settings(job).to_dict()
+    started: list[bool] = []  # set once the workers are up
     with OutputLock(output) as lock:
         manifest = check_manifest(output, settings, force=force)
         plan = plan_run(output, units, retry_failed, redo_errors)
@@ -166,14 +167,20 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
             total_rows = plan.output_rows(job.rows_per_input_row)
             # The manifest is written once the workers are up, just before the first unit is handed out: a run
             # that cannot start leaves the output as it found it.
+
             def on_ready(used: dict[str, object]) -> None:
                 if manifest != "matched":
                     write_manifest(output, settings)
                 record_used(output, used)
+                started.append(True)
+
             run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
                        lock.maybe_renew, on_ready)
             if summary.interrupted:
                 recount(summary, plan.committed)
+        if started:  # the report's headline time: the runs' wall time, start-up included
+            wall_s = time.monotonic() - start
+            record_run(output, time.time() - wall_s, wall_s, summary.rows)
     summary.wall_s = time.monotonic() - start
     return summary
 

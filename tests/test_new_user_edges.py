@@ -150,3 +150,42 @@ def test_a_run_over_an_empty_file_says_to_replace_it_and_records_what_it_used(ra
     assert {k: used[k] for k in ("workers", "batch_size", "decode_slots")} == {"workers": 1, "batch_size": 8,
                                                                                "decode_slots": 32}
     assert used["device"].startswith("cpu (")
+
+
+def test_scores_in_the_wide_table_and_the_gallery_and_the_report_headline_is_the_run_wall_time(ray_local, tmp_path):
+    import html
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blipbatch import pipeline
+    from blipbatch.jobs.kinds import wide_table
+    from blipbatch.jobs.report import write_report
+    from blipbatch.pipeline.manifest import recorded_runs
+    from blipbatch.pipeline.sink import read_output
+    from test_run_command import IMAGES
+
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.table({"image": [open(p, "rb").read() for p in IMAGES[:2]], "key": ["a", "b"]}),
+                   source / "p.parquet")
+    output = str(tmp_path / "out")
+    questions = {"color": "What color is the shape?", "shape": "What shape is it?"}
+    summary = pipeline.run(str(source), output, str(DEMO_MODEL), prompt=questions, image_column="image",
+                           id_column="key", max_new_tokens=3, progress=False)
+    long = read_output(output).to_pylist()
+    wide = wide_table(read_output(output))
+    assert wide.column_names == ["id", "image", "derived_id", "color", "color_score", "shape", "shape_score", "errors"]
+    for row in wide.to_pylist():
+        for question in questions:
+            (answer,) = [r for r in long if r["id"] == row["id"] and r["question_id"] == question]
+            assert (row[question], row[f"{question}_score"]) == (answer["text"], answer["score"])
+
+    (run,) = recorded_runs(output)
+    assert run["rows"] == 4 and 0 < run["wall_s"] <= summary.wall_s
+    page = html.unescape(open(write_report(output, str(tmp_path / "r.html"), sample=2), encoding="utf-8").read())
+    assert "run wall time, incl. start-up" in page and "rows/s over the run wall time" in page
+    assert "rows/s while units ran" in page and "time units ran" in page
+    shown = re.findall(r'<span class="score"[^>]*>\((-?\d+\.\d\d)\)</span>', page)
+    assert sorted(shown) == sorted(f"{r['score']:.2f}" for r in long)
