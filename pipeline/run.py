@@ -37,6 +37,9 @@ from .worker import FaultInjection, ModelWorker, WorkerConfig
 __all__ = ["PipelineError", "connect_ray", "run", "run_job"]
 
 
+MAX_TEMP_ROOT_CHARS = 24  # Ray's longest socket path adds about 80 characters to its temp folder's
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as after Ctrl-C: committed units kept, lock released."""
 
@@ -55,14 +58,22 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     # Ray's notice that it made a token for this cluster is about a cluster of our own, on this machine and for this
     # process only: it would otherwise be the first line of every run's stderr.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # A short path: Ray's socket names must fit in 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp")
+    temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir=ray_temp_root())
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=True, configure_logging=False)
     atexit.register(_remove_ray_temp, temp_dir)  # runs before Ray's own exit hook (atexit is last in, first out)
 
 
+def ray_temp_root() -> str:
+    """Where an in-process Ray's temp folder goes: $TMPDIR (Python's temp folder) when short enough, else /tmp: Ray's
+    socket paths below it must fit in 107 bytes."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= MAX_TEMP_ROOT_CHARS else "/tmp"
+
+
 def _remove_ray_temp(temp_dir: str) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # at exit: a last Ctrl-C must not leave Ray running, its folder kept
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -200,22 +211,32 @@ def recount(summary: RunSummary, done_before: set[str]) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt(summary: RunSummary) -> Iterator[None]:
-    """While open (main thread only), SIGTERM raises Terminated, so a scheduler's stop ends the run as Ctrl-C does
-    (summary.terminated says which). Entered after ray.init, which installs a SIGTERM handler that exits at once."""
+def stop_signals_as_interrupt(summary: RunSummary) -> Iterator[None]:
+    """While open (main thread only), the first SIGTERM raises Terminated, so a scheduler's stop ends the run as Ctrl-C
+    does (summary.terminated says which), and the first SIGINT raises KeyboardInterrupt as usual; any later SIGINT or
+    SIGTERM is ignored, so a second Ctrl-C cannot cut short the stopping (workers killed, Ray shut down). Entered after
+    ray.init, which installs a SIGTERM handler that exits at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopping = False
 
     def handler(signum: int, frame: object) -> None:
-        summary.terminated = True
-        raise Terminated()
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        if signum == signal.SIGTERM:
+            summary.terminated = True
+            raise Terminated()
+        raise KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {stop: signal.signal(stop, handler) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, action in previous.items():
+            signal.signal(stop, action)
 
 
 class WorkerStartFailed(PipelineError):
@@ -298,7 +319,7 @@ def run_on_ray(
     actor = ray.remote(StartingWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
-    with sigterm_as_interrupt(summary):
+    with stop_signals_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
         try:
             devices = wait_ready(handles)

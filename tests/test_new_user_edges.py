@@ -3,6 +3,7 @@ error rows over an output with rows that stay broken. Real subprocesses and in-p
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -189,3 +190,42 @@ def test_scores_in_the_wide_table_and_the_gallery_and_the_report_headline_is_the
     assert "rows/s while units ran" in page and "time units ran" in page
     shown = re.findall(r'<span class="score"[^>]*>\((-?\d+\.\d\d)\)</span>', page)
     assert sorted(shown) == sorted(f"{r['score']:.2f}" for r in long)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_stopping_exits_130_without_traceback_and_leaves_no_ray(tmp_path):
+    """Ctrl-C twice at a terminal: SIGINT to the whole process group (Ray's processes included), the second while the
+    run is stopping (workers killed, Ray shut down); its own TMPDIR, so only this run's Ray folder is looked at."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    from blipbatch.jobs.demo import SAMPLE_IMAGES
+
+    source, output = write_input(tmp_path / "in", copies=10, row_group=6), tmp_path / "out"
+    args = flags(source, output, "--local-root", str(SAMPLE_IMAGES), "--batch-size", "2", "--rows-per-unit", "6")
+    temp = tempfile.mkdtemp(prefix="bbt", dir="/tmp")  # short: Ray's socket paths below it must fit in 107 bytes
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "blipbatch", *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": temp})
+        deadline = time.monotonic() + 240
+        while not list((output / "_progress").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGINT)
+        time.sleep(1.5)  # the driver is killing its workers and shutting Ray down
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 130, err
+        assert "Traceback" not in err and "interrupted: committed units are kept" in out
+        assert [name for name in os.listdir(temp) if name.startswith("bb-ray-")] == []
+        left = [p for p in psutil.process_iter(["cmdline"]) if any(temp in part for part in p.info["cmdline"] or [])]
+        assert left == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
