@@ -456,3 +456,10 @@ def test_cluster_launcher_config_is_valid_for_ray_up() -> None:
     assert ".venv" in config["rsync_exclude"]
     # Ray runs `docker run ... IMAGE bash`; with our image's ENTRYPOINT that would be `blipbatch bash`.
     assert '--entrypoint=""' in config["docker"]["run_options"]
+
+
+def test_the_image_has_what_kuberays_probes_run() -> None:
+    """KubeRay's default readiness and liveness probes of Ray containers are exec probes that run `wget` against the
+    raylet's and dashboard agent's health endpoints: an image without it never becomes ready."""
+    installs = " ".join(arg for kind, arg in dockerfile_instructions() if kind == "RUN" and "apt-get install" in arg)
+    assert re.search(r"\bwget\b", installs), installs
