@@ -30,6 +30,7 @@ ERROR_HINTS = {
     "decode_error": "check the images' format; --set decode.formats=[...] ([decode] formats)",
     "invalid_input": "check the input column named in the message",
     "model_error": "see the message; --batch-size N ([run] batch_size) if out of memory",
+    "opted_out": "the site asks not to be used for AI; [fetch] honour_opt_out = false only with its permission",
 }
 TOP_ERROR_KINDS = 3
 

@@ -53,3 +53,49 @@ def test_identical_bytes_share_one_hash_one_decode_and_one_answer(ray_local, che
     capsys.readouterr()
     main(["status", output])
     assert "duplicate images: 2 input rows" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def http_images():
+    """http://127.0.0.1:PORT/K.png serves png(K); /noai/K.png the same with `X-Robots-Tag: noai`."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = png(int(self.path.rsplit("/", 1)[1].split(".")[0]))
+            self.send_response(200)
+            if self.path.startswith("/noai/"):
+                self.send_header("X-Robots-Tag", "noai")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_an_opted_out_image_is_an_opted_out_row_and_the_manifest_records_the_setting(ray_local, checkpoint,
+                                                                                      http_images, tmp_path):
+    import json
+
+    references = [f"{http_images}/1.png", f"{http_images}/noai/2.png"]
+    pq.write_table(pa.table({"image_url": references, "key": ["kept", "refused"]}), tmp_path / "in.parquet")
+    fetch = FetchConfig(allow_hosts=("127.0.0.1",))
+    for honour, output in ((True, tmp_path / "honoured"), (False, tmp_path / "ignored")):
+        pipeline.run(str(tmp_path / "in.parquet"), str(output), checkpoint, prompt=PROMPTS[0], id_column="key",
+                     max_new_tokens=NEW_TOKENS, progress=False, fetch=FetchConfig(**{**fetch.__dict__,
+                                                                                     "honour_opt_out": honour}))
+        rows = {row["id"]: row for row in read_output(str(output)).to_pylist()}
+        assert json.loads((output / "_manifest.json").read_text())["settings"]["fetch"]["honour_opt_out"] is honour
+        assert rows["kept"]["status"] == "ok"
+        if honour:
+            assert (rows["refused"]["status"], rows["refused"]["error_kind"], rows["refused"]["image_sha256"]) == \
+                ("error", "opted_out", None)
+        else:
+            assert (rows["refused"]["status"], rows["refused"]["image_sha256"]) == ("ok", sha(png(2)))
