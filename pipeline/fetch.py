@@ -26,9 +26,11 @@ Error kinds (RowError.kind) and when they are raised:
   existence, so a refused path does not tell whether the file exists.
 - `invalid_input`: null, empty or whitespace reference; a scheme not in `allowed_schemes`; a malformed reference
   ("htp:/x": a scheme without "//", a URL without a host, a bucket URL without a bucket or with credentials in it) or
-  data: URI; a file or object that does not exist, is a directory, FIFO or device, or may not be read; a scheme whose
-  fsspec backend is missing.
-  Never retried: the reference itself is wrong.
+  data: URI; a host name with an empty label or one over 63 characters ("www..example.com"); a local path with a NUL
+  byte; a file or object that does not exist, is a directory, FIFO or device, or may not be read; a scheme whose
+  fsspec backend is missing. Never retried: the reference itself is wrong.
+- Any other exception a reference makes a library raise is still that row's error, never its unit's: `invalid_input`
+  for ValueError/TypeError (parsing), `fetch_connection` otherwise.
 - `fetch_http`: an HTTP error status. 429 and 5xx are retried, then reported with the number of attempts; other 4xx
   are reported at once. Also: more redirects than allowed, a redirect without a Location or to a non-HTTP scheme.
 - `fetch_timeout`: connect or read timeout, or the attempt ran past `attempt_deadline_s` (or the row's deadline);
@@ -189,6 +191,14 @@ def _check_http_url(url: str) -> None:
         raise RowError("invalid_input", f"malformed URL {shown!r}: the host contains white space")
 
 
+def _unexpected(err: Exception, ref: str) -> RowError:
+    """The row's error for an exception no check foresaw: one raised while parsing the reference (ValueError,
+    UnicodeError, TypeError) says the reference is malformed; anything else is a failed fetch."""
+    kind = "invalid_input" if isinstance(err, (ValueError, TypeError)) else "fetch_connection"
+    what = "malformed image reference" if kind == "invalid_input" else "error fetching"
+    return RowError(kind, f"{what} {_show(ref)!r}: {type(err).__name__}: {err}")
+
+
 def _bucket(url: str) -> str:
     try:
         return urlsplit(url).netloc
@@ -234,7 +244,12 @@ class Fetcher:
             raise RowError("invalid_input", f"image reference must be a string or bytes, got {type(ref).__name__}")
         ref = ref.strip()
         try:
-            return self._fetch_reference(ref)
+            try:
+                return self._fetch_reference(ref)
+            except RowError:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever one reference makes a library raise is its row's error
+                raise _unexpected(err, ref) from None
         except RowError as err:
             # Messages quote the redacted reference; a backend's own text may still quote a secret of it, decoded
             # or mangled, so each secret the reference carries is removed wherever it appears.

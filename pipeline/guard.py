@@ -133,9 +133,14 @@ class AddressGuard:
     def addresses(self, host: str, port: int) -> list[str]:
         """The checked addresses to connect to for host:port, in the resolver's order.
 
-        Raises RowError("blocked_address") when any address is refused, socket.gaierror when the name does not
-        resolve."""
-        infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+        Raises RowError("blocked_address") when any address is refused, RowError("invalid_input") for a name no
+        resolver can look up (an empty label, "www..example.com", or one over 63 characters: the IDNA codec refuses
+        them), socket.gaierror when the name does not resolve."""
+        try:
+            infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+        except UnicodeError:
+            raise RowError("invalid_input", f"malformed host name {host!r}: a label (the text between dots) is "
+                                            "empty or longer than 63 characters") from None
         # An IPv4-mapped address is connected to as plain IPv4: it needs no IPv6 stack and means the same host.
         targets = {}
         for info in infos:
@@ -242,6 +247,8 @@ class LocalRoots:
         if not self.roots:
             raise RowError("blocked_address", f"local file {shown!r} refused: no [fetch] local_roots are set, so no "
                                               "local files may be read (list the folders images may come from)")
+        if "\0" in path:  # os.path.realpath would raise ValueError
+            raise RowError("invalid_input", f"malformed local path {shown!r}: it contains a NUL byte")
         real = os.path.realpath(path)
         if not any(os.path.commonpath([real, root]) == root for root in self.roots):
             where = shown if real in (ref, path) else f"{shown} (resolves to {redact(real)})"

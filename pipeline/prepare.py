@@ -197,6 +197,8 @@ class PrepareStage:
             data = self.fetcher.fetch(ref)
         except RowError as err:
             return err
+        except Exception as err:  # noqa: BLE001 - the row boundary: nothing about one row may fail its unit
+            return RowError("fetch_connection", f"{type(err).__name__}: {err}")
         finally:
             self.times.add("fetch_s", time.perf_counter() - start)
         return self._cpu_pool.submit(self._decode, data)
@@ -239,6 +241,8 @@ class PrepareStage:
                     item.instruction = self.check_instruction(row.instruction)
                 except RowError as err:
                     item.error = err
+                except Exception as err:  # noqa: BLE001 - the row boundary, as in _fetch
+                    item.error = RowError("invalid_input", f"instruction refused: {type(err).__name__}: {err}")
                 else:
                     item.image = slot.setdefault(row.row_index, len(slot))
             prepared.append(item)
