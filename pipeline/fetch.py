@@ -101,6 +101,9 @@ class FetchConfig:
     # Absolute folders that local paths and file:// URLs may point into. Empty: no local files are read at all, so a
     # table cannot make a worker read its own disk (credentials, keys) by listing paths.
     local_roots: tuple[str, ...] = ()
+    # Reads left blocked past their deadline (a hung network mount), each holding a thread, at most this many per
+    # worker process: past it, new attempts are refused at once (fetch_timeout) until some return.
+    max_abandoned_reads: int = 64
 
     def __post_init__(self) -> None:
         for name in ("allowed_schemes", "allow_hosts", "local_roots"):
@@ -109,6 +112,7 @@ class FetchConfig:
                 raise ValueError(f"FetchConfig.{name} must be a tuple of strings, got the string {value!r}")
             object.__setattr__(self, name, tuple(value))  # a list from a caller: keep the config hashable
         positive = {"timeout_s": self.timeout_s, "max_bytes": self.max_bytes, "concurrency": self.concurrency,
+                    "max_abandoned_reads": self.max_abandoned_reads,
                     "attempt_deadline_s": self.attempt_deadline_s, "row_deadline_s": self.row_deadline_s}
         non_negative = {"max_redirects": self.max_redirects, "retries": self.retries, "backoff_s": self.backoff_s,
                         "max_backoff_s": self.max_backoff_s}
@@ -336,7 +340,7 @@ class Fetcher:
             return _RetryableError("fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})",
                                    cut_short=cut_short)
 
-        return deadline.run_within(seconds, attempt, timeout)
+        return deadline.run_within(seconds, attempt, timeout, self.config.max_abandoned_reads)
 
     def _delay(self, n: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -33,6 +33,7 @@ import torch
 
 from blipbatch.model.image_processing import BlipImageProcessor
 
+from . import deadline
 from .decode import DecodeConfig, decode_image
 from .errors import RowError
 from .fetch import Fetcher
@@ -114,6 +115,7 @@ class StageTimes:
     seconds, so they can exceed the unit's wall time); model_s is the model thread's."""
 
     images_fetched: int = 0
+    reads_abandoned: int = 0  # fetch attempts left blocked at their deadline (pipeline.deadline)
     fetch_s: float = 0.0
     decode_s: float = 0.0
     model_s: float = 0.0
@@ -163,6 +165,7 @@ class PrepareStage:
         self.check_instruction = check_instruction  # instruction -> str, or raises an error naming why
         self.pin_memory = pin_memory
         self.times = StageTimes()
+        self._abandoned_before = deadline.abandoned_total()
         self.budget = ByteBudget(config.decoded_bytes)
         return_freed_images_to_the_os()
         self._fetch_pool = ThreadPoolExecutor(fetcher.config.concurrency, thread_name_prefix="fetch")
@@ -178,6 +181,7 @@ class PrepareStage:
             pool.shutdown(wait=False, cancel_futures=True)
         for pool in pools:
             pool.shutdown(wait=True)
+        self.times.reads_abandoned = deadline.abandoned_total() - self._abandoned_before
 
     def batches(self, rows: Sequence[InputRow], size: int) -> Iterator[PreparedBatch]:
         """The unit's micro-batches in order; every image of the unit starts fetching at the first call."""

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 
+import fsspec
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.spec import AbstractFileSystem
 
 from blipbatch.model.engine import EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
+from blipbatch.pipeline import deadline
 from blipbatch.pipeline.decode import DecodeConfig
+from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage
 from blipbatch.pipeline.shards import InputRow, discover_shards, plan_units
@@ -78,3 +84,75 @@ def test_an_unforeseen_exception_in_a_row_check_is_that_rows_error(checkpoint):
         [batch] = list(stage.batches(rows, 4))
     assert [p.error.kind if p.error else None for p in batch.rows] == [None, "invalid_input", None]
     assert "KeyError" in batch.rows[1].error.message and batch.pixels.shape[0] == 2
+
+
+class BlockingRaw(io.RawIOBase):
+    """A file whose read blocks until `release` is set (bounded): a hung NFS/FUSE mount."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.release.wait(timeout=60)
+        return 0
+
+
+class HungFileSystem(AbstractFileSystem):
+    """Opens every path as a buffered file over BlockingRaw: its close() waits for the lock its blocked read()
+    holds, so closing it from outside cannot end the read."""
+
+    protocol = "hungfs"
+    release = threading.Event()
+
+    def _open(self, path, mode="rb", **kwargs):
+        return io.BufferedReader(BlockingRaw(self.release))
+
+
+@pytest.fixture
+def hungfs():
+    fsspec.register_implementation("hungfs", HungFileSystem, clobber=True)
+    HungFileSystem.release.clear()
+    before = deadline.abandoned_now()
+    yield "hungfs"
+    HungFileSystem.release.set()  # the abandoned reads end now
+    limit = time.monotonic() + 5
+    while deadline.abandoned_now() > before and time.monotonic() < limit:
+        time.sleep(0.02)
+
+
+def test_a_read_that_close_cannot_interrupt_ends_its_row_on_time(checkpoint, tmp_path, hungfs):
+    """Two rows on a 'hung mount' end as fetch_timeout at their row deadline, their threads left behind and counted
+    in the unit's timing; the unit's four other rows are committed."""
+    references = [png_data_uri((40 * i, 0, 0)) for i in range(6)]
+    references[1], references[4] = "hungfs://mount/a.jpg", "hungfs://mount/b.jpg"
+    fetch = FetchConfig(retries=0, attempt_deadline_s=1.0, row_deadline_s=1.0,
+                        allowed_schemes=("data", "hungfs"))
+    start = time.monotonic()
+    record, table = run_unit(checkpoint, tmp_path, references, fetch)
+    assert time.monotonic() - start < 10  # the worker's set-up included; the hung reads never return here
+    assert record.rows == 6 and record.timing.reads_abandoned == 2
+    assert list(table.loc[["1", "4"], "error_kind"]) == ["fetch_timeout"] * 2
+    assert (table.drop(["1", "4"])["status"] == "ok").all()
+
+
+def test_abandoned_reads_are_bounded_and_further_ones_fail_fast(hungfs):
+    """With max_abandoned_reads threads still blocked, the next attempt is refused at once, saying why."""
+    bound = deadline.abandoned_now() + 2
+    fetcher = Fetcher(FetchConfig(retries=0, attempt_deadline_s=0.3, allowed_schemes=("hungfs",),
+                                  max_abandoned_reads=bound))
+    for name in ("a", "b"):
+        with pytest.raises(RowError, match="took longer than 0.3 s"):
+            fetcher.fetch(f"hungfs://mount/{name}.jpg")
+    start = time.monotonic()
+    with pytest.raises(RowError) as caught:
+        fetcher.fetch("hungfs://mount/c.jpg")
+    assert time.monotonic() - start < 0.1
+    assert caught.value.kind == "fetch_timeout" and "max_abandoned_reads" in caught.value.message
+    HungFileSystem.release.set()
+    limit = time.monotonic() + 5
+    while deadline.abandoned_now() >= bound and time.monotonic() < limit:
+        time.sleep(0.02)
+    assert deadline.abandoned_now() < bound  # the blocked reads returned: fetching may go on
