@@ -5,8 +5,9 @@ References and how they are fetched:
   redirects followed by hand (at most `max_redirects`), the body streamed under `max_bytes`.
   Every connection, redirect hops included, goes through the address guard (pipeline.guard): the host is resolved,
   every address checked, and the socket opened to a checked address; `allow_hosts` admits trusted hosts/networks.
-- `file://` and plain local paths: fsspec, only regular files inside `local_roots` (symlinks and ".." resolved
-  first; FIFOs, devices and sockets refused before opening); none by default.
+- `file://` and plain local paths: only regular files inside `local_roots` (symlinks and ".." resolved first;
+  FIFOs, devices and sockets refused before opening; opened without following links, pipeline.guard.LocalRoots);
+  none by default. Resolving and opening run under the attempt's deadline, as the read does.
 - `s3://`, `gs://`, and any other scheme listed in `allowed_schemes`: fsspec, allowed by scheme alone, with the
   worker's own credentials for the store.
 - `data:` URIs, base64 or percent-encoded.
@@ -58,6 +59,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import BinaryIO
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import fsspec
@@ -67,7 +69,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import deadline
 from .errors import RowError, format_size
-from .guard import AddressGuard, AllowList, LocalRoots, guarded_pool_manager
+from .guard import AddressGuard, AllowList, LocalPath, LocalRoots, guarded_pool_manager
 from .redact import redact, redact_log_records, scrub, secrets_of, userinfo
 
 _HTTP_SCHEMES = ("http", "https")
@@ -270,7 +272,10 @@ class Fetcher:
             _check_http_url(ref)
             return self._with_retries(ref, lambda: self._http_attempt(ref))
         target = self._storage_target(ref, scheme)
-        return self._with_retries(ref, lambda: self._storage_attempt(ref, target))
+        if isinstance(target, LocalPath):
+            # Resolved and opened inside the attempt: on a hung mount even realpath() and stat() block.
+            return self._with_retries(ref, lambda: self._storage_attempt(ref, lambda: self._roots.open(target)))
+        return self._with_retries(ref, lambda: self._storage_attempt(ref, lambda: fsspec.open(target, "rb").open()))
 
     def _checked_scheme(self, ref: str) -> str:
         """The reference's scheme, when it is well formed and allowed; RowError("invalid_input") saying what is
@@ -435,8 +440,8 @@ class Fetcher:
 
     # -- fsspec ----------------------------------------------------------------------------------------------------
 
-    def _storage_target(self, url: str, protocol: str) -> str:
-        """What fsspec opens for `url`: the URL itself, or for a local file its real path inside `local_roots`."""
+    def _storage_target(self, url: str, protocol: str) -> str | LocalPath:
+        """What is opened for `url`: the URL itself (by fsspec), or the local path it names (by LocalRoots.open)."""
         if "::" in url:
             # fsspec would read "a::b" as a chain of filesystems, reaching schemes the allowlist did not approve.
             raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference "
@@ -450,9 +455,9 @@ class Fetcher:
             raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {_show(url)!r}") \
                 from None
         if issubclass(filesystem, LocalFileSystem):  # file://, local://, plain paths
-            # The path fsspec would open, resolved; opening the resolved path leaves no symlink to follow later.
-            # Refused there too: anything but a regular file (a FIFO would block the read).
-            return self._roots.resolve(filesystem._strip_protocol(url), url)
+            # The path fsspec would open; LocalRoots.open resolves it, checks it and opens it without following a
+            # link swapped in after the check, and refuses anything but a regular file.
+            return LocalPath(filesystem._strip_protocol(url), url)
         if not _bucket(url):
             raise RowError("invalid_input", f"malformed image reference {_show(url)!r}: no bucket after "
                                             f"'{protocol}://'")
@@ -462,10 +467,10 @@ class Fetcher:
                                             "remove the part up to '@'")
         return url
 
-    def _storage_attempt(self, url: str, target: str) -> bytes:
+    def _storage_attempt(self, url: str, opener: Callable[[], BinaryIO]) -> bytes:
         shown = _show(url)
         try:
-            with fsspec.open(target, "rb") as f:
+            with opener() as f:
                 deadline.hold(f)  # closed from outside if the attempt's time runs out
                 size = getattr(f, "size", None)  # object stores know it from open
                 if size is None and f.seekable():
