@@ -37,6 +37,7 @@ import torch
 
 from blipbatch.model.image_processing import BlipImageProcessor
 
+from . import deadline
 from .decode import DecodeConfig, decode_image
 from .errors import RowError
 from .fetch import Fetcher
@@ -118,6 +119,7 @@ class StageTimes:
     seconds, so they can exceed the unit's wall time); model_s is the model thread's."""
 
     images_fetched: int = 0
+    reads_abandoned: int = 0  # fetch attempts left blocked at their deadline (pipeline.deadline)
     fetch_s: float = 0.0
     decode_s: float = 0.0
     model_s: float = 0.0
@@ -176,6 +178,7 @@ class PrepareStage:
         self.check_instruction = check_instruction  # instruction -> str, or raises an error naming why
         self.pin_memory = pin_memory
         self.times = StageTimes()
+        self._abandoned_before = deadline.abandoned_total()
         self.budget = ByteBudget(config.decoded_bytes)
         return_freed_images_to_the_os()
         self._fetch_pool = ThreadPoolExecutor(fetcher.config.concurrency, thread_name_prefix="fetch")
@@ -194,6 +197,7 @@ class PrepareStage:
             pool.shutdown(wait=False, cancel_futures=True)
         for pool in pools:
             pool.shutdown(wait=True)
+        self.times.reads_abandoned = deadline.abandoned_total() - self._abandoned_before
 
     def batches(self, rows: Sequence[InputRow], size: int) -> Iterator[PreparedBatch]:
         """The unit's micro-batches in order; every image of the unit starts fetching at the first call."""
@@ -214,6 +218,8 @@ class PrepareStage:
             data = self.fetcher.fetch(ref)
         except RowError as err:
             return err
+        except Exception as err:  # noqa: BLE001 - the row boundary: nothing about one row may fail its unit
+            return RowError("fetch_connection", f"{type(err).__name__}: {err}")
         finally:
             self.times.add("fetch_s", time.perf_counter() - start)
         digest = hashlib.sha256(data).hexdigest()
@@ -265,6 +271,8 @@ class PrepareStage:
                     item.instruction = self.check_instruction(row.instruction)
                 except RowError as err:
                     item.error = err
+                except Exception as err:  # noqa: BLE001 - the row boundary, as in _fetch
+                    item.error = RowError("invalid_input", f"instruction refused: {type(err).__name__}: {err}")
                 else:
                     item.image = slot.setdefault(item.sha256, len(slot))
             prepared.append(item)

@@ -111,7 +111,7 @@ class ModelWorker:
         times = stage.times
         timing = UnitTiming(started=started, finished=time.time(), worker=self.index, pid=os.getpid(),
                             node=socket.gethostname(), images_fetched=times.images_fetched, fetch_s=times.fetch_s,
-                            decode_s=times.decode_s, model_s=times.model_s)
+                            decode_s=times.decode_s, model_s=times.model_s, reads_abandoned=times.reads_abandoned)
         record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before,
                          duplicate_images=duplicate_images(table, unit.num_rows), timing=timing)
         commit_unit(self.config.output, record)

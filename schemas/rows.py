@@ -182,6 +182,9 @@ class UnitTiming:
     fetch_s: float
     decode_s: float
     model_s: float
+    # Fetch attempts whose read was still blocked at its deadline (a hung mount): each row ended on time, each read's
+    # thread was left behind until it returns ([fetch] max_abandoned_reads bounds them).
+    reads_abandoned: int = 0
 
     @property
     def seconds(self) -> float:
