@@ -136,7 +136,7 @@ FLAG_KEYS = {
     "input": "input.path", "output": "output.path", "model": "model.path", "prompt": "prompt.text",
     "instruction_column": "input.instruction_column", "image_column": "input.image_column",
     "id_column": "input.id_column", "passthrough": "input.passthrough", "batch_size": "run.batch_size",
-    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens",
+    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_workers": "run.max_workers", "max_new_tokens": "generation.max_new_tokens",
     "num_beams": "generation.num_beams", "dtype": "model.dtype", "device": "model.device",
     "rows_per_unit": "run.rows_per_unit", "max_attempts": "run.max_attempts", "address": "run.address",
     "max_error_rate": "run.max_error_rate",
@@ -250,7 +250,9 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
                      help="input column copied to the output (repeatable)")
     run.add_argument("--batch-size", type=int, help="rows per model call (default: 8 on CPU; on CUDA what free memory holds, see README)")
     run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default: 32 on CPU; on CUDA as --batch-size)")
-    run.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
+    run.add_argument("--workers", type=workers_count, help='model actors, or "auto" (the default): one per GPU, more '
+                     "as GPUs join the cluster while units wait; without GPUs, 1")
+    run.add_argument("--max-workers", type=int, help='with "auto" workers: at most this many (default: no limit)')
     run.add_argument("--max-new-tokens", type=int, help="default 30")
     run.add_argument("--num-beams", type=int, help="default 1")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -272,6 +274,16 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--log-json", action="store_true",
                      help="one JSON line per unit committed, retried or failed on stderr, instead of the progress line")
     run.set_defaults(handler=run_pipeline)
+
+
+def workers_count(value: str) -> int | str:
+    """--workers: a count, or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer or "auto", got {value!r}') from None
 
 
 def add_fetch_flags(parser: argparse.ArgumentParser, purpose: str = "") -> None:
@@ -497,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("output")
     retry.add_argument("--batch-size", type=int, help="default: the recorded one")
     retry.add_argument("--decode-slots", type=int, help="default: the recorded one")
-    retry.add_argument("--workers", type=int, help="default: the recorded one")
+    retry.add_argument("--workers", type=workers_count, help="default: the recorded one")
     retry.add_argument("--max-attempts", type=int, help="default: the recorded one")
     retry.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
     retry.add_argument("--quiet", action="store_true")

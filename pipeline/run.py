@@ -302,12 +302,16 @@ def run_on_ray(
     on_ready: Callable[[dict[str, object]], None],
 ) -> None:
     """Start the model actors (one per GPU, or `workers`) and run the units on them; `on_ready` is called once
-    they are up, before the first unit is handed out, with what they use (used_by)."""
+    they are up, before the first unit is handed out, with what they use (used_by). With `workers` "auto" on GPUs the
+    pool is elastic: an actor more for each GPU that joins while units wait (up to `max_workers`), those on nodes
+    that leave dropped."""
     connect_ray(job.run.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     # device "cuda" asks for GPU actors even before any GPU node is up, so an autoscaler adds them.
     use_gpu = config.engine.device == "cuda" or (config.engine.device is None and gpus > 0)
-    count = job.run.workers or (gpus if use_gpu else 1)
+    elastic = use_gpu and job.run.elastic
+    limit = job.run.max_workers or sys.maxsize
+    count = min(gpus, limit) if elastic else (1 if job.run.elastic else job.run.workers)
     if count < 1:
         raise PipelineError("device is cuda but the cluster has no GPU yet: set --workers (run.workers) to the "
                             "number of GPU actors")
@@ -319,15 +323,34 @@ def run_on_ray(
     actor = ray.remote(StartingWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
+    if elastic and job.run.max_workers:
+        # Ask an autoscaler (KubeRay's, the cluster launcher's) for the GPUs the run could use: the workers follow
+        # the GPUs that join. Where nothing autoscales, Ray keeps the request and nothing happens.
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}] * min(limit, len(pending)))
     with stop_signals_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
+
+        def grow(live: int) -> list[Any]:
+            """A model actor for each GPU that joined the cluster (within max_workers); the new ones are in
+            `handles` too, so that they are stopped with the others."""
+            target = min(int(ray.cluster_resources().get("GPU", 0)), limit)
+            new = [actor.remote(config, len(handles) + i) for i in range(max(target - live, 0))]
+            handles.extend(new)
+            return new
+
         try:
             devices = wait_ready(handles)
             on_ready(used_by(handles))
             if progress is not None:
-                print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
-                      f"{summary.units_total} units to do", file=sys.stderr)
-            run_units(pending, handles, summary, job.run.max_attempts, progress=progress, heartbeat=heartbeat)
+                print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}"
+                      f"{' (more as GPUs join)' if elastic else ''}; {len(pending)} of {summary.units_total} units "
+                      "to do", file=sys.stderr)
+            run_units(pending, list(handles), summary, job.run.max_attempts, progress=progress, heartbeat=heartbeat,
+                      grow=grow if elastic else None)
         finally:
             for handle in handles:
                 ray.kill(handle)
+            if elastic and job.run.max_workers:
+                request_resources(bundles=[])  # the run's demand ends with it: idle GPU nodes may go

@@ -111,7 +111,12 @@ def ray_cluster(tmp_path):
     temp = Path("/tmp") / f"bb-cluster-{os.getpid()}"
     start = subprocess.run(
         [ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
+         # Ray's agents default to fixed ports (52365, ...): another cluster on the machine (a test beside this one)
+         # holding one leaves this cluster without a job agent ("No available agent to submit job").
+         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port"))],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert start.returncode == 0, start.stderr
