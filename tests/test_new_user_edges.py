@@ -229,3 +229,22 @@ def test_a_second_ctrl_c_while_stopping_exits_130_without_traceback_and_leaves_n
         assert left == []
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_workers_is_a_count_or_auto_in_a_spec_and_on_the_command_line(tmp_path):
+    from blipbatch.jobs.cli import build_parser
+    from blipbatch.jobs.spec import SpecError, load_spec
+    from blipbatch.pipeline.job import RunConfig
+
+    spec = tmp_path / "job.toml"
+    base = f'[job]\nkind = "caption"\n[input]\npath = "in"\n[output]\npath = "out"\n[model]\npath = "m"\n' \
+           '[prompt]\ntext = "x"\n[run]\n'
+    spec.write_text(base + 'workers = "auto"\nmax_workers = 3\n')
+    run = load_spec(spec).run
+    assert (run.workers, run.max_workers, run.elastic) == ("auto", 3, True)
+    assert RunConfig().elastic and not RunConfig(workers=2).elastic
+    spec.write_text(base + 'workers = "many"\n')
+    with pytest.raises(SpecError, match=r'\[run\] workers: expected an integer >= 1 or "auto", got "many"'):
+        load_spec(spec)
+    assert build_parser().parse_args(["run", str(spec), "--workers", "auto"]).workers == "auto"
+    assert build_parser().parse_args(["run", str(spec), "--workers", "2", "--max-workers", "4"]).max_workers == 4
