@@ -34,6 +34,8 @@ from typing import Any
 
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.template import MISSING_CHOICES, TemplateError
+from blipbatch.pipeline.template import parse as parse_template
 from blipbatch.pipeline.job import (GenerationSettingsError, InputConfig, Job, ModelConfig, OutputConfig, PipelineError,
                                     RunConfig)
 from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
@@ -203,7 +205,8 @@ def _config_checks(cls: type) -> dict[str, _Check]:
 TABLES: dict[str, dict[str, _Check]] = {
     "job": {"kind": _choice(*KINDS), "name": _TEXT},
     "input": {"path": _PATHS, "image_column": _TEXT, "id_column": _TEXT, "instruction_column": _TEXT,
-              "passthrough": _TEXTS},
+              "passthrough": _TEXTS, "missing": _choice(*MISSING_CHOICES), "format": _choice("parquet", "webdataset"),
+              "image_extension": _TEXT},
     "output": {"path": _TEXT, "wide": _BOOLEAN},
     "model": {"path": _TEXT, "dtype": _choice("bfloat16", "float16", "float32"), "device": _choice("cuda", "cpu"),
               "quantize": _choice("fp8"), "cuda_graphs": _BOOLEAN},
@@ -487,6 +490,13 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
         prompt = default_prompt(model["path"]) if prompt is None else prompt
+    templates = [(("prompt", "text"), "[prompt] text", prompt)] if "prompt" in values else []
+    templates += [(("questions", name), f"[questions] {name}", text) for name, text in questions.items()]
+    for path, label, text in templates:
+        try:
+            parse_template(text)
+        except TemplateError as e:
+            raise SpecError(where(*path), label, str(e)) from None
     try:
         return JobSpec(
             source=spec_file,
@@ -494,9 +504,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
             name=values["job"].get("name"),
             prompt=prompt,
             questions=dict(questions),
-            input=InputConfig(paths=inputs["path"], image_column=image_column, id_column=inputs.get("id_column"),
-                              instruction_column=inputs.get("instruction_column"),
-                              passthrough=inputs.get("passthrough", ())),
+            input=InputConfig(paths=inputs.pop("path"), **{**inputs, "image_column": image_column}),
             output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
             model=ModelConfig(**model),  # [model]'s keys are ModelConfig's fields; unset ones keep its defaults
             instructions=kind.instructions(prompt, questions),

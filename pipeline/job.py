@@ -9,7 +9,7 @@ typed parts of it, and the output's manifest records it (pipeline.manifest).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -20,6 +20,9 @@ from blipbatch.schemas import ColumnMapping
 
 from .decode import DecodeConfig
 from .fetch import FetchConfig
+from .template import MISSING_CHOICES, TemplateError, parse_all
+
+INPUT_FORMATS = (None, "parquet", "webdataset")  # [input] format; None: by each shard's name
 
 # What the job sets when the user sets nothing; every other generate() setting is the checkpoint's own.
 DEFAULT_GENERATION: Mapping[str, Any] = MappingProxyType({"max_new_tokens": 30, "num_beams": 1})
@@ -53,12 +56,16 @@ class InputConfig(ColumnMapping):
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
         if not paths:
             raise PipelineError("input: give at least one Parquet folder, glob or file")
+        if self.missing not in MISSING_CHOICES:
+            raise PipelineError(f"input.missing must be one of {', '.join(MISSING_CHOICES)}, got {self.missing!r}")
+        if self.format not in INPUT_FORMATS:
+            raise PipelineError(f"input.format must be one of {', '.join(map(str, INPUT_FORMATS))}, got "
+                                f"{self.format!r}")
 
     @property
     def columns(self) -> ColumnMapping:
         """The column mapping alone, as the shards and the worker use it."""
-        return ColumnMapping(image_column=self.image_column, id_column=self.id_column,
-                             instruction_column=self.instruction_column, passthrough=self.passthrough)
+        return ColumnMapping(**{f.name: getattr(self, f.name) for f in fields(ColumnMapping)})
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,10 @@ class Job:
         if (self.instructions is None) == (self.input.instruction_column is None):
             raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
         object.__setattr__(self, "instructions", _instructions(self.instructions))
+        try:
+            parse_all(self.instructions)
+        except TemplateError as e:
+            raise PipelineError(f"prompt: {e}") from None
         object.__setattr__(self, "generation", _checked_generation(self.generation))
 
     @property

@@ -28,6 +28,7 @@ from .redact import redact
 from .resume import plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
 from .sink import progress_records
+from .template import TemplateError, check_columns, parse_all
 from .preflight import check_model, check_output
 from .prepare import PrepareConfig
 from .worker import FaultInjection, ModelWorker, WorkerConfig
@@ -109,6 +110,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
     units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,
                        job.run.rows_per_unit)
     check_unique_ids(unfinished_shards(output, units), job.input.columns)
+    check_template_columns(job, units)
     settings = job_settings(job).to_dict()
     with OutputLock(output) as lock:
         manifest = check_manifest(output, settings, force=force)
@@ -137,6 +139,16 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
                 recount(summary, plan.committed)
     summary.wall_s = time.monotonic() - start
     return summary
+
+
+def check_template_columns(job: Job, units: Sequence[WorkUnit]) -> None:
+    """Refuse a prompt template naming a column some shard does not have, before any work."""
+    templates = parse_all(job.instructions).values()
+    for shard, schema in {unit.shard: unit.schema for unit in units if unit.schema is not None}.items():
+        try:
+            check_columns(templates, shard, schema.names)
+        except TemplateError as e:
+            raise PipelineError(str(e)) from None
 
 
 def recount(summary: RunSummary, done_before: set[str]) -> None:

@@ -25,6 +25,7 @@ from blipbatch.errors import BlipbatchError
 
 from .errors import RowError
 from .job import RunConfig
+from .template import Template, columns_of, parse_all
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
@@ -395,16 +396,18 @@ class InputRow:
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
               fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
-    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question). For a
-    redo (unit.redo), only the rows at those positions."""
+    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question), their
+    templates filled from the row (pipeline.template). For a redo (unit.redo), only the rows at those positions."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
         raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
                          "exactly one of the two")
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
+    templates = parse_all(fixed_instructions)
+    wanted = list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())]))
     fs, path = url_to_fs(unit.shard)
     with fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups), columns=mapping.input_columns())
+        table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups), columns=wanted)
     if table.num_rows != unit.num_rows:
         raise ShardError(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
                          f"{unit.num_rows}; the shard changed after planning")
@@ -420,9 +423,23 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
             row_id, derived_id = (None if value is None else str(value)), derived
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
+            instruction, problem = _filled(templates.get(instruction) if fixed_instructions is not None else None,
+                                           instruction, columns, offset, mapping.missing)
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id))
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id,
+                                 problem))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
+
+
+def _filled(template: Template | None, instruction: object, columns: dict, offset: int,
+            missing: str) -> tuple[object, RowError | None]:
+    """A fixed instruction with its template filled from the row at `offset`; or the template unfilled and why."""
+    if template is None:
+        return instruction, None  # a row's own question is data: its braces are its own
+    try:
+        return template.fill({name: columns[name][offset] for name in template.columns}, missing), None
+    except RowError as err:
+        return instruction, err
 
 
 def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,
