@@ -233,7 +233,8 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
-    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings")
+    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings, or a "
+                     "shard was rewritten in place after some of its units were committed")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
     run.add_argument("--redo-errors", nargs="*", metavar="KIND",
                      help="also redo the error rows of committed units (of these error kinds; none given: every "

@@ -1,0 +1,160 @@
+"""Hostile inputs and places around a run (issue 22): a shard rewritten under a run, credentials on the command line,
+a forged manifest, huge instructions and special placeholders, a FIFO among the shards, a full or vanished output.
+
+Each case makes its hostile input in the test, bounds its waits, and checks the error, that the other rows commit,
+and that no secret leaks."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from blipbatch import read_output
+from blipbatch.jobs.cli import main
+from blipbatch.pipeline.shards import ShardChanged, plan_units, read_unit
+from blipbatch.pipeline.sink import failed_units
+from blipbatch.schemas import ColumnMapping
+from tiny import write_tiny_checkpoint
+
+MAPPING = ColumnMapping(id_column="key")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("model")))
+
+
+def png_bytes(k: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32 + k, 28), (30 * k % 255, 140, 90)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, keys: list[str], images: list[object] | None = None, row_group_size: int | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = images if images is not None else [png_bytes(i) for i in range(len(keys))]
+    pq.write_table(pa.table({"image_url": images, "key": keys}), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def run_args(inputs: str, output: str, model: str, *extra: str) -> list[str]:
+    return ["run", "--input", inputs, "--output", output, "--model", model, "--prompt", "a photo of",
+            "--id-column", "key", "--device", "cpu", "--max-new-tokens", "2", "--quiet", *extra]
+
+
+# ---------------------------------------------------------------- a shard rewritten under a run (item 8)
+
+@pytest.mark.parametrize("how", ["in place", "replaced by a rename"])
+def test_a_unit_refuses_a_shard_rewritten_after_planning(tmp_path, how):
+    shard = write_shard(tmp_path / "a.parquet", ["k0", "k1", "k2", "k3"], row_group_size=2)
+    units = plan_units([shard], MAPPING, 2)
+    assert [len(read_unit(u, MAPPING, ["q"])) for u in units] == [2, 2]
+    # Same row counts, same row groups, other rows: the count alone would not notice.
+    new = pa.table({"image_url": [png_bytes(i + 7) for i in range(4)], "key": ["x0", "x1", "x2", "x3"]})
+    if how == "in place":
+        pq.write_table(new, shard, row_group_size=2)
+    else:
+        pq.write_table(new, tmp_path / ".a.tmp", row_group_size=2)
+        os.replace(tmp_path / ".a.tmp", shard)
+    for unit in units:
+        with pytest.raises(ShardChanged, match=f"{shard}: its content changed after planning .*{unit.unit_id} is not "
+                                               "committed"):
+            read_unit(unit, MAPPING, ["q"])
+
+
+def test_a_unit_refuses_a_shard_rewritten_while_it_is_read(tmp_path):
+    """A thread rewrites the shard in a loop while units read it: each read gives the planned rows or ShardChanged,
+    never the other content's rows under the planned unit."""
+    shard = tmp_path / "a.parquet"
+    old = pa.table({"image_url": [b"x" * 5000] * 400, "key": [f"old{i}" for i in range(400)]})
+    new = pa.table({"image_url": [b"y" * 5000] * 400, "key": [f"new{i}" for i in range(400)]})
+    pq.write_table(old, shard, row_group_size=100)
+    units = plan_units([str(shard)], MAPPING, 100)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            for table in (new, old):
+                pq.write_table(table, tmp_path / ".a.tmp", row_group_size=100)
+                os.replace(tmp_path / ".a.tmp", shard)
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    outcomes = {"read": 0, "refused": 0}
+    try:
+        for _ in range(60):
+            for unit in units:
+                try:
+                    rows = read_unit(unit, MAPPING, ["q"])
+                except ShardChanged:
+                    outcomes["refused"] += 1
+                    continue
+                outcomes["read"] += 1
+                assert {row.id[:3] for row in rows} == {"old"}
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+    assert outcomes["refused"] > 0, outcomes
+
+
+class RewritingHandler(BaseHTTPRequestHandler):
+    """Serves a picture; the first request rewrites the shard the server was given (once the run has planned it)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        rewrite = self.server.rewrite
+        if rewrite is not None:
+            self.server.rewrite = None
+            rewrite()
+        body = png_bytes(3)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.slow
+def test_a_shard_rewritten_during_a_run_never_commits_an_id_twice(ray_local, tmp_path, checkpoint, capsys):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RewritingHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    inputs, output = tmp_path / "in", str(tmp_path / "out")
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
+    write_shard(inputs / "a.parquet", ["a0", "a1"], [url, url])
+    shard_b = inputs / "b.parquet"
+    write_shard(shard_b, ["b0", "b1"])
+    # While shard a's unit fetches its images (b's unit waits behind it on the one worker), b is rewritten: the same
+    # ids with one more row, as a producer fixing a shard in place would.
+    httpd.rewrite = lambda: write_shard(shard_b, ["b0", "b1", "b2"])
+    try:
+        args = run_args(str(inputs), output, checkpoint, "--allow-host", "127.0.0.1", "--workers", "1")
+        assert main(args) == 1
+        captured = capsys.readouterr()
+        assert f"{shard_b}: its content changed after planning" in captured.out
+        (failed,) = failed_units(output).values()
+        assert failed["attempts"] == 3  # given up at once: another try would read the same new content
+        assert sorted(read_output(output).column("id").to_pylist()) == ["a0", "a1"]  # a's rows committed
+
+        assert main(args) == 0  # the next run plans b's new content: each id once
+        ids = read_output(output).column("id").to_pylist()
+        assert sorted(ids) == ["a0", "a1", "b0", "b1", "b2"]
+
+        # Rewritten between runs, after its units committed: refused, since its rows would be committed again.
+        write_shard(shard_b, ["b0", "b1", "b2", "b3"])
+        capsys.readouterr()
+        assert main(args) == 3
+        err = capsys.readouterr().err
+        assert f"rewritten in place since units of their earlier content were committed, e.g. {shard_b}" in err
+        assert "--force" in err and len(err.strip().splitlines()) == 1
+        assert sorted(read_output(output).column("id").to_pylist()) == sorted(ids)
+    finally:
+        httpd.shutdown()
