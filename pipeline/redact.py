@@ -12,16 +12,24 @@ When in doubt it removes more (a path holding both ':' and '@' loses the part be
 `redact_log_records` makes every log record of the process pass through `redact` as it is made (its message and
 its traceback): the libraries that fetch images (urllib3, botocore, s3fs) log the URLs they request.
 
+`redacted_streams` does the same for what a command prints on stdout and stderr: its errors name the locations it was
+given (s3://KEY:SECRET@bucket/..., https://user:password@host/...), and so do the libraries' messages it quotes.
+
 `scrub` also removes the literal secrets of one known reference (`secrets_of`), wherever and however a backend's
 message quotes them (decoded, re-encoded).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
+import sys
 import threading
 import traceback
+from collections.abc import Iterator
+from typing import TextIO
 from urllib.parse import unquote
 
 REDACTED = "REDACTED"
@@ -184,3 +192,39 @@ def redact_log_records() -> None:
         factory = logging.getLogRecordFactory()
         if not getattr(factory, "redacts", False):
             logging.setLogRecordFactory(_redacting(factory))
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that writes everything through `redact` to the stream it wraps. A secret split across two writes
+    would pass; print() and the traceback module write each message and each traceback line whole."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def redacted_streams() -> Iterator[None]:
+    """While open, what this process prints on sys.stdout and sys.stderr passes through `redact`."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(saved[0]), RedactingStream(saved[1])
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -158,3 +158,117 @@ def test_a_shard_rewritten_during_a_run_never_commits_an_id_twice(ray_local, tmp
         assert sorted(read_output(output).column("id").to_pylist()) == sorted(ids)
     finally:
         httpd.shutdown()
+
+
+# ---------------------------------------------------------------- locations with credentials (item 9)
+
+SECRET = "hostile-canary-SECRET-42"
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    """/K.png: a picture; anything else 404. Counts the requests it gets."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.requests += 1
+        name = self.path.rsplit("/", 1)[-1]
+        body, status = (png_bytes(int(name[:-4])), 200) if name[:-4].isdigit() else (b"no such thing", 404)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    httpd.requests = 0
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_output(ray_local, tmp_path_factory, checkpoint, image_server):
+    """An output made with --allow-host 127.0.0.1 and --local-root: its manifest records both."""
+    base = tmp_path_factory.mktemp("finished")
+    private = base / "private"
+    private.mkdir()
+    (private / "face.png").write_bytes(png_bytes(5))
+    url = f"http://127.0.0.1:{image_server.server_address[1]}/3.png"
+    write_shard(base / "in" / "a.parquet", ["net", "disk"], [url, str(private / "face.png")])
+    output = str(base / "out")
+    assert main(run_args(str(base / "in"), output, checkpoint, "--allow-host", "127.0.0.1",
+                         "--local-root", str(private))) == 0
+    assert read_output(output).column("status").to_pylist() == ["ok", "ok"]
+    return output
+
+
+def one_secret_free_line(args: list[str], capsys, expected_code: int = 3) -> str:
+    """Run the CLI; its exit code must be `expected_code`, SECRET must appear nowhere, stderr must be one line."""
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == expected_code, captured
+    assert SECRET not in captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [
+    ["status", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
+    ["report", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
+    ["retry-failed", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
+    ["run", "--input", f"s3://AKIAHOSTILE:{SECRET}@bucket/in/", "--output", "OUT", "--model", "MODEL",
+     "--prompt", "x"],
+    ["run", "--input", "IN", "--output", "OUT", "--model", f"s3://AKIAHOSTILE:{SECRET}@bucket/model",
+     "--prompt", "x"],
+])
+def test_credentials_in_a_location_on_the_command_line_are_never_printed(moto_endpoint, tmp_path, checkpoint,
+                                                                         command, capsys):
+    write_shard(tmp_path / "in" / "a.parquet", ["k0"])
+    args = [{"OUT": str(tmp_path / "out"), "MODEL": checkpoint, "IN": str(tmp_path / "in")}.get(a, a)
+            for a in command]
+    line = one_secret_free_line(args, capsys)
+    assert line.startswith(f"blipbatch {command[0]}: ") and "REDACTED@bucket" in line, line
+
+
+def test_an_http_input_with_a_password_is_never_printed(image_server, tmp_path, checkpoint, capsys):
+    url = f"http://reader:{SECRET}@127.0.0.1:{image_server.server_address[1]}/shards/a.parquet"
+    line = one_secret_free_line(run_args(url, str(tmp_path / "out"), checkpoint), capsys)
+    assert f"http://REDACTED@127.0.0.1:{image_server.server_address[1]}/shards/a.parquet" in line, line
+
+
+def test_a_report_written_to_a_location_with_credentials_never_prints_them(finished_output, moto_endpoint, tmp_path,
+                                                                          capsys):
+    code = main(["report", finished_output, "--html", f"s3://AKIAHOSTILE:{SECRET}@bucket/report.html"])
+    captured = capsys.readouterr()
+    assert code == 3 and "Traceback" not in captured.err, captured.err
+    assert SECRET not in captured.out + captured.err
+    assert captured.err.strip().splitlines()[-1].startswith("blipbatch report: ")
+
+
+# ---------------------------------------------------------------- a forged manifest beside the output (item 10)
+
+def test_report_trusts_the_recorded_fetch_settings_only_of_a_local_output_only_the_caller_can_write(
+        finished_output, image_server, tmp_path, capsys):
+    import shutil
+
+    shared = tmp_path / "shared-out"  # the same output where others may write: anyone could have forged its manifest
+    shutil.copytree(finished_output, shared)
+    shared.chmod(0o777)
+    before = image_server.requests
+    assert main(["report", str(shared), "--html", str(tmp_path / "shared.html")]) == 0
+    out = capsys.readouterr().out
+    assert "thumbnails fetched with the default [fetch] settings" in out
+    assert image_server.requests == before  # the recorded allow_hosts did not let it connect to 127.0.0.1
+    page = (tmp_path / "shared.html").read_text()
+    assert "data:image/jpeg;base64" not in page  # nor the recorded local_roots embed the private file
+    assert page.count("blocked_address") >= 2
+
+    assert main(["report", finished_output, "--html", str(tmp_path / "own.html")]) == 0
+    assert "thumbnails fetched with the [fetch] settings the output's manifest recorded" in capsys.readouterr().out
+    assert image_server.requests > before
+    assert (tmp_path / "own.html").read_text().count("data:image/jpeg;base64") == 2
