@@ -44,11 +44,14 @@ _BARE_KEY = re.compile(r"(?<![\w.+%~:/@-])[\w.+%~-]+:(?!//)")
 _HOST_START = re.compile(r"[\w\[]")
 _VALUE_END = re.compile(r"[&;#]")  # a parameter value ends there (or at the token's end)
 _PATH_START = re.compile(r"[/?#]")
-# Name parts (split at - _ .) that mark a credential, and words that do so anywhere in a name (apiKey, accessToken).
-_SECRET_PARTS = frozenset({"pass", "password", "passwd", "passphrase", "pwd", "pw", "token", "secret", "signature",
-                           "sig", "credential", "credentials", "key", "auth", "session", "sas"})
-_SECRET_WORDS = ("password", "passwd", "token", "secret", "signature", "credential", "apikey", "accesskey",
-                 "privatekey", "sessionkey")
+# A parameter name marks a credential when it holds one of these stems anywhere, in any case (sessionid, jsessionid,
+# passcode, userpass, pwdhash, authcode, oauth, Authorization, mykey, keyid, apiKey, sigv4, xsig, X-Amz-Signature,
+# jwt, bearer, hmac, hdnts), or when one of its parts (split at - _ .) is one of the short words, which as stems would
+# hit ordinary names (otp in "footprint"). A stem also hits a few harmless names (design=, monkey=): their values are
+# removed too, the safe side.
+_SECRET_STEMS = ("pass", "pwd", "token", "secret", "sig", "key", "auth", "session", "cred", "jwt", "bearer", "hmac",
+                 "hdnts")
+_SECRET_PARTS = frozenset({"pw", "sas", "otp", "pin", "sid"})
 # A header or setting quoted in an exception message ("Authorization: ...", "aws_session_token=..."): the value to
 # the end of its line.
 _FIELD_NAMES = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-amz-security-token", "x-api-key",
@@ -59,8 +62,8 @@ _SECRET_FIELD = re.compile(rf"(?<![?&;\w-])({'|'.join(map(re.escape, _FIELD_NAME
 
 def _is_secret_name(name: str) -> bool:
     lowered = name.lower()
-    return (not set(re.split(r"[-_.]", lowered)).isdisjoint(_SECRET_PARTS)
-            or any(word in lowered for word in _SECRET_WORDS))
+    return any(stem in lowered for stem in _SECRET_STEMS) or not set(re.split(r"[-_.]", lowered)).isdisjoint(
+        _SECRET_PARTS)
 
 
 def _is_name_char(ch: str) -> bool:

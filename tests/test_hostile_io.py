@@ -272,3 +272,29 @@ def test_report_trusts_the_recorded_fetch_settings_only_of_a_local_output_only_t
     assert "thumbnails fetched with the [fetch] settings the output's manifest recorded" in capsys.readouterr().out
     assert image_server.requests > before
     assert (tmp_path / "own.html").read_text().count("data:image/jpeg;base64") == 2
+
+
+# ---------------------------------------------------------------- secret-like parameter names (item 11)
+
+SECRET_NAMES = ("sessionid", "jsessionid", "JSESSIONID", "passcode", "userpass", "pwdhash", "authcode", "oauth",
+                "mykey", "keyid", "sigv4", "xsig", "Authorization", "jwt", "bearer", "hmac", "hdnts", "otp",
+                "x-otp", "apiKey", "X-Amz-Signature", "access_token")
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_redaction_covers_secret_like_parameter_names_by_rule(name):
+    from blipbatch.pipeline.errors import RowError
+    from blipbatch.pipeline.redact import redact
+
+    for text in (f"https://cdn.example/a.png?w=1&{name}={SECRET}&h=2", f"https://cdn.example/a.png;{name}={SECRET}",
+                 f"HTTP 403 from https://cdn.example/a.png?{name}={SECRET}#top"):
+        redacted = redact(text)
+        assert SECRET not in redacted and f"{name}=REDACTED" in redacted and "cdn.example/a.png" in redacted
+        assert SECRET not in str(RowError("fetch_http", text))
+
+
+def test_redaction_keeps_ordinary_parameters():
+    from blipbatch.pipeline.redact import redact
+
+    text = "https://cdn.example/a.png?width=3&format=webp&q=80&id=7&page=2&photo=1&v=2"
+    assert redact(text) == text
