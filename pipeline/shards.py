@@ -23,6 +23,7 @@ from fsspec.utils import glob_translate
 from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 from blipbatch.errors import BlipbatchError
 
+from .guard import _file_kind
 from .job import RunConfig
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
@@ -61,13 +62,23 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
+def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
+    """`path`, if it is a regular file (or an object); else ShardError, before anything opens it: opening a FIFO
+    blocks until someone writes to it, and a device may never end."""
+    if info["type"] != "file":
+        kind = _file_kind(info["mode"]) if "mode" in info else info["type"]
+        raise ShardError(f"{_qualify(fs, path)}: {kind}, not a regular file; only regular files are read as shards: "
+                         "remove it from the input")
+    return path
+
+
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     folder = folder.rstrip("/")
     found = []
-    for path in fs.find(folder):
+    for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
         if relative.lower().endswith(".parquet") and not _is_hidden(relative):
-            found.append(path)
+            found.append(_regular(fs, path, info))
     return sorted(found)
 
 
@@ -79,11 +90,11 @@ def _expand(entry: str) -> list[str]:
     if has_magic(path):
         paths = []
         for match, info in sorted(fs.glob(path, detail=True).items()):
-            paths += _parquet_below(fs, match) if info["type"] == "directory" else [match]
+            paths += _parquet_below(fs, match) if info["type"] == "directory" else [_regular(fs, match, info)]
     elif fs.isdir(path):
         paths = _parquet_below(fs, path)
-    elif fs.isfile(path):
-        paths = [path]  # a file named explicitly is taken whatever its extension
+    elif fs.exists(path):
+        paths = [_regular(fs, path, fs.info(path))]  # a file named explicitly is taken whatever its extension
     else:
         paths = []
     return [_qualify(fs, p) for p in paths]

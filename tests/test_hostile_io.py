@@ -298,3 +298,29 @@ def test_redaction_keeps_ordinary_parameters():
 
     text = "https://cdn.example/a.png?width=3&format=webp&q=80&id=7&page=2&photo=1&v=2"
     assert redact(text) == text
+
+
+# ---------------------------------------------------------------- special files among the shards (item 7)
+
+@pytest.mark.parametrize("named", ["folder", "glob", "file"])
+def test_a_fifo_named_like_a_shard_is_refused_at_planning_without_opening_it(tmp_path, named, capsys):
+    import subprocess
+    import sys
+
+    from blipbatch.pipeline.shards import ShardError, discover_shards
+
+    write_shard(tmp_path / "in" / "a.parquet", ["k0"])
+    fifo = tmp_path / "in" / "x.parquet"
+    os.mkfifo(fifo)
+    entry = {"folder": tmp_path / "in", "glob": tmp_path / "in" / "*.parquet", "file": fifo}[named]
+    with pytest.raises(ShardError, match=f"{fifo}: a named pipe \\(FIFO\\), not a regular file"):
+        discover_shards(str(entry))
+    if named != "folder":
+        return
+    # The CLI, in a process of its own so that a hang cannot hang the test: one line, exit 3, at once.
+    done = subprocess.run([sys.executable, "-m", "blipbatch", "run", "--input", str(entry), "--output",
+                           str(tmp_path / "out"), "--model", "jobs/demo_data/shapes-instructblip", "--prompt", "x"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [f"blipbatch: {fifo}: a named pipe (FIFO), not a regular file; only "
+                                                "regular files are read as shards: remove it from the input"]
