@@ -127,6 +127,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
+                max_instruction_bytes=job.run.max_instruction_bytes,
                 prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
             )
             total_rows = plan.output_rows(job.rows_per_input_row)

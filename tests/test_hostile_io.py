@@ -324,3 +324,97 @@ def test_a_fifo_named_like_a_shard_is_refused_at_planning_without_opening_it(tmp
     assert done.returncode == 3, done.stderr
     assert done.stderr.strip().splitlines() == [f"blipbatch: {fifo}: a named pipe (FIFO), not a regular file; only "
                                                 "regular files are read as shards: remove it from the input"]
+
+
+# ---------------------------------------------------------------- instructions and spec values (items 6, 13, 14)
+
+DEMO_MODEL = str(Path(__file__).resolve().parents[1] / "jobs" / "demo_data" / "shapes-instructblip")
+
+
+def test_a_huge_instruction_is_refused_before_tokenizing_and_placeholders_are_plain_text(tmp_path):
+    """One unit: a 10 MB instruction is an invalid_input row, refused by size (never tokenized: that took +1.4 GB and
+    seconds); "<video>" and "<image>" are text to the model, as transformers' processor reads "<video>", so their rows
+    are ok, not model errors that re-run the micro-batch row by row."""
+    import time
+
+    from blipbatch.model.engine import EngineConfig
+    from blipbatch.pipeline.worker import ModelWorker, WorkerConfig
+
+    instructions = ["<video> What shape is it?", "x" * 10_000_000, "What color is the shape?",
+                    "<image> What shape is it? <video>", "é" * 9000]
+    shard = write_shard(tmp_path / "in" / "a.parquet", [f"k{i}" for i in range(5)])
+    pq.write_table(pq.read_table(shard).append_column("question", pa.array(instructions)), shard)
+    mapping = ColumnMapping(id_column="key", instruction_column="question")
+    [unit] = plan_units([shard], mapping, 100)
+    config = WorkerConfig(engine=EngineConfig(model=DEMO_MODEL, device="cpu", generation={"max_new_tokens": 3}),
+                          mapping=mapping, output=str(tmp_path / "out"), batch_size=8)
+    worker = ModelWorker(config)
+    start = time.monotonic()
+    worker.process_unit(unit, 1)
+    assert time.monotonic() - start < 30
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert [rows[f"k{i}"]["status"] for i in range(5)] == ["ok", "error", "ok", "ok", "error"]
+    for key, characters in (("k1", "10,000,000"), ("k4", "9,000")):  # 9,000 characters are 18,000 bytes
+        assert rows[key]["error_kind"] == "invalid_input"
+        assert rows[key]["error"] == (f"the instruction has {characters} characters, over the 16,384 bytes (UTF-8) an "
+                                      "instruction may take ([run] max_instruction_bytes); shorten it")
+
+
+def test_video_placeholder_text_keeps_its_own_token_as_in_transformers():
+    """Our prompts are tokenized without "<image>" as an added token; the tokens added after it keep their ids, so
+    "<video>" is the checkpoint's <video> token (as transformers reads it), never a stray image placeholder."""
+    import transformers
+    from PIL import Image
+
+    from blipbatch.model.processor import InstructBlipProcessor
+
+    ours = InstructBlipProcessor.from_pretrained(DEMO_MODEL)
+    theirs = transformers.InstructBlipProcessor.from_pretrained(DEMO_MODEL)
+    video = theirs.tokenizer.convert_tokens_to_ids("<video>")
+    assert video != ours.image_token_id
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    for text, videos in (("<video> What shape is it?", 1), ("What <video><video> is it?", 2)):
+        got = ours(images=image, text=text)["input_ids"]
+        expected = theirs(images=image, text=text, return_tensors="pt")["input_ids"]
+        assert int((got == video).sum()) == int((expected == video).sum()) == videos
+        assert int((got == ours.image_token_id).sum()) == ours.num_query_tokens
+
+
+def spec_file(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(f'''[job]
+kind = "caption"
+[input]
+path = "in"
+[output]
+path = "out"
+[model]
+path = "{DEMO_MODEL}"
+{body}''')
+    return str(path)
+
+
+@pytest.mark.parametrize("body, line, message", [
+    ("[generation]\nnum_beams = 1000000\n", 10, "[generation] num_beams: at most 64, got 1000000"),
+    ("[generation]\nmax_new_tokens = 1000000000\n", 10,
+     "[generation] max_new_tokens: at most 247: the model's language model has 256 positions, 8 of them for the "
+     "image; got 1000000000"),
+    ("[generation]\nmax_length = 257\n", 10, "[generation] max_length: at most 256"),
+    ('[prompt]\ntext = "' + "A photo " * 700_000 + '"\n', 10,
+     "[prompt] text: the instruction has 5,600,000 characters, over the 16,384 bytes (UTF-8) an instruction may take"),
+    ('[run]\nmax_instruction_bytes = 8\n[prompt]\ntext = "A short caption:"\n', 12,
+     "[prompt] text: the instruction has 16 characters, over the 8 bytes"),
+    ("[job2]\nx = " + "[" * 5000 + "]" * 5000 + "\n", 10, "arrays or inline tables nested too deeply; a job spec "
+                                                           "needs at most 100 levels"),
+])
+def test_spec_values_no_run_can_use_are_refused_at_load_with_file_and_line(tmp_path, body, line, message):
+    import time
+
+    from blipbatch.jobs.spec import SpecError, load_spec
+
+    path = spec_file(tmp_path, body)
+    start = time.monotonic()
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert time.monotonic() - start < 10
+    assert str(caught.value).startswith(f"{path}:{line}: {message}"), str(caught.value)[:300]
