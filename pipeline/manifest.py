@@ -38,7 +38,7 @@ _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
 _MAPPING_ADDED_LATER = frozenset({"missing", "format", "image_extension"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
 _RECORDED_RUN = ("workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "max_attempts",
-                 "max_error_rate")
+                 "max_error_rate", "max_instruction_bytes")
 
 
 def _canonical_json(settings: Mapping) -> str:
