@@ -124,6 +124,15 @@ class Blip2VisionConfig(InstructBlipVisionConfig):
     model_type: ClassVar[str] = "blip_2_vision_model"
 
 
+# The RoPE kinds of transformers 5.24's LLaMA that blipbatch implements, and the parameters each needs.
+ROPE_KINDS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 @dataclass
 class LlamaConfig(BaseConfig):
     model_type: ClassVar[str] = "llama"
@@ -160,13 +169,25 @@ class LlamaConfig(BaseConfig):
                 f"text_config: {self.num_attention_heads} attention heads cannot be grouped over "
                 f"{self.num_key_value_heads} key/value heads"
             )
-        for params in (self.rope_parameters, self.rope_scaling):
-            rope_type = (params or {}).get("rope_type", (params or {}).get("type", "default"))
-            if rope_type != "default":
-                raise ConfigError(
-                    f"text_config: rope type {rope_type!r} is not supported; only the default RoPE "
-                    "of LLaMA/Vicuna checkpoints is"
-                )
+        kind = self.rope_kind
+        if kind not in ROPE_KINDS:
+            raise ConfigError(
+                f"text_config: rope type {kind!r} is not supported; supported: {', '.join(ROPE_KINDS)} "
+                "(README: Using the model)"
+            )
+        missing = [k for k in ROPE_KINDS[kind] if self.rope_settings.get(k) is None]
+        if missing:
+            raise ConfigError(f"text_config: rope type {kind!r} needs {', '.join(missing)} in rope_parameters")
+
+    @property
+    def rope_settings(self) -> dict:
+        """The RoPE parameters from either layout: 5.x `rope_parameters`, or the older `rope_scaling`."""
+        return dict(self.rope_parameters or self.rope_scaling or {})
+
+    @property
+    def rope_kind(self) -> str:
+        settings = self.rope_settings
+        return settings.get("rope_type", settings.get("type", "default"))
 
     @property
     def rope_base(self) -> float:
@@ -452,6 +473,7 @@ class GenerationConfig(BaseConfig):
             raise ConfigError(f"max_new_tokens must be greater than 0, got {self.max_new_tokens}")
         if self.early_stopping not in (None, True, False, "never"):
             raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        self._check_processor_values()
         if self.suppress_tokens is not None:
             for name in ("forced_bos_token_id", "forced_eos_token_id"):
                 forced = getattr(self, name)
@@ -461,6 +483,90 @@ class GenerationConfig(BaseConfig):
                         f"every token of {name} ({sorted(forced)}) is also in suppress_tokens: nothing could be "
                         "generated at the forcing step; remove it from one of them"
                     )
+
+
+    def _check_processor_values(self) -> None:
+        """transformers' checks on the arguments of the logits processors it builds, made when it would build them
+        (temperature=0 is fine without sampling); its checks want floats where it says float (1.5, not 1)."""
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            _positive_float("repetition_penalty", self.repetition_penalty)
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size > 0:
+            _positive_int("no_repeat_ngram_size", self.no_repeat_ngram_size)
+        if self.sequence_bias is not None:
+            sequence_biases(self.sequence_bias)
+        if self.bad_words_ids is not None:
+            value = self.bad_words_ids
+            if not (isinstance(value, list) and value and all(isinstance(w, list) for w in value)
+                    and all(_is_token_id(t) for w in value for t in w)):
+                raise ConfigError(f"bad_words_ids must be a non-empty list of lists of token ids, got {value!r}")
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            if getattr(self, name) is not None:
+                token_list(getattr(self, name), name)
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(map(_is_token_id, value))):
+                raise ConfigError(f"{name} must be a list of token ids, got {value!r}")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (
+            isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_token_id(decay[0])
+            and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool)
+        ):
+            raise ConfigError(f"exponential_decay_length_penalty must be (start index, decay factor), got {decay!r}")
+        if not self.do_sample:
+            return
+        if self.temperature is not None and self.temperature != 1.0:
+            _positive_float("temperature", self.temperature)
+        if self.top_k is not None and self.top_k != 0:
+            _positive_int("top_k", self.top_k)
+        if self.top_p is not None and self.top_p < 1.0 and self.top_p < 0:
+            raise ConfigError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.typical_p is not None and self.typical_p < 1.0 and not self.typical_p > 0:
+            raise ConfigError(f"typical_p must be > 0 and < 1, got {self.typical_p!r}")
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if not isinstance(value, float) or not value > 0:
+        raise ConfigError(f"{name} must be a float > 0 (e.g. 2.0, not 2; transformers checks the type), got {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
+    return value
+
+
+def token_list(value: Any, name: str = "token ids") -> list[int]:
+    """A token id or a list of them, as a list."""
+    tokens = [value] if _is_token_id(value) else value
+    if not (isinstance(tokens, (list, tuple)) and all(map(_is_token_id, tokens))):
+        raise ConfigError(f"{name} must be a token id or a list of them, got {value!r}")
+    return list(tokens)
+
+
+def sequence_biases(value: Any) -> dict[tuple[int, ...], float]:
+    """sequence_bias as transformers takes it, {(ids...): float} or [[[ids...], float], ...], as the dict."""
+    shape = "a dict {(token ids...): float} or a list [[[token ids...], float], ...], non-empty"
+    if isinstance(value, dict) and value:
+        if not all(isinstance(k, tuple) and k and all(map(_is_token_id, k)) for k in value):
+            raise ConfigError(f"sequence_bias must be {shape}; its keys must be non-empty tuples of token ids")
+        if not all(isinstance(v, float) for v in value.values()):
+            raise ConfigError(f"sequence_bias must be {shape}; its biases must be floats (e.g. 2.0, not 2)")
+        return dict(value)
+    if isinstance(value, list) and value:
+        if all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], list) and pair[0]
+            and all(map(_is_token_id, pair[0])) and isinstance(pair[1], float)
+            for pair in value
+        ):
+            return {tuple(ids): bias for ids, bias in value}
+    raise ConfigError(f"sequence_bias must be {shape} (biases are floats, e.g. 2.0, not 2); got {value!r}")
 
 
 def check_setting_names(settings: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from .configs import GenerationConfig
+from .configs import GenerationConfig, sequence_biases, token_list
 from .errors import GenerationError
 
 # What transformers' beam search adds to a score to rule a candidate out (not -inf, so sums stay finite).
@@ -233,61 +233,6 @@ def _bias_groups(
     return single, groups
 
 
-def _is_token_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _sequence_biases(value: Any) -> dict[tuple[int, ...], float]:
-    """sequence_bias as transformers takes it: {(ids...): float} or [[[ids...], float], ...]."""
-    shape = "a dict {(token ids...): float} or a list [[[token ids...], float], ...]"
-    if isinstance(value, dict) and value:
-        if not all(isinstance(k, tuple) and k and all(map(_is_token_id, k)) for k in value):
-            raise GenerationError(f"sequence_bias must be {shape}; its keys must be non-empty tuples of token ids")
-        if not all(isinstance(v, float) for v in value.values()):
-            raise GenerationError(f"sequence_bias must be {shape}; its biases must be floats (e.g. 2.0, not 2)")
-        return dict(value)
-    if isinstance(value, list) and value:
-        pairs_ok = all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], list) and pair[0]
-            and all(map(_is_token_id, pair[0])) and isinstance(pair[1], float)
-            for pair in value
-        )
-        if not pairs_ok:
-            raise GenerationError(f"sequence_bias must be {shape} (biases are floats, e.g. 2.0, not 2)")
-        return {tuple(ids): bias for ids, bias in value}
-    raise GenerationError(f"sequence_bias must be {shape}, non-empty; got {value!r}")
-
-
-def _bad_words(value: Any, eos_ids: list[int]) -> dict[tuple[int, ...], float]:
-    """bad_words_ids as -inf sequence biases; a bad word that is exactly one eos id is dropped, as transformers."""
-    if not (isinstance(value, list) and value and all(isinstance(w, list) for w in value)):
-        raise GenerationError(f"bad_words_ids must be a non-empty list of lists of token ids, got {value!r}")
-    if not all(_is_token_id(t) for word in value for t in word):
-        raise GenerationError(f"bad_words_ids must hold token ids (integers >= 0), got {value!r}")
-    return {tuple(word): float("-inf") for word in value if all(word != [e] for e in eos_ids)}
-
-
-def _token_list(name: str, value: Any) -> list[int]:
-    tokens = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not (isinstance(tokens, (list, tuple)) and all(map(_is_token_id, tokens))):
-        raise GenerationError(f"{name} must be a token id or a list of them, got {value!r}")
-    return list(tokens)
-
-
-def _positive_float(name: str, value: Any, upper: float | None = None) -> float:
-    """transformers' checks on a processor's float argument: a float (not an int), > 0 (and < upper)."""
-    if not isinstance(value, float) or not value > 0 or (upper is not None and not value < upper):
-        bound = f" and < {upper}" if upper is not None else ""
-        raise GenerationError(f"{name} must be a float > 0{bound} (e.g. 1.5, not 1), got {value!r}")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise GenerationError(f"{name} must be an integer > 0, got {value!r}")
-    return value
-
-
 def logits_processors(
     config: GenerationConfig, limits: "_Limits", prefix: _Prefix
 ) -> list[LogitsProcessor]:
@@ -297,24 +242,24 @@ def logits_processors(
     procs: list[LogitsProcessor] = []
     eos, eos_ids, device = limits.eos, limits.eos_ids, prefix.device
     if config.sequence_bias is not None:
-        single, groups = _bias_groups(_sequence_biases(config.sequence_bias), prefix.vocab, device)
+        single, groups = _bias_groups(sequence_biases(config.sequence_bias), prefix.vocab, device)
         procs.append(partial(sequence_bias, single=single, groups=groups))
     # encoder_repetition_penalty / encoder_no_repeat_ngram_size: nothing (see GenerationConfig).
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        penalty = _positive_float("repetition_penalty", config.repetition_penalty)
+        penalty = float(config.repetition_penalty)
         procs.append(partial(repetition_penalty, penalty=penalty, ignore_before=prefix.ignore_before))
     if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:
-        procs.append(partial(no_repeat_ngram, size=_positive_int("no_repeat_ngram_size", config.no_repeat_ngram_size)))
+        procs.append(partial(no_repeat_ngram, size=config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:
-        single, groups = _bias_groups(_bad_words(config.bad_words_ids, eos_ids), prefix.vocab, device)
+        bad = {tuple(word): float("-inf") for word in config.bad_words_ids if all(word != [e] for e in eos_ids)}
+        single, groups = _bias_groups(bad, prefix.vocab, device)
         procs.append(partial(sequence_bias, single=single, groups=groups))
     if eos is not None and limits.min_length is not None and limits.min_length > 0:
         procs.append(partial(suppress_eos, min_length=limits.min_length, eos=eos))
     if config.forced_bos_token_id is not None:
-        procs.append(partial(force_token, at_length=1, tokens=_token_list("forced_bos_token_id",
-                                                                         config.forced_bos_token_id)))
+        procs.append(partial(force_token, at_length=1, tokens=token_list(config.forced_bos_token_id)))
     if config.forced_eos_token_id is not None:
-        tokens = _token_list("forced_eos_token_id", config.forced_eos_token_id)
+        tokens = token_list(config.forced_eos_token_id)
         procs.append(partial(force_token, at_length=limits.max_length - 1, tokens=tokens))
     if config.remove_invalid_values is True:
         procs.append(remove_invalid_values)
@@ -345,23 +290,15 @@ def _warpers(config: GenerationConfig, eos_count: int | None, device: torch.devi
     min_keep = (eos_count + 1 if eos_count is not None else 2) if config.num_beams > 1 else 1
     procs: list[LogitsProcessor] = []
     if config.temperature is not None and config.temperature != 1.0:
-        procs.append(partial(temperature, value=_positive_float("temperature", config.temperature)))
+        procs.append(partial(temperature, value=config.temperature))
     if config.top_k is not None and config.top_k != 0:
-        procs.append(partial(top_k, k=max(_positive_int("top_k", config.top_k), min_keep)))
+        procs.append(partial(top_k, k=max(config.top_k, min_keep)))
     if config.top_p is not None and config.top_p < 1.0:
-        p = float(config.top_p)
-        if p < 0:
-            raise GenerationError(f"top_p must be in [0, 1], got {config.top_p!r}")
-        procs.append(partial(top_p, p=p, min_keep=min_keep))
+        procs.append(partial(top_p, p=float(config.top_p), min_keep=min_keep))
     if config.min_p is not None:
-        if not 0 <= config.min_p <= 1.0:
-            raise GenerationError(f"min_p must be in [0, 1], got {config.min_p!r}")
         procs.append(partial(min_p, p=config.min_p, min_keep=min_keep))
     if config.typical_p is not None and config.typical_p < 1.0:
-        mass = float(config.typical_p)
-        if not 0 < mass < 1:
-            raise GenerationError(f"typical_p must be > 0 and < 1, got {config.typical_p!r}")
-        procs.append(partial(typical_p, mass=mass, min_keep=min_keep))
+        procs.append(partial(typical_p, mass=float(config.typical_p), min_keep=min_keep))
     if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
         procs.append(partial(epsilon_cutoff, epsilon=float(config.epsilon_cutoff), min_keep=min_keep))
     if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:

@@ -333,3 +333,66 @@ def test_randomized_settings_match_transformers(pairs):
             assert_same(hf_model, ours, inputs, settings, seed=case)
         except AssertionError as e:
             raise AssertionError(f"case {case} ({lm}): {e}") from None
+
+
+# --- LLaMA RoPE kinds ------------------------------------------------------------------------------------------------
+
+ROPE = {
+    "linear": dict(rope_type="linear", factor=2.5),
+    "dynamic": dict(rope_type="dynamic", factor=3.0),
+    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0,
+                   original_max_position_embeddings=4),
+}
+
+
+def rope_pair(kind: str, folder, legacy: bool = False):
+    """A LLaMA InstructBLIP whose positions run past max_position_embeddings (16) within a short generate."""
+    import transformers
+
+    from tests.oracle import NUM_QUERY_TOKENS, QFORMER, TEXT, VISION, redraw_
+
+    text = dict(TEXT["llama"], max_position_embeddings=16, rope_parameters=dict(ROPE[kind], rope_theta=500.0))
+    config = transformers.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=text,
+                                             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
+    hf_model = transformers.InstructBlipForConditionalGeneration(config)
+    redraw_(hf_model, 4)
+    hf_model.eval().save_pretrained(folder)
+    if legacy:  # the older layout: rope_scaling with "type", rope_theta at the top level
+        import json
+
+        data = json.loads((folder / "config.json").read_text())
+        params = data["text_config"].pop("rope_parameters")
+        data["text_config"]["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")
+        data["text_config"]["rope_scaling"] = params
+        (folder / "config.json").write_text(json.dumps(data))
+    return hf_model, InstructBlipForConditionalGeneration.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("kind", list(ROPE))
+def test_rope_kinds_match_transformers(kind, tmp_path):
+    hf_model, ours = rope_pair(kind, tmp_path / "a")
+    _, legacy = rope_pair(kind, tmp_path / "b", legacy=True)
+    inputs = inputs_for("llama", False, batch=2)
+    with torch.no_grad():
+        expected = hf_model(**inputs).logits
+        for model in (ours, legacy):
+            torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-4, rtol=0)
+    # prompts of 9 tokens + 12 new ones: past max_position_embeddings, where dynamic scaling re-derives its frequencies
+    for settings in (dict(max_new_tokens=12), dict(max_new_tokens=12, num_beams=2), dict(max_new_tokens=12,
+                                                                                          do_sample=True)):
+        settings |= dict(return_dict_in_generate=True, output_scores=True)
+        assert_same(hf_model, ours, inputs, settings)
+    plain_hf, _ = build_hf_model("llama", seed=4)  # the guard: scaling changes the logits
+    with torch.no_grad():
+        assert (plain_hf(**inputs).logits - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("params,named", [(dict(rope_type="yarn", factor=2.0), "'yarn'"),
+                                          (dict(type="longrope", factor=2.0), "'longrope'"),
+                                          (dict(rope_type="linear"), "needs factor")])
+def test_unsupported_rope_is_refused_at_load_naming_it(params, named):
+    from blipbatch.model.configs import LlamaConfig
+
+    with pytest.raises(ConfigError, match=named):
+        LlamaConfig.from_dict(dict(hidden_size=32, num_attention_heads=4, rope_scaling=params))
