@@ -176,8 +176,8 @@ class Engine:
         """Limits for continuous batching, or None where these settings need the static `generate`: anything but
         greedy search with max_new_tokens, min_new_tokens, eos_token_id and use_cache (README "Generation
         settings"): beams, sampling and every logits processor read the whole row or the call's shape."""
-        if not self.decoder_only:
-            return None
+        if not self.decoder_only or getattr(self.model.config.text_config, "rope_kind", None) == "dynamic":
+            return None  # dynamic RoPE re-derives its frequencies from the batch's longest row, as transformers does
         free = set(CONTINUOUS_SETTINGS)
         if config.max_new_tokens is not None:
             free.add("max_length")  # max_new_tokens wins
