@@ -18,7 +18,8 @@ from blipbatch.errors import BlipbatchError
 from blipbatch.model import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 from blipbatch.model.configs import GenerationConfig
 from blipbatch.model.errors import ConfigError, GenerationError
-from tests.oracle import IMAGE_TOKEN, TEXT_VOCAB, build_hf_model, random_inputs
+from tests.oracle import IMAGE_TOKEN, TEXT_VOCAB, build_hf_model
+from tests.test_model_parity import model_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -52,14 +53,6 @@ def load_pair(lm: str, blip2: bool, folder, seed: int = 0):
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> dict:
     return {lm: load_pair(lm, blip2, tmp_path_factory.mktemp(lm)) for lm, blip2 in LMS}
-
-
-def inputs_for(lm: str, blip2: bool, batch: int = 2, seed: int = 1) -> dict:
-    side = "right" if lm == "t5" else "left"
-    inputs = random_inputs(batch, [5, 3, 4][:batch], seed=seed, lm=lm, padding_side=side)
-    if blip2:
-        del inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
-    return inputs
 
 
 def outcome(model, inputs: dict, settings: dict, seed: int):
@@ -137,15 +130,20 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("lm", [lm for lm, _ in LMS])
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("name", list(ALONE))
+# Every setting greedy on each language model, and with each other mode on one of them (in turn), to stay fast.
+SETTING_CASES = [(name, "greedy", lm) for name in ALONE for lm, _ in LMS] + [
+    (name, mode, LMS[(i + j) % len(LMS)][0])
+    for i, name in enumerate(ALONE) for j, mode in enumerate(m for m in MODES if m != "greedy")
+]
+
+
+@pytest.mark.parametrize("name,mode,lm", SETTING_CASES)
 def test_setting_matches_transformers(pairs, lm, mode, name):
     hf_model, ours = pairs[lm]
     blip2 = dict(LMS)[lm]
     settings = dict(max_new_tokens=7, eos_token_id=EOS[lm], return_dict_in_generate=True, output_scores=True)
     settings |= MODES[mode] | with_eos(ALONE[name], EOS[lm])
-    assert_same(hf_model, ours, inputs_for(lm, blip2), settings, seed=3)
+    assert_same(hf_model, ours, model_inputs(lm, blip2), settings, seed=3)
 
 
 def test_settings_change_the_ids(pairs):
@@ -160,7 +158,7 @@ def test_settings_change_the_ids(pairs):
         changed_for = []
         for lm, blip2 in LMS:
             ours = pairs[lm][1]
-            inputs = inputs_for(lm, blip2)
+            inputs = model_inputs(lm, blip2)
             base = dict(max_new_tokens=7, eos_token_id=EOS[lm]) | mode
             torch.manual_seed(0)
             plain = ours.generate(**inputs, **base)
@@ -179,11 +177,16 @@ NONE_CASES = ["max_new_tokens", "max_length", "min_length", "min_new_tokens", "d
               "return_dict_in_generate", "encoder_repetition_penalty", "remove_invalid_values"]
 
 
-@pytest.mark.parametrize("lm", [lm for lm, _ in LMS])
-@pytest.mark.parametrize("name", NONE_CASES)
+# Each None case on one language model in turn; the token ids (whose fallbacks differ for T5) on all of them.
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache")
+NONE_PARAMS = [(name, lm) for i, name in enumerate(NONE_CASES) for j, (lm, _) in enumerate(LMS)
+               if name in TOKEN_IDS or i % len(LMS) == j]
+
+
+@pytest.mark.parametrize("name,lm", NONE_PARAMS)
 def test_explicit_none_as_transformers(pairs, lm, name):
     hf_model, ours = pairs[lm]
-    inputs = inputs_for(lm, dict(LMS)[lm])
+    inputs = model_inputs(lm, dict(LMS)[lm])
     for mode in (dict(do_sample=True, max_new_tokens=6), dict(num_beams=2, max_new_tokens=6)):
         if (lm, name) == ("t5", "use_cache"):
             # transformers 5.24 re-feeds T5's whole decoder input into a kept cache (other logits): refused instead
@@ -196,7 +199,7 @@ def test_explicit_none_as_transformers(pairs, lm, name):
 def test_none_top_k_samples_from_the_whole_vocabulary(pairs):
     # transformers' own reading of the issue's first example: top_k=None is no top-k cut, not the default 50.
     hf_model, ours = pairs["llama"]
-    inputs = inputs_for("llama", False)
+    inputs = model_inputs("llama", False)
     settings = dict(max_new_tokens=6, do_sample=True, return_dict_in_generate=True, output_scores=True)
     _, cut = outcome(ours, inputs, settings, 0)
     _, whole = outcome(ours, inputs, settings | dict(top_k=None), 0)
@@ -210,7 +213,7 @@ def test_transformers_generation_config_argument(pairs, lm):
     import transformers
 
     hf_model, ours = pairs[lm]
-    inputs = inputs_for(lm, dict(LMS)[lm])
+    inputs = model_inputs(lm, dict(LMS)[lm])
     given = transformers.GenerationConfig(num_beams=3, max_new_tokens=6, suppress_tokens=[5], length_penalty=2.0)
     for kwargs in ({}, dict(num_beams=2), dict(length_penalty=None, num_beams=1), dict(eos_token_id=None)):
         expected = outcome(hf_model, inputs, dict(generation_config=given, **kwargs), 0)
@@ -226,7 +229,7 @@ def test_generation_config_with_an_unsupported_transformers_setting_is_refused(p
     import transformers
 
     _, ours = pairs["llama"]
-    inputs = inputs_for("llama", False)
+    inputs = model_inputs("llama", False)
     given = transformers.GenerationConfig(max_new_tokens=3, guidance_scale=1.5)
     with pytest.raises(ConfigError, match="guidance_scale.*does not support"):
         ours.generate(**inputs, generation_config=given)
@@ -236,7 +239,7 @@ def test_generation_config_with_an_unsupported_transformers_setting_is_refused(p
 
 def test_unknown_setting_names_it_with_a_did_you_mean(pairs):
     _, ours = pairs["llama"]
-    inputs = inputs_for("llama", False)
+    inputs = model_inputs("llama", False)
     with pytest.raises(ConfigError) as info:
         ours.generate(**inputs, max_new_tokens=3, num_beam=2)
     message = str(info.value)
@@ -263,7 +266,7 @@ def test_checkpoint_generation_config_is_not_applied(lm, blip2, tmp_path):
     ours = (Blip2ForConditionalGeneration if blip2 else InstructBlipForConditionalGeneration).from_pretrained(
         tmp_path / "ckpt"
     )
-    inputs = inputs_for(lm, blip2)
+    inputs = model_inputs(lm, blip2)
     for settings in ({}, dict(max_new_tokens=5), dict(num_beams=3, max_new_tokens=4)):
         ids = assert_same(hf_loaded, ours, inputs, settings)
         assert ids is not None
@@ -322,17 +325,31 @@ def draw_settings(rng: random.Random, eos: int) -> dict:
     return s
 
 
-def test_randomized_settings_match_transformers(pairs):
+# Other checkpoint shapes for the randomized run: (name, lm, blip2, text config over the oracle's).
+VARIANTS = [
+    ("llama-gqa1-head_dim-tied", "llama", True, dict(num_key_value_heads=1, head_dim=12, tie_word_embeddings=True,
+                                                     rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                                          rope_theta=1000.0))),
+    ("opt-postnorm-proj", "opt", False, dict(do_layer_norm_before=False, word_embed_proj_dim=24)),
+    ("t5-tied", "t5", True, dict(tie_word_embeddings=True, feed_forward_proj="relu")),
+]
+
+
+@pytest.mark.slow
+def test_randomized_settings_match_transformers(pairs, tmp_path):
+    models = {lm: (lm, blip2, *pairs[lm]) for lm, blip2 in LMS}
+    for name, lm, blip2, text in VARIANTS:
+        models[name] = (lm, blip2, *custom_pair(lm, blip2, text, tmp_path / name))
     rng = random.Random(2305)
     for case in range(FUZZ_CASES):
-        lm = rng.choice([lm for lm, _ in LMS])
-        hf_model, ours = pairs[lm]
+        key = rng.choice(sorted(models))
+        lm, blip2, hf_model, ours = models[key]
         settings = draw_settings(rng, EOS[lm])
-        inputs = inputs_for(lm, dict(LMS)[lm], batch=rng.randint(1, 3), seed=case)
+        inputs = model_inputs(lm, blip2, batch=rng.randint(1, 3), seed=case)
         try:
             assert_same(hf_model, ours, inputs, settings, seed=case)
         except AssertionError as e:
-            raise AssertionError(f"case {case} ({lm}): {e}") from None
+            raise AssertionError(f"case {case} ({key}): {e}") from None
 
 
 # --- LLaMA RoPE kinds ------------------------------------------------------------------------------------------------
@@ -345,18 +362,28 @@ ROPE = {
 }
 
 
-def rope_pair(kind: str, folder, legacy: bool = False):
-    """A LLaMA InstructBLIP whose positions run past max_position_embeddings (16) within a short generate."""
+def custom_pair(lm: str, blip2: bool, text: dict, folder, seed: int = 4):
+    """A transformers model with `text` over the oracle's text config, saved, and ours loaded from it."""
     import transformers
 
     from tests.oracle import NUM_QUERY_TOKENS, QFORMER, TEXT, VISION, redraw_
 
-    text = dict(TEXT["llama"], max_position_embeddings=16, rope_parameters=dict(ROPE[kind], rope_theta=500.0))
-    config = transformers.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=text,
-                                             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
-    hf_model = transformers.InstructBlipForConditionalGeneration(config)
-    redraw_(hf_model, 4)
+    config_cls = transformers.Blip2Config if blip2 else transformers.InstructBlipConfig
+    config = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=dict(TEXT[lm], **text),
+                        num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
+    model_cls = (transformers.Blip2ForConditionalGeneration if blip2
+                 else transformers.InstructBlipForConditionalGeneration)
+    hf_model = model_cls(config)
+    redraw_(hf_model, seed)
     hf_model.eval().save_pretrained(folder)
+    ours_cls = Blip2ForConditionalGeneration if blip2 else InstructBlipForConditionalGeneration
+    return hf_model, ours_cls.from_pretrained(folder)
+
+
+def rope_pair(kind: str, folder, legacy: bool = False):
+    """A LLaMA InstructBLIP whose positions run past max_position_embeddings (16) within a short generate."""
+    text = dict(max_position_embeddings=16, rope_parameters=dict(ROPE[kind], rope_theta=500.0))
+    hf_model, ours = custom_pair("llama", False, text, folder)
     if legacy:  # the older layout: rope_scaling with "type", rope_theta at the top level
         import json
 
@@ -366,14 +393,15 @@ def rope_pair(kind: str, folder, legacy: bool = False):
         params["type"] = params.pop("rope_type")
         data["text_config"]["rope_scaling"] = params
         (folder / "config.json").write_text(json.dumps(data))
-    return hf_model, InstructBlipForConditionalGeneration.from_pretrained(folder)
+        ours = InstructBlipForConditionalGeneration.from_pretrained(folder)
+    return hf_model, ours
 
 
 @pytest.mark.parametrize("kind", list(ROPE))
 def test_rope_kinds_match_transformers(kind, tmp_path):
     hf_model, ours = rope_pair(kind, tmp_path / "a")
     _, legacy = rope_pair(kind, tmp_path / "b", legacy=True)
-    inputs = inputs_for("llama", False, batch=2)
+    inputs = model_inputs("llama", False, batch=2)
     with torch.no_grad():
         expected = hf_model(**inputs).logits
         for model in (ours, legacy):
