@@ -22,14 +22,16 @@ class BaseConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    def from_dict(cls: type[C], data: dict[str, Any], check: bool = True) -> C:
+        """The config of a dict in the config.json layout; `check=False` skips `validate` (a file kept as read)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         config = cls(**known, extra=extra)
-        config.validate()
+        if check:
+            config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:

@@ -411,7 +411,8 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
     def read_extra_files(self, folder: Path) -> None:
         path = folder / "generation_config.json"
         if path.exists():
-            self.generation_config = GenerationConfig.from_dict(json.loads(path.read_text()))
+            # Not applied by generate() (see __init__), so not held to the checks a generate call makes either.
+            self.generation_config = GenerationConfig.from_dict(json.loads(path.read_text()), check=False)
 
     def write_extra_files(self, folder: Path) -> None:
         (folder / "generation_config.json").write_text(json.dumps(self.generation_config.to_dict(), indent=2))

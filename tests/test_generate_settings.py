@@ -258,6 +258,7 @@ def test_checkpoint_generation_config_is_not_applied(lm, blip2, tmp_path):
     hf_model.generation_config.num_beams = 2
     hf_model.generation_config.max_new_tokens = 3
     hf_model.generation_config.do_sample = True
+    hf_model.generation_config.temperature = 2  # an int: a generate call refuses it, loading the file does not
     hf_model.save_pretrained(tmp_path / "ckpt")
     import transformers
 
