@@ -18,7 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from blipbatch.model.candidates import ClosedSet
 from blipbatch.model.engine import Engine, EngineConfig, Generated, InvalidInstruction
+from blipbatch.model.errors import ProcessorError
 from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressRecord, UnitTiming, image_reference,
                                output_schema)
 
@@ -60,6 +62,7 @@ class WorkerConfig:
     output: str
     # The job's fixed prompt(s), or named questions (question_id -> question); None: the instruction column.
     instructions: tuple[str, ...] | dict[str, str] | None = None
+    closed_sets: dict[str, ClosedSet] = field(default_factory=dict)  # question_id -> candidates to rank
     batch_size: int | None = None  # rows per model call; None: the engine's default (8 on CPU, from memory on CUDA)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -81,6 +84,21 @@ class ModelWorker:
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
         self.question_ids = isinstance(config.instructions, dict)
         self.batch_size = config.batch_size or self.engine.default_rows[0]
+        self.closed_set_errors = self._check_closed_sets()
+
+    def _check_closed_sets(self) -> dict[str, RowError | None]:
+        """Per closed-set question: the error its rows get (its prompt and candidates do not fit the model), or None.
+        A candidate the model's tokenizer reduces to nothing stops the worker before any unit."""
+        errors: dict[str, RowError | None] = {}
+        for name, closed in self.config.closed_sets.items():
+            try:
+                self.engine.check_closed_set(self.config.instructions[name], closed)
+                errors[name] = None
+            except InvalidInstruction as e:
+                errors[name] = RowError("invalid_input", f"question {name!r}: {e}")
+            except ProcessorError as e:
+                raise ProcessorError(f"question {name!r}: {e}") from None
+        return errors
 
     def ready(self) -> str:
         """Where the model runs, for the start-up line: "cuda:0", or "cpu (4 threads)"."""
@@ -103,7 +121,8 @@ class ModelWorker:
                 stage.times.model_s += time.perf_counter() - model_start
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
-        schema = output_schema(unit.schema, self.config.mapping, self.multiple_texts, self.question_ids)
+        schema = output_schema(unit.schema, self.config.mapping, self.multiple_texts, self.question_ids,
+                               bool(self.config.closed_sets))
         table = whole_output(self.config.output, unit, pa.Table.from_pylist(output, schema=schema))
         write_part(self.config.output, unit, table)
         times = stage.times
@@ -122,6 +141,9 @@ class ModelWorker:
             raise RowError("invalid_input", str(e)) from None
 
     def run_model(self, batch: PreparedBatch) -> list[dict]:
+        for item in batch.rows:
+            if item.error is None and self.closed_set_errors.get(item.row.question_id) is not None:
+                item.error = self.closed_set_errors[item.row.question_id]
         ready = [p for p in batch.rows if p.error is None]
         answers = self.generate(batch.pixels, ready, [p.image for p in ready])
         for item, answer in zip(ready, answers):
@@ -137,7 +159,8 @@ class ModelWorker:
             return []
         self.metrics.model_call(len(ready))
         try:
-            return self.engine.generate_scored(pixels, images, [p.instruction for p in ready])
+            return self.engine.generate_scored(pixels, images, [p.instruction for p in ready],
+                                               [self.config.closed_sets.get(p.row.question_id) for p in ready])
         except Exception as e:  # any model failure: isolate it below
             if len(ready) == 1:
                 return [RowError("model_error", f"{type(e).__name__}: {e}")]
@@ -153,8 +176,7 @@ class ModelWorker:
             self.config.mapping.image_column: None if reference is None else redact(reference),
             "instruction": instruction,
             **({"question_id": row.question_id} if self.question_ids else {}),
-            "text": None if generated is None else generated.text,
-            "score": None if generated is None else generated.score,
+            **self.answer_columns(generated),
             "status": STATUS_ERROR if item.error else STATUS_OK,
             "error_kind": item.error.kind if item.error else None,
             "error": item.error.message if item.error else None,
@@ -164,3 +186,17 @@ class ModelWorker:
         }
         out.update(row.passthrough)
         return out
+
+    def answer_columns(self, generated: Generated | None) -> dict:
+        """text and score (and candidate_logprobs in jobs with closed-set questions); null on error rows."""
+        if generated is None:
+            columns = {"text": None, "score": None, "candidate_logprobs": None}
+        elif generated.candidate_logprobs is not None and self.multiple_texts:  # one answer, in the list columns
+            columns = {"text": [generated.text], "score": [generated.score],
+                       "candidate_logprobs": generated.candidate_logprobs}
+        else:
+            columns = {"text": generated.text, "score": generated.score,
+                       "candidate_logprobs": generated.candidate_logprobs}
+        if not self.config.closed_sets:
+            del columns["candidate_logprobs"]
+        return columns
