@@ -231,3 +231,45 @@ def test_spec_flags_and_python_api_reach_the_same_job(tmp_path):
         job_from_keywords("in", "out", str(SHIPPED), prompt={"color": "?"}, closed_sets={"shape": ["a", "b"]})
     with pytest.raises(PipelineError, match="question 'color': only one candidate"):
         job_from_keywords("in", "out", str(SHIPPED), prompt={"color": "?"}, closed_sets={"color": ["a"]})
+
+
+@pytest.mark.slow
+def test_engine_ranks_beside_free_rows_with_one_vision_pass_and_halves_on_out_of_memory(tmp_path):
+    from blipbatch.model.engine import Engine, EngineConfig
+    from tests.tiny import write_tiny_checkpoint
+
+    engine = Engine(EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu",
+                                 generation={"max_new_tokens": 4}))
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    rows, texts = [0, 1, 0, 1], ["what colour?", "a photo of", "which shape?", "what colour?"]
+    closed = [ClosedSet(("red", "green", "blue")), None, ClosedSet(("circle", "square"), "mean"),
+              ClosedSet(("red", "green", "blue"))]
+    got = engine.generate_scored(pixels, rows, texts, closed)
+    assert engine.images_encoded == 2  # both images once, for the free and the closed-set rows
+    assert got[1] == engine.generate_scored(pixels[1:], [0], ["a photo of"])[0]  # free rows as without ranking
+    processor, model = engine.processor, engine.model
+    for i in (0, 2, 3):
+        with torch.no_grad():
+            image_embeds = model.encode_images(pixels[rows[i] : rows[i] + 1])
+        expected = model.score_candidates(list(closed[i].candidates), processor.tokenizer, image_embeds=image_embeds,
+                                          **processor.encode_prompts([texts[i]]), scoring=closed[i].scoring)[0]
+        assert torch.allclose(torch.tensor(got[i].candidate_logprobs, dtype=torch.float64), expected, atol=1e-5)
+        probabilities = torch.softmax(expected, 0)
+        assert got[i].text == closed[i].candidates[int(probabilities.argmax())]
+        assert abs(got[i].score - probabilities.max().item()) < 1e-6
+    fitting, calls = engine._generate, []
+
+    def small_memory(pixel_values, image_rows, instructions, closed_sets):
+        calls.append(len(instructions))
+        if len(instructions) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return fitting(pixel_values, image_rows, instructions, closed_sets)
+
+    engine._generate = small_memory
+    halved = engine.generate_scored(pixels, rows, texts, closed)
+    assert calls == [4, 2, 2]
+    assert [g.text for g in halved] == [g.text for g in got]
+    for again, first in zip(halved, got):
+        assert (again.candidate_logprobs is None) == (first.candidate_logprobs is None)
+        if first.candidate_logprobs is not None:
+            assert max(abs(a - b) for a, b in zip(again.candidate_logprobs, first.candidate_logprobs)) < 1e-5
