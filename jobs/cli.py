@@ -30,6 +30,7 @@ ERROR_HINTS = {
     "decode_error": "check the images' format; --set decode.formats=[...] ([decode] formats)",
     "invalid_input": "check the input column named in the message",
     "model_error": "see the message; --batch-size N ([run] batch_size) if out of memory",
+    "opted_out": "the site asks not to be used for AI; [fetch] honour_opt_out = false only with its permission",
 }
 TOP_ERROR_KINDS = 3
 
@@ -330,6 +331,8 @@ def show_status(args: argparse.Namespace) -> int:
     kinds = total.errors_by_kind
     detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})" if kinds else ""
     print(f"rows: {total.rows_ok} ok, {total.rows_error} error{detail}")
+    print(f"duplicate images: {total.duplicate_images} input rows had the same bytes as an earlier row of their unit "
+          "(decoded and encoded once; image_sha256 finds duplicates across units)")
     if kinds:
         print(f"redo error rows, after fixing their cause: {redo_hint(kinds)}")
     for unit_id, info in sorted(failed.items()):

@@ -59,15 +59,16 @@ class Totals:
     rows_error: int
     errors_by_kind: dict[str, int]
     images_encoded: int
+    duplicate_images: int  # input rows whose image bytes an earlier row of their unit had
 
 
 def totals(records: Sequence[ProgressRecord]) -> Totals:
-    """Rows ok and in error, errors by kind and vision passes over committed units."""
+    """Rows ok and in error, errors by kind, vision passes and duplicate images over committed units."""
     kinds: Counter[str] = Counter()
     for record in records:
         kinds.update(record.errors_by_kind)
     return Totals(sum(r.rows_ok for r in records), sum(r.rows_error for r in records), dict(sorted(kinds.items())),
-                  sum(r.images_encoded for r in records))
+                  sum(r.images_encoded for r in records), sum(r.duplicate_images for r in records))
 
 
 # -------------------------------------------------------------------------------------------------- what is read

@@ -185,7 +185,11 @@ def _config_checks(cls: type) -> dict[str, _Check]:
     checks = {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if hint is int:
+        if hint is bool:
+            checks[f.name] = _BOOLEAN
+        elif hint is str:
+            checks[f.name] = _TEXT
+        elif hint is int:
             checks[f.name] = _Check("an integer", _is_int)
         elif hint is float:
             checks[f.name] = _number("a number", lambda v: True)

@@ -55,6 +55,7 @@ class RunSummary:
     interrupted: bool = False  # by Ctrl-C (SIGINT) or SIGTERM
     terminated: bool = False  # the interrupt was SIGTERM
     workers_lost: int = 0  # died and did not come back within RESTART_TIMEOUT_S
+    reads_abandoned: int = 0  # fetch reads still blocked at their row's deadline (UnitTiming.reads_abandoned)
 
     @property
     def rows(self) -> int:
@@ -71,6 +72,10 @@ class RunSummary:
             f"time: {self.wall_s:.1f}s, {rate:.1f} rows/s",
         ]
         lines += [f"failed unit {unit}: {reason}" for unit, reason in sorted(self.failed.items())]
+        if self.reads_abandoned:
+            lines.append(f"reads: {self.reads_abandoned} blocked past their rows' deadlines and were abandoned (a hung "
+                         "mount or store?); their rows are fetch_timeout errors, at most [fetch] max_abandoned_reads "
+                         "are left blocked per worker")
         if self.workers_lost:
             lines.append(f"workers: {self.workers_lost} died and did not come back within {RESTART_TIMEOUT_S:.0f}s; "
                          "the others took their units")
@@ -228,6 +233,7 @@ class Dispatcher:
         self.summary.rows_ok += ok
         self.summary.rows_error += error
         self.summary.images_encoded += record.images_encoded
+        self.summary.reads_abandoned += record.timing.reads_abandoned if record.timing else 0
         self.errors.update(kinds)
         self.summary.errors_by_kind = dict(self.errors)
         self.metrics.committed(record)

@@ -8,6 +8,14 @@ An attempt registers what it holds (`hold`) through the thread-local `current()`
 back to its pool is released first (`release`), so an expiring attempt never shuts a connection another attempt uses.
 A read that closing cannot interrupt (a local file on a hung network mount, an object store's client waiting on its
 own timeout) keeps its thread until it returns; the row does not wait for it. DNS resolution is such a call too.
+Shutting runs on a thread of its own, since closing may block as well (a buffered file's close() waits for the lock
+its blocked read() holds), so the waiter always returns at the deadline.
+
+An attempt still running at its deadline is counted as abandoned until its call returns (one whose socket was shut
+returns at once; a read that closing cannot interrupt stays counted). At most `max_abandoned` of them may exist in a
+process (threads and their stacks are finite): past that, new attempts fail at once with a `fetch_timeout` saying
+why, instead of piling up more threads on a mount that is hung. `abandoned_total()` counts every attempt abandoned
+so far, for the unit's timing and the run summary.
 """
 
 from __future__ import annotations
@@ -18,9 +26,24 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .errors import RowError
+
 T = TypeVar("T")
 
 _local = threading.local()
+_abandoned_lock = threading.Lock()
+_abandoned_now = 0  # attempt threads past their deadline whose call has not returned yet
+_abandoned_total = 0  # every attempt abandoned in this process so far
+
+
+def abandoned_now() -> int:
+    """Attempt threads left behind at their deadline and still blocked in their call."""
+    return _abandoned_now
+
+
+def abandoned_total() -> int:
+    """Attempts abandoned at their deadline in this process so far."""
+    return _abandoned_total
 
 
 def _shut(resource: Any) -> None:
@@ -62,18 +85,30 @@ class Attempt:
             self._held = [held for held in self._held if held is not resource]
 
     def expire(self) -> None:
+        """Leave the attempt's thread behind, counted as abandoned until its call returns, and shut what it holds
+        on a thread of its own (closing may block too: a buffered file's close() waits for its blocked read())."""
+        global _abandoned_now, _abandoned_total
         with self._lock:
             if self._finished:
                 return
             self._expired = True
             held, self._held = self._held, []
-        for resource in held:
-            _shut(resource)
+            with _abandoned_lock:
+                _abandoned_now += 1
+                _abandoned_total += 1
+        if held:
+            threading.Thread(target=lambda: [_shut(resource) for resource in held], name="deadline-shut",
+                             daemon=True).start()
 
     def finish(self) -> None:
+        """The attempt's call returned, in time or not."""
+        global _abandoned_now
         with self._lock:
             self._finished = True
             self._held = []
+            if self._expired:
+                with _abandoned_lock:
+                    _abandoned_now -= 1
 
 
 def current() -> Attempt | None:
@@ -92,9 +127,15 @@ def release(resource: Any) -> None:
         attempt.release(resource)
 
 
-def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], BaseException]) -> T:
-    """call() in its own daemon thread, waited for at most `seconds`; past that, the attempt's resources are shut and
-    on_timeout() is raised. What call() returns or raises is passed on when it ends in time."""
+def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], BaseException],
+               max_abandoned: int) -> T:
+    """call() in its own daemon thread, waited for at most `seconds`; past that, the attempt's resources are shut,
+    its thread is left behind, and on_timeout() is raised. What call() returns or raises is passed on when it ends
+    in time. With `max_abandoned` threads already left behind and still blocked, RowError("fetch_timeout") at once."""
+    if _abandoned_now >= max_abandoned:
+        raise RowError("fetch_timeout", f"not attempted: {_abandoned_now} earlier reads of this worker are still "
+                                        "blocked past their deadlines (a hung network mount or store?), the limit "
+                                        "of [fetch] max_abandoned_reads; new reads start as they return")
     attempt = Attempt(time.monotonic() + seconds)
     outcome: dict[str, Any] = {}
     done = threading.Event()

@@ -5,8 +5,9 @@ References and how they are fetched:
   redirects followed by hand (at most `max_redirects`), the body streamed under `max_bytes`.
   Every connection, redirect hops included, goes through the address guard (pipeline.guard): the host is resolved,
   every address checked, and the socket opened to a checked address; `allow_hosts` admits trusted hosts/networks.
-- `file://` and plain local paths: fsspec, only regular files inside `local_roots` (symlinks and ".." resolved
-  first; FIFOs, devices and sockets refused before opening); none by default.
+- `file://` and plain local paths: only regular files inside `local_roots` (symlinks and ".." resolved first;
+  FIFOs, devices and sockets refused before opening; opened without following links, pipeline.guard.LocalRoots);
+  none by default. Resolving and opening run under the attempt's deadline, as the read does.
 - `s3://`, `gs://`, and any other scheme listed in `allowed_schemes`: fsspec, allowed by scheme alone, with the
   worker's own credentials for the store.
 - `data:` URIs, base64 or percent-encoded.
@@ -26,15 +27,20 @@ Error kinds (RowError.kind) and when they are raised:
   existence, so a refused path does not tell whether the file exists.
 - `invalid_input`: null, empty or whitespace reference; a scheme not in `allowed_schemes`; a malformed reference
   ("htp:/x": a scheme without "//", a URL without a host, a bucket URL without a bucket or with credentials in it) or
-  data: URI; a file or object that does not exist, is a directory, FIFO or device, or may not be read; a scheme whose
-  fsspec backend is missing.
-  Never retried: the reference itself is wrong.
+  data: URI; a host name with an empty label or one over 63 characters ("www..example.com"); a local path with a NUL
+  byte; a file or object that does not exist, is a directory, FIFO or device, or may not be read; a scheme whose
+  fsspec backend is missing. Never retried: the reference itself is wrong.
+- Any other exception a reference makes a library raise is still that row's error, never its unit's: `invalid_input`
+  for ValueError/TypeError (parsing), `fetch_connection` otherwise.
 - `fetch_http`: an HTTP error status. 429 and 5xx are retried, then reported with the number of attempts; other 4xx
   are reported at once. Also: more redirects than allowed, a redirect without a Location or to a non-HTTP scheme.
 - `fetch_timeout`: connect or read timeout, or the attempt ran past `attempt_deadline_s` (or the row's deadline);
   retried while the row deadline allows.
 - `fetch_connection`: refused or reset connections, DNS failures, broken responses, storage backend errors; retried.
   TLS errors are reported at once (a bad certificate does not heal on retry).
+- `opted_out`: an http(s) response whose X-Robots-Tag says noai, noimageai, noindex or noimageindex, for every agent
+  or for ours ("blipbatch: noai"; another agent's directives do not apply), while `honour_opt_out` (the default); the
+  body is not downloaded. Never retried. Every request says who we are: `user_agent`, blipbatch/VERSION (+PROJECT_URL).
 - `too_large`: more than `max_bytes` (from Content-Length before reading, or counted while streaming); never retried.
 
 Retries: `retries` extra attempts with exponential backoff and full jitter (uniform in [0, backoff_s * 2**n], capped at
@@ -56,6 +62,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import BinaryIO
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import fsspec
@@ -63,9 +70,11 @@ import urllib3
 import urllib3.exceptions
 from fsspec.implementations.local import LocalFileSystem
 
+from blipbatch import __version__
+
 from . import deadline
 from .errors import RowError, format_size
-from .guard import AddressGuard, AllowList, LocalRoots, guarded_pool_manager
+from .guard import AddressGuard, AllowList, LocalPath, LocalRoots, guarded_pool_manager
 from .redact import redact, redact_log_records, scrub, secrets_of, userinfo
 
 _HTTP_SCHEMES = ("http", "https")
@@ -76,7 +85,12 @@ _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # An error body this small is read off so the connection can be reused; a larger one closes the connection.
 _DRAIN_LIMIT = 64 * 1024
-_USER_AGENT = "blipbatch/0.1 (image fetcher)"
+PROJECT_URL = "https://github.com/blipbatch/blipbatch"
+DEFAULT_USER_AGENT = f"blipbatch/{__version__} (+{PROJECT_URL})"
+# X-Robots-Tag directives that opt an image out of our use (those img2dataset honours), and the user-agent token
+# a site addresses us by: "blipbatch: noai" applies, "otherbot: noai" does not.
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+USER_AGENT_TOKEN = "blipbatch"
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,13 @@ class FetchConfig:
     # Absolute folders that local paths and file:// URLs may point into. Empty: no local files are read at all, so a
     # table cannot make a worker read its own disk (credentials, keys) by listing paths.
     local_roots: tuple[str, ...] = ()
+    # Reads left blocked past their deadline (a hung network mount), each holding a thread, at most this many per
+    # worker process: past it, new attempts are refused at once (fetch_timeout) until some return.
+    max_abandoned_reads: int = 64
+    # An http(s) image whose X-Robots-Tag opts out (OPT_OUT_DIRECTIVES, for all agents or for ours) is an
+    # `opted_out` row, not fetched; False: fetched all the same.
+    honour_opt_out: bool = True
+    user_agent: str = DEFAULT_USER_AGENT  # the User-Agent header of every http(s) request
 
     def __post_init__(self) -> None:
         for name in ("allowed_schemes", "allow_hosts", "local_roots"):
@@ -107,6 +128,7 @@ class FetchConfig:
                 raise ValueError(f"FetchConfig.{name} must be a tuple of strings, got the string {value!r}")
             object.__setattr__(self, name, tuple(value))  # a list from a caller: keep the config hashable
         positive = {"timeout_s": self.timeout_s, "max_bytes": self.max_bytes, "concurrency": self.concurrency,
+                    "max_abandoned_reads": self.max_abandoned_reads,
                     "attempt_deadline_s": self.attempt_deadline_s, "row_deadline_s": self.row_deadline_s}
         non_negative = {"max_redirects": self.max_redirects, "retries": self.retries, "backoff_s": self.backoff_s,
                         "max_backoff_s": self.max_backoff_s}
@@ -116,6 +138,8 @@ class FetchConfig:
         for name, value in non_negative.items():
             if not value >= 0:
                 raise ValueError(f"FetchConfig.{name} must be >= 0, got {value!r}")
+        if not isinstance(self.user_agent, str) or not self.user_agent.strip():
+            raise ValueError(f"FetchConfig.user_agent must be a non-empty string, got {self.user_agent!r}")
         if not self.allowed_schemes:
             raise ValueError("FetchConfig.allowed_schemes is empty: no image reference could be fetched")
         try:
@@ -189,11 +213,31 @@ def _check_http_url(url: str) -> None:
         raise RowError("invalid_input", f"malformed URL {shown!r}: the host contains white space")
 
 
+def _unexpected(err: Exception, ref: str) -> RowError:
+    """The row's error for an exception no check foresaw: one raised while parsing the reference (ValueError,
+    UnicodeError, TypeError) says the reference is malformed; anything else is a failed fetch."""
+    kind = "invalid_input" if isinstance(err, (ValueError, TypeError)) else "fetch_connection"
+    what = "malformed image reference" if kind == "invalid_input" else "error fetching"
+    return RowError(kind, f"{what} {_show(ref)!r}: {type(err).__name__}: {err}")
+
+
 def _bucket(url: str) -> str:
     try:
         return urlsplit(url).netloc
     except ValueError:
         return ""
+
+
+def opt_out(headers: urllib3.HTTPHeaderDict) -> str | None:
+    """The X-Robots-Tag value that opts a response out of our use, or None. A value is "directive, ..." for every
+    agent, or "agent: directive, ..." for one: it applies when the agent is ours (as img2dataset reads them)."""
+    for value in headers.getlist("X-Robots-Tag"):
+        agent, _, directives = value.partition(":") if ":" in value else ("", "", value)
+        if agent.strip() and agent.strip().lower() != USER_AGENT_TOKEN:
+            continue
+        if any(d.strip().lower() in OPT_OUT_DIRECTIVES for d in directives.split(",")):
+            return value.strip()
+    return None
 
 
 class Fetcher:
@@ -215,7 +259,7 @@ class Fetcher:
             maxsize=config.concurrency,
             retries=False,  # retries and redirects are ours, so that we count and bound them
             timeout=urllib3.Timeout(connect=config.timeout_s, read=config.timeout_s),
-            headers={"User-Agent": _USER_AGENT},
+            headers={"User-Agent": config.user_agent},
         )
 
     def close(self) -> None:
@@ -234,7 +278,12 @@ class Fetcher:
             raise RowError("invalid_input", f"image reference must be a string or bytes, got {type(ref).__name__}")
         ref = ref.strip()
         try:
-            return self._fetch_reference(ref)
+            try:
+                return self._fetch_reference(ref)
+            except RowError:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever one reference makes a library raise is its row's error
+                raise _unexpected(err, ref) from None
         except RowError as err:
             # Messages quote the redacted reference; a backend's own text may still quote a secret of it, decoded
             # or mangled, so each secret the reference carries is removed wherever it appears.
@@ -251,7 +300,10 @@ class Fetcher:
             _check_http_url(ref)
             return self._with_retries(ref, lambda: self._http_attempt(ref))
         target = self._storage_target(ref, scheme)
-        return self._with_retries(ref, lambda: self._storage_attempt(ref, target))
+        if isinstance(target, LocalPath):
+            # Resolved and opened inside the attempt: on a hung mount even realpath() and stat() block.
+            return self._with_retries(ref, lambda: self._storage_attempt(ref, lambda: self._roots.open(target)))
+        return self._with_retries(ref, lambda: self._storage_attempt(ref, lambda: fsspec.open(target, "rb").open()))
 
     def _checked_scheme(self, ref: str) -> str:
         """The reference's scheme, when it is well formed and allowed; RowError("invalid_input") saying what is
@@ -321,7 +373,7 @@ class Fetcher:
             return _RetryableError("fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})",
                                    cut_short=cut_short)
 
-        return deadline.run_within(seconds, attempt, timeout)
+        return deadline.run_within(seconds, attempt, timeout, self.config.max_abandoned_reads)
 
     def _delay(self, n: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -337,6 +389,10 @@ class Fetcher:
             response = self._request(current)
             try:
                 if 200 <= response.status < 300:
+                    if self.config.honour_opt_out and (directive := opt_out(response.headers)) is not None:
+                        response.close()  # not downloaded at all
+                        raise RowError("opted_out", f"{_show(current)} opts out of AI use (X-Robots-Tag: "
+                                                    f"{directive}); [fetch] honour_opt_out = false fetches it")
                     return self._read_body(response, current)
                 self._discard(response)  # before raising, so no unread body goes back to the pool
                 if response.status in _REDIRECT_STATUSES:
@@ -416,8 +472,8 @@ class Fetcher:
 
     # -- fsspec ----------------------------------------------------------------------------------------------------
 
-    def _storage_target(self, url: str, protocol: str) -> str:
-        """What fsspec opens for `url`: the URL itself, or for a local file its real path inside `local_roots`."""
+    def _storage_target(self, url: str, protocol: str) -> str | LocalPath:
+        """What is opened for `url`: the URL itself (by fsspec), or the local path it names (by LocalRoots.open)."""
         if "::" in url:
             # fsspec would read "a::b" as a chain of filesystems, reaching schemes the allowlist did not approve.
             raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference "
@@ -431,9 +487,9 @@ class Fetcher:
             raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {_show(url)!r}") \
                 from None
         if issubclass(filesystem, LocalFileSystem):  # file://, local://, plain paths
-            # The path fsspec would open, resolved; opening the resolved path leaves no symlink to follow later.
-            # Refused there too: anything but a regular file (a FIFO would block the read).
-            return self._roots.resolve(filesystem._strip_protocol(url), url)
+            # The path fsspec would open; LocalRoots.open resolves it, checks it and opens it without following a
+            # link swapped in after the check, and refuses anything but a regular file.
+            return LocalPath(filesystem._strip_protocol(url), url)
         if not _bucket(url):
             raise RowError("invalid_input", f"malformed image reference {_show(url)!r}: no bucket after "
                                             f"'{protocol}://'")
@@ -443,10 +499,10 @@ class Fetcher:
                                             "remove the part up to '@'")
         return url
 
-    def _storage_attempt(self, url: str, target: str) -> bytes:
+    def _storage_attempt(self, url: str, opener: Callable[[], BinaryIO]) -> bytes:
         shown = _show(url)
         try:
-            with fsspec.open(target, "rb") as f:
+            with opener() as f:
                 deadline.hold(f)  # closed from outside if the attempt's time runs out
                 size = getattr(f, "size", None)  # object stores know it from open
                 if size is None and f.seekable():

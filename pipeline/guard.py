@@ -20,7 +20,10 @@ public or inside a listed network. ("0.0.0.0/0", "::/0") turns the guard off.
 
 Local roots (`FetchConfig.local_roots`): local paths and file:// URLs are read only when the path, with symlinks and
 ".." resolved, lies inside one of these folders and is a regular file (a FIFO or a device would block the reader, so
-it is refused before opening); the resolved path is the one opened. No roots: no local files. `risky_local_roots`
+it is refused before opening). The resolved path is then opened from its root's folder one component at a time
+without following links (O_NOFOLLOW), so a folder on the checked path swapped for a symlink between the check and
+the open is refused, never followed out of the root; the opened file must be a regular file (fstat). No roots: no
+local files. `risky_local_roots`
 words a warning for roots that open far more than images ("/", a home folder), for the run summary.
 
 Every connection of an attempt is registered with the attempt's deadline (pipeline.deadline), which shuts its socket
@@ -29,6 +32,7 @@ when the time is up, and is released from it when it goes back to the pool.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -38,6 +42,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from socket import timeout as SocketTimeout
+from typing import BinaryIO
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -133,9 +138,14 @@ class AddressGuard:
     def addresses(self, host: str, port: int) -> list[str]:
         """The checked addresses to connect to for host:port, in the resolver's order.
 
-        Raises RowError("blocked_address") when any address is refused, socket.gaierror when the name does not
-        resolve."""
-        infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+        Raises RowError("blocked_address") when any address is refused, RowError("invalid_input") for a name no
+        resolver can look up (an empty label, "www..example.com", or one over 63 characters: the IDNA codec refuses
+        them), socket.gaierror when the name does not resolve."""
+        try:
+            infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+        except UnicodeError:
+            raise RowError("invalid_input", f"malformed host name {host!r}: a label (the text between dots) is "
+                                            "empty or longer than 63 characters") from None
         # An IPv4-mapped address is connected to as plain IPv4: it needs no IPv6 stack and means the same host.
         targets = {}
         for info in infos:
@@ -226,6 +236,14 @@ def guarded_pool_manager(guard: AddressGuard, **pool_kwargs) -> urllib3.PoolMana
     return manager
 
 
+@dataclass(frozen=True)
+class LocalPath:
+    """A local file to read: `path` as the reference names it, `ref` the reference itself (for messages)."""
+
+    path: str
+    ref: str
+
+
 class LocalRoots:
     """The folders local files may be read from."""
 
@@ -242,6 +260,8 @@ class LocalRoots:
         if not self.roots:
             raise RowError("blocked_address", f"local file {shown!r} refused: no [fetch] local_roots are set, so no "
                                               "local files may be read (list the folders images may come from)")
+        if "\0" in path:  # os.path.realpath would raise ValueError
+            raise RowError("invalid_input", f"malformed local path {shown!r}: it contains a NUL byte")
         real = os.path.realpath(path)
         if not any(os.path.commonpath([real, root]) == root for root in self.roots):
             where = shown if real in (ref, path) else f"{shown} (resolves to {redact(real)})"
@@ -256,6 +276,42 @@ class LocalRoots:
         if not stat.S_ISREG(mode):
             raise RowError("invalid_input", f"not a file: {shown} is {_file_kind(mode)}; only regular files are read")
         return real
+
+
+    def open(self, target: LocalPath) -> BinaryIO:
+        """`target` resolved and checked by `resolve`, then opened without following any link: from its root's
+        folder, one component at a time with O_NOFOLLOW, so a folder on the checked path swapped for a symlink (or
+        the file for a FIFO) after the check is refused, never followed out of the root. The opened file is checked
+        to be a regular file (fstat), and opened non-blocking so that a FIFO swapped in cannot block the open."""
+        real = self.resolve(target.path, target.ref)
+        root = next(root for root in self.roots if os.path.commonpath([real, root]) == root)
+        parts = os.path.relpath(real, root).split(os.sep)
+        shown = redact(target.ref)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for folder in parts[:-1]:
+                inner = os.open(folder, _FOLDER_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            file_fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise RowError("blocked_address", f"local file {shown!r} refused: its path was changed to go "
+                                                  "through a symbolic link after it was checked") from None
+            raise
+        finally:
+            os.close(fd)
+        mode = os.fstat(file_fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(file_fd)
+            raise RowError("invalid_input", f"not a file: {shown} is {_file_kind(mode)}; only regular files are read")
+        os.set_blocking(file_fd, True)
+        return os.fdopen(file_fd, "rb")
+
+
+# O_NOFOLLOW: a symlink in place of a component fails (ELOOP, or ENOTDIR for a folder) instead of being followed.
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _file_kind(mode: int) -> str:

@@ -75,7 +75,7 @@ class RunMetrics:
                      "images_per_s": round(timing.images_fetched / seconds, 2),
                      "rows_per_s": round(record.rows / seconds, 2), "pid": timing.pid, "node": timing.node,
                      "fetch_s": round(timing.fetch_s, 3), "decode_s": round(timing.decode_s, 3),
-                     "model_s": round(timing.model_s, 3)}
+                     "model_s": round(timing.model_s, 3), "reads_abandoned": timing.reads_abandoned}
         _log("unit_committed", **line)
 
     def retried(self, unit_id: str, attempt: int, reason: str) -> None:

@@ -23,6 +23,7 @@ from fsspec.utils import glob_translate
 from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 from blipbatch.errors import BlipbatchError
 
+from .errors import RowError
 from .job import RunConfig
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
@@ -388,6 +389,7 @@ class InputRow:
     row_index: int = 0  # index of the input row within its shard
     question_id: str | None = None  # the name of a fixed question (annotate jobs)
     derived_id: str | None = None  # with an id column: the id derive_row_id gives the row (joins back null ids)
+    problem: RowError | None = None  # why the row cannot be run (a template's column empty, a sample without image)
 
 
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from blipbatch.model.candidates import ClosedSet
@@ -114,10 +115,11 @@ class ModelWorker:
         output: list[dict] = []
         stage = PrepareStage(self.fetcher, self.config.decode, self.engine.processor.image_processor,
                              self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda")
+        answered: dict[tuple[str | None, str | None, ClosedSet | None], Generated | RowError] = {}
         with stage:
             for batch in stage.batches(rows, self.batch_size):
                 model_start = time.perf_counter()
-                output.extend(self.run_model(batch))
+                output.extend(self.run_model(batch, answered))
                 stage.times.model_s += time.perf_counter() - model_start
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
@@ -128,9 +130,9 @@ class ModelWorker:
         times = stage.times
         timing = UnitTiming(started=started, finished=time.time(), worker=self.index, pid=os.getpid(),
                             node=socket.gethostname(), images_fetched=times.images_fetched, fetch_s=times.fetch_s,
-                            decode_s=times.decode_s, model_s=times.model_s)
+                            decode_s=times.decode_s, model_s=times.model_s, reads_abandoned=times.reads_abandoned)
         record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before,
-                         timing=timing)
+                         duplicate_images=duplicate_images(table, unit.num_rows), timing=timing)
         commit_unit(self.config.output, record)
         return record
 
@@ -140,17 +142,32 @@ class ModelWorker:
         except InvalidInstruction as e:
             raise RowError("invalid_input", str(e)) from None
 
-    def run_model(self, batch: PreparedBatch) -> list[dict]:
+    def run_model(self, batch: PreparedBatch, answered: dict) -> list[dict]:
+        """The batch's output rows. A row asking what an earlier row of the unit asked of the same image bytes takes
+        that row's answer (`answered`: (sha256, instruction, closed set) -> Generated or RowError, kept across the
+        unit's batches), so identical bytes are encoded and answered once."""
         for item in batch.rows:
             if item.error is None and self.closed_set_errors.get(item.row.question_id) is not None:
                 item.error = self.closed_set_errors[item.row.question_id]
         ready = [p for p in batch.rows if p.error is None]
-        answers = self.generate(batch.pixels, ready, [p.image for p in ready])
-        for item, answer in zip(ready, answers):
+        asked = {}
+        for item in ready:
+            if self.question_of(item) not in answered:
+                asked.setdefault(self.question_of(item), item)
+        todo = list(asked.values())
+        pixels, images = _only_images(batch.pixels, [p.image for p in todo])
+        answered.update(zip(asked, self.generate(pixels, todo, images)))
+        results = {}
+        for item in ready:
+            answer = answered[self.question_of(item)]
             if isinstance(answer, RowError):
                 item.error = answer
-        results = dict(zip((id(p) for p in ready), answers))
+            results[id(item)] = answer
         return [self.output_row(p, None if p.error else results[id(p)]) for p in batch.rows]
+
+    def question_of(self, item: PreparedRow) -> tuple[str | None, str | None, ClosedSet | None]:
+        """What a row asks of which image bytes: two rows with the same answer this."""
+        return item.sha256, item.instruction, self.config.closed_sets.get(item.row.question_id)
 
     def generate(self, pixels: torch.Tensor, ready: list[PreparedRow], images: list[int]) -> list:
         """Generated texts and scores (or RowErrors) of the `ready` rows, row i about image images[i] of `pixels`:
@@ -174,6 +191,7 @@ class ModelWorker:
             "id": None if row.id is None else str(row.id),
             # The reference as given, less any credential in it (a presigned URL's signature): outputs are shared.
             self.config.mapping.image_column: None if reference is None else redact(reference),
+            "image_sha256": item.sha256,
             "instruction": instruction,
             **({"question_id": row.question_id} if self.question_ids else {}),
             **self.answer_columns(generated),
@@ -200,3 +218,21 @@ class ModelWorker:
         if not self.config.closed_sets:
             del columns["candidate_logprobs"]
         return columns
+
+def _only_images(pixels: torch.Tensor | None, images: list[int]) -> tuple[torch.Tensor | None, list[int]]:
+    """The rows of `pixels` that `images` index, and the indexes into them: images whose rows all took an earlier
+    answer are not encoded."""
+    used = sorted(set(images))
+    if pixels is None or len(used) == pixels.shape[0]:
+        return pixels, images
+    where = {image: k for k, image in enumerate(used)}
+    return pixels[used], [where[image] for image in images]
+
+
+def duplicate_images(table: pa.Table, num_rows: int) -> int:
+    """Input rows of a unit's part whose image bytes (image_sha256) another of its rows had first."""
+    if "image_sha256" not in table.column_names or not num_rows or not table.num_rows:
+        return 0
+    digests = table.column("image_sha256")
+    per_input_row = table.num_rows // num_rows  # output rows per input row: one per instruction, same image
+    return (len(digests) - digests.null_count) // per_input_row - pc.count_distinct(digests).as_py()

