@@ -273,3 +273,26 @@ def test_engine_ranks_beside_free_rows_with_one_vision_pass_and_halves_on_out_of
         assert (again.candidate_logprobs is None) == (first.candidate_logprobs is None)
         if first.candidate_logprobs is not None:
             assert max(abs(a - b) for a, b in zip(again.candidate_logprobs, first.candidate_logprobs)) < 1e-5
+
+
+def test_report_charts_each_candidates_wins_and_the_rows_thresholds_keep(run_output, tmp_path):
+    from collections import Counter
+
+    from blipbatch.jobs.report import write_report
+
+    rows, _, out, _ = run_output
+    page = Path(write_report(str(out), str(tmp_path / "report.html"), sample=0)).read_text()
+    section = page[page.index('<section id="closed-set">'):]
+    section = section[: section.index("</section>")]
+    for key in shapes.QUESTIONS:
+        answers = [rows[(f"pic-{i}", f"{key}_ranked")] for i in range(PICTURES)]
+        wins = Counter(r["text"] for r in answers)
+        part = section[section.index(f"<h3>{key}_ranked</h3>"):]
+        for candidate in CANDIDATES[key]:  # one bar per candidate, in the spec's order, labelled with its wins
+            bar = part[part.index(f">{candidate}</text>"):]
+            assert bar[: bar.index(" rows</text>")].endswith(f">{wins[candidate]}"), (key, candidate)
+        for threshold in (0.5, 0.9):
+            kept = sum(r["score"] >= threshold for r in answers)
+            assert f"<td>score &ge; {threshold}</td><td>{kept}</td>" in part
+    too_long = section[section.index("<h3>too_long</h3>"):]
+    assert "<td>score &ge; 0.5</td><td>0</td><td>-</td>" in too_long  # no ok rows: nothing to keep
