@@ -224,6 +224,14 @@ def test_spec_flags_and_python_api_reach_the_same_job(tmp_path):
     overridden = load_spec(path, {"questions.caption.candidates": ["yes", "no"], "questions.color.scoring": "sum"})
     assert overridden.closed_sets == {"caption": ClosedSet(("yes", "no")), "color": ClosedSet(("red", "blue"))}
     assert overridden.instructions["caption"] == "A short image caption:"
+    # the command line: --max-candidates and --set questions.NAME.KEY
+    from blipbatch.jobs.cli import build_parser, flag_overrides
+
+    args = build_parser().parse_args(["run", str(path), "--max-candidates", "3", "--set",
+                                      'questions.color.candidates=["a", "b", "c", "d"]'])
+    with pytest.raises(SpecError, match=r"\(override questions.color.candidates\): \[questions.color\] candidates: "
+                                        "4 candidates, more than the limit of 3"):
+        load_spec(path, flag_overrides(args))
     job = job_from_keywords("in", "out", str(SHIPPED), prompt={"color": "What color is the shape?"},
                                      closed_sets={"color": ["red", "blue"]})
     assert job.closed_sets == {"color": ClosedSet(("red", "blue"), "sum")}

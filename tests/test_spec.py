@@ -65,7 +65,8 @@ def test_each_example_loads_as_the_job_pipeline_run_takes(kind):
 
 def test_example_values_are_read_as_written():
     spec = load_spec(EXAMPLES / "annotate.toml")
-    assert list(spec.questions) == ["color", "material", "category", "printed_text"]
+    assert list(spec.questions) == ["material", "category", "printed_text", "color"]  # tables follow plain keys
+    assert spec.closed_sets["color"].candidates[:3] == ("black", "white", "grey")
     assert spec.output.wide is True
     assert spec.input.image_column == "image" and spec.input.id_column == "sku"
     caption = load_spec(EXAMPLES / "caption.toml")
