@@ -27,6 +27,7 @@ from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressR
 
 from .decode import DecodeConfig
 from .errors import RowError
+from .job import PipelineError, RunConfig, instruction_size_problem
 from .fetch import FetchConfig, Fetcher
 from .metrics import WorkerMetrics
 from .prepare import PreparedBatch, PreparedRow, PrepareConfig, PrepareStage
@@ -68,6 +69,7 @@ class WorkerConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    max_instruction_bytes: int = RunConfig.max_instruction_bytes
     fault: FaultInjection | None = None
 
 
@@ -80,6 +82,10 @@ class ModelWorker:
         self.index = str(index)
         self.metrics = WorkerMetrics(self.index)
         self.engine = engine or Engine(config.engine)
+        if self.engine.max_prompt_tokens is not None and self.engine.max_prompt_tokens < 1:
+            # The spec checks this at load where it can read the checkpoint's config; a remote one is known only here.
+            raise PipelineError(f"generation: max_new_tokens {config.engine.generation.get('max_new_tokens')} leaves "
+                                "no room for a prompt in this model's positions; lower it")
         self.fetcher = Fetcher(config.fetch)
         self.generation_json = json.dumps(config.engine.generation, sort_keys=True)
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
@@ -137,6 +143,10 @@ class ModelWorker:
         return record
 
     def check_instruction(self, instruction: object) -> str:
+        if isinstance(instruction, str):
+            problem = instruction_size_problem(instruction, self.config.max_instruction_bytes)
+            if problem is not None:
+                raise RowError("invalid_input", problem)
         try:
             return self.engine.check_instruction(instruction)
         except InvalidInstruction as e:
