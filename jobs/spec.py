@@ -156,6 +156,16 @@ _PATHS = _Check("a path or URL, or a non-empty array of them",
                 lambda v: _is_text(v) or (isinstance(v, list) and len(v) > 0 and all(map(_is_text, v))),
                 lambda v: (v,) if isinstance(v, str) else tuple(v))
 
+def _is_token(value: object) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_tokens(value: object) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(map(_is_token, value))
+
+
+_TOKEN_OR_TOKENS = _Check("a token id (an integer >= 0) or an array of them", lambda v: _is_token(v) or _is_tokens(v))
+
 # generate() settings the spec accepts: transformers' names and meaning (model.configs.GenerationConfig). Token ids
 # other than eos_token_id belong to the checkpoint, and are left out on purpose.
 GENERATION_KEYS: dict[str, _Check] = {
@@ -173,9 +183,32 @@ GENERATION_KEYS: dict[str, _Check] = {
     "num_return_sequences": _integer(1),
     "repetition_penalty": _number("a number > 0", lambda v: v > 0),
     "no_repeat_ngram_size": _integer(0),
-    "eos_token_id": _Check("a token id (an integer >= 0) or an array of them",
-                           lambda v: (_is_int(v) and v >= 0)
-                           or (isinstance(v, list) and len(v) > 0 and all(_is_int(i) and i >= 0 for i in v))),
+    "eos_token_id": _TOKEN_OR_TOKENS,
+    "min_p": _number("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "typical_p": _number("a number > 0", lambda v: v > 0),
+    "epsilon_cutoff": _number("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "eta_cutoff": _number("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "encoder_repetition_penalty": _number("a number > 0", lambda v: v > 0),
+    "encoder_no_repeat_ngram_size": _integer(0),
+    "bad_words_ids": _Check("a non-empty array of non-empty arrays of token ids",
+                            lambda v: isinstance(v, list) and len(v) > 0 and all(_is_tokens(w) for w in v)),
+    "sequence_bias": _Check("a non-empty array of [[token ids...], bias] pairs",
+                            lambda v: isinstance(v, list) and len(v) > 0 and all(
+                                isinstance(p, list) and len(p) == 2 and _is_tokens(p[0]) and _is_number(p[1])
+                                for p in v),
+                            lambda v: [[list(ids), float(bias)] for ids, bias in v]),
+    "suppress_tokens": _Check("an array of token ids", lambda v: isinstance(v, list) and all(map(_is_token, v))),
+    "begin_suppress_tokens": _Check("an array of token ids",
+                                    lambda v: isinstance(v, list) and all(map(_is_token, v))),
+    "forced_bos_token_id": _Check("a token id (an integer >= 0)", _is_token),
+    "forced_eos_token_id": _TOKEN_OR_TOKENS,
+    "exponential_decay_length_penalty": _Check("[start index (an integer >= 0), decay factor (a number)]",
+                                               lambda v: isinstance(v, list) and len(v) == 2 and _is_token(v[0])
+                                               and _is_number(v[1]),
+                                               lambda v: [v[0], float(v[1])]),
+    "renormalize_logits": _BOOLEAN,
+    "remove_invalid_values": _BOOLEAN,
+    "use_cache": _BOOLEAN,
 }
 
 

@@ -58,6 +58,9 @@ class Generated:
     candidate_logprobs: list[float] | None = None
 
 
+# Settings continuous batching applies itself; any other setting away from its default runs the static generate().
+CONTINUOUS_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "eos_token_id", "use_cache",
+                                 "return_dict_in_generate", "output_scores"})
 CPU_ROWS = (8, 32)  # CPU defaults: rows per model call, decode slots
 TYPICAL_PROMPT_TOKENS = 64  # text tokens of a prompt, for the memory rule of `default_rows`
 
@@ -138,8 +141,11 @@ class Engine:
                 raise ConfigError('quantize = "fp8" supports LLaMA (Vicuna) and OPT language models, not T5')
             quantize_fp8_(self.model)
         self.settings = dict(config.generation)
-        # validate the settings once, up front, rather than on the first batch
-        resolved = self.model.generation_config.updated(**self.settings)
+        # validate the settings once, up front, rather than on the first batch. Base: the language model's generation
+        # config (its token ids) and the defaults, as model.generate (and transformers 5.24) uses; the checkpoint's
+        # generation_config.json is not applied (tests/ORACLE.md).
+        self.base_generation = self.model.language_model.generation_config
+        resolved = self.base_generation.updated(**self.settings)
         self.decoder_only = self.model.config.use_decoder_only_language_model
         self.max_prompt_tokens = self._max_prompt_tokens()
         if config.decode_slots is not None and config.decode_slots < 1:
@@ -173,19 +179,20 @@ class Engine:
         return positions - self.model.config.num_query_tokens - new_tokens
 
     def _continuous_limits(self, config: GenerationConfig) -> GreedyLimits | None:
-        """Limits for continuous batching, or None where these settings need the static `generate`: beams,
-        sampling, the penalties that read the whole row, and max_length (it counts the padded prefix)."""
-        static = (
-            not self.decoder_only
-            or config.num_beams > 1
-            or config.do_sample
-            or config.num_return_sequences > 1
-            or config.repetition_penalty != 1.0
-            or config.no_repeat_ngram_size > 0
-            or (config.max_new_tokens is None and config.max_length is not None)
-            or (config.min_new_tokens is None and config.min_length > 0)
-        )
-        if static:
+        """Limits for continuous batching, or None where these settings need the static `generate`: anything but
+        greedy search with max_new_tokens, min_new_tokens, eos_token_id and use_cache (README "Generation
+        settings"): beams, sampling and every logits processor read the whole row or the call's shape."""
+        if not self.decoder_only or getattr(self.model.config.text_config, "rope_kind", None) == "dynamic":
+            return None  # dynamic RoPE re-derives its frequencies from the batch's longest row, as transformers does
+        free = set(CONTINUOUS_SETTINGS)
+        if config.max_new_tokens is not None:
+            free.add("max_length")  # max_new_tokens wins
+        if config.min_new_tokens is not None:
+            free.add("min_length")
+        if config.max_new_tokens is None and config.max_length is not None:
+            return None  # max_length counts the padded prefix
+        if any(getattr(config, name) != getattr(self.base_generation, name)
+               for name in GenerationConfig.setting_names() - free):
             return None
         return GreedyLimits(config.max_new_tokens or DEFAULT_NEW_TOKENS, config.min_new_tokens or 0,
                             tuple(config.eos_token_ids))

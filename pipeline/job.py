@@ -150,6 +150,8 @@ def _checked_generation(given: Mapping[str, Any]) -> dict[str, Any]:
     """DEFAULT_GENERATION with `given` over it, checked by the engine's own rules (every key, and across keys) once,
     here, before any worker starts; the checkpoint's generation_config fills in the rest there."""
     settings = {**DEFAULT_GENERATION, **given}
+    if isinstance(settings.get("sequence_bias"), Mapping):  # transformers' dict form: tuple keys do not go to JSON
+        settings["sequence_bias"] = [[list(ids), bias] for ids, bias in settings["sequence_bias"].items()]
     try:
         GenerationConfig().updated(**settings)
     except ConfigError as e:
