@@ -113,7 +113,7 @@ FLAG_KEYS = {
     "decode_slots": "run.decode_slots", "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens",
     "num_beams": "generation.num_beams", "dtype": "model.dtype", "device": "model.device",
     "rows_per_unit": "run.rows_per_unit", "max_attempts": "run.max_attempts", "address": "run.address",
-    "max_error_rate": "run.max_error_rate",
+    "max_error_rate": "run.max_error_rate", "max_candidates": "run.max_candidates",
 }
 # Repeatable flags that add to the spec's array.
 EXTEND_KEYS = {"local_root": "fetch.local_roots", "allow_host": "fetch.allow_hosts"}
@@ -234,6 +234,8 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
     run.add_argument("--max-error-rate", type=float,
                      help="exit 4 when this share of the run's rows ended in error (default 1.0: all of them)")
+    run.add_argument("--max-candidates", type=int,
+                     help="most candidates a closed-set question may list (default 256)")
     add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")

@@ -60,8 +60,8 @@ KIND_SPECIFIC_KEYS = ("input.instruction_column", "prompt", "questions", "output
 WIDE_SUFFIX = ".wide.parquet"  # the wide table of OUT is OUT.wide.parquet
 _OLD_WIDE_TABLE = "wide.parquet"  # where outputs written before it moved beside them kept it, inside the output
 # Columns of the long output that vary by question; the others (id, the image column, passthrough) are the image's.
-_PER_QUESTION = ("instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
-                 "generation")
+_PER_QUESTION = ("instruction", "question_id", "text", "score", "candidate_logprobs", "status", "error_kind", "error",
+                 "model", "generation")
 
 
 class WideTableError(BlipbatchError, ValueError):

@@ -40,6 +40,8 @@ from blipbatch.pipeline.sink import failed_units, progress_records, read_part
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
 
+from .report_closed_set import ClosedSetStats, closed_set_stats
+
 THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
 EXAMPLES_PER_KIND = 3
 MAX_EXAMPLE_PARTS = 20  # parts read for error examples at most, so a report of a huge output stays quick
@@ -103,6 +105,7 @@ class RunData:
     gallery: list[GalleryItem] = field(default_factory=list)
     examples: dict[str, list[dict]] = field(default_factory=dict)
     generated_at: float = 0.0
+    closed_sets: list[ClosedSetStats] = field(default_factory=list)  # per closed-set question: wins and thresholds
 
 
 def owned_by_caller(output: str) -> bool:
@@ -142,6 +145,7 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
                    generated_at=datetime.now(timezone.utc).timestamp())
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
+    data.closed_sets = closed_set_stats(output, records, settings.get("closed_sets"))
     fetch = fetch or FetchConfig()
     data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data

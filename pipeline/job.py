@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from blipbatch.errors import BlipbatchError
+from blipbatch.model.candidates import DEFAULT_MAX_CANDIDATES, ClosedSet, closed_set
 from blipbatch.model.configs import GenerationConfig
 from blipbatch.model.errors import ConfigError
 from blipbatch.schemas import ColumnMapping
@@ -94,11 +95,12 @@ class RunConfig:
     max_error_rate: float = 1.0  # share of this run's rows in error at which the run exits 4
     # An instruction (a row's, a prompt, a question) longer than this in UTF-8 is refused before it is tokenized.
     max_instruction_bytes: int = 16384
+    max_candidates: int = DEFAULT_MAX_CANDIDATES  # most candidates a closed-set question may list
     address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else Ray in-process
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts",
-                     "max_instruction_bytes"):
+                     "max_instruction_bytes", "max_candidates"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
         if self.workers is not None and self.workers < 1:
@@ -131,6 +133,26 @@ def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Ins
     return fixed
 
 
+def _closed_sets(given: Mapping[str, object], instructions: Instructions | None, limit: int) -> dict[str, ClosedSet]:
+    """question_id -> ClosedSet, from ClosedSets, candidate lists (scoring "sum") or {"candidates", "scoring"}
+    mappings (as the manifest records them); each question must be one of the job's named questions."""
+    if given and not isinstance(instructions, dict):
+        raise PipelineError("closed_sets name questions: give the questions as a dict, question_id -> question")
+    checked = {}
+    for name, value in given.items():
+        if name not in instructions:
+            raise PipelineError(f"closed_sets: {name!r} is not one of the questions ({', '.join(instructions)})")
+        if isinstance(value, ClosedSet):
+            value = value.to_dict()
+        elif not isinstance(value, Mapping):
+            value = {"candidates": value}
+        try:
+            checked[name] = closed_set(value.get("candidates", ()), value.get("scoring", "sum"), limit)
+        except ValueError as e:
+            raise PipelineError(f"closed_sets: question {name!r}: {e}") from None
+    return checked
+
+
 def _checked_generation(given: Mapping[str, Any]) -> dict[str, Any]:
     """DEFAULT_GENERATION with `given` over it, checked by the engine's own rules (every key, and across keys) once,
     here, before any worker starts; the checkpoint's generation_config fills in the rest there."""
@@ -158,6 +180,9 @@ class Job:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Closed-set questions: question_id (a key of `instructions`) -> its candidates and scoring (model.ranking);
+    # the other questions generate freely.
+    closed_sets: dict[str, ClosedSet] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.instructions is None) == (self.input.instruction_column is None):
@@ -171,6 +196,8 @@ class Job:
         for text in fixed:
             if (problem := instruction_size_problem(text, self.run.max_instruction_bytes)) is not None:
                 raise PipelineError(f"prompt: {problem}")
+        object.__setattr__(self, "closed_sets",
+                           _closed_sets(self.closed_sets or {}, self.instructions, self.run.max_candidates))
         object.__setattr__(self, "generation", _checked_generation(self.generation))
 
     @property
@@ -188,10 +215,12 @@ def job_from_keywords(
     generation: Mapping[str, Any] | None = None,
     fetch: FetchConfig | None = None,
     decode: DecodeConfig | None = None,
+    closed_sets: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Job:
     """A Job from pipeline.run's keyword form: column, model and run settings by their field names
-    (image_column, dtype, batch_size, ...), max_new_tokens/num_beams as shorthands for generation."""
+    (image_column, dtype, batch_size, ...), max_new_tokens/num_beams as shorthands for generation; closed_sets
+    maps question ids of `prompt` to their candidates (a list, or a ClosedSet with its scoring)."""
     sections: dict[type, dict[str, Any]] = {InputConfig: {}, ModelConfig: {}, RunConfig: {}}
     gen = dict(generation or {})
     for name, value in settings.items():
@@ -211,4 +240,5 @@ def job_from_keywords(
         fetch=fetch or FetchConfig(),
         decode=decode or DecodeConfig(),
         run=RunConfig(**sections[RunConfig]),
+        closed_sets=dict(closed_sets or {}),
     )

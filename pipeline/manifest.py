@@ -38,7 +38,7 @@ _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
 _MAPPING_ADDED_LATER = frozenset({"missing", "format", "image_extension"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
 _RECORDED_RUN = ("workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "max_attempts",
-                 "max_error_rate", "max_instruction_bytes")
+                 "max_error_rate", "max_instruction_bytes", "max_candidates")
 
 
 def _canonical_json(settings: Mapping) -> str:
@@ -82,6 +82,7 @@ def job_settings(job: Job) -> JobSettings:
         fetch=dataclasses.asdict(job.fetch),
         decode=dataclasses.asdict(job.decode),
         run={name: getattr(job.run, name) for name in _RECORDED_RUN},
+        closed_sets={name: closed.to_dict() for name, closed in job.closed_sets.items()} or None,
     )
 
 
@@ -107,6 +108,7 @@ def recorded_job(settings: JobSettings, output: str) -> Job:
         fetch=recorded_fetch(settings),
         decode=DecodeConfig(**_tuples(settings.decode)),
         run=RunConfig(rows_per_unit=settings.rows_per_unit, **run),
+        closed_sets=settings.closed_sets or {},
     )
 
 
@@ -164,6 +166,8 @@ def _comparable(previous: object, current: dict) -> dict:
     fixed = _fixed(current)
     if isinstance(previous, dict) and "version" not in previous and "version" in current:
         fixed = {k: v for k, v in fixed.items() if k in previous or k not in _ADDED_IN_V2}
+    if isinstance(previous, dict):  # a setting recorded since, unused now (None), is no difference from its absence
+        fixed = {k: v for k, v in fixed.items() if k in previous or v is not None}
     return fixed
 
 

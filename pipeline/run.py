@@ -128,6 +128,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
                                     quantize=job.model.quantize, cuda_graphs=job.model.cuda_graphs,
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
+                closed_sets=dict(job.closed_sets),
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
                 max_instruction_bytes=job.run.max_instruction_bytes,
                 prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
