@@ -61,8 +61,8 @@ WIDE_SUFFIX = ".wide.parquet"  # the wide table of OUT is OUT.wide.parquet
 SCORE_SUFFIX = "_score"  # the wide table's column of a question's scores: <question_id>_score
 _OLD_WIDE_TABLE = "wide.parquet"  # where outputs written before it moved beside them kept it, inside the output
 # Columns of the long output that vary by question; the others (id, the image column, passthrough) are the image's.
-_PER_QUESTION = ("instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
-                 "generation")
+_PER_QUESTION = ("instruction", "question_id", "text", "score", "candidate_logprobs", "status", "error_kind", "error",
+                 "model", "generation")
 
 
 class WideTableError(BlipbatchError, ValueError):

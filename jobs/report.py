@@ -21,6 +21,7 @@ import fsspec
 from blipbatch.pipeline.fetch import FetchConfig
 
 from .report_charts import bar_chart, format_number, line_chart
+from .report_closed_set import closed_set_section
 from .report_facts import ReportError, RunData, collect, throughput, totals, union_seconds, worker_stats
 
 MAX_WORKER_LINES = 8  # more workers: the throughput plot shows only their total (the bar chart shows each)
@@ -250,7 +251,7 @@ def render(data: RunData) -> str:
         f'<p class="note">Model <code>{_e(data.settings.get("model"))}</code>; report made {_when(data.generated_at)}.'
         "</p></header>"
         + _summary(data) + _timing_sections(data) + _errors_section(data) + _failed_section(data)
-        + _gallery_section(data) + _spec_section(data)
+        + closed_set_section(data.closed_sets) + _gallery_section(data) + _spec_section(data)
         + "</body></html>\n"
     )
 

@@ -1,8 +1,10 @@
 """What `blipbatch report` shows, read from an output: the recorded job, commit markers, failed units, error
 examples, a seeded sample of images with thumbnails, per-worker timing and throughput (see jobs/report.py for the
 page). Thumbnails are fetched and decoded by the pipeline's own Fetcher and decode_image, under the caller's
-FetchConfig (by default the one the manifest recorded, the address guard included). Only committed units are read,
-so a report of a run in progress shows what is committed so far.
+FetchConfig (the address guard included). The output folder may be writable by others (a shared bucket), so what it
+holds widens nothing: the manifest's recorded [fetch] is used only where the caller chooses it (`owned_by_caller`),
+and an input shard named by a commit marker is read under the same rules as an image reference. Only committed units
+are read, so a report of a run in progress shows what is committed so far.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import bisect
 import io
 import itertools
 import math
+import os
 import random
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,16 +27,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
-from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_fetch, recorded_runs
+from blipbatch.pipeline.guard import LocalRoots
+from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_runs
 from blipbatch.pipeline.sink import failed_units, part_schema, progress_records, read_part
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
+
+from .report_closed_set import ClosedSetStats, closed_set_stats
 
 THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
 EXAMPLES_PER_KIND = 3
@@ -98,11 +106,26 @@ class RunData:
     examples: dict[str, list[dict]] = field(default_factory=dict)
     generated_at: float = 0.0
     runs: list[dict] = field(default_factory=list)  # the runs' wall times (pipeline.manifest.record_run)
+    closed_sets: list[ClosedSetStats] = field(default_factory=list)  # per closed-set question: wins and thresholds
+
+
+def owned_by_caller(output: str) -> bool:
+    """Whether `output` is a folder on local disk that only this user can write, its manifest too: then no one else
+    can have written the [fetch] settings it records."""
+    fs, path = url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        return False
+    try:
+        stats = [os.lstat(path), os.lstat(os.path.join(path, "_manifest.json"))]
+    except OSError:
+        return False
+    return all(s.st_uid == os.getuid() and not s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) for s in stats) and \
+        stat.S_ISDIR(stats[0].st_mode) and stat.S_ISREG(stats[1].st_mode)
 
 
 def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, seed: int = 0) -> RunData:
     """Read what the report shows from `output`; raises ReportError if it is not a blipbatch output. Thumbnails are
-    fetched under `fetch`, by default the [fetch] settings the output's manifest recorded."""
+    fetched under `fetch` (default: FetchConfig's defaults, never what the output records: see the module's doc)."""
     try:
         manifest = read_manifest(output)
     except ManifestError as e:
@@ -123,7 +146,8 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
                    generated_at=datetime.now(timezone.utc).timestamp(), runs=recorded_runs(output))
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
-    fetch = fetch or recorded_fetch(manifest)
+    data.closed_sets = closed_set_stats(output, records, settings.get("closed_sets"))
+    fetch = fetch or FetchConfig()
     data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data
 
@@ -181,7 +205,13 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
                 from_input[record.shard][record.first_row + offset] = len(sources)
             sources.append(reference)
     for shard, rows in from_input.items():
-        for row, value in read_input_values(shard, image_column, sorted(rows)).items():
+        try:
+            _check_readable(shard, fetch)
+        except RowError as refused:
+            values = dict.fromkeys(rows, refused)
+        else:
+            values = read_input_values(shard, image_column, sorted(rows))
+        for row, value in values.items():
             sources[rows[row]] = value
     for item, image in zip(items, thumbnails(sources, fetch)):
         if isinstance(image, RowError):
@@ -189,6 +219,17 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
         else:
             item.thumbnail = image
     return items
+
+
+def _check_readable(shard: str, fetch: FetchConfig) -> None:
+    """Refuse (RowError) an input shard that `fetch` would not let an image reference read: a commit marker names it,
+    and the output's folder may be writable by others."""
+    protocol = shard.split("://", 1)[0] if "://" in shard else "file"
+    if protocol not in fetch.allowed_schemes:
+        raise RowError("blocked_address", f"input shard {shard} refused: {protocol!r} is not in [fetch] "
+                                          "allowed_schemes")
+    if protocol == "file":
+        LocalRoots(fetch.local_roots).resolve(url_to_fs(shard)[1], shard)
 
 
 def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int, object]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from blipbatch.errors import BlipbatchError
-from blipbatch.schemas import MANIFEST_VERSION, JobSettings
+from blipbatch.schemas import MANIFEST_VERSION, ColumnMapping, JobSettings
 
 from .decode import DecodeConfig
 from .fetch import FetchConfig
@@ -36,9 +36,11 @@ MANIFEST = "_manifest.json"
 RESUME_MAY_CHANGE = frozenset({"fetch", "decode", "device", "run", "version"})
 # Settings that must match but version 1 manifests did not record.
 _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
+# Mapping fields added after version 2 (templates, WebDataset input): recorded only when not at their default.
+_MAPPING_ADDED_LATER = frozenset({"missing", "format", "image_extension"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
 _RECORDED_RUN = ("workers", "max_workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes",
-                 "max_attempts", "max_error_rate")
+                 "max_attempts", "max_error_rate", "max_instruction_bytes", "max_candidates")
 
 
 def _canonical_json(settings: Mapping) -> str:
@@ -57,6 +59,14 @@ def fingerprint(settings: Mapping) -> str:
     return hashlib.sha256(_canonical_json(_fixed(settings)).encode()).hexdigest()[:16]
 
 
+def _recorded_mapping(columns: ColumnMapping) -> dict[str, Any]:
+    """The mapping's fields, less those added after manifest version 2 while they hold their default: an output
+    made before them records none, and resumes."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ColumnMapping)}
+    return {name: value for name, value in dataclasses.asdict(columns).items()
+            if name not in _MAPPING_ADDED_LATER or value != defaults[name]}
+
+
 def job_settings(job: Job) -> JobSettings:
     """What the manifest records of `job`: plain JSON values, credentials in URLs redacted."""
     paths = [redact(p) for p in job.input.paths]
@@ -65,7 +75,7 @@ def job_settings(job: Job) -> JobSettings:
         model=redact(job.model.path),
         instructions=job.instructions if isinstance(job.instructions, dict) else (
             None if job.instructions is None else list(job.instructions)),
-        mapping=dataclasses.asdict(job.input.columns),
+        mapping=_recorded_mapping(job.input.columns),
         generation=dict(job.generation),
         rows_per_unit=job.run.rows_per_unit,
         dtype=job.model.dtype,
@@ -74,6 +84,7 @@ def job_settings(job: Job) -> JobSettings:
         fetch=dataclasses.asdict(job.fetch),
         decode=dataclasses.asdict(job.decode),
         run={name: getattr(job.run, name) for name in _RECORDED_RUN},
+        closed_sets={name: closed.to_dict() for name, closed in job.closed_sets.items()} or None,
     )
 
 
@@ -99,6 +110,7 @@ def recorded_job(settings: JobSettings, output: str) -> Job:
         fetch=recorded_fetch(settings),
         decode=DecodeConfig(**_tuples(settings.decode)),
         run=RunConfig(rows_per_unit=settings.rows_per_unit, **run),
+        closed_sets=settings.closed_sets or {},
     )
 
 
@@ -156,6 +168,8 @@ def _comparable(previous: object, current: dict) -> dict:
     fixed = _fixed(current)
     if isinstance(previous, dict) and "version" not in previous and "version" in current:
         fixed = {k: v for k, v in fixed.items() if k in previous or k not in _ADDED_IN_V2}
+    if isinstance(previous, dict):  # a setting recorded since, unused now (None), is no difference from its absence
+        fixed = {k: v for k, v in fixed.items() if k in previous or v is not None}
     return fixed
 
 

@@ -27,9 +27,10 @@ from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
 from .manifest import check_manifest, job_settings, record_run, record_used, write_manifest
 from .redact import redact
-from .resume import plan_run, unfinished_shards
+from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
 from .sink import progress_records
+from .template import TemplateError, check_columns, parse_all
 from .preflight import check_model, check_output
 from .prepare import PrepareConfig
 from .worker import FaultInjection, ModelWorker, WorkerConfig
@@ -155,11 +156,14 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
     units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,
                        job.run.rows_per_unit)
     check_unique_ids(unfinished_shards(output, units), job.input.columns)
+    check_template_columns(job, units)
     settings = job_settings(job).to_dict()
     started: list[bool] = []  # set once the workers are up
     with OutputLock(output) as lock:
         manifest = check_manifest(output, settings, force=force)
         plan = plan_run(output, units, retry_failed, redo_errors)
+        if not force:
+            check_rewritten(output, units, plan.committed)
         pending = plan.pending
         summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped,
                              units_to_do=len(pending))
@@ -172,7 +176,9 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
                                     quantize=job.model.quantize, cuda_graphs=job.model.cuda_graphs,
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
+                closed_sets=dict(job.closed_sets),
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
+                max_instruction_bytes=job.run.max_instruction_bytes,
                 prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
             )
             total_rows = plan.output_rows(job.rows_per_input_row)
@@ -194,6 +200,16 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
             record_run(output, time.time() - wall_s, wall_s, summary.rows)
     summary.wall_s = time.monotonic() - start
     return summary
+
+
+def check_template_columns(job: Job, units: Sequence[WorkUnit]) -> None:
+    """Refuse a prompt template naming a column some shard does not have, before any work."""
+    templates = parse_all(job.instructions).values()
+    for shard, schema in {unit.shard: unit.schema for unit in units if unit.schema is not None}.items():
+        try:
+            check_columns(templates, shard, schema.names)
+        except TemplateError as e:
+            raise PipelineError(str(e)) from None
 
 
 def recount(summary: RunSummary, done_before: set[str]) -> None:

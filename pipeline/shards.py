@@ -25,7 +25,9 @@ from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, 
 from blipbatch.errors import BlipbatchError
 
 from .errors import RowError
+from .guard import _file_kind
 from .job import RunConfig
+from .template import Template, columns_of, parse_all
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
@@ -40,6 +42,10 @@ class NoShardsError(BlipbatchError, FileNotFoundError):
 
 class ShardError(BlipbatchError, ValueError):
     """A shard that cannot be read as planned: not Parquet, listed twice, or changed since planning."""
+
+
+class ShardChanged(ShardError):
+    """A shard whose content is no longer the one its units were planned from: their rows are not committed."""
 
 
 class DuplicateIdError(ShardError):
@@ -60,13 +66,23 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
+def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
+    """`path`, if it is a regular file (or an object); else ShardError, before anything opens it: opening a FIFO
+    blocks until someone writes to it, and a device may never end."""
+    if info["type"] != "file":
+        kind = _file_kind(info["mode"]) if "mode" in info else info["type"]
+        raise ShardError(f"{_qualify(fs, path)}: {kind}, not a regular file; only regular files are read as shards: "
+                         "remove it from the input")
+    return path
+
+
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     folder = folder.rstrip("/")
     found = []
-    for path in fs.find(folder):
+    for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
         if relative.lower().endswith(".parquet") and not _is_hidden(relative):
-            found.append(path)
+            found.append(_regular(fs, path, info))
     return sorted(found)
 
 
@@ -78,11 +94,11 @@ def _expand(entry: str) -> list[str]:
     if has_magic(path):
         paths = []
         for match, info in sorted(fs.glob(path, detail=True).items()):
-            paths += _parquet_below(fs, match) if info["type"] == "directory" else [match]
+            paths += _parquet_below(fs, match) if info["type"] == "directory" else [_regular(fs, match, info)]
     elif fs.isdir(path):
         paths = _parquet_below(fs, path)
-    elif fs.isfile(path):
-        paths = [path]  # a file named explicitly is taken whatever its extension
+    elif fs.exists(path):
+        paths = [_regular(fs, path, fs.info(path))]  # a file named explicitly is taken whatever its extension
     else:
         paths = []
     return [_qualify(fs, p) for p in paths]
@@ -149,18 +165,38 @@ def _footer(f: object) -> tuple[int, bytes]:
     return size, f.read(length)
 
 
-def _content_id(fs: fsspec.AbstractFileSystem, path: str, size: int, footer: bytes) -> str:
-    """A shard's content fingerprint, the same for a copy, renamed or moved: its footer, and the data between the
-    magic bytes and the footer, whole when small, else its first and last SAMPLE_BYTES (two files can share a
-    footer: the same sizes and statistics with rows in another order; a difference in the middle of a large file
-    alone goes unseen, and planning then refuses the two as copies)."""
+def _sample_ranges(size: int, footer: bytes) -> list[tuple[int, int]]:
+    """The data a fingerprint hashes besides the footer: between the magic bytes and the footer, whole when small,
+    else its first and last SAMPLE_BYTES."""
     start, end = 4, size - 8 - len(footer)
-    ranges = [(start, end)] if end - start <= 2 * SAMPLE_BYTES else [(start, start + SAMPLE_BYTES),
-                                                                     (end - SAMPLE_BYTES, end)]
+    return [(start, end)] if end - start <= 2 * SAMPLE_BYTES else [(start, start + SAMPLE_BYTES),
+                                                                   (end - SAMPLE_BYTES, end)]
+
+
+def _digest(size: int, footer: bytes, samples: Sequence[bytes]) -> str:
+    """A shard's content fingerprint, the same for a copy, renamed or moved: its size, footer and samples (two files
+    can share a footer: the same sizes and statistics with rows in another order; a difference in the middle of a
+    large file alone goes unseen, and planning then refuses the two as copies)."""
     digest = hashlib.sha256(size.to_bytes(8, "little") + footer)
-    for data in fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]):
+    for data in samples:
         digest.update(data)
     return digest.hexdigest()[:16]
+
+
+def _content_id(fs: fsspec.AbstractFileSystem, path: str, size: int, footer: bytes) -> str:
+    """The fingerprint (_digest) of the shard at `path`, its samples read concurrently (planning reads many)."""
+    ranges = _sample_ranges(size, footer)
+    return _digest(size, footer, fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]))
+
+
+def _open_fingerprint(f: object) -> str:
+    """The fingerprint (_digest) of the content an open shard file reads."""
+    size, footer = _footer(f)
+    samples = []
+    for start, end in _sample_ranges(size, footer):
+        f.seek(start)
+        samples.append(f.read(end - start))
+    return _digest(size, footer, samples)
 
 
 def _read_footer(shard: str) -> _Footer:
@@ -420,14 +456,15 @@ class InputRow:
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
               fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
-    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question). For a
-    redo (unit.redo), only the rows at those positions."""
+    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question), their
+    templates filled from the row (pipeline.template). For a redo (unit.redo), only the rows at those positions."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
         raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
                          "exactly one of the two")
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
-    table = _read_rows(unit, mapping.input_columns())
+    templates = parse_all(fixed_instructions)
+    table = _read_planned(unit, list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())])))
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     rows = []
     for offset in range(table.num_rows):
@@ -440,36 +477,72 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
             row_id, derived_id = (None if value is None else str(value)), derived
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
+            instruction, problem = _filled(templates.get(instruction) if fixed_instructions is not None else None,
+                                           instruction, columns, offset, mapping.missing)
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id))
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id,
+                                 problem))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
 
 
-def _read_rows(unit: WorkUnit, columns: list[str]) -> pa.Table:
-    """The unit's input rows: its row groups whole, or its row range of one (read a batch at a time, so a row group
-    far larger than a unit is never held whole)."""
-    changed = f"{unit.shard}: row groups {unit.row_groups} hold {{}} rows, planned {{}}; the shard changed after planning"
+def _filled(template: Template | None, instruction: object, columns: dict, offset: int,
+            missing: str) -> tuple[object, RowError | None]:
+    """A fixed instruction with its template filled from the row at `offset`; or the template unfilled and why."""
+    if template is None:
+        return instruction, None  # a row's own question is data: its braces are its own
+    try:
+        return template.fill({name: columns[name][offset] for name in template.columns}, missing), None
+    except RowError as err:
+        return instruction, err
+
+
+def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
+    """The unit's row groups, read only if the shard holds the content it was planned from. The rows and the
+    fingerprint, taken before and after them, come through one open file (a local file replaced by a rename stays
+    the file opened; s3fs reads every range of an object under the ETag it opened), so a shard rewritten at any
+    moment is refused rather than read under the old content's unit ids, whose rows the next run would commit
+    again. Ranges are read as asked ("none" cache): fsspec's read-ahead would fetch blocks the unit never uses."""
     fs, path = url_to_fs(unit.shard)
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        if unit.group_range is None:
-            table = parquet.read_row_groups(list(unit.row_groups), columns=columns)
-            if table.num_rows != unit.num_rows:
-                raise ShardError(changed.format(table.num_rows, unit.num_rows))
-            return table
-        start, stop = unit.group_range
-        held = parquet.metadata.row_group(unit.row_groups[0]).num_rows
-        if held < stop:
-            raise ShardError(changed.format(held, f"at least {stop}"))
-        pieces, at = [], 0
-        for batch in parquet.iter_batches(batch_size=min(stop - start, 1024), row_groups=list(unit.row_groups),
-                                          columns=columns, use_threads=False):
-            if at + batch.num_rows > start:
-                pieces.append(batch.slice(max(start - at, 0), stop - max(start, at)))
-            at += batch.num_rows
-            if at >= stop:
-                break
-    return pa.Table.from_batches(pieces)
+
+    def check(f: object, when: str) -> None:
+        try:
+            now = _open_fingerprint(f)
+        except (OSError, ValueError) as exc:
+            now = f"unreadable ({type(exc).__name__})"
+        if unit.shard_id and now != unit.shard_id:
+            raise ShardChanged(f"{unit.shard}: its content changed {when} (fingerprint {now}, planned "
+                               f"{unit.shard_id}); unit {unit.unit_id} is not committed: run again to plan the "
+                               "shard's new content")
+
+    with fs.open(path, "rb", cache_type="none") as f:
+        check(f, "after planning")
+        try:
+            table = _rows_of(pq.ParquetFile(f), unit, columns)
+        except (OSError, pa.ArrowInvalid):  # s3fs's FileExpired, a torn file: say so if the content changed
+            check(f, "while its rows were read")
+            raise
+        check(f, "while its rows were read")
+    if table.num_rows != unit.num_rows:
+        raise ShardChanged(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
+                           f"{unit.num_rows}; the shard changed after planning")
+    return table
+
+
+def _rows_of(parquet: pq.ParquetFile, unit: WorkUnit, columns: list[str]) -> pa.Table:
+    """The unit's rows: its row groups whole, or its row range of one, read a batch at a time so that a row group far
+    larger than a unit is never held whole (fewer rows than planned when the group holds fewer)."""
+    if unit.group_range is None:
+        return parquet.read_row_groups(list(unit.row_groups), columns=columns)
+    start, stop = unit.group_range
+    pieces, at = [], 0
+    for batch in parquet.iter_batches(batch_size=min(stop - start, 1024), row_groups=list(unit.row_groups),
+                                      columns=columns, use_threads=False):
+        if at + batch.num_rows > start:
+            pieces.append(batch.slice(max(start - at, 0), stop - max(start, at)))
+        at += batch.num_rows
+        if at >= stop:
+            break
+    return pa.Table.from_batches(pieces) if pieces else parquet.schema_arrow.empty_table().select(columns)
 
 
 def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,
