@@ -237,6 +237,17 @@ def test_generation_config_with_an_unsupported_transformers_setting_is_refused(p
         ours.generate(**inputs, generation_config={"max_new_tokens": 3})
 
 
+def test_ids_beyond_the_vocabulary_refused_when_transformers_refuses_them(pairs):
+    hf_model, ours = pairs["llama"]
+    inputs = model_inputs("llama", False)
+    for settings in (dict(forced_eos_token_id=500), dict(forced_bos_token_id=500),  # bos: never forced here
+                     dict(exponential_decay_length_penalty=(1, 1.5), eos_token_id=[2, 500]),
+                     dict(bad_words_ids=[[500]]), dict(sequence_bias=[[[3, 500], 1.0]]), dict(eos_token_id=[])):
+        assert_same(hf_model, ours, inputs, dict(max_new_tokens=4, **settings))
+    with pytest.raises(GenerationError, match="beyond the vocabulary"):
+        ours.generate(**inputs, max_new_tokens=4, forced_eos_token_id=500)
+
+
 def test_unknown_setting_names_it_with_a_did_you_mean(pairs):
     _, ours = pairs["llama"]
     inputs = model_inputs("llama", False)
