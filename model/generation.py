@@ -139,7 +139,9 @@ def remove_invalid_values(ids: Tensor, scores: Tensor) -> Tensor:
     return torch.where(scores == -float("inf"), torch.finfo(scores.dtype).min, out)
 
 
-def exponential_decay(ids: Tensor, scores: Tensor, start: int, factor: float, eos: Tensor, eos_in_vocab: bool) -> Tensor:
+def exponential_decay(
+    ids: Tensor, scores: Tensor, start: int, factor: float, eos: Tensor, eos_in_vocab: bool
+) -> Tensor:
     """Past total length `start`, raise the eos scores by |score| * (factor ** steps past - 1)."""
     if ids.shape[1] <= start:
         return scores
