@@ -18,7 +18,7 @@ from blipbatch.jobs.train import HELD_OUT_SEED
 from blipbatch.model import InstructBlipProcessor
 from blipbatch.model.candidates import ClosedSet
 from blipbatch.pipeline.job import PipelineError, job_from_keywords
-from blipbatch.pipeline.manifest import ManifestMismatch, read_manifest
+from blipbatch.pipeline.manifest import ManifestMismatch, read_manifest, recorded_job
 from blipbatch.pipeline.sink import read_output
 
 SHIPPED = Path(__file__).resolve().parents[1] / "jobs" / "demo_data" / "shapes-instructblip"
@@ -122,6 +122,7 @@ def test_manifest_records_the_candidates_and_a_resume_must_match(run_output):
     _, _, out, inputs = run_output
     recorded = read_manifest(str(out)).closed_sets
     assert recorded["color_ranked"] == {"candidates": CANDIDATES["color"], "scoring": "sum"}
+    assert recorded_job(read_manifest(str(out)), str(out)).closed_sets == closed_sets()  # status, retry-failed
     changed = closed_sets() | {"color_ranked": ClosedSet(tuple(CANDIDATES["color"]), "mean")}
     with pytest.raises(ManifestMismatch, match="closed_sets.color_ranked.scoring"):
         pipeline.run(str(inputs), str(out), str(SHIPPED), prompt=questions(), closed_sets=changed,
