@@ -83,9 +83,15 @@ class ModelConfig:
     cuda_graphs: bool = True  # on CUDA, greedy decode steps as a CUDA graph; False: eager (slower, same results)
 
 
+AUTO = "auto"  # [run] workers: one model actor per GPU, following the cluster as it grows and shrinks
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    workers: int | None = None  # model actors; None: one per GPU, else 1
+    # model actors: a number, or "auto" (None): one per GPU the cluster has, more as GPUs join while units wait, those
+    # on nodes that leave dropped; without GPUs, 1
+    workers: int | str | None = None
+    max_workers: int | None = None  # "auto": at most this many model actors; None: no limit
     batch_size: int | None = None  # rows per model call; None: 8 on CPU, from the GPU's free memory on CUDA (Engine)
     decode_slots: int | None = None  # greedy: sequences decoded together; None: 32 on CPU, as batch_size on CUDA
     prepare_threads: int | None = None  # per worker: threads that decode and resize; None: its CPUs, at most 8
@@ -100,11 +106,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts",
-                     "max_instruction_bytes", "max_candidates"):
+                     "max_instruction_bytes", "max_candidates", "max_workers"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.workers is not None and self.workers < 1:
-            raise PipelineError(f"run.workers must be at least 1, got {self.workers!r}")
+        if self.workers not in (None, AUTO) and not (isinstance(self.workers, int) and self.workers >= 1):
+            raise PipelineError(f'run.workers must be at least 1, or "auto", got {self.workers!r}')
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the count of model actors follows the cluster's GPUs ("auto", the default)."""
+        return self.workers in (None, AUTO)
         if not 0.0 < self.max_error_rate <= 1.0:
             raise PipelineError(f"run.max_error_rate must be in (0, 1], got {self.max_error_rate!r}")
 

@@ -113,6 +113,10 @@ class ModelWorker:
             return f"cpu ({torch.get_num_threads()} threads)"
         return str(self.engine.device)
 
+    def used(self) -> dict[str, object]:
+        """What this worker runs with, its defaults resolved: the manifest records it."""
+        return {"device": self.ready(), "batch_size": self.batch_size, "decode_slots": self.engine.decode_slots}
+
     def process_unit(self, unit: WorkUnit, attempt: int) -> ProgressRecord:
         """Run one unit end to end; returns its commit record."""
         started = time.time()
