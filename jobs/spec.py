@@ -209,7 +209,7 @@ TABLES: dict[str, dict[str, _Check]] = {
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
     "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
-            "prepare_threads": _integer(1), "decoded_bytes": _integer(1),
+            "prepare_threads": _integer(1), "decoded_bytes": _integer(1), "decode_processes": _integer(0),
             "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
             "address": _TEXT},
 }

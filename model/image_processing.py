@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 
 from .errors import ConfigError, ProcessorError
-from .rgb import to_rgb
+from .rgb import RgbResize
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -83,15 +83,19 @@ class BlipImageProcessor:
         pipeline's prepare stage runs on its threads; `normalize` of the stacked results is the other half."""
         if not isinstance(image, PIL.Image.Image):
             raise ProcessorError(f"images must be PIL.Image.Image, got {type(image).__name__}")
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise ProcessorError(f"image mode {image.mode!r} needs do_convert_rgb=True (the model takes RGB)")
-        if self.do_resize:
-            # PIL sizes are (width, height); a squash to exactly this size, no crop, as in LAVIS.
-            image = image.resize((self.size["width"], self.size["height"]), resample=self.resample)
-        width, height = image.size
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        image = self.rgb_resize(image)
+        return self.chw(bytearray(image.tobytes()), *image.size)
+
+    @property
+    def rgb_resize(self) -> RgbResize:
+        """RGB conversion and resize, the torch-free part of `resized` (PIL image -> PIL image)."""
+        return RgbResize(self.size["width"], self.size["height"], int(self.resample), self.do_convert_rgb,
+                         self.do_resize)
+
+    @staticmethod
+    def chw(rgb: Any, width: int, height: int) -> torch.Tensor:
+        """uint8 [3, H, W] from a writable buffer of RGB bytes (HWC, as PIL's tobytes() gives them); a copy."""
+        pixels = torch.frombuffer(rgb, dtype=torch.uint8, count=width * height * 3).view(height, width, 3)
         return pixels.permute(2, 0, 1).contiguous()  # HWC -> CHW
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:

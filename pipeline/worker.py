@@ -23,6 +23,7 @@ from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressR
                                output_schema)
 
 from .decode import DecodeConfig
+from .decode_pool import DecodePool
 from .errors import RowError
 from .fetch import FetchConfig, Fetcher
 from .metrics import WorkerMetrics
@@ -81,6 +82,10 @@ class ModelWorker:
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
         self.question_ids = isinstance(config.instructions, dict)
         self.batch_size = config.batch_size or self.engine.default_rows[0]
+        processes = config.prepare.decode_processes()
+        # Started once: the units' prepare stages share them (each would otherwise fork its own).
+        self.decode_pool = DecodePool(processes, config.decode, self.engine.processor.image_processor) \
+            if processes else None
 
     def ready(self) -> str:
         """Where the model runs, for the start-up line: "cuda:0", or "cpu (4 threads)"."""
@@ -95,7 +100,8 @@ class ModelWorker:
         encoded_before = self.engine.images_encoded
         output: list[dict] = []
         stage = PrepareStage(self.fetcher, self.config.decode, self.engine.processor.image_processor,
-                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda")
+                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda",
+                             pool=self.decode_pool)
         with stage:
             for batch in stage.batches(rows, self.batch_size):
                 model_start = time.perf_counter()

@@ -178,7 +178,7 @@ def sample() -> None:
 
 sampler = threading.Thread(target=sample)
 sampler.start()
-config = PrepareConfig(threads=8, decoded_bytes=budget)
+config = PrepareConfig(threads=8, decoded_bytes=budget, processes=0)  # decoded here, where RSS is sampled
 with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(max_pixels=10**9), processor, config, str) as stage:
     [batch] = stage.batches(rows, len(rows))
 done.set()
