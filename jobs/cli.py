@@ -8,16 +8,19 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports the pipeline only when a command needs it, so `--help` stays quick
+    from blipbatch.pipeline.fetch import FetchConfig
     from blipbatch.pipeline.job import Job
     from blipbatch.schemas import JobSettings
 
 # Exit codes scripts can rely on (README "Exit codes").
 EXIT_OK, EXIT_UNITS_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+EXIT_BUG = 1  # an unexpected error (a bug): its traceback, as Python's own, but redacted
 
 # What addresses each error kind: the flag, then the spec key.
 ERROR_HINTS = {
@@ -34,6 +37,7 @@ ERROR_HINTS = {
     "too_many_scans": "--set decode.max_jpeg_scans=N ([decode] max_jpeg_scans) if such images are wanted",
     "too_many_strips": "--set decode.max_tiff_strips=N ([decode] max_tiff_strips) if such images are wanted",
     "metadata_too_large": "--set decode.max_metadata_bytes=N ([decode] max_metadata_bytes) if such images are wanted",
+    "opted_out": "the site asks not to be used for AI; [fetch] honour_opt_out = false only with its permission",
 }
 TOP_ERROR_KINDS = 3
 
@@ -237,7 +241,8 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
-    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings")
+    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings, or a "
+                     "shard was rewritten in place after some of its units were committed")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
     run.add_argument("--redo-errors", nargs="*", metavar="KIND",
                      help="also redo the error rows of committed units (of these error kinds; none given: every "
@@ -332,6 +337,8 @@ def show_status(args: argparse.Namespace) -> int:
     kinds = total.errors_by_kind
     detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})" if kinds else ""
     print(f"rows: {total.rows_ok} ok, {total.rows_error} error{detail}")
+    print(f"duplicate images: {total.duplicate_images} input rows had the same bytes as an earlier row of their unit "
+          "(decoded and encoded once; image_sha256 finds duplicates across units)")
     if kinds:
         print(f"redo error rows, after fixing their cause: {redo_hint(kinds)}")
     for unit_id, info in sorted(failed.items()):
@@ -359,35 +366,45 @@ def retry_failed(args: argparse.Namespace) -> int:
 
 
 def make_report(args: argparse.Namespace) -> int:
-    """Write the HTML report of an output; thumbnails are fetched under the recorded [fetch] settings (or the
-    spec's), plus the flags' hosts and roots."""
+    """Write the HTML report of an output; thumbnails are fetched under the caller's [fetch] settings (report_fetch)
+    plus the flags' hosts and roots."""
     from blipbatch.errors import BlipbatchError
     from blipbatch.jobs.report import ReportError, write_report
-    from blipbatch.jobs.spec import load_spec
-    from blipbatch.pipeline.fetch import FetchConfig
-    from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_fetch
 
     try:
-        if args.spec:
-            base = load_spec(args.spec).fetch
-        else:
-            settings = read_manifest(args.output)
-            base = recorded_fetch(settings) if settings is not None else FetchConfig()
+        base, source = report_fetch(args)
         fetch = dataclasses.replace(base, allow_hosts=base.allow_hosts + tuple(args.allow_host),
                                     local_roots=base.local_roots + tuple(os.path.abspath(r) for r in args.local_root))
-    except ManifestError as e:
-        print(f"blipbatch report: {e}", file=sys.stderr)
-        return EXIT_REFUSED
     except (BlipbatchError, ValueError, OSError) as e:
         print(f"blipbatch report: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_REFUSED if isinstance(e, BlipbatchError) else EXIT_USAGE
     try:
         path = write_report(args.output, args.html, sample=args.sample, fetch=fetch, seed=args.seed)
     except ReportError as e:
         print(f"blipbatch report: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    print(f"report of {args.output}: {path}")
+    print(f"report of {args.output}: {path}\nthumbnails fetched with {source}")
     return EXIT_OK
+
+
+def report_fetch(args: argparse.Namespace) -> tuple[FetchConfig, str]:
+    """The [fetch] settings thumbnails start from, and a phrase naming them: --spec's; else those the output's
+    manifest recorded, only for an output on local disk that only the caller can write (elsewhere, a shared bucket
+    or another's folder, anyone who can write there could widen the guard: connect to internal hosts, embed private
+    files in a page meant for mailing); else the defaults."""
+    from blipbatch.jobs.report_facts import owned_by_caller
+    from blipbatch.jobs.spec import load_spec
+    from blipbatch.pipeline.fetch import FetchConfig
+    from blipbatch.pipeline.manifest import read_manifest, recorded_fetch
+
+    if args.spec:
+        return load_spec(args.spec).fetch, f"the [fetch] settings of {args.spec}"
+    if owned_by_caller(args.output):
+        settings = read_manifest(args.output)
+        if settings is not None:
+            return recorded_fetch(settings), "the [fetch] settings the output's manifest recorded (a local output only you can write)"
+    return FetchConfig(), ("the default [fetch] settings (the output's recorded ones are used only for a local output "
+                           "only you can write; --spec SPEC, --allow-host, --local-root widen them)")
 
 
 def add_report_command(commands: argparse._SubParsersAction) -> None:
@@ -403,8 +420,9 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--html", default="report.html", help="where to write the page (default ./report.html)")
     report.add_argument("--sample", type=int, default=24, help="images in the gallery (default 24)")
     report.add_argument("--seed", type=int, default=0, help="which images are sampled (default 0)")
-    report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails (default: the settings "
-                        "the output's manifest recorded)")
+    report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails (default: those the "
+                        "output's manifest recorded if the output is on local disk and only you can write it, else "
+                        "the defaults)")
     add_fetch_flags(report, " for thumbnails")
     report.set_defaults(handler=make_report)
 
@@ -461,17 +479,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the storage a location names (a bucket that does not exist, a malformed URL, a server that refuses): the
+# location's fault, not ours, so one line and exit 3 rather than a traceback. By module, since each backend has its
+# own types (botocore's ParamValidationError is no OSError).
+STORAGE_ERROR_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "requests",
+                         "urllib3")
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether `error` comes from reaching a location: an OSError, an error of a storage library or one caused by
+    one, or any error raised inside a storage library (s3fs raises ValueError for a bucket it cannot create)."""
+    def module(name: str) -> bool:
+        return name.split(".")[0] in STORAGE_ERROR_MODULES
+
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) or module(type(cause).__module__):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and module(frame.tb_frame.f_globals.get("__name__", ""))
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line (botocore's messages span several, and quote long regular expressions)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text if len(text) <= limit else text[:limit] + ' ...'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from blipbatch.errors import BlipbatchError
-    from blipbatch.pipeline.redact import redact_log_records
+    from blipbatch.pipeline.redact import redact_log_records, redacted_streams
 
     args = build_parser().parse_args(argv)
     redact_log_records()  # the driver's own log lines (Ray, botocore, urllib3) quote URLs too
-    try:
-        return args.handler(args)
-    except BlipbatchError as e:  # every refusal of ours, in one line; anything else is a bug and keeps its traceback
-        print(f"blipbatch {args.command}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+    with redacted_streams():  # every message that names a location the command was given
+        try:
+            return args.handler(args)
+        except BlipbatchError as e:  # every refusal of ours, in one line
+            print(f"blipbatch {args.command}: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        except Exception as e:  # noqa: BLE001 - a location that cannot be reached: one line; else a bug: its traceback
+            if is_storage_error(e):
+                print(f"blipbatch {args.command}: {one_line(e)}", file=sys.stderr)
+                return EXIT_REFUSED
+            traceback.print_exc()  # through the redacting stream
+            return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -69,8 +69,11 @@ def _summary(data: RunData) -> str:
     cards = [("rows ok", f"{total.rows_ok:,}"), ("rows in error", f"{total.rows_error:,}"),
              ("units committed", f"{len(data.records):,}"
               + ("" if data.units_planned is None else f" of {data.units_planned:,}")),
-             ("units failed", f"{len(data.failed):,}")]
+             ("units failed", f"{len(data.failed):,}"), ("duplicate images", f"{total.duplicate_images:,}")]
     notes = []
+    if total.duplicate_images:
+        notes.append(f"{total.duplicate_images:,} input row(s) had the same image bytes as an earlier row of their unit "
+                     "(same image_sha256): decoded and encoded once.")
     if timed:
         wall = union_seconds([(t.started, t.finished) for t in timed])
         images = sum(t.images_fetched for t in timed)

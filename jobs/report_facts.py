@@ -1,8 +1,10 @@
 """What `blipbatch report` shows, read from an output: the recorded job, commit markers, failed units, error
 examples, a seeded sample of images with thumbnails, per-worker timing and throughput (see jobs/report.py for the
 page). Thumbnails are fetched and decoded by the pipeline's own Fetcher and decode_image, under the caller's
-FetchConfig (by default the one the manifest recorded, the address guard included). Only committed units are read,
-so a report of a run in progress shows what is committed so far.
+FetchConfig (the address guard included). The output folder may be writable by others (a shared bucket), so what it
+holds widens nothing: the manifest's recorded [fetch] is used only where the caller chooses it (`owned_by_caller`),
+and an input shard named by a commit marker is read under the same rules as an image reference. Only committed units
+are read, so a report of a run in progress shows what is committed so far.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import bisect
 import io
 import itertools
 import math
+import os
 import random
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,13 +27,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
-from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_fetch
+from blipbatch.pipeline.guard import LocalRoots
+from blipbatch.pipeline.manifest import ManifestError, read_manifest
 from blipbatch.pipeline.sink import failed_units, progress_records, read_part
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
@@ -59,15 +65,16 @@ class Totals:
     rows_error: int
     errors_by_kind: dict[str, int]
     images_encoded: int
+    duplicate_images: int  # input rows whose image bytes an earlier row of their unit had
 
 
 def totals(records: Sequence[ProgressRecord]) -> Totals:
-    """Rows ok and in error, errors by kind and vision passes over committed units."""
+    """Rows ok and in error, errors by kind, vision passes and duplicate images over committed units."""
     kinds: Counter[str] = Counter()
     for record in records:
         kinds.update(record.errors_by_kind)
     return Totals(sum(r.rows_ok for r in records), sum(r.rows_error for r in records), dict(sorted(kinds.items())),
-                  sum(r.images_encoded for r in records))
+                  sum(r.images_encoded for r in records), sum(r.duplicate_images for r in records))
 
 
 # -------------------------------------------------------------------------------------------------- what is read
@@ -98,9 +105,23 @@ class RunData:
     generated_at: float = 0.0
 
 
+def owned_by_caller(output: str) -> bool:
+    """Whether `output` is a folder on local disk that only this user can write, its manifest too: then no one else
+    can have written the [fetch] settings it records."""
+    fs, path = url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        return False
+    try:
+        stats = [os.lstat(path), os.lstat(os.path.join(path, "_manifest.json"))]
+    except OSError:
+        return False
+    return all(s.st_uid == os.getuid() and not s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) for s in stats) and \
+        stat.S_ISDIR(stats[0].st_mode) and stat.S_ISREG(stats[1].st_mode)
+
+
 def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, seed: int = 0) -> RunData:
     """Read what the report shows from `output`; raises ReportError if it is not a blipbatch output. Thumbnails are
-    fetched under `fetch`, by default the [fetch] settings the output's manifest recorded."""
+    fetched under `fetch` (default: FetchConfig's defaults, never what the output records: see the module's doc)."""
     try:
         manifest = read_manifest(output)
     except ManifestError as e:
@@ -121,7 +142,7 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
                    generated_at=datetime.now(timezone.utc).timestamp())
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
-    fetch = fetch or recorded_fetch(manifest)
+    fetch = fetch or FetchConfig()
     data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data
 
@@ -177,7 +198,13 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
                 from_input[record.shard][record.first_row + offset] = len(sources)
             sources.append(reference)
     for shard, rows in from_input.items():
-        for row, value in read_input_values(shard, image_column, sorted(rows)).items():
+        try:
+            _check_readable(shard, fetch)
+        except RowError as refused:
+            values = dict.fromkeys(rows, refused)
+        else:
+            values = read_input_values(shard, image_column, sorted(rows))
+        for row, value in values.items():
             sources[rows[row]] = value
     for item, image in zip(items, thumbnails(sources, fetch)):
         if isinstance(image, RowError):
@@ -185,6 +212,17 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
         else:
             item.thumbnail = image
     return items
+
+
+def _check_readable(shard: str, fetch: FetchConfig) -> None:
+    """Refuse (RowError) an input shard that `fetch` would not let an image reference read: a commit marker names it,
+    and the output's folder may be writable by others."""
+    protocol = shard.split("://", 1)[0] if "://" in shard else "file"
+    if protocol not in fetch.allowed_schemes:
+        raise RowError("blocked_address", f"input shard {shard} refused: {protocol!r} is not in [fetch] "
+                                          "allowed_schemes")
+    if protocol == "file":
+        LocalRoots(fetch.local_roots).resolve(url_to_fs(shard)[1], shard)
 
 
 def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int, object]:

@@ -35,7 +35,7 @@ from typing import Any
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import (GenerationSettingsError, InputConfig, Job, ModelConfig, OutputConfig, PipelineError,
-                                    RunConfig)
+                                    RunConfig, instruction_size_problem)
 from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
 
 from .kinds import KIND_SPECIFIC_KEYS, KINDS
@@ -184,7 +184,11 @@ def _config_checks(cls: type) -> dict[str, _Check]:
     checks = {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if hint is int:
+        if hint is bool:
+            checks[f.name] = _BOOLEAN
+        elif hint is str:
+            checks[f.name] = _TEXT
+        elif hint is int:
             checks[f.name] = _Check("an integer", _is_int)
         elif hint is float:
             checks[f.name] = _number("a number", lambda v: True)
@@ -211,7 +215,7 @@ TABLES: dict[str, dict[str, _Check]] = {
     "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
             "prepare_threads": _integer(1), "decoded_bytes": _integer(1), "decode_processes": _integer(0),
             "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
-            "address": _TEXT},
+            "max_instruction_bytes": _integer(1), "address": _TEXT},
 }
 
 REQUIRED: dict[tuple[str, str], str] = {
@@ -331,11 +335,26 @@ def _read_toml(path: Path, source: str) -> tuple[str, dict[str, Any]]:
         raise SpecError(source, "", f"not UTF-8 text (byte {e.start}): a job spec is a TOML file") from None
     try:
         return text, tomllib.loads(text)
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise SpecError(f"{source}:{_deepest_line(text)}", "",
+                        f"arrays or inline tables nested too deeply; a job spec needs at most {MAX_TOML_DEPTH} levels"
+                        ) from None
     except tomllib.TOMLDecodeError as e:
         message = str(e)
         at = re.search(r"\s*\(at line (\d+), column \d+\)$|\s*\(at end of document\)$", message)
         line = int(at.group(1)) if at and at.group(1) else max(1, len(text.splitlines()))
         raise SpecError(f"{source}:{line}", "", f"not valid TOML: {message[:at.start()] if at else message}") from None
+
+
+def _deepest_line(text: str) -> int:
+    """The line where brackets and braces first open MAX_TOML_DEPTH deep (strings not told apart: for a message)."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        for ch in line:
+            depth += (ch in "[{") - (ch in "]}")
+            if depth > MAX_TOML_DEPTH:
+                return number
+    return 1
 
 
 def _apply_overrides(doc: dict[str, Any], overrides: Mapping[str, object], source: str) -> set[tuple[str, str]]:
@@ -412,6 +431,49 @@ def _pipeline_config(cls: type, table: str, given: dict[str, Any], where: _Locat
 
 COMMAND_LINE = "command line"
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Bounds: values a spec may hold that no run can use (a worker killed for memory, every row an error) are refused
+# here, with the file and line, rather than found on the cluster.
+
+MAX_TOML_DEPTH = 100  # a spec nests two levels; tomllib's recursion would end in a RecursionError traceback
+MAX_NUM_BEAMS = 64  # beams x rows per call x the KV cache: 1,000,000 beams is a worker killed for memory
+MAX_NEW_TOKENS = 32768  # where the checkpoint's positions do not bound it (T5): far above what any BLIP LM writes
+
+
+def _text_positions(model: str) -> tuple[int, int] | None:
+    """(positions of the language model, query tokens) from a local checkpoint's config.json; None when not known
+    here (a Hub id or a URL, or an LM with relative positions: T5). The worker checks again once it has the model."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+        positions = config["text_config"]["max_position_embeddings"]
+        return int(positions), int(config.get("num_query_tokens", 32))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_bounds(generation: Mapping[str, Any], model: str, texts: Mapping[tuple[str, ...], str], limit: int,
+                  where: _Locator) -> None:
+    """num_beams, max_new_tokens and max_length within what the model can take; each fixed prompt or question within
+    [run] max_instruction_bytes (`texts`: its key path -> text)."""
+    def refuse(key: str, problem: str) -> None:
+        raise SpecError(where("generation", key), f"[generation] {key}", problem)
+
+    for key in ("num_beams", "num_return_sequences"):
+        if generation.get(key, 1) > MAX_NUM_BEAMS:
+            refuse(key, f"at most {MAX_NUM_BEAMS}, got {generation[key]}")
+    known = _text_positions(model)
+    # max_new_tokens leaves room for the image's tokens and one of prompt; max_length counts them.
+    for key, longest in (("max_new_tokens", MAX_NEW_TOKENS if known is None else known[0] - known[1] - 1),
+                         ("max_length", MAX_NEW_TOKENS if known is None else known[0])):
+        if generation.get(key, 0) > longest:
+            bound = ("" if known is None else
+                     f": the model's language model has {known[0]} positions, {known[1]} of them for the image")
+            refuse(key, f"at most {longest}{bound}; got {generation[key]}")
+    for path, text in texts.items():
+        if (problem := instruction_size_problem(text, limit)) is not None:
+            raise SpecError(where(*path), f"[{path[0]}] {path[1]}", problem)
+
+
 
 def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | None = None) -> JobSpec:
     """Read, override and validate a job spec; raises SpecError naming the file, line, key and what is wrong.
@@ -483,6 +545,9 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
         prompt = default_prompt(model["path"]) if prompt is None else prompt
+    texts = {("prompt", "text"): prompt} if prompt is not None else {}
+    _check_bounds(generation, model["path"], texts | {("questions", k): q for k, q in questions.items()},
+                  run.get("max_instruction_bytes", RunConfig.max_instruction_bytes), where)
     try:
         return JobSpec(
             source=spec_file,

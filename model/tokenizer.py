@@ -10,6 +10,7 @@ padding/truncation sides and the decode clean-up flag.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -172,7 +173,11 @@ class Tokenizer:
         Used for user prompts, so that a literal "<image>" in them cannot become an image placeholder."""
         with self._lock:
             data = json.loads(self._backend.to_str())
-        data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != content]
+        # The token keeps its slot under a content no text holds (random): `tokenizers` numbers added tokens by their
+        # position, so dropping it would renumber those after it ("<video>" would take the "<image>" id).
+        for token in data["added_tokens"]:
+            if token["content"] == content:
+                token["content"] = f"<removed-{secrets.token_hex(16)}>"
         copy = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(data)), self.config)
         copy.padding_side, copy.truncation_side = self.padding_side, self.truncation_side
         return copy

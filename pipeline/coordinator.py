@@ -24,7 +24,7 @@ from blipbatch.schemas import ProgressRecord
 
 from .metrics import RunMetrics
 from .redact import redact
-from .shards import WorkUnit
+from .shards import ShardChanged, WorkUnit
 from .sink import mark_failed, rows_at
 from blipbatch.errors import BlipbatchError
 
@@ -166,7 +166,9 @@ class Dispatcher:
             return
         except RayTaskError as e:  # the unit raised; its worker lives on
             self.forget(ref)
-            self.charge(unit, attempt, _reason(e))
+            # A shard rewritten since planning stays rewritten: another try would only read it again.
+            final = isinstance(e.cause, ShardChanged)
+            self.charge(unit, max(attempt, self.max_attempts) if final else attempt, _reason(e))
             return
         self.forget(ref)
         self.committed(record, unit)

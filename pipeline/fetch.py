@@ -38,6 +38,9 @@ Error kinds (RowError.kind) and when they are raised:
   retried while the row deadline allows.
 - `fetch_connection`: refused or reset connections, DNS failures, broken responses, storage backend errors; retried.
   TLS errors are reported at once (a bad certificate does not heal on retry).
+- `opted_out`: an http(s) response whose X-Robots-Tag says noai, noimageai, noindex or noimageindex, for every agent
+  or for ours ("blipbatch: noai"; another agent's directives do not apply), while `honour_opt_out` (the default); the
+  body is not downloaded. Never retried. Every request says who we are: `user_agent`, blipbatch/VERSION (+PROJECT_URL).
 - `too_large`: more than `max_bytes` (from Content-Length before reading, or counted while streaming); never retried.
 
 Retries: `retries` extra attempts with exponential backoff and full jitter (uniform in [0, backoff_s * 2**n], capped at
@@ -67,6 +70,8 @@ import urllib3
 import urllib3.exceptions
 from fsspec.implementations.local import LocalFileSystem
 
+from blipbatch import __version__
+
 from . import deadline
 from .errors import RowError, format_size
 from .guard import AddressGuard, AllowList, LocalPath, LocalRoots, guarded_pool_manager
@@ -80,7 +85,12 @@ _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # An error body this small is read off so the connection can be reused; a larger one closes the connection.
 _DRAIN_LIMIT = 64 * 1024
-_USER_AGENT = "blipbatch/0.1 (image fetcher)"
+PROJECT_URL = "https://github.com/blipbatch/blipbatch"
+DEFAULT_USER_AGENT = f"blipbatch/{__version__} (+{PROJECT_URL})"
+# X-Robots-Tag directives that opt an image out of our use (those img2dataset honours), and the user-agent token
+# a site addresses us by: "blipbatch: noai" applies, "otherbot: noai" does not.
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+USER_AGENT_TOKEN = "blipbatch"
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,10 @@ class FetchConfig:
     # Reads left blocked past their deadline (a hung network mount), each holding a thread, at most this many per
     # worker process: past it, new attempts are refused at once (fetch_timeout) until some return.
     max_abandoned_reads: int = 64
+    # An http(s) image whose X-Robots-Tag opts out (OPT_OUT_DIRECTIVES, for all agents or for ours) is an
+    # `opted_out` row, not fetched; False: fetched all the same.
+    honour_opt_out: bool = True
+    user_agent: str = DEFAULT_USER_AGENT  # the User-Agent header of every http(s) request
 
     def __post_init__(self) -> None:
         for name in ("allowed_schemes", "allow_hosts", "local_roots"):
@@ -124,6 +138,8 @@ class FetchConfig:
         for name, value in non_negative.items():
             if not value >= 0:
                 raise ValueError(f"FetchConfig.{name} must be >= 0, got {value!r}")
+        if not isinstance(self.user_agent, str) or not self.user_agent.strip():
+            raise ValueError(f"FetchConfig.user_agent must be a non-empty string, got {self.user_agent!r}")
         if not self.allowed_schemes:
             raise ValueError("FetchConfig.allowed_schemes is empty: no image reference could be fetched")
         try:
@@ -212,6 +228,18 @@ def _bucket(url: str) -> str:
         return ""
 
 
+def opt_out(headers: urllib3.HTTPHeaderDict) -> str | None:
+    """The X-Robots-Tag value that opts a response out of our use, or None. A value is "directive, ..." for every
+    agent, or "agent: directive, ..." for one: it applies when the agent is ours (as img2dataset reads them)."""
+    for value in headers.getlist("X-Robots-Tag"):
+        agent, _, directives = value.partition(":") if ":" in value else ("", "", value)
+        if agent.strip() and agent.strip().lower() != USER_AGENT_TOKEN:
+            continue
+        if any(d.strip().lower() in OPT_OUT_DIRECTIVES for d in directives.split(",")):
+            return value.strip()
+    return None
+
+
 class Fetcher:
     """Fetches image references under one FetchConfig. Thread-safe; reuse one per worker (it pools connections).
 
@@ -231,7 +259,7 @@ class Fetcher:
             maxsize=config.concurrency,
             retries=False,  # retries and redirects are ours, so that we count and bound them
             timeout=urllib3.Timeout(connect=config.timeout_s, read=config.timeout_s),
-            headers={"User-Agent": _USER_AGENT},
+            headers={"User-Agent": config.user_agent},
         )
 
     def close(self) -> None:
@@ -361,6 +389,10 @@ class Fetcher:
             response = self._request(current)
             try:
                 if 200 <= response.status < 300:
+                    if self.config.honour_opt_out and (directive := opt_out(response.headers)) is not None:
+                        response.close()  # not downloaded at all
+                        raise RowError("opted_out", f"{_show(current)} opts out of AI use (X-Robots-Tag: "
+                                                    f"{directive}); [fetch] honour_opt_out = false fetches it")
                     return self._read_body(response, current)
                 self._discard(response)  # before raising, so no unread body goes back to the pool
                 if response.status in _REDIRECT_STATUSES:

@@ -88,10 +88,13 @@ class RunConfig:
     rows_per_unit: int = 1000  # rows per work unit, the unit of retry and commit
     max_attempts: int = 3  # tries before a unit is marked failed
     max_error_rate: float = 1.0  # share of this run's rows in error at which the run exits 4
+    # An instruction (a row's, a prompt, a question) longer than this in UTF-8 is refused before it is tokenized.
+    max_instruction_bytes: int = 16384
     address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else Ray in-process
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts"):
+        for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts",
+                     "max_instruction_bytes"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
         if self.decode_processes is not None and not self.decode_processes >= 0:
@@ -100,6 +103,16 @@ class RunConfig:
             raise PipelineError(f"run.workers must be at least 1, got {self.workers!r}")
         if not 0.0 < self.max_error_rate <= 1.0:
             raise PipelineError(f"run.max_error_rate must be in (0, 1], got {self.max_error_rate!r}")
+
+
+def instruction_size_problem(text: str, limit: int) -> str | None:
+    """Why `text` is too long to be an instruction ([run] max_instruction_bytes), or None. Checked before anything
+    tokenizes it: a tokenizer's time and memory grow with the text (10 MB: 1.4 GB and seconds), and no model takes
+    that many tokens. A text of more characters than `limit` is not even encoded."""
+    if len(text) <= limit and len(text.encode("utf-8", "surrogatepass")) <= limit:
+        return None
+    return (f"the instruction has {len(text):,} characters, over the {limit:,} bytes (UTF-8) an instruction may take "
+            "([run] max_instruction_bytes); shorten it")
 
 
 def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Instructions | None:
@@ -146,6 +159,10 @@ class Job:
         if (self.instructions is None) == (self.input.instruction_column is None):
             raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
         object.__setattr__(self, "instructions", _instructions(self.instructions))
+        fixed = self.instructions.values() if isinstance(self.instructions, dict) else self.instructions or ()
+        for text in fixed:
+            if (problem := instruction_size_problem(text, self.run.max_instruction_bytes)) is not None:
+                raise PipelineError(f"prompt: {problem}")
         object.__setattr__(self, "generation", _checked_generation(self.generation))
 
     @property

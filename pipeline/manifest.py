@@ -36,7 +36,7 @@ RESUME_MAY_CHANGE = frozenset({"fetch", "decode", "device", "run", "version"})
 _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
 _RECORDED_RUN = ("workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "decode_processes",
-                 "max_attempts", "max_error_rate")
+                 "max_attempts", "max_error_rate", "max_instruction_bytes")
 
 
 def _canonical_json(settings: Mapping) -> str:

@@ -12,6 +12,9 @@ Everything the CPU does for the model happens here, off the model's thread, so t
 - normalize and stack (`BlipImageProcessor.normalize`) into one float32 tensor per micro-batch, pinned when the model
   is on CUDA (so the copy to the GPU is asynchronous), `ahead` micro-batches in advance.
 
+Identical bytes within a unit are decoded once: the stage keys decodes by the bytes' SHA-256 (each row's
+`sha256`), and a micro-batch stacks each distinct image once, so the engine encodes it once for all the rows naming it.
+
 Memory: images being decoded hold at most `decoded_bytes` (counted from each image's header before decoding, at
 8 bytes a pixel: Pillow's 4-byte pixels plus the RGB copy); one image larger than that decodes alone. A batch of
 huge images thus decodes a few at a time however many share the batch, and their memory goes back to the OS
@@ -22,6 +25,7 @@ huge images thus decodes a few at a time however many share the batch, and their
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import io
 import os
 import threading
@@ -149,6 +153,15 @@ class PreparedRow:
     image: int | None = None  # the row's image: its index in the batch's pixel tensor
     instruction: str | None = None
     error: RowError | None = None
+    sha256: str | None = None  # hex SHA-256 of the image bytes; None when no bytes were had
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """A row's image bytes, as their SHA-256 and the (shared) decode of those bytes."""
+
+    sha256: str
+    decoded: Future
 
 
 @dataclass
@@ -194,6 +207,9 @@ class PrepareStage:
         self._fetch_pool = ThreadPoolExecutor(fetcher.config.concurrency, thread_name_prefix="fetch")
         self._cpu_pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
         self._assembler = ThreadPoolExecutor(1, thread_name_prefix="assemble")
+        self._decodes: dict[str, Future] = {}  # sha256 -> its decode: identical bytes are decoded once
+        self._decodes_lock = threading.Lock()
+        self._counted: set[str] = set()  # sha256 of the images counted in times.images_fetched
 
     def __enter__(self) -> PrepareStage:
         return self
@@ -219,8 +235,9 @@ class PrepareStage:
             yield pending[i].result()
             pending[i] = None  # the batch is the model's now
 
-    def _fetch(self, ref: object) -> Future | RowError:
-        """Fetch on a fetch thread, then queue the decode on the CPU threads (which never wait on the network)."""
+    def _fetch(self, ref: object) -> _Fetched | RowError:
+        """Fetch on a fetch thread, then queue the decode on the CPU threads (which never wait on the network),
+        unless the same bytes are decoded already."""
         start = time.perf_counter()
         try:
             data = self.fetcher.fetch(ref)
@@ -231,7 +248,13 @@ class PrepareStage:
         finally:
             fetch_s = time.perf_counter() - start
             self.times.add("fetch_s", fetch_s)
-        return self._cpu_pool.submit(self._decode, data, self.fetcher.config.row_deadline_s - fetch_s)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._decodes_lock:
+            decoded = self._decodes.get(digest)
+            if decoded is None:  # decoded within what the first fetch of these bytes left of its row's deadline
+                decoded = self._decodes[digest] = self._cpu_pool.submit(
+                    self._decode, data, self.fetcher.config.row_deadline_s - fetch_s)
+        return _Fetched(digest, decoded)
 
     def _decode(self, data: bytes, seconds: float) -> torch.Tensor | RowError:
         """Decode, RGB, resize: uint8 [3, H, W], under the decoded-bytes budget; in a decode process, stopped after
@@ -251,22 +274,26 @@ class PrepareStage:
         finally:
             self.times.add("decode_s", time.perf_counter() - start)
 
-    @staticmethod
-    def _result(future: Future) -> torch.Tensor | RowError:
-        result = future.result()
-        return result.result() if isinstance(result, Future) else result
-
     def _assemble(self, rows: Sequence[InputRow], images: dict[int, Future]) -> PreparedBatch:
-        """Wait for the rows' images, check the instructions, normalize and stack the good images."""
-        decoded = {index: self._result(images[index]) for index in dict.fromkeys(row.row_index for row in rows)}
-        self.times.add("images_fetched", sum(not isinstance(d, RowError) for d in decoded.values()))
-        slot: dict[int, int] = {}
+        """Wait for the rows' images, check the instructions, normalize and stack the distinct good images."""
+        fetched = {index: images[index].result() for index in dict.fromkeys(row.row_index for row in rows)}
+        decoded = {digest: f.decoded.result() for f in fetched.values() if isinstance(f, _Fetched)
+                   for digest in [f.sha256]}
+        new = [digest for digest, d in decoded.items() if not isinstance(d, RowError) and digest not in self._counted]
+        self._counted.update(new)  # only the assembler thread touches it
+        self.times.add("images_fetched", len(new))
+        slot: dict[str, int] = {}  # sha256 -> index in the pixel tensor
         prepared = []
         for row in rows:
             item = PreparedRow(row)
-            image = decoded[row.row_index]
+            image = fetched[row.row_index]
+            if isinstance(image, _Fetched):
+                item.sha256 = image.sha256
+                image = decoded[image.sha256]
             if row.id is None:
                 item.error = RowError("invalid_input", f"row {row.row_index}: the id column is null")
+            elif row.problem is not None:
+                item.error = row.problem
             elif isinstance(image, RowError):
                 item.error = image
             else:
@@ -277,9 +304,9 @@ class PrepareStage:
                 except Exception as err:  # noqa: BLE001 - the row boundary, as in _fetch
                     item.error = RowError("invalid_input", f"instruction refused: {type(err).__name__}: {err}")
                 else:
-                    item.image = slot.setdefault(row.row_index, len(slot))
+                    item.image = slot.setdefault(item.sha256, len(slot))
             prepared.append(item)
         if not slot:
             return PreparedBatch(prepared, None)
-        pixels = self.processor.normalize(torch.stack([decoded[index] for index in slot]))
+        pixels = self.processor.normalize(torch.stack([decoded[digest] for digest in slot]))
         return PreparedBatch(prepared, pixels.pin_memory() if self.pin_memory else pixels)

@@ -12,16 +12,24 @@ When in doubt it removes more (a path holding both ':' and '@' loses the part be
 `redact_log_records` makes every log record of the process pass through `redact` as it is made (its message and
 its traceback): the libraries that fetch images (urllib3, botocore, s3fs) log the URLs they request.
 
+`redacted_streams` does the same for what a command prints on stdout and stderr: its errors name the locations it was
+given (s3://KEY:SECRET@bucket/..., https://user:password@host/...), and so do the libraries' messages it quotes.
+
 `scrub` also removes the literal secrets of one known reference (`secrets_of`), wherever and however a backend's
 message quotes them (decoded, re-encoded).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
+import sys
 import threading
 import traceback
+from collections.abc import Iterator
+from typing import TextIO
 from urllib.parse import unquote
 
 REDACTED = "REDACTED"
@@ -36,11 +44,14 @@ _BARE_KEY = re.compile(r"(?<![\w.+%~:/@-])[\w.+%~-]+:(?!//)")
 _HOST_START = re.compile(r"[\w\[]")
 _VALUE_END = re.compile(r"[&;#]")  # a parameter value ends there (or at the token's end)
 _PATH_START = re.compile(r"[/?#]")
-# Name parts (split at - _ .) that mark a credential, and words that do so anywhere in a name (apiKey, accessToken).
-_SECRET_PARTS = frozenset({"pass", "password", "passwd", "passphrase", "pwd", "pw", "token", "secret", "signature",
-                           "sig", "credential", "credentials", "key", "auth", "session", "sas"})
-_SECRET_WORDS = ("password", "passwd", "token", "secret", "signature", "credential", "apikey", "accesskey",
-                 "privatekey", "sessionkey")
+# A parameter name marks a credential when it holds one of these stems anywhere, in any case (sessionid, jsessionid,
+# passcode, userpass, pwdhash, authcode, oauth, Authorization, mykey, keyid, apiKey, sigv4, xsig, X-Amz-Signature,
+# jwt, bearer, hmac, hdnts), or when one of its parts (split at - _ .) is one of the short words, which as stems would
+# hit ordinary names (otp in "footprint"). A stem also hits a few harmless names (design=, monkey=): their values are
+# removed too, the safe side.
+_SECRET_STEMS = ("pass", "pwd", "token", "secret", "sig", "key", "auth", "session", "cred", "jwt", "bearer", "hmac",
+                 "hdnts")
+_SECRET_PARTS = frozenset({"pw", "sas", "otp", "pin", "sid"})
 # A header or setting quoted in an exception message ("Authorization: ...", "aws_session_token=..."): the value to
 # the end of its line.
 _FIELD_NAMES = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-amz-security-token", "x-api-key",
@@ -51,8 +62,8 @@ _SECRET_FIELD = re.compile(rf"(?<![?&;\w-])({'|'.join(map(re.escape, _FIELD_NAME
 
 def _is_secret_name(name: str) -> bool:
     lowered = name.lower()
-    return (not set(re.split(r"[-_.]", lowered)).isdisjoint(_SECRET_PARTS)
-            or any(word in lowered for word in _SECRET_WORDS))
+    return any(stem in lowered for stem in _SECRET_STEMS) or not set(re.split(r"[-_.]", lowered)).isdisjoint(
+        _SECRET_PARTS)
 
 
 def _is_name_char(ch: str) -> bool:
@@ -184,3 +195,39 @@ def redact_log_records() -> None:
         factory = logging.getLogRecordFactory()
         if not getattr(factory, "redacts", False):
             logging.setLogRecordFactory(_redacting(factory))
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that writes everything through `redact` to the stream it wraps. A secret split across two writes
+    would pass; print() and the traceback module write each message and each traceback line whole."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def redacted_streams() -> Iterator[None]:
+    """While open, what this process prints on sys.stdout and sys.stderr passes through `redact`."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(saved[0]), RedactingStream(saved[1])
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from blipbatch.schemas import ERROR_KINDS
 
 from .job import PipelineError
-from .shards import WorkUnit, legacy_unit_id
+from .shards import ShardChanged, WorkUnit, legacy_unit_id
 from .sink import committed_units, error_positions, failed_units, part_schema, progress_records
 
 
@@ -85,6 +85,35 @@ def unmatched_units(committed: Collection[str], units: Sequence[WorkUnit]) -> li
     """Committed units that match no planned unit: their shard was removed or changed, or the input moved to other
     content. Their rows stay in the output."""
     return sorted(set(committed) - {unit.unit_id for unit in known_ids(units, committed)})
+
+
+def rewritten_shards(output: str, units: Sequence[WorkUnit], committed: Collection[str]) -> dict[str, list[str]]:
+    """Shards rewritten in place since units of their earlier content were committed: shard -> those unit ids.
+
+    A unit is known by its shard's content, so a shard rewritten at the same location is a new shard to a run: its
+    rows would be committed again beside the earlier content's, repeating their ids. Only committed units that match
+    no planned unit are read (usually none)."""
+    unmatched = unmatched_units(committed, units)
+    if not unmatched:
+        return {}
+    locations = {unit.shard for unit in units}
+    found: dict[str, list[str]] = {}
+    for record in progress_records(output, set(unmatched)):
+        if record.shard in locations:
+            found.setdefault(record.shard, []).append(record.unit_id)
+    return found
+
+
+def check_rewritten(output: str, units: Sequence[WorkUnit], committed: Collection[str]) -> None:
+    """Refuse a run over shards rewritten since some of their units were committed (rewritten_shards)."""
+    found = rewritten_shards(output, units, committed)
+    if found:
+        shard, unit_ids = next(iter(found.items()))
+        raise ShardChanged(
+            f"{len(found)} shard(s) rewritten in place since units of their earlier content were committed, e.g. "
+            f"{shard} ({len(unit_ids)} unit(s): {', '.join(unit_ids[:3])}{' ...' if len(unit_ids) > 3 else ''}); "
+            "its new content would commit its rows again beside the earlier ones. Put the earlier content back, or "
+            "write to a new output, or pass --force to process the new content anyway (the earlier rows stay)")
 
 
 def redo_hint(errors_by_kind: Mapping[str, int]) -> str | None:

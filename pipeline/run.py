@@ -25,7 +25,7 @@ from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
 from .manifest import check_manifest, job_settings, write_manifest
 from .redact import redact
-from .resume import plan_run, unfinished_shards
+from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
 from .sink import progress_records
 from .preflight import check_model, check_output
@@ -120,6 +120,8 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
     with OutputLock(output) as lock:
         manifest = check_manifest(output, settings, force=force)
         plan = plan_run(output, units, retry_failed, redo_errors)
+        if not force:
+            check_rewritten(output, units, plan.committed)
         pending = plan.pending
         summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped)
         if not pending:
@@ -132,6 +134,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
+                max_instruction_bytes=job.run.max_instruction_bytes,
                 prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
             )
             total_rows = plan.output_rows(job.rows_per_input_row)

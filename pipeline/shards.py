@@ -23,6 +23,8 @@ from fsspec.utils import glob_translate
 from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 from blipbatch.errors import BlipbatchError
 
+from .errors import RowError
+from .guard import _file_kind
 from .job import RunConfig
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
@@ -37,6 +39,10 @@ class NoShardsError(BlipbatchError, FileNotFoundError):
 
 class ShardError(BlipbatchError, ValueError):
     """A shard that cannot be read as planned: not Parquet, listed twice, or changed since planning."""
+
+
+class ShardChanged(ShardError):
+    """A shard whose content is no longer the one its units were planned from: their rows are not committed."""
 
 
 class DuplicateIdError(ShardError):
@@ -57,13 +63,23 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
+def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
+    """`path`, if it is a regular file (or an object); else ShardError, before anything opens it: opening a FIFO
+    blocks until someone writes to it, and a device may never end."""
+    if info["type"] != "file":
+        kind = _file_kind(info["mode"]) if "mode" in info else info["type"]
+        raise ShardError(f"{_qualify(fs, path)}: {kind}, not a regular file; only regular files are read as shards: "
+                         "remove it from the input")
+    return path
+
+
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     folder = folder.rstrip("/")
     found = []
-    for path in fs.find(folder):
+    for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
         if relative.lower().endswith(".parquet") and not _is_hidden(relative):
-            found.append(path)
+            found.append(_regular(fs, path, info))
     return sorted(found)
 
 
@@ -75,11 +91,11 @@ def _expand(entry: str) -> list[str]:
     if has_magic(path):
         paths = []
         for match, info in sorted(fs.glob(path, detail=True).items()):
-            paths += _parquet_below(fs, match) if info["type"] == "directory" else [match]
+            paths += _parquet_below(fs, match) if info["type"] == "directory" else [_regular(fs, match, info)]
     elif fs.isdir(path):
         paths = _parquet_below(fs, path)
-    elif fs.isfile(path):
-        paths = [path]  # a file named explicitly is taken whatever its extension
+    elif fs.exists(path):
+        paths = [_regular(fs, path, fs.info(path))]  # a file named explicitly is taken whatever its extension
     else:
         paths = []
     return [_qualify(fs, p) for p in paths]
@@ -136,18 +152,38 @@ def _footer(f: object) -> tuple[int, bytes]:
     return size, f.read(length)
 
 
-def _content_id(fs: fsspec.AbstractFileSystem, path: str, size: int, footer: bytes) -> str:
-    """A shard's content fingerprint, the same for a copy, renamed or moved: its footer, and the data between the
-    magic bytes and the footer, whole when small, else its first and last SAMPLE_BYTES (two files can share a
-    footer: the same sizes and statistics with rows in another order; a difference in the middle of a large file
-    alone goes unseen, and planning then refuses the two as copies)."""
+def _sample_ranges(size: int, footer: bytes) -> list[tuple[int, int]]:
+    """The data a fingerprint hashes besides the footer: between the magic bytes and the footer, whole when small,
+    else its first and last SAMPLE_BYTES."""
     start, end = 4, size - 8 - len(footer)
-    ranges = [(start, end)] if end - start <= 2 * SAMPLE_BYTES else [(start, start + SAMPLE_BYTES),
-                                                                     (end - SAMPLE_BYTES, end)]
+    return [(start, end)] if end - start <= 2 * SAMPLE_BYTES else [(start, start + SAMPLE_BYTES),
+                                                                   (end - SAMPLE_BYTES, end)]
+
+
+def _digest(size: int, footer: bytes, samples: Sequence[bytes]) -> str:
+    """A shard's content fingerprint, the same for a copy, renamed or moved: its size, footer and samples (two files
+    can share a footer: the same sizes and statistics with rows in another order; a difference in the middle of a
+    large file alone goes unseen, and planning then refuses the two as copies)."""
     digest = hashlib.sha256(size.to_bytes(8, "little") + footer)
-    for data in fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]):
+    for data in samples:
         digest.update(data)
     return digest.hexdigest()[:16]
+
+
+def _content_id(fs: fsspec.AbstractFileSystem, path: str, size: int, footer: bytes) -> str:
+    """The fingerprint (_digest) of the shard at `path`, its samples read concurrently (planning reads many)."""
+    ranges = _sample_ranges(size, footer)
+    return _digest(size, footer, fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]))
+
+
+def _open_fingerprint(f: object) -> str:
+    """The fingerprint (_digest) of the content an open shard file reads."""
+    size, footer = _footer(f)
+    samples = []
+    for start, end in _sample_ranges(size, footer):
+        f.seek(start)
+        samples.append(f.read(end - start))
+    return _digest(size, footer, samples)
 
 
 def _read_footer(shard: str) -> _Footer:
@@ -388,6 +424,7 @@ class InputRow:
     row_index: int = 0  # index of the input row within its shard
     question_id: str | None = None  # the name of a fixed question (annotate jobs)
     derived_id: str | None = None  # with an id column: the id derive_row_id gives the row (joins back null ids)
+    problem: RowError | None = None  # why the row cannot be run (a template's column empty, a sample without image)
 
 
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
@@ -400,12 +437,7 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
                          "exactly one of the two")
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
-    fs, path = url_to_fs(unit.shard)
-    with fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups), columns=mapping.input_columns())
-    if table.num_rows != unit.num_rows:
-        raise ShardError(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
-                         f"{unit.num_rows}; the shard changed after planning")
+    table = _read_planned(unit, mapping.input_columns())
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     rows = []
     for offset in range(table.num_rows):
@@ -421,6 +453,38 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
             rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
+
+
+def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
+    """The unit's row groups, read only if the shard holds the content it was planned from. The rows and the
+    fingerprint, taken before and after them, come through one open file (a local file replaced by a rename stays
+    the file opened; s3fs reads every range of an object under the ETag it opened), so a shard rewritten at any
+    moment is refused rather than read under the old content's unit ids, whose rows the next run would commit
+    again. Ranges are read as asked ("none" cache): fsspec's read-ahead would fetch blocks the unit never uses."""
+    fs, path = url_to_fs(unit.shard)
+
+    def check(f: object, when: str) -> None:
+        try:
+            now = _open_fingerprint(f)
+        except (OSError, ValueError) as exc:
+            now = f"unreadable ({type(exc).__name__})"
+        if unit.shard_id and now != unit.shard_id:
+            raise ShardChanged(f"{unit.shard}: its content changed {when} (fingerprint {now}, planned "
+                               f"{unit.shard_id}); unit {unit.unit_id} is not committed: run again to plan the "
+                               "shard's new content")
+
+    with fs.open(path, "rb", cache_type="none") as f:
+        check(f, "after planning")
+        try:
+            table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups), columns=columns)
+        except (OSError, pa.ArrowInvalid):  # s3fs's FileExpired, a torn file: say so if the content changed
+            check(f, "while its rows were read")
+            raise
+        check(f, "while its rows were read")
+    if table.num_rows != unit.num_rows:
+        raise ShardChanged(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
+                           f"{unit.num_rows}; the shard changed after planning")
+    return table
 
 
 def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,

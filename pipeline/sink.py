@@ -257,10 +257,10 @@ def _read_json_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[st
     return {path: json.loads(contents[path]) for path in paths if path in contents}
 
 
-def progress_records(output_root: str) -> list[ProgressRecord]:
-    """The commit markers of the committed units, ordered by unit id."""
+def progress_records(output_root: str, unit_ids: Collection[str] | None = None) -> list[ProgressRecord]:
+    """The commit markers of the committed units (of those among `unit_ids`, when given), ordered by unit id."""
     fs, root = _open_root(output_root)
-    ids = _committed_ids(fs, root, _progress_names(fs, root))
+    ids = [i for i in _committed_ids(fs, root, _progress_names(fs, root)) if unit_ids is None or i in unit_ids]
     paths = [f"{root}/{PROGRESS_DIR}/{unit_id}{COMMIT_SUFFIX}" for unit_id in ids]
     return [ProgressRecord.from_dict(data) for data in _read_json_files(fs, paths).values()]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from blipbatch.model.engine import Engine, EngineConfig, Generated, InvalidInstruction
@@ -25,6 +26,7 @@ from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressR
 from .decode import DecodeConfig
 from .decode_pool import DecodePool
 from .errors import RowError
+from .job import PipelineError, RunConfig, instruction_size_problem
 from .fetch import FetchConfig, Fetcher
 from .metrics import WorkerMetrics
 from .prepare import PreparedBatch, PreparedRow, PrepareConfig, PrepareStage
@@ -65,6 +67,7 @@ class WorkerConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    max_instruction_bytes: int = RunConfig.max_instruction_bytes
     fault: FaultInjection | None = None
 
 
@@ -77,6 +80,10 @@ class ModelWorker:
         self.index = str(index)
         self.metrics = WorkerMetrics(self.index)
         self.engine = engine or Engine(config.engine)
+        if self.engine.max_prompt_tokens is not None and self.engine.max_prompt_tokens < 1:
+            # The spec checks this at load where it can read the checkpoint's config; a remote one is known only here.
+            raise PipelineError(f"generation: max_new_tokens {config.engine.generation.get('max_new_tokens')} leaves "
+                                "no room for a prompt in this model's positions; lower it")
         self.fetcher = Fetcher(config.fetch)
         self.generation_json = json.dumps(config.engine.generation, sort_keys=True)
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
@@ -102,10 +109,11 @@ class ModelWorker:
         stage = PrepareStage(self.fetcher, self.config.decode, self.engine.processor.image_processor,
                              self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda",
                              pool=self.decode_pool)
+        answered: dict[tuple[str | None, str | None], Generated | RowError] = {}
         with stage:
             for batch in stage.batches(rows, self.batch_size):
                 model_start = time.perf_counter()
-                output.extend(self.run_model(batch))
+                output.extend(self.run_model(batch, answered))
                 stage.times.model_s += time.perf_counter() - model_start
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
@@ -117,23 +125,38 @@ class ModelWorker:
                             node=socket.gethostname(), images_fetched=times.images_fetched, fetch_s=times.fetch_s,
                             decode_s=times.decode_s, model_s=times.model_s, reads_abandoned=times.reads_abandoned)
         record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before,
-                         timing=timing)
+                         duplicate_images=duplicate_images(table, unit.num_rows), timing=timing)
         commit_unit(self.config.output, record)
         return record
 
     def check_instruction(self, instruction: object) -> str:
+        if isinstance(instruction, str):
+            problem = instruction_size_problem(instruction, self.config.max_instruction_bytes)
+            if problem is not None:
+                raise RowError("invalid_input", problem)
         try:
             return self.engine.check_instruction(instruction)
         except InvalidInstruction as e:
             raise RowError("invalid_input", str(e)) from None
 
-    def run_model(self, batch: PreparedBatch) -> list[dict]:
+    def run_model(self, batch: PreparedBatch, answered: dict) -> list[dict]:
+        """The batch's output rows. A row asking what an earlier row of the unit asked of the same image bytes takes
+        that row's answer (`answered`: (sha256, instruction) -> Generated or RowError, kept across the unit's
+        batches), so identical bytes are encoded and answered once."""
         ready = [p for p in batch.rows if p.error is None]
-        answers = self.generate(batch.pixels, ready, [p.image for p in ready])
-        for item, answer in zip(ready, answers):
+        asked = {}
+        for item in ready:
+            if (item.sha256, item.instruction) not in answered:
+                asked.setdefault((item.sha256, item.instruction), item)
+        todo = list(asked.values())
+        pixels, images = _only_images(batch.pixels, [p.image for p in todo])
+        answered.update(zip(asked, self.generate(pixels, todo, images)))
+        results = {}
+        for item in ready:
+            answer = answered[(item.sha256, item.instruction)]
             if isinstance(answer, RowError):
                 item.error = answer
-        results = dict(zip((id(p) for p in ready), answers))
+            results[id(item)] = answer
         return [self.output_row(p, None if p.error else results[id(p)]) for p in batch.rows]
 
     def generate(self, pixels: torch.Tensor, ready: list[PreparedRow], images: list[int]) -> list:
@@ -157,6 +180,7 @@ class ModelWorker:
             "id": None if row.id is None else str(row.id),
             # The reference as given, less any credential in it (a presigned URL's signature): outputs are shared.
             self.config.mapping.image_column: None if reference is None else redact(reference),
+            "image_sha256": item.sha256,
             "instruction": instruction,
             **({"question_id": row.question_id} if self.question_ids else {}),
             "text": None if generated is None else generated.text,
@@ -170,3 +194,22 @@ class ModelWorker:
         }
         out.update(row.passthrough)
         return out
+
+
+def _only_images(pixels: torch.Tensor | None, images: list[int]) -> tuple[torch.Tensor | None, list[int]]:
+    """The rows of `pixels` that `images` index, and the indexes into them: images whose rows all took an earlier
+    answer are not encoded."""
+    used = sorted(set(images))
+    if pixels is None or len(used) == pixels.shape[0]:
+        return pixels, images
+    where = {image: k for k, image in enumerate(used)}
+    return pixels[used], [where[image] for image in images]
+
+
+def duplicate_images(table: pa.Table, num_rows: int) -> int:
+    """Input rows of a unit's part whose image bytes (image_sha256) another of its rows had first."""
+    if "image_sha256" not in table.column_names or not num_rows or not table.num_rows:
+        return 0
+    digests = table.column("image_sha256")
+    per_input_row = table.num_rows // num_rows  # output rows per input row: one per instruction, same image
+    return (len(digests) - digests.null_count) // per_input_row - pc.count_distinct(digests).as_py()

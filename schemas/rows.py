@@ -13,13 +13,13 @@ from blipbatch.errors import BlipbatchError
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
 ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
-               "blocked_address", "model_error", "decode_timeout", "extreme_aspect_ratio", "too_many_scans",
-               "too_many_strips", "metadata_too_large")
+               "blocked_address", "model_error", "opted_out", "decode_timeout", "extreme_aspect_ratio",
+               "too_many_scans", "too_many_strips", "metadata_too_large")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Output columns that every job writes; passthrough columns may not reuse these names.
-OUTPUT_COLUMNS = ("id", "instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
+OUTPUT_COLUMNS = ("id", "image_sha256", "instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
                   "generation", "derived_id")
 
 
@@ -120,6 +120,7 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
     base = [
         pa.field("id", pa.string()),
         pa.field(mapping.image_column, pa.string()),
+        pa.field("image_sha256", pa.string()),  # hex SHA-256 of the image bytes as fetched or read; null: none had
         pa.field("instruction", pa.string()),
         *([pa.field("question_id", pa.string())] if question_ids else []),  # annotate jobs: the question's name
         pa.field("text", text_type),
@@ -207,6 +208,8 @@ class ProgressRecord:
     attempt: int = 1
     finished_at: str = ""  # ISO 8601, UTC
     images_encoded: int = 0  # vision-encoder passes the unit took (one per image, however many questions)
+    # Input rows whose image bytes an earlier row of the unit had (decoded and encoded once, for the first)
+    duplicate_images: int = 0
     timing: UnitTiming | None = None  # None in markers written before timing was recorded
 
     def to_dict(self) -> dict:

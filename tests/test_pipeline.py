@@ -26,7 +26,7 @@ from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.shards import discover_shards, plan_units
 from blipbatch.pipeline.manifest import ManifestMismatch
-from blipbatch.pipeline.sink import committed_units, failed_units, read_output
+from blipbatch.pipeline.sink import committed_units, failed_units, progress_records, read_output
 from blipbatch.pipeline.job import job_from_keywords
 from blipbatch.pipeline.run import run_job
 from blipbatch.pipeline.worker import FaultInjection
@@ -370,7 +370,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(checkpoint, tmp_path):
 
 
 def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
-    """4 named questions over 50 images: 200 output rows, 50 vision-encoder passes (counted in the actor)."""
+    """4 named questions over 50 rows of 10 images: 200 output rows, 10 vision-encoder passes per unit of 25 rows
+    (counted in the actor): each image once for all its questions, and once for all the rows of a unit naming it."""
     questions = {"caption": PROMPTS[0], "colour": PROMPTS[1], "shape": "What shape is it?", "count": "How many?"}
     images = local_images(tmp_path / "images", count=10)
     write_shard(tmp_path / "in" / "part.parquet", {"image_url": [images[r % 10] for r in range(50)]},
@@ -378,7 +379,8 @@ def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
     output = str(tmp_path / "out")
     summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, prompt=questions, rows_per_unit=25,
                            batch_size=6, max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path))
-    assert (summary.rows_ok, summary.images_encoded) == (200, 50)
+    assert (summary.rows_ok, summary.images_encoded) == (200, 20)
+    assert sum(record.duplicate_images for record in progress_records(output)) == 30
     rows = read_output(output).to_pylist()
     assert Counter(row["question_id"] for row in rows) == dict.fromkeys(questions, 50)
     assert {(row["question_id"], row["instruction"]) for row in rows} == set(questions.items())
@@ -409,7 +411,7 @@ def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_pa
         write_shard(tmp_path / "in" / f"part-{s}.parquet", {"image_url": images[s - 2:s + 3] * 4}, row_group_size=10)
     second = pipeline.run(source, output, checkpoint, **options)
     assert (first.units_done, second.units_done, second.units_skipped) == (2, 2, 2)
-    assert (second.rows_ok, second.images_encoded) == (40, 40)
+    assert (second.rows_ok, second.images_encoded) == (40, 10)  # 5 distinct images in each new unit of 20 rows
     assert len(rows_by_id(read_output(output))) == 80
 
 

@@ -235,7 +235,7 @@ def test_schema_errors_name_shard_column_expected_and_found(tmp_path):
 def test_output_schema():
     input_schema = rows_table(1).schema
     schema = output_schema(input_schema, MAPPING)
-    assert schema.names == ["id", "image_url", "instruction", "text", "score", "status", "error_kind", "error", "model",
+    assert schema.names == ["id", "image_url", "image_sha256", "instruction", "text", "score", "status", "error_kind", "error", "model",
                             "generation", "derived_id", "lang"]
     assert "derived_id" not in output_schema(input_schema, ColumnMapping(instruction_column="prompt")).names
     assert schema.field("text").type == pa.string()

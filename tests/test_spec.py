@@ -166,8 +166,8 @@ def test_fetch_and_decode_use_the_pipeline_configs_checks(tmp_path):
     path = write(tmp_path, BASE + "\n[fetch]\ntimeout = 5\n", name="f.toml")
     assert error_of(path) == (
         f"{path}:14: [fetch] timeout: unknown key; did you mean timeout_s? known: allow_hosts, allowed_schemes, "
-        "attempt_deadline_s, backoff_s, concurrency, local_roots, max_abandoned_reads, max_backoff_s, max_bytes, "
-        "max_redirects, retries, row_deadline_s, timeout_s"
+        "attempt_deadline_s, backoff_s, concurrency, honour_opt_out, local_roots, max_abandoned_reads, "
+        "max_backoff_s, max_bytes, max_redirects, retries, row_deadline_s, timeout_s, user_agent"
     )
     path = write(tmp_path, BASE + '\n[decode]\nmax_pixels = 1000\nformats = ["PNG", "SVG"]\n', name="d.toml")
     assert error_of(path).startswith(f"{path}:15: [decode] formats: ['SVG'] not readable by Pillow (readable: ")
@@ -229,7 +229,7 @@ def test_tables_and_kind_specific_keys(tmp_path):
     path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"',
                                         'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
     assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
-                              "output columns: id, instruction, question_id, text, score, status, error_kind, error, model, "
+                              "output columns: id, image_sha256, instruction, question_id, text, score, status, error_kind, error, model, "
                               "generation, derived_id, image_url")
 
 
@@ -284,8 +284,8 @@ def test_overrides_replace_and_add_values(tmp_path):
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_error_rate, prepare_threads, "
-        "rows_per_unit, workers")
+        "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_error_rate, "
+        "max_instruction_bytes, prepare_threads, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
