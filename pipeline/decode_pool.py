@@ -5,9 +5,9 @@ in time. It also takes decoding past one process's GIL, so the stage scales with
 
 Each process of the pool serves one request at a time over its own socket: the image's bytes go in as they are
 (`send_bytes`, no pickling), the process runs `decode_image` and the processor's RGB conversion and resize
-(`BlipImageProcessor.rgb_resize`, the code `resized` runs on a thread) and writes the resized RGB bytes into a
-shared-memory block of its own (an anonymous memory file both map); the caller makes the uint8 [3, H, W] tensor
-from it with the processor's own `chw`, so the pixels are exactly the processor's. Only the settings (once) and a
+(`BlipImageProcessor.rgb_resize`, the code `resized` runs on a thread) and writes the resized image's `planes`
+into a shared-memory block of its own (an anonymous memory file both map); the caller makes the uint8 [3, H, W]
+tensor from them with the processor's own `chw`, so the pixels are exactly the processor's. Only the settings (once) and a
 small status tuple per image are pickled.
 
 The processes are fresh interpreters (`python -m blipbatch.pipeline.decode_pool`) importing Pillow and the decode
@@ -30,9 +30,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
+
+from blipbatch.model.rgb import planes
 
 from .decode import DecodeConfig, decode_image
 from .errors import RowError
@@ -88,6 +91,8 @@ class DecodePool:
         self._all: list[_Process] = []
         self._lock = threading.Lock()
         self._closed = False
+        # A pool dropped without close() (a worker object let go) still ends its processes.
+        self._finalizer = weakref.finalize(self, _kill, self._all)
         started = [self._start() for _ in range(processes)]
         for worker in started:  # all start at once; a slow start is the pool's failure, not a row's
             self._await_ready(worker)
@@ -161,7 +166,8 @@ class DecodePool:
                                                  "deadline ([fetch] row_deadline_s); its decode process was stopped")
             if reply[0] == "error":
                 raise RowError(reply[1], reply[2])
-            return self.processor.chw(worker.block, reply[1], reply[2])
+            width, height = reply[1], reply[2]
+            return self.processor.chw(bytearray(worker.block[: 3 * width * height]), width, height)
         finally:
             if worker is not None:
                 self._idle.put(worker)
@@ -176,6 +182,7 @@ class DecodePool:
 
     def close(self) -> None:
         """End every process (a decode still running is killed) and free the shared blocks."""
+        self._finalizer.detach()
         with self._lock:
             self._closed = True
             workers = list(self._all)
@@ -192,6 +199,12 @@ class DecodePool:
             self._all.clear()
 
 
+def _kill(workers: list[_Process]) -> None:
+    for worker in workers:
+        worker.process.kill()
+        worker.process.wait(timeout=10)
+
+
 def _serve(conn: Connection, block: mmap.mmap) -> None:
     """A pool process: decode and resize each image sent, its RGB bytes into the shared block, ("ok", width,
     height) or ("error", kind, message) back; ends (EOFError, OSError) when the pool closes its end."""
@@ -204,7 +217,7 @@ def _serve(conn: Connection, block: mmap.mmap) -> None:
         try:
             with decode_image(data, decode) as image:
                 resized = rgb_resize(image)
-                rgb = resized.tobytes()
+                rgb = planes(resized)
             block[: len(rgb)] = rgb
             reply: tuple = ("ok", *resized.size)
         except RowError as err:

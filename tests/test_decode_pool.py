@@ -35,10 +35,11 @@ def slow_jpeg(side: int = 2048, repeats: int = 1000) -> bytes:
     return data[:-2] + last_scan * repeats + b"\xff\xd9"
 
 
-def decode_processes() -> list[psutil.Process]:
-    """This process's children that are decode processes, seen from outside the pool."""
-    return [child for child in psutil.Process().children()
-            if "blipbatch.pipeline.decode_pool" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE]
+def decode_processes(besides: frozenset[psutil.Process] = frozenset()) -> list[psutil.Process]:
+    """This process's live children that are decode processes, seen from outside the pool, less `besides` (those of
+    other pools, such as the model workers' of other tests)."""
+    return [child for child in psutil.Process().children() if child not in besides and child.is_running()
+            and child.status() != psutil.STATUS_ZOMBIE and "blipbatch.pipeline.decode_pool" in child.cmdline()]
 
 
 @pytest.fixture(scope="module")
@@ -47,35 +48,38 @@ def processor(checkpoint):  # noqa: F811
 
 
 def test_pixels_from_the_pool_are_the_processors(processor):
+    others = frozenset(decode_processes())
     with DecodePool(2, DecodeConfig(), processor) as pool:
-        assert len(decode_processes()) == 2
+        assert len(decode_processes(others)) == 2
         for data in varied_images():
             assert torch.equal(pool.resized(data, 30), processor.resized(decode_image(data)))
         with pytest.raises(RowError) as caught:
             pool.resized(b"<html>no</html>", 30)
         assert caught.value.kind == "decode_error" and "not an image: HTML" in caught.value.message
         assert pool.replaced == 0
-    assert decode_processes() == []  # closing ends them
+    assert decode_processes(others) == []  # closing ends them
 
 
 def test_a_decode_past_its_deadline_is_stopped_and_its_process_replaced(processor):
+    others = frozenset(decode_processes())
     with DecodePool(1, LIFTED, processor) as pool:
-        [before] = decode_processes()
+        [before] = decode_processes(others)
         start = time.monotonic()
         with pytest.raises(RowError) as caught:
             pool.resized(slow_jpeg(), 0.5)
         assert time.monotonic() - start < 1.5
         assert caught.value.kind == "decode_timeout" and "0.5 s left of the row's deadline" in caught.value.message
         assert not before.is_running()  # the process decoding it is gone, not burning a core in the background
-        assert pool.replaced == 1 and len(decode_processes()) == 1
+        assert pool.replaced == 1 and len(decode_processes(others)) == 1
         data = varied_images()[0]
         assert torch.equal(pool.resized(data, 30), processor.resized(decode_image(data)))
 
 
 def test_a_process_that_dies_costs_only_its_image(processor):
     """A decode process killed from outside (as the kernel's OOM killer does) is a decode_error and replaced."""
+    others = frozenset(decode_processes())
     with DecodePool(1, LIFTED, processor) as pool:
-        [process] = decode_processes()
+        [process] = decode_processes(others)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=5)
         with pytest.raises(RowError) as caught:
