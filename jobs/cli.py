@@ -39,6 +39,10 @@ ERROR_HINTS = {
     "decode_not_image": "the references point to something that is not an image: fix them or their source",
     "invalid_input": "check the input column named in the message",
     "model_error": "see the message; --batch-size N ([run] batch_size) if out of memory",
+    "extreme_aspect_ratio": "--set decode.max_aspect_ratio=R ([decode] max_aspect_ratio) if such images are wanted",
+    "too_many_scans": "--set decode.max_jpeg_scans=N ([decode] max_jpeg_scans) if such images are wanted",
+    "too_many_strips": "--set decode.max_tiff_strips=N ([decode] max_tiff_strips) if such images are wanted",
+    "metadata_too_large": "--set decode.max_metadata_bytes=N ([decode] max_metadata_bytes) if such images are wanted",
     "opted_out": "the site asks not to be used for AI; [fetch] honour_opt_out = false only with its permission",
 }
 TOP_ERROR_KINDS = 3

@@ -45,6 +45,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as after Ctrl-C: committed units kept, lock released."""
 
 
+def _cpus_per_gpu() -> int:
+    """The fewest CPUs per GPU of the cluster's live GPU nodes (8 when none is up yet: an autoscaler adds them)."""
+    ratios = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
+              if node.get("Alive") and node["Resources"].get("GPU")]
+    return min(ratios, default=8)
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS); with neither, start Ray in-process with its own temp dir,
     removed when this process exits."""
@@ -335,16 +342,21 @@ def run_on_ray(
         # Ray gives a fractional-CPU actor OMP_NUM_THREADS=1, which would leave a CPU model on one core.
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
-    # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
+    processes = job.run.decode_processes
+    if processes is None:
+        processes = max(1, _cpus_per_gpu() - 1) if use_gpu else 1  # on CPU the model itself uses the cores
+    config = dataclasses.replace(config, prepare=dataclasses.replace(config.prepare, processes=processes))
+    # One GPU per actor and a CPU per decode process, the CPUs the actor keeps busy (the model's own thread mostly
+    # waits on the GPU); a CPU model a fraction of a core, so actors never starve Ray's other tasks.
     actor = ray.remote(StartingWorker).options(
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
+        num_gpus=1 if use_gpu else 0, num_cpus=processes if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
     if elastic and job.run.max_workers:
         # Ask an autoscaler (KubeRay's, the cluster launcher's) for the GPUs the run could use: the workers follow
         # the GPUs that join. Where nothing autoscales, Ray keeps the request and nothing happens.
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": 1}] * min(limit, len(pending)))
+        request_resources(bundles=[{"GPU": 1, "CPU": processes}] * min(limit, len(pending)))
     with stop_signals_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
 
