@@ -35,6 +35,8 @@ from typing import Any
 from blipbatch.model.candidates import ClosedSet, candidates_problem
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.template import MISSING_CHOICES, TemplateError
+from blipbatch.pipeline.template import parse as parse_template
 from blipbatch.pipeline.job import (GenerationSettingsError, InputConfig, Job, ModelConfig, OutputConfig, PipelineError,
                                     RunConfig, instruction_size_problem)
 from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
@@ -237,7 +239,8 @@ def _config_checks(cls: type) -> dict[str, _Check]:
 TABLES: dict[str, dict[str, _Check]] = {
     "job": {"kind": _choice(*KINDS), "name": _TEXT},
     "input": {"path": _PATHS, "image_column": _TEXT, "id_column": _TEXT, "instruction_column": _TEXT,
-              "passthrough": _TEXTS},
+              "passthrough": _TEXTS, "missing": _choice(*MISSING_CHOICES), "format": _choice("parquet", "webdataset"),
+              "image_extension": _TEXT},
     "output": {"path": _TEXT, "wide": _BOOLEAN},
     "model": {"path": _TEXT, "dtype": _choice("bfloat16", "float16", "float32"), "device": _choice("cuda", "cpu"),
               "quantize": _choice("fp8"), "cuda_graphs": _BOOLEAN},
@@ -246,8 +249,9 @@ TABLES: dict[str, dict[str, _Check]] = {
     "generation": GENERATION_KEYS,
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
-    "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
-            "prepare_threads": _integer(1), "decoded_bytes": _integer(1),
+    "run": {"workers": _Check('an integer >= 1 or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1)),
+            "max_workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
+            "prepare_threads": _integer(1), "decoded_bytes": _integer(1), "decode_processes": _integer(0),
             "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
             "max_instruction_bytes": _integer(1), "address": _TEXT, "max_candidates": _integer(2)},
 }
@@ -649,6 +653,13 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
         prompt = default_prompt(model["path"]) if prompt is None else prompt
+    templates = [(("prompt", "text"), "[prompt] text", prompt)] if "prompt" in values else []
+    templates += [(("questions", name), f"[questions] {name}", text) for name, text in questions.items()]
+    for path, label, text in templates:
+        try:
+            parse_template(text)
+        except TemplateError as e:
+            raise SpecError(where(*path), label, str(e)) from None
     texts = {("prompt", "text"): prompt} if prompt is not None else {}
     _check_bounds(generation, model["path"], texts | {("questions", k): q for k, q in questions.items()},
                   run.get("max_instruction_bytes", RunConfig.max_instruction_bytes), where)
@@ -659,9 +670,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
             name=values["job"].get("name"),
             prompt=prompt,
             questions=dict(questions),
-            input=InputConfig(paths=inputs["path"], image_column=image_column, id_column=inputs.get("id_column"),
-                              instruction_column=inputs.get("instruction_column"),
-                              passthrough=inputs.get("passthrough", ())),
+            input=InputConfig(paths=inputs.pop("path"), **{**inputs, "image_column": image_column}),
             output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
             model=ModelConfig(**model),  # [model]'s keys are ModelConfig's fields; unset ones keep its defaults
             instructions=kind.instructions(prompt, questions),

@@ -13,7 +13,8 @@ from blipbatch.errors import BlipbatchError
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
 ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
-               "blocked_address", "model_error", "opted_out")
+               "blocked_address", "model_error", "opted_out", "decode_timeout", "extreme_aspect_ratio",
+               "too_many_scans", "too_many_strips", "metadata_too_large")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -39,6 +40,9 @@ class ColumnMapping:
     id_column: str | None = None  # None -> id derived from the shard's content + row index (derive_row_id)
     instruction_column: str | None = None  # None -> the job's fixed prompt(s)
     passthrough: tuple[str, ...] = ()  # input columns copied to the output unchanged
+    missing: str = "error"  # a prompt template's column null or empty: "error" (an invalid_input row) or "empty"
+    format: str | None = None  # "parquet" or "webdataset"; None: by each shard's name (.tar: WebDataset)
+    image_extension: str | None = None  # WebDataset: the member extension holding the image; None: jpg/jpeg/png/webp
 
     def input_columns(self) -> list[str]:
         """The columns to read from a shard, each once, in a fixed order."""

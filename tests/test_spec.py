@@ -287,8 +287,8 @@ def test_overrides_replace_and_add_values(tmp_path):
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, max_instruction_bytes, "
-        "prepare_threads, rows_per_unit, workers")
+        "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, "
+        "max_instruction_bytes, max_workers, prepare_threads, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
