@@ -15,7 +15,7 @@ from blipbatch import pipeline
 from blipbatch.jobs import shapes
 from blipbatch.jobs.spec import SpecError, load_spec
 from blipbatch.jobs.train import HELD_OUT_SEED
-from blipbatch.model import InstructBlipProcessor
+from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
 from blipbatch.model.candidates import ClosedSet
 from blipbatch.pipeline.job import PipelineError, job_from_keywords
 from blipbatch.pipeline.manifest import ManifestMismatch, read_manifest, recorded_job
@@ -71,6 +71,26 @@ def test_ranking_is_at_least_as_accurate_as_free_generation(pictures, run_output
         ranked = sum(rows[(f"pic-{i}", f"{key}_ranked")]["text"] == t for i, t in enumerate(truth)) / PICTURES
         print(f"{key}: free {free:.3f}, ranked {ranked:.3f}")
         assert ranked >= free and ranked >= 0.95, (key, free, ranked)
+
+
+@pytest.mark.slow
+def test_ranking_keeps_up_where_free_generation_errs(pictures):
+    # As JPEGs at quality 10 the model miscounts some of these pictures (52 of 60 counts right when this was written,
+    # free and ranked alike); ranking must not do worse on any question. Through the model API, no pipeline.
+    processor = InstructBlipProcessor.from_pretrained(SHIPPED)
+    model = InstructBlipForConditionalGeneration.from_pretrained(SHIPPED)
+    images = [shapes.as_jpeg(p.image, 10) for p in pictures]
+    for key, question in shapes.QUESTIONS.items():
+        inputs = processor(images=images, text=question)
+        ids = model.generate(**inputs, max_new_tokens=6)
+        free = [a.strip() for a in processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
+                                                          skip_special_tokens=True)]
+        scores = model.score_candidates(CANDIDATES[key], processor.tokenizer, **inputs)
+        ranked = [CANDIDATES[key][i] for i in scores.argmax(1).tolist()]
+        truth = [p.scene.answers[key] for p in pictures]
+        right_free, right_ranked = (sum(a == t for a, t in zip(answers, truth)) for answers in (free, ranked))
+        print(f"JPEG q10 {key}: free {right_free}/{PICTURES}, ranked {right_ranked}/{PICTURES}")
+        assert right_ranked >= right_free
 
 
 def test_every_text_is_a_candidate_and_scores_are_probabilities(run_output):
