@@ -96,7 +96,7 @@ def execute(job: Job, **invocation: Any) -> int:
         print("\n".join(error_advice(job.output.path, job.input.image_column, summary.errors_by_kind)))
     if summary.interrupted:
         return EXIT_TERMINATED if summary.terminated else EXIT_INTERRUPTED
-    if summary.units_failed:
+    if summary.units_failed or summary.output_problem:
         return EXIT_UNITS_FAILED
     if summary.rows and summary.rows_error / summary.rows >= job.run.max_error_rate:
         print(f"error rate {summary.rows_error / summary.rows:.0%} reached [run] max_error_rate "
