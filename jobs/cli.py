@@ -237,8 +237,9 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
-    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings, or a "
-                     "shard was rewritten in place after some of its units were committed")
+    run.add_argument("--force", action="store_true",
+                     help="resume even if the output was made with other settings, or a shard was rewritten in place "
+                          "after some of its units were committed")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
     run.add_argument("--redo-errors", nargs="*", metavar="KIND",
                      help="also redo the error rows of committed units (of these error kinds; none given: every "
@@ -398,7 +399,8 @@ def report_fetch(args: argparse.Namespace) -> tuple[FetchConfig, str]:
     if owned_by_caller(args.output):
         settings = read_manifest(args.output)
         if settings is not None:
-            return recorded_fetch(settings), "the [fetch] settings the output's manifest recorded (a local output only you can write)"
+            return recorded_fetch(settings), ("the [fetch] settings the output's manifest recorded (a local output "
+                                              "only you can write)")
     return FetchConfig(), ("the default [fetch] settings (the output's recorded ones are used only for a local output "
                            "only you can write; --spec SPEC, --allow-host, --local-root widen them)")
 

@@ -38,7 +38,8 @@ def png_bytes(k: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(path: Path, keys: list[str], images: list[object] | None = None, row_group_size: int | None = None) -> str:
+def write_shard(path: Path, keys: list[str], images: list[object] | None = None,
+                row_group_size: int | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images if images is not None else [png_bytes(i) for i in range(len(keys))]
     pq.write_table(pa.table({"image_url": images, "key": keys}), path, row_group_size=row_group_size)
