@@ -35,10 +35,12 @@ from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
 from blipbatch.pipeline.guard import LocalRoots
-from blipbatch.pipeline.manifest import ManifestError, read_manifest
-from blipbatch.pipeline.sink import failed_units, progress_records, read_part
+from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_runs
+from blipbatch.pipeline.sink import failed_units, part_schema, progress_records, read_part
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
+
+from .report_closed_set import ClosedSetStats, closed_set_stats
 
 THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
 EXAMPLES_PER_KIND = 3
@@ -103,6 +105,8 @@ class RunData:
     gallery: list[GalleryItem] = field(default_factory=list)
     examples: dict[str, list[dict]] = field(default_factory=dict)
     generated_at: float = 0.0
+    runs: list[dict] = field(default_factory=list)  # the runs' wall times (pipeline.manifest.record_run)
+    closed_sets: list[ClosedSetStats] = field(default_factory=list)  # per closed-set question: wins and thresholds
 
 
 def owned_by_caller(output: str) -> bool:
@@ -139,9 +143,10 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: report the rest
         units_planned, input_problem = None, f"{type(e).__name__}: {e}"
     data = RunData(output, settings, records, failed, units_planned, input_problem, OutputLock(output).holder(),
-                   generated_at=datetime.now(timezone.utc).timestamp())
+                   generated_at=datetime.now(timezone.utc).timestamp(), runs=recorded_runs(output))
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
+    data.closed_sets = closed_set_stats(output, records, settings.get("closed_sets"))
     fetch = fetch or FetchConfig()
     data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data
@@ -180,6 +185,8 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
         by_record[r].append(pick - (ends[r] - sizes[r]))
     image_column = settings["mapping"]["image_column"]
     columns = ["id", image_column, "instruction", "text", "status", "error_kind", "error"]
+    if records and "score" in part_schema(output, records[0].unit_id).names:  # outputs before scores have none
+        columns.insert(4, "score")
     if isinstance(settings["instructions"], dict):  # named questions: rows carry their question_id
         columns.insert(3, "question_id")
     items: list[GalleryItem] = []

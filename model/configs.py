@@ -7,6 +7,7 @@ keeps everything transformers wrote into it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -21,14 +22,16 @@ class BaseConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    def from_dict(cls: type[C], data: dict[str, Any], check: bool = True) -> C:
+        """The config of a dict in the config.json layout; `check=False` skips `validate` (a file kept as read)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         config = cls(**known, extra=extra)
-        config.validate()
+        if check:
+            config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +126,15 @@ class Blip2VisionConfig(InstructBlipVisionConfig):
     model_type: ClassVar[str] = "blip_2_vision_model"
 
 
+# The RoPE kinds of transformers 5.24's LLaMA that blipbatch implements, and the parameters each needs.
+ROPE_KINDS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 @dataclass
 class LlamaConfig(BaseConfig):
     model_type: ClassVar[str] = "llama"
@@ -159,13 +171,25 @@ class LlamaConfig(BaseConfig):
                 f"text_config: {self.num_attention_heads} attention heads cannot be grouped over "
                 f"{self.num_key_value_heads} key/value heads"
             )
-        for params in (self.rope_parameters, self.rope_scaling):
-            rope_type = (params or {}).get("rope_type", (params or {}).get("type", "default"))
-            if rope_type != "default":
-                raise ConfigError(
-                    f"text_config: rope type {rope_type!r} is not supported; only the default RoPE "
-                    "of LLaMA/Vicuna checkpoints is"
-                )
+        kind = self.rope_kind
+        if kind not in ROPE_KINDS:
+            raise ConfigError(
+                f"text_config: rope type {kind!r} is not supported; supported: {', '.join(ROPE_KINDS)} "
+                "(README: Using the model)"
+            )
+        missing = [k for k in ROPE_KINDS[kind] if self.rope_settings.get(k) is None]
+        if missing:
+            raise ConfigError(f"text_config: rope type {kind!r} needs {', '.join(missing)} in rope_parameters")
+
+    @property
+    def rope_settings(self) -> dict:
+        """The RoPE parameters from either layout: 5.x `rope_parameters`, or the older `rope_scaling`."""
+        return dict(self.rope_parameters or self.rope_scaling or {})
+
+    @property
+    def rope_kind(self) -> str:
+        settings = self.rope_settings
+        return settings.get("rope_type", settings.get("type", "default"))
 
     @property
     def rope_base(self) -> float:
@@ -336,41 +360,93 @@ class Blip2Config(InstructBlipConfig):
     qformer_config: InstructBlipQFormerConfig = field(default_factory=Blip2QFormerConfig)
 
 
+# transformers' generation settings that blipbatch does not implement: refused (when set) by name, not as unknown.
+TRANSFORMERS_ONLY_SETTINGS = frozenset({
+    "max_time", "stop_strings", "use_mtp", "cache_implementation", "cache_config", "max_cache_len", "top_h",
+    "token_healing", "guidance_scale", "watermarking_config", "output_attentions", "output_hidden_states",
+    "output_logits", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_early_exit",
+    "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "compile_config",
+    "disable_compile", "continuous_batching_config", "low_memory", "penalty_alpha", "dola_layers",
+    "diversity_penalty", "num_beam_groups", "constraints", "force_words_ids", "prefill_chunk_size",
+})
+# Keys a saved or to_dict()-ed transformers GenerationConfig carries that are bookkeeping, not settings.
+BOOKKEEPING_KEYS = frozenset({"transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash"})
+
+
 @dataclass
 class GenerationConfig(BaseConfig):
-    """Generation settings with transformers' names, defaults and meaning."""
+    """Generation settings with transformers' names, defaults and meaning (README "Generation settings").
+
+    A setting given as None to `generate()` means what it means to transformers' `generate()`: the processor it
+    controls is off (top_k=None: no top-k cut; eos_token_id=None: no eos), see `merged`."""
 
     max_length: int | None = None  # None with max_new_tokens None: 20 new tokens, as transformers
     max_new_tokens: int | None = None
-    min_length: int = 0
+    min_length: int | None = 0
     min_new_tokens: int | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
+    do_sample: bool | None = False
+    temperature: float | None = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 1.0
+    min_p: float | None = None
+    typical_p: float | None = 1.0
+    epsilon_cutoff: float | None = 0.0
+    eta_cutoff: float | None = 0.0
     num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
+    length_penalty: float | None = 1.0
+    early_stopping: bool | str | None = False
     num_return_sequences: int = 1
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    repetition_penalty: float | None = 1.0
+    # transformers applies these two to the encoder's input ids; InstructBLIP/BLIP-2 hand the language model
+    # embeddings, so transformers ignores them (with a warning), and so do we.
+    encoder_repetition_penalty: float | None = 1.0
+    encoder_no_repeat_ngram_size: int | None = 0
+    no_repeat_ngram_size: int | None = 0
+    bad_words_ids: list[list[int]] | None = None
+    sequence_bias: Any = None  # {(ids...): bias} or [[[ids...], bias], ...]
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    exponential_decay_length_penalty: tuple[int, float] | list | None = None  # (start, factor)
+    remove_invalid_values: bool | None = False
+    renormalize_logits: bool | None = False
+    use_cache: bool | None = True  # accepted for compatibility: blipbatch always caches (same ids either way)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
-    return_dict_in_generate: bool = False  # a GenerateOutput (sequences, scores, ...) instead of the ids
-    output_scores: bool = False  # with return_dict_in_generate: the processed scores of every step
+    return_dict_in_generate: bool | None = False  # a GenerateOutput (sequences, scores, ...) instead of the ids
+    output_scores: bool | None = False  # with return_dict_in_generate: the processed scores of every step
+
+    @classmethod
+    def setting_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls)) - {"extra"}
 
     def updated(self, **overrides: Any) -> "GenerationConfig":
-        """A copy with `overrides` applied; unknown names are an error, not silently ignored."""
-        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"unknown generation settings: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        config = dataclasses.replace(self, **given)
+        """A copy with `overrides` applied, None included (as transformers applies keyword arguments); unknown
+        names are an error, not silently ignored."""
+        check_setting_names(overrides)
+        config = dataclasses.replace(self, **overrides)
         config.validate()
         return config
+
+    def merged(self, given: "GenerationConfig | Any | None", overrides: dict[str, Any]) -> "GenerationConfig":
+        """The settings of one generate call, as transformers merges them: `given` (our GenerationConfig, or any
+        object with transformers' `to_dict()`), its unset (None) values filled from `self` (the model's base
+        settings) and then from the defaults, then `overrides` (keyword arguments) on top, None included."""
+        if given is None:
+            return self.updated(**overrides)
+        values = given_settings(given)
+        defaults = GenerationConfig()
+        filled = {}
+        for name in self.setting_names():
+            for source in (values, vars(self), vars(defaults)):
+                if source.get(name) is not None:
+                    filled[name] = source[name]
+                    break
+        return dataclasses.replace(GenerationConfig(), **filled).updated(**overrides)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -379,23 +455,150 @@ class GenerationConfig(BaseConfig):
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
     def validate(self) -> None:
+        for name in ("num_beams", "num_return_sequences"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"{name} cannot be None (transformers fails on it too); leave it out for 1")
         if self.num_beams < 1:
             raise ConfigError(f"num_beams must be at least 1, got {self.num_beams}")
         if self.num_return_sequences < 1:
             raise ConfigError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
+        if self.do_sample is not True and self.num_beams == 1 and self.num_return_sequences > 1:
             raise ConfigError(
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
                 "without sampling"
             )
-        if self.do_sample and self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.early_stopping not in (True, False, "never"):
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
+            )
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ConfigError(f"max_new_tokens must be greater than 0, got {self.max_new_tokens}")
+        if self.early_stopping not in (None, True, False, "never"):
             raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        self._check_processor_values()
+        if self.suppress_tokens is not None:
+            for name in ("forced_bos_token_id", "forced_eos_token_id"):
+                forced = getattr(self, name)
+                forced = {forced} if isinstance(forced, int) else set(forced or ())
+                if forced and forced <= set(self.suppress_tokens):
+                    raise ConfigError(
+                        f"every token of {name} ({sorted(forced)}) is also in suppress_tokens: nothing could be "
+                        "generated at the forcing step; remove it from one of them"
+                    )
+
+
+    def _check_processor_values(self) -> None:
+        """transformers' checks on the arguments of the logits processors it builds, made when it would build them
+        (temperature=0 is fine without sampling); its checks want floats where it says float (1.5, not 1)."""
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            _positive_float("repetition_penalty", self.repetition_penalty)
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size > 0:
+            _positive_int("no_repeat_ngram_size", self.no_repeat_ngram_size)
+        if self.sequence_bias is not None:
+            sequence_biases(self.sequence_bias)
+        if self.bad_words_ids is not None:
+            value = self.bad_words_ids
+            if not (isinstance(value, list) and value and all(isinstance(w, list) for w in value)
+                    and all(_is_token_id(t) for w in value for t in w)):
+                raise ConfigError(f"bad_words_ids must be a non-empty list of lists of token ids, got {value!r}")
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            if getattr(self, name) is not None:
+                token_list(getattr(self, name), name)
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(map(_is_token_id, value))):
+                raise ConfigError(f"{name} must be a list of token ids, got {value!r}")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (
+            isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_token_id(decay[0])
+            and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool)
+        ):
+            raise ConfigError(f"exponential_decay_length_penalty must be (start index, decay factor), got {decay!r}")
+        if not self.do_sample:
+            return
+        if self.temperature is not None and self.temperature != 1.0:
+            _positive_float("temperature", self.temperature)
+        if self.top_k is not None and self.top_k != 0:
+            _positive_int("top_k", self.top_k)
+        if self.top_p is not None and self.top_p < 1.0 and self.top_p < 0:
+            raise ConfigError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.typical_p is not None and self.typical_p < 1.0 and not self.typical_p > 0:
+            raise ConfigError(f"typical_p must be > 0 and < 1, got {self.typical_p!r}")
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if not isinstance(value, float) or not value > 0:
+        raise ConfigError(f"{name} must be a float > 0 (e.g. 2.0, not 2; transformers checks the type), got {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
+    return value
+
+
+def token_list(value: Any, name: str = "token ids") -> list[int]:
+    """A token id or a list of them, as a list."""
+    tokens = [value] if _is_token_id(value) else value
+    if not (isinstance(tokens, (list, tuple)) and all(map(_is_token_id, tokens))):
+        raise ConfigError(f"{name} must be a token id or a list of them, got {value!r}")
+    return list(tokens)
+
+
+def sequence_biases(value: Any) -> dict[tuple[int, ...], float]:
+    """sequence_bias as transformers takes it, {(ids...): float} or [[[ids...], float], ...], as the dict."""
+    shape = "a dict {(token ids...): float} or a list [[[token ids...], float], ...], non-empty"
+    if isinstance(value, dict) and value:
+        if not all(isinstance(k, tuple) and k and all(map(_is_token_id, k)) for k in value):
+            raise ConfigError(f"sequence_bias must be {shape}; its keys must be non-empty tuples of token ids")
+        if not all(isinstance(v, float) for v in value.values()):
+            raise ConfigError(f"sequence_bias must be {shape}; its biases must be floats (e.g. 2.0, not 2)")
+        return dict(value)
+    if isinstance(value, list) and value:
+        if all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], list) and pair[0]
+            and all(map(_is_token_id, pair[0])) and isinstance(pair[1], float)
+            for pair in value
+        ):
+            return {tuple(ids): bias for ids, bias in value}
+    raise ConfigError(f"sequence_bias must be {shape} (biases are floats, e.g. 2.0, not 2); got {value!r}")
+
+
+def check_setting_names(settings: Any) -> None:
+    """A one-line ConfigError for the first name that is not a generation setting we implement: transformers'
+    settings that blipbatch does not implement are named as such, others get a did-you-mean."""
+    known = GenerationConfig.setting_names()
+    for name in sorted(set(settings) - known):
+        if name in TRANSFORMERS_ONLY_SETTINGS:
+            raise ConfigError(f"generation setting {name!r} is a transformers setting that blipbatch does not support")
+        close = difflib.get_close_matches(name, sorted(known | TRANSFORMERS_ONLY_SETTINGS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown generation setting {name!r}{hint} (README: Generation settings)")
+
+
+def given_settings(given: Any) -> dict[str, Any]:
+    """The settings of a generation_config= argument: ours, or a transformers GenerationConfig through its public
+    to_dict() (no transformers import). Unset (None) and bookkeeping entries are dropped; a transformers-only
+    setting with a value that does something is refused by name."""
+    if isinstance(given, GenerationConfig):
+        return {name: getattr(given, name) for name in GenerationConfig.setting_names()}
+    to_dict = getattr(given, "to_dict", None)
+    if not callable(to_dict):
+        raise ConfigError(
+            f"generation_config must be a GenerationConfig (blipbatch's or transformers'), got {type(given).__name__}"
+        )
+    values = {k: v for k, v in to_dict().items() if v is not None and k not in BOOKKEEPING_KEYS}
+    # transformers-only settings at their "off" value do nothing and can be dropped.
+    values = {k: v for k, v in values.items() if not (k in TRANSFORMERS_ONLY_SETTINGS and v in (False, 0, {}))}
+    check_setting_names(values)
+    return values
 
 
 # model_type -> the config of a whole checkpoint (vision + Q-Former + language model) that blipbatch loads.

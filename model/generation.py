@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from .configs import GenerationConfig
+from .configs import GenerationConfig, sequence_biases, token_list
 from .errors import GenerationError
 
 # What transformers' beam search adds to a score to rule a candidate out (not -inf, so sums stay finite).
@@ -108,26 +108,202 @@ def top_p(ids: Tensor, scores: Tensor, p: float, min_keep: int) -> Tensor:
     return scores.masked_fill(drop, -float("inf"))
 
 
+def sequence_bias(ids: Tensor, scores: Tensor, single: Tensor, groups: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """Add `single` [vocab] to every row, and each group's biases to its last tokens where the row ends in the
+    group's prefix (transformers' SequenceBiasLogitsProcessor, whose arithmetic this repeats)."""
+    bias = torch.zeros_like(scores)
+    bias += single
+    for prefixes, last_tokens, biases in groups:
+        if prefixes.shape[1] > ids.shape[1]:
+            continue
+        matching = (ids[:, None, -prefixes.shape[1] :] == prefixes).all(dim=-1)
+        bias.index_add_(1, last_tokens, torch.where(matching, biases, 0.0).to(bias.dtype))
+    return scores + bias
+
+
+def force_token(ids: Tensor, scores: Tensor, at_length: int, tokens: list[int]) -> Tensor:
+    """At total length `at_length` only `tokens` remain possible (forced_bos_token_id, forced_eos_token_id)."""
+    if ids.shape[1] != at_length:
+        return scores
+    forced = torch.full_like(scores, -float("inf"))
+    forced[:, tokens] = 0
+    return forced
+
+
+def remove_invalid_values(ids: Tensor, scores: Tensor) -> Tensor:
+    """nan -> 0, +-inf -> the dtype's largest / smallest value."""
+    out = torch.where(scores != scores, 0.0, scores)
+    out = torch.where(scores == float("inf"), torch.finfo(scores.dtype).max, out)
+    return torch.where(scores == -float("inf"), torch.finfo(scores.dtype).min, out)
+
+
+def exponential_decay(ids: Tensor, scores: Tensor, start: int, factor: float, eos: Tensor) -> Tensor:
+    """Past total length `start`, raise the eos scores by |score| * (factor ** steps past - 1)."""
+    if ids.shape[1] <= start:
+        return scores
+    eos_scores = scores[:, eos]
+    penalty = torch.abs(eos_scores) * (pow(factor, ids.shape[1] - start) - 1)
+    penalties = torch.zeros_like(scores)
+    penalties[:, eos] = penalty.masked_fill(~torch.isfinite(eos_scores), 0.0)
+    return scores + penalties
+
+
+def suppress(ids: Tensor, scores: Tensor, tokens: Tensor, at_length: int | None = None) -> Tensor:
+    """Forbid `tokens` (only at total length `at_length` when given: begin_suppress_tokens)."""
+    if at_length is not None and ids.shape[1] != at_length:
+        return scores
+    return torch.where(torch.isin(torch.arange(scores.shape[-1], device=scores.device), tokens), -float("inf"), scores)
+
+
+def min_p(ids: Tensor, scores: Tensor, p: float, min_keep: int) -> Tensor:
+    """Drop tokens less likely than p x the likeliest one's probability."""
+    probs = torch.softmax(scores, dim=-1)
+    drop = probs < p * probs.amax(dim=-1, keepdim=True)
+    drop.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
+    return scores.masked_fill(drop, -float("inf"))
+
+
+def typical_p(ids: Tensor, scores: Tensor, mass: float, min_keep: int) -> Tensor:
+    """Keep the tokens whose surprise is closest to the entropy, up to probability `mass` (locally typical)."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - ent)
+    sorted_scores, order = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp_(max=sorted_scores.shape[-1] - 1)
+    drop_sorted = sorted_scores > sorted_scores.gather(1, last.view(-1, 1))
+    drop_sorted[..., :min_keep] = 0
+    return scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -float("inf"))
+
+
+def epsilon_cutoff(ids: Tensor, scores: Tensor, epsilon: float, min_keep: int) -> Tensor:
+    """Drop tokens with probability below `epsilon` (keeping the `min_keep` best)."""
+    drop = scores.softmax(dim=-1) < epsilon
+    drop &= scores < torch.topk(scores, min(min_keep, scores.shape[-1]))[0][..., -1, None]
+    return scores.masked_fill(drop, -float("inf"))
+
+
+def eta_cutoff(ids: Tensor, scores: Tensor, epsilon: Tensor, min_keep: int) -> Tensor:
+    """Drop tokens with probability below min(epsilon, sqrt(epsilon) * exp(-entropy))."""
+    entropy = torch.distributions.Categorical(logits=scores).entropy()
+    eta = torch.min(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy))[..., None]
+    drop = scores.softmax(dim=-1) < eta
+    drop &= scores < torch.topk(scores, min(min_keep, scores.shape[-1]))[0][..., -1, None]
+    return scores.masked_fill(drop, -float("inf"))
+
+
+def renormalize(ids: Tensor, scores: Tensor) -> Tensor:
+    return scores.log_softmax(dim=-1)
+
+
+@dataclass
+class _Prefix:
+    """What the processors need to know about the call besides the settings."""
+
+    length: int  # ids before the first new token (transformers' input_ids_seq_length)
+    vocab: int
+    device: torch.device
+    ignore_before: Tensor | None  # per row, leading padding the repetition penalty skips
+
+
+def _bias_groups(
+    biases: dict[tuple[int, ...], float], vocab: int, device: torch.device
+) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """transformers' prepared sequence-bias tensors: one-token biases as a [vocab] row, longer ones grouped by
+    prefix length."""
+    too_large = [t for ids in biases for t in ids if t >= vocab]
+    if too_large:
+        raise GenerationError(f"the vocabulary has {vocab} tokens, but these biased ids are beyond it: {too_large}")
+    single = torch.zeros((vocab,), dtype=torch.float, device=device)
+    ones = [(ids[0], bias) for ids, bias in biases.items() if len(ids) == 1]
+    if ones:
+        single[[i for i, _ in ones]] = torch.tensor([b for _, b in ones], device=device)
+    by_length: dict[int, list[tuple[tuple[int, ...], float]]] = {}
+    for ids, bias in biases.items():
+        if len(ids) > 1:
+            by_length.setdefault(len(ids) - 1, []).append((ids, bias))
+    groups = [
+        (
+            torch.tensor([ids[:-1] for ids, _ in group], device=device),
+            torch.tensor([ids[-1] for ids, _ in group], device=device),
+            torch.tensor([bias for _, bias in group], dtype=torch.float, device=device),
+        )
+        for group in by_length.values()
+    ]
+    return single, groups
+
+
 def logits_processors(
-    config: GenerationConfig, min_length: int, eos: Tensor | None, ignore_before: Tensor | None
+    config: GenerationConfig, limits: "_Limits", prefix: _Prefix
 ) -> list[LogitsProcessor]:
-    """The processors transformers would build for `config`, in its order (penalties first, sampling warpers last)."""
+    """The processors transformers 5.24 builds for `config`, in its order (`_get_logits_processor`): biases,
+    penalties and bans first, then with sampling the warpers, then renormalisation. A setting that is off (or None)
+    adds nothing, so the common greedy call runs no processor at all."""
     procs: list[LogitsProcessor] = []
-    if config.repetition_penalty != 1.0:
-        procs.append(partial(repetition_penalty, penalty=float(config.repetition_penalty), ignore_before=ignore_before))
-    if config.no_repeat_ngram_size > 0:
+    eos, eos_ids, device = limits.eos, limits.eos_ids, prefix.device
+    if config.sequence_bias is not None:
+        single, groups = _bias_groups(sequence_biases(config.sequence_bias), prefix.vocab, device)
+        procs.append(partial(sequence_bias, single=single, groups=groups))
+    # encoder_repetition_penalty / encoder_no_repeat_ngram_size: nothing (see GenerationConfig).
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        penalty = float(config.repetition_penalty)
+        procs.append(partial(repetition_penalty, penalty=penalty, ignore_before=prefix.ignore_before))
+    if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:
         procs.append(partial(no_repeat_ngram, size=config.no_repeat_ngram_size))
-    if eos is not None and min_length > 0:
-        procs.append(partial(suppress_eos, min_length=min_length, eos=eos))
+    if config.bad_words_ids is not None:
+        bad = {tuple(word): float("-inf") for word in config.bad_words_ids if all(word != [e] for e in eos_ids)}
+        single, groups = _bias_groups(bad, prefix.vocab, device)
+        procs.append(partial(sequence_bias, single=single, groups=groups))
+    if eos is not None and limits.min_length is not None and limits.min_length > 0:
+        procs.append(partial(suppress_eos, min_length=limits.min_length, eos=eos))
+    if config.forced_bos_token_id is not None:
+        procs.append(partial(force_token, at_length=1, tokens=token_list(config.forced_bos_token_id)))
+    if config.forced_eos_token_id is not None:
+        tokens = token_list(config.forced_eos_token_id)
+        procs.append(partial(force_token, at_length=limits.max_length - 1, tokens=tokens))
+    if config.remove_invalid_values is True:
+        procs.append(remove_invalid_values)
+    if config.exponential_decay_length_penalty is not None:
+        if eos is None:
+            raise GenerationError("exponential_decay_length_penalty needs an eos_token_id to raise")
+        start, factor = config.exponential_decay_length_penalty
+        procs.append(partial(exponential_decay, start=start + prefix.length, factor=factor, eos=eos))
+    if config.suppress_tokens is not None:
+        tokens = torch.tensor(list(config.suppress_tokens), device=device)
+        procs.append(partial(suppress, tokens=tokens))
+    if config.begin_suppress_tokens is not None:
+        begin = prefix.length
+        if prefix.length <= 1 and config.forced_bos_token_id is not None:
+            begin += 1  # the forced bos comes first
+        tokens = torch.tensor(list(config.begin_suppress_tokens), device=device)
+        procs.append(partial(suppress, tokens=tokens, at_length=begin))
     if config.do_sample:
-        # Beam sampling must leave room for a non-eos continuation besides every eos id.
-        min_keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
-        if config.temperature != 1.0:
-            procs.append(partial(temperature, value=float(config.temperature)))
-        if config.top_k:
-            procs.append(partial(top_k, k=max(config.top_k, min_keep)))
-        if config.top_p < 1.0:
-            procs.append(partial(top_p, p=float(config.top_p), min_keep=min_keep))
+        procs += _warpers(config, len(eos_ids) if eos is not None else None, device)
+    if config.renormalize_logits is True:
+        procs.append(renormalize)
+    return procs
+
+
+def _warpers(config: GenerationConfig, eos_count: int | None, device: torch.device) -> list[LogitsProcessor]:
+    """Sampling's warpers, in transformers' order. Beam sampling must leave room for a non-eos continuation besides
+    every eos id."""
+    min_keep = (eos_count + 1 if eos_count is not None else 2) if config.num_beams > 1 else 1
+    procs: list[LogitsProcessor] = []
+    if config.temperature is not None and config.temperature != 1.0:
+        procs.append(partial(temperature, value=config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        procs.append(partial(top_k, k=max(config.top_k, min_keep)))
+    if config.top_p is not None and config.top_p < 1.0:
+        procs.append(partial(top_p, p=float(config.top_p), min_keep=min_keep))
+    if config.min_p is not None:
+        procs.append(partial(min_p, p=config.min_p, min_keep=min_keep))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        procs.append(partial(typical_p, mass=float(config.typical_p), min_keep=min_keep))
+    if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
+        procs.append(partial(epsilon_cutoff, epsilon=float(config.epsilon_cutoff), min_keep=min_keep))
+    if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
+        epsilon = torch.tensor(float(config.eta_cutoff), device=device)
+        procs.append(partial(eta_cutoff, epsilon=epsilon, min_keep=min_keep))
     return procs
 
 
@@ -143,7 +319,7 @@ def _process(procs: list[LogitsProcessor], ids: Tensor, scores: Tensor) -> Tenso
 @dataclass
 class _Limits:
     max_length: int  # total length, prefix included
-    min_length: int  # eos is forbidden below this total length
+    min_length: int | None  # eos is forbidden below this total length (None: never)
     eos_ids: list[int]
     pad: int | None  # what finished rows are padded with (transformers falls back to the first eos id)
     eos: Tensor | None = None  # eos_ids on the logits' device, once known
@@ -177,12 +353,8 @@ def _resolve(config: GenerationConfig, prefix_len: int) -> _Limits:
 
 def _check(config: GenerationConfig) -> None:
     config.validate()
-    if config.num_beams > 1 and config.num_return_sequences > config.num_beams:
-        raise GenerationError(
-            f"num_return_sequences ({config.num_return_sequences}) cannot exceed num_beams ({config.num_beams})"
-        )
-    if config.do_sample and config.top_k < 0:
-        raise GenerationError(f"top_k must be 0 (off) or positive, got {config.top_k}")
+    if config.num_beams > 1 and config.length_penalty is None:
+        raise GenerationError("length_penalty cannot be None with beam search (transformers fails on it too)")
 
 
 @dataclass
@@ -239,10 +411,11 @@ def generate_ids(
     if attention_mask is not None:
         # First attended position of each row (0 for a row with no attended position, like argmax does).
         ignore_before = (attention_mask != 0).int().argmax(1).to(device).repeat_interleave(expand, 0)
-    procs = logits_processors(config, limits.min_length, limits.eos, ignore_before)
+    prefix = _Prefix(prefix_ids.shape[1], logits.shape[-1], device, ignore_before)
+    procs = logits_processors(config, limits, prefix)
     if config.num_beams > 1:
         return _beam_search(session, logits, ids, procs, config, limits, generator, scores)
-    return _greedy_or_sample(session, logits, ids, procs, config.do_sample, limits, generator, scores)
+    return _greedy_or_sample(session, logits, ids, procs, config.do_sample is True, limits, generator, scores)
 
 
 def _greedy_or_sample(
@@ -329,7 +502,7 @@ def _beam_search(
         totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, beams * vocab)
 
         # b. the best (or sampled) `candidates` continuations per input
-        if config.do_sample:
+        if config.do_sample is True:
             flat = torch.multinomial(totals.softmax(-1), candidates, generator=generator)
             # transformers >= 5.24 ranks the drawn candidates by score before choosing beams
             cand_scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ranking
 from .base_models import PretrainedModel
 from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
-from .errors import ConfigError, ProcessorError
+from .errors import ConfigError, GenerationError, ProcessorError
 from .generation import SearchScores, generate_ids, max_total_length
 from .kv_cache import KVCache
 from .llama import LlamaForCausalLM, LlamaModel
@@ -37,6 +39,7 @@ from .processor import check_placeholder_mask, check_placeholders
 from .qformer import InstructBlipQFormerModel
 from .sessions import DecoderOnlySession, EncoderDecoderSession
 from .t5 import T5Cache, T5ForConditionalGeneration, T5Model
+from .tokenizer import Tokenizer
 from .vision import InstructBlipVisionModel
 
 LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
@@ -321,9 +324,11 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
 
     def __init__(self, config: InstructBlipConfig) -> None:
         super().__init__(config)
-        self.generation_config = GenerationConfig.from_dict(
-            {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
-        )
+        # As in transformers 5.24, generate() hands over to the language model, whose generation settings are its
+        # config's token ids; the checkpoint's generation_config.json is kept (and written back) but not applied.
+        tokens = {k: getattr(config.text_config, k, None) for k in GENERATION_TOKEN_FIELDS}
+        self.language_model.generation_config = GenerationConfig.from_dict(tokens)
+        self.generation_config = GenerationConfig.from_dict(tokens)
 
     @torch.no_grad()
     def generate(
@@ -335,7 +340,7 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        generation_config: GenerationConfig | None = None,
+        generation_config: GenerationConfig | Any | None = None,
         generator: torch.Generator | None = None,
         image_embeds: torch.Tensor | None = None,
         **settings: Any,
@@ -345,8 +350,15 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         GenerateOutput (`sequences`, and with output_scores=True `scores` and, for beams, `sequences_scores`).
 
         `image_embeds` (one row per prompt, from `encode_images`) replaces `pixel_values`, so that an image
-        asked several questions goes through the vision encoder once."""
-        config = (generation_config or self.generation_config).updated(**settings)
+        asked several questions goes through the vision encoder once.
+
+        Settings merge as in transformers: `generation_config` (ours, or transformers' GenerationConfig), its unset
+        values filled from the language model's `generation_config` and the defaults, then `settings` on top, an
+        explicit None included (README "Generation settings")."""
+        config = self.language_model.generation_config.merged(generation_config, settings)
+        if "max_length" in settings and config.max_length is None and config.max_new_tokens is None:
+            raise GenerationError("max_length=None without max_new_tokens leaves no length limit "
+                                  "(transformers fails on it too); set max_new_tokens")
         if (pixel_values is None) == (image_embeds is None):
             raise ProcessorError("generate needs exactly one of pixel_values and image_embeds")
         if image_embeds is None:
@@ -366,9 +378,16 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
             prefix, prefix_mask = embeds.new_zeros((batch, 0), dtype=torch.long), None
             config = lengths_without_prompt(config, embeds.shape[1])
         else:
+            if config.use_cache is None:
+                raise GenerationError(
+                    "use_cache=None with a T5 language model: transformers 5.24 then feeds the whole decoder input "
+                    "into a kept cache and computes other logits; give use_cache=True or False (same ids)"
+                )
             start_id = config.decoder_start_token_id
             if start_id is None:
-                start_id = self.config.text_config.decoder_start_token_id
+                start_id = config.bos_token_id
+            if start_id is None:
+                raise GenerationError("an encoder-decoder model needs decoder_start_token_id or bos_token_id")
             prefix = torch.full((batch, 1), start_id, dtype=torch.long, device=embeds.device)
             prefix_mask = None  # transformers' repetition penalty sees the decoder ids only
         if config.max_new_tokens is None and config.max_length is None:
@@ -391,11 +410,40 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
             return GenerateOutput(sequences=ids)
         return GenerateOutput(sequences=ids, sequences_scores=trace.sequences, scores=tuple(trace.steps))
 
+    def score_candidates(
+        self,
+        candidates: Sequence[str] | Sequence[Sequence[str]],
+        tokenizer: Tokenizer,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        scoring: str = "sum",
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Closed-set answers (LAVIS's `predict_class`): each candidate's log-likelihood given the image and prompt.
+
+        `model.score_candidates(["red", "blue"], processor.tokenizer, **processor(images=..., text=...))`: one list
+        shared by every row gives float64 [B, K]; one list per row gives a list of float64 [K_b]. `scoring="sum"`:
+        the total log-probability of the candidate's tokens and then the eos; `"mean"`: per token. A candidate's
+        tokens are `tokenizer.encode(candidate, add_special_tokens=False) + [eos]`, scored after the prompt ids
+        (decoder-only LMs) or as the decoder's labels (T5): what `forward(..., labels=...)` scores. One vision pass per
+        image, one prefill per prompt, every candidate against that prefill's cache (model/ranking.py).
+        `image_embeds` (from `encode_images`, one row per prompt) replaces `pixel_values`."""
+        return ranking.score_candidates(
+            self, candidates, tokenizer, pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask, input_ids=input_ids, attention_mask=attention_mask,
+            image_embeds=image_embeds, interpolate_pos_encoding=interpolate_pos_encoding, scoring=scoring,
+        )
+
     # ---- checkpoints: the generation defaults travel with the weights ---------------------------
     def read_extra_files(self, folder: Path) -> None:
         path = folder / "generation_config.json"
         if path.exists():
-            self.generation_config = GenerationConfig.from_dict(json.loads(path.read_text()))
+            # Not applied by generate() (see __init__), so not held to the checks a generate call makes either.
+            self.generation_config = GenerationConfig.from_dict(json.loads(path.read_text()), check=False)
 
     def write_extra_files(self, folder: Path) -> None:
         (folder / "generation_config.json").write_text(json.dumps(self.generation_config.to_dict(), indent=2))
@@ -444,6 +492,9 @@ def lengths_without_prompt(config: GenerationConfig, prompt_length: int) -> Gene
     changes: dict[str, int] = {}
     if config.max_new_tokens is None and config.max_length is not None:
         changes["max_length"] = config.max_length - prompt_length
+    if config.min_new_tokens is None and config.min_length is None:
+        raise GenerationError("min_length=None with inputs_embeds alone cannot be counted without the prompt "
+                              "(transformers fails on it too); leave it out or give min_new_tokens")
     if config.min_new_tokens is None and config.min_length:
         changes["min_length"] = max(config.min_length - prompt_length, 0)
     return dataclasses.replace(config, **changes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -25,14 +27,67 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rope_frequencies(config: LlamaConfig, seq_len: Tensor | None = None) -> Tensor:
+    """inv_freq [head_dim / 2] (fp32, CPU unless seq_len is elsewhere) of the config's RoPE kind, with transformers
+    5.24's arithmetic (`modeling_rope_utils`); `seq_len`: the sequence length dynamic NTK scaling stretches to."""
+    kind, settings, dim = config.rope_kind, config.rope_settings, config.head_dim
+    # Explicitly on the CPU at init: models are built under a meta device context when loaded.
+    device = seq_len.device if seq_len is not None else torch.device("cpu")
+    if kind == "default":
+        return 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / dim
+    base, factor = config.rope_base, settings["factor"]
+    if kind == "dynamic":
+        positions = config.max_position_embeddings
+        if seq_len is None:
+            length: Tensor | int = positions
+        else:
+            length = torch.maximum(seq_len, torch.tensor(positions, dtype=seq_len.dtype, device=seq_len.device))
+        base = base * ((factor * length / positions) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exponents)
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        old_context = settings["original_max_position_embeddings"]
+        low_wavelen = old_context / settings["low_freq_factor"]
+        high_wavelen = old_context / settings["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - settings["low_freq_factor"]) / (
+            settings["high_freq_factor"] - settings["low_freq_factor"]
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, base: float) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        self.config = config
         # A plain attribute, not a buffer: `module.to(bfloat16)` must not round the frequencies.
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+        self.inv_freq = rope_frequencies(config)
+        # Dynamic NTK: transformers re-derives the frequencies whenever a forward reaches past the longest length
+        # seen so far (beyond max_position_embeddings), and goes back to the original ones below it.
+        self.original_inv_freq = self.inv_freq
+        self.longest_seen: int | Tensor = config.max_position_embeddings
+
+    def _dynamic_update(self, position_ids: Tensor) -> None:
+        seq_len = torch.max(position_ids) + 1
+        original = self.config.max_position_embeddings
+        longest_before = self.longest_seen
+        if seq_len > longest_before:
+            self.inv_freq = rope_frequencies(self.config, seq_len)
+            self.longest_seen = seq_len
+        if seq_len < original and longest_before > original:
+            self.inv_freq = self.original_inv_freq.to(position_ids.device)
+            self.longest_seen = original
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [B|1, T, head_dim] for integer positions [B|1, T]; angles computed in fp32."""
+        if self.config.rope_kind == "dynamic":
+            self._dynamic_update(position_ids)
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
         freqs = position_ids[..., None].float() * self.inv_freq
@@ -115,7 +170,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_base)
+        self.rotary_emb = RotaryEmbedding(config)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

@@ -1,4 +1,5 @@
-"""Input side: find the Parquet shards, cut them into work units along row groups, read a unit's rows."""
+"""Input side: find the Parquet shards, cut them into work units along row groups (a row group larger than a unit into
+row ranges), read a unit's rows."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from blipbatch.errors import BlipbatchError
 from .errors import RowError
 from .guard import _file_kind
 from .job import RunConfig
+from .template import Template, columns_of, parse_all
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
 # smaller): two reads of at most 256 KiB per shard on top of the footer's.
 SAMPLE_BYTES = 256 * 1024
+RANGE_TAG = "-rows"  # in a unit id, starts the row range of a cut row group: {shard_id}-rg{g}-{g}-rows{start}-{stop}
 
 
 class NoShardsError(BlipbatchError, FileNotFoundError):
@@ -121,9 +124,11 @@ def discover_shards(source: str | Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Consecutive whole row groups of one shard: the unit of scheduling, retry and commit."""
+    """Consecutive whole row groups of one shard, or a range of rows of one row group larger than a unit: the unit of
+    scheduling, retry and commit."""
 
-    unit_id: str  # shard_id + row-group range: the same wherever the shard lies, unique within a job, a safe file name
+    unit_id: str  # shard_id + row-group range (+ row range): the same wherever the shard lies, unique within a job, a
+    # safe file name
     shard: str
     row_groups: tuple[int, ...]
     first_row: int  # index within the shard of the unit's first row
@@ -134,6 +139,14 @@ class WorkUnit:
     # sink.whole_output puts them back among the rows kept). None: the whole unit.
     redo: tuple[int, ...] | None = None
     part_schema: pa.Schema | None = None  # the schema of the output's parts so far (None: none yet); its part takes it
+    # Rows [start, stop) of its one row group, when that group is larger than a unit; None: its row groups whole.
+    group_range: tuple[int, int] | None = None
+
+    @property
+    def whole_group_id(self) -> str:
+        """The id of the unit its row group made whole (as before row groups were split): the same as unit_id unless
+        the unit is a row range."""
+        return self.unit_id if self.group_range is None else self.unit_id.rsplit(RANGE_TAG, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -213,11 +226,24 @@ def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
         if groups and rows + n > max_rows:
             close()
             first_row, groups, rows = first_row + rows, [], 0
+        if n > max_rows:  # one row group larger than a unit (pandas writes a shard as one): cut it into row ranges
+            units += _ranges_of(shard, footer, index, first_row, max_rows)
+            first_row += n
+            continue
         groups.append(index)
         rows += n
     if groups:
         close()
     return units
+
+
+def _ranges_of(shard: str, footer: _Footer, group: int, first_row: int, max_rows: int) -> list[WorkUnit]:
+    """Units of at most max_rows rows covering row group `group` (which starts at shard row `first_row`)."""
+    n = footer.group_rows[group]
+    return [WorkUnit(f"{footer.shard_id}-rg{group:05d}-{group:05d}{RANGE_TAG}{start:07d}-{min(start + max_rows, n):07d}",
+                     shard, (group,), first_row + start, min(max_rows, n - start), footer.shard_id, footer.schema,
+                     group_range=(start, min(start + max_rows, n)))
+            for start in range(0, n, max_rows)]
 
 
 def legacy_unit_id(unit: WorkUnit) -> str:
@@ -277,12 +303,12 @@ def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
 
 def plan_units(shards: Sequence[str], mapping: ColumnMapping,
                max_rows_per_unit: int = RunConfig.rows_per_unit) -> list[WorkUnit]:
-    """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers (and the
-    samples of data that make a shard's fingerprint).
+    """Work units of at most max_rows_per_unit rows, from Parquet footers (and the samples of data that make a shard's
+    fingerprint): whole row groups, or row ranges of a row group larger than that.
 
     Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
     bad shard stops the job before any work. Unit ids come from each shard's content (its fingerprint, _content_id)
-    and the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job
+    and the row-group range (and row range), so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job
     must keep fixed across resumes (the manifest records it).
     """
     if max_rows_per_unit < 1:
@@ -430,14 +456,15 @@ class InputRow:
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
               fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
-    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question). For a
-    redo (unit.redo), only the rows at those positions."""
+    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question), their
+    templates filled from the row (pipeline.template). For a redo (unit.redo), only the rows at those positions."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
         raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
                          "exactly one of the two")
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
-    table = _read_planned(unit, mapping.input_columns())
+    templates = parse_all(fixed_instructions)
+    table = _read_planned(unit, list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())])))
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     rows = []
     for offset in range(table.num_rows):
@@ -450,9 +477,23 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
             row_id, derived_id = (None if value is None else str(value)), derived
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
+            instruction, problem = _filled(templates.get(instruction) if fixed_instructions is not None else None,
+                                           instruction, columns, offset, mapping.missing)
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id))
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id,
+                                 problem))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
+
+
+def _filled(template: Template | None, instruction: object, columns: dict, offset: int,
+            missing: str) -> tuple[object, RowError | None]:
+    """A fixed instruction with its template filled from the row at `offset`; or the template unfilled and why."""
+    if template is None:
+        return instruction, None  # a row's own question is data: its braces are its own
+    try:
+        return template.fill({name: columns[name][offset] for name in template.columns}, missing), None
+    except RowError as err:
+        return instruction, err
 
 
 def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
@@ -476,7 +517,7 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
     with fs.open(path, "rb", cache_type="none") as f:
         check(f, "after planning")
         try:
-            table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups), columns=columns)
+            table = _rows_of(pq.ParquetFile(f), unit, columns)
         except (OSError, pa.ArrowInvalid):  # s3fs's FileExpired, a torn file: say so if the content changed
             check(f, "while its rows were read")
             raise
@@ -485,6 +526,23 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
         raise ShardChanged(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
                            f"{unit.num_rows}; the shard changed after planning")
     return table
+
+
+def _rows_of(parquet: pq.ParquetFile, unit: WorkUnit, columns: list[str]) -> pa.Table:
+    """The unit's rows: its row groups whole, or its row range of one, read a batch at a time so that a row group far
+    larger than a unit is never held whole (fewer rows than planned when the group holds fewer)."""
+    if unit.group_range is None:
+        return parquet.read_row_groups(list(unit.row_groups), columns=columns)
+    start, stop = unit.group_range
+    pieces, at = [], 0
+    for batch in parquet.iter_batches(batch_size=min(stop - start, 1024), row_groups=list(unit.row_groups),
+                                      columns=columns, use_threads=False):
+        if at + batch.num_rows > start:
+            pieces.append(batch.slice(max(start - at, 0), stop - max(start, at)))
+        at += batch.num_rows
+        if at >= stop:
+            break
+    return pa.Table.from_batches(pieces) if pieces else parquet.schema_arrow.empty_table().select(columns)
 
 
 def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,

@@ -99,3 +99,36 @@ def test_an_opted_out_image_is_an_opted_out_row_and_the_manifest_records_the_set
                 ("error", "opted_out", None)
         else:
             assert (rows["refused"]["status"], rows["refused"]["image_sha256"]) == ("ok", sha(png(2)))
+
+
+def test_templates_fill_prompts_and_questions_and_an_unknown_column_is_refused(ray_local, checkpoint, tmp_path):
+    from blipbatch.pipeline.job import PipelineError
+
+    for k in range(3):
+        (tmp_path / f"{k}.png").write_bytes(png(k))
+    pq.write_table(pa.table({"image_url": [str(tmp_path / f"{k}.png") for k in range(3)],
+                             "alt": ["a red square", None, "a blue square"], "lang": ["en", "fr", "de"]}),
+                   tmp_path / "in.parquet")
+    options = dict(max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path))
+    output = str(tmp_path / "caption")
+    pipeline.run(str(tmp_path / "in.parquet"), output, checkpoint, prompt="Caption it. The page said: {alt}",
+                 **options)
+    rows = sorted(read_output(output).to_pylist(), key=lambda row: row["image_url"])
+    assert [(row["instruction"], row["status"], row["error_kind"]) for row in rows] == [
+        ("Caption it. The page said: a red square", "ok", None),
+        ("Caption it. The page said: {alt}", "error", "invalid_input"),
+        ("Caption it. The page said: a blue square", "ok", None)]
+    assert "column 'alt' is null" in rows[1]["error"]
+
+    output = str(tmp_path / "annotate")
+    questions = {"what": "What is it? ({lang})", "braces": "Answer in {{json}}"}
+    pipeline.run(str(tmp_path / "in.parquet"), output, checkpoint, prompt=questions, **options)
+    asked = {(row["image_url"][-5], row["question_id"]): row["instruction"] for row in read_output(output).to_pylist()}
+    assert asked == {("0", "what"): "What is it? (en)", ("1", "what"): "What is it? (fr)",
+                     ("2", "what"): "What is it? (de)", **{(k, "braces"): "Answer in {json}" for k in "012"}}
+
+    with pytest.raises(PipelineError, match=r"names column\(s\) 'page_title', which the input does not have; its "
+                                            r"columns: image_url, alt, lang"):
+        pipeline.run(str(tmp_path / "in.parquet"), str(tmp_path / "refused"), checkpoint, prompt="{page_title}",
+                     **options)
+    assert not (tmp_path / "refused").exists()

@@ -427,7 +427,7 @@ def test_length_errors(models):
     lm = models["llama"]
     with pytest.raises(GenerationError, match="max_length"):
         lm.ours(GenerationConfig(max_length=lm.ids.shape[1]))
-    with pytest.raises(GenerationError, match="num_return_sequences"):
+    with pytest.raises(ConfigError, match="num_return_sequences"):
         lm.ours(GenerationConfig(max_new_tokens=3, do_sample=True, num_beams=2, num_return_sequences=3))
     with pytest.raises(ConfigError, match="num_return_sequences"):
         lm.ours(GenerationConfig(max_new_tokens=3, num_return_sequences=2))

@@ -64,11 +64,19 @@ def test_beam_scores_are_transformers_sequences_scores(tiny, hf_tiny):
     assert engine.generate_pixels(pixels(), IMAGE_ROWS, INSTRUCTIONS) == [g.text for g in got]  # texts as before
 
 
-def test_static_search_scores_are_mean_transition_scores(tiny, hf_tiny):
-    """A search the continuous path cannot run (a repetition penalty): the mean of transformers'
-    compute_transition_scores(..., normalize_logits=True) over each row's tokens up to its eos, none after; eos ids
-    picked from the tokens generated make the rows end at different steps."""
-    free = dict(max_new_tokens=8, repetition_penalty=1.3)
+STATIC_SETTINGS = [
+    dict(repetition_penalty=1.3),
+    dict(suppress_tokens=[5, 9, 14], renormalize_logits=True, exponential_decay_length_penalty=[2, 1.5]),
+    dict(bad_words_ids=[[6], [8, 8]], sequence_bias=[[[7], 1.5], [[10, 11], -2.0]], use_cache=False),
+]
+
+
+@pytest.mark.parametrize("processors", STATIC_SETTINGS, ids=lambda s: ",".join(s))
+def test_static_search_scores_are_mean_transition_scores(tiny, hf_tiny, processors):
+    """Searches the continuous path hands to the static generate (logits processors): the mean of transformers'
+    compute_transition_scores(..., normalize_logits=True) over each row's tokens up to its eos, none after, so
+    after the processors; eos ids picked from the tokens generated make the rows end at different steps."""
+    free = dict(max_new_tokens=8, **processors)
     engine = Engine(EngineConfig(model=tiny, device="cpu", generation=free))
     unstopped, prompt = transformers_output(hf_tiny, engine, **free, min_new_tokens=8)
     new = unstopped.sequences[:, prompt:]
@@ -78,14 +86,23 @@ def test_static_search_scores_are_mean_transition_scores(tiny, hf_tiny):
     assert engine.greedy_limits is None  # the static path is the one under test
     got = engine.generate_scored(pixels(), IMAGE_ROWS, INSTRUCTIONS)
     expected, prompt = transformers_output(hf_tiny, engine, **settings)
+    assert [g.text for g in got] == [t.strip() for t in engine.processor.batch_decode(
+        expected.sequences[:, prompt:], skip_special_tokens=True)]
     transition = hf_tiny.compute_transition_scores(expected.sequences, expected.scores, normalize_logits=True)
     means, lengths = [], []
     for ids, scores in zip(expected.sequences[:, prompt:].tolist(), transition.tolist()):
         length = next((i + 1 for i, token in enumerate(ids) if token in eos), len(ids))
         lengths.append(length)
         means.append(sum(scores[:length]) / length)
-    assert len(set(lengths)) >= 3 and max(lengths) == 8
+    # (the decay raises the eos ids' scores until every row ends)
+    assert len(set(lengths)) >= 3 and (max(lengths) == 8 or "exponential_decay_length_penalty" in processors)
     assert [g.score for g in got] == pytest.approx(means, abs=1e-4)
+
+
+def test_use_cache_keeps_continuous_batching(tiny):
+    for use_cache in (True, False):
+        engine = Engine(EngineConfig(model=tiny, device="cpu", generation=dict(max_new_tokens=4, use_cache=use_cache)))
+        assert engine.greedy_limits is not None
 
 
 def test_the_demo_models_right_answers_score_higher_than_its_wrong_ones():

@@ -65,7 +65,8 @@ def test_each_example_loads_as_the_job_pipeline_run_takes(kind):
 
 def test_example_values_are_read_as_written():
     spec = load_spec(EXAMPLES / "annotate.toml")
-    assert list(spec.questions) == ["color", "material", "category", "printed_text"]
+    assert list(spec.questions) == ["material", "category", "printed_text", "color"]  # tables follow plain keys
+    assert spec.closed_sets["color"].candidates[:3] == ("black", "white", "grey")
     assert spec.output.wide is True
     assert spec.input.image_column == "image" and spec.input.id_column == "sku"
     caption = load_spec(EXAMPLES / "caption.toml")
@@ -82,9 +83,12 @@ def test_example_values_are_read_as_written():
 def test_unknown_key_names_file_line_and_the_known_keys(tmp_path):
     path = write(tmp_path, BASE + "\n[generation]\nmax_new_tokens = 20\nnum_beam = 5\n")
     assert error_of(path) == (
-        f"{path}:15: [generation] num_beam: unknown key; did you mean num_beams? known: do_sample, early_stopping, "
-        "eos_token_id, length_penalty, max_length, max_new_tokens, min_length, min_new_tokens, no_repeat_ngram_size, "
-        "num_beams, num_return_sequences, repetition_penalty, temperature, top_k, top_p"
+        f"{path}:15: [generation] num_beam: unknown key; did you mean num_beams? known: bad_words_ids, "
+        "begin_suppress_tokens, do_sample, early_stopping, encoder_no_repeat_ngram_size, encoder_repetition_penalty, "
+        "eos_token_id, epsilon_cutoff, eta_cutoff, exponential_decay_length_penalty, forced_bos_token_id, "
+        "forced_eos_token_id, length_penalty, max_length, max_new_tokens, min_length, min_new_tokens, min_p, "
+        "no_repeat_ngram_size, num_beams, num_return_sequences, remove_invalid_values, renormalize_logits, "
+        "repetition_penalty, sequence_bias, suppress_tokens, temperature, top_k, top_p, typical_p, use_cache"
     )
 
 
@@ -127,8 +131,8 @@ def test_annotate_needs_questions(tmp_path):
                                'of this table, e.g. [questions] color = "What color is the car?"')
     blank = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\ncolor = " "\n',
                   name="b.toml")
-    assert error_of(blank) == (f'{blank}:14: [questions] color: expected a non-empty string (the question), '
-                               'got " " (a string)')
+    assert error_of(blank) == (f'{blank}:14: [questions] color: expected a non-empty string (the question), or a '
+                               'table with question = "..." and candidates, got " " (a string)')
     reserved = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\nerrors = "?"\n',
                      name="r.toml")
     assert error_of(reserved) == (f"{reserved}:14: [questions] errors: reserved name (a column of the wide table: "
@@ -146,8 +150,7 @@ def test_bad_generation_settings(tmp_path):
     assert error_of(path) == f"{path}:14: [generation] top_p: expected a number in (0, 1], got 1.5 (a float)"
     # Settings wrong only together are checked as the engine checks them, before any worker starts.
     path = write(tmp_path, BASE + "\n[generation]\nnum_beams = 2\nnum_return_sequences = 3\n", name="x.toml")
-    assert error_of(path) == (f"{path}:13: [generation]: num_return_sequences (3) cannot exceed num_beams (2) "
-                              "without sampling")
+    assert error_of(path) == f"{path}:13: [generation]: num_return_sequences (3) cannot exceed num_beams (2)"
     path = write(tmp_path, BASE + "\n[generation]\ndo_sample = 1\n", name="b.toml")
     assert error_of(path) == f"{path}:14: [generation] do_sample: expected true or false, got 1 (an integer)"
 
@@ -229,8 +232,8 @@ def test_tables_and_kind_specific_keys(tmp_path):
     path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"',
                                         'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
     assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
-                              "output columns: id, image_sha256, instruction, question_id, text, score, status, error_kind, error, model, "
-                              "generation, derived_id, image_url")
+                              "output columns: id, image_sha256, instruction, question_id, text, score, "
+                              "candidate_logprobs, status, error_kind, error, model, generation, derived_id, image_url")
 
 
 def test_syntax_errors_and_unreadable_files(tmp_path):
@@ -284,8 +287,8 @@ def test_overrides_replace_and_add_values(tmp_path):
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_slots, decoded_bytes, max_attempts, max_error_rate, max_instruction_bytes, "
-        "prepare_threads, rows_per_unit, workers")
+        "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, "
+        "max_instruction_bytes, max_workers, prepare_threads, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
@@ -492,10 +495,48 @@ def test_a_python_api_job_checks_its_generation_settings_once_when_built():
 
     job = job_from_keywords("in", "out", "m", prompt="x", num_beams=3, generation={"length_penalty": 0.5})
     assert job.generation == {"max_new_tokens": 30, "num_beams": 3, "length_penalty": 0.5}
-    with pytest.raises(GenerationSettingsError, match="unknown generation settings: max_new_token;"):
+    with pytest.raises(GenerationSettingsError,
+                       match="unknown generation setting 'max_new_token'; did you mean max_new_tokens?"):
         job_from_keywords("in", "out", "m", prompt="x", generation={"max_new_token": 3})
     with pytest.raises(GenerationSettingsError, match="num_return_sequences"):
         job_from_keywords("in", "out", "m", prompt="x", num_beams=2, generation={"num_return_sequences": 3})
+
+
+def test_every_generation_setting_from_a_spec_an_override_and_the_python_api(tmp_path):
+    """The settings transformers' logits processors take reach the Job from [generation], --set and pipeline.run;
+    numbers that transformers wants as floats arrive as floats; the Job stays JSON (it goes into the manifest)."""
+    from blipbatch.pipeline.job import job_from_keywords
+
+    path = write(tmp_path, BASE + textwrap.dedent("""
+        [generation]
+        bad_words_ids = [[5], [6, 7]]
+        sequence_bias = [[[5], 2], [[8, 9], -1.5]]
+        suppress_tokens = [3, 4]
+        begin_suppress_tokens = [10]
+        forced_eos_token_id = [2, 3]
+        exponential_decay_length_penalty = [3, 2]
+        min_p = 0.1
+        typical_p = 0.8
+        epsilon_cutoff = 0.01
+        eta_cutoff = 0.02
+        renormalize_logits = true
+        use_cache = false
+        encoder_repetition_penalty = 1.2
+        """))
+    overrides = dict(parse_override(a) for a in ("generation.forced_bos_token_id=12", "generation.top_k=7",
+                                                 "generation.remove_invalid_values=true"))
+    spec = load_spec(path, overrides)
+    assert spec.generation["sequence_bias"] == [[[5], 2.0], [[8, 9], -1.5]]
+    assert isinstance(spec.generation["sequence_bias"][0][1], float)
+    assert spec.generation["exponential_decay_length_penalty"] == [3, 2.0]
+    assert spec.generation["forced_bos_token_id"] == 12 and spec.generation["remove_invalid_values"] is True
+    assert spec.generation["use_cache"] is False and spec.generation["min_p"] == 0.1
+    json.dumps(spec.generation)
+    job = job_from_keywords("in", "out", "m", prompt="x", generation={"sequence_bias": {(5,): 2.0}, "min_p": 0.2})
+    assert job.generation["sequence_bias"] == [[[5], 2.0]]
+    json.dumps(job.generation)
+    bad = write(tmp_path, BASE + "\n[generation]\nsuppress_tokens = [-1]\n", name="bad.toml")
+    assert error_of(bad) == f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, got [-1] (an array)"
 
 
 def test_model_quantize_reaches_the_job_and_its_manifest(tmp_path):
