@@ -31,8 +31,18 @@ ERROR_HINTS = {
     "fetch_http": "check the URLs; then --redo-errors",
     "fetch_connection": "check that the hosts are reachable; then --redo-errors",
     "decode_error": "check the images' format; --set decode.formats=[...] ([decode] formats)",
+    # decode_error by what the message says (decode_hint_kind): only a format left out is fixed by decode.formats
+    "decode_empty": "the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error",
+    "decode_damaged": "the files are damaged (cut short or corrupt): replace them at their source; then "
+                      "--redo-errors decode_error",
+    "decode_format": "add the format: --set decode.formats=[...] ([decode] formats)",
+    "decode_not_image": "the references point to something that is not an image: fix them or their source",
     "invalid_input": "check the input column named in the message",
     "model_error": "see the message; --batch-size N ([run] batch_size) if out of memory",
+    "extreme_aspect_ratio": "--set decode.max_aspect_ratio=R ([decode] max_aspect_ratio) if such images are wanted",
+    "too_many_scans": "--set decode.max_jpeg_scans=N ([decode] max_jpeg_scans) if such images are wanted",
+    "too_many_strips": "--set decode.max_tiff_strips=N ([decode] max_tiff_strips) if such images are wanted",
+    "metadata_too_large": "--set decode.max_metadata_bytes=N ([decode] max_metadata_bytes) if such images are wanted",
     "opted_out": "the site asks not to be used for AI; [fetch] honour_opt_out = false only with its permission",
 }
 TOP_ERROR_KINDS = 3
@@ -40,6 +50,19 @@ TOP_ERROR_KINDS = 3
 
 def _is_local_reference(reference: str | None) -> bool:
     return reference is not None and not reference.startswith(("http://", "https://", "s3://", "gs://", "data:"))
+
+
+def decode_hint_kind(message: str) -> str:
+    """Which hint fits a decode_error message (pipeline.decode words them)."""
+    if message.startswith("empty file"):
+        return "decode_empty"
+    if message.startswith(("truncated or corrupt", "corrupt image header", "cannot convert")):
+        return "decode_damaged"
+    if message.startswith("not an image: a ") and " image, " in message:  # a real image of a format left out
+        return "decode_format"
+    if message.startswith(("not an image", "SVG")):
+        return "decode_not_image"
+    return "decode_error"
 
 
 def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[str]:
@@ -52,8 +75,11 @@ def error_advice(output: str, image_column: str, kinds: dict[str, int]) -> list[
     lines = []
     for kind, count in sorted(kinds.items(), key=lambda item: -item[1])[:TOP_ERROR_KINDS]:
         example = (examples.get(kind) or [{}])[0]
-        hint_kind = "blocked_local" if kind == "blocked_address" and _is_local_reference(example.get("reference")) \
-            else kind
+        hint_kind = kind
+        if kind == "blocked_address" and _is_local_reference(example.get("reference")):
+            hint_kind = "blocked_local"
+        elif kind == "decode_error" and example.get("error"):
+            hint_kind = decode_hint_kind(example["error"])
         lines.append(f"{kind} ({count} rows): {example.get('error') or 'no example found'}")
         lines.append(f"  fix: {ERROR_HINTS.get(hint_kind, 'see the message')}")
     return lines
@@ -96,11 +122,18 @@ def execute(job: Job, **invocation: Any) -> int:
         print("\n".join(error_advice(job.output.path, job.input.image_column, summary.errors_by_kind)))
     if summary.interrupted:
         return EXIT_TERMINATED if summary.terminated else EXIT_INTERRUPTED
-    if summary.units_failed:
+    if summary.units_failed or summary.output_problem:
         return EXIT_UNITS_FAILED
-    if summary.rows and summary.rows_error / summary.rows >= job.run.max_error_rate:
-        print(f"error rate {summary.rows_error / summary.rows:.0%} reached [run] max_error_rate "
-              f"{job.run.max_error_rate:g}: exit {EXIT_ERROR_RATE}", file=sys.stderr)
+    rows, errors, of = summary.rows, summary.rows_error, "this run's rows"
+    if invocation.get("redo_errors") is not None:  # a redo is judged by the output it leaves, not the rows it redid
+        from blipbatch.jobs.report_facts import totals
+        from blipbatch.pipeline.sink import progress_records
+
+        whole = totals(progress_records(job.output.path))
+        rows, errors, of = whole.rows_ok + whole.rows_error, whole.rows_error, "the output's rows"
+    if rows and errors / rows >= job.run.max_error_rate:
+        print(f"error rate {errors / rows:.0%} of {of} reached [run] max_error_rate {job.run.max_error_rate:g}: "
+              f"exit {EXIT_ERROR_RATE}", file=sys.stderr)
         return EXIT_ERROR_RATE
     return EXIT_OK
 
@@ -110,10 +143,10 @@ FLAG_KEYS = {
     "input": "input.path", "output": "output.path", "model": "model.path", "prompt": "prompt.text",
     "instruction_column": "input.instruction_column", "image_column": "input.image_column",
     "id_column": "input.id_column", "passthrough": "input.passthrough", "batch_size": "run.batch_size",
-    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_new_tokens": "generation.max_new_tokens",
+    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_workers": "run.max_workers", "max_new_tokens": "generation.max_new_tokens",
     "num_beams": "generation.num_beams", "dtype": "model.dtype", "device": "model.device",
     "rows_per_unit": "run.rows_per_unit", "max_attempts": "run.max_attempts", "address": "run.address",
-    "max_error_rate": "run.max_error_rate",
+    "max_error_rate": "run.max_error_rate", "max_candidates": "run.max_candidates",
 }
 # Repeatable flags that add to the spec's array.
 EXTEND_KEYS = {"local_root": "fetch.local_roots", "allow_host": "fetch.allow_hosts"}
@@ -224,7 +257,9 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
                      help="input column copied to the output (repeatable)")
     run.add_argument("--batch-size", type=int, help="rows per model call (default: 8 on CPU; on CUDA what free memory holds, see README)")
     run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default: 32 on CPU; on CUDA as --batch-size)")
-    run.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
+    run.add_argument("--workers", type=workers_count, help='model actors, or "auto" (the default): one per GPU, more '
+                     "as GPUs join the cluster while units wait; without GPUs, 1")
+    run.add_argument("--max-workers", type=int, help='with "auto" workers: at most this many (default: no limit)')
     run.add_argument("--max-new-tokens", type=int, help="default 30")
     run.add_argument("--num-beams", type=int, help="default 1")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -234,11 +269,14 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
     run.add_argument("--max-error-rate", type=float,
                      help="exit 4 when this share of the run's rows ended in error (default 1.0: all of them)")
+    run.add_argument("--max-candidates", type=int,
+                     help="most candidates a closed-set question may list (default 256)")
     add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
-    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings, or a "
-                     "shard was rewritten in place after some of its units were committed")
+    run.add_argument("--force", action="store_true",
+                     help="resume even if the output was made with other settings, or a shard was rewritten in place "
+                          "after some of its units were committed")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
     run.add_argument("--redo-errors", nargs="*", metavar="KIND",
                      help="also redo the error rows of committed units (of these error kinds; none given: every "
@@ -247,6 +285,16 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--log-json", action="store_true",
                      help="one JSON line per unit committed, retried or failed on stderr, instead of the progress line")
     run.set_defaults(handler=run_pipeline)
+
+
+def workers_count(value: str) -> int | str:
+    """--workers: a count, or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer or "auto", got {value!r}') from None
 
 
 def add_fetch_flags(parser: argparse.ArgumentParser, purpose: str = "") -> None:
@@ -312,7 +360,7 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"running: a run holds this output ({holder.describe()})")
     print(f"model: {settings.model}")
     try:
-        units = known_ids(planned_units(settings.to_dict()), done)
+        units = known_ids(planned_units(settings.to_dict()), done | set(failed))
         pending = len([u for u in units if u.unit_id not in done and u.unit_id not in failed])
         print(f"input: {settings.input} ({len(units)} units)")
         unmatched = unmatched_units(done, units)
@@ -398,7 +446,8 @@ def report_fetch(args: argparse.Namespace) -> tuple[FetchConfig, str]:
     if owned_by_caller(args.output):
         settings = read_manifest(args.output)
         if settings is not None:
-            return recorded_fetch(settings), "the [fetch] settings the output's manifest recorded (a local output only you can write)"
+            return recorded_fetch(settings), ("the [fetch] settings the output's manifest recorded (a local output "
+                                              "only you can write)")
     return FetchConfig(), ("the default [fetch] settings (the output's recorded ones are used only for a local output "
                            "only you can write; --spec SPEC, --allow-host, --local-root widen them)")
 
@@ -423,10 +472,27 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=make_report)
 
 
+class Parser(argparse.ArgumentParser):
+    """No flag taken by a prefix of its name (a misspelling must not silently become another flag); the commands'
+    parsers are of this class too (add_subparsers makes them of the parent's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def refuse_unknown(self, words: list[str]) -> None:
+        """Exit 2 with this command's usage, naming the first unknown word, and the flag it is closest to."""
+        import difflib
+
+        word = words[0].partition("=")[0]
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        self.error(f"unrecognized argument {word}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blipbatch import __version__
 
-    parser = argparse.ArgumentParser(prog="blipbatch", description="Batch InstructBLIP / BLIP-2 inference.")
+    parser = Parser(prog="blipbatch", description="Batch InstructBLIP / BLIP-2 inference.")
     parser.add_argument("--version", action="version", version=f"blipbatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_command(commands)
@@ -466,12 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("output")
     retry.add_argument("--batch-size", type=int, help="default: the recorded one")
     retry.add_argument("--decode-slots", type=int, help="default: the recorded one")
-    retry.add_argument("--workers", type=int, help="default: the recorded one")
+    retry.add_argument("--workers", type=workers_count, help="default: the recorded one")
     retry.add_argument("--max-attempts", type=int, help="default: the recorded one")
     retry.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
     retry.add_argument("--quiet", action="store_true")
     retry.set_defaults(handler=retry_failed)
     add_report_command(commands)
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)  # whose usage an unknown flag is answered with
     return parser
 
 
@@ -509,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     from blipbatch.errors import BlipbatchError
     from blipbatch.pipeline.redact import redact_log_records, redacted_streams
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.refuse_unknown(unknown)
     redact_log_records()  # the driver's own log lines (Ray, botocore, urllib3) quote URLs too
     with redacted_streams():  # every message that names a location the command was given
         try:

@@ -58,10 +58,11 @@ KIND_SPECIFIC_KEYS = ("input.instruction_column", "prompt", "questions", "output
 # The wide table of an annotate job.
 
 WIDE_SUFFIX = ".wide.parquet"  # the wide table of OUT is OUT.wide.parquet
+SCORE_SUFFIX = "_score"  # the wide table's column of a question's scores: <question_id>_score
 _OLD_WIDE_TABLE = "wide.parquet"  # where outputs written before it moved beside them kept it, inside the output
 # Columns of the long output that vary by question; the others (id, the image column, passthrough) are the image's.
-_PER_QUESTION = ("instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
-                 "generation")
+_PER_QUESTION = ("instruction", "question_id", "text", "score", "candidate_logprobs", "status", "error_kind", "error",
+                 "model", "generation")
 
 
 class WideTableError(BlipbatchError, ValueError):
@@ -71,8 +72,10 @@ class WideTableError(BlipbatchError, ValueError):
 def wide_table(long: pa.Table) -> pa.Table:
     """One row per image id from the long output of an annotate job.
 
-    Columns: the image's own (id, the image column, passthrough; from its first row), then one per question_id in
-    the order the questions were asked, holding the text (null where that question failed), then `errors`: a map
+    Columns: the image's own (id, the image column, passthrough; from its first row), then for each question_id in
+    the order the questions were asked, one holding the text (null where that question failed) and beside it
+    `<question_id>_score`, the answer's score (its mean token log-probability; left out for outputs written before
+    rows had scores), then `errors`: a map
     question_id -> "error_kind: error" for the image's failed questions, null when none failed. Rows without an id
     (error rows of input rows whose id was null) have no image to go under and are left out.
     """
@@ -88,10 +91,12 @@ def wide_table(long: pa.Table) -> pa.Table:
     wide = long.select(own_columns).take(pa.array(first_rows))
 
     question_ids = long.column("question_id")
+    scored = "score" in long.column_names
     for question in pc.unique(question_ids).drop_null().to_pylist():
-        if question in wide.column_names or question == "errors":
-            raise WideTableError(f"question {question!r} clashes with the column {question!r} of the wide table; "
-                                 "rename the question")
+        for column in (question, f"{question}{SCORE_SUFFIX}") if scored else (question,):
+            if column in wide.column_names or column == "errors":
+                raise WideTableError(f"question {question!r} makes the column {column!r}, which the wide table "
+                                     "has already; rename the question")
         rows = np.flatnonzero(pc.equal(question_ids, question).fill_null(False).to_numpy(zero_copy_only=False))
         images = image_of_row[rows]
         if len(np.unique(images)) != len(images):
@@ -100,7 +105,10 @@ def wide_table(long: pa.Table) -> pa.Table:
                                  "unique ids (set [input] id_column to a unique column, or leave it out)")
         slot = np.full(len(image_ids), -1)
         slot[images] = rows
-        wide = wide.append_column(question, long.column("text").take(pa.array(slot, mask=slot < 0)))
+        at = pa.array(slot, mask=slot < 0)
+        wide = wide.append_column(question, long.column("text").take(at))
+        if scored:
+            wide = wide.append_column(f"{question}{SCORE_SUFFIX}", long.column("score").take(at))
 
     errors: list[list[tuple[str, str]] | None] = [None] * len(image_ids)
     failed = long.filter(pc.equal(long.column("status"), STATUS_ERROR))

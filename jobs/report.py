@@ -21,6 +21,7 @@ import fsspec
 from blipbatch.pipeline.fetch import FetchConfig
 
 from .report_charts import bar_chart, format_number, line_chart
+from .report_closed_set import closed_set_section
 from .report_facts import ReportError, RunData, collect, throughput, totals, union_seconds, worker_stats
 
 MAX_WORKER_LINES = 8  # more workers: the throughput plot shows only their total (the bar chart shows each)
@@ -74,14 +75,23 @@ def _summary(data: RunData) -> str:
     if total.duplicate_images:
         notes.append(f"{total.duplicate_images:,} input row(s) had the same image bytes as an earlier row of their unit "
                      "(same image_sha256): decoded and encoded once.")
+    if data.runs:  # the headline: the runs' wall time as their summaries printed it, start-up included
+        run_wall = sum(run["wall_s"] for run in data.runs)
+        run_rows = sum(run.get("rows", 0) for run in data.runs)
+        cards += [("run wall time, incl. start-up", _duration(run_wall)),
+                  ("rows/s over the run wall time", format_number(run_rows / run_wall) if run_wall else "–")]
+        notes.append(f"Run wall time: the {len(data.runs)} run(s) that did work, each from its start (Ray and the "
+                     "model workers starting included) to its end, as blipbatch run's summary prints it.")
     if timed:
         wall = union_seconds([(t.started, t.finished) for t in timed])
         images = sum(t.images_fetched for t in timed)
         rows = sum(r.rows for r in data.records if r.timing is not None)
-        cards += [("wall time", _duration(wall)), ("images/s", format_number(images / wall) if wall else "–"),
-                  ("rows/s", format_number(rows / wall) if wall else "–")]
+        cards += [("time units ran", _duration(wall)),
+                  ("rows/s while units ran", format_number(rows / wall) if wall else "–"),
+                  ("images/s while units ran", format_number(images / wall) if wall else "–")]
         notes.append(f"From {_when(min(t.started for t in timed))} to {_when(max(t.finished for t in timed))}; "
-                     "wall time counts the time units were running (gaps between runs left out).")
+                     "the in-unit rates count only the time units were running (start-up and gaps between runs "
+                     "left out).")
         if len(timed) < len(data.records):
             notes.append(f"{len(data.records) - len(timed)} unit(s) were committed without timing (an earlier "
                          "version of blipbatch) and are left out of the rates.")
@@ -152,6 +162,15 @@ def _failed_section(data: RunData) -> str:
             f"<th>reason</th></tr>{rows}</table></section>")
 
 
+def _score(score: object) -> str:
+    """An answer's score (mean token log-probability; beam search: the sequence score) beside it; none: nothing."""
+    scores = score if isinstance(score, list) else [score]
+    if not any(isinstance(s, (int, float)) for s in scores):
+        return ""
+    shown = " | ".join(f"{s:.2f}" if isinstance(s, (int, float)) else "–" for s in scores)
+    return f' <span class="score" title="score: mean token log-probability">({_e(shown)})</span>'
+
+
 def _gallery_section(data: RunData) -> str:
     if not data.gallery:
         return '<section id="gallery"><h2>Gallery</h2><p class="note">No committed rows to sample yet.</p></section>'
@@ -172,7 +191,7 @@ def _gallery_section(data: RunData) -> str:
             label = row.get("question_id") or _short(row["instruction"], 80) or "(no prompt)"
             if row["status"] == "ok":
                 text = row["text"] if isinstance(row["text"], str) else " | ".join(row["text"] or [])
-                answer = f'<dd class="text">{_e(text)}</dd>'
+                answer = f'<dd class="text">{_e(text)}{_score(row.get("score"))}</dd>'
             else:
                 answer = f'<dd class="row-error">{_e(row["error_kind"])}: {_e(_short(row["error"], 200))}</dd>'
             answers.append(f'<dt title="{_e(row["instruction"])}">{_e(label)}</dt>{answer}')
@@ -212,7 +231,7 @@ border-radius:4px;image-rendering:auto}.placeholder{height:150px;display:flex;fl
 justify-content:center;text-align:center;background:repeating-linear-gradient(45deg,#f1f5f9,#f1f5f9 8px,#e2e8f0 8px,
 #e2e8f0 16px);border-radius:4px;color:#991b1b;font-weight:600;padding:6px;overflow:hidden}
 .placeholder small{color:#475569;font-weight:400;word-break:break-word}dl{margin:4px 0 0}dt{color:#64748b;
-font-size:12px}dd{margin:0 0 4px}dd.text{font-weight:600}dd.row-error{color:#991b1b}
+font-size:12px}dd{margin:0 0 4px}dd.text{font-weight:600}.score{font-weight:400;color:#64748b}dd.row-error{color:#991b1b}
 pre{background:#0f172a;color:#e2e8f0;padding:12px;border-radius:8px;overflow:auto}
 """
 
@@ -232,7 +251,7 @@ def render(data: RunData) -> str:
         f'<p class="note">Model <code>{_e(data.settings.get("model"))}</code>; report made {_when(data.generated_at)}.'
         "</p></header>"
         + _summary(data) + _timing_sections(data) + _errors_section(data) + _failed_section(data)
-        + _gallery_section(data) + _spec_section(data)
+        + closed_set_section(data.closed_sets) + _gallery_section(data) + _spec_section(data)
         + "</body></html>\n"
     )
 

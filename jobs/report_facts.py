@@ -35,10 +35,13 @@ from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
 from blipbatch.pipeline.guard import LocalRoots
-from blipbatch.pipeline.manifest import ManifestError, read_manifest
-from blipbatch.pipeline.sink import failed_units, progress_records, read_part
+from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_runs
+from blipbatch.pipeline.sink import failed_units, part_schema, progress_records, read_part
+from blipbatch.pipeline.webdataset import is_tar, read_images
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
+
+from .report_closed_set import ClosedSetStats, closed_set_stats
 
 THUMBNAIL_PX = 192  # longest side of a gallery thumbnail
 EXAMPLES_PER_KIND = 3
@@ -103,6 +106,8 @@ class RunData:
     gallery: list[GalleryItem] = field(default_factory=list)
     examples: dict[str, list[dict]] = field(default_factory=dict)
     generated_at: float = 0.0
+    runs: list[dict] = field(default_factory=list)  # the runs' wall times (pipeline.manifest.record_run)
+    closed_sets: list[ClosedSetStats] = field(default_factory=list)  # per closed-set question: wins and thresholds
 
 
 def owned_by_caller(output: str) -> bool:
@@ -139,9 +144,10 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: report the rest
         units_planned, input_problem = None, f"{type(e).__name__}: {e}"
     data = RunData(output, settings, records, failed, units_planned, input_problem, OutputLock(output).holder(),
-                   generated_at=datetime.now(timezone.utc).timestamp())
+                   generated_at=datetime.now(timezone.utc).timestamp(), runs=recorded_runs(output))
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
+    data.closed_sets = closed_set_stats(output, records, settings.get("closed_sets"))
     fetch = fetch or FetchConfig()
     data.gallery = sample_gallery(output, settings, records, sample, fetch, seed)
     return data
@@ -180,6 +186,8 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
         by_record[r].append(pick - (ends[r] - sizes[r]))
     image_column = settings["mapping"]["image_column"]
     columns = ["id", image_column, "instruction", "text", "status", "error_kind", "error"]
+    if records and "score" in part_schema(output, records[0].unit_id).names:  # outputs before scores have none
+        columns.insert(4, "score")
     if isinstance(settings["instructions"], dict):  # named questions: rows carry their question_id
         columns.insert(3, "question_id")
     items: list[GalleryItem] = []
@@ -203,7 +211,9 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
         except RowError as refused:
             values = dict.fromkeys(rows, refused)
         else:
-            values = read_input_values(shard, image_column, sorted(rows))
+            mapping = settings["mapping"]
+            values = (read_tar_images(shard, sorted(rows), mapping.get("image_extension"))
+                      if is_tar(shard, mapping.get("format")) else read_input_values(shard, image_column, sorted(rows)))
         for row, value in values.items():
             sources[rows[row]] = value
     for item, image in zip(items, thumbnails(sources, fetch)):
@@ -240,6 +250,15 @@ def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int,
             return values
     except (OSError, ValueError, IndexError, pa.ArrowException) as e:
         problem = RowError("invalid_input", f"cannot read the image from the input shard {shard}: {e}")
+        return dict.fromkeys(rows, problem)
+
+
+def read_tar_images(shard: str, rows: Sequence[int], image_extension: str | None) -> dict[int, object]:
+    """The images of the WebDataset samples at `rows`; a RowError for each when the tar is unreadable."""
+    try:
+        return read_images(shard, rows, image_extension)
+    except (OSError, ValueError, IndexError) as e:
+        problem = RowError("invalid_input", f"cannot read the image from the input tar {shard}: {e}")
         return dict.fromkeys(rows, problem)
 
 

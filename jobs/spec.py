@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blipbatch.model.candidates import ClosedSet, candidates_problem
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.template import MISSING_CHOICES, TemplateError
+from blipbatch.pipeline.template import parse as parse_template
 from blipbatch.pipeline.job import (GenerationSettingsError, InputConfig, Job, ModelConfig, OutputConfig, PipelineError,
                                     RunConfig, instruction_size_problem)
 from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
@@ -236,7 +239,8 @@ def _config_checks(cls: type) -> dict[str, _Check]:
 TABLES: dict[str, dict[str, _Check]] = {
     "job": {"kind": _choice(*KINDS), "name": _TEXT},
     "input": {"path": _PATHS, "image_column": _TEXT, "id_column": _TEXT, "instruction_column": _TEXT,
-              "passthrough": _TEXTS},
+              "passthrough": _TEXTS, "missing": _choice(*MISSING_CHOICES), "format": _choice("parquet", "webdataset"),
+              "image_extension": _TEXT},
     "output": {"path": _TEXT, "wide": _BOOLEAN},
     "model": {"path": _TEXT, "dtype": _choice("bfloat16", "float16", "float32"), "device": _choice("cuda", "cpu"),
               "quantize": _choice("fp8"), "cuda_graphs": _BOOLEAN},
@@ -245,10 +249,18 @@ TABLES: dict[str, dict[str, _Check]] = {
     "generation": GENERATION_KEYS,
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
-    "run": {"workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
-            "prepare_threads": _integer(1), "decoded_bytes": _integer(1),
+    "run": {"workers": _Check('an integer >= 1 or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1)),
+            "max_workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
+            "prepare_threads": _integer(1), "decoded_bytes": _integer(1), "decode_processes": _integer(0),
             "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
-            "max_instruction_bytes": _integer(1), "address": _TEXT},
+            "max_instruction_bytes": _integer(1), "address": _TEXT, "max_candidates": _integer(2)},
+}
+
+# A question written as a table, [questions.NAME]: the question, and (closed-set) the answers it may take.
+QUESTION_KEYS: dict[str, _Check] = {
+    "question": _TEXT,
+    "candidates": _Check("an array of at least two distinct, non-empty strings", lambda v: isinstance(v, list)),
+    "scoring": _choice("sum", "mean"),
 }
 
 REQUIRED: dict[tuple[str, str], str] = {
@@ -320,8 +332,9 @@ class _Locator:
         self.overridden = overridden
 
     def __call__(self, *path: str) -> str:
-        if path[:2] in self.overridden:
-            return f"{self.source} (override {'.'.join(path[:2])})"
+        for end in (2, 3):  # "table.key", or "questions.NAME.key"
+            if path[:end] in self.overridden:
+                return f"{self.source} (override {'.'.join(path[:end])})"
         for end in range(len(path), 0, -1):
             if path[:end] in self.lines:
                 return f"{self.source}:{self.lines[path[:end]]}"
@@ -408,6 +421,12 @@ def _apply_overrides(doc: dict[str, Any], overrides: Mapping[str, object], sourc
         if isinstance(value, Extend):
             given = doc[table].get(key, [])
             doc[table][key] = (given if isinstance(given, list) else [given]) + list(value)
+        elif table == "questions" and "." in key:  # questions.NAME.candidates: a key of the question's table
+            name, _, question_key = key.partition(".")
+            question = doc[table].get(name, {})
+            doc[table][name] = question = question if isinstance(question, dict) else {"question": question}
+            question[question_key] = value
+            applied.add((table, key))
         else:
             doc[table][key] = value
             applied.add((table, key))
@@ -434,8 +453,12 @@ def _check_tables(doc: dict[str, Any], where: _Locator) -> dict[str, dict[str, A
         checks = TABLES[table]
         values[table] = {}
         for key, value in content.items():
+            if table == "questions" and isinstance(value, dict):
+                values[table][key] = _question_table(key, value, where)
+                continue
             if table == "questions":
-                check = _Check("a non-empty string (the question)", _is_text)
+                check = _Check('a non-empty string (the question), or a table with question = "..." and candidates',
+                               _is_text)
             elif key in checks:
                 check = checks[key]
             elif key in TABLES:  # a table written as a key: it lands in the table above it
@@ -447,6 +470,54 @@ def _check_tables(doc: dict[str, Any], where: _Locator) -> dict[str, dict[str, A
                 raise SpecError(where(table, key), f"[{table}] {key}", f"expected {check.expected}, got {_show(value)}")
             values[table][key] = check.convert(value)
     return values
+
+
+def _question_table(name: str, table: dict[str, Any], where: _Locator) -> dict[str, Any]:
+    """[questions.NAME]'s keys checked (candidates' contents are checked with the run's limit, in _closed_sets)."""
+    for key, value in table.items():
+        label = f"[questions.{name}] {key}"
+        if key not in QUESTION_KEYS:
+            raise SpecError(where("questions", name, key), label, f"unknown key; {_known(list(QUESTION_KEYS), key)}")
+        if not QUESTION_KEYS[key].accepts(value):
+            raise SpecError(where("questions", name, key), label,
+                            f"expected {QUESTION_KEYS[key].expected}, got {_show(value)}")
+    if "question" not in table:
+        raise SpecError(where("questions", name), f"[questions.{name}] question",
+                        'missing; the question asked of every image, e.g. question = "What color is the car?"')
+    if "scoring" in table and "candidates" not in table:
+        raise SpecError(where("questions", name, "scoring"), f"[questions.{name}] scoring",
+                        "only a question with candidates is scored; add candidates = [...] or remove it")
+    return table
+
+
+def _closed_sets(questions: dict[str, Any], limit: int, where: _Locator) -> dict[str, ClosedSet]:
+    """The questions with candidates, checked: at least two, distinct, non-empty strings, at most `limit`."""
+    closed = {}
+    for name, question in questions.items():
+        if not isinstance(question, dict) or "candidates" not in question:
+            continue
+        problem = candidates_problem(question["candidates"], limit)
+        if problem:
+            raise SpecError(where("questions", name, "candidates"), f"[questions.{name}] candidates", problem)
+        closed[name] = ClosedSet(tuple(question["candidates"]), question.get("scoring", "sum"))
+    return closed
+
+
+def _check_candidates_tokenize(model_path: str, closed: dict[str, ClosedSet], where: _Locator) -> None:
+    """With a local checkpoint, a candidate its tokenizer reduces to nothing is refused here (elsewhere the worker
+    refuses it when it loads the model). The `tokenizers` library alone: no torch at spec time."""
+    path = Path(os.path.expanduser(model_path)) / "tokenizer.json"
+    if not closed or not path.is_file():
+        return
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    for name, closed_set in closed.items():
+        for candidate in closed_set.candidates:
+            if not tokenizer.encode(candidate, add_special_tokens=False).ids:
+                raise SpecError(where("questions", name, "candidates"), f"[questions.{name}] candidates",
+                                f"{json.dumps(candidate, ensure_ascii=False)} tokenizes to nothing with the model's "
+                                "tokenizer; give it text the tokenizer keeps")
 
 
 def _pipeline_config(cls: type, table: str, given: dict[str, Any], where: _Locator) -> Any:
@@ -521,7 +592,8 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
         source, spec_file = str(path), Path(path).absolute()
         text, doc = _read_toml(spec_file, source)
     overridden = _apply_overrides(doc, overrides or {}, source)
-    where = _Locator(source, text, {tuple(d.split(".", 1)) for d, v in (overrides or {}).items() if v is not None})
+    where = _Locator(source, text, {tuple(d.split(".", 2 if d.startswith("questions.") else 1))
+                                    for d, v in (overrides or {}).items() if v is not None})
     values = _check_tables(doc, where)
 
     for (table, key), hint in REQUIRED.items():
@@ -565,6 +637,9 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
                             + ", ".join((*OUTPUT_COLUMNS, image_column)))
 
     questions = values.get("questions", {})
+    closed_sets = _closed_sets(questions, run.get("max_candidates", RunConfig.max_candidates), where)
+    _check_candidates_tokenize(model["path"], closed_sets, where)
+    questions = {name: q["question"] if isinstance(q, dict) else q for name, q in questions.items()}
     if kind.name == "annotate" and not questions:
         raise SpecError(where("questions"), "[questions]", f"empty; {kind.requires['questions']}")
     for name in questions:
@@ -578,6 +653,13 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
         prompt = default_prompt(model["path"]) if prompt is None else prompt
+    templates = [(("prompt", "text"), "[prompt] text", prompt)] if "prompt" in values else []
+    templates += [(("questions", name), f"[questions] {name}", text) for name, text in questions.items()]
+    for path, label, text in templates:
+        try:
+            parse_template(text)
+        except TemplateError as e:
+            raise SpecError(where(*path), label, str(e)) from None
     texts = {("prompt", "text"): prompt} if prompt is not None else {}
     _check_bounds(generation, model["path"], texts | {("questions", k): q for k, q in questions.items()},
                   run.get("max_instruction_bytes", RunConfig.max_instruction_bytes), where)
@@ -588,9 +670,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
             name=values["job"].get("name"),
             prompt=prompt,
             questions=dict(questions),
-            input=InputConfig(paths=inputs["path"], image_column=image_column, id_column=inputs.get("id_column"),
-                              instruction_column=inputs.get("instruction_column"),
-                              passthrough=inputs.get("passthrough", ())),
+            input=InputConfig(paths=inputs.pop("path"), **{**inputs, "image_column": image_column}),
             output=OutputSpec(path=output["path"], wide=output.get("wide", False)),
             model=ModelConfig(**model),  # [model]'s keys are ModelConfig's fields; unset ones keep its defaults
             instructions=kind.instructions(prompt, questions),
@@ -598,6 +678,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
             fetch=_pipeline_config(FetchConfig, "fetch", fetch, where),
             decode=_pipeline_config(DecodeConfig, "decode", values.get("decode", {}), where),
             run=RunConfig(**run),
+            closed_sets=closed_sets,
         )
     except GenerationSettingsError as e:  # the engine's checks across keys, made by the Job
         raise SpecError(where("generation"), "[generation]", e.problem) from None

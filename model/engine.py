@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from .candidates import ClosedSet, as_ranked
 from .continuous import GraphStep, GreedyLimits, greedy_batcher
 from .errors import ConfigError, ProcessorError
 from .fp8 import check_fp8_support, quantize_fp8_
@@ -25,6 +26,7 @@ from .hub import checkpoint_dir
 from .configs import GenerationConfig
 from .instructblip import DEFAULT_NEW_TOKENS, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 from .processor import Blip2Processor, InstructBlipProcessor
+from .ranking import candidate_loglikelihoods, candidate_targets, eos_token_id, position_limit, reduce_scores
 
 
 class InvalidInstruction(ProcessorError):
@@ -47,10 +49,13 @@ class EngineConfig:
 class Generated:
     """What one (image, instruction) gives: its text and score, or with num_return_sequences > 1 a list of each.
 
-    score: the text's mean token log-probability (beam search: transformers' sequence score)."""
+    score: the text's mean token log-probability (beam search: transformers' sequence score). A closed-set question
+    (model.ranking): text is the chosen candidate, score its probability among the candidates, and
+    candidate_logprobs each candidate's score under the question's scoring, in the order the candidates are given."""
 
     text: str | list[str]
     score: float | list[float]
+    candidate_logprobs: list[float] | None = None
 
 
 # Settings continuous batching applies itself; any other setting away from its default runs the static generate().
@@ -153,6 +158,7 @@ class Engine:
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and self.greedy_limits is not None
         self.graph_step = GraphStep(self.model.language_model) if use_graphs else None
         self.images_encoded = 0  # vision-encoder passes, one per distinct image of each call
+        self._targets: dict[tuple[str, ...], list[list[int]]] = {}  # candidates -> their target ids
 
     def _default_rows(self, config: GenerationConfig) -> tuple[int, int]:
         """(rows per model call, decode slots) when not set: CPU_ROWS on CPU; on CUDA, what the free memory
@@ -204,6 +210,28 @@ class Engine:
                 )
         return instruction
 
+    def candidate_targets(self, closed_set: ClosedSet) -> list[list[int]]:
+        """The target ids of a closed set's candidates (model.ranking's rule), tokenized once; ProcessorError names
+        a candidate that tokenizes to nothing."""
+        key = closed_set.candidates
+        if key not in self._targets:
+            tokenizer = self.processor.tokenizer
+            self._targets[key] = candidate_targets(tokenizer, key, eos_token_id(self.model, tokenizer))
+        return self._targets[key]
+
+    def check_closed_set(self, instruction: str, closed_set: ClosedSet) -> None:
+        """InvalidInstruction when the prompt and the longest candidate need more positions than the model has."""
+        limit = position_limit(self.model)
+        if limit is None:
+            return
+        prompt = self.model.config.num_query_tokens + len(self.processor.tokenizer.encode(instruction))
+        longest = max(map(len, self.candidate_targets(closed_set)))
+        if prompt + longest - 1 > limit:
+            raise InvalidInstruction(
+                f"the instruction ({prompt} positions with the image queries) and its longest candidate ({longest} "
+                f"tokens with eos) need {prompt + longest - 1} positions; this model takes {limit}"
+            )
+
     def generate(self, images: Sequence[PIL.Image.Image], instructions: Sequence[str]) -> list[str | list[str]]:
         """One text per (image, instruction) pair, or a list of texts with num_return_sequences > 1.
 
@@ -221,35 +249,71 @@ class Engine:
         return [generated.text for generated in self.generate_scored(pixel_values, image_rows, instructions)]
 
     def generate_scored(
-        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
+        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str],
+        closed_sets: Sequence[ClosedSet | None] | None = None,
     ) -> list[Generated]:
-        """As `generate_pixels`, with each text's score. A call that runs out of GPU memory is halved and retried."""
+        """As `generate_pixels`, with each text's score. closed_sets[i], when given and not None, makes instruction i
+        a closed-set question: its candidates are ranked (model.ranking) instead of generating; every image goes
+        through the vision encoder once for both kinds. A call that runs out of GPU memory is halved and retried."""
+        closed_sets = list(closed_sets) if closed_sets is not None else [None] * len(instructions)
         try:
-            return self._generate(pixel_values, image_rows, instructions)
+            return self._generate(pixel_values, image_rows, instructions, closed_sets)
         except torch.cuda.OutOfMemoryError:
             if len(instructions) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(instructions) // 2
-            return [*self._part(pixel_values, image_rows[:half], instructions[:half]),
-                    *self._part(pixel_values, image_rows[half:], instructions[half:])]
+            return [*self._part(pixel_values, image_rows[:half], instructions[:half], closed_sets[:half]),
+                    *self._part(pixel_values, image_rows[half:], instructions[half:], closed_sets[half:])]
 
-    def _part(self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]) -> list:
+    def _part(self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str],
+              closed_sets: Sequence[ClosedSet | None]) -> list:
         used = list(dict.fromkeys(image_rows))
         index = {row: i for i, row in enumerate(used)}
-        return self.generate_scored(pixel_values[used], [index[row] for row in image_rows], instructions)
+        return self.generate_scored(pixel_values[used], [index[row] for row in image_rows], instructions, closed_sets)
 
     @torch.inference_mode()
     def _generate(
-        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str]
+        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str],
+        closed_sets: Sequence[ClosedSet | None],
     ) -> list[Generated]:
         pixels = pixel_values.to(self.device, non_blocking=True).to(self.vision_dtype)
         image_embeds = self.model.encode_images(pixels)
         self.images_encoded += pixels.shape[0]
+        free = [i for i, closed in enumerate(closed_sets) if closed is None]
+        ranked = [i for i, closed in enumerate(closed_sets) if closed is not None]
+
+        def embeds_of(rows: list[int]) -> torch.Tensor:
+            return image_embeds.index_select(0, torch.tensor([image_rows[i] for i in rows], device=self.device))
+
+        results: dict[int, Generated] = {}
+        if free:
+            results.update(zip(free, self._free(embeds_of(free), [instructions[i] for i in free])))
+        if ranked:
+            results.update(zip(ranked, self._ranked(embeds_of(ranked), [instructions[i] for i in ranked],
+                                                    [closed_sets[i] for i in ranked])))
+        return [results[i] for i in range(len(instructions))]
+
+    def _ranked(self, image_embeds: torch.Tensor, instructions: Sequence[str],
+                closed_sets: Sequence[ClosedSet]) -> list[Generated]:
+        """Closed-set rows: each row's candidates ranked by their log-likelihood (model.ranking)."""
+        inputs = {k: v.to(self.device) for k, v in self.processor.encode_prompts(instructions).items()}
+        features = self.model.query_image(image_embeds, inputs.get("qformer_input_ids"),
+                                          inputs.get("qformer_attention_mask"))
+        embeds = self.model.embed_inputs(inputs["input_ids"], features)
+        targets = [self.candidate_targets(closed) for closed in closed_sets]
+        sums, lengths = candidate_loglikelihoods(self.model, embeds, inputs["attention_mask"], targets)
+        out = []
+        for closed, row_sums, row_lengths in zip(closed_sets, sums, lengths):
+            scores = reduce_scores(row_sums, row_lengths, closed.scoring).tolist()
+            best, probabilities = as_ranked(scores)
+            out.append(Generated(closed.candidates[best], probabilities[best], scores))
+        return out
+
+    def _free(self, image_embeds: torch.Tensor, instructions: Sequence[str]) -> list[Generated]:
+        """Free generation: image_embeds [rows, ...] (one per instruction) -> each row's text and score."""
         inputs = self.processor.encode_prompts(instructions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        rows = torch.tensor(image_rows, device=self.device)
-        image_embeds = image_embeds.index_select(0, rows)
         if self.greedy_limits is not None:
             batcher = greedy_batcher(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots,
                                      self.graph_step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ranking
 from .base_models import PretrainedModel
 from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
 from .errors import ConfigError, GenerationError, ProcessorError
@@ -37,6 +39,7 @@ from .processor import check_placeholder_mask, check_placeholders
 from .qformer import InstructBlipQFormerModel
 from .sessions import DecoderOnlySession, EncoderDecoderSession
 from .t5 import T5Cache, T5ForConditionalGeneration, T5Model
+from .tokenizer import Tokenizer
 from .vision import InstructBlipVisionModel
 
 LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
@@ -406,6 +409,34 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         if trace is None:
             return GenerateOutput(sequences=ids)
         return GenerateOutput(sequences=ids, sequences_scores=trace.sequences, scores=tuple(trace.steps))
+
+    def score_candidates(
+        self,
+        candidates: Sequence[str] | Sequence[Sequence[str]],
+        tokenizer: Tokenizer,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        scoring: str = "sum",
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Closed-set answers (LAVIS's `predict_class`): each candidate's log-likelihood given the image and prompt.
+
+        `model.score_candidates(["red", "blue"], processor.tokenizer, **processor(images=..., text=...))`: one list
+        shared by every row gives float64 [B, K]; one list per row gives a list of float64 [K_b]. `scoring="sum"`:
+        the total log-probability of the candidate's tokens and then the eos; `"mean"`: per token. A candidate's
+        tokens are `tokenizer.encode(candidate, add_special_tokens=False) + [eos]`, scored after the prompt ids
+        (decoder-only LMs) or as the decoder's labels (T5): what `forward(..., labels=...)` scores. One vision pass per
+        image, one prefill per prompt, every candidate against that prefill's cache (model/ranking.py).
+        `image_embeds` (from `encode_images`, one row per prompt) replaces `pixel_values`."""
+        return ranking.score_candidates(
+            self, candidates, tokenizer, pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask, input_ids=input_ids, attention_mask=attention_mask,
+            image_embeds=image_embeds, interpolate_pos_encoding=interpolate_pos_encoding, scoring=scoring,
+        )
 
     # ---- checkpoints: the generation defaults travel with the weights ---------------------------
     def read_extra_files(self, folder: Path) -> None:

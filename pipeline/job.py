@@ -9,17 +9,21 @@ typed parts of it, and the output's manifest records it (pipeline.manifest).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
 from blipbatch.errors import BlipbatchError
+from blipbatch.model.candidates import DEFAULT_MAX_CANDIDATES, ClosedSet, closed_set
 from blipbatch.model.configs import GenerationConfig
 from blipbatch.model.errors import ConfigError
 from blipbatch.schemas import ColumnMapping
 
 from .decode import DecodeConfig
 from .fetch import FetchConfig
+from .template import MISSING_CHOICES, TemplateError, parse_all
+
+INPUT_FORMATS = (None, "parquet", "webdataset")  # [input] format; None: by each shard's name
 
 # What the job sets when the user sets nothing; every other generate() setting is the checkpoint's own.
 DEFAULT_GENERATION: Mapping[str, Any] = MappingProxyType({"max_new_tokens": 30, "num_beams": 1})
@@ -53,12 +57,16 @@ class InputConfig(ColumnMapping):
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
         if not paths:
             raise PipelineError("input: give at least one Parquet folder, glob or file")
+        if self.missing not in MISSING_CHOICES:
+            raise PipelineError(f"input.missing must be one of {', '.join(MISSING_CHOICES)}, got {self.missing!r}")
+        if self.format not in INPUT_FORMATS:
+            raise PipelineError(f"input.format must be one of {', '.join(map(str, INPUT_FORMATS))}, got "
+                                f"{self.format!r}")
 
     @property
     def columns(self) -> ColumnMapping:
         """The column mapping alone, as the shards and the worker use it."""
-        return ColumnMapping(image_column=self.image_column, id_column=self.id_column,
-                             instruction_column=self.instruction_column, passthrough=self.passthrough)
+        return ColumnMapping(**{f.name: getattr(self, f.name) for f in fields(ColumnMapping)})
 
 
 @dataclass(frozen=True)
@@ -75,27 +83,44 @@ class ModelConfig:
     cuda_graphs: bool = True  # on CUDA, greedy decode steps as a CUDA graph; False: eager (slower, same results)
 
 
+AUTO = "auto"  # [run] workers: one model actor per GPU, following the cluster as it grows and shrinks
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    workers: int | None = None  # model actors; None: one per GPU, else 1
+    # model actors: a number, or "auto" (None): one per GPU the cluster has, more as GPUs join while units wait, those
+    # on nodes that leave dropped; without GPUs, 1
+    workers: int | str | None = None
+    max_workers: int | None = None  # "auto": at most this many model actors; None: no limit
     batch_size: int | None = None  # rows per model call; None: 8 on CPU, from the GPU's free memory on CUDA (Engine)
     decode_slots: int | None = None  # greedy: sequences decoded together; None: 32 on CPU, as batch_size on CUDA
     prepare_threads: int | None = None  # per worker: threads that decode and resize; None: its CPUs, at most 8
+    # per worker: decode processes, each stopped at its row's deadline (pipeline.decode_pool), reserved as Ray CPUs;
+    # None: on GPU workers the CPUs per GPU of the GPU nodes less one, on a CPU model 1; 0: decode on threads
+    decode_processes: int | None = None
     decoded_bytes: int = 2**30  # per worker: images being decoded at once hold at most this (pipeline.prepare)
     rows_per_unit: int = 1000  # rows per work unit, the unit of retry and commit
     max_attempts: int = 3  # tries before a unit is marked failed
     max_error_rate: float = 1.0  # share of this run's rows in error at which the run exits 4
     # An instruction (a row's, a prompt, a question) longer than this in UTF-8 is refused before it is tokenized.
     max_instruction_bytes: int = 16384
+    max_candidates: int = DEFAULT_MAX_CANDIDATES  # most candidates a closed-set question may list
     address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else Ray in-process
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts",
-                     "max_instruction_bytes"):
+                     "max_instruction_bytes", "max_candidates", "max_workers"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.workers is not None and self.workers < 1:
-            raise PipelineError(f"run.workers must be at least 1, got {self.workers!r}")
+        if self.decode_processes is not None and not self.decode_processes >= 0:
+            raise PipelineError(f"run.decode_processes must be at least 0, got {self.decode_processes!r}")
+        if self.workers not in (None, AUTO) and not (isinstance(self.workers, int) and self.workers >= 1):
+            raise PipelineError(f'run.workers must be at least 1, or "auto", got {self.workers!r}')
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the count of model actors follows the cluster's GPUs ("auto", the default)."""
+        return self.workers in (None, AUTO)
         if not 0.0 < self.max_error_rate <= 1.0:
             raise PipelineError(f"run.max_error_rate must be in (0, 1], got {self.max_error_rate!r}")
 
@@ -122,6 +147,26 @@ def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Ins
     if not all(isinstance(text, str) for text in texts):
         raise PipelineError("every prompt must be a string (BLIP-2 captions with the empty one)")
     return fixed
+
+
+def _closed_sets(given: Mapping[str, object], instructions: Instructions | None, limit: int) -> dict[str, ClosedSet]:
+    """question_id -> ClosedSet, from ClosedSets, candidate lists (scoring "sum") or {"candidates", "scoring"}
+    mappings (as the manifest records them); each question must be one of the job's named questions."""
+    if given and not isinstance(instructions, dict):
+        raise PipelineError("closed_sets name questions: give the questions as a dict, question_id -> question")
+    checked = {}
+    for name, value in given.items():
+        if name not in instructions:
+            raise PipelineError(f"closed_sets: {name!r} is not one of the questions ({', '.join(instructions)})")
+        if isinstance(value, ClosedSet):
+            value = value.to_dict()
+        elif not isinstance(value, Mapping):
+            value = {"candidates": value}
+        try:
+            checked[name] = closed_set(value.get("candidates", ()), value.get("scoring", "sum"), limit)
+        except ValueError as e:
+            raise PipelineError(f"closed_sets: question {name!r}: {e}") from None
+    return checked
 
 
 def _checked_generation(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,15 +196,24 @@ class Job:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Closed-set questions: question_id (a key of `instructions`) -> its candidates and scoring (model.ranking);
+    # the other questions generate freely.
+    closed_sets: dict[str, ClosedSet] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.instructions is None) == (self.input.instruction_column is None):
             raise PipelineError("give exactly one of prompt (a fixed instruction) and instruction_column")
         object.__setattr__(self, "instructions", _instructions(self.instructions))
+        try:
+            parse_all(self.instructions)
+        except TemplateError as e:
+            raise PipelineError(f"prompt: {e}") from None
         fixed = self.instructions.values() if isinstance(self.instructions, dict) else self.instructions or ()
         for text in fixed:
             if (problem := instruction_size_problem(text, self.run.max_instruction_bytes)) is not None:
                 raise PipelineError(f"prompt: {problem}")
+        object.__setattr__(self, "closed_sets",
+                           _closed_sets(self.closed_sets or {}, self.instructions, self.run.max_candidates))
         object.__setattr__(self, "generation", _checked_generation(self.generation))
 
     @property
@@ -177,10 +231,12 @@ def job_from_keywords(
     generation: Mapping[str, Any] | None = None,
     fetch: FetchConfig | None = None,
     decode: DecodeConfig | None = None,
+    closed_sets: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Job:
     """A Job from pipeline.run's keyword form: column, model and run settings by their field names
-    (image_column, dtype, batch_size, ...), max_new_tokens/num_beams as shorthands for generation."""
+    (image_column, dtype, batch_size, ...), max_new_tokens/num_beams as shorthands for generation; closed_sets
+    maps question ids of `prompt` to their candidates (a list, or a ClosedSet with its scoring)."""
     sections: dict[type, dict[str, Any]] = {InputConfig: {}, ModelConfig: {}, RunConfig: {}}
     gen = dict(generation or {})
     for name, value in settings.items():
@@ -200,4 +256,5 @@ def job_from_keywords(
         fetch=fetch or FetchConfig(),
         decode=decode or DecodeConfig(),
         run=RunConfig(**sections[RunConfig]),
+        closed_sets=dict(closed_sets or {}),
     )

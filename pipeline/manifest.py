@@ -12,11 +12,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from blipbatch.errors import BlipbatchError
-from blipbatch.schemas import MANIFEST_VERSION, JobSettings
+from blipbatch.schemas import MANIFEST_VERSION, ColumnMapping, JobSettings
 
 from .decode import DecodeConfig
 from .fetch import FetchConfig
@@ -34,9 +36,11 @@ MANIFEST = "_manifest.json"
 RESUME_MAY_CHANGE = frozenset({"fetch", "decode", "device", "run", "version"})
 # Settings that must match but version 1 manifests did not record.
 _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
+# Mapping fields added after version 2 (templates, WebDataset input): recorded only when not at their default.
+_MAPPING_ADDED_LATER = frozenset({"missing", "format", "image_extension"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
-_RECORDED_RUN = ("workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "max_attempts",
-                 "max_error_rate", "max_instruction_bytes")
+_RECORDED_RUN = ("workers", "max_workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes",
+                 "decode_processes", "max_attempts", "max_error_rate", "max_instruction_bytes", "max_candidates")
 
 
 def _canonical_json(settings: Mapping) -> str:
@@ -55,6 +59,14 @@ def fingerprint(settings: Mapping) -> str:
     return hashlib.sha256(_canonical_json(_fixed(settings)).encode()).hexdigest()[:16]
 
 
+def _recorded_mapping(columns: ColumnMapping) -> dict[str, Any]:
+    """The mapping's fields, less those added after manifest version 2 while they hold their default: an output
+    made before them records none, and resumes."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ColumnMapping)}
+    return {name: value for name, value in dataclasses.asdict(columns).items()
+            if name not in _MAPPING_ADDED_LATER or value != defaults[name]}
+
+
 def job_settings(job: Job) -> JobSettings:
     """What the manifest records of `job`: plain JSON values, credentials in URLs redacted."""
     paths = [redact(p) for p in job.input.paths]
@@ -63,7 +75,7 @@ def job_settings(job: Job) -> JobSettings:
         model=redact(job.model.path),
         instructions=job.instructions if isinstance(job.instructions, dict) else (
             None if job.instructions is None else list(job.instructions)),
-        mapping=dataclasses.asdict(job.input.columns),
+        mapping=_recorded_mapping(job.input.columns),
         generation=dict(job.generation),
         rows_per_unit=job.run.rows_per_unit,
         dtype=job.model.dtype,
@@ -72,6 +84,7 @@ def job_settings(job: Job) -> JobSettings:
         fetch=dataclasses.asdict(job.fetch),
         decode=dataclasses.asdict(job.decode),
         run={name: getattr(job.run, name) for name in _RECORDED_RUN},
+        closed_sets={name: closed.to_dict() for name, closed in job.closed_sets.items()} or None,
     )
 
 
@@ -97,6 +110,7 @@ def recorded_job(settings: JobSettings, output: str) -> Job:
         fetch=recorded_fetch(settings),
         decode=DecodeConfig(**_tuples(settings.decode)),
         run=RunConfig(rows_per_unit=settings.rows_per_unit, **run),
+        closed_sets=settings.closed_sets or {},
     )
 
 
@@ -154,6 +168,8 @@ def _comparable(previous: object, current: dict) -> dict:
     fixed = _fixed(current)
     if isinstance(previous, dict) and "version" not in previous and "version" in current:
         fixed = {k: v for k, v in fixed.items() if k in previous or k not in _ADDED_IN_V2}
+    if isinstance(previous, dict):  # a setting recorded since, unused now (None), is no difference from its absence
+        fixed = {k: v for k, v in fixed.items() if k in previous or v is not None}
     return fixed
 
 
@@ -185,6 +201,58 @@ def write_manifest(output_root: str, settings: Mapping) -> None:
     manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint(current), "settings": current,
                 "written_at": _now()}
     _write_whole(fs, f"{root}/{MANIFEST}", _json_bytes(manifest))
+
+
+def record_used(output_root: str, used: Mapping[str, Any]) -> None:
+    """Add to the manifest what the run's workers actually use (`used`: workers, batch size, decode slots, devices;
+    a default such as batch size "from memory on CUDA" resolved), beside the settings asked for; written whole."""
+    fs, root = _open_root(output_root)
+    path = f"{root}/{MANIFEST}"
+    fs.invalidate_cache(path)
+    manifest = json.loads(fs.cat_file(path))
+    manifest["used"] = json.loads(_canonical_json(used))
+    _write_whole(fs, path, _json_bytes(manifest))
+
+
+RUNS_DIR = "_runs"  # one small JSON per run that did work: when it started, its wall time (start-up included), rows
+
+
+def record_run(output_root: str, started_at: float, wall_s: float, rows: int) -> None:
+    """Record a run's wall time as its summary prints it (from the call, start-up included), for the report."""
+    fs, root = _open_root(output_root)
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_at))}-{uuid.uuid4().hex[:8]}.json"
+    _write_whole(fs, f"{root}/{RUNS_DIR}/{name}", _json_bytes({"started_at": started_at, "wall_s": wall_s,
+                                                                "rows": rows}))
+
+
+def recorded_runs(output_root: str) -> list[dict[str, Any]]:
+    """The runs record_run wrote, oldest first (none for outputs written before runs were recorded)."""
+    fs, root = _open_root(output_root)
+    folder = f"{root}/{RUNS_DIR}"
+    fs.invalidate_cache(folder)
+    try:
+        paths = sorted(fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, ValueError):
+            continue  # unreadable: left out of the report's times, which say how many runs they count
+        if isinstance(run, dict) and isinstance(run.get("wall_s"), (int, float)):
+            runs.append(run)
+    return runs
+
+
+def read_used(output_root: str) -> dict[str, Any] | None:
+    """What the last run's workers used, as record_used wrote it; None when not recorded."""
+    fs, root = _open_root(output_root)
+    try:
+        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest.get("used") if isinstance(manifest, dict) else None
 
 
 def ensure_manifest(output_root: str, settings: Mapping, force: bool = False) -> str:

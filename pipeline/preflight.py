@@ -4,8 +4,10 @@ Imports neither torch nor Ray: the CLI runs these checks before it pays for eith
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -52,5 +54,27 @@ def check_output(path: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise PipelineError(f"output: {parent} is a file, so {path} cannot be made; give a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PipelineError(f"output: {parent} is not writable")
+    try:  # tried, not inferred from permissions: root passes os.access where /proc, /sys or a read-only mount refuse
+        _try_writing(root, parent)
+    except OSError as e:
+        raise PipelineError(f"output: {path} cannot be written ({e.strerror or type(e).__name__}); give a writable "
+                            "folder") from None
+
+
+def _try_writing(root: str, parent: str) -> None:
+    """Make the folder `root` (below its nearest existing folder `parent`) and a file in it, then remove both: the
+    check leaves the place as it found it."""
+    made = []
+    folder = root
+    while folder != parent:
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        for folder in reversed(made):
+            os.mkdir(folder)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)

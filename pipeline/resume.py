@@ -8,6 +8,8 @@
   begun by an earlier version, whose rows lack a newer column, stays one table for every reader.
 - Unit ids come from the shards' content; outputs written before that named their units after the shards' locations
   (shards.legacy_unit_id): a unit committed under its old id keeps it, so the old output resumes without redoing it.
+- A row group larger than a unit is cut into row ranges, one unit each; an output begun before that committed (or
+  failed) the row group as one unit, which keeps that identity.
 """
 
 from __future__ import annotations
@@ -49,17 +51,41 @@ def redo_kinds(kinds: Collection[str]) -> frozenset[str]:
 
 
 def known_ids(units: Sequence[WorkUnit], committed: Collection[str]) -> list[WorkUnit]:
-    """The units, each under the id it was committed by: its content id, or the location id older outputs used."""
+    """The units, each under the id it was committed by: its content id, or the location id older outputs used; the
+    row ranges of a row group that an older output committed whole (before row groups were cut) are that one unit."""
     return [unit if unit.unit_id in committed or legacy_unit_id(unit) not in committed
-            else dataclasses.replace(unit, unit_id=legacy_unit_id(unit)) for unit in units]
+            else dataclasses.replace(unit, unit_id=legacy_unit_id(unit)) for unit in _whole_where_known(units, committed)]
+
+
+def _whole_where_known(units: Sequence[WorkUnit], known: Collection[str]) -> list[WorkUnit]:
+    """The units, with the row ranges of each row group whose whole-group unit is known (by either id) joined back
+    into that unit."""
+    ranges: dict[str, list[WorkUnit]] = {}
+    for unit in units:
+        if unit.group_range is not None:
+            ranges.setdefault(unit.whole_group_id, []).append(unit)
+    joined = {}
+    for whole_id, parts in ranges.items():
+        whole = dataclasses.replace(parts[0], unit_id=whole_id, num_rows=sum(p.num_rows for p in parts),
+                                    group_range=None)
+        if whole_id in known or legacy_unit_id(whole) in known:
+            joined[whole_id] = whole
+    out: list[WorkUnit] = []
+    for unit in units:
+        if unit.group_range is None or unit.whole_group_id not in joined:
+            out.append(unit)
+        elif unit.group_range[0] == 0:
+            out.append(joined[unit.whole_group_id])
+    return out
 
 
 def plan_run(output: str, planned: Sequence[WorkUnit], retry_failed: bool = False,
              redo_errors: Collection[str] | None = None) -> RunPlan:
     """What a run over `planned` does in `output`; `redo_errors`: None for no redo, else the kinds (empty: all)."""
     committed = committed_units(output)
-    units = known_ids(planned, committed)
-    skip = committed if retry_failed else committed | set(failed_units(output))
+    failed = set(failed_units(output))
+    units = known_ids(planned, committed | failed)
+    skip = committed if retry_failed else committed | failed
     pending = [unit for unit in units if unit.unit_id not in skip]
     if redo_errors is not None:
         kinds = redo_kinds(redo_errors)

@@ -16,18 +16,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import fsspec
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from blipbatch.model.engine import EngineConfig
 
 from .coordinator import Progress, RunSummary, run_units
 from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
-from .manifest import check_manifest, job_settings, write_manifest
+from .manifest import check_manifest, job_settings, read_manifest, record_run, record_used, write_manifest
 from .redact import redact
 from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
-from .sink import progress_records
+from .sink import committed_units, progress_records
+from .template import TemplateError, check_columns, parse_all
 from .preflight import check_model, check_output
 from .prepare import PrepareConfig
 from .worker import FaultInjection, ModelWorker, WorkerConfig
@@ -35,8 +38,18 @@ from .worker import FaultInjection, ModelWorker, WorkerConfig
 __all__ = ["PipelineError", "connect_ray", "run", "run_job"]
 
 
+MAX_TEMP_ROOT_CHARS = 24  # Ray's longest socket path adds about 80 characters to its temp folder's
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as after Ctrl-C: committed units kept, lock released."""
+
+
+def _cpus_per_gpu() -> int:
+    """The fewest CPUs per GPU of the cluster's live GPU nodes (8 when none is up yet: an autoscaler adds them)."""
+    ratios = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
+              if node.get("Alive") and node["Resources"].get("GPU")]
+    return min(ratios, default=8)
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -53,14 +66,22 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     # Ray's notice that it made a token for this cluster is about a cluster of our own, on this machine and for this
     # process only: it would otherwise be the first line of every run's stderr.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # A short path: Ray's socket names must fit in 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp")
+    temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir=ray_temp_root())
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=True, configure_logging=False)
     atexit.register(_remove_ray_temp, temp_dir)  # runs before Ray's own exit hook (atexit is last in, first out)
 
 
+def ray_temp_root() -> str:
+    """Where an in-process Ray's temp folder goes: $TMPDIR (Python's temp folder) when short enough, else /tmp: Ray's
+    socket paths below it must fit in 107 bytes."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= MAX_TEMP_ROOT_CHARS else "/tmp"
+
+
 def _remove_ray_temp(temp_dir: str) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # at exit: a last Ctrl-C must not leave Ray running, its folder kept
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -104,19 +125,55 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
     output = job.output.path
     check_model(job.model.path)
     check_output(output)
+    made = _folders_to_make(output)
+    try:
+        return _run_checked(job, start, force=force, retry_failed=retry_failed, redo_errors=redo_errors,
+                            progress=progress, fault=fault)
+    except BaseException:
+        _remove_if_left_empty(made)  # a run that cannot start (or is stopped while starting) leaves no folder behind
+        raise
+
+
+def _folders_to_make(output: str) -> list[str]:
+    """The local folders, deepest first, that running into `output` makes (none on object stores)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        return []
+    made = []
+    while not os.path.exists(root):
+        made.append(root)
+        root = os.path.dirname(root)
+    return made
+
+
+def _remove_if_left_empty(made: Sequence[str]) -> None:
+    """Remove the folders a run made if they hold no file (the lock is gone once released)."""
+    if made and not any(files for _, _, files in os.walk(made[0])):
+        shutil.rmtree(made[0], ignore_errors=True)
+        for folder in made[1:]:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, redo_errors: Sequence[str] | None,
+                 progress: bool, fault: FaultInjection | None) -> RunSummary:
+    output = job.output.path
     paths = job.input.paths
     check_apart(paths, output)
     units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,
                        job.run.rows_per_unit)
     check_unique_ids(unfinished_shards(output, units), job.input.columns)
+    check_template_columns(job, units)
     settings = job_settings(job).to_dict()
+    started: list[bool] = []  # set once the workers are up
     with OutputLock(output) as lock:
         manifest = check_manifest(output, settings, force=force)
         plan = plan_run(output, units, retry_failed, redo_errors)
         if not force:
             check_rewritten(output, units, plan.committed)
         pending = plan.pending
-        summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped)
+        summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped,
+                             units_to_do=len(pending))
         if not pending:
             print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
                   "(--retry-failed redoes failed units, --redo-errors error rows)", file=sys.stderr)
@@ -126,6 +183,7 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
                                     quantize=job.model.quantize, cuda_graphs=job.model.cuda_graphs,
                                     generation=dict(job.generation), decode_slots=job.run.decode_slots),
                 mapping=job.input.columns, output=output, instructions=job.instructions,
+                closed_sets=dict(job.closed_sets),
                 batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
                 max_instruction_bytes=job.run.max_instruction_bytes,
                 prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
@@ -133,13 +191,50 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
             total_rows = plan.output_rows(job.rows_per_input_row)
             # The manifest is written once the workers are up, just before the first unit is handed out: a run
             # that cannot start leaves the output as it found it.
-            on_ready = (lambda: None) if manifest == "matched" else (lambda: write_manifest(output, settings))
-            run_on_ray(pending, config, summary, job, Progress(total_rows) if progress else None,
+
+            def on_ready(used: dict[str, object]) -> None:
+                if manifest != "matched":
+                    write_manifest(output, settings)
+                record_used(output, used)
+                started.append(True)
+
+            run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
                        lock.maybe_renew, on_ready)
-            if summary.interrupted:
+            if summary.interrupted or summary.output_problem:
                 recount(summary, plan.committed)
+            summary.output_problem = summary.output_problem or output_losses(output, plan.committed |
+                                                                             summary.committed_ids)
+        if started:  # the report's headline time: the runs' wall time, start-up included
+            wall_s = time.monotonic() - start
+            try:
+                record_run(output, time.time() - wall_s, wall_s, summary.rows)
+            except OSError as e:  # a full disk: the summary says so already, or says this
+                summary.output_problem = summary.output_problem or f"cannot record the run's time: {e.strerror or e}"
     summary.wall_s = time.monotonic() - start
     return summary
+
+
+def output_losses(output: str, committed: set[str]) -> str | None:
+    """What the output lost while the run wrote it (its folder deleted or moved, a lifecycle rule): its manifest, or
+    units committed before or during the run; None when it has them all."""
+    missing = committed - committed_units(output)
+    manifest = read_manifest(output) is not None
+    if not missing and manifest:
+        return None
+    lost = [f"{len(missing)} of its {len(committed)} committed units"] if missing else []
+    lost += [] if manifest else ["its manifest"]
+    return (f"the output lost {' and '.join(lost)} during the run (was the folder deleted or moved?): it does not hold "
+            "what this summary counts; run the same command again to redo what is missing")
+
+
+def check_template_columns(job: Job, units: Sequence[WorkUnit]) -> None:
+    """Refuse a prompt template naming a column some shard does not have, before any work."""
+    templates = parse_all(job.instructions).values()
+    for shard, schema in {unit.shard: unit.schema for unit in units if unit.schema is not None}.items():
+        try:
+            check_columns(templates, shard, schema.names)
+        except TemplateError as e:
+            raise PipelineError(str(e)) from None
 
 
 def recount(summary: RunSummary, done_before: set[str]) -> None:
@@ -157,22 +252,32 @@ def recount(summary: RunSummary, done_before: set[str]) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt(summary: RunSummary) -> Iterator[None]:
-    """While open (main thread only), SIGTERM raises Terminated, so a scheduler's stop ends the run as Ctrl-C does
-    (summary.terminated says which). Entered after ray.init, which installs a SIGTERM handler that exits at once."""
+def stop_signals_as_interrupt(summary: RunSummary) -> Iterator[None]:
+    """While open (main thread only), the first SIGTERM raises Terminated, so a scheduler's stop ends the run as Ctrl-C
+    does (summary.terminated says which), and the first SIGINT raises KeyboardInterrupt as usual; any later SIGINT or
+    SIGTERM is ignored, so a second Ctrl-C cannot cut short the stopping (workers killed, Ray shut down). Entered after
+    ray.init, which installs a SIGTERM handler that exits at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopping = False
 
     def handler(signum: int, frame: object) -> None:
-        summary.terminated = True
-        raise Terminated()
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        if signum == signal.SIGTERM:
+            summary.terminated = True
+            raise Terminated()
+        raise KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {stop: signal.signal(stop, handler) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, action in previous.items():
+            signal.signal(stop, action)
 
 
 class WorkerStartFailed(PipelineError):
@@ -212,6 +317,17 @@ def wait_ready(handles: Sequence[Any]) -> list[str]:
     return devices
 
 
+def used_by(handles: Sequence[Any]) -> dict[str, object]:
+    """The workers' count, and their batch size, decode slots and device: one value when all share it, else a list
+    (one per worker)."""
+    each = ray.get([handle.used.remote() for handle in handles])
+    used: dict[str, object] = {"workers": len(each)}
+    for key in ("batch_size", "decode_slots", "device"):
+        values = [worker[key] for worker in each]
+        used[key] = values[0] if len(set(values)) == 1 else values
+    return used
+
+
 def _last_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return redact(lines[-1] if lines else type(error).__name__)
@@ -224,15 +340,19 @@ def run_on_ray(
     job: Job,
     progress: Progress | None,
     heartbeat: Callable[[], None],
-    on_ready: Callable[[], None],
+    on_ready: Callable[[dict[str, object]], None],
 ) -> None:
     """Start the model actors (one per GPU, or `workers`) and run the units on them; `on_ready` is called once
-    they are up, before the first unit is handed out."""
+    they are up, before the first unit is handed out, with what they use (used_by). With `workers` "auto" on GPUs the
+    pool is elastic: an actor more for each GPU that joins while units wait (up to `max_workers`), those on nodes
+    that leave dropped."""
     connect_ray(job.run.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     # device "cuda" asks for GPU actors even before any GPU node is up, so an autoscaler adds them.
     use_gpu = config.engine.device == "cuda" or (config.engine.device is None and gpus > 0)
-    count = job.run.workers or (gpus if use_gpu else 1)
+    elastic = use_gpu and job.run.elastic
+    limit = job.run.max_workers or sys.maxsize
+    count = min(gpus, limit) if elastic else (1 if job.run.elastic else job.run.workers)
     if count < 1:
         raise PipelineError("device is cuda but the cluster has no GPU yet: set --workers (run.workers) to the "
                             "number of GPU actors")
@@ -240,19 +360,43 @@ def run_on_ray(
         # Ray gives a fractional-CPU actor OMP_NUM_THREADS=1, which would leave a CPU model on one core.
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
-    # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
+    processes = job.run.decode_processes
+    if processes is None:
+        processes = max(1, _cpus_per_gpu() - 1) if use_gpu else 1  # on CPU the model itself uses the cores
+    config = dataclasses.replace(config, prepare=dataclasses.replace(config.prepare, processes=processes))
+    # One GPU per actor and a CPU per decode process, the CPUs the actor keeps busy (the model's own thread mostly
+    # waits on the GPU); a CPU model a fraction of a core, so actors never starve Ray's other tasks.
     actor = ray.remote(StartingWorker).options(
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
+        num_gpus=1 if use_gpu else 0, num_cpus=processes if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
-    with sigterm_as_interrupt(summary):
+    if elastic and job.run.max_workers:
+        # Ask an autoscaler (KubeRay's, the cluster launcher's) for the GPUs the run could use: the workers follow
+        # the GPUs that join. Where nothing autoscales, Ray keeps the request and nothing happens.
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1, "CPU": processes}] * min(limit, len(pending)))
+    with stop_signals_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
+
+        def grow(live: int) -> list[Any]:
+            """A model actor for each GPU that joined the cluster (within max_workers); the new ones are in
+            `handles` too, so that they are stopped with the others."""
+            target = min(int(ray.cluster_resources().get("GPU", 0)), limit)
+            new = [actor.remote(config, len(handles) + i) for i in range(max(target - live, 0))]
+            handles.extend(new)
+            return new
+
         try:
             devices = wait_ready(handles)
-            on_ready()
+            on_ready(used_by(handles))
             if progress is not None:
-                print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}; {len(pending)} of "
-                      f"{summary.units_total} units to do", file=sys.stderr)
-            run_units(pending, handles, summary, job.run.max_attempts, progress=progress, heartbeat=heartbeat)
+                print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}"
+                      f"{' (more as GPUs join)' if elastic else ''}; {len(pending)} of {summary.units_total} units "
+                      "to do", file=sys.stderr)
+            run_units(pending, list(handles), summary, job.run.max_attempts, progress=progress, heartbeat=heartbeat,
+                      grow=grow if elastic else None)
         finally:
             for handle in handles:
                 ray.kill(handle)
+            if elastic and job.run.max_workers:
+                request_resources(bundles=[])  # the run's demand ends with it: idle GPU nodes may go

@@ -1,8 +1,10 @@
-"""Input side: find the Parquet shards, cut them into work units along row groups, read a unit's rows."""
+"""Input side: find the Parquet shards, cut them into work units along row groups (a row group larger than a unit into
+row ranges), read a unit's rows."""
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -26,11 +28,14 @@ from blipbatch.errors import BlipbatchError
 from .errors import RowError
 from .guard import _file_kind
 from .job import RunConfig
+from .template import Template, columns_of, parse_all
+from .webdataset import KEY_COLUMN, TarError, TarIndex, TarSlice, is_tar, read_slice, scan, slices
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
 # smaller): two reads of at most 256 KiB per shard on top of the footer's.
 SAMPLE_BYTES = 256 * 1024
+RANGE_TAG = "-rows"  # in a unit id, starts the row range of a cut row group: {shard_id}-rg{g}-{g}-rows{start}-{stop}
 
 
 class NoShardsError(BlipbatchError, FileNotFoundError):
@@ -74,11 +79,12 @@ def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
 
 
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """The shards below `folder`: Parquet files, and WebDataset tars (pipeline.webdataset)."""
     folder = folder.rstrip("/")
     found = []
     for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
-        if relative.lower().endswith(".parquet") and not _is_hidden(relative):
+        if relative.lower().endswith((".parquet", ".tar")) and not _is_hidden(relative):
             found.append(_regular(fs, path, info))
     return sorted(found)
 
@@ -114,16 +120,18 @@ def discover_shards(source: str | Sequence[str]) -> list[str]:
         found = _expand(entry)
         if not found:
             raise NoShardsError(f"no Parquet shards found at {entry!r} (a folder is searched recursively for "
-                                "*.parquet, skipping names that start with '.' or '_')")
+                                "*.parquet and WebDataset *.tar, skipping names that start with '.' or '_')")
         shards += found
     return list(dict.fromkeys(shards))
 
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Consecutive whole row groups of one shard: the unit of scheduling, retry and commit."""
+    """Consecutive whole row groups of one shard, or a range of rows of one row group larger than a unit: the unit of
+    scheduling, retry and commit."""
 
-    unit_id: str  # shard_id + row-group range: the same wherever the shard lies, unique within a job, a safe file name
+    unit_id: str  # shard_id + row-group range (+ row range): the same wherever the shard lies, unique within a job, a
+    # safe file name
     shard: str
     row_groups: tuple[int, ...]
     first_row: int  # index within the shard of the unit's first row
@@ -134,6 +142,15 @@ class WorkUnit:
     # sink.whole_output puts them back among the rows kept). None: the whole unit.
     redo: tuple[int, ...] | None = None
     part_schema: pa.Schema | None = None  # the schema of the output's parts so far (None: none yet); its part takes it
+    tar: TarSlice | None = None  # a WebDataset shard's unit: its samples and their byte range (row_groups empty)
+    # Rows [start, stop) of its one row group, when that group is larger than a unit; None: its row groups whole.
+    group_range: tuple[int, int] | None = None
+
+    @property
+    def whole_group_id(self) -> str:
+        """The id of the unit its row group made whole (as before row groups were split): the same as unit_id unless
+        the unit is a row range."""
+        return self.unit_id if self.group_range is None else self.unit_id.rsplit(RANGE_TAG, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,7 @@ class _Footer:
     schema: pa.Schema
     group_rows: list[int]
     shard_id: str
+    tar: TarIndex | None = None  # a WebDataset shard's samples (group_rows: their count)
 
 
 def _footer(f: object) -> tuple[int, bytes]:
@@ -186,7 +204,13 @@ def _open_fingerprint(f: object) -> str:
     return _digest(size, footer, samples)
 
 
-def _read_footer(shard: str) -> _Footer:
+def _read_footer(shard: str, mapping: ColumnMapping) -> _Footer:
+    if is_tar(shard, mapping.format):
+        try:
+            index = scan(shard, mapping.image_column, mapping.image_extension)
+        except (TarError, OSError) as exc:
+            raise ShardError(str(exc) if isinstance(exc, TarError) else f"{shard}: cannot read it: {exc}") from exc
+        return _Footer(index.schema, [len(index.samples)], index.shard_id, index)
     fs, path = url_to_fs(shard)
     try:
         with fs.open(path, "rb") as f:
@@ -200,6 +224,10 @@ def _read_footer(shard: str) -> _Footer:
 
 
 def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
+    if footer.tar is not None:
+        return [WorkUnit(f"{footer.shard_id}-s{first:07d}-{first + len(part.samples) - 1:07d}", shard, (), first,
+                         len(part.samples), footer.shard_id, footer.schema, tar=part)
+                for first, part in slices(footer.tar, max_rows)]
     units: list[WorkUnit] = []
     groups: list[int] = []
     first_row = rows = 0
@@ -213,6 +241,10 @@ def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
         if groups and rows + n > max_rows:
             close()
             first_row, groups, rows = first_row + rows, [], 0
+        if n > max_rows:  # one row group larger than a unit (pandas writes a shard as one): cut it into row ranges
+            units += _ranges_of(shard, footer, index, first_row, max_rows)
+            first_row += n
+            continue
         groups.append(index)
         rows += n
     if groups:
@@ -220,8 +252,19 @@ def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
     return units
 
 
+def _ranges_of(shard: str, footer: _Footer, group: int, first_row: int, max_rows: int) -> list[WorkUnit]:
+    """Units of at most max_rows rows covering row group `group` (which starts at shard row `first_row`)."""
+    n = footer.group_rows[group]
+    return [WorkUnit(f"{footer.shard_id}-rg{group:05d}-{group:05d}{RANGE_TAG}{start:07d}-{min(start + max_rows, n):07d}",
+                     shard, (group,), first_row + start, min(max_rows, n - start), footer.shard_id, footer.schema,
+                     group_range=(start, min(start + max_rows, n)))
+            for start in range(0, n, max_rows)]
+
+
 def legacy_unit_id(unit: WorkUnit) -> str:
     """The id the unit had when ids came from the shard's location (outputs written before content ids)."""
+    if unit.tar is not None:
+        return unit.unit_id  # WebDataset units came after content ids
     return f"{shard_key(unit.shard)}-rg{unit.unit_id.rsplit('-rg', 1)[1]}"
 
 
@@ -243,6 +286,17 @@ def _check_contents(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
             raise ShardError(f"{shard}: same content as {seen[footer.shard_id]}; each shard may appear once: remove "
                              "the copy from the input")
         seen[footer.shard_id] = shard
+
+
+def _check_keys(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
+    """Refuse a WebDataset key found in two tars: keys are the row ids."""
+    seen: dict[str, str] = {}
+    for shard, footer in zip(shards, footers):
+        for sample in footer.tar.samples if footer.tar is not None else ():
+            if seen.setdefault(sample.key, shard) != shard:
+                raise DuplicateIdError(f"WebDataset key {sample.key!r} is in {seen[sample.key]} and in {shard}; keys "
+                                       "are the row ids and must be unique across shards: remove the repeated "
+                                       "samples, or set [input] id_column to a unique column")
 
 
 def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapping: ColumnMapping) -> list[pa.Field]:
@@ -277,27 +331,29 @@ def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
 
 def plan_units(shards: Sequence[str], mapping: ColumnMapping,
                max_rows_per_unit: int = RunConfig.rows_per_unit) -> list[WorkUnit]:
-    """Work units of at most max_rows_per_unit rows (or one row group, if bigger), from Parquet footers (and the
-    samples of data that make a shard's fingerprint).
+    """Work units of at most max_rows_per_unit rows, from Parquet footers (and the samples of data that make a shard's
+    fingerprint): whole row groups, or row ranges of a row group larger than that.
 
     Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
     bad shard stops the job before any work. Unit ids come from each shard's content (its fingerprint, _content_id)
-    and the row-group range, so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job
+    and the row-group range (and row range), so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job
     must keep fixed across resumes (the manifest records it).
     """
     if max_rows_per_unit < 1:
         raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")
     _check_locations(shards)
     with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
-        footers = list(pool.map(_read_footer, shards))
+        footers = list(pool.map(lambda shard: _read_footer(shard, mapping), shards))
     for shard, footer in zip(shards, footers):
         check_input_schema(shard, footer.schema, mapping)
         output_schema(footer.schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run
     _check_contents(shards, footers)
+    if mapping.id_column is None:
+        _check_keys(shards, footers)
     passthrough = _unified_passthrough(shards, footers, mapping)
     units = []
     for shard, footer in zip(shards, footers):
-        unified = _Footer(_with_fields(footer.schema, passthrough), footer.group_rows, footer.shard_id)
+        unified = dataclasses.replace(footer, schema=_with_fields(footer.schema, passthrough))
         units += _units_of(shard, unified, max_rows_per_unit)
     return units
 
@@ -313,7 +369,9 @@ def duplicate_ids(shards: Sequence[str], mapping: ColumnMapping, across_shards: 
                   limit: int = 10) -> list[tuple[str, list[tuple[str, int]]]]:
     """Ids of the id column found on more than one row, as [(id, [(shard, row index), ...])], at most `limit`:
     within each shard (one shard's ids in memory at a time), or across them too (`across_shards`: every id in
-    memory). Null ids do not count (their rows become error rows)."""
+    memory). Null ids do not count (their rows become error rows). WebDataset shards are left out: their keys are
+    checked when planning (and an id column of theirs is not stored apart to read)."""
+    shards = [shard for shard in shards if not is_tar(shard, mapping.format)]
     if mapping.id_column is None:
         return []
     found: list[tuple[str, list[tuple[str, int]]]] = []
@@ -430,29 +488,54 @@ class InputRow:
 def read_unit(unit: WorkUnit, mapping: ColumnMapping,
               fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
-    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question). For a
-    redo (unit.redo), only the rows at those positions."""
+    every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question), their
+    templates filled from the row (pipeline.template). For a redo (unit.redo), only the rows at those positions."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
         raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
                          "exactly one of the two")
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
-    table = _read_planned(unit, mapping.input_columns())
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    templates = parse_all(fixed_instructions)
+    wanted = list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())]))
+    problems: list[str | None] = [None] * unit.num_rows
+    if unit.tar is not None:
+        columns, problems = read_slice(unit.shard, unit.tar, unit.schema, mapping.image_column,
+                                       mapping.image_extension)
+    else:
+        table = _read_planned(unit, wanted)
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
     rows = []
-    for offset in range(table.num_rows):
+    for offset in range(unit.num_rows):
         row_index = unit.first_row + offset
         derived = derive_row_id(unit.shard_id, row_index)
-        if mapping.id_column is None:
+        if unit.tar is not None and mapping.id_column is None:
+            row_id, derived_id = columns[KEY_COLUMN][offset], None  # the sample's key
+        elif mapping.id_column is None:
             row_id, derived_id = derived, None
         else:
             value = columns[mapping.id_column][offset]
             row_id, derived_id = (None if value is None else str(value)), derived
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
+            instruction, problem = _filled(templates.get(instruction) if fixed_instructions is not None else None,
+                                           instruction, columns, offset, mapping.missing)
+            if problems[offset] is not None:
+                problem = RowError("invalid_input", problems[offset])
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id))
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id,
+                                 problem))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
+
+
+def _filled(template: Template | None, instruction: object, columns: dict, offset: int,
+            missing: str) -> tuple[object, RowError | None]:
+    """A fixed instruction with its template filled from the row at `offset`; or the template unfilled and why."""
+    if template is None:
+        return instruction, None  # a row's own question is data: its braces are its own
+    try:
+        return template.fill({name: columns[name][offset] for name in template.columns}, missing), None
+    except RowError as err:
+        return instruction, err
 
 
 def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
@@ -476,7 +559,7 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
     with fs.open(path, "rb", cache_type="none") as f:
         check(f, "after planning")
         try:
-            table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups), columns=columns)
+            table = _rows_of(pq.ParquetFile(f), unit, columns)
         except (OSError, pa.ArrowInvalid):  # s3fs's FileExpired, a torn file: say so if the content changed
             check(f, "while its rows were read")
             raise
@@ -485,6 +568,23 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
         raise ShardChanged(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
                            f"{unit.num_rows}; the shard changed after planning")
     return table
+
+
+def _rows_of(parquet: pq.ParquetFile, unit: WorkUnit, columns: list[str]) -> pa.Table:
+    """The unit's rows: its row groups whole, or its row range of one, read a batch at a time so that a row group far
+    larger than a unit is never held whole (fewer rows than planned when the group holds fewer)."""
+    if unit.group_range is None:
+        return parquet.read_row_groups(list(unit.row_groups), columns=columns)
+    start, stop = unit.group_range
+    pieces, at = [], 0
+    for batch in parquet.iter_batches(batch_size=min(stop - start, 1024), row_groups=list(unit.row_groups),
+                                      columns=columns, use_threads=False):
+        if at + batch.num_rows > start:
+            pieces.append(batch.slice(max(start - at, 0), stop - max(start, at)))
+        at += batch.num_rows
+        if at >= stop:
+            break
+    return pa.Table.from_batches(pieces) if pieces else parquet.schema_arrow.empty_table().select(columns)
 
 
 def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,

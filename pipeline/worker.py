@@ -19,11 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from blipbatch.model.candidates import ClosedSet
 from blipbatch.model.engine import Engine, EngineConfig, Generated, InvalidInstruction
+from blipbatch.model.errors import ProcessorError
 from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressRecord, UnitTiming, image_reference,
                                output_schema)
 
 from .decode import DecodeConfig
+from .decode_pool import DecodePool
 from .errors import RowError
 from .job import PipelineError, RunConfig, instruction_size_problem
 from .fetch import FetchConfig, Fetcher
@@ -62,6 +65,7 @@ class WorkerConfig:
     output: str
     # The job's fixed prompt(s), or named questions (question_id -> question); None: the instruction column.
     instructions: tuple[str, ...] | dict[str, str] | None = None
+    closed_sets: dict[str, ClosedSet] = field(default_factory=dict)  # question_id -> candidates to rank
     batch_size: int | None = None  # rows per model call; None: the engine's default (8 on CPU, from memory on CUDA)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -88,12 +92,35 @@ class ModelWorker:
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
         self.question_ids = isinstance(config.instructions, dict)
         self.batch_size = config.batch_size or self.engine.default_rows[0]
+        self.closed_set_errors = self._check_closed_sets()
+        processes = config.prepare.decode_processes()
+        # Started once: the units' prepare stages share them (each would otherwise fork its own).
+        self.decode_pool = DecodePool(processes, config.decode, self.engine.processor.image_processor) \
+            if processes else None
+
+    def _check_closed_sets(self) -> dict[str, RowError | None]:
+        """Per closed-set question: the error its rows get (its prompt and candidates do not fit the model), or None.
+        A candidate the model's tokenizer reduces to nothing stops the worker before any unit."""
+        errors: dict[str, RowError | None] = {}
+        for name, closed in self.config.closed_sets.items():
+            try:
+                self.engine.check_closed_set(self.config.instructions[name], closed)
+                errors[name] = None
+            except InvalidInstruction as e:
+                errors[name] = RowError("invalid_input", f"question {name!r}: {e}")
+            except ProcessorError as e:
+                raise ProcessorError(f"question {name!r}: {e}") from None
+        return errors
 
     def ready(self) -> str:
         """Where the model runs, for the start-up line: "cuda:0", or "cpu (4 threads)"."""
         if self.engine.device.type == "cpu":
             return f"cpu ({torch.get_num_threads()} threads)"
         return str(self.engine.device)
+
+    def used(self) -> dict[str, object]:
+        """What this worker runs with, its defaults resolved: the manifest records it."""
+        return {"device": self.ready(), "batch_size": self.batch_size, "decode_slots": self.engine.decode_slots}
 
     def process_unit(self, unit: WorkUnit, attempt: int) -> ProgressRecord:
         """Run one unit end to end; returns its commit record."""
@@ -102,8 +129,9 @@ class ModelWorker:
         encoded_before = self.engine.images_encoded
         output: list[dict] = []
         stage = PrepareStage(self.fetcher, self.config.decode, self.engine.processor.image_processor,
-                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda")
-        answered: dict[tuple[str | None, str | None], Generated | RowError] = {}
+                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda",
+                             pool=self.decode_pool)
+        answered: dict[tuple[str | None, str | None, ClosedSet | None], Generated | RowError] = {}
         with stage:
             for batch in stage.batches(rows, self.batch_size):
                 model_start = time.perf_counter()
@@ -111,7 +139,8 @@ class ModelWorker:
                 stage.times.model_s += time.perf_counter() - model_start
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
-        schema = output_schema(unit.schema, self.config.mapping, self.multiple_texts, self.question_ids)
+        schema = output_schema(unit.schema, self.config.mapping, self.multiple_texts, self.question_ids,
+                               bool(self.config.closed_sets))
         table = whole_output(self.config.output, unit, pa.Table.from_pylist(output, schema=schema))
         write_part(self.config.output, unit, table)
         times = stage.times
@@ -135,23 +164,30 @@ class ModelWorker:
 
     def run_model(self, batch: PreparedBatch, answered: dict) -> list[dict]:
         """The batch's output rows. A row asking what an earlier row of the unit asked of the same image bytes takes
-        that row's answer (`answered`: (sha256, instruction) -> Generated or RowError, kept across the unit's
-        batches), so identical bytes are encoded and answered once."""
+        that row's answer (`answered`: (sha256, instruction, closed set) -> Generated or RowError, kept across the
+        unit's batches), so identical bytes are encoded and answered once."""
+        for item in batch.rows:
+            if item.error is None and self.closed_set_errors.get(item.row.question_id) is not None:
+                item.error = self.closed_set_errors[item.row.question_id]
         ready = [p for p in batch.rows if p.error is None]
         asked = {}
         for item in ready:
-            if (item.sha256, item.instruction) not in answered:
-                asked.setdefault((item.sha256, item.instruction), item)
+            if self.question_of(item) not in answered:
+                asked.setdefault(self.question_of(item), item)
         todo = list(asked.values())
         pixels, images = _only_images(batch.pixels, [p.image for p in todo])
         answered.update(zip(asked, self.generate(pixels, todo, images)))
         results = {}
         for item in ready:
-            answer = answered[(item.sha256, item.instruction)]
+            answer = answered[self.question_of(item)]
             if isinstance(answer, RowError):
                 item.error = answer
             results[id(item)] = answer
         return [self.output_row(p, None if p.error else results[id(p)]) for p in batch.rows]
+
+    def question_of(self, item: PreparedRow) -> tuple[str | None, str | None, ClosedSet | None]:
+        """What a row asks of which image bytes: two rows with the same answer this."""
+        return item.sha256, item.instruction, self.config.closed_sets.get(item.row.question_id)
 
     def generate(self, pixels: torch.Tensor, ready: list[PreparedRow], images: list[int]) -> list:
         """Generated texts and scores (or RowErrors) of the `ready` rows, row i about image images[i] of `pixels`:
@@ -160,7 +196,8 @@ class ModelWorker:
             return []
         self.metrics.model_call(len(ready))
         try:
-            return self.engine.generate_scored(pixels, images, [p.instruction for p in ready])
+            return self.engine.generate_scored(pixels, images, [p.instruction for p in ready],
+                                               [self.config.closed_sets.get(p.row.question_id) for p in ready])
         except Exception as e:  # any model failure: isolate it below
             if len(ready) == 1:
                 return [RowError("model_error", f"{type(e).__name__}: {e}")]
@@ -177,8 +214,7 @@ class ModelWorker:
             "image_sha256": item.sha256,
             "instruction": instruction,
             **({"question_id": row.question_id} if self.question_ids else {}),
-            "text": None if generated is None else generated.text,
-            "score": None if generated is None else generated.score,
+            **self.answer_columns(generated),
             "status": STATUS_ERROR if item.error else STATUS_OK,
             "error_kind": item.error.kind if item.error else None,
             "error": item.error.message if item.error else None,
@@ -189,6 +225,19 @@ class ModelWorker:
         out.update(row.passthrough)
         return out
 
+    def answer_columns(self, generated: Generated | None) -> dict:
+        """text and score (and candidate_logprobs in jobs with closed-set questions); null on error rows."""
+        if generated is None:
+            columns = {"text": None, "score": None, "candidate_logprobs": None}
+        elif generated.candidate_logprobs is not None and self.multiple_texts:  # one answer, in the list columns
+            columns = {"text": [generated.text], "score": [generated.score],
+                       "candidate_logprobs": generated.candidate_logprobs}
+        else:
+            columns = {"text": generated.text, "score": generated.score,
+                       "candidate_logprobs": generated.candidate_logprobs}
+        if not self.config.closed_sets:
+            del columns["candidate_logprobs"]
+        return columns
 
 def _only_images(pixels: torch.Tensor | None, images: list[int]) -> tuple[torch.Tensor | None, list[int]]:
     """The rows of `pixels` that `images` index, and the indexes into them: images whose rows all took an earlier

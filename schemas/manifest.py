@@ -31,6 +31,9 @@ class JobSettings:
     fetch: dict[str, Any] | None = None
     decode: dict[str, Any] | None = None
     run: dict[str, Any] | None = None
+    # closed-set questions: question_id -> {"candidates": [...], "scoring": "sum" | "mean"}; None: none (and in
+    # manifests written before they existed)
+    closed_sets: dict[str, dict[str, Any]] | None = None
     version: int = MANIFEST_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from blipbatch.errors import BlipbatchError
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
 ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
-               "blocked_address", "model_error", "opted_out")
+               "blocked_address", "model_error", "opted_out", "decode_timeout", "extreme_aspect_ratio",
+               "too_many_scans", "too_many_strips", "metadata_too_large")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Output columns that every job writes; passthrough columns may not reuse these names.
-OUTPUT_COLUMNS = ("id", "image_sha256", "instruction", "question_id", "text", "score", "status", "error_kind", "error", "model",
-                  "generation", "derived_id")
+OUTPUT_COLUMNS = ("id", "image_sha256", "instruction", "question_id", "text", "score", "candidate_logprobs", "status",
+                  "error_kind", "error", "model", "generation", "derived_id")
 
 
 class SchemaError(BlipbatchError, ValueError):
@@ -39,6 +40,9 @@ class ColumnMapping:
     id_column: str | None = None  # None -> id derived from the shard's content + row index (derive_row_id)
     instruction_column: str | None = None  # None -> the job's fixed prompt(s)
     passthrough: tuple[str, ...] = ()  # input columns copied to the output unchanged
+    missing: str = "error"  # a prompt template's column null or empty: "error" (an invalid_input row) or "empty"
+    format: str | None = None  # "parquet" or "webdataset"; None: by each shard's name (.tar: WebDataset)
+    image_extension: str | None = None  # WebDataset: the member extension holding the image; None: jpg/jpeg/png/webp
 
     def input_columns(self) -> list[str]:
         """The columns to read from a shard, each once, in a fixed order."""
@@ -99,8 +103,9 @@ def check_input_schema(shard: str, schema: pa.Schema, mapping: ColumnMapping) ->
 
 
 def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_texts: bool = False,
-                  question_ids: bool = False) -> pa.Schema:
-    """The schema of every output part of a job.
+                  question_ids: bool = False, closed_sets: bool = False) -> pa.Schema:
+    """The schema of every output part of a job; `candidate_logprobs` only in jobs with closed-set questions, so the
+    outputs of other jobs (and those written before it existed) keep the schema they had.
 
     The image column keeps its input name and is always a string: the reference itself (credentials redacted), or for a binary image
     column a short note such as "<1234 bytes>" (see image_reference); image bytes are never copied to the output.
@@ -124,6 +129,9 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
         *([pa.field("question_id", pa.string())] if question_ids else []),  # annotate jobs: the question's name
         pa.field("text", text_type),
         pa.field("score", score_type),  # the text's mean token log-probability (beams: the sequence score)
+        # closed-set jobs: each candidate's log-likelihood, in the question's order (null for free questions and errors);
+        # there `score` is the chosen candidate's probability among the candidates
+        *([pa.field("candidate_logprobs", pa.list_(pa.float64()))] if closed_sets else []),
         pa.field("status", pa.string()),  # STATUS_OK / STATUS_ERROR
         pa.field("error_kind", pa.string()),  # one of ERROR_KINDS, null when ok
         pa.field("error", pa.string()),  # human-readable, null when ok

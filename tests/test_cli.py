@@ -16,7 +16,8 @@ from blipbatch.jobs.demo import SAMPLE_IMAGES
 from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
 from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.sink import read_output
-from tests.conftest import free_port, ray_bin, stop_cluster, wait_for_port
+from blipbatch.jobs.submit import AGENT_WAIT_S
+from tests.conftest import free_port, ray_bin, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = sorted(SAMPLE_IMAGES.glob("*.png"))
@@ -110,15 +111,37 @@ def ray_cluster(tmp_path):
     temp = Path("/tmp") / f"bb-cluster-{os.getpid()}"
     start = subprocess.run(
         [ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
+         # Ray's agents default to fixed ports (52365, ...): another cluster on the machine (a test beside this one)
+         # holding one leaves this cluster without a job agent ("No available agent to submit job").
+         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port"))],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert start.returncode == 0, start.stderr
     try:
-        wait_for_port(dashboard, "Ray dashboard", timeout=60)
-        yield f"http://127.0.0.1:{dashboard}"
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_for_jobs_api(address)
+        yield address
     finally:
         stop_cluster(str(temp))
+
+
+def wait_for_jobs_api(address: str, timeout: float = AGENT_WAIT_S) -> None:
+    """Until Ray's Jobs API answers (JobSubmissionClient checks the dashboard's version), as long as `submit` itself
+    waits for a new cluster's job agent: Ray's own readiness, not a guess at how long a busy machine takes."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            JobSubmissionClient(address)
+            return
+        except ConnectionError as e:
+            if time.monotonic() > deadline:
+                pytest.fail(f"Ray's Jobs API at {address} did not answer within {timeout:.0f} s: {e}")
+            time.sleep(0.5)
 
 
 def test_submit_to_a_real_cluster(tmp_path, checkpoint, ray_cluster):

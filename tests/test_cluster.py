@@ -1,7 +1,7 @@
-"""A real two-node Ray cluster on this machine (`ray start --head` and a second `ray start --address`), S3 (moto on
-127.0.0.1) as the storage both nodes share: a run spreads over both nodes; the second node's raylet is killed mid-run,
-with the worker processes it started, and the run still ends with every row exactly once, the units that were on the
-lost node done again elsewhere."""
+"""A real Ray cluster on this machine (`ray start --head`, more nodes with `ray start --address`), each node declaring
+one GPU, S3 (moto on 127.0.0.1) as the storage the nodes share: a run with workers "auto" starts a worker per GPU, gets
+one more when a third node joins mid-run, and when the second node's raylet is killed (with the worker processes it
+started) its units go back to the queue free of charge; every row ends in the output exactly once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -21,14 +22,16 @@ import pytest
 from PIL import Image
 
 from blipbatch import pipeline
+from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.sink import progress_records, read_output
 from tests.conftest import free_port, ray_bin, stop_cluster
 from tiny import write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
-ROWS, ROWS_PER_UNIT = 96, 4
-WORKERS = 4  # 0.5 CPU each: two fit on each 1-CPU node, so both nodes hold workers
+ROWS_PER_UNIT = 4
+ELASTIC_ROWS = 240  # 60 units: work left while a node joins and another leaves
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
 
 def start_node(args: list[str], env: dict[str, str]) -> None:
@@ -46,98 +49,112 @@ def raylet_of(node_manager_port: int) -> psutil.Process:
 
 
 @pytest.fixture
-def two_nodes(moto_endpoint):
-    """(address, the second node's node-manager port); both nodes see the moto endpoint through AWS_* variables."""
-    temp = Path("/tmp") / f"bb-2node-{os.getpid()}"
+def three_nodes(moto_endpoint):
+    """(address, a call that adds a third node, the second node's node-manager port): each node declares one GPU."""
+    temp = Path("/tmp") / f"bb-3node-{os.getpid()}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    port, second = free_port(), free_port()
+    port, second, third = free_port(), free_port(), free_port()
+    one_gpu = ["--num-cpus=1", "--num-gpus=1"]
     try:
-        start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                    f"--temp-dir={temp}"], env)
-        start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--node-manager-port={second}"], env)
-        yield f"127.0.0.1:{port}", second
+        start_node(["--head", f"--port={port}", *one_gpu, "--include-dashboard=false", f"--temp-dir={temp}"], env)
+        start_node([f"--address=127.0.0.1:{port}", *one_gpu, f"--node-manager-port={second}"], env)
+        yield (f"127.0.0.1:{port}",
+               lambda: start_node([f"--address=127.0.0.1:{port}", *one_gpu, f"--node-manager-port={third}"], env),
+               second)
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
         stop_cluster(str(temp))
-        try:
-            raylet_of(second).kill()
-        except AssertionError:
-            pass
+        for node in (second, third):
+            try:
+                raylet_of(node).kill()
+            except AssertionError:
+                pass
 
 
-def write_input(fs, bucket: str) -> str:
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
-    images = []
-    for i in range(ROWS):
+class SlowImages(BaseHTTPRequestHandler):
+    """/K.png: picture K, after `server.delay` seconds (0 once the test lets the run finish)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        time.sleep(self.server.delay)  # type: ignore[attr-defined]
+        index = int(self.path.strip("/").split(".")[0])
         buffer = io.BytesIO()
-        Image.new("RGB", (40 + i % 7, 30), colours[i % 4]).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    table = pa.table({"key": [f"row-{i:03d}" for i in range(ROWS)], "image": images})
-    fs.mkdir(bucket)
-    with fs.open(f"{bucket}/in/shard-0.parquet", "wb") as f:
-        pq.write_table(table, f, row_group_size=ROWS_PER_UNIT)
-    return f"s3://{bucket}/in/"
+        Image.new("RGB", (40 + index % 7, 30), COLOURS[index % 4]).save(buffer, "PNG")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(buffer.getvalue())))
+        self.end_headers()
+        self.wfile.write(buffer.getvalue())
 
 
-def test_run_over_two_nodes_survives_losing_one(two_nodes, s3fs_clean, tmp_path):
-    import ray
+def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(three_nodes, s3fs_clean, tmp_path):
+    """Workers "auto" on nodes that declare one GPU each (`ray start --num-gpus=1`; the model runs on CPU): a third
+    node joins mid-run and its worker commits units; then the second node goes down whole. Its units go back to the
+    queue free of charge (every marker says attempt 1), and every row is in the output exactly once."""
 
-    address, second_node = two_nodes
+    address, add_third_node, second_node = three_nodes
     checkpoint = str(write_tiny_checkpoint(tmp_path / "model"))
-    source = write_input(s3fs_clean, "two-nodes")
-    output = "s3://two-nodes/out/"
-    killed = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImages)
+    server.delay = 0.5  # each image: the run lasts while nodes come and go
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    table = pa.table({"key": [f"row-{i:03d}" for i in range(ELASTIC_ROWS)],
+                      "image_url": [f"http://127.0.0.1:{server.server_address[1]}/{i}.png" for i in range(ELASTIC_ROWS)]})
+    s3fs_clean.mkdir("elastic")
+    with s3fs_clean.open("elastic/in/shard-0.parquet", "wb") as f:
+        pq.write_table(table, f)  # one row group: cut into units of ROWS_PER_UNIT rows
+    output = "s3://elastic/out/"
+    events: dict[str, threading.Event] = {name: threading.Event() for name in ("joined", "killed")}
 
-    def workers_committed() -> set[str]:
+    def committed_by() -> set[str]:
         try:
-            markers = s3fs_clean.ls("two-nodes/out/_progress", refresh=True)
+            markers = s3fs_clean.ls("elastic/out/_progress", refresh=True)
         except FileNotFoundError:
             return set()
         return {json.loads(s3fs_clean.cat_file(marker))["timing"]["worker"] for marker in markers
                 if not marker.endswith(".failed.json")}
 
-    def kill_second_node_mid_run() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            # Three workers have committed: at most two fit a node, so both nodes have worked (on a loaded machine
-            # the second node's workers can start late: a count of units alone may all be the head's).
-            if len(workers_committed()) >= 3:
-                # The node goes down whole: its raylet and the worker processes it started.
-                raylet = raylet_of(second_node)
-                for process in [*raylet.children(recursive=True), raylet]:
-                    process.send_signal(signal.SIGKILL)
-                killed.set()
-                return
+    def grow_then_shrink() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not {"0", "1"} <= committed_by():
             time.sleep(0.2)
+        add_third_node()
+        while time.monotonic() < deadline and "2" not in committed_by():
+            time.sleep(0.2)
+        events["joined"].set()
+        raylet = raylet_of(second_node)  # the node goes down whole: its raylet and the worker processes it started
+        for process in [*raylet.children(recursive=True), raylet]:
+            process.send_signal(signal.SIGKILL)
+        events["killed"].set()
+        server.delay = 0.0
 
-    killer = threading.Thread(target=kill_second_node_mid_run, daemon=True)
-    killer.start()
-    started = time.monotonic()
-    summary = pipeline.run(source, output, checkpoint, prompt="A short image caption:", image_column="image",
-                           id_column="key", rows_per_unit=ROWS_PER_UNIT, workers=WORKERS, max_new_tokens=3,
-                           batch_size=2, address=address, progress=False)
-    killer.join(timeout=5)
-    assert killed.is_set(), "the run ended before the second node could be killed"
-    assert time.monotonic() - started < 400
+    changer = threading.Thread(target=grow_then_shrink, daemon=True)
+    changer.start()
+    try:
+        summary = pipeline.run(f"s3://elastic/in/", output, checkpoint, prompt="A short image caption:",
+                               id_column="key", rows_per_unit=ROWS_PER_UNIT, max_workers=3, max_new_tokens=3,
+                               batch_size=2, fetch=FetchConfig(allow_hosts=("127.0.0.1",)), address=address,
+                               progress=False)
+    finally:
+        server.delay = 0.0
+        changer.join(timeout=30)
+        server.shutdown()
+    assert events["joined"].is_set() and events["killed"].is_set(), "the run ended before the cluster changed"
+    assert summary.workers_joined >= 1 and summary.workers_dropped == 1, summary
 
     rows = read_output(output).to_pylist()
-    ids = [row["id"] for row in rows]
-    assert sorted(ids) == [f"row-{i:03d}" for i in range(ROWS)]  # every row exactly once
+    assert sorted(row["id"] for row in rows) == [f"row-{i:03d}" for i in range(ELASTIC_ROWS)]  # exactly once
     assert [row for row in rows if row["status"] != "ok"] == []
-    assert summary.units_failed == 0
     records = progress_records(output)
-    assert len(records) == ROWS // ROWS_PER_UNIT
-    # Both nodes worked (each marker names its worker, and at most two workers fit a 1-CPU node) ...
-    assert len({record.timing.worker for record in records}) >= 3
-    # ... and what the lost node held was done again by a worker on the node that stayed.
-    assert any(record.attempt >= 2 for record in records)
-    # The kill really took a node down (the cluster notices within its health-check period).
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and second_node_alive(second_node):
-        time.sleep(1)
+    assert len(records) == ELASTIC_ROWS // ROWS_PER_UNIT and summary.units_failed == 0
+    assert "2" in {record.timing.worker for record in records}  # the joined node's worker committed units
+    # The lost node's units went back free: no attempt charged, and the summary says so.
+    assert [record.attempt for record in records] == [1] * len(records)
+    assert summary.units_charged_worker_died == 0 and summary.units_requeued_node_lost >= 1, summary
     assert not second_node_alive(second_node)
 
 

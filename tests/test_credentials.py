@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,10 +90,11 @@ def files_under(folder: Path) -> list[Path]:
     return found
 
 
-def keep_ray_logs(before: set[Path], held: dict[Path, Path], hold: Path) -> None:
-    """Hard-link each file of the run's Ray temp dirs into `hold`: the run removes its temp dir when it exits, and
-    a link keeps the file (and what is still written to it) for the check afterwards."""
-    for folder in set(Path("/tmp").glob("bb-ray-*")) - before:
+def keep_ray_logs(temp: Path, held: dict[Path, Path], hold: Path) -> None:
+    """Hard-link each file of the run's Ray temp dir (under `temp`, the run's own $TMPDIR: no other process's files
+    are read) into `hold`: the run removes its temp dir when it exits, and a link keeps the file (and what is still
+    written to it) for the check afterwards."""
+    for folder in temp.glob("bb-ray-*"):
         for path in files_under(folder):
             if path not in held:
                 try:
@@ -136,7 +139,10 @@ def test_no_credential_in_output_or_logs(moto_endpoint, server, tmp_path):
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY=SECRET, AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_ACCESS_KEY_ID="testing",
                AWS_ENDPOINT_URL=moto_endpoint, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    ray_dirs_before = set(Path("/tmp").glob("bb-ray-*"))
+    # The run's own temp folder, short (Ray's socket paths below it must fit in 107 bytes), on the file system of
+    # tmp_path's hold folder, so that its files can be hard-linked there.
+    ray_temp = Path(tempfile.mkdtemp(prefix="bbc", dir="/tmp"))
+    env["TMPDIR"] = str(ray_temp)
     spec = tmp_path / "job.toml"
     spec.write_text(f"""
 [job]
@@ -168,12 +174,13 @@ allow_hosts = ["127.0.0.1"]
                     locks.add((output / "_lock.json").read_bytes())
                 except FileNotFoundError:
                     pass
-                keep_ray_logs(ray_dirs_before, ray_logs, tmp_path / "ray-logs")
+                keep_ray_logs(ray_temp, ray_logs, tmp_path / "ray-logs")
                 time.sleep(0.05)
         finally:
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)  # the run and the Ray processes of its session
                 run.wait(timeout=30)
+            shutil.rmtree(ray_temp, ignore_errors=True)  # what torch leaves there (the run removes Ray's own)
     stdout, stderr = (tmp_path / "stdout.log").read_text(), (tmp_path / "stderr.log").read_text()
     assert run.returncode == 0, stdout + stderr
     assert "rows: 2 ok, 6 error" in stdout, stdout

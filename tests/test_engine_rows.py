@@ -60,11 +60,11 @@ def test_out_of_memory_halves_and_keeps_each_row_with_its_image(tmp_path):
     fitting = engine._generate
     calls = []
 
-    def small_memory(pixel_values, rows, texts):
+    def small_memory(pixel_values, rows, texts, closed_sets):
         calls.append(len(texts))
         if len(texts) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return fitting(pixel_values, rows, texts)
+        return fitting(pixel_values, rows, texts, closed_sets)
 
     engine._generate = small_memory
     assert engine.generate_pixels(pixels, image_rows, instructions) == whole

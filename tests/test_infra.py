@@ -277,13 +277,14 @@ def test_named_spec_exists_and_validates(invocation: Invocation, path: str, tmp_
 def test_configmap_spec_matches_the_gpu_worker_group(tmp_path: Path) -> None:
     from blipbatch.jobs.spec import load_spec
 
-    # One model actor per GPU: the spec asks for as many actors as the RayJob has GPU worker pods.
+    # One model actor per GPU, as many as the autoscaled GPU group may have pods: the spec asks Ray for that many.
     file = tmp_path / "job.toml"
     file.write_text(CONFIGMAPS["blipbatch-job"]["job.toml"])
     job = load_spec(file)
     (_, spec), *_ = rayjob_specs()
-    gpu_pods = sum(g["replicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
-    assert job.run.workers == gpu_pods
+    assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    gpu_pods = sum(g["maxReplicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+    assert job.run.workers == "auto" and job.run.max_workers == gpu_pods
     assert job.model.device == "cuda"
     assert "file" not in job.fetch.allowed_schemes
 
@@ -318,8 +319,10 @@ def test_every_ray_cluster_has_gpu_workers_with_one_gpu_per_pod_and_a_cpu_head()
             worker = group["template"]["spec"]["containers"][0]
             assert gpus(worker, "limits") == gpus(worker, "requests") == 1, origin
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], origin
+            assert group["minReplicas"] < group["maxReplicas"], f"{origin}: the GPU group should autoscale"
             tolerations = group["template"]["spec"].get("tolerations", [])
             assert any(t["key"] == "nvidia.com/gpu" for t in tolerations), origin
+        assert cluster["enableInTreeAutoscaling"] is True, f"{origin}: GPU workers that join and leave need it"
 
 
 def test_rayjobs_clean_up_retry_and_have_deadlines() -> None:
@@ -456,3 +459,10 @@ def test_cluster_launcher_config_is_valid_for_ray_up() -> None:
     assert ".venv" in config["rsync_exclude"]
     # Ray runs `docker run ... IMAGE bash`; with our image's ENTRYPOINT that would be `blipbatch bash`.
     assert '--entrypoint=""' in config["docker"]["run_options"]
+
+
+def test_the_image_has_what_kuberays_probes_run() -> None:
+    """KubeRay's default readiness and liveness probes of Ray containers are exec probes that run `wget` against the
+    raylet's and dashboard agent's health endpoints: an image without it never becomes ready."""
+    installs = " ".join(arg for kind, arg in dockerfile_instructions() if kind == "RUN" and "apt-get install" in arg)
+    assert re.search(r"\bwget\b", installs), installs

@@ -309,4 +309,5 @@ def test_report_of_an_object_store_output_with_image_bytes(ray_local, s3fs_clean
     assert page.count('class="thumb" src="data:image/jpeg;base64,') == 6
     for row in read_output(output).to_pylist():
         assert re.fullmatch(r"<\d+ bytes>", row["image"])  # the output holds no image to show
-        assert f'<dd class="text">{row["text"]}</dd>' in page
+        assert f'<dd class="text">{row["text"]} <span class="score" ' in page  # the answer, then its score
+        assert f'>({row["score"]:.2f})</span></dd>' in page

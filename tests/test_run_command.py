@@ -163,7 +163,7 @@ def test_flags_only_run_with_local_root_then_error_rate_exit_4(ray_local, tmp_pa
                              "name": ["x"] * (2 * len(IMAGES))}), mixed / "part.parquet")
     assert main(flags(mixed, tmp_path / "m1", "--local-root", str(SAMPLE_IMAGES))) == EXIT_OK
     assert main(flags(mixed, tmp_path / "m2", "--local-root", str(SAMPLE_IMAGES), "--max-error-rate", "0.5")) == 4
-    assert "error rate 50% reached [run] max_error_rate 0.5" in capsys.readouterr().err
+    assert "error rate 50% of this run's rows reached [run] max_error_rate 0.5" in capsys.readouterr().err
 
 
 # --- SIGTERM --------------------------------------------------------------------------------------------------------

@@ -145,9 +145,10 @@ def test_plan_units_align_to_row_groups(tmp_path):
     assert [(u.row_groups, u.first_row, u.num_rows) for u in units] == [((0, 1), 0, 6), ((2, 3), 6, 4)]
     units = plan_units([shard], MAPPING, max_rows_per_unit=4)
     assert [(u.row_groups, u.first_row, u.num_rows) for u in units] == [((0,), 0, 3), ((1,), 3, 3), ((2, 3), 6, 4)]
-    # a group bigger than the limit is never split: it becomes a unit of its own
+    # a group bigger than the limit is cut into row ranges of at most the limit
     units = plan_units([shard], MAPPING, max_rows_per_unit=2)
-    assert [(u.row_groups, u.num_rows) for u in units] == [((0,), 3), ((1,), 3), ((2,), 3), ((3,), 1)]
+    assert [(u.row_groups, u.first_row, u.num_rows) for u in units] == [
+        ((0,), 0, 2), ((0,), 2, 1), ((1,), 3, 2), ((1,), 5, 1), ((2,), 6, 2), ((2,), 8, 1), ((3,), 9, 1)]
     with pytest.raises(ValueError, match="max_rows_per_unit"):
         plan_units([shard], MAPPING, max_rows_per_unit=0)
 

@@ -65,7 +65,8 @@ def test_each_example_loads_as_the_job_pipeline_run_takes(kind):
 
 def test_example_values_are_read_as_written():
     spec = load_spec(EXAMPLES / "annotate.toml")
-    assert list(spec.questions) == ["color", "material", "category", "printed_text"]
+    assert list(spec.questions) == ["material", "category", "printed_text", "color"]  # tables follow plain keys
+    assert spec.closed_sets["color"].candidates[:3] == ("black", "white", "grey")
     assert spec.output.wide is True
     assert spec.input.image_column == "image" and spec.input.id_column == "sku"
     caption = load_spec(EXAMPLES / "caption.toml")
@@ -130,8 +131,8 @@ def test_annotate_needs_questions(tmp_path):
                                'of this table, e.g. [questions] color = "What color is the car?"')
     blank = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\ncolor = " "\n',
                   name="b.toml")
-    assert error_of(blank) == (f'{blank}:14: [questions] color: expected a non-empty string (the question), '
-                               'got " " (a string)')
+    assert error_of(blank) == (f'{blank}:14: [questions] color: expected a non-empty string (the question), or a '
+                               'table with question = "..." and candidates, got " " (a string)')
     reserved = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\nerrors = "?"\n',
                      name="r.toml")
     assert error_of(reserved) == (f"{reserved}:14: [questions] errors: reserved name (a column of the wide table: "
@@ -231,8 +232,8 @@ def test_tables_and_kind_specific_keys(tmp_path):
     path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"',
                                         'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
     assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
-                              "output columns: id, image_sha256, instruction, question_id, text, score, status, error_kind, error, model, "
-                              "generation, derived_id, image_url")
+                              "output columns: id, image_sha256, instruction, question_id, text, score, "
+                              "candidate_logprobs, status, error_kind, error, model, generation, derived_id, image_url")
 
 
 def test_syntax_errors_and_unreadable_files(tmp_path):
@@ -286,8 +287,8 @@ def test_overrides_replace_and_add_values(tmp_path):
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_slots, decoded_bytes, max_attempts, max_error_rate, max_instruction_bytes, "
-        "prepare_threads, rows_per_unit, workers")
+        "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, "
+        "max_instruction_bytes, max_workers, prepare_threads, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
