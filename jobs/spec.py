@@ -251,7 +251,7 @@ TABLES: dict[str, dict[str, _Check]] = {
     "decode": _config_checks(DecodeConfig),
     "run": {"workers": _Check('an integer >= 1 or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1)),
             "max_workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
-            "prepare_threads": _integer(1), "decoded_bytes": _integer(1),
+            "prepare_threads": _integer(1), "decoded_bytes": _integer(1), "decode_processes": _integer(0),
             "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
             "max_instruction_bytes": _integer(1), "address": _TEXT, "max_candidates": _integer(2)},
 }

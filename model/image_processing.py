@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 
 from .errors import ConfigError, ProcessorError
-from .rgb import to_rgb
+from .rgb import RgbResize, planes
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -83,16 +83,24 @@ class BlipImageProcessor:
         pipeline's prepare stage runs on its threads; `normalize` of the stacked results is the other half."""
         if not isinstance(image, PIL.Image.Image):
             raise ProcessorError(f"images must be PIL.Image.Image, got {type(image).__name__}")
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise ProcessorError(f"image mode {image.mode!r} needs do_convert_rgb=True (the model takes RGB)")
-        if self.do_resize:
-            # PIL sizes are (width, height); a squash to exactly this size, no crop, as in LAVIS.
-            image = image.resize((self.size["width"], self.size["height"]), resample=self.resample)
-        width, height = image.size
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-        return pixels.permute(2, 0, 1).contiguous()  # HWC -> CHW
+        image = self.rgb_resize(image)
+        return self.chw(bytearray(planes(image)), *image.size)
+
+    @property
+    def rgb_resize(self) -> RgbResize:
+        """RGB conversion and resize, the torch-free part of `resized` (PIL image -> PIL image)."""
+        return RgbResize(self.size["width"], self.size["height"], int(self.resample), self.do_convert_rgb,
+                         self.do_resize)
+
+    @staticmethod
+    def chw(rgb: bytearray, width: int, height: int) -> torch.Tensor:
+        """uint8 [3, H, W] over a bytearray of an image's `planes` (not copied)."""
+        return torch.frombuffer(rgb, dtype=torch.uint8, count=width * height * 3).view(3, height, width)
+
+    def normalize_table(self) -> torch.Tensor:
+        """float32 [3, 256]: `normalize` of every 8-bit value in each channel. normalize works element by element,
+        so looking a batch's pixels up in this table gives exactly its result, at a fraction of the cost."""
+        return self.normalize(torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 1, 256)).view(3, 256)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] from `resized` -> pixel_values float32 [B, 3, H, W]: rescale, normalize."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import PIL.Image
+
+from .errors import ProcessorError
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -13,3 +17,31 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class RgbResize:
+    """The CPU-heavy half of BlipImageProcessor.resized, torch-free so that decode processes need no torch: RGB
+    conversion and the squash to exactly width x height (no crop, as in LAVIS)."""
+
+    width: int
+    height: int
+    resample: int
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        if self.do_convert_rgb:
+            image = to_rgb(image)
+        elif image.mode != "RGB":
+            raise ProcessorError(f"image mode {image.mode!r} needs do_convert_rgb=True (the model takes RGB)")
+        if self.do_resize:
+            image = image.resize((self.width, self.height), resample=self.resample)  # PIL sizes are (width, height)
+        return image
+
+
+def planes(image: PIL.Image.Image) -> bytes:
+    """An RGB image's bytes channel by channel (CHW: all red, then green, then blue), as the model's pixel tensor
+    lays them out. Pillow's split copies each band in C on the calling thread: a torch permute here would run on
+    torch's intra-op thread pool, whose spinning cost 60 times the copy on a busy machine."""
+    return b"".join(band.tobytes() for band in image.split())

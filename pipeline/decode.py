@@ -1,18 +1,29 @@
 """Decode fetched bytes into an RGB PIL image, refusing what is not a raster image or is too large to decode safely.
 
 Order of the checks: empty input; the header read by the Pillow plugin of one of `formats` (lazy: no pixel decoded);
-the pixel count against `max_pixels` before any pixel is decoded; then load() of the first frame, EXIF orientation,
-16-bit samples scaled to 8 bits, and RGB conversion as the model's processor does it (transparent pixels onto white).
+then, from the header alone, refusals of what would cost far more than its pixels to decode: more pixels than
+`max_pixels` (`too_large`), a side more than `max_aspect_ratio` times the other (`extreme_aspect_ratio`: the resize
+of a 1 x 39,000,000 picture to the model's square takes gigabytes), a JPEG of more than `max_jpeg_scans` scans
+(`too_many_scans`: libjpeg decodes every progressive scan over the whole image, so a last scan repeated a thousand
+times costs a thousand decodes), a TIFF of more than `max_tiff_strips` strips or tiles (`too_many_strips`: each
+costs a decoder call), metadata (EXIF, ICC profile, XMP, text chunks) over `max_metadata_bytes`
+(`metadata_too_large`: EXIF is parsed for the orientation; checked again after load(), which reads the chunks that
+follow a PNG's pixels). Then load() of the first frame, EXIF orientation, 16-bit samples scaled to 8 bits, and RGB
+conversion as the model's processor does it (transparent pixels onto white). What these checks cannot foresee is
+bounded in time by decoding in a process that is stopped at the row's deadline (pipeline.decode_pool).
 
 The pixel limit is ours, applied per call: Pillow's process-wide guard (PIL.Image.MAX_IMAGE_PIXELS) is neither read
 nor changed, so a program that imports blipbatch keeps its own Pillow settings.
-Errors: `decode_error` (empty, not an image, SVG, unsupported format, truncated or corrupt data), `too_large`.
+Errors: `decode_error` (empty, not an image, SVG, unsupported format, truncated or corrupt data), `too_large` (also
+a first frame over Pillow's own bomb limit, which a GIF's frame can be beyond its declared screen), and the kinds of
+the shape checks above.
 A `not an image` message names the detected type and the size, never the file's bytes (the file may be a secret).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 
@@ -36,14 +47,27 @@ _SIGNATURES = ((b"%PDF-", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (
                (b"\x00\x00\x00\x18ftypmp4", "an MP4 video"), (b"\x1aE\xdf\xa3", "a Matroska/WebM video"))
 
 
+_JPEG_SOS = b"\xff\xda"  # start of scan; never inside entropy-coded data, where 0xFF is followed by 0x00 or RSTn
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RST0-7, SOI
+_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS = 273, 324
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in Pillow's DecompressionBombError message
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     max_pixels: int = 40_000_000
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    max_aspect_ratio: float = 100.0  # longer side / shorter side
+    max_jpeg_scans: int = 100  # scans of a (progressive) JPEG; encoders write about 10
+    max_tiff_strips: int = 65536  # strips or tiles of a TIFF
+    max_metadata_bytes: int = 2**20  # EXIF, ICC profile, XMP and text chunks together
 
     def __post_init__(self) -> None:
-        if not self.max_pixels > 0:
-            raise ValueError(f"DecodeConfig.max_pixels must be > 0, got {self.max_pixels!r}")
+        for name in ("max_pixels", "max_aspect_ratio", "max_jpeg_scans", "max_tiff_strips", "max_metadata_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DecodeConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"DecodeConfig.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
         PIL.Image.init()  # registers every plugin, so PIL.Image.OPEN lists the formats this Pillow can read
         unknown = [f for f in self.formats if f.upper() not in PIL.Image.OPEN]
         if not self.formats or unknown:
@@ -119,6 +143,82 @@ def _open(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
     raise PIL.UnidentifiedImageError
 
 
+def _jpeg_scans(data: bytes) -> int:
+    """The scans of a JPEG: its segments are walked up to the first start of scan (an EXIF thumbnail before it holds
+    scans of its own), then every later start-of-scan marker is counted."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        elif marker == 0xDA:
+            return 1 + data.count(_JPEG_SOS, pos + 2)
+        else:
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return 0
+
+
+def _tiff_strips(data: bytes) -> int:
+    """The strips or tiles of a TIFF's first image, from the counts of its StripOffsets/TileOffsets tags, read
+    before Pillow opens it (Pillow's open alone takes seconds over millions of strips). 0 when not a TIFF."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 16:
+        return 0
+    version = struct.unpack_from(order + "H", data, 2)[0]
+    if version == 42:  # classic TIFF: 4-byte offsets, 12-byte entries
+        offset, count_fmt, entry_fmt, entry_size = struct.unpack_from(order + "I", data, 4)[0], "H", "HHI", 12
+    elif version == 43:  # BigTIFF: 8-byte offsets, 20-byte entries
+        offset, count_fmt, entry_fmt, entry_size = struct.unpack_from(order + "Q", data, 8)[0], "Q", "HHQ", 20
+    else:
+        return 0
+    try:
+        entries = struct.unpack_from(order + count_fmt, data, offset)[0]
+        first = offset + struct.calcsize(count_fmt)
+        counts = [count for tag, _type, count in (struct.unpack_from(order + entry_fmt, data, first + i * entry_size)
+                                                  for i in range(min(entries, (len(data) - first) // entry_size)))
+                  if tag in (_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS)]
+    except struct.error:  # a truncated header: Pillow says what is wrong with it
+        return 0
+    return max(counts, default=0)
+
+
+def _metadata_bytes(image: PIL.Image.Image) -> int:
+    """Bytes of metadata Pillow has read: EXIF, ICC profile, XMP, comments and text chunks."""
+    return sum(len(value) for value in image.info.values() if isinstance(value, (bytes, str)))
+
+
+def _check_metadata(image: PIL.Image.Image, config: DecodeConfig) -> None:
+    if (size := _metadata_bytes(image)) > config.max_metadata_bytes:
+        raise RowError("metadata_too_large", f"{image.format} carries {format_size(size)} of metadata (EXIF, ICC, XMP, "
+                                             f"text), above the {format_size(config.max_metadata_bytes)} limit "
+                                             "([decode] max_metadata_bytes)")
+
+
+def _check_shape(image: PIL.ImageFile.ImageFile, data: bytes, config: DecodeConfig) -> None:
+    """The refusals from the header alone (module doc), cheapest first."""
+    width, height = image.size
+    if width * height > config.max_pixels:  # before load(): never allocate the bitmap
+        raise _too_large(width * height, f"{width}x{height} = ", config.max_pixels)
+    if max(width, height) > config.max_aspect_ratio * max(1, min(width, height)):
+        raise RowError("extreme_aspect_ratio", f"image is {width}x{height}, one side more than "
+                                               f"{config.max_aspect_ratio:g} times the other ([decode] "
+                                               "max_aspect_ratio)")
+    _check_metadata(image, config)
+    if image.format == "JPEG" and (scans := _jpeg_scans(data)) > config.max_jpeg_scans:
+        raise RowError("too_many_scans", f"JPEG of {scans} scans, above the {config.max_jpeg_scans} limit ([decode] "
+                                         "max_jpeg_scans): each scan is decoded over the whole image")
+
+
+def _bomb(err: Exception, config: DecodeConfig) -> RowError:
+    """Pillow's own bomb refusal (a GIF's first frame may be larger than its declared screen) as our too_large."""
+    match = _BOMB_PIXELS.search(str(err))
+    if match is None:
+        return RowError("too_large", f"image refused as a decompression bomb: {err}")
+    return _too_large(int(match.group(1)), "", config.max_pixels)
+
+
 def _to_eight_bits(image: PIL.Image.Image) -> PIL.Image.Image:
     """A 16-bit greyscale image (I;16 and I modes) as 8-bit L, each sample divided by 257 and rounded: the inverse of
     the 8->16 bit expansion (v * 257), so a 16-bit file made from an 8-bit picture decodes to that picture. Pillow's
@@ -136,21 +236,25 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> PIL.Imag
     Raises RowError."""
     if not data:
         raise RowError("decode_error", "empty file (0 bytes)")
+    if (strips := _tiff_strips(data)) > config.max_tiff_strips:
+        raise RowError("too_many_strips", f"TIFF of {strips} strips or tiles, above the {config.max_tiff_strips} limit "
+                                          "([decode] max_tiff_strips): each costs a decoder call")
     try:
         image = _open(data, config.formats)
     except PIL.UnidentifiedImageError:
         raise RowError("decode_error", _not_an_image(data, config.formats)) from None
+    except PIL.Image.DecompressionBombError as err:
+        raise _bomb(err, config) from None
     except _CORRUPT_DATA_ERRORS as err:
         raise RowError("decode_error", f"corrupt image header: {type(err).__name__}: {err}") from None
     with image:
-        width, height = image.size
-        if width * height > config.max_pixels:  # before load(): never allocate the bitmap
-            raise _too_large(width * height, f"{width}x{height} = ", config.max_pixels)
+        _check_shape(image, data, config)
         try:
             image.load()  # the first frame: open() leaves animations on frame 0
+            _check_metadata(image, config)  # a PNG's chunks after its pixels are read by load()
             PIL.ImageOps.exif_transpose(image, in_place=True)
         except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as err:
-            raise RowError("too_large", f"image refused as a decompression bomb: {err}") from None
+            raise _bomb(err, config) from None
         except _CORRUPT_DATA_ERRORS as err:
             raise RowError("decode_error", f"truncated or corrupt {image.format}: {err}") from None
         try:

@@ -12,6 +12,9 @@ and `error=message`. The kinds (schemas.rows.ERROR_KINDS):
   link-local, ...) not in the allow-list, or a local path outside the local roots (pipeline.guard)
 - model_error: the model failed on this row
 - opted_out: the image's server opts it out of AI use (X-Robots-Tag noai, noimageai, noindex, noimageindex)
+- decode_timeout: decoding ran past the row's deadline; its decode process was stopped (pipeline.decode_pool)
+- extreme_aspect_ratio, too_many_scans, too_many_strips, metadata_too_large: an image refused from its header
+  because decoding it would cost far more than its pixels (pipeline.decode, [decode] settings)
 """
 
 from __future__ import annotations

@@ -95,6 +95,9 @@ class RunConfig:
     batch_size: int | None = None  # rows per model call; None: 8 on CPU, from the GPU's free memory on CUDA (Engine)
     decode_slots: int | None = None  # greedy: sequences decoded together; None: 32 on CPU, as batch_size on CUDA
     prepare_threads: int | None = None  # per worker: threads that decode and resize; None: its CPUs, at most 8
+    # per worker: decode processes, each stopped at its row's deadline (pipeline.decode_pool), reserved as Ray CPUs;
+    # None: on GPU workers the CPUs per GPU of the GPU nodes less one, on a CPU model 1; 0: decode on threads
+    decode_processes: int | None = None
     decoded_bytes: int = 2**30  # per worker: images being decoded at once hold at most this (pipeline.prepare)
     rows_per_unit: int = 1000  # rows per work unit, the unit of retry and commit
     max_attempts: int = 3  # tries before a unit is marked failed
@@ -109,6 +112,8 @@ class RunConfig:
                      "max_instruction_bytes", "max_candidates", "max_workers"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.decode_processes is not None and not self.decode_processes >= 0:
+            raise PipelineError(f"run.decode_processes must be at least 0, got {self.decode_processes!r}")
         if self.workers not in (None, AUTO) and not (isinstance(self.workers, int) and self.workers >= 1):
             raise PipelineError(f'run.workers must be at least 1, or "auto", got {self.workers!r}')
 
@@ -166,7 +171,7 @@ def _closed_sets(given: Mapping[str, object], instructions: Instructions | None,
 
 def _checked_generation(given: Mapping[str, Any]) -> dict[str, Any]:
     """DEFAULT_GENERATION with `given` over it, checked by the engine's own rules (every key, and across keys) once,
-    here, before any worker starts; the checkpoint's generation_config fills in the rest there."""
+    here, before any worker starts; the language model's token ids fill in the rest there (tests/ORACLE.md)."""
     settings = {**DEFAULT_GENERATION, **given}
     if isinstance(settings.get("sequence_bias"), Mapping):  # transformers' dict form: tuple keys do not go to JSON
         settings["sequence_bias"] = [[list(ids), bias] for ids, bias in settings["sequence_bias"].items()]
@@ -186,7 +191,7 @@ class Job:
     output: OutputConfig
     model: ModelConfig
     instructions: Instructions | None = None
-    # generate() overrides on top of the checkpoint's generation_config, transformers' names; DEFAULT_GENERATION first
+    # generate() settings over the LM's token ids and the defaults, transformers' names; DEFAULT_GENERATION first
     generation: dict[str, Any] = field(default_factory=dict)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

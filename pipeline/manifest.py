@@ -40,7 +40,7 @@ _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
 _MAPPING_ADDED_LATER = frozenset({"missing", "format", "image_extension"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
 _RECORDED_RUN = ("workers", "max_workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes",
-                 "max_attempts", "max_error_rate", "max_instruction_bytes", "max_candidates")
+                 "decode_processes", "max_attempts", "max_error_rate", "max_instruction_bytes", "max_candidates")
 
 
 def _canonical_json(settings: Mapping) -> str:

@@ -4,10 +4,15 @@ Everything the CPU does for the model happens here, off the model's thread, so t
 - fetch: every distinct image of the unit is queued at once on the fetch threads (`FetchConfig.concurrency`), so
   slow rows in different micro-batches wait together and a unit takes about its slowest row, not the sum of each
   micro-batch's slowest;
-- decode, RGB conversion and resize (`BlipImageProcessor.resized`, the processor's own code): on `threads` CPU
-  threads, each image as soon as its bytes arrive; Pillow releases the GIL there, so threads scale (to about 8);
-- normalize and stack (`BlipImageProcessor.normalize`) into one float32 tensor per micro-batch, pinned when the model
-  is on CUDA (so the copy to the GPU is asynchronous), `ahead` micro-batches in advance.
+- decode, RGB conversion and resize (`BlipImageProcessor.resized`, the processor's own code), each image as soon as
+  its bytes arrive: in `processes` decode processes (pipeline.decode_pool), each stopped at its row's deadline
+  (`row_deadline_s`, less the time the row's fetch took: time queued behind other images is not counted), which
+  also scale past one process's GIL; with `processes = 0`, on `threads` CPU threads (Pillow releases the GIL, so
+  threads scale to about 8), where a decode cannot be stopped: only the header checks of pipeline.decode bound it;
+- normalize and stack into one float32 tensor per micro-batch, pinned when the model is on CUDA (so the copy to the
+  GPU is asynchronous), `ahead` micro-batches in advance: each pixel looked up in `normalize_table` (the processor's
+  `normalize` of every 8-bit value, so exactly its result) straight into the batch, one numpy call per channel; the
+  float64 arithmetic of `normalize` over the batch took half as long as decoding and resizing it.
 
 Identical bytes within a unit are decoded once: the stage keys decodes by the bytes' SHA-256 (each row's
 `sha256`), and a micro-batch stacks each distinct image once, so the engine encodes it once for all the rows naming it.
@@ -32,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy
 import PIL.Image
 import torch
 
@@ -39,6 +45,7 @@ from blipbatch.model.image_processing import BlipImageProcessor
 
 from . import deadline
 from .decode import DecodeConfig, decode_image
+from .decode_pool import DecodePool
 from .errors import RowError
 from .fetch import Fetcher
 from .shards import InputRow
@@ -62,21 +69,34 @@ def return_freed_images_to_the_os() -> None:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    threads: int | None = None  # decode + resize threads; None: the CPUs this process may use, at most 8
+    threads: int | None = None  # decode + resize threads when processes = 0; None: this process's CPUs, at most 8
     decoded_bytes: int = 2**30  # images being decoded at once hold at most this (see the module doc)
     ahead: int = 2  # micro-batches normalized and stacked before the model asks for them
+    # decode + resize processes, each stopped at its row's deadline; None: the CPUs this process may use; 0: decode
+    # on `threads` threads instead, with no time bound
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("threads", "decoded_bytes", "ahead"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"PrepareConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.processes is not None and not (isinstance(self.processes, int) and self.processes >= 0):
+            raise ValueError(f"PrepareConfig.processes must be an integer >= 0, got {self.processes!r}")
+
+    def decode_processes(self) -> int:
+        """The decode processes to start: `processes`, or by default the CPUs this process may use."""
+        return self.processes if self.processes is not None else usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on (its affinity, which containers and Ray set), at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus, MAX_DEFAULT_THREADS))
+    """The CPUs this process may run on, at most 8."""
+    return max(1, min(usable_cpus(), MAX_DEFAULT_THREADS))
 
 
 class ByteBudget:
@@ -170,7 +190,9 @@ class PrepareStage:
     it (also on an error) drops what is still queued."""
 
     def __init__(self, fetcher: Fetcher, decode: DecodeConfig, processor: BlipImageProcessor, config: PrepareConfig,
-                 check_instruction, pin_memory: bool = False) -> None:
+                 check_instruction, pin_memory: bool = False, pool: DecodePool | None = None) -> None:
+        """`pool`: decode processes to use (a worker keeps one for its lifetime); None: the stage starts its own
+        when `config` asks for processes, and ends them on leaving."""
         self.fetcher = fetcher
         self.decode = decode
         self.processor = processor
@@ -178,11 +200,16 @@ class PrepareStage:
         self.check_instruction = check_instruction  # instruction -> str, or raises an error naming why
         self.pin_memory = pin_memory
         self.times = StageTimes()
+        self._normalized = processor.normalize_table().numpy()  # [channel, 8-bit value] -> normalized value
         self._abandoned_before = deadline.abandoned_total()
         self.budget = ByteBudget(config.decoded_bytes)
         return_freed_images_to_the_os()
+        processes = config.decode_processes()
+        self._own_pool = pool is None and processes > 0
+        self.pool = DecodePool(processes, decode, processor) if self._own_pool else pool
+        workers = self.pool.processes if self.pool is not None else config.threads or default_threads()
         self._fetch_pool = ThreadPoolExecutor(fetcher.config.concurrency, thread_name_prefix="fetch")
-        self._cpu_pool = ThreadPoolExecutor(config.threads or default_threads(), thread_name_prefix="prepare")
+        self._cpu_pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
         self._assembler = ThreadPoolExecutor(1, thread_name_prefix="assemble")
         self._decodes: dict[str, Future] = {}  # sha256 -> its decode: identical bytes are decoded once
         self._decodes_lock = threading.Lock()
@@ -197,6 +224,8 @@ class PrepareStage:
             pool.shutdown(wait=False, cancel_futures=True)
         for pool in pools:
             pool.shutdown(wait=True)
+        if self._own_pool:
+            self.pool.close()
         self.times.reads_abandoned = deadline.abandoned_total() - self._abandoned_before
 
     def batches(self, rows: Sequence[InputRow], size: int) -> Iterator[PreparedBatch]:
@@ -221,19 +250,24 @@ class PrepareStage:
         except Exception as err:  # noqa: BLE001 - the row boundary: nothing about one row may fail its unit
             return RowError("fetch_connection", f"{type(err).__name__}: {err}")
         finally:
-            self.times.add("fetch_s", time.perf_counter() - start)
+            fetch_s = time.perf_counter() - start
+            self.times.add("fetch_s", fetch_s)
         digest = hashlib.sha256(data).hexdigest()
         with self._decodes_lock:
             decoded = self._decodes.get(digest)
-            if decoded is None:
-                decoded = self._decodes[digest] = self._cpu_pool.submit(self._decode, data)
+            if decoded is None:  # decoded within what the first fetch of these bytes left of its row's deadline
+                decoded = self._decodes[digest] = self._cpu_pool.submit(
+                    self._decode, data, self.fetcher.config.row_deadline_s - fetch_s)
         return _Fetched(digest, decoded)
 
-    def _decode(self, data: bytes) -> torch.Tensor | RowError:
-        """Decode, RGB, resize: uint8 [3, H, W], under the decoded-bytes budget."""
+    def _decode(self, data: bytes, seconds: float) -> torch.Tensor | RowError:
+        """Decode, RGB, resize: uint8 [3, H, W], under the decoded-bytes budget; in a decode process, stopped after
+        `seconds` (what the row's fetch left of its deadline)."""
         start = time.perf_counter()
         try:
             with self.budget.hold(decoded_size(data)):
+                if self.pool is not None:
+                    return self.pool.resized(data, seconds)
                 image = decode_image(data, self.decode)
                 with image:
                     return self.processor.resized(image)
@@ -278,5 +312,11 @@ class PrepareStage:
             prepared.append(item)
         if not slot:
             return PreparedBatch(prepared, None)
-        pixels = self.processor.normalize(torch.stack([decoded[digest] for digest in slot]))
-        return PreparedBatch(prepared, pixels.pin_memory() if self.pin_memory else pixels)
+        shape = decoded[next(iter(slot))].shape
+        pixels = torch.empty((len(slot), *shape), dtype=torch.float32, pin_memory=self.pin_memory)
+        out = pixels.numpy()
+        for i, digest in enumerate(slot):  # normalized by table lookup, straight into the (pinned) batch
+            image = decoded[digest].numpy()
+            for channel in range(3):
+                numpy.take(self._normalized[channel], image[channel], out=out[i, channel])
+        return PreparedBatch(prepared, pixels)

@@ -25,11 +25,11 @@ from blipbatch.model.engine import EngineConfig
 from .coordinator import Progress, RunSummary, run_units
 from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
-from .manifest import check_manifest, job_settings, record_run, record_used, write_manifest
+from .manifest import check_manifest, job_settings, read_manifest, record_run, record_used, write_manifest
 from .redact import redact
 from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
-from .sink import progress_records
+from .sink import committed_units, progress_records
 from .template import TemplateError, check_columns, parse_all
 from .preflight import check_model, check_output
 from .prepare import PrepareConfig
@@ -43,6 +43,13 @@ MAX_TEMP_ROOT_CHARS = 24  # Ray's longest socket path adds about 80 characters t
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as after Ctrl-C: committed units kept, lock released."""
+
+
+def _cpus_per_gpu() -> int:
+    """The fewest CPUs per GPU of the cluster's live GPU nodes (8 when none is up yet: an autoscaler adds them)."""
+    ratios = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
+              if node.get("Alive") and node["Resources"].get("GPU")]
+    return min(ratios, default=8)
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -193,13 +200,31 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
 
             run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
                        lock.maybe_renew, on_ready)
-            if summary.interrupted:
+            if summary.interrupted or summary.output_problem:
                 recount(summary, plan.committed)
+            summary.output_problem = summary.output_problem or output_losses(output, plan.committed |
+                                                                             summary.committed_ids)
         if started:  # the report's headline time: the runs' wall time, start-up included
             wall_s = time.monotonic() - start
-            record_run(output, time.time() - wall_s, wall_s, summary.rows)
+            try:
+                record_run(output, time.time() - wall_s, wall_s, summary.rows)
+            except OSError as e:  # a full disk: the summary says so already, or says this
+                summary.output_problem = summary.output_problem or f"cannot record the run's time: {e.strerror or e}"
     summary.wall_s = time.monotonic() - start
     return summary
+
+
+def output_losses(output: str, committed: set[str]) -> str | None:
+    """What the output lost while the run wrote it (its folder deleted or moved, a lifecycle rule): its manifest, or
+    units committed before or during the run; None when it has them all."""
+    missing = committed - committed_units(output)
+    manifest = read_manifest(output) is not None
+    if not missing and manifest:
+        return None
+    lost = [f"{len(missing)} of its {len(committed)} committed units"] if missing else []
+    lost += [] if manifest else ["its manifest"]
+    return (f"the output lost {' and '.join(lost)} during the run (was the folder deleted or moved?): it does not hold "
+            "what this summary counts; run the same command again to redo what is missing")
 
 
 def check_template_columns(job: Job, units: Sequence[WorkUnit]) -> None:
@@ -335,16 +360,21 @@ def run_on_ray(
         # Ray gives a fractional-CPU actor OMP_NUM_THREADS=1, which would leave a CPU model on one core.
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
-    # One GPU per actor; on CPU a fraction of a core, so actors never starve Ray's other tasks.
+    processes = job.run.decode_processes
+    if processes is None:
+        processes = max(1, _cpus_per_gpu() - 1) if use_gpu else 1  # on CPU the model itself uses the cores
+    config = dataclasses.replace(config, prepare=dataclasses.replace(config.prepare, processes=processes))
+    # One GPU per actor and a CPU per decode process, the CPUs the actor keeps busy (the model's own thread mostly
+    # waits on the GPU); a CPU model a fraction of a core, so actors never starve Ray's other tasks.
     actor = ray.remote(StartingWorker).options(
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
+        num_gpus=1 if use_gpu else 0, num_cpus=processes if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
     )
     if elastic and job.run.max_workers:
         # Ask an autoscaler (KubeRay's, the cluster launcher's) for the GPUs the run could use: the workers follow
         # the GPUs that join. Where nothing autoscales, Ray keeps the request and nothing happens.
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": 1}] * min(limit, len(pending)))
+        request_resources(bundles=[{"GPU": 1, "CPU": processes}] * min(limit, len(pending)))
     with stop_signals_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
 

@@ -26,6 +26,7 @@ from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressR
                                output_schema)
 
 from .decode import DecodeConfig
+from .decode_pool import DecodePool
 from .errors import RowError
 from .job import PipelineError, RunConfig, instruction_size_problem
 from .fetch import FetchConfig, Fetcher
@@ -92,6 +93,10 @@ class ModelWorker:
         self.question_ids = isinstance(config.instructions, dict)
         self.batch_size = config.batch_size or self.engine.default_rows[0]
         self.closed_set_errors = self._check_closed_sets()
+        processes = config.prepare.decode_processes()
+        # Started once: the units' prepare stages share them (each would otherwise fork its own).
+        self.decode_pool = DecodePool(processes, config.decode, self.engine.processor.image_processor) \
+            if processes else None
 
     def _check_closed_sets(self) -> dict[str, RowError | None]:
         """Per closed-set question: the error its rows get (its prompt and candidates do not fit the model), or None.
@@ -124,7 +129,8 @@ class ModelWorker:
         encoded_before = self.engine.images_encoded
         output: list[dict] = []
         stage = PrepareStage(self.fetcher, self.config.decode, self.engine.processor.image_processor,
-                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda")
+                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda",
+                             pool=self.decode_pool)
         answered: dict[tuple[str | None, str | None, ClosedSet | None], Generated | RowError] = {}
         with stage:
             for batch in stage.batches(rows, self.batch_size):

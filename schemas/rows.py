@@ -13,7 +13,8 @@ from blipbatch.errors import BlipbatchError
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
 ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
-               "blocked_address", "model_error", "opted_out")
+               "blocked_address", "model_error", "opted_out", "decode_timeout", "extreme_aspect_ratio",
+               "too_many_scans", "too_many_strips", "metadata_too_large")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 

@@ -39,7 +39,8 @@ def png_data_uri(colour: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def run_unit(checkpoint: str, tmp_path, references: list[str], fetch: FetchConfig):
+def run_unit(checkpoint: str, tmp_path, references: list[str], fetch: FetchConfig,
+             decode: DecodeConfig = DecodeConfig()):
     """One unit of `references` through a real ModelWorker; the committed output, read back by pyarrow."""
     shard = tmp_path / "in" / "part-0.parquet"
     shard.parent.mkdir()
@@ -47,7 +48,8 @@ def run_unit(checkpoint: str, tmp_path, references: list[str], fetch: FetchConfi
     mapping = ColumnMapping(id_column="id")
     [unit] = plan_units(discover_shards(str(shard.parent)), mapping, len(references))
     config = WorkerConfig(engine=EngineConfig(model=checkpoint, generation={"max_new_tokens": 2}), mapping=mapping,
-                          output=str(tmp_path / "out"), instructions=("a photo of",), batch_size=4, fetch=fetch)
+                          output=str(tmp_path / "out"), instructions=("a photo of",), batch_size=4, fetch=fetch,
+                          decode=decode)
     record = ModelWorker(config).process_unit(unit, 1)
     return record, pq.read_table(tmp_path / "out").to_pandas().set_index("id")
 

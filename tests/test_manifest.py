@@ -34,7 +34,8 @@ def test_the_manifest_records_every_setting_that_shapes_the_output(tmp_path):
     assert (settings["dtype"], settings["device"], settings["quantize"]) == ("float32", "cpu", None)
     assert settings["run"] == {"workers": 2, "max_workers": None, "batch_size": 4, "decode_slots": 16, "max_attempts": 3,
                                "max_error_rate": 1.0, "prepare_threads": None, "decoded_bytes": job.run.decoded_bytes,
-                               "max_instruction_bytes": job.run.max_instruction_bytes, "max_candidates": 256}
+                               "max_instruction_bytes": job.run.max_instruction_bytes, "max_candidates": 256,
+                               "decode_processes": None}
     assert settings["generation"] == {"max_new_tokens": 12, "num_beams": 1}
     assert "secret" not in (tmp_path / "out" / "_manifest.json").read_text()  # credentials in URLs are redacted
     # read back, it is the same job (the redacted model URL aside)

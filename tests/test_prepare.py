@@ -141,9 +141,9 @@ def test_unit_with_slow_rows_in_several_batches_takes_about_the_slowest(checkpoi
     assert elapsed < SlowImages.delay * 1.75, f"unit took {elapsed:.1f}s: the slow rows were fetched one batch at a time"
 
 
-def huge_png(width: int, height: int) -> bytes:
+def huge_png(width: int, height: int, red: int = 0x80) -> bytes:
     """A valid RGB PNG of width x height that compresses to a few KB (one colour)."""
-    raw = zlib.compress(b"".join(b"\x00" + b"\x80\x40\x20" * width for _ in range(height)), 9)
+    raw = zlib.compress(b"".join(b"\x00" + bytes((red, 0x40, 0x20)) * width for _ in range(height)), 9)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
@@ -178,7 +178,7 @@ def sample() -> None:
 
 sampler = threading.Thread(target=sample)
 sampler.start()
-config = PrepareConfig(threads=8, decoded_bytes=budget)
+config = PrepareConfig(threads=8, decoded_bytes=budget, processes=0)  # decoded here, where RSS is sampled
 with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(max_pixels=10**9), processor, config, str) as stage:
     [batch] = stage.batches(rows, len(rows))
 done.set()
@@ -194,7 +194,7 @@ def test_decoded_bytes_budget_bounds_a_batch_of_huge_pngs(tmp_path):
     they decode one at a time and the process grows by about one image, against all eight without a budget."""
     side = 4000
     for i in range(8):
-        (tmp_path / f"{i}.png").write_bytes(huge_png(side, side))
+        (tmp_path / f"{i}.png").write_bytes(huge_png(side, side, red=i))  # distinct: identical bytes decode once
     decoded = side * side * 4
 
     def growth(budget: int) -> float:

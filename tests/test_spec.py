@@ -287,8 +287,8 @@ def test_overrides_replace_and_add_values(tmp_path):
         f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
-        "batch_size, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, max_instruction_bytes, "
-        "max_workers, prepare_threads, rows_per_unit, workers")
+        "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, "
+        "max_instruction_bytes, max_workers, prepare_threads, rows_per_unit, workers")
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
         "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
@@ -536,7 +536,8 @@ def test_every_generation_setting_from_a_spec_an_override_and_the_python_api(tmp
     assert job.generation["sequence_bias"] == [[[5], 2.0]]
     json.dumps(job.generation)
     bad = write(tmp_path, BASE + "\n[generation]\nsuppress_tokens = [-1]\n", name="bad.toml")
-    assert error_of(bad) == f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, got [-1] (an array)"
+    assert error_of(bad) == (f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, "
+                             "got [-1] (an array)")
 
 
 def test_model_quantize_reaches_the_job_and_its_manifest(tmp_path):

@@ -1,0 +1,136 @@
+"""The prepare stage against bare decode + resize on the same files: images/s per thread count, per decode-process
+count, exact and fast-JPEG paths, JPEG/PNG/WebP mixes. Needs no GPU and no model (the processor alone).
+
+    .venv/bin/python bench/prepare_throughput.py [--images 256] [--size 640x480] [--threads 1,2] [--processes 1,2]
+        [--mix jpeg] [--repeats 3] [--fast-jpeg]
+
+Writes --images distinct pictures (smooth shapes and noise, as photos compress: ~115 KB per 640 x 480 JPEG at
+quality 90) into a temporary folder, then measures, each --repeats times (the best is printed):
+- bare: `decode_image` + `BlipImageProcessor.resized`, one image per task, on N threads (a ThreadPoolExecutor);
+- stage: `PrepareStage` as the worker runs it, one unit of every image in one micro-batch: local files fetched
+  (under a local root, each under its deadline), decoded, resized, normalized and stacked; on N threads
+  (`processes = 0`) and on N decode processes;
+- with --fast-jpeg, the same with `[decode] fast_jpeg = true`, and its mean absolute pixel difference to the exact
+  path (0..255 scale, over every pixel of every image).
+The ratio printed is stage / bare at the same N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import PIL.ImageDraw  # noqa: E402
+import torch  # noqa: E402
+
+from blipbatch.model.image_processing import BlipImageProcessor  # noqa: E402
+from blipbatch.pipeline.decode import DecodeConfig, decode_image  # noqa: E402
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher  # noqa: E402
+from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage  # noqa: E402
+from blipbatch.pipeline.shards import InputRow  # noqa: E402
+
+FORMATS = {"jpeg": ("JPEG", {"quality": 90}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 90})}
+
+
+def picture(rng: np.random.Generator, width: int, height: int) -> PIL.Image.Image:
+    """Shapes on a gradient with some noise: compresses about as a photo does."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height) + 64], -1)
+    noise = rng.normal(0, 12, (height, width, 3))
+    image = PIL.Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    draw = PIL.ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        size = int(rng.integers(20, max(21, width // 3)))
+        draw.ellipse((x0, y0, x0 + size, y0 + size), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int], mix: list[str]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        name = mix[i % len(mix)]
+        fmt, options = FORMATS[name]
+        path = folder / f"{i:05d}.{name}"
+        buffer = io.BytesIO()
+        picture(rng, *size).save(buffer, fmt, **options)
+        path.write_bytes(buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def bare(datas: list[bytes], processor: BlipImageProcessor, decode: DecodeConfig, threads: int) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda data: processor.resized(decode_image(data, decode)), datas))
+    return len(datas) / (time.perf_counter() - start)
+
+
+def stage(paths: list[Path], root: Path, processor: BlipImageProcessor, decode: DecodeConfig,
+          config: PrepareConfig) -> tuple[float, torch.Tensor]:
+    rows = [InputRow(id=str(i), image=str(path), instruction="x", row_index=i) for i, path in enumerate(paths)]
+    fetcher = Fetcher(FetchConfig(local_roots=(str(root),)))
+    with PrepareStage(fetcher, decode, processor, config, str) as prepare:
+        start = time.perf_counter()  # the decode processes are started: a worker starts them once
+        [batch] = list(prepare.batches(rows, len(rows)))
+        rate = len(rows) / (time.perf_counter() - start)
+    assert all(p.error is None for p in batch.rows), [p.error for p in batch.rows if p.error][:3]
+    return rate, batch.pixels
+
+
+def best(repeats: int, measure) -> float:
+    return max(measure() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--mix", default="jpeg", help="comma-separated formats cycled over the images: jpeg,png,webp")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fast-jpeg", action="store_true", help="also measure [decode] fast_jpeg = true")
+    args = parser.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    processor = BlipImageProcessor(size={"height": 224, "width": 224})
+    paths_modes = [("exact", DecodeConfig())] + ([("fast_jpeg", DecodeConfig(fast_jpeg=True))] if args.fast_jpeg
+                                                  else [])
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        paths = write_images(root, args.images, size, args.mix.split(","))
+        datas = [path.read_bytes() for path in paths]
+        print(f"{args.images} images {args.size} ({args.mix}), mean {sum(map(len, datas)) / len(datas) / 1024:.0f} KB; "
+              f"images/s, best of {args.repeats}")
+        exact_pixels = None
+        for mode, decode in paths_modes:
+            for n in (int(v) for v in args.threads.split(",")):
+                bare_rate = best(args.repeats, lambda: bare(datas, processor, decode, n))
+                stage_rate = best(args.repeats, lambda: stage(paths, root, processor, decode,
+                                                              PrepareConfig(threads=n, processes=0))[0])
+                print(f"{mode:9s} threads={n}: bare {bare_rate:7.1f}  stage {stage_rate:7.1f}  "
+                      f"stage/bare {stage_rate / bare_rate:.2f}")
+            for n in (int(v) for v in args.processes.split(",")):
+                rate = best(args.repeats, lambda: stage(paths, root, processor, decode, PrepareConfig(processes=n))[0])
+                print(f"{mode:9s} processes={n}: stage {rate:7.1f}")
+            _, pixels = stage(paths, root, processor, decode, PrepareConfig(processes=0))
+            if exact_pixels is None:
+                exact_pixels = pixels
+            else:
+                scale = torch.tensor(processor.image_std).view(1, 3, 1, 1) * 255  # back to the 0..255 scale
+                print(f"{mode}: mean absolute pixel difference to exact "
+                      f"{((pixels - exact_pixels).abs() * scale).mean().item():.2f} (0..255)")
+
+
+if __name__ == "__main__":
+    main()
