@@ -72,7 +72,7 @@ def write_images(folder: Path, count: int, size: tuple[int, int], mix: list[str]
 def bare(datas: list[bytes], processor: BlipImageProcessor, decode: DecodeConfig, threads: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda data: processor.resized(decode_image(data, decode)), datas))
+        list(pool.map(lambda data: processor.resized(decode_image(data, decode, processor.rgb_resize.covering)), datas))
     return len(datas) / (time.perf_counter() - start)
 
 

@@ -30,6 +30,11 @@ class RgbResize:
     do_convert_rgb: bool = True
     do_resize: bool = True
 
+    @property
+    def covering(self) -> int | None:
+        """The side a reduced decode (JPEG draft mode) must keep for this resize, or None when there is none."""
+        return max(self.width, self.height) if self.do_resize else None
+
     def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
         if self.do_convert_rgb:
             image = to_rgb(image)

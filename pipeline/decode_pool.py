@@ -215,7 +215,7 @@ def _serve(conn: Connection, block: mmap.mmap) -> None:
     while True:
         data = conn.recv_bytes()
         try:
-            with decode_image(data, decode) as image:
+            with decode_image(data, decode, rgb_resize.covering) as image:
                 resized = rgb_resize(image)
                 rgb = planes(resized)
             block[: len(rgb)] = rgb
