@@ -36,7 +36,8 @@ class RgbResize:
         return max(self.width, self.height) if self.do_resize else None
 
     def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        if self.do_convert_rgb:
+        plain_rgb = image.mode == "RGB" and image.info.get("transparency") is None
+        if self.do_convert_rgb and not plain_rgb:  # to_rgb of plain RGB is a copy of the same pixels: skipped
             image = to_rgb(image)
         elif image.mode != "RGB":
             raise ProcessorError(f"image mode {image.mode!r} needs do_convert_rgb=True (the model takes RGB)")
