@@ -2,7 +2,7 @@
 count, exact and fast-JPEG paths, JPEG/PNG/WebP mixes. Needs no GPU and no model (the processor alone).
 
     .venv/bin/python bench/prepare_throughput.py [--images 256] [--size 640x480] [--threads 1,2] [--processes 1,2]
-        [--mix jpeg] [--repeats 3] [--fast-jpeg]
+        [--mix jpeg] [--repeats 3] [--fast-jpeg] [--answers N]
 
 Writes --images distinct pictures (smooth shapes and noise, as photos compress: ~115 KB per 640 x 480 JPEG at
 quality 90) into a temporary folder, then measures, each --repeats times (the best is printed):
@@ -13,6 +13,9 @@ quality 90) into a temporary folder, then measures, each --repeats times (the be
 - with --fast-jpeg, the same with `[decode] fast_jpeg = true`, and its mean absolute pixel difference to the exact
   path (0..255 scale, over every pixel of every image).
 The ratio printed is stage / bare at the same N.
+With --answers N: the demo model's answers (jobs/demo_data/shapes-instructblip: the caption and its three questions,
+greedy) on N of its held-out pictures scaled to 640 x 480 and saved as JPEG quality 75, decoded exactly and with
+fast_jpeg: the share of answers that are identical.
 """
 
 from __future__ import annotations
@@ -88,6 +91,34 @@ def stage(paths: list[Path], root: Path, processor: BlipImageProcessor, decode: 
     return rate, batch.pixels
 
 
+def answers_agreement(count: int) -> tuple[int, int]:
+    """(identical answers, answers) of the demo model on `count` held-out pictures as 640 x 480 JPEGs, exact decode
+    against fast_jpeg."""
+    from blipbatch.jobs import shapes
+    from blipbatch.jobs.demo import DEMO_MODEL
+    from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    processor = InstructBlipProcessor.from_pretrained(DEMO_MODEL)
+    model = InstructBlipForConditionalGeneration.from_pretrained(DEMO_MODEL)
+    covering = processor.image_processor.rgb_resize.covering
+    photos = []
+    for sample in shapes.make_dataset(count, seed=7, held_out=True):
+        buffer = io.BytesIO()
+        sample.image.resize((640, 480), PIL.Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=75)
+        photos.append(buffer.getvalue())
+    answers = {}
+    for mode, decode in (("exact", DecodeConfig()), ("fast", DecodeConfig(fast_jpeg=True))):
+        images = [decode_image(data, decode, covering) for data in photos]
+        answers[mode] = []
+        for text in shapes.INSTRUCTIONS:
+            for first in range(0, count, 50):
+                inputs = processor(images=images[first : first + 50], text=text)
+                with torch.inference_mode():
+                    ids = model.generate(**inputs, max_new_tokens=6)
+                answers[mode] += processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(a == b for a, b in zip(answers["exact"], answers["fast"])), len(answers["exact"])
+
+
 def best(repeats: int, measure) -> float:
     return max(measure() for _ in range(repeats))
 
@@ -101,7 +132,13 @@ def main() -> None:
     parser.add_argument("--mix", default="jpeg", help="comma-separated formats cycled over the images: jpeg,png,webp")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fast-jpeg", action="store_true", help="also measure [decode] fast_jpeg = true")
+    parser.add_argument("--answers", type=int, default=0, help="the demo model's answers on N pictures, exact/fast")
     args = parser.parse_args()
+    if args.answers:
+        same, total = answers_agreement(args.answers)
+        print(f"demo model, {args.answers} pictures x {total // args.answers} prompts as 640 x 480 JPEG q75: "
+              f"{same} of {total} answers identical with fast_jpeg ({same / total:.1%})")
+        return
     size = tuple(int(v) for v in args.size.split("x"))
     processor = BlipImageProcessor(size={"height": 224, "width": 224})
     paths_modes = [("exact", DecodeConfig())] + ([("fast_jpeg", DecodeConfig(fast_jpeg=True))] if args.fast_jpeg
