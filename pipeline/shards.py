@@ -29,7 +29,7 @@ from .errors import RowError
 from .guard import _file_kind
 from .job import RunConfig
 from .template import Template, columns_of, parse_all
-from .webdataset import KEY_COLUMN, TarError, TarIndex, TarSlice, is_tar, read_slice, scan, slices
+from .webdataset import KEY_COLUMN, TarChanged, TarError, TarIndex, TarSlice, is_tar, read_slice, scan, slices
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
@@ -499,8 +499,11 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
     wanted = list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())]))
     problems: list[str | None] = [None] * unit.num_rows
     if unit.tar is not None:
-        columns, problems = read_slice(unit.shard, unit.tar, unit.schema, mapping.image_column,
-                                       mapping.image_extension)
+        try:
+            columns, problems = read_slice(unit.shard, unit.tar, unit.schema, mapping.image_column,
+                                           mapping.image_extension)
+        except TarChanged as e:
+            raise ShardChanged(f"{e}; unit {unit.unit_id} is not committed") from None
     else:
         table = _read_planned(unit, wanted)
         columns = {name: table.column(name).to_pylist() for name in table.column_names}

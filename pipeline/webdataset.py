@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,41 +130,96 @@ def scan(shard: str, image_column: str, image_extension: str | None = None) -> T
     return TarIndex(samples, shard_id, quick_id, _schema(values, image_column))
 
 
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
+_LONG_NAME = b"L"  # GNU: the next member's name is this member's data
+_PAX = b"x"  # POSIX: the next member's attributes ("path=...") are this member's data
+
+
+class _BadHeader(Exception):
+    pass
+
+
+def _number(field: bytes) -> int:
+    """A tar header's numeric field: octal text, or base-256 when its first byte has the high bit set."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _BadHeader(f"bad number {text[:20]!r}") from None
+
+
+def _header(block: bytes) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a tar header block; _BadHeader when its checksum does not hold."""
+    stored = _number(block[148:156])
+    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])  # the checksum field counts as spaces
+    if stored != computed:
+        raise _BadHeader("bad checksum")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), _number(block[124:136]), block[156:157]
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The "path" record of a pax header's data ("LENGTH path=NAME\n" records)."""
+    at = 0
+    while at < len(data):
+        length = int(data[at:].split(b" ", 1)[0] or b"0")
+        if length <= 0:
+            return None
+        record = data[at:at + length]
+        key, _, value = record.split(b" ", 1)[1].partition(b"=")
+        if key == b"path":
+            return value.rstrip(b"\n").decode("utf-8", "surrogateescape")
+        at += length
+    return None
+
+
 def _members(f: object, shard: str, size: int) -> tuple[list[Member], dict[str, list], tuple[int, str] | None]:
     """The tar's regular members; the values of its small text members by column; and (byte, why) where its headers
-    became unreadable, if they did."""
-    try:
-        tar = tarfile.open(fileobj=f, mode="r:")
-    except tarfile.TarError as e:
-        raise TarError(f"{shard}: not a tar ({e}); a WebDataset shard is a plain tar of KEY.EXTENSION members") \
-            from None
+    became unreadable, if they did. Parsed here, not by tarfile: its pure-Python headers took 0.3 ms a member, and it
+    ends quietly at a header it cannot read."""
     members: list[Member] = []
     values: dict[str, list] = {}
-    problem = None
+    offset, long_name = 0, None
     while True:
+        f.seek(offset)
+        block = f.read(_BLOCK)
+        if 0 < len(block) < _BLOCK and block.strip(b"\0") and offset > 0:
+            return members, values, (offset, f"the tar ends inside a header at byte {offset}: the samples after "
+                                             "it cannot be read")
+        if len(block) < _BLOCK or not block.strip(b"\0"):
+            if offset == 0:
+                raise TarError(f"{shard}: not a tar (empty); a WebDataset shard is a plain tar of KEY.EXTENSION "
+                               "members")
+            return members, values, None  # the end: zeros, or nothing (a tar cut after its last member's data)
         try:
-            info = tar.next()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            if tar.offset < size:  # past the end: the tar ends inside its last member, which says so itself
-                problem = (tar.offset, f"the tar is unreadable from byte {tar.offset} on ({e}): the samples "
-                                       "after it cannot be read")
-            break
-        if info is None:
-            break
-        if not info.isfile():
+            name, length, flag = _header(block)
+        except _BadHeader as e:
+            if offset == 0:
+                raise TarError(f"{shard}: not a tar ({e} in its first header); a WebDataset shard is a plain tar of "
+                               "KEY.EXTENSION members") from None
+            return members, values, (offset, f"the tar is unreadable from byte {offset} on ({e}): the samples "
+                                             "after it cannot be read")
+        data_at = offset + _BLOCK
+        offset = data_at + -(-length // _BLOCK) * _BLOCK
+        if flag in (_LONG_NAME, _PAX):
+            f.seek(data_at)
+            data = f.read(length)
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if flag == _LONG_NAME \
+                else _pax_path(data)
             continue
-        members.append(Member(info.name, info.offset_data, info.size))
-        key, extension = split_name(info.name)
-        if key is not None and extension in (*TEXT_EXTENSIONS, "json") and info.offset_data + info.size <= size:
-            f.seek(info.offset_data)
-            _collect(values, extension, f.read(info.size))
-    if problem is None:
-        f.seek(tar.offset)
-        tail = f.read(tarfile.BLOCKSIZE)
-        if tail.strip(b"\0"):  # tarfile ends quietly at a header it cannot read: an end is zeros, or nothing
-            problem = (tar.offset, f"the tar is unreadable from byte {tar.offset} on (not a tar header): the "
-                                   "samples after it cannot be read")
-    return members, values, problem
+        name, long_name = long_name or name, None
+        if flag not in _REGULAR:
+            continue  # directories, links, global pax headers
+        members.append(Member(name, data_at, length))
+        key, extension = split_name(name)
+        if key is not None and extension in (*TEXT_EXTENSIONS, "json") and data_at + length <= size:
+            f.seek(data_at)
+            _collect(values, extension, f.read(length))
 
 
 def _collect(values: dict[str, list], extension: str, data: bytes) -> None:

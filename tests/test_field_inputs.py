@@ -12,17 +12,7 @@ import pytest
 from blipbatch import pipeline
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.sink import progress_records, read_output
-from test_pipeline import NEW_TOKENS, PROMPTS, png
-from tiny import write_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("model")))
-
-
-def local_files(tmp_path: Path) -> FetchConfig:
-    return FetchConfig(local_roots=(str(tmp_path),))
+from test_pipeline import NEW_TOKENS, PROMPTS, checkpoint, local_files, png  # noqa: F401 - checkpoint: a fixture
 
 
 def sha(data: bytes) -> str:
@@ -240,6 +230,16 @@ def test_webdataset_annotate_status_report_and_redo_errors(ray_local, checkpoint
     rows = {(row["id"], row["question_id"]): row for row in read_output(output).to_pylist()}
     assert len(rows) == 48 and rows[("s0005", "what")]["instruction"] == "What is it? The page said: "
     assert rows[("s0005", "what")]["image_sha256"] == sha(images["s0005"])
+
+    # the prefix grows by a tar: only its samples are done
+    import webdataset as wds
+
+    with wds.ShardWriter(str(tmp_path / "in" / "shard-%04d.tar"), maxcount=8, verbose=0, start_shard=3) as sink:
+        for k in range(100, 103):
+            sink.write({"__key__": f"s{k:04d}", "png": png(k), "txt": f"text {k}", "json": {"caption": f"alt {k}"}})
+    more = run_job(job, progress=False)
+    assert (more.units_done, more.units_skipped, more.rows_ok) == (1, 3, 6)
+    assert len(read_output(output)) == 54
 
 
 def test_img2dataset_parquet_with_image_bytes_runs_as_it_is(ray_local, checkpoint, tmp_path):

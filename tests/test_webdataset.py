@@ -103,12 +103,17 @@ def test_a_truncated_tar_keeps_what_it_holds_and_says_where_it_ends(tmp_path):
     assert [(row.id, row.problem is None) for row in rows] == [("a", True), ("b", True), ("c", False)]
     assert "member 'c.png' is cut short: the tar ends 20 bytes into its" in rows[2].problem.message
     # garbage where a header should be: the samples before it, and one row saying from which byte on
-    garbage = data[: data.index(b"c.png") - 0] + b"\x07" * 2048
+    garbage = data[: data.index(b"c.png")] + b"\x07" * 2048
     (tmp_path / "in" / "cut.tar").write_bytes(garbage)
     unit, = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
     assert [row.id for row in rows[:2]] == ["a", "b"] and rows[2].id.startswith("cut.tar@")
     assert "the tar is unreadable from byte" in rows[2].problem.message
+    # cut inside a header: the same
+    (tmp_path / "in" / "cut.tar").write_bytes(data[: data.index(b"c.png") + 100])
+    unit, = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
+    rows = read_unit(unit, ColumnMapping(), ["x"])
+    assert [row.id for row in rows[:2]] == ["a", "b"] and "the tar ends inside a header at byte" in rows[2].problem.message
 
 
 def test_not_a_tar_a_compressed_tar_and_a_key_in_two_tars_are_refused_at_start(tmp_path):
@@ -128,3 +133,45 @@ def test_not_a_tar_a_compressed_tar_and_a_key_in_two_tars_are_refused_at_start(t
     (tmp_path / "shard.bin").write_bytes(plain.read_bytes())
     mapping = ColumnMapping(format="webdataset")
     assert read_unit(plan_units([str(tmp_path / "shard.bin")], mapping)[0], mapping, ["x"])[0].image == png(1)
+
+
+def test_tars_on_s3_plan_and_read_as_local_ones(s3fs_clean, tmp_path):
+    images = write_shards(tmp_path / "in", count=6, per_shard=3)
+    s3fs_clean.mkdir("wds")
+    for tar in sorted((tmp_path / "in").glob("*.tar")):
+        s3fs_clean.put(str(tar), f"wds/shards/{tar.name}")
+    shards = discover_shards("s3://wds/shards/")
+    assert shards == ["s3://wds/shards/shard-0000.tar", "s3://wds/shards/shard-0001.tar"]
+    units = plan_units(shards, WITH_ALT, 2)
+    local = plan_units(discover_shards(str(tmp_path / "in")), WITH_ALT, 2)
+    assert [u.unit_id for u in units] == [u.unit_id for u in local]  # identity by content, wherever the tar lies
+    rows = [row for unit in units for row in read_unit(unit, WITH_ALT, ["{caption}"])]
+    assert [(row.id, row.image, row.instruction) for row in rows] == [
+        (f"s{k:05d}", images[k], f"alt {k}") for k in range(6)]
+
+
+def test_a_tar_rewritten_after_planning_is_refused_when_its_unit_is_read(tmp_path):
+    from blipbatch.pipeline.shards import ShardChanged
+
+    source = tar_of(tmp_path / "a.tar", [("a.png", png(1)), ("b.png", png(2))])
+    unit, = plan_units([source], ColumnMapping())
+    tar_of(tmp_path / "a.tar", [("a.png", png(3)), ("b.png", png(2))])
+    with pytest.raises(ShardChanged, match=r"a.tar: its content changed after planning.*is not committed"):
+        read_unit(unit, ColumnMapping(), ["x"])
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_member_names_in_each_tar_format(tmp_path, tar_format):
+    """Names over 100 bytes: a ustar prefix, a GNU long-name member, a pax path record (also for non-ASCII)."""
+    folder = "d" * 90 + "/" + "e" * 60
+    names = [f"{folder}/k1.png", f"{folder}/k1.txt"] + ([] if tar_format == tarfile.USTAR_FORMAT else ["é/k2.png"])
+    with tarfile.open(tmp_path / "long.tar", "w", format=tar_format) as tar:
+        for name in names:
+            data = png(1) if name.endswith(".png") else b"hello"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    unit, = plan_units([str(tmp_path / "long.tar")], ColumnMapping())
+    rows = read_unit(unit, ColumnMapping(missing="empty"), ["{txt}"])
+    assert rows[0].id == f"{folder}/k1" and rows[0].image == png(1) and rows[0].instruction == "hello"
+    assert [row.id for row in rows] == [f"{folder}/k1"] + ([] if tar_format == tarfile.USTAR_FORMAT else ["é/k2"])
