@@ -175,3 +175,14 @@ def test_long_member_names_in_each_tar_format(tmp_path, tar_format):
     rows = read_unit(unit, ColumnMapping(missing="empty"), ["{txt}"])
     assert rows[0].id == f"{folder}/k1" and rows[0].image == png(1) and rows[0].instruction == "hello"
     assert [row.id for row in rows] == [f"{folder}/k1"] + ([] if tar_format == tarfile.USTAR_FORMAT else ["é/k2"])
+
+
+def test_a_vqa_question_from_the_json_and_the_key_named_as_the_id_column(tmp_path):
+    source = tar_of(tmp_path / "q.tar", [("a.png", png(1)), ("a.json", b'{"question": "Is it {red}?"}'),
+                                         ("b.png", png(2)), ("b.json", b'{"question": null}')])
+    mapping = ColumnMapping(instruction_column="question", id_column="__key__")
+    rows = read_unit(plan_units([source], mapping)[0], mapping)
+    assert [(row.id, row.instruction) for row in rows] == [("a", "Is it {red}?"), ("b", None)]
+    other = tar_of(tmp_path / "r.tar", [("a.jpg", png(3)), ("a.json", b'{"question": "Why?"}')])
+    with pytest.raises(DuplicateIdError, match=r"WebDataset key 'a' is in"):
+        plan_units([source, other], mapping)
