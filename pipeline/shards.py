@@ -1,6 +1,5 @@
 """Input side: find the Parquet shards and WebDataset tars, cut them into work units (row groups or row ranges;
 runs of samples), read a unit's rows."""
-row ranges), read a unit's rows."""
 
 from __future__ import annotations
 
