@@ -1,5 +1,5 @@
-"""Input side: find the Parquet shards, cut them into work units along row groups (a row group larger than a unit into
-row ranges), read a unit's rows."""
+"""Input side: find the Parquet shards and WebDataset tars, cut them into work units (row groups or row ranges;
+runs of samples), read a unit's rows."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def _expand(entry: str) -> list[str]:
 
 
 def discover_shards(source: str | Sequence[str]) -> list[str]:
-    """The Parquet shards of a folder (recursively), a glob, or a list of those; local, file://, s3://, gs://.
+    """The Parquet shards and WebDataset tars of a folder (recursively), a glob, or a list of those; local, file://,
+    s3://, gs://.
 
     Folders and globs give their shards sorted; a list keeps its order, each shard once.
     """
@@ -348,7 +349,7 @@ def plan_units(shards: Sequence[str], mapping: ColumnMapping,
         check_input_schema(shard, footer.schema, mapping)
         output_schema(footer.schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run
     _check_contents(shards, footers)
-    if mapping.id_column is None:
+    if mapping.id_column in (None, KEY_COLUMN):
         _check_keys(shards, footers)
     passthrough = _unified_passthrough(shards, footers, mapping)
     units = []

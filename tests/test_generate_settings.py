@@ -345,6 +345,8 @@ VARIANTS = [
     ("llama-gqa1-head_dim-tied", "llama", True, dict(num_key_value_heads=1, head_dim=12, tie_word_embeddings=True,
                                                      rope_parameters=dict(rope_type="linear", factor=2.0,
                                                                           rope_theta=1000.0))),
+    ("llama-dynamic-rope", "llama", False, dict(max_position_embeddings=12, rope_parameters=dict(
+        rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
     ("opt-postnorm-proj", "opt", False, dict(do_layer_norm_before=False, word_embed_proj_dim=24)),
     ("t5-tied", "t5", True, dict(tie_word_embeddings=True, feed_forward_proj="relu")),
 ]
