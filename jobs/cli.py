@@ -122,7 +122,7 @@ def execute(job: Job, **invocation: Any) -> int:
         print("\n".join(error_advice(job.output.path, job.input.image_column, summary.errors_by_kind)))
     if summary.interrupted:
         return EXIT_TERMINATED if summary.terminated else EXIT_INTERRUPTED
-    if summary.units_failed:
+    if summary.units_failed or summary.output_problem:
         return EXIT_UNITS_FAILED
     rows, errors, of = summary.rows, summary.rows_error, "this run's rows"
     if invocation.get("redo_errors") is not None:  # a redo is judged by the output it leaves, not the rows it redid
@@ -274,8 +274,9 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     add_fetch_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                      help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
-    run.add_argument("--force", action="store_true", help="resume even if the output was made with other settings, or a "
-                     "shard was rewritten in place after some of its units were committed")
+    run.add_argument("--force", action="store_true",
+                     help="resume even if the output was made with other settings, or a shard was rewritten in place "
+                          "after some of its units were committed")
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
     run.add_argument("--redo-errors", nargs="*", metavar="KIND",
                      help="also redo the error rows of committed units (of these error kinds; none given: every "
@@ -445,7 +446,8 @@ def report_fetch(args: argparse.Namespace) -> tuple[FetchConfig, str]:
     if owned_by_caller(args.output):
         settings = read_manifest(args.output)
         if settings is not None:
-            return recorded_fetch(settings), "the [fetch] settings the output's manifest recorded (a local output only you can write)"
+            return recorded_fetch(settings), ("the [fetch] settings the output's manifest recorded (a local output "
+                                              "only you can write)")
     return FetchConfig(), ("the default [fetch] settings (the output's recorded ones are used only for a local output "
                            "only you can write; --spec SPEC, --allow-host, --local-root widen them)")
 

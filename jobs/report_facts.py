@@ -37,6 +37,7 @@ from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
 from blipbatch.pipeline.guard import LocalRoots
 from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_runs
 from blipbatch.pipeline.sink import failed_units, part_schema, progress_records, read_part
+from blipbatch.pipeline.webdataset import is_tar, read_images
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
 
@@ -210,7 +211,9 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
         except RowError as refused:
             values = dict.fromkeys(rows, refused)
         else:
-            values = read_input_values(shard, image_column, sorted(rows))
+            mapping = settings["mapping"]
+            values = (read_tar_images(shard, sorted(rows), mapping.get("image_extension"))
+                      if is_tar(shard, mapping.get("format")) else read_input_values(shard, image_column, sorted(rows)))
         for row, value in values.items():
             sources[rows[row]] = value
     for item, image in zip(items, thumbnails(sources, fetch)):
@@ -247,6 +250,15 @@ def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int,
             return values
     except (OSError, ValueError, IndexError, pa.ArrowException) as e:
         problem = RowError("invalid_input", f"cannot read the image from the input shard {shard}: {e}")
+        return dict.fromkeys(rows, problem)
+
+
+def read_tar_images(shard: str, rows: Sequence[int], image_extension: str | None) -> dict[int, object]:
+    """The images of the WebDataset samples at `rows`; a RowError for each when the tar is unreadable."""
+    try:
+        return read_images(shard, rows, image_extension)
+    except (OSError, ValueError, IndexError) as e:
+        problem = RowError("invalid_input", f"cannot read the image from the input tar {shard}: {e}")
         return dict.fromkeys(rows, problem)
 
 

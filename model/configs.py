@@ -462,7 +462,7 @@ class GenerationConfig(BaseConfig):
             raise ConfigError(f"num_beams must be at least 1, got {self.num_beams}")
         if self.num_return_sequences < 1:
             raise ConfigError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
-        if self.do_sample is not True and self.num_beams == 1 and self.num_return_sequences > 1:
+        if not self.do_sample and self.num_beams == 1 and self.num_return_sequences > 1:
             raise ConfigError(
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
                 "without sampling"

@@ -125,6 +125,8 @@ def force_token(ids: Tensor, scores: Tensor, at_length: int, tokens: list[int]) 
     """At total length `at_length` only `tokens` remain possible (forced_bos_token_id, forced_eos_token_id)."""
     if ids.shape[1] != at_length:
         return scores
+    if max(tokens) >= scores.shape[-1]:  # transformers fails here too (and only here: the step may never come)
+        raise GenerationError(f"forced token ids {tokens} lie beyond the vocabulary of {scores.shape[-1]} tokens")
     forced = torch.full_like(scores, -float("inf"))
     forced[:, tokens] = 0
     return forced
@@ -137,10 +139,14 @@ def remove_invalid_values(ids: Tensor, scores: Tensor) -> Tensor:
     return torch.where(scores == -float("inf"), torch.finfo(scores.dtype).min, out)
 
 
-def exponential_decay(ids: Tensor, scores: Tensor, start: int, factor: float, eos: Tensor) -> Tensor:
+def exponential_decay(
+    ids: Tensor, scores: Tensor, start: int, factor: float, eos: Tensor, eos_in_vocab: bool
+) -> Tensor:
     """Past total length `start`, raise the eos scores by |score| * (factor ** steps past - 1)."""
     if ids.shape[1] <= start:
         return scores
+    if not eos_in_vocab:  # transformers fails here too, once the decay starts
+        raise GenerationError(f"eos ids beyond the vocabulary of {scores.shape[-1]} tokens cannot be raised")
     eos_scores = scores[:, eos]
     penalty = torch.abs(eos_scores) * (pow(factor, ids.shape[1] - start) - 1)
     penalties = torch.zeros_like(scores)
@@ -267,7 +273,8 @@ def logits_processors(
         if eos is None:
             raise GenerationError("exponential_decay_length_penalty needs an eos_token_id to raise")
         start, factor = config.exponential_decay_length_penalty
-        procs.append(partial(exponential_decay, start=start + prefix.length, factor=factor, eos=eos))
+        procs.append(partial(exponential_decay, start=start + prefix.length, factor=factor, eos=eos,
+                             eos_in_vocab=max(eos_ids) < prefix.vocab))
     if config.suppress_tokens is not None:
         tokens = torch.tensor(list(config.suppress_tokens), device=device)
         procs.append(partial(suppress, tokens=tokens))

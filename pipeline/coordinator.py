@@ -14,6 +14,7 @@ pool asks `grow` for more as GPUs join the cluster.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -27,6 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from blipbatch.schemas import ProgressRecord
 
+from .lock import OutputLocked
 from .metrics import RunMetrics
 from .redact import redact
 from .shards import ShardChanged, WorkUnit
@@ -46,6 +48,23 @@ logger = logging.getLogger(__name__)
 
 class WorkerLost(BlipbatchError, RuntimeError):
     """Every model worker died and Ray could not restart any of them."""
+
+
+class OutputUnwritable(BlipbatchError, OSError):
+    """The output cannot take more writes (a full disk or quota, a read-only mount, its lock lost): the run stops."""
+
+
+# A unit that fails with one of these cannot be helped by another try, nor can any other unit: the output's disk is
+# full, over quota or read-only.
+OUTPUT_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _output_full(error: BaseException | None) -> OSError | None:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in OUTPUT_FULL_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @dataclass
@@ -69,6 +88,9 @@ class RunSummary:
     interrupted: bool = False  # by Ctrl-C (SIGINT) or SIGTERM
     terminated: bool = False  # the interrupt was SIGTERM
     workers_lost: int = 0  # died and did not come back within RESTART_TIMEOUT_S
+    # Why the run stopped early or its output is not whole (a full disk, the folder deleted); None: it is whole.
+    output_problem: str | None = None
+    committed_ids: set[str] = field(default_factory=set, repr=False)  # units this run committed
     workers_joined: int = 0  # started mid-run, as GPUs joined the cluster (elastic pools)
     workers_dropped: int = 0  # dropped because their node left the cluster (elastic pools)
     units_requeued_node_lost: int = 0  # re-queued free: their worker's node left (died, preempted)
@@ -109,6 +131,8 @@ class RunSummary:
                          "the others took their units")
         if self.interrupted:
             lines.append("interrupted: committed units are kept; run the same command again to resume")
+        if self.output_problem:
+            lines.append(f"output problem: {self.output_problem}")
         return "\n".join(lines)
 
 
@@ -217,9 +241,14 @@ class Dispatcher:
             return
         except RayTaskError as e:  # the unit raised; its worker lives on
             self.forget(ref)
-            # A shard rewritten since planning stays rewritten: another try would only read it again.
-            final = isinstance(e.cause, ShardChanged)
-            self.charge(unit, max(attempt, self.max_attempts) if final else attempt, _reason(e))
+            if (full := _output_full(e.cause)) is not None:
+                raise OutputUnwritable(f"unit {unit.unit_id} could not be written: {redact(_strerror(full))}")
+            if isinstance(e.cause, ShardChanged):
+                # Another try would read the same new content; and no failed marker: the unit's content is gone, so
+                # no later run could retry it (the next one plans the shard's new content).
+                self.give_up(unit, attempt, _reason(e), mark=False)
+                return
+            self.charge(unit, attempt, _reason(e))
             return
         self.forget(ref)
         self.committed(record, unit)
@@ -333,7 +362,15 @@ class Dispatcher:
             self.queue.append((unit, attempt + 1))
             self.metrics.retried(unit.unit_id, attempt, reason)
             return
-        mark_failed(self.summary.output, unit.unit_id, reason, attempt)
+        self.give_up(unit, attempt, reason)
+
+    def give_up(self, unit: WorkUnit, attempt: int, reason: str, mark: bool = True) -> None:
+        """The unit failed for this run; `mark`: recorded as failed in the output, so later runs skip it."""
+        try:
+            if mark:
+                mark_failed(self.summary.output, unit.unit_id, reason, attempt)
+        except OSError as e:
+            raise OutputUnwritable(f"cannot record that unit {unit.unit_id} failed: {redact(_strerror(e))}") from None
         self.metrics.failed(unit.unit_id, attempt, reason)
         self.summary.units_failed += 1
         self.summary.failed[unit.unit_id] = reason
@@ -342,6 +379,7 @@ class Dispatcher:
         # A redo counts the rows it did again, not those its unit kept.
         ok, error, kinds = ((record.rows_ok, record.rows_error, record.errors_by_kind) if unit.redo is None
                             else rows_at(self.summary.output, record, unit.redo))
+        self.summary.committed_ids.add(record.unit_id)
         if unit.redo is None:
             self.summary.units_done += 1
         else:
@@ -392,10 +430,16 @@ def run_units(
             if progress is not None:
                 progress.update(summary)
             if heartbeat is not None:
-                heartbeat()
+                try:
+                    heartbeat()
+                except OSError as e:  # the lock could not be renewed: the disk is full, or the folder is gone
+                    raise OutputUnwritable(f"cannot renew the run's lock: {redact(_strerror(e))}") from None
     except KeyboardInterrupt:
         # Parts are written whole and committed after: nothing half-written is left behind.
         summary.interrupted = True
+    except (OutputUnwritable, OutputLocked) as e:  # committed units stay; nothing more can be written
+        summary.output_problem = (f"{e}; the run stopped (committed units are kept): make room or fix the output, "
+                                  "then run the same command again")
     if progress is not None:
         progress.close(summary)
     return summary
@@ -432,6 +476,12 @@ def _result(ref: Any) -> Any:
         return ray.get(ref)
     except (RayActorError, RayTaskError):
         return None
+
+
+def _strerror(error: OSError) -> str:
+    """An OSError in one line: its message, the file when it names one."""
+    text = error.strerror or str(error) or type(error).__name__
+    return f"{text}: {error.filename}" if error.filename else text
 
 
 def _reason(error: RayTaskError) -> str:

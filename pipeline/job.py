@@ -47,7 +47,8 @@ class GenerationSettingsError(PipelineError):
 
 @dataclass(frozen=True, kw_only=True)
 class InputConfig(ColumnMapping):
-    """The Parquet shards (folders, globs or files; local or URLs) and which of their columns hold what."""
+    """The shards (Parquet files or WebDataset tars; folders, globs or files; local or URLs) and which of their
+    columns hold what."""
 
     paths: tuple[str, ...]
 
@@ -171,7 +172,7 @@ def _closed_sets(given: Mapping[str, object], instructions: Instructions | None,
 
 def _checked_generation(given: Mapping[str, Any]) -> dict[str, Any]:
     """DEFAULT_GENERATION with `given` over it, checked by the engine's own rules (every key, and across keys) once,
-    here, before any worker starts; the checkpoint's generation_config fills in the rest there."""
+    here, before any worker starts; the language model's token ids fill in the rest there (tests/ORACLE.md)."""
     settings = {**DEFAULT_GENERATION, **given}
     if isinstance(settings.get("sequence_bias"), Mapping):  # transformers' dict form: tuple keys do not go to JSON
         settings["sequence_bias"] = [[list(ids), bias] for ids, bias in settings["sequence_bias"].items()]
@@ -191,7 +192,7 @@ class Job:
     output: OutputConfig
     model: ModelConfig
     instructions: Instructions | None = None
-    # generate() overrides on top of the checkpoint's generation_config, transformers' names; DEFAULT_GENERATION first
+    # generate() settings over the LM's token ids and the defaults, transformers' names; DEFAULT_GENERATION first
     generation: dict[str, Any] = field(default_factory=dict)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

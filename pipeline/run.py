@@ -25,11 +25,11 @@ from blipbatch.model.engine import EngineConfig
 from .coordinator import Progress, RunSummary, run_units
 from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
-from .manifest import check_manifest, job_settings, record_run, record_used, write_manifest
+from .manifest import check_manifest, job_settings, read_manifest, record_run, record_used, write_manifest
 from .redact import redact
 from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
-from .sink import progress_records
+from .sink import committed_units, progress_records
 from .template import TemplateError, check_columns, parse_all
 from .preflight import check_model, check_output
 from .prepare import PrepareConfig
@@ -200,13 +200,31 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
 
             run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
                        lock.maybe_renew, on_ready)
-            if summary.interrupted:
+            if summary.interrupted or summary.output_problem:
                 recount(summary, plan.committed)
+            summary.output_problem = summary.output_problem or output_losses(output, plan.committed |
+                                                                             summary.committed_ids)
         if started:  # the report's headline time: the runs' wall time, start-up included
             wall_s = time.monotonic() - start
-            record_run(output, time.time() - wall_s, wall_s, summary.rows)
+            try:
+                record_run(output, time.time() - wall_s, wall_s, summary.rows)
+            except OSError as e:  # a full disk: the summary says so already, or says this
+                summary.output_problem = summary.output_problem or f"cannot record the run's time: {e.strerror or e}"
     summary.wall_s = time.monotonic() - start
     return summary
+
+
+def output_losses(output: str, committed: set[str]) -> str | None:
+    """What the output lost while the run wrote it (its folder deleted or moved, a lifecycle rule): its manifest, or
+    units committed before or during the run; None when it has them all."""
+    missing = committed - committed_units(output)
+    manifest = read_manifest(output) is not None
+    if not missing and manifest:
+        return None
+    lost = [f"{len(missing)} of its {len(committed)} committed units"] if missing else []
+    lost += [] if manifest else ["its manifest"]
+    return (f"the output lost {' and '.join(lost)} during the run (was the folder deleted or moved?): it does not hold "
+            "what this summary counts; run the same command again to redo what is missing")
 
 
 def check_template_columns(job: Job, units: Sequence[WorkUnit]) -> None:

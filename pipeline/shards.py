@@ -1,9 +1,10 @@
-"""Input side: find the Parquet shards, cut them into work units along row groups (a row group larger than a unit into
-row ranges), read a unit's rows."""
+"""Input side: find the Parquet shards and WebDataset tars, cut them into work units (row groups or row ranges;
+runs of samples), read a unit's rows."""
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -28,6 +29,7 @@ from .errors import RowError
 from .guard import _file_kind
 from .job import RunConfig
 from .template import Template, columns_of, parse_all
+from .webdataset import KEY_COLUMN, TarChanged, TarError, TarIndex, TarSlice, is_tar, read_slice, scan, slices
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
@@ -77,11 +79,12 @@ def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
 
 
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """The shards below `folder`: Parquet files, and WebDataset tars (pipeline.webdataset)."""
     folder = folder.rstrip("/")
     found = []
     for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
-        if relative.lower().endswith(".parquet") and not _is_hidden(relative):
+        if relative.lower().endswith((".parquet", ".tar")) and not _is_hidden(relative):
             found.append(_regular(fs, path, info))
     return sorted(found)
 
@@ -105,7 +108,8 @@ def _expand(entry: str) -> list[str]:
 
 
 def discover_shards(source: str | Sequence[str]) -> list[str]:
-    """The Parquet shards of a folder (recursively), a glob, or a list of those; local, file://, s3://, gs://.
+    """The Parquet shards and WebDataset tars of a folder (recursively), a glob, or a list of those; local, file://,
+    s3://, gs://.
 
     Folders and globs give their shards sorted; a list keeps its order, each shard once.
     """
@@ -117,7 +121,7 @@ def discover_shards(source: str | Sequence[str]) -> list[str]:
         found = _expand(entry)
         if not found:
             raise NoShardsError(f"no Parquet shards found at {entry!r} (a folder is searched recursively for "
-                                "*.parquet, skipping names that start with '.' or '_')")
+                                "*.parquet and WebDataset *.tar, skipping names that start with '.' or '_')")
         shards += found
     return list(dict.fromkeys(shards))
 
@@ -139,6 +143,7 @@ class WorkUnit:
     # sink.whole_output puts them back among the rows kept). None: the whole unit.
     redo: tuple[int, ...] | None = None
     part_schema: pa.Schema | None = None  # the schema of the output's parts so far (None: none yet); its part takes it
+    tar: TarSlice | None = None  # a WebDataset shard's unit: its samples and their byte range (row_groups empty)
     # Rows [start, stop) of its one row group, when that group is larger than a unit; None: its row groups whole.
     group_range: tuple[int, int] | None = None
 
@@ -154,6 +159,7 @@ class _Footer:
     schema: pa.Schema
     group_rows: list[int]
     shard_id: str
+    tar: TarIndex | None = None  # a WebDataset shard's samples (group_rows: their count)
 
 
 def _footer(f: object) -> tuple[int, bytes]:
@@ -199,7 +205,13 @@ def _open_fingerprint(f: object) -> str:
     return _digest(size, footer, samples)
 
 
-def _read_footer(shard: str) -> _Footer:
+def _read_footer(shard: str, mapping: ColumnMapping) -> _Footer:
+    if is_tar(shard, mapping.format):
+        try:
+            index = scan(shard, mapping.image_column, mapping.image_extension)
+        except (TarError, OSError) as exc:
+            raise ShardError(str(exc) if isinstance(exc, TarError) else f"{shard}: cannot read it: {exc}") from exc
+        return _Footer(index.schema, [len(index.samples)], index.shard_id, index)
     fs, path = url_to_fs(shard)
     try:
         with fs.open(path, "rb") as f:
@@ -213,6 +225,10 @@ def _read_footer(shard: str) -> _Footer:
 
 
 def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
+    if footer.tar is not None:
+        return [WorkUnit(f"{footer.shard_id}-s{first:07d}-{first + len(part.samples) - 1:07d}", shard, (), first,
+                         len(part.samples), footer.shard_id, footer.schema, tar=part)
+                for first, part in slices(footer.tar, max_rows)]
     units: list[WorkUnit] = []
     groups: list[int] = []
     first_row = rows = 0
@@ -248,6 +264,8 @@ def _ranges_of(shard: str, footer: _Footer, group: int, first_row: int, max_rows
 
 def legacy_unit_id(unit: WorkUnit) -> str:
     """The id the unit had when ids came from the shard's location (outputs written before content ids)."""
+    if unit.tar is not None:
+        return unit.unit_id  # WebDataset units came after content ids
     return f"{shard_key(unit.shard)}-rg{unit.unit_id.rsplit('-rg', 1)[1]}"
 
 
@@ -269,6 +287,17 @@ def _check_contents(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
             raise ShardError(f"{shard}: same content as {seen[footer.shard_id]}; each shard may appear once: remove "
                              "the copy from the input")
         seen[footer.shard_id] = shard
+
+
+def _check_keys(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
+    """Refuse a WebDataset key found in two tars: keys are the row ids."""
+    seen: dict[str, str] = {}
+    for shard, footer in zip(shards, footers):
+        for sample in footer.tar.samples if footer.tar is not None else ():
+            if seen.setdefault(sample.key, shard) != shard:
+                raise DuplicateIdError(f"WebDataset key {sample.key!r} is in {seen[sample.key]} and in {shard}; keys "
+                                       "are the row ids and must be unique across shards: remove the repeated "
+                                       "samples, or set [input] id_column to a unique column")
 
 
 def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapping: ColumnMapping) -> list[pa.Field]:
@@ -315,15 +344,17 @@ def plan_units(shards: Sequence[str], mapping: ColumnMapping,
         raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")
     _check_locations(shards)
     with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
-        footers = list(pool.map(_read_footer, shards))
+        footers = list(pool.map(lambda shard: _read_footer(shard, mapping), shards))
     for shard, footer in zip(shards, footers):
         check_input_schema(shard, footer.schema, mapping)
         output_schema(footer.schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run
     _check_contents(shards, footers)
+    if mapping.id_column in (None, KEY_COLUMN):
+        _check_keys(shards, footers)
     passthrough = _unified_passthrough(shards, footers, mapping)
     units = []
     for shard, footer in zip(shards, footers):
-        unified = _Footer(_with_fields(footer.schema, passthrough), footer.group_rows, footer.shard_id)
+        unified = dataclasses.replace(footer, schema=_with_fields(footer.schema, passthrough))
         units += _units_of(shard, unified, max_rows_per_unit)
     return units
 
@@ -339,7 +370,9 @@ def duplicate_ids(shards: Sequence[str], mapping: ColumnMapping, across_shards: 
                   limit: int = 10) -> list[tuple[str, list[tuple[str, int]]]]:
     """Ids of the id column found on more than one row, as [(id, [(shard, row index), ...])], at most `limit`:
     within each shard (one shard's ids in memory at a time), or across them too (`across_shards`: every id in
-    memory). Null ids do not count (their rows become error rows)."""
+    memory). Null ids do not count (their rows become error rows). WebDataset shards are left out: their keys are
+    checked when planning (and an id column of theirs is not stored apart to read)."""
+    shards = [shard for shard in shards if not is_tar(shard, mapping.format)]
     if mapping.id_column is None:
         return []
     found: list[tuple[str, list[tuple[str, int]]]] = []
@@ -464,13 +497,24 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
     templates = parse_all(fixed_instructions)
-    table = _read_planned(unit, list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())])))
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    wanted = list(dict.fromkeys([*mapping.input_columns(), *columns_of(templates.values())]))
+    problems: list[str | None] = [None] * unit.num_rows
+    if unit.tar is not None:
+        try:
+            columns, problems = read_slice(unit.shard, unit.tar, unit.schema, mapping.image_column,
+                                           mapping.image_extension)
+        except TarChanged as e:
+            raise ShardChanged(f"{e}; unit {unit.unit_id} is not committed") from None
+    else:
+        table = _read_planned(unit, wanted)
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
     rows = []
-    for offset in range(table.num_rows):
+    for offset in range(unit.num_rows):
         row_index = unit.first_row + offset
         derived = derive_row_id(unit.shard_id, row_index)
-        if mapping.id_column is None:
+        if unit.tar is not None and mapping.id_column is None:
+            row_id, derived_id = columns[KEY_COLUMN][offset], None  # the sample's key
+        elif mapping.id_column is None:
             row_id, derived_id = derived, None
         else:
             value = columns[mapping.id_column][offset]
@@ -479,6 +523,8 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
             instruction, problem = _filled(templates.get(instruction) if fixed_instructions is not None else None,
                                            instruction, columns, offset, mapping.missing)
+            if problems[offset] is not None:
+                problem = RowError("invalid_input", problems[offset])
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
             rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id,
                                  problem))

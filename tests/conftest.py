@@ -56,6 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_port_flags() -> list[str]:
+    """`ray start` flags giving a node's agents free ports: their defaults are fixed (52365, ...), and a node whose
+    agent finds its port taken by another cluster on the machine (a test beside this one) loses its raylet."""
+    return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port")]
+
+
 def wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

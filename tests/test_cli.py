@@ -17,7 +17,7 @@ from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
 from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.sink import read_output
 from blipbatch.jobs.submit import AGENT_WAIT_S
-from tests.conftest import free_port, ray_bin, stop_cluster
+from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = sorted(SAMPLE_IMAGES.glob("*.png"))
@@ -112,11 +112,7 @@ def ray_cluster(tmp_path):
     start = subprocess.run(
         [ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
-         # Ray's agents default to fixed ports (52365, ...): another cluster on the machine (a test beside this one)
-         # holding one leaves this cluster without a job agent ("No available agent to submit job").
-         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "metrics-export-port", "runtime-env-agent-port",
-                                                   "ray-client-server-port"))],
+         f"--ray-client-server-port={free_port()}", *agent_port_flags()],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert start.returncode == 0, start.stderr

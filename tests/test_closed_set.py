@@ -15,10 +15,10 @@ from blipbatch import pipeline
 from blipbatch.jobs import shapes
 from blipbatch.jobs.spec import SpecError, load_spec
 from blipbatch.jobs.train import HELD_OUT_SEED
-from blipbatch.model import InstructBlipProcessor
+from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
 from blipbatch.model.candidates import ClosedSet
 from blipbatch.pipeline.job import PipelineError, job_from_keywords
-from blipbatch.pipeline.manifest import ManifestMismatch, read_manifest
+from blipbatch.pipeline.manifest import ManifestMismatch, read_manifest, recorded_job
 from blipbatch.pipeline.sink import read_output
 
 SHIPPED = Path(__file__).resolve().parents[1] / "jobs" / "demo_data" / "shapes-instructblip"
@@ -73,6 +73,26 @@ def test_ranking_is_at_least_as_accurate_as_free_generation(pictures, run_output
         assert ranked >= free and ranked >= 0.95, (key, free, ranked)
 
 
+@pytest.mark.slow
+def test_ranking_keeps_up_where_free_generation_errs(pictures):
+    # As JPEGs at quality 10 the model miscounts some of these pictures (52 of 60 counts right when this was written,
+    # free and ranked alike); ranking must not do worse on any question. Through the model API, no pipeline.
+    processor = InstructBlipProcessor.from_pretrained(SHIPPED)
+    model = InstructBlipForConditionalGeneration.from_pretrained(SHIPPED)
+    images = [shapes.as_jpeg(p.image, 10) for p in pictures]
+    for key, question in shapes.QUESTIONS.items():
+        inputs = processor(images=images, text=question)
+        ids = model.generate(**inputs, max_new_tokens=6)
+        free = [a.strip() for a in processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
+                                                          skip_special_tokens=True)]
+        scores = model.score_candidates(CANDIDATES[key], processor.tokenizer, **inputs)
+        ranked = [CANDIDATES[key][i] for i in scores.argmax(1).tolist()]
+        truth = [p.scene.answers[key] for p in pictures]
+        right_free, right_ranked = (sum(a == t for a, t in zip(answers, truth)) for answers in (free, ranked))
+        print(f"JPEG q10 {key}: free {right_free}/{PICTURES}, ranked {right_ranked}/{PICTURES}")
+        assert right_ranked >= right_free
+
+
 def test_every_text_is_a_candidate_and_scores_are_probabilities(run_output):
     rows, _, _, _ = run_output
     for key in shapes.QUESTIONS:
@@ -122,6 +142,7 @@ def test_manifest_records_the_candidates_and_a_resume_must_match(run_output):
     _, _, out, inputs = run_output
     recorded = read_manifest(str(out)).closed_sets
     assert recorded["color_ranked"] == {"candidates": CANDIDATES["color"], "scoring": "sum"}
+    assert recorded_job(read_manifest(str(out)), str(out)).closed_sets == closed_sets()  # status, retry-failed
     changed = closed_sets() | {"color_ranked": ClosedSet(tuple(CANDIDATES["color"]), "mean")}
     with pytest.raises(ManifestMismatch, match="closed_sets.color_ranked.scoring"):
         pipeline.run(str(inputs), str(out), str(SHIPPED), prompt=questions(), closed_sets=changed,

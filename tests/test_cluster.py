@@ -24,7 +24,7 @@ from PIL import Image
 from blipbatch import pipeline
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.sink import progress_records, read_output
-from tests.conftest import free_port, ray_bin, stop_cluster
+from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
 from tiny import write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,8 @@ COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
 
 def start_node(args: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run([ray_bin(), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args], capture_output=True, text=True,
-                            env=env, timeout=120)
+    result = subprocess.run([ray_bin(), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                             *agent_port_flags(), *args], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -64,14 +64,15 @@ def outcome(model, inputs: dict, settings: dict, seed: int):
     except Exception as e:  # noqa: BLE001 - transformers refuses with many types; the caller sorts them out
         return e
     if not torch.is_tensor(out):
-        return out.sequences, (torch.stack(list(out.scores), 1) if out.scores is not None else None)
-    return out, None
+        scores = torch.stack(list(out.scores), 1) if out.scores is not None else None
+        return out.sequences, scores, getattr(out, "sequences_scores", None)
+    return out, None, None
 
 
-def assert_same(hf_model, ours, inputs: dict, settings: dict, seed: int = 0, ours_settings: dict | None = None):
+def assert_same(hf_model, ours, inputs: dict, settings: dict, seed: int = 0):
     """Same ids (and scores within 1e-4) as transformers, or an error from both (ours a BlipbatchError)."""
     expected = outcome(hf_model, inputs, settings, seed)
-    got = outcome(ours, inputs, settings if ours_settings is None else ours_settings, seed)
+    got = outcome(ours, inputs, settings, seed)
     if isinstance(got, Exception) and not isinstance(got, BlipbatchError):
         raise got
     if isinstance(expected, Exception) or isinstance(got, Exception):
@@ -82,8 +83,9 @@ def assert_same(hf_model, ours, inputs: dict, settings: dict, seed: int = 0, our
         )
         return None
     assert got[0].tolist() == expected[0].tolist(), f"{settings}\nours:\n{got[0]}\ntransformers:\n{expected[0]}"
-    if expected[1] is not None:
-        torch.testing.assert_close(got[1], expected[1], atol=1e-4, rtol=0, msg=lambda m: f"{settings}: {m}")
+    for ours_part, theirs in zip(got[1:], expected[1:]):  # the step scores; beam search's sequence scores
+        if theirs is not None:
+            torch.testing.assert_close(ours_part, theirs, atol=1e-4, rtol=0, msg=lambda m: f"{settings}: {m}")
     return got[0]
 
 
@@ -201,8 +203,8 @@ def test_none_top_k_samples_from_the_whole_vocabulary(pairs):
     hf_model, ours = pairs["llama"]
     inputs = model_inputs("llama", False)
     settings = dict(max_new_tokens=6, do_sample=True, return_dict_in_generate=True, output_scores=True)
-    _, cut = outcome(ours, inputs, settings, 0)
-    _, whole = outcome(ours, inputs, settings | dict(top_k=None), 0)
+    _, cut, _ = outcome(ours, inputs, settings, 0)
+    _, whole, _ = outcome(ours, inputs, settings | dict(top_k=None), 0)
     assert (torch.isfinite(cut[:, 0]).sum(-1) == 50).all()
     assert (torch.isfinite(whole[:, 0]).sum(-1) == TEXT_VOCAB).all()
     assert_same(hf_model, ours, inputs, settings | dict(top_k=None))
@@ -235,6 +237,17 @@ def test_generation_config_with_an_unsupported_transformers_setting_is_refused(p
         ours.generate(**inputs, generation_config=given)
     with pytest.raises(ConfigError, match="generation_config must be a GenerationConfig"):
         ours.generate(**inputs, generation_config={"max_new_tokens": 3})
+
+
+def test_ids_beyond_the_vocabulary_refused_when_transformers_refuses_them(pairs):
+    hf_model, ours = pairs["llama"]
+    inputs = model_inputs("llama", False)
+    for settings in (dict(forced_eos_token_id=500), dict(forced_bos_token_id=500),  # bos: never forced here
+                     dict(exponential_decay_length_penalty=(1, 1.5), eos_token_id=[2, 500]),
+                     dict(bad_words_ids=[[500]]), dict(sequence_bias=[[[3, 500], 1.0]]), dict(eos_token_id=[])):
+        assert_same(hf_model, ours, inputs, dict(max_new_tokens=4, **settings))
+    with pytest.raises(GenerationError, match="beyond the vocabulary"):
+        ours.generate(**inputs, max_new_tokens=4, forced_eos_token_id=500)
 
 
 def test_unknown_setting_names_it_with_a_did_you_mean(pairs):
@@ -332,6 +345,8 @@ VARIANTS = [
     ("llama-gqa1-head_dim-tied", "llama", True, dict(num_key_value_heads=1, head_dim=12, tie_word_embeddings=True,
                                                      rope_parameters=dict(rope_type="linear", factor=2.0,
                                                                           rope_theta=1000.0))),
+    ("llama-dynamic-rope", "llama", False, dict(max_position_embeddings=12, rope_parameters=dict(
+        rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
     ("opt-postnorm-proj", "opt", False, dict(do_layer_norm_before=False, word_embed_proj_dim=24)),
     ("t5-tied", "t5", True, dict(tie_word_embeddings=True, feed_forward_proj="relu")),
 ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import gzip
 import io
 import re
 import shlex
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import ray
 import yaml
@@ -466,3 +470,62 @@ def test_the_image_has_what_kuberays_probes_run() -> None:
     raylet's and dashboard agent's health endpoints: an image without it never becomes ready."""
     installs = " ".join(arg for kind, arg in dockerfile_instructions() if kind == "RUN" and "apt-get install" in arg)
     assert re.search(r"\bwget\b", installs), installs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests: every manifest against a schema, as the API server would check it
+
+KUBERAY_CRDS = Path(__file__).parent / "schemas" / "kuberay-v1.6.2"
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> openAPIV3Schema of each version of KubeRay's CRDs (tests/schemas: v1.6.2, unchanged)."""
+    schemas = {}
+    for path in sorted(KUBERAY_CRDS.glob("*.yaml.gz")):
+        crd = yaml.load(gzip.decompress(path.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        for version in crd["spec"]["versions"]:
+            api_version = f"{crd['spec']['group']}/{version['name']}"
+            schemas[(api_version, crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: f"{d.origin}:{d.kind}/{d.name}")
+def test_every_manifest_is_valid_against_its_schema(doc: Doc) -> None:
+    """Kubernetes objects against the API's JSON schema (kubernetes-validate, strict: no unknown field); KubeRay's
+    against the schema of its CRD, unknown fields refused as the API server's pruning would drop them."""
+    if doc.body["apiVersion"].startswith("ray.io/"):
+        schema = crd_schemas()[(doc.body["apiVersion"], doc.kind)]
+        validator = jsonschema.Draft7Validator(strict_objects(schema))
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc.body)]
+        assert errors == [], f"{doc.origin}: {doc.kind} {doc.name} does not match KubeRay v1.6.2's CRD"
+    else:
+        kubernetes_validate.validate(doc.body, kubernetes_validate.latest_version(), strict=True)
+
+
+def strict_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with every object that lists its properties closed to others (structural schemas prune unknown
+    fields, so a misspelt key in a manifest would be dropped without a word), `metadata` left open."""
+    schema = dict(schema)
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    for key in ("properties", "patternProperties"):
+        if key in schema:
+            schema[key] = {name: sub if name == "metadata" else strict_objects(sub) for name, sub in schema[key].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = strict_objects(schema[key])
+    return schema
+
+
+def test_the_schema_check_catches_a_misspelt_key() -> None:
+    (rayjob,) = [d for d in DOCS if d.kind == "RayJob" and d.origin == "rayjob.yaml"]
+    body = copy.deepcopy(rayjob.body)
+    body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    validator = jsonschema.Draft7Validator(strict_objects(crd_schemas()[("ray.io/v1", "RayJob")]))
+    assert any("maxReplica" in e.message for e in validator.iter_errors(body))
+    configmap = copy.deepcopy(next(d.body for d in DOCS if d.kind == "ConfigMap"))
+    configmap["dta"] = configmap.pop("data")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(configmap, kubernetes_validate.latest_version(), strict=True)

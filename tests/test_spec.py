@@ -536,7 +536,8 @@ def test_every_generation_setting_from_a_spec_an_override_and_the_python_api(tmp
     assert job.generation["sequence_bias"] == [[[5], 2.0]]
     json.dumps(job.generation)
     bad = write(tmp_path, BASE + "\n[generation]\nsuppress_tokens = [-1]\n", name="bad.toml")
-    assert error_of(bad) == f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, got [-1] (an array)"
+    assert error_of(bad) == (f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, "
+                             "got [-1] (an array)")
 
 
 def test_model_quantize_reaches_the_job_and_its_manifest(tmp_path):
