@@ -268,7 +268,7 @@ class PrepareStage:
             with self.budget.hold(decoded_size(data)):
                 if self.pool is not None:
                     return self.pool.resized(data, seconds)
-                image = decode_image(data, self.decode)
+                image = decode_image(data, self.decode, self.processor.rgb_resize.covering)
                 with image:
                     return self.processor.resized(image)
         except RowError as err:
