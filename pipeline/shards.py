@@ -79,14 +79,17 @@ def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
 
 
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    """The shards below `folder`: Parquet files, and WebDataset tars (pipeline.webdataset)."""
+    """The shards below `folder`: Parquet files, and WebDataset tars (pipeline.webdataset). A STEM.parquet beside a
+    STEM.tar is not one: img2dataset's webdataset output keeps each tar's metadata (no images) there."""
     folder = folder.rstrip("/")
     found = []
     for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
         if relative.lower().endswith((".parquet", ".tar")) and not _is_hidden(relative):
             found.append(_regular(fs, path, info))
-    return sorted(found)
+    tars = {path[: -len(".tar")] for path in found if path.lower().endswith(".tar")}
+    return sorted(path for path in found if not (path.lower().endswith(".parquet")
+                                                 and path[: -len(".parquet")] in tars))
 
 
 def _expand(entry: str) -> list[str]:

@@ -187,3 +187,17 @@ def test_a_vqa_question_from_the_json_and_the_key_named_as_the_id_column(tmp_pat
     other = tar_of(tmp_path / "r.tar", [("a.jpg", png(3)), ("a.json", b'{"question": "Why?"}')])
     with pytest.raises(DuplicateIdError, match=r"WebDataset key 'a' is in"):
         plan_units([source, other], mapping)
+
+
+def test_img2dataset_webdataset_folders_metadata_parquet_beside_each_tar_is_not_a_shard(tmp_path):
+    """img2dataset's webdataset output: 00000.tar, and beside it 00000.parquet (url, caption, key, status; no image)
+    and 00000_stats.json. The folder runs as it is: its tars are the shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_shards(tmp_path / "out", count=3, per_shard=3)
+    tar = tmp_path / "out" / "shard-0000.tar"
+    pq.write_table(pa.table({"url": ["u"] * 3, "key": ["s00000", "s00001", "s00002"]}), tar.with_suffix(".parquet"))
+    (tmp_path / "out" / "shard-0000_stats.json").write_text("{}")
+    pq.write_table(pa.table({"image_url": ["x"]}), tmp_path / "out" / "other.parquet")  # a shard of its own
+    assert [Path(s).name for s in discover_shards(str(tmp_path / "out"))] == ["other.parquet", "shard-0000.tar"]
