@@ -240,17 +240,19 @@ def model_inputs(processor, batch: int, device: torch.device, dtype: torch.dtype
 def prepare_stage(paths: list[Path], processor, results: Results) -> None:
     from blipbatch.pipeline.decode import DecodeConfig
     from blipbatch.pipeline.fetch import FetchConfig, Fetcher
-    from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage, default_threads
+    from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage, default_threads, usable_cpus
     from blipbatch.pipeline.shards import InputRow
 
     rows = [InputRow(id=str(i), image=str(p), instruction=PROMPT, row_index=i) for i, p in enumerate(paths)]
     fetcher = Fetcher(FetchConfig(local_roots=(str(paths[0].parent),)))
-    for threads in sorted({1, default_threads()}):
-        config = PrepareConfig(threads=threads)
-        start = time.perf_counter()
+    configs = [(f"{n} thread(s)", PrepareConfig(threads=n, processes=0)) for n in sorted({1, default_threads()})]
+    configs += [(f"{n} decode process(es)", PrepareConfig(processes=n)) for n in sorted({1, usable_cpus()})]
+    for name, config in configs:
         with PrepareStage(fetcher, DecodeConfig(), processor.image_processor, config, str) as stage:
+            start = time.perf_counter()  # after the decode processes start: a worker starts them once
             count = sum(batch.pixels.shape[0] for batch in stage.batches(rows, 256))
-        results.add(f"prepare stage, {threads} thread(s)", count, time.perf_counter() - start, torch.device("cpu"),
+            seconds = time.perf_counter() - start
+        results.add(f"prepare stage, {name}", count, seconds, torch.device("cpu"),
                     f"decode {stage.times.decode_s:.1f} thread-s, fetch {stage.times.fetch_s:.1f} thread-s")
 
 

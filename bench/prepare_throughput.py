@@ -2,7 +2,7 @@
 count, exact and fast-JPEG paths, JPEG/PNG/WebP mixes. Needs no GPU and no model (the processor alone).
 
     .venv/bin/python bench/prepare_throughput.py [--images 256] [--size 640x480] [--threads 1,2] [--processes 1,2]
-        [--mix jpeg] [--repeats 3] [--fast-jpeg]
+        [--mix jpeg] [--repeats 3] [--fast-jpeg] [--answers N] [--fast-jpeg-sizes 640x480,1024x768,4000x3000]
 
 Writes --images distinct pictures (smooth shapes and noise, as photos compress: ~115 KB per 640 x 480 JPEG at
 quality 90) into a temporary folder, then measures, each --repeats times (the best is printed):
@@ -12,7 +12,14 @@ quality 90) into a temporary folder, then measures, each --repeats times (the be
   (`processes = 0`) and on N decode processes;
 - with --fast-jpeg, the same with `[decode] fast_jpeg = true`, and its mean absolute pixel difference to the exact
   path (0..255 scale, over every pixel of every image).
-The ratio printed is stage / bare at the same N.
+The ratio printed is stage / bare at the same N. The CPU time this process spent per image is printed too (all its
+threads, the best repeat; with decode processes, what the worker process itself spends beside them): on a shared
+machine it is the steadier figure, as rates follow the load.
+With --fast-jpeg-sizes: for JPEGs of each size, the CPU time of decode + resize per image on one thread, exact and
+fast_jpeg, and their mean absolute pixel difference (0..255).
+With --answers N: the demo model's answers (jobs/demo_data/shapes-instructblip: the caption and its three questions,
+greedy) on N of its held-out pictures scaled to 640 x 480 and saved as JPEG quality 75, decoded exactly and with
+fast_jpeg: the share of answers that are identical.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ def write_images(folder: Path, count: int, size: tuple[int, int], mix: list[str]
 def bare(datas: list[bytes], processor: BlipImageProcessor, decode: DecodeConfig, threads: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda data: processor.resized(decode_image(data, decode)), datas))
+        list(pool.map(lambda data: processor.resized(decode_image(data, decode, processor.rgb_resize.covering)), datas))
     return len(datas) / (time.perf_counter() - start)
 
 
@@ -88,8 +95,81 @@ def stage(paths: list[Path], root: Path, processor: BlipImageProcessor, decode: 
     return rate, batch.pixels
 
 
-def best(repeats: int, measure) -> float:
-    return max(measure() for _ in range(repeats))
+def answers_agreement(count: int) -> tuple[int, int]:
+    """(identical answers, answers) of the demo model on `count` held-out pictures as 640 x 480 JPEGs, exact decode
+    against fast_jpeg."""
+    from blipbatch.jobs import shapes
+    from blipbatch.jobs.demo import DEMO_MODEL
+    from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    processor = InstructBlipProcessor.from_pretrained(DEMO_MODEL)
+    model = InstructBlipForConditionalGeneration.from_pretrained(DEMO_MODEL)
+    covering = processor.image_processor.rgb_resize.covering
+    photos = []
+    for sample in shapes.make_dataset(count, seed=7, held_out=True):
+        buffer = io.BytesIO()
+        sample.image.resize((640, 480), PIL.Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=75)
+        photos.append(buffer.getvalue())
+    answers = {}
+    for mode, decode in (("exact", DecodeConfig()), ("fast", DecodeConfig(fast_jpeg=True))):
+        images = [decode_image(data, decode, covering) for data in photos]
+        answers[mode] = []
+        for text in shapes.INSTRUCTIONS:
+            for first in range(0, count, 50):
+                inputs = processor(images=images[first : first + 50], text=text)
+                with torch.inference_mode():
+                    ids = model.generate(**inputs, max_new_tokens=6)
+                answers[mode] += processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(a == b for a, b in zip(answers["exact"], answers["fast"])), len(answers["exact"])
+
+
+def fast_jpeg_gain(sizes: list[tuple[int, int]], processor: BlipImageProcessor) -> None:
+    rng = np.random.default_rng(0)
+    for width, height in sizes:
+        count = max(3, 32 * 640 * 480 // (width * height))
+        datas = []
+        for _ in range(count):
+            buffer = io.BytesIO()
+            picture(rng, width, height).save(buffer, "JPEG", quality=90)
+            datas.append(buffer.getvalue())
+        cpu, pixels = {}, {}
+        for mode, decode in (("exact", DecodeConfig()), ("fast", DecodeConfig(fast_jpeg=True))):
+            times = []
+            for _ in range(2):
+                start = time.process_time()
+                pixels[mode] = [processor.resized(decode_image(data, decode, processor.rgb_resize.covering))
+                                for data in datas]
+                times.append((time.process_time() - start) / count * 1e3)
+            cpu[mode] = min(times)
+        difference = np.mean([(a.float() - b.float()).abs().mean().item()
+                              for a, b in zip(pixels["exact"], pixels["fast"])])
+        print(f"{width}x{height} ({count} JPEGs q90): CPU ms/image exact {cpu['exact']:.1f}, fast_jpeg "
+              f"{cpu['fast']:.1f} ({cpu['exact'] / cpu['fast']:.1f}x); mean absolute pixel difference "
+              f"{difference:.2f} (0..255)", flush=True)
+        try:
+            import simplejpeg
+        except ImportError:
+            continue
+        side = processor.rgb_resize.covering
+        times = []
+        for _ in range(2):  # simplejpeg's scaled decode (no EXIF orientation, no checks), then the same resize
+            start = time.process_time()
+            for data in datas:
+                rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=side, min_width=side)
+                processor.resized(PIL.Image.fromarray(rgb))
+            times.append((time.process_time() - start) / count * 1e3)
+        print(f"{width}x{height}: simplejpeg {simplejpeg.__version__} scaled decode + resize, CPU ms/image "
+              f"{min(times):.1f}", flush=True)
+
+
+def best(repeats: int, measure) -> tuple[float, float]:
+    """The best images/s of `repeats` runs, and the least CPU milliseconds per image of this process."""
+    rates, cpu = [], []
+    for _ in range(repeats):
+        start = time.process_time()
+        rates.append(measure())
+        cpu.append(time.process_time() - start)
+    return max(rates), min(cpu)
 
 
 def main() -> None:
@@ -101,7 +181,18 @@ def main() -> None:
     parser.add_argument("--mix", default="jpeg", help="comma-separated formats cycled over the images: jpeg,png,webp")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fast-jpeg", action="store_true", help="also measure [decode] fast_jpeg = true")
+    parser.add_argument("--answers", type=int, default=0, help="the demo model's answers on N pictures, exact/fast")
+    parser.add_argument("--fast-jpeg-sizes", default="", help="CPU time of exact and fast_jpeg decodes at these sizes")
     args = parser.parse_args()
+    if args.fast_jpeg_sizes:
+        fast_jpeg_gain([tuple(int(v) for v in size.split("x")) for size in args.fast_jpeg_sizes.split(",")],
+                       BlipImageProcessor(size={"height": 224, "width": 224}))
+        return
+    if args.answers:
+        same, total = answers_agreement(args.answers)
+        print(f"demo model, {args.answers} pictures x {total // args.answers} prompts as 640 x 480 JPEG q75: "
+              f"{same} of {total} answers identical with fast_jpeg ({same / total:.1%})")
+        return
     size = tuple(int(v) for v in args.size.split("x"))
     processor = BlipImageProcessor(size={"height": 224, "width": 224})
     paths_modes = [("exact", DecodeConfig())] + ([("fast_jpeg", DecodeConfig(fast_jpeg=True))] if args.fast_jpeg
@@ -115,14 +206,18 @@ def main() -> None:
         exact_pixels = None
         for mode, decode in paths_modes:
             for n in (int(v) for v in args.threads.split(",")):
-                bare_rate = best(args.repeats, lambda: bare(datas, processor, decode, n))
-                stage_rate = best(args.repeats, lambda: stage(paths, root, processor, decode,
-                                                              PrepareConfig(threads=n, processes=0))[0])
+                bare_rate, bare_cpu = best(args.repeats, lambda: bare(datas, processor, decode, n))
+                stage_rate, stage_cpu = best(args.repeats, lambda: stage(paths, root, processor, decode,
+                                                                         PrepareConfig(threads=n, processes=0))[0])
+                per_image = 1e3 / len(datas)
                 print(f"{mode:9s} threads={n}: bare {bare_rate:7.1f}  stage {stage_rate:7.1f}  "
-                      f"stage/bare {stage_rate / bare_rate:.2f}")
+                      f"stage/bare {stage_rate / bare_rate:.2f}  (CPU ms/image: bare {bare_cpu * per_image:.2f}, "
+                      f"stage {stage_cpu * per_image:.2f})")
             for n in (int(v) for v in args.processes.split(",")):
-                rate = best(args.repeats, lambda: stage(paths, root, processor, decode, PrepareConfig(processes=n))[0])
-                print(f"{mode:9s} processes={n}: stage {rate:7.1f}")
+                config = PrepareConfig(processes=n)
+                rate, cpu = best(args.repeats, lambda: stage(paths, root, processor, decode, config)[0])
+                print(f"{mode:9s} processes={n}: stage {rate:7.1f}  (CPU ms/image in the worker process, the "
+                      f"decode processes' own not counted: {cpu * 1e3 / len(datas):.2f})")
             _, pixels = stage(paths, root, processor, decode, PrepareConfig(processes=0))
             if exact_pixels is None:
                 exact_pixels = pixels

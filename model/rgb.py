@@ -30,8 +30,14 @@ class RgbResize:
     do_convert_rgb: bool = True
     do_resize: bool = True
 
+    @property
+    def covering(self) -> int | None:
+        """The side a reduced decode (JPEG draft mode) must keep for this resize, or None when there is none."""
+        return max(self.width, self.height) if self.do_resize else None
+
     def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        if self.do_convert_rgb:
+        plain_rgb = image.mode == "RGB" and image.info.get("transparency") is None
+        if self.do_convert_rgb and not plain_rgb:  # to_rgb of plain RGB is a copy of the same pixels: skipped
             image = to_rgb(image)
         elif image.mode != "RGB":
             raise ProcessorError(f"image mode {image.mode!r} needs do_convert_rgb=True (the model takes RGB)")

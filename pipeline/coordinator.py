@@ -243,9 +243,12 @@ class Dispatcher:
             self.forget(ref)
             if (full := _output_full(e.cause)) is not None:
                 raise OutputUnwritable(f"unit {unit.unit_id} could not be written: {redact(_strerror(full))}")
-            # A shard rewritten since planning stays rewritten: another try would only read it again.
-            final = isinstance(e.cause, ShardChanged)
-            self.charge(unit, max(attempt, self.max_attempts) if final else attempt, _reason(e))
+            if isinstance(e.cause, ShardChanged):
+                # Another try would read the same new content; and no failed marker: the unit's content is gone, so
+                # no later run could retry it (the next one plans the shard's new content).
+                self.give_up(unit, attempt, _reason(e), mark=False)
+                return
+            self.charge(unit, attempt, _reason(e))
             return
         self.forget(ref)
         self.committed(record, unit)
@@ -359,8 +362,13 @@ class Dispatcher:
             self.queue.append((unit, attempt + 1))
             self.metrics.retried(unit.unit_id, attempt, reason)
             return
+        self.give_up(unit, attempt, reason)
+
+    def give_up(self, unit: WorkUnit, attempt: int, reason: str, mark: bool = True) -> None:
+        """The unit failed for this run; `mark`: recorded as failed in the output, so later runs skip it."""
         try:
-            mark_failed(self.summary.output, unit.unit_id, reason, attempt)
+            if mark:
+                mark_failed(self.summary.output, unit.unit_id, reason, attempt)
         except OSError as e:
             raise OutputUnwritable(f"cannot record that unit {unit.unit_id} failed: {redact(_strerror(e))}") from None
         self.metrics.failed(unit.unit_id, attempt, reason)

@@ -61,6 +61,9 @@ class DecodeConfig:
     max_jpeg_scans: int = 100  # scans of a (progressive) JPEG; encoders write about 10
     max_tiff_strips: int = 65536  # strips or tiles of a TIFF
     max_metadata_bytes: int = 2**20  # EXIF, ICC profile, XMP and text chunks together
+    # JPEGs decoded at a reduced DCT scale still covering the model's input (Pillow's draft mode): faster, but the
+    # pixels then differ from the processor's (README, Performance)
+    fast_jpeg: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "max_aspect_ratio", "max_jpeg_scans", "max_tiff_strips", "max_metadata_bytes"):
@@ -231,9 +234,10 @@ def _to_eight_bits(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
 
 
-def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> PIL.Image.Image:
+def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), covering: int | None = None) -> PIL.Image.Image:
     """The first frame of the image in `data`, EXIF orientation applied, 16-bit samples scaled to 8 bits, as RGB.
-    Raises RowError."""
+    With `config.fast_jpeg`, a JPEG is decoded at the smallest DCT scale (1/2 to 1/8) whose sides are still at least
+    `covering` pixels (the larger side of the model's input, so either orientation covers it). Raises RowError."""
     if not data:
         raise RowError("decode_error", "empty file (0 bytes)")
     if (strips := _tiff_strips(data)) > config.max_tiff_strips:
@@ -249,6 +253,8 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> PIL.Imag
         raise RowError("decode_error", f"corrupt image header: {type(err).__name__}: {err}") from None
     with image:
         _check_shape(image, data, config)
+        if config.fast_jpeg and covering and image.format == "JPEG":
+            image.draft(image.mode, (covering, covering))
         try:
             image.load()  # the first frame: open() leaves animations on frame 0
             _check_metadata(image, config)  # a PNG's chunks after its pixels are read by load()

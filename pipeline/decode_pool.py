@@ -7,8 +7,8 @@ Each process of the pool serves one request at a time over its own socket: the i
 (`send_bytes`, no pickling), the process runs `decode_image` and the processor's RGB conversion and resize
 (`BlipImageProcessor.rgb_resize`, the code `resized` runs on a thread) and writes the resized image's `planes`
 into a shared-memory block of its own (an anonymous memory file both map); the caller makes the uint8 [3, H, W]
-tensor from them with the processor's own `chw`, so the pixels are exactly the processor's. Only the settings (once) and a
-small status tuple per image are pickled.
+tensor from them with the processor's own `chw`, so the pixels are exactly the processor's. Only the settings (once)
+and a small status tuple per image are pickled.
 
 The processes are fresh interpreters (`python -m blipbatch.pipeline.decode_pool`) importing Pillow and the decode
 checks, no torch and nothing of the worker's own main module (as multiprocessing's spawn and forkserver would); each
@@ -215,7 +215,7 @@ def _serve(conn: Connection, block: mmap.mmap) -> None:
     while True:
         data = conn.recv_bytes()
         try:
-            with decode_image(data, decode) as image:
+            with decode_image(data, decode, rgb_resize.covering) as image:
                 resized = rgb_resize(image)
                 rgb = planes(resized)
             block[: len(rgb)] = rgb

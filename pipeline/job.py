@@ -47,7 +47,8 @@ class GenerationSettingsError(PipelineError):
 
 @dataclass(frozen=True, kw_only=True)
 class InputConfig(ColumnMapping):
-    """The Parquet shards (folders, globs or files; local or URLs) and which of their columns hold what."""
+    """The shards (Parquet files or WebDataset tars; folders, globs or files; local or URLs) and which of their
+    columns hold what."""
 
     paths: tuple[str, ...]
 

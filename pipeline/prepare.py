@@ -268,7 +268,7 @@ class PrepareStage:
             with self.budget.hold(decoded_size(data)):
                 if self.pool is not None:
                     return self.pool.resized(data, seconds)
-                image = decode_image(data, self.decode)
+                image = decode_image(data, self.decode, self.processor.rgb_resize.covering)
                 with image:
                     return self.processor.resized(image)
         except RowError as err:
@@ -318,5 +318,6 @@ class PrepareStage:
         for i, digest in enumerate(slot):  # normalized by table lookup, straight into the (pinned) batch
             image = decoded[digest].numpy()
             for channel in range(3):
-                numpy.take(self._normalized[channel], image[channel], out=out[i, channel])
+                # mode="clip" skips the bounds check: uint8 values are always inside the table's 256
+                numpy.take(self._normalized[channel], image[channel], out=out[i, channel], mode="clip")
         return PreparedBatch(prepared, pixels)

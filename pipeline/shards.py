@@ -1,5 +1,5 @@
-"""Input side: find the Parquet shards, cut them into work units along row groups (a row group larger than a unit into
-row ranges), read a unit's rows."""
+"""Input side: find the Parquet shards and WebDataset tars, cut them into work units (row groups or row ranges;
+runs of samples), read a unit's rows."""
 
 from __future__ import annotations
 
@@ -79,14 +79,17 @@ def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
 
 
 def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    """The shards below `folder`: Parquet files, and WebDataset tars (pipeline.webdataset)."""
+    """The shards below `folder`: Parquet files, and WebDataset tars (pipeline.webdataset). A STEM.parquet beside a
+    STEM.tar is not one: img2dataset's webdataset output keeps each tar's metadata (no images) there."""
     folder = folder.rstrip("/")
     found = []
     for path, info in fs.find(folder, detail=True).items():
         relative = path[len(folder):].lstrip("/")
         if relative.lower().endswith((".parquet", ".tar")) and not _is_hidden(relative):
             found.append(_regular(fs, path, info))
-    return sorted(found)
+    tars = {path[: -len(".tar")] for path in found if path.lower().endswith(".tar")}
+    return sorted(path for path in found if not (path.lower().endswith(".parquet")
+                                                 and path[: -len(".parquet")] in tars))
 
 
 def _expand(entry: str) -> list[str]:
@@ -108,7 +111,8 @@ def _expand(entry: str) -> list[str]:
 
 
 def discover_shards(source: str | Sequence[str]) -> list[str]:
-    """The Parquet shards of a folder (recursively), a glob, or a list of those; local, file://, s3://, gs://.
+    """The Parquet shards and WebDataset tars of a folder (recursively), a glob, or a list of those; local, file://,
+    s3://, gs://.
 
     Folders and globs give their shards sorted; a list keeps its order, each shard once.
     """
@@ -348,7 +352,7 @@ def plan_units(shards: Sequence[str], mapping: ColumnMapping,
         check_input_schema(shard, footer.schema, mapping)
         output_schema(footer.schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run
     _check_contents(shards, footers)
-    if mapping.id_column is None:
+    if mapping.id_column in (None, KEY_COLUMN):
         _check_keys(shards, footers)
     passthrough = _unified_passthrough(shards, footers, mapping)
     units = []

@@ -268,7 +268,8 @@ def _problem(key: str, members: Sequence[Member], size: int, image_extension: st
     extensions = [split_name(m.name)[1] for m in members]
     repeated = sorted({e for e in extensions if extensions.count(e) > 1})
     if repeated:
-        return f"sample {key!r} has {len(members)} members with extension {repeated[0]!r} ({names}); keys must be unique"
+        return (f"sample {key!r} has {len(members)} members with extension {repeated[0]!r} ({names}); keys must be "
+                "unique")
     wanted = (image_extension.lower().lstrip("."),) if image_extension else IMAGE_EXTENSIONS
     images = [m for m, e in zip(members, extensions) if e in wanted]
     if not images:

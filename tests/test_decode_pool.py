@@ -9,6 +9,7 @@ import io
 import signal
 import time
 
+import numpy as np
 import PIL.Image
 import psutil
 import pytest
@@ -99,3 +100,19 @@ def test_a_unit_with_a_slow_decode_ends_it_at_the_row_deadline(checkpoint, tmp_p
     assert time.monotonic() - start < 15  # the worker's start included
     assert record.rows == 6 and table.loc["2", "error_kind"] == "decode_timeout"
     assert (table.drop("2")["status"] == "ok").all()
+
+
+def test_fast_jpeg_in_the_pool_is_the_threads_fast_jpeg_and_close_to_exact(processor):
+    """[decode] fast_jpeg gives the same pixels in a pool process as on a thread; they differ from the exact path's
+    by about a level in 255 on average (README, Performance)."""
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(1)
+    PIL.Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((1280, 960)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    fast = DecodeConfig(fast_jpeg=True)
+    exact = processor.resized(decode_image(data)).float()
+    on_thread = processor.resized(decode_image(data, fast, processor.rgb_resize.covering))
+    with DecodePool(1, fast, processor) as pool:
+        assert torch.equal(pool.resized(data, 30), on_thread)
+    difference = (on_thread.float() - exact).abs().mean().item()
+    assert 0 < difference < 3, difference

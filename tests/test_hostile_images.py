@@ -144,3 +144,15 @@ def test_settings_are_checked():
             DecodeConfig(**{name: 0})
     with pytest.raises(ValueError, match="max_aspect_ratio must be >= 1"):
         DecodeConfig(max_aspect_ratio=0.5)
+
+
+def test_fast_jpeg_decodes_at_the_smallest_scale_that_covers_the_model_input():
+    """[decode] fast_jpeg: a 2000 x 1500 JPEG for a 224 x 224 model decodes at 1/4 (500 x 375; 1/8 would leave 187
+    rows); off by default, and nothing else is reduced."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (2000, 1500), (10, 200, 30)).save(buffer, "JPEG")
+    fast = DecodeConfig(fast_jpeg=True)
+    assert decode_image(buffer.getvalue(), fast, covering=224).size == (500, 375)
+    assert decode_image(buffer.getvalue(), DecodeConfig(), covering=224).size == (2000, 1500)
+    assert decode_image(buffer.getvalue(), fast).size == (2000, 1500)  # no model size given: nothing to cover
+    assert decode_image(one_colour_png(2000, 1500), fast, covering=224).size == (2000, 1500)

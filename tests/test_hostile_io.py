@@ -140,9 +140,9 @@ def test_a_shard_rewritten_during_a_run_never_commits_an_id_twice(ray_local, tmp
         args = run_args(str(inputs), output, checkpoint, "--allow-host", "127.0.0.1", "--workers", "1")
         assert main(args) == 1
         captured = capsys.readouterr()
-        assert f"{shard_b}: its content changed after planning" in captured.out
-        (failed,) = failed_units(output).values()
-        assert failed["attempts"] == 3  # given up at once: another try would read the same new content
+        (failed,) = [line for line in captured.out.splitlines() if line.startswith("failed unit ")]
+        assert f"{shard_b}: its content changed after planning" in failed
+        assert failed_units(output) == {}  # given up at once, unmarked: its content is gone, nothing could retry it
         assert sorted(read_output(output).column("id").to_pylist()) == ["a0", "a1"]  # a's rows committed
 
         assert main(args) == 0  # the next run plans b's new content: each id once
@@ -535,3 +535,29 @@ def test_a_full_output_disk_ends_the_run_with_one_line_and_a_summary(ray_local, 
         assert sorted(read_output(output).column("id").to_pylist()) == ["a0", "a1"]  # and it reads whole
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_report_reads_an_input_shard_named_by_a_commit_marker_only_under_the_callers_settings(finished_output,
+                                                                                               tmp_path, capsys):
+    """A forged marker names a private Parquet file whose rows hold image bytes, and a forged part says its image was
+    given as bytes: the report would read that file and embed its picture; under the caller's settings (no local
+    roots) it shows why it did not."""
+    import json
+    import shutil
+
+    private = write_shard(tmp_path / "private" / "faces.parquet", ["p0", "p1"], [png_bytes(6), png_bytes(7)])
+    shared = tmp_path / "shared-out"
+    shutil.copytree(finished_output, shared)
+    shared.chmod(0o777)
+    (marker,) = (shared / "_progress").glob("*.json")
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "shard": private}))
+    part = shared / record["part"]
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(table.schema.get_field_index("image_url"), "image_url",
+                                    pa.array(["<1000 bytes>"] * table.num_rows)), part)
+    assert main(["report", str(shared), "--html", str(tmp_path / "page.html")]) == 0
+    capsys.readouterr()
+    page = (tmp_path / "page.html").read_text()
+    assert "data:image/jpeg;base64" not in page
+    assert page.count("no [fetch] local_roots are set") >= 2

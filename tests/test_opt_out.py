@@ -78,7 +78,8 @@ def test_requests_name_blipbatch_its_version_and_url_or_the_configured_agent(ser
     server.agents.clear()
     fetcher().fetch(url(server))
     fetcher(user_agent="my-lab-crawler/2 (+https://lab.example/contact)").fetch(url(server))
-    assert server.agents == [f"blipbatch/{__version__} (+{PROJECT_URL})", "my-lab-crawler/2 (+https://lab.example/contact)"]
+    assert server.agents == [f"blipbatch/{__version__} (+{PROJECT_URL})",
+                             "my-lab-crawler/2 (+https://lab.example/contact)"]
 
 
 def test_the_spec_sets_both_and_checks_their_types(tmp_path):

@@ -113,7 +113,8 @@ def test_a_truncated_tar_keeps_what_it_holds_and_says_where_it_ends(tmp_path):
     (tmp_path / "in" / "cut.tar").write_bytes(data[: data.index(b"c.png") + 100])
     unit, = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
-    assert [row.id for row in rows[:2]] == ["a", "b"] and "the tar ends inside a header at byte" in rows[2].problem.message
+    assert [row.id for row in rows[:2]] == ["a", "b"]
+    assert "the tar ends inside a header at byte" in rows[2].problem.message
 
 
 def test_not_a_tar_a_compressed_tar_and_a_key_in_two_tars_are_refused_at_start(tmp_path):
@@ -175,3 +176,28 @@ def test_long_member_names_in_each_tar_format(tmp_path, tar_format):
     rows = read_unit(unit, ColumnMapping(missing="empty"), ["{txt}"])
     assert rows[0].id == f"{folder}/k1" and rows[0].image == png(1) and rows[0].instruction == "hello"
     assert [row.id for row in rows] == [f"{folder}/k1"] + ([] if tar_format == tarfile.USTAR_FORMAT else ["é/k2"])
+
+
+def test_a_vqa_question_from_the_json_and_the_key_named_as_the_id_column(tmp_path):
+    source = tar_of(tmp_path / "q.tar", [("a.png", png(1)), ("a.json", b'{"question": "Is it {red}?"}'),
+                                         ("b.png", png(2)), ("b.json", b'{"question": null}')])
+    mapping = ColumnMapping(instruction_column="question", id_column="__key__")
+    rows = read_unit(plan_units([source], mapping)[0], mapping)
+    assert [(row.id, row.instruction) for row in rows] == [("a", "Is it {red}?"), ("b", None)]
+    other = tar_of(tmp_path / "r.tar", [("a.jpg", png(3)), ("a.json", b'{"question": "Why?"}')])
+    with pytest.raises(DuplicateIdError, match=r"WebDataset key 'a' is in"):
+        plan_units([source, other], mapping)
+
+
+def test_img2dataset_webdataset_folders_metadata_parquet_beside_each_tar_is_not_a_shard(tmp_path):
+    """img2dataset's webdataset output: 00000.tar, and beside it 00000.parquet (url, caption, key, status; no image)
+    and 00000_stats.json. The folder runs as it is: its tars are the shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_shards(tmp_path / "out", count=3, per_shard=3)
+    tar = tmp_path / "out" / "shard-0000.tar"
+    pq.write_table(pa.table({"url": ["u"] * 3, "key": ["s00000", "s00001", "s00002"]}), tar.with_suffix(".parquet"))
+    (tmp_path / "out" / "shard-0000_stats.json").write_text("{}")
+    pq.write_table(pa.table({"image_url": ["x"]}), tmp_path / "out" / "other.parquet")  # a shard of its own
+    assert [Path(s).name for s in discover_shards(str(tmp_path / "out"))] == ["other.parquet", "shard-0000.tar"]
