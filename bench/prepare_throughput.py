@@ -12,8 +12,9 @@ quality 90) into a temporary folder, then measures, each --repeats times (the be
   (`processes = 0`) and on N decode processes;
 - with --fast-jpeg, the same with `[decode] fast_jpeg = true`, and its mean absolute pixel difference to the exact
   path (0..255 scale, over every pixel of every image).
-The ratio printed is stage / bare at the same N. On threads, the CPU time this process spent per image is printed
-too (all its threads; the best repeat): on a shared machine it is the steadier figure, as rates follow the load.
+The ratio printed is stage / bare at the same N. The CPU time this process spent per image is printed too (all its
+threads, the best repeat; with decode processes, what the worker process itself spends beside them): on a shared
+machine it is the steadier figure, as rates follow the load.
 With --fast-jpeg-sizes: for JPEGs of each size, the CPU time of decode + resize per image on one thread, exact and
 fast_jpeg, and their mean absolute pixel difference (0..255).
 With --answers N: the demo model's answers (jobs/demo_data/shapes-instructblip: the caption and its three questions,
@@ -214,8 +215,9 @@ def main() -> None:
                       f"stage {stage_cpu * per_image:.2f})")
             for n in (int(v) for v in args.processes.split(",")):
                 config = PrepareConfig(processes=n)
-                rate, _ = best(args.repeats, lambda: stage(paths, root, processor, decode, config)[0])
-                print(f"{mode:9s} processes={n}: stage {rate:7.1f}")
+                rate, cpu = best(args.repeats, lambda: stage(paths, root, processor, decode, config)[0])
+                print(f"{mode:9s} processes={n}: stage {rate:7.1f}  (CPU ms/image in the worker process, the "
+                      f"decode processes' own not counted: {cpu * 1e3 / len(datas):.2f})")
             _, pixels = stage(paths, root, processor, decode, PrepareConfig(processes=0))
             if exact_pixels is None:
                 exact_pixels = pixels

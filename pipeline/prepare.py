@@ -318,5 +318,6 @@ class PrepareStage:
         for i, digest in enumerate(slot):  # normalized by table lookup, straight into the (pinned) batch
             image = decoded[digest].numpy()
             for channel in range(3):
-                numpy.take(self._normalized[channel], image[channel], out=out[i, channel])
+                # mode="clip" skips the bounds check: uint8 values are always inside the table's 256
+                numpy.take(self._normalized[channel], image[channel], out=out[i, channel], mode="clip")
         return PreparedBatch(prepared, pixels)

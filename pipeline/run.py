@@ -386,7 +386,8 @@ def run_on_ray(
             """A model actor for each GPU that joined the cluster (within max_workers); the new ones are in
             `handles` too, so that they are stopped with the others."""
             target = min(int(ray.cluster_resources().get("GPU", 0)), limit)
-            new = [actor.remote(config, len(handles) + i) for i in range(max(target - live, 0))]
+            free = int(ray.available_resources().get("GPU", 0))  # GPUs another job holds are not for us to wait on
+            new = [actor.remote(config, len(handles) + i) for i in range(max(min(target - live, free), 0))]
             handles.extend(new)
             return new
 
