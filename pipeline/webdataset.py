@@ -261,8 +261,13 @@ def _members(f: object, shard: str, size: int) -> tuple[list[Member], dict[str, 
         if flag in (_LONG_NAME, _PAX):
             f.seek(data_at)
             data = f.read(length)
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if flag == _LONG_NAME \
-                else _pax_path(data)
+            try:
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if flag == _LONG_NAME \
+                    else _pax_path(data)
+            except (ValueError, IndexError) as e:
+                return members, values, (data_at - _BLOCK, f"the tar is unreadable from byte {data_at - _BLOCK} on "
+                                                           f"(a broken pax header: {e}): the samples after it "
+                                                           "cannot be read")
             continue
         name, long_name = long_name or name, None
         if flag not in _REGULAR:

@@ -227,3 +227,22 @@ def test_a_cached_scan_plans_without_reading_the_tar_again(tmp_path):
     assert cached.new == {}  # nothing scanned
     rescanned = plan_units([str(source)], ColumnMapping(), 100)[0]
     assert rescanned.unit_id != fresh[0].unit_id and rescanned.num_rows == 31  # 30 samples, then the error row
+
+
+def test_a_broken_pax_header_is_an_error_row_not_a_crash(tmp_path):
+    with tarfile.open(tmp_path / "p.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("a.png", "é.png"):  # the second needs a pax header (a non-ASCII name)
+            info = tarfile.TarInfo(name)
+            info.size = len(png(1))
+            tar.addfile(info, io.BytesIO(png(1)))
+    data = bytearray((tmp_path / "p.tar").read_bytes())
+    record = data.index(b" path=")
+    data[record - 2: record] = b"zz"  # the record's length is no number now
+    header = record - record % 512 - 512  # the pax header block, whose checksum must still hold
+    data[header + 148: header + 156] = b" " * 8
+    data[header + 148: header + 155] = f"{sum(data[header: header + 512]):06o}\0".encode()
+    (tmp_path / "p.tar").write_bytes(bytes(data))
+    unit, = plan_units([str(tmp_path / "p.tar")], ColumnMapping())
+    rows = read_unit(unit, ColumnMapping(), ["x"])
+    assert rows[0].id == "a" and rows[0].problem is None
+    assert "a broken pax header" in rows[1].problem.message
