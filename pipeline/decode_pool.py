@@ -51,6 +51,12 @@ _READY = "ready"
 _PR_SET_PDEATHSIG = 1
 
 
+def _child_environment() -> dict[str, str]:
+    """This process's environment, its import path included: a Ray worker may import blipbatch from a runtime
+    environment's folder that only its own sys.path names."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+
+
 def _memory_file(size: int) -> int:
     """A file descriptor of `size` bytes of memory that a child can map too (memfd; an unlinked temp file where
     there is none)."""
@@ -110,7 +116,7 @@ class DecodePool:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), str(block_fd), str(self.block_bytes)],
-                pass_fds=(theirs.fileno(), block_fd), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(), block_fd), stdin=subprocess.DEVNULL, env=_child_environment())
             block = mmap.mmap(block_fd, self.block_bytes)
         finally:
             theirs.close()
