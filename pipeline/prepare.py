@@ -44,7 +44,7 @@ import torch
 from blipbatch.model.image_processing import BlipImageProcessor
 
 from . import deadline
-from .decode import DecodeConfig, decode_image
+from .decode import DecodeConfig, check_before_opening, decode_image
 from .decode_pool import DecodePool
 from .errors import RowError
 from .fetch import Fetcher
@@ -265,6 +265,7 @@ class PrepareStage:
         `seconds` (what the row's fetch left of its deadline)."""
         start = time.perf_counter()
         try:
+            check_before_opening(data, self.decode)  # before decoded_size opens the header here
             with self.budget.hold(decoded_size(data)):
                 if self.pool is not None:
                     return self.pool.resized(data, seconds)
