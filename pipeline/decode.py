@@ -131,7 +131,7 @@ def _accepts(accept, prefix: bytes) -> bool:
     return bool(answer) and not isinstance(answer, str)
 
 
-def _open(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
+def open_header(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
     """PIL.Image.open(data, formats=formats) less its pixel-count check, which reads Pillow's process-wide
     MAX_IMAGE_PIXELS: decode_image applies DecodeConfig.max_pixels right after, for this call only."""
     prefix = data[:16]
@@ -250,7 +250,7 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), covering: i
     `covering` pixels (the larger side of the model's input, so either orientation covers it). Raises RowError."""
     check_before_opening(data, config)
     try:
-        image = _open(data, config.formats)
+        image = open_header(data, config.formats)
     except PIL.UnidentifiedImageError:
         raise RowError("decode_error", _not_an_image(data, config.formats)) from None
     except PIL.Image.DecompressionBombError as err:

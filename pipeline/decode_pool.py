@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
@@ -74,7 +74,6 @@ class _Process:
     conn: Connection
     block: mmap.mmap
     ready: bool = False
-    exit_code: int | None = field(default=None)
 
 
 class DecodePool:
