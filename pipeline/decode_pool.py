@@ -12,14 +12,13 @@ and a small status tuple per image are pickled.
 
 The processes are fresh interpreters (`python -m blipbatch.pipeline.decode_pool`) importing Pillow and the decode
 checks, no torch and nothing of the worker's own main module (as multiprocessing's spawn and forkserver would); each
-says when it is ready, and that wait is not counted against any row's deadline. They die with the worker
-(PR_SET_PDEATHSIG). A process that dies (killed for memory, a crash in a decoder) costs its row a `decode_error` and
-is replaced too.
+says when it is ready, and that wait is not counted against any row's deadline. They end with the worker, also
+mid-decode (each watches its parent). A process that dies (killed for memory, a crash in a decoder) costs its row a
+`decode_error` and is replaced too.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import pickle
@@ -30,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT_S = 120.0  # a process not ready by then fails the pool (a broken environment, not an image)
 _READY = "ready"
-_PR_SET_PDEATHSIG = 1
+PARENT_CHECK_S = 0.5
 
 
 def _child_environment() -> dict[str, str]:
@@ -232,13 +232,19 @@ def _serve(conn: Connection, block: mmap.mmap) -> None:
         conn.send(reply)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """End this process, even mid-decode, once the worker that started it is gone (it is then re-parented).
+    PR_SET_PDEATHSIG would fire when the worker's *thread* that started it ends, and replacements start on the
+    prepare stage's threads, which end with each unit."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
 def main(argv: list[str]) -> None:
     """Entry of a pool process: argv = [socket fd, memory file fd, its size]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle; it closes the pool
-    try:  # killed when the worker process dies, even while decoding
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     conn_fd, block_fd, size = (int(arg) for arg in argv)
     with mmap.mmap(block_fd, size) as block:
         try:
