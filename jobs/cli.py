@@ -361,7 +361,7 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"running: a run holds this output ({holder.describe()})")
     print(f"model: {settings.model}")
     try:
-        units = known_ids(planned_units(settings.to_dict()), done | set(failed))
+        units = known_ids(planned_units(settings.to_dict(), args.output), done | set(failed))
         pending = len([u for u in units if u.unit_id not in done and u.unit_id not in failed])
         print(f"input: {settings.input} ({len(units)} units)")
         unmatched = unmatched_units(done, units)

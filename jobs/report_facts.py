@@ -37,7 +37,7 @@ from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
 from blipbatch.pipeline.guard import LocalRoots
 from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_runs
 from blipbatch.pipeline.sink import failed_units, part_schema, progress_records, read_part
-from blipbatch.pipeline.webdataset import is_tar, read_images
+from blipbatch.pipeline.webdataset import IndexCache, is_tar, read_images
 from blipbatch.schemas import ColumnMapping, ProgressRecord
 from blipbatch.errors import BlipbatchError
 
@@ -56,10 +56,11 @@ class ReportError(BlipbatchError, ValueError):
     """OUTPUT is not a blipbatch output, or its commit markers cannot be read."""
 
 
-def planned_units(settings: dict) -> list[WorkUnit]:
-    """The work units of the input a manifest's settings name, cut as the run cut them."""
+def planned_units(settings: dict, output: str | None = None) -> list[WorkUnit]:
+    """The work units of the input a manifest's settings name, cut as the run cut them (WebDataset tars from the
+    scans `output` keeps, where it has them)."""
     return plan_units(discover_shards(settings["input"]), ColumnMapping(**settings["mapping"]),
-                      settings["rows_per_unit"])
+                      settings["rows_per_unit"], None if output is None else IndexCache(output))
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
         raise ReportError(f"{output}: a commit marker is unreadable: {e}") from None
     failed = failed_units(output)
     try:
-        units_planned, input_problem = len(planned_units(settings)), None
+        units_planned, input_problem = len(planned_units(settings, output)), None
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: report the rest
         units_planned, input_problem = None, f"{type(e).__name__}: {e}"
     data = RunData(output, settings, records, failed, units_planned, input_problem, OutputLock(output).holder(),

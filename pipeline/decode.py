@@ -131,7 +131,7 @@ def _accepts(accept, prefix: bytes) -> bool:
     return bool(answer) and not isinstance(answer, str)
 
 
-def _open(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
+def open_header(data: bytes, formats: tuple[str, ...]) -> PIL.ImageFile.ImageFile:
     """PIL.Image.open(data, formats=formats) less its pixel-count check, which reads Pillow's process-wide
     MAX_IMAGE_PIXELS: decode_image applies DecodeConfig.max_pixels right after, for this call only."""
     prefix = data[:16]
@@ -234,17 +234,23 @@ def _to_eight_bits(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
 
 
-def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), covering: int | None = None) -> PIL.Image.Image:
-    """The first frame of the image in `data`, EXIF orientation applied, 16-bit samples scaled to 8 bits, as RGB.
-    With `config.fast_jpeg`, a JPEG is decoded at the smallest DCT scale (1/2 to 1/8) whose sides are still at least
-    `covering` pixels (the larger side of the model's input, so either orientation covers it). Raises RowError."""
+def check_before_opening(data: bytes, config: DecodeConfig) -> None:
+    """The refusals that must come before Pillow even opens `data` (its open of a TIFF walks every strip): RowError.
+    decode_image runs it; so does anything else that opens the header first (the prepare stage's budget)."""
     if not data:
         raise RowError("decode_error", "empty file (0 bytes)")
     if (strips := _tiff_strips(data)) > config.max_tiff_strips:
         raise RowError("too_many_strips", f"TIFF of {strips} strips or tiles, above the {config.max_tiff_strips} limit "
                                           "([decode] max_tiff_strips): each costs a decoder call")
+
+
+def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), covering: int | None = None) -> PIL.Image.Image:
+    """The first frame of the image in `data`, EXIF orientation applied, 16-bit samples scaled to 8 bits, as RGB.
+    With `config.fast_jpeg`, a JPEG is decoded at the smallest DCT scale (1/2 to 1/8) whose sides are still at least
+    `covering` pixels (the larger side of the model's input, so either orientation covers it). Raises RowError."""
+    check_before_opening(data, config)
     try:
-        image = _open(data, config.formats)
+        image = open_header(data, config.formats)
     except PIL.UnidentifiedImageError:
         raise RowError("decode_error", _not_an_image(data, config.formats)) from None
     except PIL.Image.DecompressionBombError as err:

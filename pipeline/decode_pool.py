@@ -12,14 +12,13 @@ and a small status tuple per image are pickled.
 
 The processes are fresh interpreters (`python -m blipbatch.pipeline.decode_pool`) importing Pillow and the decode
 checks, no torch and nothing of the worker's own main module (as multiprocessing's spawn and forkserver would); each
-says when it is ready, and that wait is not counted against any row's deadline. They die with the worker
-(PR_SET_PDEATHSIG). A process that dies (killed for memory, a crash in a decoder) costs its row a `decode_error` and
-is replaced too.
+says when it is ready, and that wait is not counted against any row's deadline. They end with the worker, also
+mid-decode (each watches its parent). A process that dies (killed for memory, a crash in a decoder) costs its row a
+`decode_error` and is replaced too.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import pickle
@@ -30,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
@@ -48,7 +48,13 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT_S = 120.0  # a process not ready by then fails the pool (a broken environment, not an image)
 _READY = "ready"
-_PR_SET_PDEATHSIG = 1
+PARENT_CHECK_S = 0.5
+
+
+def _child_environment() -> dict[str, str]:
+    """This process's environment, its import path included: a Ray worker may import blipbatch from a runtime
+    environment's folder that only its own sys.path names."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
 
 
 def _memory_file(size: int) -> int:
@@ -68,7 +74,6 @@ class _Process:
     conn: Connection
     block: mmap.mmap
     ready: bool = False
-    exit_code: int | None = field(default=None)
 
 
 class DecodePool:
@@ -110,7 +115,7 @@ class DecodePool:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), str(block_fd), str(self.block_bytes)],
-                pass_fds=(theirs.fileno(), block_fd), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(), block_fd), stdin=subprocess.DEVNULL, env=_child_environment())
             block = mmap.mmap(block_fd, self.block_bytes)
         finally:
             theirs.close()
@@ -227,13 +232,19 @@ def _serve(conn: Connection, block: mmap.mmap) -> None:
         conn.send(reply)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """End this process, even mid-decode, once the worker that started it is gone (it is then re-parented).
+    PR_SET_PDEATHSIG would fire when the worker's *thread* that started it ends, and replacements start on the
+    prepare stage's threads, which end with each unit."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
 def main(argv: list[str]) -> None:
     """Entry of a pool process: argv = [socket fd, memory file fd, its size]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle; it closes the pool
-    try:  # killed when the worker process dies, even while decoding
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     conn_fd, block_fd, size = (int(arg) for arg in argv)
     with mmap.mmap(block_fd, size) as block:
         try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import os
 import threading
 import time
@@ -38,13 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy
-import PIL.Image
 import torch
 
 from blipbatch.model.image_processing import BlipImageProcessor
 
 from . import deadline
-from .decode import DecodeConfig, decode_image
+from .decode import DecodeConfig, check_before_opening, decode_image, open_header
 from .decode_pool import DecodePool
 from .errors import RowError
 from .fetch import Fetcher
@@ -123,10 +121,11 @@ class ByteBudget:
                 self._cond.notify_all()
 
 
-def decoded_size(data: bytes) -> int:
-    """Bytes that decoding `data` takes, from its header alone; 0 when unreadable (decode_image says why)."""
+def decoded_size(data: bytes, config: DecodeConfig) -> int:
+    """Bytes that decoding `data` takes, from its header alone (read by the plugins of `config.formats` only, as
+    decode_image reads it); 0 when unreadable (decode_image says why)."""
     try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
+        with open_header(data, config.formats) as image:
             width, height = image.size
     except Exception:  # any header Pillow cannot read: decode_image turns it into the row's error
         return 0
@@ -265,7 +264,8 @@ class PrepareStage:
         `seconds` (what the row's fetch left of its deadline)."""
         start = time.perf_counter()
         try:
-            with self.budget.hold(decoded_size(data)):
+            check_before_opening(data, self.decode)  # before decoded_size opens the header here
+            with self.budget.hold(decoded_size(data, self.decode)):
                 if self.pool is not None:
                     return self.pool.resized(data, seconds)
                 image = decode_image(data, self.decode, self.processor.rgb_resize.covering)

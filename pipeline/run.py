@@ -29,8 +29,9 @@ from .manifest import check_manifest, job_settings, read_manifest, record_run, r
 from .redact import redact
 from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
-from .sink import committed_units, progress_records
+from .sink import committed_units, progress_records, write_file
 from .template import TemplateError, check_columns, parse_all
+from .webdataset import IndexCache
 from .preflight import check_model, check_output
 from .prepare import PrepareConfig
 from .worker import FaultInjection, ModelWorker, WorkerConfig
@@ -160,8 +161,9 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
     output = job.output.path
     paths = job.input.paths
     check_apart(paths, output)
+    tar_cache = IndexCache(output)
     units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,
-                       job.run.rows_per_unit)
+                       job.run.rows_per_unit, tar_cache)
     check_unique_ids(unfinished_shards(output, units), job.input.columns)
     check_template_columns(job, units)
     settings = job_settings(job).to_dict()
@@ -195,6 +197,8 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
             def on_ready(used: dict[str, object]) -> None:
                 if manifest != "matched":
                     write_manifest(output, settings)
+                for name, data in tar_cache.new.items():  # the tars' scans, so the next run plans without them
+                    write_file(f"{output.rstrip('/')}/{name}", data)
                 record_used(output, used)
                 started.append(True)
 

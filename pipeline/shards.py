@@ -29,7 +29,8 @@ from .errors import RowError
 from .guard import _file_kind
 from .job import RunConfig
 from .template import Template, columns_of, parse_all
-from .webdataset import KEY_COLUMN, TarChanged, TarError, TarIndex, TarSlice, is_tar, read_slice, scan, slices
+from .webdataset import (KEY_COLUMN, IndexCache, TarChanged, TarError, TarIndex, TarSlice, is_tar, read_slice, scan,
+                         slices)
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
@@ -208,10 +209,10 @@ def _open_fingerprint(f: object) -> str:
     return _digest(size, footer, samples)
 
 
-def _read_footer(shard: str, mapping: ColumnMapping) -> _Footer:
+def _read_footer(shard: str, mapping: ColumnMapping, tar_cache: IndexCache | None = None) -> _Footer:
     if is_tar(shard, mapping.format):
         try:
-            index = scan(shard, mapping.image_column, mapping.image_extension)
+            index = scan(shard, mapping.image_column, mapping.image_extension, tar_cache)
         except (TarError, OSError) as exc:
             raise ShardError(str(exc) if isinstance(exc, TarError) else f"{shard}: cannot read it: {exc}") from exc
         return _Footer(index.schema, [len(index.samples)], index.shard_id, index)
@@ -336,21 +337,22 @@ def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
     return schema
 
 
-def plan_units(shards: Sequence[str], mapping: ColumnMapping,
-               max_rows_per_unit: int = RunConfig.rows_per_unit) -> list[WorkUnit]:
+def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit: int = RunConfig.rows_per_unit,
+               tar_cache: IndexCache | None = None) -> list[WorkUnit]:
     """Work units of at most max_rows_per_unit rows, from Parquet footers (and the samples of data that make a shard's
     fingerprint): whole row groups, or row ranges of a row group larger than that.
 
     Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
     bad shard stops the job before any work. Unit ids come from each shard's content (its fingerprint, _content_id)
     and the row-group range (and row range), so a shard renamed or moved keeps them; they depend on
-    max_rows_per_unit, which a job must keep fixed across resumes (the manifest records it).
+    max_rows_per_unit, which a job must keep fixed across resumes (the manifest records it). WebDataset tars are
+    scanned (pipeline.webdataset), or their scans taken from `tar_cache`.
     """
     if max_rows_per_unit < 1:
         raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")
     _check_locations(shards)
     with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
-        footers = list(pool.map(lambda shard: _read_footer(shard, mapping), shards))
+        footers = list(pool.map(lambda shard: _read_footer(shard, mapping, tar_cache), shards))
     for shard, footer in zip(shards, footers):
         check_input_schema(shard, footer.schema, mapping)
         output_schema(footer.schema, mapping)  # passthrough names that clash with output columns fail here, not mid-run

@@ -8,6 +8,7 @@ file under it is a committed part with the output schema, and bookkeeping lives 
     _progress/{unit_id}.json               the unit's commit marker (a ProgressRecord)
     _progress/{unit_id}.failed.json        a unit given up after repeated failures; not a commit
     _manifest.json, _lock.json             the job's settings (pipeline.manifest), the run lock (pipeline.lock)
+    _webdataset/{quick_id}.json            a WebDataset tar's scan, so later runs plan without reading it (webdataset)
 A unit is committed iff its marker exists and its part is in place. commit_unit writes the marker, then moves the
 staged part into place (a rename on local disk, one server-side copy on object stores): the move is what makes the
 rows visible, whole. A redone unit's old marker is removed before its new part replaces the old one, so a marker
@@ -134,6 +135,13 @@ def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 def _json_bytes(data: object) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False).encode()
+
+
+def write_file(location: str, data: bytes) -> str:
+    """Write `data` as the file `location` (a path or URL), whole or not at all; returns it qualified."""
+    fs, path = _open_root(location)
+    _write_whole(fs, path, data)
+    return _qualify(fs, path)
 
 
 def write_table(location: str, table: pa.Table) -> str:

@@ -21,6 +21,7 @@ become unreadable part way keeps the samples before; the rest is one error row (
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -110,7 +111,51 @@ def _quick_id(size: int, samples: Sequence[bytes]) -> str:
     return digest.hexdigest()[:16]
 
 
-def scan(shard: str, image_column: str, image_extension: str | None = None) -> TarIndex:
+@dataclass(frozen=True)
+class _Scan:
+    """What reading a tar's headers gives, before samples are made of it: what IndexCache keeps."""
+
+    members: list[Member]
+    columns: list[pa.Field]  # of its .json/.txt/.cls members
+    end_problem: tuple[int, str] | None
+
+    def to_json(self) -> bytes:
+        columns = base64.b64encode(pa.schema(self.columns).serialize().to_pybytes()).decode()
+        return json.dumps({"members": [[m.name, m.offset, m.size] for m in self.members], "columns": columns,
+                           "end_problem": self.end_problem}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> _Scan:
+        raw = json.loads(data)
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(raw["columns"])))
+        end = raw["end_problem"]
+        return cls([Member(*m) for m in raw["members"]], list(schema), None if end is None else tuple(end))
+
+
+class IndexCache:
+    """Scans of tars kept in the output, `_webdataset/QUICK_ID.json` (QUICK_ID: the tar's size and first and last
+    bytes), so that a later run plans without reading each tar again. Scans made now are written by the run once it
+    starts (`new`), so that a run that cannot start leaves the output as it found it."""
+
+    FOLDER = "_webdataset"
+
+    def __init__(self, output: str) -> None:
+        self.output = output.rstrip("/")
+        self.new: dict[str, bytes] = {}  # path below the output -> the scan as JSON
+
+    def get(self, quick_id: str) -> _Scan | None:
+        fs, root = url_to_fs(self.output)
+        try:
+            return _Scan.from_json(fs.cat_file(f"{root}/{self.FOLDER}/{quick_id}.json"))
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid):
+            return None  # none yet, or unreadable: scan the tar
+
+    def put(self, quick_id: str, scanned: _Scan) -> None:
+        self.new[f"{self.FOLDER}/{quick_id}.json"] = scanned.to_json()
+
+
+def scan(shard: str, image_column: str, image_extension: str | None = None,
+         cache: IndexCache | None = None) -> TarIndex:
     """The samples of a WebDataset shard, its fingerprint and its columns; TarError when it is no tar at all."""
     fs, path = url_to_fs(shard)
     with fs.open(path, "rb") as f:
@@ -120,14 +165,21 @@ def scan(shard: str, image_column: str, image_extension: str | None = None) -> T
             raise TarError(f"{shard}: a compressed tar; WebDataset shards are read by byte range, so they must be "
                            "plain tars: decompress it (gunzip) first")
         quick_id = _quick_id(size, _sampled(f, size))
-        f.seek(0)
-        members, values, end_problem = _members(f, shard, size)
-    samples = _samples(members, size, image_extension)
-    if end_problem is not None:
-        samples.append(Sample(f"{shard.rsplit('/', 1)[-1]}@{end_problem[0]}", (), end_problem[1]))
-    listing = "\n".join(f"{m.name}\t{m.offset}\t{m.size}" for m in members).encode()
+        scanned = cache.get(quick_id) if cache is not None else None
+        if scanned is None:
+            f.seek(0)
+            members, values, end_problem = _members(f, shard, size)
+            scanned = _Scan(members, _columns(values), end_problem)
+            if cache is not None:
+                cache.put(quick_id, scanned)
+    samples = _samples(scanned.members, size, image_extension)
+    if scanned.end_problem is not None:
+        samples.append(Sample(f"{shard.rsplit('/', 1)[-1]}@{scanned.end_problem[0]}", (), scanned.end_problem[1]))
+    listing = "\n".join(f"{m.name}\t{m.offset}\t{m.size}" for m in scanned.members).encode()
     shard_id = hashlib.sha256(quick_id.encode() + listing).hexdigest()[:16]
-    return TarIndex(samples, shard_id, quick_id, _schema(values, image_column))
+    fields = [f for f in scanned.columns if f.name not in (KEY_COLUMN, image_column)]
+    schema = pa.schema([pa.field(KEY_COLUMN, pa.string()), pa.field(image_column, pa.binary()), *fields])
+    return TarIndex(samples, shard_id, quick_id, schema)
 
 
 _BLOCK = 512
@@ -209,8 +261,13 @@ def _members(f: object, shard: str, size: int) -> tuple[list[Member], dict[str, 
         if flag in (_LONG_NAME, _PAX):
             f.seek(data_at)
             data = f.read(length)
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if flag == _LONG_NAME \
-                else _pax_path(data)
+            try:
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if flag == _LONG_NAME \
+                    else _pax_path(data)
+            except (ValueError, IndexError) as e:
+                return members, values, (data_at - _BLOCK, f"the tar is unreadable from byte {data_at - _BLOCK} on "
+                                                           f"(a broken pax header: {e}): the samples after it "
+                                                           "cannot be read")
             continue
         name, long_name = long_name or name, None
         if flag not in _REGULAR:
@@ -235,17 +292,16 @@ def _collect(values: dict[str, list], extension: str, data: bytes) -> None:
             values.setdefault(name, []).append(value)
 
 
-def _schema(values: dict[str, list], image_column: str) -> pa.Schema:
-    fields = [pa.field(KEY_COLUMN, pa.string()), pa.field(image_column, pa.binary())]
+def _columns(values: dict[str, list]) -> list[pa.Field]:
+    """A column per .json field and text extension, typed from its values (mixed types: string)."""
+    fields = []
     for name, seen in values.items():
-        if name in (KEY_COLUMN, image_column):
-            continue
         try:
             kind = pa.array(seen).type
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             kind = pa.string()  # mixed types: the values as JSON text
         fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
-    return pa.schema(fields)
+    return fields
 
 
 def _samples(members: Sequence[Member], size: int, image_extension: str | None) -> list[Sample]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -116,3 +119,46 @@ def test_fast_jpeg_in_the_pool_is_the_threads_fast_jpeg_and_close_to_exact(proce
         assert torch.equal(pool.resized(data, 30), on_thread)
     difference = (on_thread.float() - exact).abs().mean().item()
     assert 0 < difference < 3, difference
+
+
+def test_a_replacement_started_on_a_thread_that_ends_lives_on(processor):
+    """Replacements start on the prepare stage's threads, which end with each unit: the process must outlive the
+    thread that started it (PR_SET_PDEATHSIG would have killed it with that thread)."""
+    with DecodePool(1, LIFTED, processor) as pool:
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(pytest.raises(RowError, pool.resized, slow_jpeg(), 0.3)))
+        thread.start()
+        thread.join(timeout=30)
+        assert pool.replaced == 1 and errors[0].value.kind == "decode_timeout"
+        time.sleep(1.0)  # the starting thread is gone
+        data = varied_images()[0]
+        assert torch.equal(pool.resized(data, 30), processor.resized(decode_image(data)))
+
+
+WORKER_THAT_DIES = """
+import sys, time
+from blipbatch.model.image_processing import BlipImageProcessor
+from blipbatch.pipeline.decode import DecodeConfig
+from blipbatch.pipeline.decode_pool import DecodePool
+pool = DecodePool(1, DecodeConfig(max_jpeg_scans=10**6), BlipImageProcessor(size={"height": 32, "width": 32}))
+print("ready", flush=True)
+pool.resized(sys.stdin.buffer.read(), 600)
+"""
+
+
+def test_decode_processes_end_with_their_worker_even_mid_decode(tmp_path):
+    """A worker killed (as Ray kills an actor) while its decode process is busy: the process ends within seconds
+    instead of decoding on, orphaned."""
+    worker = subprocess.Popen([sys.executable, "-c", WORKER_THAT_DIES], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert worker.stdout.readline() == b"ready\n"
+        worker.stdin.write(slow_jpeg(repeats=20000))  # minutes of decoding
+        worker.stdin.close()
+        [child] = psutil.Process(worker.pid).children()
+        time.sleep(0.5)
+        assert child.status() in (psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING)
+        worker.kill()
+        worker.wait(timeout=10)
+        child.wait(timeout=5)  # psutil.TimeoutExpired if it decodes on
+    finally:
+        worker.kill()

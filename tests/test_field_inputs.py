@@ -212,6 +212,7 @@ def test_webdataset_annotate_status_report_and_redo_errors(ray_local, checkpoint
     assert (summary.rows_ok, summary.rows_error) == (47, 1)  # s0005's "what": its caption is null
     # samples 20-23 repeat 0-3, but in another unit: encoded there again; within a unit each image once
     assert summary.images_encoded == 24
+    assert len(list((tmp_path / "out" / "_webdataset").glob("*.json"))) == 3  # each tar's scan, for the next runs
     rows = read_output(output).to_pylist()
     assert {(row["id"], row["question_id"]): row["instruction"] for row in rows}[("s0009", "text")] == "Is it text 9?"
     capsys.readouterr()

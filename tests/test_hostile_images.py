@@ -14,8 +14,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from blipbatch.model.image_processing import BlipImageProcessor
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.errors import RowError
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher
+from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage
+from blipbatch.pipeline.shards import InputRow
 
 
 def refused(data: bytes, config: DecodeConfig = DecodeConfig(), within_s: float = 0.5) -> RowError:
@@ -156,3 +160,17 @@ def test_fast_jpeg_decodes_at_the_smallest_scale_that_covers_the_model_input():
     assert decode_image(buffer.getvalue(), DecodeConfig(), covering=224).size == (2000, 1500)
     assert decode_image(buffer.getvalue(), fast).size == (2000, 1500)  # no model size given: nothing to cover
     assert decode_image(one_colour_png(2000, 1500), fast, covering=224).size == (2000, 1500)
+
+
+def test_a_strip_bomb_costs_the_prepare_stage_no_header_read(tmp_path):
+    """The stage reads each header for its memory budget before decoding: a strip bomb is refused before that read,
+    which would walk its strips in the worker process itself, out of the decode process's deadline."""
+    buffer = io.BytesIO()
+    PIL.Image.new("L", (1, 300_000), 7).save(buffer, "TIFF", tiffinfo={278: 1})
+    rows = [InputRow(id="0", image=buffer.getvalue(), instruction="x", row_index=0)]
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(), processor, PrepareConfig(processes=0), str) as stage:
+        start = time.monotonic()
+        [batch] = list(stage.batches(rows, 1))
+        assert time.monotonic() - start < 0.5
+    assert batch.rows[0].error.kind == "too_many_strips"

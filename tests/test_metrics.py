@@ -40,8 +40,9 @@ class SlowHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         time.sleep(DELAY_S)
         if self.path.startswith("/img/"):
-            buffer = io.BytesIO()
-            Image.new("RGB", (64, 48), (40 + 9 * len(self.path), 80, 200)).save(buffer, "PNG")
+            k = int(self.path.removeprefix("/img/").removesuffix(".png"))
+            buffer = io.BytesIO()  # a colour per K: identical bytes would share one model call
+            Image.new("RGB", (64, 48), (40 + 4 * k, 80, 200)).save(buffer, "PNG")
             body, status = buffer.getvalue(), 200
         else:
             body, status = b"not found", 404

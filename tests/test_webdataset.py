@@ -201,3 +201,48 @@ def test_img2dataset_webdataset_folders_metadata_parquet_beside_each_tar_is_not_
     (tmp_path / "out" / "shard-0000_stats.json").write_text("{}")
     pq.write_table(pa.table({"image_url": ["x"]}), tmp_path / "out" / "other.parquet")  # a shard of its own
     assert [Path(s).name for s in discover_shards(str(tmp_path / "out"))] == ["other.parquet", "shard-0000.tar"]
+
+
+def test_a_cached_scan_plans_without_reading_the_tar_again(tmp_path):
+    """The cache is looked up by the tar's size and first and last 256 KiB: garbage written over headers in the
+    middle of a large tar (size, start and end kept) is seen by a fresh scan, not by one taken from the cache."""
+    from blipbatch.pipeline.sink import write_file
+    from blipbatch.pipeline.webdataset import IndexCache
+
+    import os
+
+    members = [(f"k{k:03d}.jpg", os.urandom(20000)) for k in range(60)]  # 1.2 MB: the middle is not sampled
+    source = Path(tar_of(tmp_path / "big.tar", members))
+    cache = IndexCache(str(tmp_path / "out"))
+    fresh = plan_units([str(source)], ColumnMapping(), 100, cache)
+    assert list(cache.new) == [f"_webdataset/{fresh[0].tar.quick_id}.json"]
+    for name, data in cache.new.items():
+        write_file(str(tmp_path / "out" / name), data)
+    data = bytearray(source.read_bytes())
+    middle = data.index(b"k030.jpg")
+    data[middle: middle + 512] = b"\x07" * 512
+    source.write_bytes(bytes(data))
+    cached = IndexCache(str(tmp_path / "out"))
+    assert [u.unit_id for u in plan_units([str(source)], ColumnMapping(), 100, cached)] == [fresh[0].unit_id]
+    assert cached.new == {}  # nothing scanned
+    rescanned = plan_units([str(source)], ColumnMapping(), 100)[0]
+    assert rescanned.unit_id != fresh[0].unit_id and rescanned.num_rows == 31  # 30 samples, then the error row
+
+
+def test_a_broken_pax_header_is_an_error_row_not_a_crash(tmp_path):
+    with tarfile.open(tmp_path / "p.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("a.png", "é.png"):  # the second needs a pax header (a non-ASCII name)
+            info = tarfile.TarInfo(name)
+            info.size = len(png(1))
+            tar.addfile(info, io.BytesIO(png(1)))
+    data = bytearray((tmp_path / "p.tar").read_bytes())
+    record = data.index(b" path=")
+    data[record - 2: record] = b"zz"  # the record's length is no number now
+    header = record - record % 512 - 512  # the pax header block, whose checksum must still hold
+    data[header + 148: header + 156] = b" " * 8
+    data[header + 148: header + 155] = f"{sum(data[header: header + 512]):06o}\0".encode()
+    (tmp_path / "p.tar").write_bytes(bytes(data))
+    unit, = plan_units([str(tmp_path / "p.tar")], ColumnMapping())
+    rows = read_unit(unit, ColumnMapping(), ["x"])
+    assert rows[0].id == "a" and rows[0].problem is None
+    assert "a broken pax header" in rows[1].problem.message
