@@ -8,8 +8,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,8 +23,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from blipbatch import pipeline
-from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.sink import progress_records, read_output
 from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
 from tiny import write_tiny_checkpoint
@@ -62,10 +62,6 @@ def three_nodes(moto_endpoint):
                lambda: start_node([f"--address=127.0.0.1:{port}", *one_gpu, f"--node-manager-port={third}"], env),
                second)
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
         stop_cluster(str(temp))
         for node in (second, third):
             try:
@@ -134,31 +130,32 @@ def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(th
 
     changer = threading.Thread(target=grow_then_shrink, daemon=True)
     changer.start()
+    # `blipbatch run` in a process of its own: the driver of this cluster is not the test process, whose in-process
+    # Ray of earlier tests would otherwise be its past.
+    command = [sys.executable, "-m", "blipbatch", "run", "--input", "s3://elastic/in/", "--output", output, "--model",
+               checkpoint, "--prompt", "A short image caption:", "--id-column", "key", "--rows-per-unit",
+               str(ROWS_PER_UNIT), "--max-workers", "3", "--max-new-tokens", "3", "--batch-size", "2", "--allow-host",
+               "127.0.0.1", "--address", address, "--quiet"]
     try:
-        summary = pipeline.run(f"s3://elastic/in/", output, checkpoint, prompt="A short image caption:",
-                               id_column="key", rows_per_unit=ROWS_PER_UNIT, max_workers=3, max_new_tokens=3,
-                               batch_size=2, fetch=FetchConfig(allow_hosts=("127.0.0.1",)), address=address,
-                               progress=False)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     finally:
         server.delay = 0.0
         changer.join(timeout=30)
         server.shutdown()
+    assert run.returncode == 0, run.stdout + run.stderr
     assert events["joined"].is_set() and events["killed"].is_set(), "the run ended before the cluster changed"
-    assert summary.workers_joined >= 1 and summary.workers_dropped == 1, summary
+    summary = run.stdout
+    assert re.search(r"workers: [1-9]\d* joined as GPUs joined the cluster, 1 dropped with the node they ran on",
+                     summary), summary
 
     rows = read_output(output).to_pylist()
     assert sorted(row["id"] for row in rows) == [f"row-{i:03d}" for i in range(ELASTIC_ROWS)]  # exactly once
     assert [row for row in rows if row["status"] != "ok"] == []
     records = progress_records(output)
-    assert len(records) == ELASTIC_ROWS // ROWS_PER_UNIT and summary.units_failed == 0
+    assert len(records) == ELASTIC_ROWS // ROWS_PER_UNIT and "0 failed" in summary
     assert "2" in {record.timing.worker for record in records}  # the joined node's worker committed units
     # The lost node's units went back free: no attempt charged, and the summary says so.
     assert [record.attempt for record in records] == [1] * len(records)
-    assert summary.units_charged_worker_died == 0 and summary.units_requeued_node_lost >= 1, summary
-    assert not second_node_alive(second_node)
-
-
-def second_node_alive(node_manager_port: int) -> bool:
-    import ray
-
-    return any(node["Alive"] for node in ray.nodes() if node["NodeManagerPort"] == node_manager_port)
+    assert re.search(r"units: [1-9]\d* re-queued free of charge \(their node left\), 0 charged an attempt", summary), \
+        summary
