@@ -231,7 +231,8 @@ border-radius:4px;image-rendering:auto}.placeholder{height:150px;display:flex;fl
 justify-content:center;text-align:center;background:repeating-linear-gradient(45deg,#f1f5f9,#f1f5f9 8px,#e2e8f0 8px,
 #e2e8f0 16px);border-radius:4px;color:#991b1b;font-weight:600;padding:6px;overflow:hidden}
 .placeholder small{color:#475569;font-weight:400;word-break:break-word}dl{margin:4px 0 0}dt{color:#64748b;
-font-size:12px}dd{margin:0 0 4px}dd.text{font-weight:600}.score{font-weight:400;color:#64748b}dd.row-error{color:#991b1b}
+font-size:12px}dd{margin:0 0 4px}dd.text{font-weight:600}.score{font-weight:400;color:#64748b}
+dd.row-error{color:#991b1b}
 pre{background:#0f172a;color:#e2e8f0;padding:12px;border-radius:8px;overflow:auto}
 """
 

@@ -54,7 +54,8 @@ def known_ids(units: Sequence[WorkUnit], committed: Collection[str]) -> list[Wor
     """The units, each under the id it was committed by: its content id, or the location id older outputs used; the
     row ranges of a row group that an older output committed whole (before row groups were cut) are that one unit."""
     return [unit if unit.unit_id in committed or legacy_unit_id(unit) not in committed
-            else dataclasses.replace(unit, unit_id=legacy_unit_id(unit)) for unit in _whole_where_known(units, committed)]
+            else dataclasses.replace(unit, unit_id=legacy_unit_id(unit))
+            for unit in _whole_where_known(units, committed)]
 
 
 def _whole_where_known(units: Sequence[WorkUnit], known: Collection[str]) -> list[WorkUnit]:

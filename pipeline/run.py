@@ -82,7 +82,7 @@ def ray_temp_root() -> str:
 
 def _remove_ray_temp(temp_dir: str) -> None:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # at exit: a last Ctrl-C must not leave Ray running, its folder kept
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # at exit: a last Ctrl-C must not leave Ray running, its folder
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -260,10 +260,13 @@ def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
 def _ranges_of(shard: str, footer: _Footer, group: int, first_row: int, max_rows: int) -> list[WorkUnit]:
     """Units of at most max_rows rows covering row group `group` (which starts at shard row `first_row`)."""
     n = footer.group_rows[group]
-    return [WorkUnit(f"{footer.shard_id}-rg{group:05d}-{group:05d}{RANGE_TAG}{start:07d}-{min(start + max_rows, n):07d}",
-                     shard, (group,), first_row + start, min(max_rows, n - start), footer.shard_id, footer.schema,
-                     group_range=(start, min(start + max_rows, n)))
-            for start in range(0, n, max_rows)]
+    units = []
+    for start in range(0, n, max_rows):
+        stop = min(start + max_rows, n)
+        units.append(WorkUnit(f"{footer.shard_id}-rg{group:05d}-{group:05d}{RANGE_TAG}{start:07d}-{stop:07d}", shard,
+                              (group,), first_row + start, stop - start, footer.shard_id, footer.schema,
+                              group_range=(start, stop)))
+    return units
 
 
 def legacy_unit_id(unit: WorkUnit) -> str:
@@ -341,9 +344,9 @@ def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit:
 
     Every shard's schema is checked against the mapping first, and passthrough types are unified across shards, so a
     bad shard stops the job before any work. Unit ids come from each shard's content (its fingerprint, _content_id)
-    and the row-group range (and row range), so a shard renamed or moved keeps them; they depend on max_rows_per_unit, which a job
-    must keep fixed across resumes (the manifest records it). WebDataset tars are scanned (pipeline.webdataset), or
-    their scans taken from `tar_cache`.
+    and the row-group range (and row range), so a shard renamed or moved keeps them; they depend on
+    max_rows_per_unit, which a job must keep fixed across resumes (the manifest records it). WebDataset tars are
+    scanned (pipeline.webdataset), or their scans taken from `tar_cache`.
     """
     if max_rows_per_unit < 1:
         raise ValueError(f"max_rows_per_unit must be at least 1, got {max_rows_per_unit}")

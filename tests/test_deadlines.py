@@ -24,6 +24,7 @@ from PIL import Image
 
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
+from blipbatch.pipeline.sink import progress_records
 from tests.test_guard import make_certificates
 
 # Each hostile answer sends its next piece after this pause: below the per-read timeout (timeout_s), so only the
@@ -248,8 +249,11 @@ def test_a_run_over_twenty_dripping_rows_ends_on_time(hostile, ray_local, tmp_pa
     summary = pipeline.run(str(tmp_path / "in"), str(tmp_path / "out"), checkpoint, prompt="Caption:",
                            max_new_tokens=2, fetch=fetch, progress=False)
     elapsed = time.monotonic() - start
-    print(f"20 dripping rows, row_deadline_s = 10: the run took {elapsed:.1f} s")
-    assert elapsed < 40, f"20 dripping rows with row_deadline_s = 10 took {elapsed:.0f} s"
+    [marker] = progress_records(str(tmp_path / "out"))
+    print(f"20 dripping rows, row_deadline_s = 10: the unit took {marker.timing.seconds:.1f} s, the run {elapsed:.1f} s")
+    # Two waves of rows, each ended by its deadline; the unit's own time leaves out Ray's and the model's start-up,
+    # which a loaded machine stretches.
+    assert marker.timing.seconds < 30, f"20 dripping rows with row_deadline_s = 10 took {marker.timing.seconds:.0f} s"
     rows = pq.read_table(next(Path(tmp_path / "out").rglob("part-*.parquet"))).to_pylist()
     kinds = sorted(row["error_kind"] or "ok" for row in rows)
     assert kinds == ["fetch_timeout"] * 20 + ["ok"], kinds

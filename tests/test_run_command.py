@@ -104,13 +104,13 @@ def test_a_worker_that_cannot_start_is_one_line_and_leaves_no_manifest(tmp_path)
             (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     (broken / "qformer_tokenizer").symlink_to(DEMO_MODEL / "qformer_tokenizer")
-    source, output = write_input(tmp_path / "in"), tmp_path / "out"
+    source, output = write_input(tmp_path / "in"), tmp_path / "new" / "out"
     result = cli(*flags(source, output)[:5], "--model", str(broken), "--prompt", "x", cwd=tmp_path)
     assert result.returncode == EXIT_REFUSED, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("blipbatch: the model workers could not start: "), result.stderr
     assert "Traceback" not in result.stderr and ANSI not in result.stderr
-    assert not (output / "_manifest.json").exists()
+    assert not (tmp_path / "new").exists()  # no manifest, and no folder: the run removes the folders it made
 
 
 # --- flags ----------------------------------------------------------------------------------------------------------
