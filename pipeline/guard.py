@@ -262,7 +262,11 @@ class LocalRoots:
                                               "local files may be read (list the folders images may come from)")
         if "\0" in path:  # os.path.realpath would raise ValueError
             raise RowError("invalid_input", f"malformed local path {shown!r}: it contains a NUL byte")
-        real = os.path.realpath(path)
+        try:
+            real = os.path.realpath(path)
+        except OSError:  # a link on the path replaced while realpath read it (readlink: EINVAL), a loop
+            raise RowError("blocked_address", f"local file {shown!r} refused: its path changed while it was being "
+                                              "resolved") from None
         if not any(os.path.commonpath([real, root]) == root for root in self.roots):
             where = shown if real in (ref, path) else f"{shown} (resolves to {redact(real)})"
             raise RowError("blocked_address", f"local file {where} is outside [fetch] local_roots "

@@ -70,8 +70,8 @@ class PrepareConfig:
     threads: int | None = None  # decode + resize threads when processes = 0; None: this process's CPUs, at most 8
     decoded_bytes: int = 2**30  # images being decoded at once hold at most this (see the module doc)
     ahead: int = 2  # micro-batches normalized and stacked before the model asks for them
-    # decode + resize processes, each stopped at its row's deadline; None: the CPUs this process may use; 0: decode
-    # on `threads` threads instead, with no time bound
+    # decode + resize processes, each stopped at its row's deadline; None: the CPUs this process may use, at most 8;
+    # 0: decode on `threads` threads instead, with no time bound
     processes: int | None = None
 
     def __post_init__(self) -> None:
@@ -83,8 +83,9 @@ class PrepareConfig:
             raise ValueError(f"PrepareConfig.processes must be an integer >= 0, got {self.processes!r}")
 
     def decode_processes(self) -> int:
-        """The decode processes to start: `processes`, or by default the CPUs this process may use."""
-        return self.processes if self.processes is not None else usable_cpus()
+        """The decode processes to start: `processes`, or by default the CPUs this process may use, at most 8 (a run
+        on Ray sets it from the CPUs per GPU instead: pipeline.run)."""
+        return self.processes if self.processes is not None else default_threads()
 
 
 def usable_cpus() -> int:
