@@ -278,7 +278,7 @@ class LocalRoots:
         except OSError as err:
             raise RowError("invalid_input", f"cannot read {shown}: {err.strerror}") from None
         if not stat.S_ISREG(mode):
-            raise RowError("invalid_input", f"not a file: {shown} is {_file_kind(mode)}; only regular files are read")
+            raise _not_a_file(shown, mode)
         return real
 
 
@@ -308,7 +308,7 @@ class LocalRoots:
         mode = os.fstat(file_fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(file_fd)
-            raise RowError("invalid_input", f"not a file: {shown} is {_file_kind(mode)}; only regular files are read")
+            raise _not_a_file(shown, mode)
         os.set_blocking(file_fd, True)
         return os.fdopen(file_fd, "rb")
 
@@ -318,7 +318,12 @@ _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _file_kind(mode: int) -> str:
+def _not_a_file(shown: str, mode: int) -> RowError:
+    return RowError("invalid_input", f"not a file: {shown} is {file_kind(mode)}; only regular files are read")
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a directory", "a named pipe (FIFO)", ..."""
     for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):

@@ -26,7 +26,7 @@ from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, 
 from blipbatch.errors import BlipbatchError
 
 from .errors import RowError
-from .guard import _file_kind
+from .guard import file_kind
 from .job import RunConfig
 from .template import Template, columns_of, parse_all
 from .webdataset import (KEY_COLUMN, IndexCache, TarChanged, TarError, TarIndex, TarSlice, is_tar, read_slice, scan,
@@ -73,7 +73,7 @@ def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
     """`path`, if it is a regular file (or an object); else ShardError, before anything opens it: opening a FIFO
     blocks until someone writes to it, and a device may never end."""
     if info["type"] != "file":
-        kind = _file_kind(info["mode"]) if "mode" in info else info["type"]
+        kind = file_kind(info["mode"]) if "mode" in info else info["type"]
         raise ShardError(f"{_qualify(fs, path)}: {kind}, not a regular file; only regular files are read as shards: "
                          "remove it from the input")
     return path
