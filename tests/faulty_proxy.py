@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -46,6 +46,9 @@ class FaultPlan:
     kinds: tuple[str, ...] = FAULT_KINDS
     seed: int = 0
     methods: tuple[str, ...] = ("PUT", "POST")
+    # A request to one path is faulted at most this many times in a row, so a client that tries one more time than
+    # this always gets through: a test then checks what retries do, not the odds of rate ** attempts.
+    max_in_a_row: int = 4
 
     def __post_init__(self) -> None:
         if not 0 <= self.rate <= 1:
@@ -69,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         proxy: FaultyProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._read_body()
-        fault = proxy.draw(self.command)
+        fault = proxy.draw(self.command, self.path)
         if fault in ("status_500", "status_503"):
             self._answer(int(fault[-3:]), [("Content-Type", "application/xml")], _ERROR_BODIES[int(fault[-3:])])
         elif fault == "reset":
@@ -162,6 +165,7 @@ class FaultyProxy:
         self.plan = plan
         self.counts: Counter[str] = Counter()
         self._rng = random.Random(plan.seed)
+        self._in_a_row: Counter[str] = Counter()  # path -> faults answered to it since it last went through
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
@@ -179,15 +183,18 @@ class FaultyProxy:
     def set_rate(self, rate: float) -> None:
         """Change the share of faulty requests from now on (0 to pass everything through)."""
         with self._lock:
-            self.plan = FaultPlan(rate, self.plan.kinds, self.plan.seed, self.plan.methods)
+            self.plan = replace(self.plan, rate=rate)
 
-    def draw(self, method: str) -> str | None:
-        """The fault for the next request with `method`, or None to forward it; counted either way."""
+    def draw(self, method: str, path: str) -> str | None:
+        """The fault for the next request with `method` to `path`, or None to forward it; counted either way."""
         with self._lock:
             if method not in self.plan.methods:
                 self.counts["other"] += 1
                 return None
             fault = self._rng.choice(self.plan.kinds) if self._rng.random() < self.plan.rate else None
+            if fault and self._in_a_row[path] >= self.plan.max_in_a_row:
+                fault = None
+            self._in_a_row[path] = self._in_a_row[path] + 1 if fault else 0
             self.counts[fault or "forwarded"] += 1
             return fault
 
