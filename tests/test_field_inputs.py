@@ -124,17 +124,28 @@ def test_templates_fill_prompts_and_questions_and_an_unknown_column_is_refused(r
     assert not (tmp_path / "refused").exists()
 
 
-def webdataset_input(folder: Path) -> dict[str, bytes]:
+def webdataset_input(folder: Path, side: int | None = None) -> dict[str, bytes]:
     """3 tars of 8 samples (png, txt, json {caption, width}), written by webdataset's ShardWriter; sample 5 has a null
-    caption and samples 20-23 repeat the images of 0-3. Returns the image of each key."""
+    caption and samples 20-23 repeat the images of 0-3. With `side`, each picture is scaled up to side x side (a few
+    KB still, but ~0.1 s to decode at 3000). Returns the image of each key."""
+    import io
+
     import webdataset as wds
+    from PIL import Image
+
+    def picture(k: int) -> bytes:
+        if side is None:
+            return png(k)
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(png(k))).resize((side, side), Image.NEAREST).save(buffer, "PNG")
+        return buffer.getvalue()
 
     folder.mkdir(parents=True, exist_ok=True)
     images = {}
     with wds.ShardWriter(str(folder / "shard-%04d.tar"), maxcount=8, verbose=0) as sink:
         for k in range(24):
             key = f"s{k:04d}"
-            images[key] = png(k - 20 if k >= 20 else k)
+            images[key] = images[f"s{k - 20:04d}"] if k >= 20 else picture(k)
             sink.write({"__key__": key, "png": images[key], "txt": f"text {k}",
                         "json": {"caption": None if k == 5 else f"alt {k}", "width": 40 + k}})
     return images
@@ -167,7 +178,9 @@ def test_webdataset_caption_killed_and_rerun_gives_every_sample_once(checkpoint,
 
     from blipbatch.pipeline.sink import committed_units
 
-    images = webdataset_input(tmp_path / "in")
+    # big pictures: a unit takes ~0.3 s to decode, so the driver is killed with units still to run (with small ones,
+    # the 12 units could all commit between two polls)
+    images = webdataset_input(tmp_path / "in", side=3000)
     output = tmp_path / "out"
     spec = tmp_path / "job.toml"
     spec.write_text(f'[job]\nkind = "caption"\n[input]\npath = "in"\npassthrough = ["width"]\n[output]\npath = "out"\n'
