@@ -42,11 +42,13 @@ BATCH = 8
 def write_model(folder: Path) -> Path:
     return write_random_checkpoint(
         folder,
-        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                    patch_size=14),
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=14),
         qformer=dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536),
         text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
-        num_query_tokens=32, image_size=224, vocab_size=32001, std=0.05,
+        num_query_tokens=32,
+        image_size=224,
+        vocab_size=32001,
+        std=0.05,
     )
 
 
@@ -64,8 +66,7 @@ def median_seconds(run, repeats: int) -> tuple[float, float]:
 def in_batches(engine: Engine, pixels: torch.Tensor, closed: ClosedSet | None) -> None:
     for first in range(0, pixels.shape[0], BATCH):
         part = pixels[first : first + BATCH]
-        engine.generate_scored(part, list(range(part.shape[0])), [QUESTION] * part.shape[0],
-                               [closed] * part.shape[0])
+        engine.generate_scored(part, list(range(part.shape[0])), [QUESTION] * part.shape[0], [closed] * part.shape[0])
 
 
 @torch.inference_mode()
@@ -80,8 +81,11 @@ def naive(engine: Engine, pixels: torch.Tensor, candidates: list[str]) -> None:
         width = max(map(len, targets))
         rows = [prompt["input_ids"][0].tolist() + t + [0] * (width - len(t)) for t in targets] * part.shape[0]
         ids = torch.tensor(rows)
-        features = model.query_image(image_embeds, prompt["qformer_input_ids"].expand(len(rows), -1),
-                                     prompt["qformer_attention_mask"].expand(len(rows), -1))
+        features = model.query_image(
+            image_embeds,
+            prompt["qformer_input_ids"].expand(len(rows), -1),
+            prompt["qformer_attention_mask"].expand(len(rows), -1),
+        )
         model.language_model(model.embed_inputs(ids, features), torch.ones_like(ids))
 
 
@@ -98,11 +102,19 @@ def main() -> None:
         tokenizer = probe.processor.tokenizer
         lengths = [len(t) for t in candidate_targets(tokenizer, CANDIDATES, eos_token_id(probe.model, tokenizer))]
         answer_tokens = max(lengths)
-        engine = Engine(EngineConfig(model=str(path), device="cpu", cpu_threads=args.threads,
-                                     generation={"max_new_tokens": answer_tokens, "min_new_tokens": answer_tokens}))
+        engine = Engine(
+            EngineConfig(
+                model=str(path),
+                device="cpu",
+                cpu_threads=args.threads,
+                generation={"max_new_tokens": answer_tokens, "min_new_tokens": answer_tokens},
+            )
+        )
         pixels = torch.randn(args.images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        print(f"{args.images} images, batches of {BATCH}, {args.threads} threads; candidate targets "
-              f"{min(lengths)}-{answer_tokens} tokens with eos; free generation: {answer_tokens} new tokens")
+        print(
+            f"{args.images} images, batches of {BATCH}, {args.threads} threads; candidate targets "
+            f"{min(lengths)}-{answer_tokens} tokens with eos; free generation: {answer_tokens} new tokens"
+        )
         in_batches(engine, pixels[:BATCH], ClosedSet(tuple(CANDIDATES[:2])))  # warm-up
         results = {"free": median_seconds(lambda: in_batches(engine, pixels, None), args.repeats)}
         for k in (2, 6, 40):
@@ -111,8 +123,10 @@ def main() -> None:
         for k in (6, 40):
             results[f"naive K={k}"] = median_seconds(lambda: naive(engine, pixels, CANDIDATES[:k]), args.repeats)
     for name, (wall, cpu) in results.items():
-        print(f"{name:>14}: {wall:7.3f} s  {args.images / wall:6.2f} images/s   CPU {cpu:7.3f} s  "
-              f"{args.images / cpu:6.2f} images/CPU-s")
+        print(
+            f"{name:>14}: {wall:7.3f} s  {args.images / wall:6.2f} images/s   CPU {cpu:7.3f} s  "
+            f"{args.images / cpu:6.2f} images/CPU-s"
+        )
 
 
 if __name__ == "__main__":

@@ -50,11 +50,11 @@ def main() -> int:
         prompt_length = inputs["input_ids"].shape[1]
         with torch.inference_mode():
             hf = bench.build_transformers(hf_config, torch.float32, device)
-            theirs = hf.generate(**inputs, **settings)[:, -size.new_tokens:].tolist()
+            theirs = hf.generate(**inputs, **settings)[:, -size.new_tokens :].tolist()
             del hf
             ours = bench.build_ours(ours_config, torch.float32, device)
             static = ours.generate(**inputs, **settings)
-            static = static[:, static.shape[1] - size.new_tokens:].tolist()
+            static = static[:, static.shape[1] - size.new_tokens :].tolist()
             limits = GreedyLimits(size.new_tokens, size.new_tokens, tuple(ours.generation_config.eos_token_ids))
             graph = GraphStep(ours.language_model) if device.type == "cuda" else None
             text = {k: v for k, v in inputs.items() if k != "pixel_values"}
@@ -64,8 +64,10 @@ def main() -> int:
                 continuous = generate_greedy(ours, embeds, text, limits, slots, graph)
                 step = "CUDA graph" if graph and graph.capture else "eager"  # a failed capture falls back to eager
                 shares[f"continuous ({slots} slots, {step}) vs ours static"] = same_share(continuous, static)
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__},"
-          f" {ROWS} rows, prompt {prompt_length} tokens, {size.new_tokens} new tokens, fp32")
+    print(
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__},"
+        f" {ROWS} rows, prompt {prompt_length} tokens, {size.new_tokens} new tokens, fp32"
+    )
     for name, share in shares.items():
         print(f"{name:60s} {100 * share:5.1f}% of rows identical")
     return 0 if min(shares.values()) >= MIN_SAME else 1

@@ -57,16 +57,23 @@ def ensure_imports() -> None:
     try:
         import blipbatch.model  # noqa: F401
     except ModuleNotFoundError:
-        for name, folder in [("blipbatch", "blipbatch"), ("blipbatch.schemas", "schemas"), ("blipbatch.model", "model"),
-                             ("blipbatch.pipeline", "pipeline"), ("blipbatch.jobs", "jobs")]:
-            spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
-                                                          submodule_search_locations=[str(ROOT / folder)])
+        for name, folder in [
+            ("blipbatch", "blipbatch"),
+            ("blipbatch.schemas", "schemas"),
+            ("blipbatch.model", "model"),
+            ("blipbatch.pipeline", "pipeline"),
+            ("blipbatch.jobs", "jobs"),
+        ]:
+            spec = importlib.util.spec_from_file_location(
+                name, ROOT / folder / "__init__.py", submodule_search_locations=[str(ROOT / folder)]
+            )
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)
     try:
         import ray.util.metrics  # noqa: F401
     except ModuleNotFoundError:
+
         class Metric:
             def __init__(self, *args, **kwargs) -> None:
                 pass
@@ -78,8 +85,11 @@ def ensure_imports() -> None:
 
         metrics = types.ModuleType("ray.util.metrics")
         metrics.Counter = metrics.Gauge = metrics.Histogram = Metric
-        for name, module in [("ray", types.ModuleType("ray")), ("ray.util", types.ModuleType("ray.util")),
-                             ("ray.util.metrics", metrics)]:
+        for name, module in [
+            ("ray", types.ModuleType("ray")),
+            ("ray.util", types.ModuleType("ray.util")),
+            ("ray.util.metrics", metrics),
+        ]:
             sys.modules[name] = module
 
 
@@ -98,18 +108,28 @@ class Size:
 
 SIZES = {
     "7b": Size(
-        vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-                    patch_size=14),
+        vision=dict(
+            hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, patch_size=14
+        ),
         qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        vocab=32064, batches=(128, 256, 512), batch=256, images=1024, new_tokens=30, repeats=2,
+        vocab=32064,
+        batches=(128, 256, 512),
+        batch=256,
+        images=1024,
+        new_tokens=30,
+        repeats=2,
     ),
     "medium": Size(
-        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                    patch_size=14),
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=14),
         qformer=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6),
         text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
-        vocab=32001, batches=(8, 32), batch=32, images=64, new_tokens=30, repeats=1,
+        vocab=32001,
+        batches=(8, 32),
+        batch=32,
+        images=64,
+        new_tokens=30,
+        repeats=1,
     ),
 }
 
@@ -147,6 +167,7 @@ def timed(fn, device: torch.device) -> float:
 
 # -- set-up ------------------------------------------------------------------------------------------------------
 
+
 def write_photo(path: Path, seed: int) -> Path:
     """A 640 x 480 JPEG of a smooth colour field with noise (~100 KB, like a photo)."""
     rng = np.random.default_rng(seed)
@@ -178,16 +199,27 @@ def configs(size: Size, folder: Path):
     lm_tokens, qformer_tokens = infos["tokenizer"], infos["qformer_tokenizer"]
     data = dict(
         vision_config=dict(size.vision, image_size=224),
-        qformer_config=dict(size.qformer, vocab_size=qformer_tokens.vocab_size,
-                            encoder_hidden_size=size.vision["hidden_size"]),
-        text_config=dict(size.text, model_type="llama", vocab_size=size.vocab, max_position_embeddings=2048,
-                         bos_token_id=lm_tokens.bos_token_id, eos_token_id=lm_tokens.eos_token_id,
-                         pad_token_id=lm_tokens.pad_token_id),
+        qformer_config=dict(
+            size.qformer, vocab_size=qformer_tokens.vocab_size, encoder_hidden_size=size.vision["hidden_size"]
+        ),
+        text_config=dict(
+            size.text,
+            model_type="llama",
+            vocab_size=size.vocab,
+            max_position_embeddings=2048,
+            bos_token_id=lm_tokens.bos_token_id,
+            eos_token_id=lm_tokens.eos_token_id,
+            pad_token_id=lm_tokens.pad_token_id,
+        ),
         num_query_tokens=32,
         image_token_index=lm_tokens.image_token_id,
     )
-    return (InstructBlipConfig.from_dict(data), transformers.InstructBlipConfig(**data), lm_tokens.image_token_id,
-            InstructBlipProcessor.from_pretrained(folder))
+    return (
+        InstructBlipConfig.from_dict(data),
+        transformers.InstructBlipConfig(**data),
+        lm_tokens.image_token_id,
+        InstructBlipProcessor.from_pretrained(folder),
+    )
 
 
 def random_init_(model: torch.nn.Module) -> None:
@@ -237,6 +269,7 @@ def model_inputs(processor, batch: int, device: torch.device, dtype: torch.dtype
 
 # -- measurements --------------------------------------------------------------------------------------------------
 
+
 def prepare_stage(paths: list[Path], processor, results: Results) -> None:
     from blipbatch.pipeline.decode import DecodeConfig
     from blipbatch.pipeline.fetch import FetchConfig, Fetcher
@@ -252,12 +285,18 @@ def prepare_stage(paths: list[Path], processor, results: Results) -> None:
             start = time.perf_counter()  # after the decode processes start: a worker starts them once
             count = sum(batch.pixels.shape[0] for batch in stage.batches(rows, 256))
             seconds = time.perf_counter() - start
-        results.add(f"prepare stage, {name}", count, seconds, torch.device("cpu"),
-                    f"decode {stage.times.decode_s:.1f} thread-s, fetch {stage.times.fetch_s:.1f} thread-s")
+        results.add(
+            f"prepare stage, {name}",
+            count,
+            seconds,
+            torch.device("cpu"),
+            f"decode {stage.times.decode_s:.1f} thread-s, fetch {stage.times.fetch_s:.1f} thread-s",
+        )
 
 
-def static_generate(model, name: str, settings: dict, inputs_for, size: Size, device: torch.device,
-                    results: Results, after=None) -> None:
+def static_generate(
+    model, name: str, settings: dict, inputs_for, size: Size, device: torch.device, results: Results, after=None
+) -> None:
     """Timed `generate` calls at each batch size, after a warm-up; then `after(batch, inputs)`, if given."""
     with torch.inference_mode():
         model.generate(**inputs_for(min(size.batches)), **settings)  # warm-up
@@ -288,8 +327,13 @@ def ours_model_only(ours, inputs_for, size: Size, device: torch.device, results:
     def continuous(batch: int, inputs: dict) -> None:
         greedy(inputs)  # warm-up (and on CUDA the graph's capture) for this slot count
         seconds = timed(lambda: [greedy(inputs) for _ in range(size.repeats)], device)
-        results.add(f"ours continuous batching, batch {batch}", batch * size.repeats, seconds, device,
-                    "CUDA graph" if graph and graph.capture else "eager (no CUDA or its capture failed)")
+        results.add(
+            f"ours continuous batching, batch {batch}",
+            batch * size.repeats,
+            seconds,
+            device,
+            "CUDA graph" if graph and graph.capture else "eager (no CUDA or its capture failed)",
+        )
 
     static_generate(ours, "ours static generate", settings, inputs_for, size, device, results, after=continuous)
 
@@ -299,13 +343,19 @@ def engine_pil(engine, paths: list[Path], size: Size, device: torch.device, resu
 
     images = [decode_image(p.read_bytes()) for p in paths]
     engine.generate(images[: size.batch], [PROMPT] * size.batch)  # warm-up
-    seconds = timed(lambda: [engine.generate(images[i : i + size.batch], [PROMPT] * len(images[i : i + size.batch]))
-                             for i in range(0, len(images), size.batch)], device)
+    seconds = timed(
+        lambda: [
+            engine.generate(images[i : i + size.batch], [PROMPT] * len(images[i : i + size.batch]))
+            for i in range(0, len(images), size.batch)
+        ],
+        device,
+    )
     results.add(f"Engine.generate with PIL images, batch {size.batch}", len(images), seconds, device)
 
 
-def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: torch.device, results: Results,
-                label: str = "") -> None:
+def worker_unit(
+    engine, paths: list[Path], size: Size, folder: Path, device: torch.device, results: Results, label: str = ""
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -321,8 +371,11 @@ def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: tor
     folder = folder / f"worker{label}"
     [unit] = plan_units(discover_shards(str(source)), ColumnMapping(), len(paths))
     config = WorkerConfig(
-        engine=EngineConfig(model="in-memory", device=str(device), generation=engine.settings), mapping=ColumnMapping(),
-        output=str(folder / "output"), instructions=(PROMPT,), batch_size=size.batch,
+        engine=EngineConfig(model="in-memory", device=str(device), generation=engine.settings),
+        mapping=ColumnMapping(),
+        output=str(folder / "output"),
+        instructions=(PROMPT,),
+        batch_size=size.batch,
         fetch=FetchConfig(local_roots=(str(paths[0].parent),)),
     )
     worker = ModelWorker(config, engine=engine)
@@ -334,12 +387,18 @@ def worker_unit(engine, paths: list[Path], size: Size, folder: Path, device: tor
         raise RuntimeError(f"the worker wrote {ok} ok rows of {len(paths)}")
     timing = dataclasses.asdict(records[0].timing) if records[0].timing else {}
     note = ", ".join(f"{k} {timing[k]:.2f}s" for k in ("fetch_s", "decode_s", "model_s") if k in timing)
-    results.add(f"worker process_unit{label}: {len(paths)} JPEG files -> Parquet", len(paths), seconds, device,
-                f"batch {size.batch}; {note} (fetch/decode in thread-seconds)")
+    results.add(
+        f"worker process_unit{label}: {len(paths)} JPEG files -> Parquet",
+        len(paths),
+        seconds,
+        device,
+        f"batch {size.batch}; {note} (fetch/decode in thread-seconds)",
+    )
 
 
-def fp8_phase(engine, inputs_for, paths: list[Path], size: Size, folder: Path, device: torch.device,
-              results: Results) -> None:
+def fp8_phase(
+    engine, inputs_for, paths: list[Path], size: Size, folder: Path, device: torch.device, results: Results
+) -> None:
     """Quantize our model to FP8 in place; the share of rows whose ids equal bf16's, FP8 speed, FP8 end to end."""
     from blipbatch.model.continuous import GreedyLimits, generate_greedy
     from blipbatch.model.fp8 import check_fp8_support, quantize_fp8_
@@ -351,8 +410,9 @@ def fp8_phase(engine, inputs_for, paths: list[Path], size: Size, folder: Path, d
     text = {k: v for k, v in inputs.items() if k != "pixel_values"}
 
     def greedy() -> list[list[int]]:
-        return generate_greedy(model, model.encode_images(inputs["pixel_values"]), text, limits, size.batch,
-                               engine.graph_step)
+        return generate_greedy(
+            model, model.encode_images(inputs["pixel_values"]), text, limits, size.batch, engine.graph_step
+        )
 
     with torch.inference_mode():
         reference = greedy()
@@ -362,25 +422,43 @@ def fp8_phase(engine, inputs_for, paths: list[Path], size: Size, folder: Path, d
         quantized = greedy()  # also the warm-up (and capture) of the FP8 step
         seconds = timed(lambda: [greedy() for _ in range(size.repeats)], device)
     same = sum(a == b for a, b in zip(reference, quantized)) / len(reference)
-    results.add(f"ours continuous batching FP8, batch {size.batch}", size.batch * size.repeats, seconds, device,
-                f"ids identical to bf16 for {100 * same:.0f}% of rows")
+    results.add(
+        f"ours continuous batching FP8, batch {size.batch}",
+        size.batch * size.repeats,
+        seconds,
+        device,
+        f"ids identical to bf16 for {100 * same:.0f}% of rows",
+    )
     worker_unit(engine, paths, size, folder, device, results, label=" FP8")
 
 
 # -- report --------------------------------------------------------------------------------------------------------
 
+
 def setup_line(args, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    commit = (
+        subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown"
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": name,
-            "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "transformers": transformers.__version__,
-            "commit": commit + (" + uncommitted changes" if dirty else ""), "size": args.size, "dtype": str(dtype),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": name,
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "commit": commit + (" + uncommitted changes" if dirty else ""),
+        "size": args.size,
+        "dtype": str(dtype),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -389,10 +467,16 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
-    parser.add_argument("--quantize", choices=["fp8"], default=None,
-                        help="after the rest, quantize our model to FP8 (Hopper) and measure it again")
+    parser.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="after the rest, quantize our model to FP8 (Hopper) and measure it again",
+    )
     parser.add_argument("--images", type=int, default=None, help="JPEG files (default: 1,024 for 7b, 64 for medium)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["prepare", "transformers", "model", "engine", "worker"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["prepare", "transformers", "model", "engine", "worker"]
+    )
     args = parser.parse_args()
     ensure_imports()
     from blipbatch.model.engine import Engine, EngineConfig
@@ -427,13 +511,17 @@ def main() -> None:
                 torch.cuda.empty_cache()
         build_start = time.perf_counter()
         ours = build_ours(ours_config, dtype, device)
-        print(f"built our model ({sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters) in "
-              f"{time.perf_counter() - build_start:.1f}s", flush=True)
+        print(
+            f"built our model ({sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters) in "
+            f"{time.perf_counter() - build_start:.1f}s",
+            flush=True,
+        )
         if "model" not in args.skip:
             ours_model_only(ours, inputs_for, size, device, results)
         settings = dict(max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens)
-        engine = Engine(EngineConfig(model="in-memory", device=str(device), generation=settings),
-                        loaded=(processor, ours))
+        engine = Engine(
+            EngineConfig(model="in-memory", device=str(device), generation=settings), loaded=(processor, ours)
+        )
         results.setup["engine default rows (batch, slots)"] = engine.default_rows
         if "engine" not in args.skip:
             engine_pil(engine, paths, size, device, results)
@@ -445,12 +533,23 @@ def main() -> None:
     results.setup["wall s"] = time.perf_counter() - started
     model_rates = {name: rate for name, rate in results.rates.items() if not name.startswith("prepare")}
     for name, rate in sorted(model_rates.items(), key=lambda item: -item[1])[:1]:
-        print(f"\nbest: {name}: {rate:.1f} images/s = {100 * rate / LIMIT_IMAGES_PER_S:.0f}% of "
-              f"~{LIMIT_IMAGES_PER_S} images/s (the H100 compute limit; meaningful on that card only)")
+        print(
+            f"\nbest: {name}: {rate:.1f} images/s = {100 * rate / LIMIT_IMAGES_PER_S:.0f}% of "
+            f"~{LIMIT_IMAGES_PER_S} images/s (the H100 compute limit; meaningful on that card only)"
+        )
     print(json.dumps(results.setup))
     if args.json:
-        args.json.write_text(json.dumps({"setup": results.setup, "images_per_s": results.rates,
-                                         "peak_gib": results.peaks, "notes": results.notes}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "setup": results.setup,
+                    "images_per_s": results.rates,
+                    "peak_gib": results.peaks,
+                    "notes": results.notes,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,29 @@ def build_transformers_model():
     import transformers
 
     config = transformers.InstructBlipConfig(
-        vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                           image_size=224, patch_size=14),
-        qformer_config=dict(vocab_size=30523, hidden_size=384, num_hidden_layers=4, num_attention_heads=6,
-                            intermediate_size=1536),
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=512, intermediate_size=1376,
-                         num_hidden_layers=8, num_attention_heads=8, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, max_position_embeddings=512),
+        vision_config=dict(
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            image_size=224,
+            patch_size=14,
+        ),
+        qformer_config=dict(
+            vocab_size=30523, hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            max_position_embeddings=512,
+        ),
         num_query_tokens=QUERIES,
         image_token_index=IMAGE_TOKEN,
     )
@@ -122,13 +138,27 @@ def continuous(ours, inputs: dict, limits: GreedyLimits, slots: int, vision_batc
 def bench_fixed(hf_model, ours, repeats: int) -> None:
     inputs, settings = make_inputs(), dict(max_new_tokens=20, min_new_tokens=20)
     length = inputs["input_ids"].shape[1]
-    compare("greedy", lambda: new_tokens(hf_model.generate(**inputs, **settings), length),
-            lambda: new_tokens(ours.generate(**inputs, **settings), length), repeats, "generate; ")
-    compare("greedy", lambda: new_tokens(hf_model.generate(**inputs, **settings), length),
-            lambda: continuous(ours, inputs, GreedyLimits(20, 20), BATCH), repeats, "engine; ")
+    compare(
+        "greedy",
+        lambda: new_tokens(hf_model.generate(**inputs, **settings), length),
+        lambda: new_tokens(ours.generate(**inputs, **settings), length),
+        repeats,
+        "generate; ",
+    )
+    compare(
+        "greedy",
+        lambda: new_tokens(hf_model.generate(**inputs, **settings), length),
+        lambda: continuous(ours, inputs, GreedyLimits(20, 20), BATCH),
+        repeats,
+        "engine; ",
+    )
     beams = dict(settings, num_beams=5)
-    compare("beam5", lambda: new_tokens(hf_model.generate(**inputs, **beams), length),
-            lambda: new_tokens(ours.generate(**inputs, **beams), length), repeats)
+    compare(
+        "beam5",
+        lambda: new_tokens(hf_model.generate(**inputs, **beams), length),
+        lambda: new_tokens(ours.generate(**inputs, **beams), length),
+        repeats,
+    )
 
 
 def bench_varied(hf_model, ours, repeats: int, rows: int = 32) -> None:
@@ -150,9 +180,17 @@ def bench_varied(hf_model, ours, repeats: int, rows: int = 32) -> None:
 
     lengths = [len(until_eos(row, eos)) for row in free]
     static_steps = sum(max(lengths[i : i + BATCH]) for i in range(0, rows, BATCH))
-    note = f"{rows} rows, new tokens {min(lengths)}-{max(lengths)} (mean {sum(lengths) / rows:.1f}; static batches run {static_steps * BATCH / rows:.1f} steps per row); "
-    compare("varied", hf_run, lambda: continuous(ours, inputs, GreedyLimits(20, 0, tuple(sorted(eos))), BATCH),
-            repeats, note)
+    note = (
+        f"{rows} rows, new tokens {min(lengths)}-{max(lengths)} (mean {sum(lengths) / rows:.1f}; "
+        f"static batches run {static_steps * BATCH / rows:.1f} steps per row); "
+    )
+    compare(
+        "varied",
+        hf_run,
+        lambda: continuous(ours, inputs, GreedyLimits(20, 0, tuple(sorted(eos))), BATCH),
+        repeats,
+        note,
+    )
 
 
 def bench_annotate(hf_model, ours, repeats: int, questions: int = 8) -> None:
@@ -163,15 +201,22 @@ def bench_annotate(hf_model, ours, repeats: int, questions: int = 8) -> None:
     limits = GreedyLimits(20, 20)
 
     def hf_separate() -> list[list[int]]:
-        return [new_tokens(hf_model.generate(**rows_of(one, q, q + 1), **settings), length)[0] for q in range(questions)]
+        return [
+            new_tokens(hf_model.generate(**rows_of(one, q, q + 1), **settings), length)[0] for q in range(questions)
+        ]
 
     def ours_once() -> list[list[int]]:
         embeds = ours.encode_images(one["pixel_values"][:1]).expand(questions, -1, -1)
         return generate_greedy(ours, embeds, text_inputs(one), limits, questions)
 
     compare("annotate", hf_separate, ours_once, repeats, f"1 image x {questions} questions vs {questions} requests; ")
-    compare("annotate", lambda: new_tokens(hf_model.generate(**one, **settings), length), ours_once, repeats,
-            f"vs one batch of {questions} with the image repeated; ")
+    compare(
+        "annotate",
+        lambda: new_tokens(hf_model.generate(**one, **settings), length),
+        ours_once,
+        repeats,
+        f"vs one batch of {questions} with the image repeated; ",
+    )
 
 
 BENCHES = {"fixed": bench_fixed, "varied": bench_varied, "annotate": bench_annotate}

@@ -52,6 +52,7 @@ MISSING_EVERY, MISSING_AT = 250, 11  # rows R with R % 250 == 11: 404
 
 # -- rows and their expected fate --------------------------------------------------------------------------------
 
+
 def row_path(row: int, images: int) -> str:
     """The URL path of row `row`: which image, and whether it is missing or flaky."""
     k = (row * 7919) % images  # 7919 is prime: neighbouring rows get different images
@@ -74,6 +75,7 @@ def expected_counts(rows: int) -> tuple[int, int]:
 
 
 # -- the image server (its own process, so that its memory and CPU are not the driver's) --------------------------
+
 
 def render_images(count: int, photo_size: tuple[int, int] | None = None) -> list[bytes]:
     """`count` distinct small PNGs (sizes and colours vary with the index), or with `photo_size` (width, height)
@@ -152,12 +154,14 @@ class SoakServer(ThreadingHTTPServer):
 
     def stats(self) -> bytes:
         with self.lock:
-            return json.dumps({
-                "requests": sum(self.statuses.values()),
-                "statuses": {str(k): v for k, v in self.statuses.items()},
-                # how many URLs were requested once, twice, ...
-                "urls_by_hits": {str(k): v for k, v in Counter(self.hits.values()).items()},
-            }).encode()
+            return json.dumps(
+                {
+                    "requests": sum(self.statuses.values()),
+                    "statuses": {str(k): v for k, v in self.statuses.items()},
+                    # how many URLs were requested once, twice, ...
+                    "urls_by_hits": {str(k): v for k, v in Counter(self.hits.values()).items()},
+                }
+            ).encode()
 
 
 def serve(images: int, photo_size: tuple[int, int] | None = None) -> None:
@@ -215,8 +219,10 @@ class ImageServerProcess:
 
 # -- input --------------------------------------------------------------------------------------------------------
 
-def write_input(folder: Path, server: ImageServerProcess, rows: int, images: int, rows_per_unit: int,
-                rows_per_shard: int = 10_000) -> str:
+
+def write_input(
+    folder: Path, server: ImageServerProcess, rows: int, images: int, rows_per_unit: int, rows_per_shard: int = 10_000
+) -> str:
     """Parquet shards of (key, image_url), one row group per work unit; returns the folder."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -224,13 +230,15 @@ def write_input(folder: Path, server: ImageServerProcess, rows: int, images: int
     folder.mkdir(parents=True, exist_ok=True)
     for s, start in enumerate(range(0, rows, rows_per_shard)):
         span = range(start, min(start + rows_per_shard, rows))
-        table = pa.table({"key": [row_id(r) for r in span],
-                          "image_url": [server.url(row_path(r, images)) for r in span]})
+        table = pa.table(
+            {"key": [row_id(r) for r in span], "image_url": [server.url(row_path(r, images)) for r in span]}
+        )
         pq.write_table(table, folder / f"part-{s:05d}.parquet", row_group_size=rows_per_unit)
     return str(folder)
 
 
 # -- memory sampling ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Sample:
@@ -258,8 +266,9 @@ class MemorySampler:
     server) are not sampled. With `jsonl`, each sample is also appended to that file as it is taken, so a
     run that dies still leaves its samples."""
 
-    def __init__(self, rows_done: Callable[[], int], interval_s: float, exclude: tuple[int, ...] = (),
-                 jsonl: str | None = None) -> None:
+    def __init__(
+        self, rows_done: Callable[[], int], interval_s: float, exclude: tuple[int, ...] = (), jsonl: str | None = None
+    ) -> None:
         import psutil  # comes with Ray (ray/thirdparty_files), importable once ray is imported
 
         self._psutil = psutil
@@ -305,8 +314,14 @@ class MemorySampler:
                 workers[child.pid] = rss
             else:
                 system[role] += rss
-        sample = Sample(time.monotonic() - self._start, rows, self._me.memory_info().rss, workers,
-                        sum(system.values()), dict(system))
+        sample = Sample(
+            time.monotonic() - self._start,
+            rows,
+            self._me.memory_info().rss,
+            workers,
+            sum(system.values()),
+            dict(system),
+        )
         self.samples.append(sample)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(vars(sample)) + "\n")
@@ -360,12 +375,14 @@ def series_of(samples: list[Sample]) -> list[MemorySeries]:
         series.append(MemorySeries(f"worker {pid}", [(s.rows, s.workers[pid]) for s in samples if pid in s.workers]))
     series.append(MemorySeries("ray system (sum)", [(s.rows, s.ray_system) for s in samples if s.ray_system]))
     for role in sorted({role for s in samples for role in s.system_by_role}):
-        series.append(MemorySeries(f"  {role}", [(s.rows, s.system_by_role[role]) for s in samples
-                                                 if role in s.system_by_role]))
+        series.append(
+            MemorySeries(f"  {role}", [(s.rows, s.system_by_role[role]) for s in samples if role in s.system_by_role])
+        )
     return series
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SoakConfig:
@@ -416,8 +433,9 @@ class SoakReport:
         n, missing, flaky = self.config.rows, self.expected_missing, self.expected_flaky
         hits = {int(k): v for k, v in self.server["urls_by_hits"].items()}
         statuses = {int(k): v for k, v in self.server["statuses"].items()}
-        return hits == {k: v for k, v in {1: n - flaky, 2: flaky}.items() if v} and \
-            statuses == {k: v for k, v in {200: n - missing, 500: flaky, 404: missing}.items() if v}
+        return hits == {k: v for k, v in {1: n - flaky, 2: flaky}.items() if v} and statuses == {
+            k: v for k, v in {200: n - missing, 500: flaky, 404: missing}.items() if v
+        }
 
     def flat(self, name: str) -> bool | None:
         """Whether one series stayed flat from 25% to 100% of the rows (None: too few samples to say)."""
@@ -444,13 +462,15 @@ class SoakReport:
             f"{summary.rows_error} error {summary.errors_by_kind}",
             f"exactly once: {'yes' if self.exactly_once else 'NO'} ({self.rows_out} rows out, ids "
             f"{'unique' if self.ids_unique else 'DUPLICATED'}, {dict(sorted(self.statuses.items()))}"
-            + (f", wrong status: {self.wrong_rows}" if self.wrong_rows else "") + ")",
+            + (f", wrong status: {self.wrong_rows}" if self.wrong_rows else "")
+            + ")",
             f"server: {'as expected' if self.server_as_expected else 'UNEXPECTED'}: {self.server['requests']} "
             f"requests, statuses {self.server['statuses']}, URLs by hits {self.server['urls_by_hits']} "
             f"(expected {self.expected_flaky} retried 500s, {self.expected_missing} 404s)",
             "",
             f"memory, RSS MiB, by rows committed ({len(self.samples)} samples every {c.sample_s:g} s):",
-            f"{'process':<26}" + "".join(f"{f'{m:.0%}':>9}" for m in MARKS)
+            f"{'process':<26}"
+            + "".join(f"{f'{m:.0%}':>9}" for m in MARKS)
             + f"{'25->100%':>18}{'KiB/1k rows':>13}  flat",
         ]
         for s in self.series:
@@ -461,13 +481,22 @@ class SoakReport:
             growth, slope = s.growth(c.rows), s.slope_kib_per_1k_rows(c.rows)
             grown = f"{growth[0] / MiB:+9.1f} ({growth[1]:+5.1f}%)" if growth else "-"
             verdict = {True: "yes", False: "NO", None: "?"}[self.flat(s.name)] if is_judged(s.name) else "(not judged)"
-            lines.append(f"{s.name:<26}" + "".join(cells) + f"{grown:>18}"
-                         + (f"{slope:13.1f}" if slope is not None else f"{'-':>13}") + f"  {verdict}")
+            lines.append(
+                f"{s.name:<26}"
+                + "".join(cells)
+                + f"{grown:>18}"
+                + (f"{slope:13.1f}" if slope is not None else f"{'-':>13}")
+                + f"  {verdict}"
+            )
         end_rows = {s.name: s.at(1.0, c.rows) for s in self.series if is_judged(s.name)}
-        lines.append("(100%: the first sample after the last commit; for a worker stopped before one, its last "
-                     "sample, at rows " + ", ".join(f"{name} {p[0]}" for name, p in end_rows.items() if p) + ")")
-        lines.append(f"memory flat: {'yes' if self.memory_flat else 'NO'} (driver and each worker: growth from 25% "
-                     f"to 100% of the rows below {c.max_growth_pct:g}% and below {c.max_growth_mb:g} MiB)")
+        lines.append(
+            "(100%: the first sample after the last commit; for a worker stopped before one, its last "
+            "sample, at rows " + ", ".join(f"{name} {p[0]}" for name, p in end_rows.items() if p) + ")"
+        )
+        lines.append(
+            f"memory flat: {'yes' if self.memory_flat else 'NO'} (driver and each worker: growth from 25% "
+            f"to 100% of the rows below {c.max_growth_pct:g}% and below {c.max_growth_mb:g} MiB)"
+        )
         return "\n".join(lines)
 
 
@@ -486,8 +515,9 @@ def check_output(output: str, images: int) -> tuple[int, bool, dict[str, int], l
     ids = table.column("id").to_pylist()
     statuses: Counter[str] = Counter()
     wrong = []
-    for row_id_, url, status, kind in zip(ids, *(table.column(n).to_pylist() for n in ("image_url", "status",
-                                                                                         "error_kind"))):
+    for row_id_, url, status, kind in zip(
+        ids, *(table.column(n).to_pylist() for n in ("image_url", "status", "error_kind"))
+    ):
         statuses[status if status == "ok" else f"{status}:{kind}"] += 1
         path = row_path(int(row_id_[1:]), images)
         expected = ("error", "fetch_http") if path.startswith("/missing/") else ("ok", None)
@@ -502,11 +532,11 @@ def run_soak(config: SoakConfig) -> SoakReport:
     import ray
 
     from blipbatch import pipeline
-    from tests.tiny import write_tiny_checkpoint
     from blipbatch.pipeline.run import connect_ray
     from blipbatch.pipeline.shards import discover_shards, plan_units
     from blipbatch.pipeline.sink import committed_units
     from blipbatch.schemas import ColumnMapping
+    from tests.tiny import write_tiny_checkpoint
 
     def log(message: str) -> None:
         if config.log:
@@ -520,8 +550,9 @@ def run_soak(config: SoakConfig) -> SoakReport:
             source = write_input(workdir / "in", server, config.rows, config.images, config.rows_per_unit)
             output = str(workdir / "out")
             mapping = ColumnMapping(id_column="key")
-            unit_rows = {u.unit_id: u.num_rows for u in plan_units(discover_shards(source), mapping,
-                                                                   config.rows_per_unit)}
+            unit_rows = {
+                u.unit_id: u.num_rows for u in plan_units(discover_shards(source), mapping, config.rows_per_unit)
+            }
             if started_ray:
                 connect_ray(None, num_cpus=os.cpu_count())
 
@@ -538,18 +569,28 @@ def run_soak(config: SoakConfig) -> SoakReport:
             sampler = MemorySampler(rows_done, config.sample_s, (server.process.pid,), config.samples_jsonl).start()
             start = time.monotonic()
             try:
-                summary = pipeline.run(source, output, checkpoint, prompt=PROMPT, id_column="key",
-                                       batch_size=config.batch_size, workers=config.workers,
-                                       max_new_tokens=config.max_new_tokens, rows_per_unit=config.rows_per_unit,
-                                       fetch=fetch_config(config.backoff_s), progress=False)
+                summary = pipeline.run(
+                    source,
+                    output,
+                    checkpoint,
+                    prompt=PROMPT,
+                    id_column="key",
+                    batch_size=config.batch_size,
+                    workers=config.workers,
+                    max_new_tokens=config.max_new_tokens,
+                    rows_per_unit=config.rows_per_unit,
+                    fetch=fetch_config(config.backoff_s),
+                    progress=False,
+                )
             finally:
                 wall_s = time.monotonic() - start
                 sampler.stop()
             server_stats = server.stats()
         rows_out, unique, statuses, wrong = check_output(output, config.images)
         missing, flaky = expected_counts(config.rows)
-        return SoakReport(config, wall_s, summary, rows_out, unique, statuses, wrong, server_stats, missing, flaky,
-                          sampler.samples)
+        return SoakReport(
+            config, wall_s, summary, rows_out, unique, statuses, wrong, server_stats, missing, flaky, sampler.samples
+        )
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
@@ -578,10 +619,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.environ.pop("RAY_ADDRESS", None):
         print("RAY_ADDRESS ignored: the soak samples processes of an in-process Ray", file=sys.stderr)
-    config = SoakConfig(rows=args.rows, workers=args.workers, batch_size=args.batch_size,
-                        rows_per_unit=args.rows_per_unit, images=args.images, max_new_tokens=args.max_new_tokens,
-                        sample_s=args.sample_s, max_growth_pct=args.max_growth_pct, max_growth_mb=args.max_growth_mb,
-                        workdir=args.workdir, samples_jsonl=args.samples_jsonl)
+    config = SoakConfig(
+        rows=args.rows,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        rows_per_unit=args.rows_per_unit,
+        images=args.images,
+        max_new_tokens=args.max_new_tokens,
+        sample_s=args.sample_s,
+        max_growth_pct=args.max_growth_pct,
+        max_growth_mb=args.max_growth_mb,
+        workdir=args.workdir,
+        samples_jsonl=args.samples_jsonl,
+    )
     report = run_soak(config)
     print(report.text())
     return 0 if report.exactly_once and report.server_as_expected and report.memory_flat else 1

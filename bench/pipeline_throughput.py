@@ -35,13 +35,20 @@ PHOTO_SIZE = (640, 480)
 def write_medium_checkpoint(folder: Path) -> str:
     from tests.tiny import write_random_checkpoint
 
-    return str(write_random_checkpoint(
-        folder,
-        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=14),
-        qformer=dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536),
-        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
-        num_query_tokens=32, image_size=224, std=0.05, vocab_size=32001,
-    ))
+    return str(
+        write_random_checkpoint(
+            folder,
+            vision=dict(
+                hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=14
+            ),
+            qformer=dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536),
+            text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+            num_query_tokens=32,
+            image_size=224,
+            std=0.05,
+            vocab_size=32001,
+        )
+    )
 
 
 def write_input(folder: Path, urls: list[str], rows_per_unit: int) -> str:
@@ -83,16 +90,27 @@ def engine_alone(checkpoint: str, images: list, batch_size: int, max_new_tokens:
     return statistics.median(rates)
 
 
-def pipeline_run(checkpoint: str, source: str, output: str, rows: int, batch_size: int, rows_per_unit: int,
-                 max_new_tokens: int) -> tuple[float, float]:
+def pipeline_run(
+    checkpoint: str, source: str, output: str, rows: int, batch_size: int, rows_per_unit: int, max_new_tokens: int
+) -> tuple[float, float]:
     """(steady-state images/s from the units' own timing, images/s over the whole pipeline.run call)."""
     from blipbatch import pipeline
     from blipbatch.pipeline.sink import progress_records
 
     start = time.perf_counter()
-    summary = pipeline.run(source, output, checkpoint, prompt=PROMPT, id_column="key", batch_size=batch_size,
-                           workers=1, max_new_tokens=max_new_tokens, rows_per_unit=rows_per_unit,
-                           fetch=fetch_config(backoff_s=0.05), progress=False)
+    summary = pipeline.run(
+        source,
+        output,
+        checkpoint,
+        prompt=PROMPT,
+        id_column="key",
+        batch_size=batch_size,
+        workers=1,
+        max_new_tokens=max_new_tokens,
+        rows_per_unit=rows_per_unit,
+        fetch=fetch_config(backoff_s=0.05),
+        progress=False,
+    )
     wall = time.perf_counter() - start
     if summary.rows_ok != rows:
         raise RuntimeError(f"the pipeline wrote {summary.rows_ok} ok rows of {rows}: {summary}")
@@ -119,19 +137,33 @@ def main() -> None:
         checkpoint = write_medium_checkpoint(work / "model")
         urls = [server.url(f"/img/{(i * 7919) % IMAGES}.png?row={i}") for i in range(args.rows)]
         per_core, images = fetch_and_decode(urls)
-        print(f"fetch + decode: {per_core:.0f} images/s in one thread ({PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG)",
-              flush=True)
+        print(
+            f"fetch + decode: {per_core:.0f} images/s in one thread ({PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG)", flush=True
+        )
         alone = engine_alone(checkpoint, images, args.batch_size, args.max_new_tokens, args.repeats)
-        print(f"engine alone: {alone:.2f} images/s (batch {args.batch_size}, {args.max_new_tokens} new tokens, "
-              f"torch threads {torch.get_num_threads()})", flush=True)
+        print(
+            f"engine alone: {alone:.2f} images/s (batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+            f"torch threads {torch.get_num_threads()})",
+            flush=True,
+        )
         source = write_input(work / "in", urls, args.rows_per_unit)
         try:
-            steady, whole = pipeline_run(checkpoint, source, str(work / "out"), args.rows, args.batch_size,
-                                         args.rows_per_unit, args.max_new_tokens)
+            steady, whole = pipeline_run(
+                checkpoint,
+                source,
+                str(work / "out"),
+                args.rows,
+                args.batch_size,
+                args.rows_per_unit,
+                args.max_new_tokens,
+            )
         finally:
             ray.shutdown()
-        print(f"pipeline: {steady:.2f} images/s in steady state ({whole:.2f} over the whole run, start-up included); "
-              f"overhead against the engine alone {100 * (1 - steady / alone):.1f}%", flush=True)
+        print(
+            f"pipeline: {steady:.2f} images/s in steady state ({whole:.2f} over the whole run, start-up included); "
+            f"overhead against the engine alone {100 * (1 - steady / alone):.1f}%",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

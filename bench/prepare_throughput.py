@@ -83,8 +83,9 @@ def bare(datas: list[bytes], processor: BlipImageProcessor, decode: DecodeConfig
     return len(datas) / (time.perf_counter() - start)
 
 
-def stage(paths: list[Path], root: Path, processor: BlipImageProcessor, decode: DecodeConfig,
-          config: PrepareConfig) -> tuple[float, torch.Tensor]:
+def stage(
+    paths: list[Path], root: Path, processor: BlipImageProcessor, decode: DecodeConfig, config: PrepareConfig
+) -> tuple[float, torch.Tensor]:
     rows = [InputRow(id=str(i), image=str(path), instruction="x", row_index=i) for i, path in enumerate(paths)]
     fetcher = Fetcher(FetchConfig(local_roots=(str(root),)))
     with PrepareStage(fetcher, decode, processor, config, str) as prepare:
@@ -119,7 +120,9 @@ def answers_agreement(count: int) -> tuple[int, int]:
                 inputs = processor(images=images[first : first + 50], text=text)
                 with torch.inference_mode():
                     ids = model.generate(**inputs, max_new_tokens=6)
-                answers[mode] += processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                answers[mode] += processor.batch_decode(
+                    ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
     return sum(a == b for a, b in zip(answers["exact"], answers["fast"])), len(answers["exact"])
 
 
@@ -137,15 +140,20 @@ def fast_jpeg_gain(sizes: list[tuple[int, int]], processor: BlipImageProcessor) 
             times = []
             for _ in range(2):
                 start = time.process_time()
-                pixels[mode] = [processor.resized(decode_image(data, decode, processor.rgb_resize.covering))
-                                for data in datas]
+                pixels[mode] = [
+                    processor.resized(decode_image(data, decode, processor.rgb_resize.covering)) for data in datas
+                ]
                 times.append((time.process_time() - start) / count * 1e3)
             cpu[mode] = min(times)
-        difference = np.mean([(a.float() - b.float()).abs().mean().item()
-                              for a, b in zip(pixels["exact"], pixels["fast"])])
-        print(f"{width}x{height} ({count} JPEGs q90): CPU ms/image exact {cpu['exact']:.1f}, fast_jpeg "
-              f"{cpu['fast']:.1f} ({cpu['exact'] / cpu['fast']:.1f}x); mean absolute pixel difference "
-              f"{difference:.2f} (0..255)", flush=True)
+        difference = np.mean(
+            [(a.float() - b.float()).abs().mean().item() for a, b in zip(pixels["exact"], pixels["fast"])]
+        )
+        print(
+            f"{width}x{height} ({count} JPEGs q90): CPU ms/image exact {cpu['exact']:.1f}, fast_jpeg "
+            f"{cpu['fast']:.1f} ({cpu['exact'] / cpu['fast']:.1f}x); mean absolute pixel difference "
+            f"{difference:.2f} (0..255)",
+            flush=True,
+        )
         try:
             import simplejpeg
         except ImportError:
@@ -158,8 +166,11 @@ def fast_jpeg_gain(sizes: list[tuple[int, int]], processor: BlipImageProcessor) 
                 rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=side, min_width=side)
                 processor.resized(PIL.Image.fromarray(rgb))
             times.append((time.process_time() - start) / count * 1e3)
-        print(f"{width}x{height}: simplejpeg {simplejpeg.__version__} scaled decode + resize, CPU ms/image "
-              f"{min(times):.1f}", flush=True)
+        print(
+            f"{width}x{height}: simplejpeg {simplejpeg.__version__} scaled decode + resize, CPU ms/image "
+            f"{min(times):.1f}",
+            flush=True,
+        )
 
 
 def best(repeats: int, measure) -> tuple[float, float]:
@@ -185,46 +196,61 @@ def main() -> None:
     parser.add_argument("--fast-jpeg-sizes", default="", help="CPU time of exact and fast_jpeg decodes at these sizes")
     args = parser.parse_args()
     if args.fast_jpeg_sizes:
-        fast_jpeg_gain([tuple(int(v) for v in size.split("x")) for size in args.fast_jpeg_sizes.split(",")],
-                       BlipImageProcessor(size={"height": 224, "width": 224}))
+        fast_jpeg_gain(
+            [tuple(int(v) for v in size.split("x")) for size in args.fast_jpeg_sizes.split(",")],
+            BlipImageProcessor(size={"height": 224, "width": 224}),
+        )
         return
     if args.answers:
         same, total = answers_agreement(args.answers)
-        print(f"demo model, {args.answers} pictures x {total // args.answers} prompts as 640 x 480 JPEG q75: "
-              f"{same} of {total} answers identical with fast_jpeg ({same / total:.1%})")
+        print(
+            f"demo model, {args.answers} pictures x {total // args.answers} prompts as 640 x 480 JPEG q75: "
+            f"{same} of {total} answers identical with fast_jpeg ({same / total:.1%})"
+        )
         return
     size = tuple(int(v) for v in args.size.split("x"))
     processor = BlipImageProcessor(size={"height": 224, "width": 224})
-    paths_modes = [("exact", DecodeConfig())] + ([("fast_jpeg", DecodeConfig(fast_jpeg=True))] if args.fast_jpeg
-                                                  else [])
+    paths_modes = [("exact", DecodeConfig())] + (
+        [("fast_jpeg", DecodeConfig(fast_jpeg=True))] if args.fast_jpeg else []
+    )
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         paths = write_images(root, args.images, size, args.mix.split(","))
         datas = [path.read_bytes() for path in paths]
-        print(f"{args.images} images {args.size} ({args.mix}), mean {sum(map(len, datas)) / len(datas) / 1024:.0f} KB; "
-              f"images/s, best of {args.repeats}")
+        print(
+            f"{args.images} images {args.size} ({args.mix}), mean {sum(map(len, datas)) / len(datas) / 1024:.0f} KB; "
+            f"images/s, best of {args.repeats}"
+        )
         exact_pixels = None
         for mode, decode in paths_modes:
             for n in (int(v) for v in args.threads.split(",")):
                 bare_rate, bare_cpu = best(args.repeats, lambda: bare(datas, processor, decode, n))
-                stage_rate, stage_cpu = best(args.repeats, lambda: stage(paths, root, processor, decode,
-                                                                         PrepareConfig(threads=n, processes=0))[0])
+                stage_rate, stage_cpu = best(
+                    args.repeats,
+                    lambda: stage(paths, root, processor, decode, PrepareConfig(threads=n, processes=0))[0],
+                )
                 per_image = 1e3 / len(datas)
-                print(f"{mode:9s} threads={n}: bare {bare_rate:7.1f}  stage {stage_rate:7.1f}  "
-                      f"stage/bare {stage_rate / bare_rate:.2f}  (CPU ms/image: bare {bare_cpu * per_image:.2f}, "
-                      f"stage {stage_cpu * per_image:.2f})")
+                print(
+                    f"{mode:9s} threads={n}: bare {bare_rate:7.1f}  stage {stage_rate:7.1f}  "
+                    f"stage/bare {stage_rate / bare_rate:.2f}  (CPU ms/image: bare {bare_cpu * per_image:.2f}, "
+                    f"stage {stage_cpu * per_image:.2f})"
+                )
             for n in (int(v) for v in args.processes.split(",")):
                 config = PrepareConfig(processes=n)
                 rate, cpu = best(args.repeats, lambda: stage(paths, root, processor, decode, config)[0])
-                print(f"{mode:9s} processes={n}: stage {rate:7.1f}  (CPU ms/image in the worker process, the "
-                      f"decode processes' own not counted: {cpu * 1e3 / len(datas):.2f})")
+                print(
+                    f"{mode:9s} processes={n}: stage {rate:7.1f}  (CPU ms/image in the worker process, the "
+                    f"decode processes' own not counted: {cpu * 1e3 / len(datas):.2f})"
+                )
             _, pixels = stage(paths, root, processor, decode, PrepareConfig(processes=0))
             if exact_pixels is None:
                 exact_pixels = pixels
             else:
                 scale = torch.tensor(processor.image_std).view(1, 3, 1, 1) * 255  # back to the 0..255 scale
-                print(f"{mode}: mean absolute pixel difference to exact "
-                      f"{((pixels - exact_pixels).abs() * scale).mean().item():.2f} (0..255)")
+                print(
+                    f"{mode}: mean absolute pixel difference to exact "
+                    f"{((pixels - exact_pixels).abs() * scale).mean().item():.2f} (0..255)"
+                )
 
 
 if __name__ == "__main__":

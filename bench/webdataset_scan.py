@@ -34,8 +34,14 @@ def measure(folder: str, args: argparse.Namespace) -> None:
 
     with wds.ShardWriter(os.path.join(folder, "b-%04d.tar"), maxcount=args.samples, verbose=0) as sink:
         for k in range(args.samples):
-            sink.write({"__key__": f"{k:09d}", "jpg": os.urandom(30000), "txt": f"caption {k}",
-                        "json": {"caption": f"alt {k}", "width": 256, "url": f"http://x/{k}.jpg"}})
+            sink.write(
+                {
+                    "__key__": f"{k:09d}",
+                    "jpg": os.urandom(30000),
+                    "txt": f"caption {k}",
+                    "json": {"caption": f"alt {k}", "width": 256, "url": f"http://x/{k}.jpg"},
+                }
+            )
     tar = os.path.join(folder, "b-0000.tar")
     scans, reads = [], []
     for _ in range(args.repeats):
@@ -48,8 +54,10 @@ def measure(folder: str, args: argparse.Namespace) -> None:
         reads.append(time.perf_counter() - start)
     size = os.path.getsize(tar) / 2**20
     print(f"tar: {args.samples} samples, {size:.0f} MiB")
-    print(f"scan (plan): median {statistics.median(scans):.2f} s ({statistics.median(scans) / args.samples * 1e6:.0f} "
-          "us a sample)")
+    print(
+        f"scan (plan): median {statistics.median(scans):.2f} s ({statistics.median(scans) / args.samples * 1e6:.0f} "
+        "us a sample)"
+    )
     print(f"read one unit of {args.rows_per_unit} samples: median {statistics.median(reads):.3f} s")
 
 

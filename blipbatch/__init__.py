@@ -25,10 +25,22 @@ except PackageNotFoundError:  # a source tree that was not installed
 _EXPORTS = {
     **dict.fromkeys(
         (
-            "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2Processor", "Blip2QFormerConfig",
-            "Blip2VisionConfig", "GenerationConfig", "InstructBlipConfig", "InstructBlipForConditionalGeneration",
-            "InstructBlipModel", "InstructBlipProcessor", "InstructBlipQFormerConfig", "InstructBlipQFormerModel",
-            "InstructBlipVisionConfig", "InstructBlipVisionModel", "ModelError",
+            "Blip2Config",
+            "Blip2ForConditionalGeneration",
+            "Blip2Model",
+            "Blip2Processor",
+            "Blip2QFormerConfig",
+            "Blip2VisionConfig",
+            "GenerationConfig",
+            "InstructBlipConfig",
+            "InstructBlipForConditionalGeneration",
+            "InstructBlipModel",
+            "InstructBlipProcessor",
+            "InstructBlipQFormerConfig",
+            "InstructBlipQFormerModel",
+            "InstructBlipVisionConfig",
+            "InstructBlipVisionModel",
+            "ModelError",
         ),
         "blipbatch.model",
     ),
@@ -44,15 +56,27 @@ _EXPORTS = {
 __all__ = ["BlipbatchError", "__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from .jobs.spec import SpecError, load_spec
     from .model import (
-        Blip2Config, Blip2ForConditionalGeneration, Blip2Model, Blip2Processor, Blip2QFormerConfig,
-        Blip2VisionConfig, GenerationConfig, InstructBlipConfig, InstructBlipForConditionalGeneration,
-        InstructBlipModel, InstructBlipProcessor, InstructBlipQFormerConfig, InstructBlipQFormerModel,
-        InstructBlipVisionConfig, InstructBlipVisionModel, ModelError,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Model,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        GenerationConfig,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipModel,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipQFormerModel,
+        InstructBlipVisionConfig,
+        InstructBlipVisionModel,
+        ModelError,
     )
     from .pipeline import Job, PipelineError, RunSummary, run
     from .pipeline.sink import read_output
-    from .jobs.spec import SpecError, load_spec
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

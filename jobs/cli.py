@@ -34,7 +34,7 @@ ERROR_HINTS = {
     # decode_error by what the message says (decode_hint_kind): only a format left out is fixed by decode.formats
     "decode_empty": "the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error",
     "decode_damaged": "the files are damaged (cut short or corrupt): replace them at their source; then "
-                      "--redo-errors decode_error",
+    "--redo-errors decode_error",
     "decode_format": "add the format: --set decode.formats=[...] ([decode] formats)",
     "decode_not_image": "the references point to something that is not an image: fix them or their source",
     "invalid_input": "check the input column named in the message",
@@ -132,22 +132,38 @@ def execute(job: Job, **invocation: Any) -> int:
         whole = totals(progress_records(job.output.path))
         rows, errors, of = whole.rows_ok + whole.rows_error, whole.rows_error, "the output's rows"
     if rows and errors / rows >= job.run.max_error_rate:
-        print(f"error rate {errors / rows:.0%} of {of} reached [run] max_error_rate {job.run.max_error_rate:g}: "
-              f"exit {EXIT_ERROR_RATE}", file=sys.stderr)
+        print(
+            f"error rate {errors / rows:.0%} of {of} reached [run] max_error_rate {job.run.max_error_rate:g}: "
+            f"exit {EXIT_ERROR_RATE}",
+            file=sys.stderr,
+        )
         return EXIT_ERROR_RATE
     return EXIT_OK
 
 
 # `blipbatch run` flags -> the job-spec key they override; defaults are the spec's (pipeline.job).
 FLAG_KEYS = {
-    "input": "input.path", "output": "output.path", "model": "model.path", "prompt": "prompt.text",
-    "instruction_column": "input.instruction_column", "image_column": "input.image_column",
-    "id_column": "input.id_column", "passthrough": "input.passthrough", "batch_size": "run.batch_size",
-    "decode_slots": "run.decode_slots", "workers": "run.workers", "max_workers": "run.max_workers",
+    "input": "input.path",
+    "output": "output.path",
+    "model": "model.path",
+    "prompt": "prompt.text",
+    "instruction_column": "input.instruction_column",
+    "image_column": "input.image_column",
+    "id_column": "input.id_column",
+    "passthrough": "input.passthrough",
+    "batch_size": "run.batch_size",
+    "decode_slots": "run.decode_slots",
+    "workers": "run.workers",
+    "max_workers": "run.max_workers",
     "max_new_tokens": "generation.max_new_tokens",
-    "num_beams": "generation.num_beams", "dtype": "model.dtype", "device": "model.device",
-    "rows_per_unit": "run.rows_per_unit", "max_attempts": "run.max_attempts", "address": "run.address",
-    "max_error_rate": "run.max_error_rate", "max_candidates": "run.max_candidates",
+    "num_beams": "generation.num_beams",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "rows_per_unit": "run.rows_per_unit",
+    "max_attempts": "run.max_attempts",
+    "address": "run.address",
+    "max_error_rate": "run.max_error_rate",
+    "max_candidates": "run.max_candidates",
 }
 # Repeatable flags that add to the spec's array.
 EXTEND_KEYS = {"local_root": "fetch.local_roots", "allow_host": "fetch.allow_hosts"}
@@ -192,8 +208,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
         missing = [f"--{name.replace('_', '-')}" for name in ("input", "output", "model") if not given(args, name)]
         asks = given(args, "prompt") != given(args, "instruction_column") or given(args, "job.kind")
         if missing or not asks:
-            print("blipbatch run: give a job spec file, or --input, --output, --model and one of --prompt / "
-                  f"--instruction-column{' (missing: ' + ', '.join(missing) + ')' if missing else ''}", file=sys.stderr)
+            print(
+                "blipbatch run: give a job spec file, or --input, --output, --model and one of --prompt / "
+                f"--instruction-column{' (missing: ' + ', '.join(missing) + ')' if missing else ''}",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     try:
         spec = load_spec(args.spec, flag_overrides(args))
@@ -201,8 +220,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"blipbatch run: {e}", file=sys.stderr)
         return EXIT_REFUSED
     # The progress line redraws itself with "\r": it would garble the JSON lines on the same stream.
-    invocation = dict(force=args.force, retry_failed=args.retry_failed, redo_errors=args.redo_errors,
-                      progress=not (args.quiet or args.log_json))
+    invocation = dict(
+        force=args.force,
+        retry_failed=args.retry_failed,
+        redo_errors=args.redo_errors,
+        progress=not (args.quiet or args.log_json),
+    )
     with units_logged_to_stderr(args.log_json):
         code = execute(spec, **invocation)
     if code == EXIT_OK:
@@ -238,7 +261,8 @@ def units_logged_to_stderr(enabled: bool) -> Iterator[None]:
 
 def add_run_command(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
-        "run", help="caption / question every image of Parquet shards, resumably",
+        "run",
+        help="caption / question every image of Parquet shards, resumably",
         description="Process every work unit of the input not yet committed in the output, as a job spec file "
         "says (flags override it), or as the flags alone say. Running the same command again resumes. Exit codes: "
         "0 all done, 1 some units failed, 2 usage, 3 refused (bad spec, model, input or output, settings that differ "
@@ -254,37 +278,69 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     what.add_argument("--instruction-column", help="column holding each row's instruction")
     run.add_argument("--image-column", help="URL/path/data: URI or raw-bytes column (default image_url)")
     run.add_argument("--id-column", help="column of unique row ids (default: derived from shard and row)")
-    run.add_argument("--passthrough", action="append", metavar="COLUMN",
-                     help="input column copied to the output (repeatable)")
-    run.add_argument("--batch-size", type=int, help="rows per model call (default: 8 on CPU; on CUDA what free memory holds, see README)")
-    run.add_argument("--decode-slots", type=int, help="greedy: sequences decoded together (default: 32 on CPU; on CUDA as --batch-size)")
-    run.add_argument("--workers", type=workers_count, help='model actors, or "auto" (the default): one per GPU, more '
-                     "as GPUs join the cluster while units wait; without GPUs, 1")
+    run.add_argument(
+        "--passthrough", action="append", metavar="COLUMN", help="input column copied to the output (repeatable)"
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        help="rows per model call (default: 8 on CPU; on CUDA what free memory holds, see README)",
+    )
+    run.add_argument(
+        "--decode-slots",
+        type=int,
+        help="greedy: sequences decoded together (default: 32 on CPU; on CUDA as --batch-size)",
+    )
+    run.add_argument(
+        "--workers",
+        type=workers_count,
+        help='model actors, or "auto" (the default): one per GPU, more '
+        "as GPUs join the cluster while units wait; without GPUs, 1",
+    )
     run.add_argument("--max-workers", type=int, help='with "auto" workers: at most this many (default: no limit)')
     run.add_argument("--max-new-tokens", type=int, help="default 30")
     run.add_argument("--num-beams", type=int, help="default 1")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    run.add_argument("--rows-per-unit", type=int, help="rows per work unit, the unit of retry and commit (default 1000)")
+    run.add_argument(
+        "--rows-per-unit", type=int, help="rows per work unit, the unit of retry and commit (default 1000)"
+    )
     run.add_argument("--max-attempts", type=int, help="tries before a unit is marked failed (default 3)")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in-process)")
-    run.add_argument("--max-error-rate", type=float,
-                     help="exit 4 when this share of the run's rows ended in error (default 1.0: all of them)")
-    run.add_argument("--max-candidates", type=int,
-                     help="most candidates a closed-set question may list (default 256)")
+    run.add_argument(
+        "--max-error-rate",
+        type=float,
+        help="exit 4 when this share of the run's rows ended in error (default 1.0: all of them)",
+    )
+    run.add_argument("--max-candidates", type=int, help="most candidates a closed-set question may list (default 256)")
     add_fetch_flags(run)
-    run.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                     help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5")
-    run.add_argument("--force", action="store_true",
-                     help="resume even if the output was made with other settings, or a shard was rewritten in place "
-                          "after some of its units were committed")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="set any spec key, with or without a spec file, e.g. --set generation.repetition_penalty=1.5",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even if the output was made with other settings, or a shard was rewritten in place "
+        "after some of its units were committed",
+    )
     run.add_argument("--retry-failed", action="store_true", help="also redo units marked failed")
-    run.add_argument("--redo-errors", nargs="*", metavar="KIND",
-                     help="also redo the error rows of committed units (of these error kinds; none given: every "
-                          "error row) with the current settings, keeping their ok rows")
+    run.add_argument(
+        "--redo-errors",
+        nargs="*",
+        metavar="KIND",
+        help="also redo the error rows of committed units (of these error kinds; none given: every "
+        "error row) with the current settings, keeping their ok rows",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress line")
-    run.add_argument("--log-json", action="store_true",
-                     help="one JSON line per unit committed, retried or failed on stderr, instead of the progress line")
+    run.add_argument(
+        "--log-json",
+        action="store_true",
+        help="one JSON line per unit committed, retried or failed on stderr, instead of the progress line",
+    )
     run.set_defaults(handler=run_pipeline)
 
 
@@ -300,10 +356,20 @@ def workers_count(value: str) -> int | str:
 
 def add_fetch_flags(parser: argparse.ArgumentParser, purpose: str = "") -> None:
     """--allow-host and --local-root: they add to the job's [fetch] allow_hosts and local_roots."""
-    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST",
-                        help=f"trust this private host or network{purpose}, as [fetch] allow_hosts (repeatable)")
-    parser.add_argument("--local-root", action="append", default=[], metavar="DIR",
-                        help=f"read local image files inside DIR{purpose}, as [fetch] local_roots (repeatable)")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help=f"trust this private host or network{purpose}, as [fetch] allow_hosts (repeatable)",
+    )
+    parser.add_argument(
+        "--local-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help=f"read local image files inside DIR{purpose}, as [fetch] local_roots (repeatable)",
+    )
 
 
 def submit_job(args: argparse.Namespace) -> int:
@@ -366,24 +432,30 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"input: {settings.input} ({len(units)} units)")
         unmatched = unmatched_units(done, units)
         if unmatched:
-            print(f"warning: {len(unmatched)} committed unit(s) match no unit of the input (a shard removed or "
-                  f"changed since): {', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
+            print(
+                f"warning: {len(unmatched)} committed unit(s) match no unit of the input (a shard removed or "
+                f"changed since): {', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}"
+            )
         if args.verify:
             shards = list(dict.fromkeys(u.shard for u in units))
             found = duplicate_ids(shards, ColumnMapping(**settings.mapping), across_shards=True)
-            print("verify: ids unique across shards" if not found else
-                  "verify: duplicate ids:\n" + describe_duplicates(found, settings.mapping["id_column"]))
+            print(
+                "verify: ids unique across shards"
+                if not found
+                else "verify: duplicate ids:\n" + describe_duplicates(found, settings.mapping["id_column"])
+            )
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: say so, show the rest
         pending = None
         print(f"input: {settings.input} (cannot list it: {e})")
-    print(f"units: {len(done)} done, {len(failed)} failed, "
-          f"{'unknown' if pending is None else pending} pending")
+    print(f"units: {len(done)} done, {len(failed)} failed, {'unknown' if pending is None else pending} pending")
     total = totals(records)
     kinds = total.errors_by_kind
     detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})" if kinds else ""
     print(f"rows: {total.rows_ok} ok, {total.rows_error} error{detail}")
-    print(f"duplicate images: {total.duplicate_images} input rows had the same bytes as an earlier row of their unit "
-          "(decoded and encoded once; image_sha256 finds duplicates across units)")
+    print(
+        f"duplicate images: {total.duplicate_images} input rows had the same bytes as an earlier row of their unit "
+        "(decoded and encoded once; image_sha256 finds duplicates across units)"
+    )
     if kinds:
         print(f"redo error rows, after fixing their cause: {redo_hint(kinds)}")
     for unit_id, info in sorted(failed.items()):
@@ -404,8 +476,11 @@ def retry_failed(args: argparse.Namespace) -> int:
         print(f"{args.output}: no failed units")
         return EXIT_OK
     job = recorded_job(settings, args.output)
-    layout = {name: value for name in ("batch_size", "decode_slots", "workers", "max_attempts", "address")
-              if (value := getattr(args, name)) is not None}
+    layout = {
+        name: value
+        for name in ("batch_size", "decode_slots", "workers", "max_attempts", "address")
+        if (value := getattr(args, name)) is not None
+    }
     job = dataclasses.replace(job, run=dataclasses.replace(job.run, **layout))
     return execute(job, retry_failed=True, progress=not args.quiet)
 
@@ -418,8 +493,11 @@ def make_report(args: argparse.Namespace) -> int:
 
     try:
         base, source = report_fetch(args)
-        fetch = dataclasses.replace(base, allow_hosts=base.allow_hosts + tuple(args.allow_host),
-                                    local_roots=base.local_roots + tuple(os.path.abspath(r) for r in args.local_root))
+        fetch = dataclasses.replace(
+            base,
+            allow_hosts=base.allow_hosts + tuple(args.allow_host),
+            local_roots=base.local_roots + tuple(os.path.abspath(r) for r in args.local_root),
+        )
     except (BlipbatchError, ValueError, OSError) as e:
         print(f"blipbatch report: {e}", file=sys.stderr)
         return EXIT_REFUSED if isinstance(e, BlipbatchError) else EXIT_USAGE
@@ -447,15 +525,19 @@ def report_fetch(args: argparse.Namespace) -> tuple[FetchConfig, str]:
     if owned_by_caller(args.output):
         settings = read_manifest(args.output)
         if settings is not None:
-            return recorded_fetch(settings), ("the [fetch] settings the output's manifest recorded (a local output "
-                                              "only you can write)")
-    return FetchConfig(), ("the default [fetch] settings (the output's recorded ones are used only for a local output "
-                           "only you can write; --spec SPEC, --allow-host, --local-root widen them)")
+            return recorded_fetch(settings), (
+                "the [fetch] settings the output's manifest recorded (a local output only you can write)"
+            )
+    return FetchConfig(), (
+        "the default [fetch] settings (the output's recorded ones are used only for a local output "
+        "only you can write; --spec SPEC, --allow-host, --local-root widen them)"
+    )
 
 
 def add_report_command(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser(
-        "report", help="one self-contained HTML page about a run: summary, throughput, errors, a gallery",
+        "report",
+        help="one self-contained HTML page about a run: summary, throughput, errors, a gallery",
         description="Write an HTML report of OUTPUT (finished or in progress, local or on an object store): rows ok "
         "and in error, wall time and images/s, throughput over time and per worker, errors by kind with examples, a "
         "gallery of sampled images with their instructions and outputs, and the job's settings. Images are fetched "
@@ -466,9 +548,12 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--html", default="report.html", help="where to write the page (default ./report.html)")
     report.add_argument("--sample", type=int, default=24, help="images in the gallery (default 24)")
     report.add_argument("--seed", type=int, default=0, help="which images are sampled (default 0)")
-    report.add_argument("--spec", help="job spec whose [fetch] settings fetch the thumbnails (default: those the "
-                        "output's manifest recorded if the output is on local disk and only you can write it, else "
-                        "the defaults)")
+    report.add_argument(
+        "--spec",
+        help="job spec whose [fetch] settings fetch the thumbnails (default: those the "
+        "output's manifest recorded if the output is on local disk and only you can write it, else "
+        "the defaults)",
+    )
     add_fetch_flags(report, " for thumbnails")
     report.set_defaults(handler=make_report)
 
@@ -497,37 +582,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"blipbatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_command(commands)
-    sub = commands.add_parser("submit", help="run a job spec on a Ray cluster through its Jobs API",
-                              description="Upload the project as the job's working_dir, run `blipbatch run SPEC` "
-                              "there, print the job id and follow its logs. Exit code: the job's (0 succeeded).")
+    sub = commands.add_parser(
+        "submit",
+        help="run a job spec on a Ray cluster through its Jobs API",
+        description="Upload the project as the job's working_dir, run `blipbatch run SPEC` "
+        "there, print the job id and follow its logs. Exit code: the job's (0 succeeded).",
+    )
     sub.add_argument("spec", help="job spec (TOML) inside the project folder")
     sub.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     sub.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="spec overrides")
     sub.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sub.set_defaults(handler=submit_job)
-    demo_cmd = commands.add_parser("demo", help="a caption and an annotate job over the sample images",
-                                   description="Runs on local Ray with a small model; writes Parquet to --output "
-                                   "and prints a few rows.")
+    demo_cmd = commands.add_parser(
+        "demo",
+        help="a caption and an annotate job over the sample images",
+        description="Runs on local Ray with a small model; writes Parquet to --output and prints a few rows.",
+    )
     demo_cmd.add_argument("--output", default="blipbatch-demo", help="where the demo writes (default ./blipbatch-demo)")
     demo_cmd.add_argument("--model", help="checkpoint to use instead of the built-in small model")
     demo_cmd.add_argument("--max-new-tokens", type=int, default=12)
     demo_cmd.set_defaults(handler=demo)
-    train = commands.add_parser("train-demo", help="train the demo's small model on synthetic shapes (minutes on CPU)",
-                                description="Trains the demo's small InstructBLIP (jobs/demo_data/shapes-instructblip) from a seed "
-                                "on freshly drawn pictures of shapes, saves it (Hub layout) to --output and prints its "
-                                "accuracy on new pictures of the training generator and of the held-out one.")
+    train = commands.add_parser(
+        "train-demo",
+        help="train the demo's small model on synthetic shapes (minutes on CPU)",
+        description="Trains the demo's small InstructBLIP (jobs/demo_data/shapes-instructblip) from a seed "
+        "on freshly drawn pictures of shapes, saves it (Hub layout) to --output and prints its "
+        "accuracy on new pictures of the training generator and of the held-out one.",
+    )
     train.add_argument("--output", default="shapes-instructblip", help="where to save (default ./shapes-instructblip)")
-    train.add_argument("--steps", type=int,
-                       help="optimizer steps (default: the shipped model's, jobs.train.TrainConfig)")
+    train.add_argument(
+        "--steps", type=int, help="optimizer steps (default: the shipped model's, jobs.train.TrainConfig)"
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--evaluate", type=int, default=200, help="pictures to measure accuracy on afterwards (0: none)")
     train.set_defaults(handler=train_demo)
-    status = commands.add_parser("status", help="units done, failed and pending, and rows ok and in error, of an output",
-                                 description="Exit code 0 when no unit failed, 1 when some did, 3 when OUTPUT is "
-                                 "not a blipbatch output.")
+    status = commands.add_parser(
+        "status",
+        help="units done, failed and pending, and rows ok and in error, of an output",
+        description="Exit code 0 when no unit failed, 1 when some did, 3 when OUTPUT is not a blipbatch output.",
+    )
     status.add_argument("output")
-    status.add_argument("--verify", action="store_true",
-                        help="also read the input's id column and report ids repeated across shards")
+    status.add_argument(
+        "--verify", action="store_true", help="also read the input's id column and report ids repeated across shards"
+    )
     status.set_defaults(handler=show_status)
     retry = commands.add_parser("retry-failed", help="re-run the failed units of an output with its recorded settings")
     retry.add_argument("output")
@@ -547,13 +644,23 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors of the storage a location names (a bucket that does not exist, a malformed URL, a server that refuses): the
 # location's fault, not ours, so one line and exit 3 rather than a traceback. By module, since each backend has its
 # own types (botocore's ParamValidationError is no OSError).
-STORAGE_ERROR_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "requests",
-                         "urllib3")
+STORAGE_ERROR_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "gcsfs",
+    "google",
+    "aiohttp",
+    "fsspec",
+    "requests",
+    "urllib3",
+)
 
 
 def is_storage_error(error: BaseException) -> bool:
     """Whether `error` comes from reaching a location: an OSError, an error of a storage library or one caused by
     one, or any error raised inside a storage library (s3fs raises ValueError for a bucket it cannot create)."""
+
     def module(name: str) -> bool:
         return name.split(".")[0] in STORAGE_ERROR_MODULES
 

@@ -35,23 +35,33 @@ def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
 
     if model is None:
         if not (DEMO_MODEL / "model.safetensors").is_file():
-            raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL}; rebuild it with "
-                                    f"`blipbatch train-demo --output {DEMO_MODEL}` or pass --model")
+            raise FileNotFoundError(
+                f"the demo model is missing from {DEMO_MODEL}; rebuild it with "
+                f"`blipbatch train-demo --output {DEMO_MODEL}` or pass --model"
+            )
         model = str(DEMO_MODEL)
-        print(f"Model: {DEMO_MODEL}, a 0.4M-parameter InstructBLIP trained on synthetic pictures of circles,\n"
-              "squares and triangles (see its README.md); it knows nothing else. The path is the real one: Parquet\n"
-              "shard -> fetch -> decode -> vision encoder -> Q-Former (with the instruction) -> LLaMA -> Parquet.\n")
+        print(
+            f"Model: {DEMO_MODEL}, a 0.4M-parameter InstructBLIP trained on synthetic pictures of circles,\n"
+            "squares and triangles (see its README.md); it knows nothing else. The path is the real one: Parquet\n"
+            "shard -> fetch -> decode -> vision encoder -> Q-Former (with the instruction) -> LLaMA -> Parquet.\n"
+        )
     # The input stays beside the outputs, so that `blipbatch report` can tell what is pending.
     source = str(write_sample_input(output / "input"))
     # The sample images are local files: their folder is the one local root the jobs may read.
-    common = dict(passthrough=["name"], max_new_tokens=max_new_tokens, progress=False,
-                  fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
+    common = dict(
+        passthrough=["name"],
+        max_new_tokens=max_new_tokens,
+        progress=False,
+        fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)),
+    )
     jobs = (("captions", dict(prompt=CAPTION_PROMPT)), ("annotations", dict(prompt=QUESTIONS)))
     for name, what in jobs:
         target = str(output / name)
         summary = pipeline.run(source, target, model, **what, **common)
-        print(f"== {name} job: {summary.rows_ok} rows ok, {summary.rows_error} in error, "
-              f"{summary.wall_s:.1f}s -> {target}")
+        print(
+            f"== {name} job: {summary.rows_ok} rows ok, {summary.rows_error} in error, "
+            f"{summary.wall_s:.1f}s -> {target}"
+        )
         for row in read_output(target).to_pylist()[:6]:
             label = row.get("question_id") or "caption"
             print(f"  {row['name']:22s} {label:8s} {row['text']!r}")

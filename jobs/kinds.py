@@ -14,15 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import fsspec
-
+from blipbatch.errors import BlipbatchError
 from blipbatch.pipeline.sink import read_output, write_table
 from blipbatch.schemas import STATUS_ERROR
-from blipbatch.errors import BlipbatchError
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -38,17 +37,33 @@ class Kind:
     instructions: Callable[[str | None, Mapping[str, str]], tuple[str, ...] | dict[str, str] | None]
 
 
-_QUESTIONS_HINT = ('kind "annotate" asks every image each question of this table, '
-                   'e.g. [questions] color = "What color is the car?"')
+_QUESTIONS_HINT = (
+    'kind "annotate" asks every image each question of this table, e.g. [questions] color = "What color is the car?"'
+)
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("caption", "one prompt asked of every image", {}, ("prompt",), lambda prompt, questions: (prompt,)),
-    Kind("vqa", "each row's own question, from a column",
-         {"input.instruction_column": 'kind "vqa" reads each row\'s question from this column, '
-                                      'e.g. instruction_column = "question"'}, (), lambda prompt, questions: None),
-    Kind("annotate", "named questions asked of every image", {"questions": _QUESTIONS_HINT}, ("output.wide",),
-         lambda prompt, questions: dict(questions)),
-)}
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("caption", "one prompt asked of every image", {}, ("prompt",), lambda prompt, questions: (prompt,)),
+        Kind(
+            "vqa",
+            "each row's own question, from a column",
+            {
+                "input.instruction_column": 'kind "vqa" reads each row\'s question from this column, '
+                'e.g. instruction_column = "question"'
+            },
+            (),
+            lambda prompt, questions: None,
+        ),
+        Kind(
+            "annotate",
+            "named questions asked of every image",
+            {"questions": _QUESTIONS_HINT},
+            ("output.wide",),
+            lambda prompt, questions: dict(questions),
+        ),
+    )
+}
 
 # Keys that only some kinds use; a spec that sets one its kind does not use is refused rather than ignored.
 KIND_SPECIFIC_KEYS = ("input.instruction_column", "prompt", "questions", "output.wide")
@@ -61,8 +76,18 @@ WIDE_SUFFIX = ".wide.parquet"  # the wide table of OUT is OUT.wide.parquet
 SCORE_SUFFIX = "_score"  # the wide table's column of a question's scores: <question_id>_score
 _OLD_WIDE_TABLE = "wide.parquet"  # where outputs written before it moved beside them kept it, inside the output
 # Columns of the long output that vary by question; the others (id, the image column, passthrough) are the image's.
-_PER_QUESTION = ("instruction", "question_id", "text", "score", "candidate_logprobs", "status", "error_kind", "error",
-                 "model", "generation")
+_PER_QUESTION = (
+    "instruction",
+    "question_id",
+    "text",
+    "score",
+    "candidate_logprobs",
+    "status",
+    "error_kind",
+    "error",
+    "model",
+    "generation",
+)
 
 
 class WideTableError(BlipbatchError, ValueError):
@@ -80,8 +105,9 @@ def wide_table(long: pa.Table) -> pa.Table:
     (error rows of input rows whose id was null) have no image to go under and are left out.
     """
     if "question_id" not in long.column_names:
-        raise WideTableError("the output has no question_id column: a wide table is made from the output of an "
-                             "annotate job")
+        raise WideTableError(
+            "the output has no question_id column: a wide table is made from the output of an annotate job"
+        )
     long = long.filter(pc.is_valid(long.column("id")))
     ids = long.column("id").combine_chunks()
     image_ids = pc.unique(ids)  # in order of first appearance
@@ -95,14 +121,18 @@ def wide_table(long: pa.Table) -> pa.Table:
     for question in pc.unique(question_ids).drop_null().to_pylist():
         for column in (question, f"{question}{SCORE_SUFFIX}") if scored else (question,):
             if column in wide.column_names or column == "errors":
-                raise WideTableError(f"question {question!r} makes the column {column!r}, which the wide table "
-                                     "has already; rename the question")
+                raise WideTableError(
+                    f"question {question!r} makes the column {column!r}, which the wide table "
+                    "has already; rename the question"
+                )
         rows = np.flatnonzero(pc.equal(question_ids, question).fill_null(False).to_numpy(zero_copy_only=False))
         images = image_of_row[rows]
         if len(np.unique(images)) != len(images):
             repeated = image_ids[int(images[np.argmax(np.bincount(images))])].as_py()
-            raise WideTableError(f"id {repeated!r} has several rows for question {question!r}: a wide table needs "
-                                 "unique ids (set [input] id_column to a unique column, or leave it out)")
+            raise WideTableError(
+                f"id {repeated!r} has several rows for question {question!r}: a wide table needs "
+                "unique ids (set [input] id_column to a unique column, or leave it out)"
+            )
         slot = np.full(len(image_ids), -1)
         slot[images] = rows
         at = pa.array(slot, mask=slot < 0)
@@ -113,8 +143,9 @@ def wide_table(long: pa.Table) -> pa.Table:
     errors: list[list[tuple[str, str]] | None] = [None] * len(image_ids)
     failed = long.filter(pc.equal(long.column("status"), STATUS_ERROR))
     failed_images = pc.index_in(failed.column("id"), value_set=image_ids).to_pylist()
-    for image, question, kind, message in zip(failed_images, *(failed.column(c).to_pylist()
-                                                               for c in ("question_id", "error_kind", "error"))):
+    for image, question, kind, message in zip(
+        failed_images, *(failed.column(c).to_pylist() for c in ("question_id", "error_kind", "error"))
+    ):
         errors[image] = (errors[image] or []) + [(question, f"{kind}: {message}")]
     return wide.append_column("errors", pa.array(errors, type=pa.map_(pa.string(), pa.string())))
 
@@ -124,8 +155,10 @@ def wide_location(output: str) -> str:
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
     if "/" not in root.lstrip("/"):
-        raise WideTableError(f"{output}: the wide table goes beside the output folder, and a bucket or filesystem "
-                             "root has nothing beside it; put the output in a folder (a prefix)")
+        raise WideTableError(
+            f"{output}: the wide table goes beside the output folder, and a bucket or filesystem "
+            "root has nothing beside it; put the output in a folder (a prefix)"
+        )
     return f"{output.rstrip('/')}{WIDE_SUFFIX}"
 
 

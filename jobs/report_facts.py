@@ -21,7 +21,7 @@ import stat
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,17 +29,17 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from blipbatch.errors import BlipbatchError
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
-from blipbatch.pipeline.lock import LockInfo, OutputLock
-from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
 from blipbatch.pipeline.guard import LocalRoots
+from blipbatch.pipeline.lock import LockInfo, OutputLock
 from blipbatch.pipeline.manifest import ManifestError, read_manifest, recorded_runs
+from blipbatch.pipeline.shards import WorkUnit, discover_shards, plan_units
 from blipbatch.pipeline.sink import failed_units, part_schema, progress_records, read_part
 from blipbatch.pipeline.webdataset import IndexCache, is_tar, read_images
 from blipbatch.schemas import ColumnMapping, ProgressRecord
-from blipbatch.errors import BlipbatchError
 
 from .report_closed_set import ClosedSetStats, closed_set_stats
 
@@ -59,8 +59,12 @@ class ReportError(BlipbatchError, ValueError):
 def planned_units(settings: dict, output: str | None = None) -> list[WorkUnit]:
     """The work units of the input a manifest's settings name, cut as the run cut them (WebDataset tars from the
     scans `output` keeps, where it has them)."""
-    return plan_units(discover_shards(settings["input"]), ColumnMapping(**settings["mapping"]),
-                      settings["rows_per_unit"], None if output is None else IndexCache(output))
+    return plan_units(
+        discover_shards(settings["input"]),
+        ColumnMapping(**settings["mapping"]),
+        settings["rows_per_unit"],
+        None if output is None else IndexCache(output),
+    )
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,13 @@ def totals(records: Sequence[ProgressRecord]) -> Totals:
     kinds: Counter[str] = Counter()
     for record in records:
         kinds.update(record.errors_by_kind)
-    return Totals(sum(r.rows_ok for r in records), sum(r.rows_error for r in records), dict(sorted(kinds.items())),
-                  sum(r.images_encoded for r in records), sum(r.duplicate_images for r in records))
+    return Totals(
+        sum(r.rows_ok for r in records),
+        sum(r.rows_error for r in records),
+        dict(sorted(kinds.items())),
+        sum(r.images_encoded for r in records),
+        sum(r.duplicate_images for r in records),
+    )
 
 
 # -------------------------------------------------------------------------------------------------- what is read
@@ -121,8 +130,11 @@ def owned_by_caller(output: str) -> bool:
         stats = [os.lstat(path), os.lstat(os.path.join(path, "_manifest.json"))]
     except OSError:
         return False
-    return all(s.st_uid == os.getuid() and not s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) for s in stats) and \
-        stat.S_ISDIR(stats[0].st_mode) and stat.S_ISREG(stats[1].st_mode)
+    return (
+        all(s.st_uid == os.getuid() and not s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) for s in stats)
+        and stat.S_ISDIR(stats[0].st_mode)
+        and stat.S_ISREG(stats[1].st_mode)
+    )
 
 
 def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, seed: int = 0) -> RunData:
@@ -144,8 +156,17 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
         units_planned, input_problem = len(planned_units(settings, output)), None
     except (OSError, ValueError) as e:  # the input moved or is unreachable from here: report the rest
         units_planned, input_problem = None, f"{type(e).__name__}: {e}"
-    data = RunData(output, settings, records, failed, units_planned, input_problem, OutputLock(output).holder(),
-                   generated_at=datetime.now(timezone.utc).timestamp(), runs=recorded_runs(output))
+    data = RunData(
+        output,
+        settings,
+        records,
+        failed,
+        units_planned,
+        input_problem,
+        OutputLock(output).holder(),
+        generated_at=datetime.now(UTC).timestamp(),
+        runs=recorded_runs(output),
+    )
     image_column = settings["mapping"]["image_column"]
     data.examples = error_examples(output, records, image_column)
     data.closed_sets = closed_set_stats(output, records, settings.get("closed_sets"))
@@ -154,8 +175,13 @@ def collect(output: str, sample: int = 24, fetch: FetchConfig | None = None, see
     return data
 
 
-def error_examples(output: str, records: Sequence[ProgressRecord], image_column: str,
-                   per_kind: int = EXAMPLES_PER_KIND, max_parts: int = MAX_EXAMPLE_PARTS) -> dict[str, list[dict]]:
+def error_examples(
+    output: str,
+    records: Sequence[ProgressRecord],
+    image_column: str,
+    per_kind: int = EXAMPLES_PER_KIND,
+    max_parts: int = MAX_EXAMPLE_PARTS,
+) -> dict[str, list[dict]]:
     """Up to `per_kind` error rows (id, reference, message) of each error kind, from at most `max_parts` parts."""
     examples: dict[str, list[dict]] = defaultdict(list)
     parts_read = 0
@@ -170,13 +196,15 @@ def error_examples(output: str, records: Sequence[ProgressRecord], image_column:
             seen = examples[row["error_kind"]]
             # An image asked several questions fails each the same way: one example per image.
             if len(seen) < per_kind and all(ex["id"] != row["id"] for ex in seen):
-                examples[row["error_kind"]].append({"id": row["id"], "reference": row[image_column],
-                                                    "error": row["error"]})
+                examples[row["error_kind"]].append(
+                    {"id": row["id"], "reference": row[image_column], "error": row["error"]}
+                )
     return dict(examples)
 
 
-def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord], sample: int,
-                   fetch: FetchConfig, seed: int = 0) -> list[GalleryItem]:
+def sample_gallery(
+    output: str, settings: dict, records: Sequence[ProgressRecord], sample: int, fetch: FetchConfig, seed: int = 0
+) -> list[GalleryItem]:
     """`sample` input images drawn uniformly (seeded) from the committed units, with thumbnails."""
     sizes = [record.num_rows for record in records]
     ends = list(itertools.accumulate(sizes))
@@ -213,8 +241,11 @@ def sample_gallery(output: str, settings: dict, records: Sequence[ProgressRecord
             values = dict.fromkeys(rows, refused)
         else:
             mapping = settings["mapping"]
-            values = (read_tar_images(shard, sorted(rows), mapping.get("image_extension"))
-                      if is_tar(shard, mapping.get("format")) else read_input_values(shard, image_column, sorted(rows)))
+            values = (
+                read_tar_images(shard, sorted(rows), mapping.get("image_extension"))
+                if is_tar(shard, mapping.get("format"))
+                else read_input_values(shard, image_column, sorted(rows))
+            )
         for row, value in values.items():
             sources[rows[row]] = value
     for item, image in zip(items, thumbnails(sources, fetch)):
@@ -230,8 +261,9 @@ def _check_readable(shard: str, fetch: FetchConfig) -> None:
     and the output's folder may be writable by others."""
     protocol = shard.split("://", 1)[0] if "://" in shard else "file"
     if protocol not in fetch.allowed_schemes:
-        raise RowError("blocked_address", f"input shard {shard} refused: {protocol!r} is not in [fetch] "
-                                          "allowed_schemes")
+        raise RowError(
+            "blocked_address", f"input shard {shard} refused: {protocol!r} is not in [fetch] allowed_schemes"
+        )
     if protocol == "file":
         LocalRoots(fetch.local_roots).resolve(url_to_fs(shard)[1], shard)
 
@@ -242,8 +274,12 @@ def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int,
         fs, path = url_to_fs(shard)
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            starts = [0, *itertools.accumulate(parquet.metadata.row_group(g).num_rows
-                                               for g in range(parquet.metadata.num_row_groups))]
+            starts = [
+                0,
+                *itertools.accumulate(
+                    parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)
+                ),
+            ]
             values: dict[int, object] = {}
             for group, wanted in itertools.groupby(rows, key=lambda row: bisect.bisect_right(starts, row) - 1):
                 column_values = parquet.read_row_group(group, columns=[column]).column(column)
@@ -337,7 +373,9 @@ def worker_stats(records: Sequence[ProgressRecord]) -> list[WorkerStats]:
     return sorted(stats.values(), key=lambda s: (len(s.worker), s.worker))
 
 
-def throughput(records: Sequence[ProgressRecord], bins: int = THROUGHPUT_BINS) -> tuple[float, float, dict[str, list[float]]]:
+def throughput(
+    records: Sequence[ProgressRecord], bins: int = THROUGHPUT_BINS
+) -> tuple[float, float, dict[str, list[float]]]:
     """(start time, bin width in s, rows/s per bin for "all workers" and for each worker).
 
     A unit's rows are spread evenly over its start..finish, so a bin gets the share of each unit it overlaps."""

@@ -85,7 +85,7 @@ class ShapeScene:
 
     @property
     def caption(self) -> str:
-        """"a blue square", "an orange circle", "two red circles", "three green triangles"."""
+        """ "a blue square", "an orange circle", "two red circles", "three green triangles"."""
         if self.count == 1:
             return f"{'an' if self.color[0] in 'aeiou' else 'a'} {self.color} {self.shape}"
         return f"{COUNT_WORDS[self.count - 1]} {self.color} {self.shape}s"
@@ -137,8 +137,9 @@ def _contrasts(background: tuple[int, int, int], fill: tuple[int, int, int]) -> 
     return math.dist(background, fill) >= MIN_CONTRAST
 
 
-def _boxes(rng: random.Random, count: int, width: int, height: int, sides: tuple[int, int],
-           space: tuple[int, int]) -> list[tuple[int, int, int]]:
+def _boxes(
+    rng: random.Random, count: int, width: int, height: int, sides: tuple[int, int], space: tuple[int, int]
+) -> list[tuple[int, int, int]]:
     """`count` non-overlapping square boxes (x, y, side), sides in the `sides` range of pixels, anywhere inside the
     picture, at least space[0] pixels apart side by side or space[1] one above the other."""
     while True:  # a handful of tries at most: three of the largest boxes fit in two rows
@@ -146,15 +147,21 @@ def _boxes(rng: random.Random, count: int, width: int, height: int, sides: tuple
         for _ in range(200):
             side = rng.randint(*sides)
             x, y = rng.randint(1, width - side - 1), rng.randint(1, height - side - 1)
-            if all(x + side + space[0] <= bx or bx + bs + space[0] <= x or y + side + space[1] <= by
-                   or by + bs + space[1] <= y for bx, by, bs in boxes):
+            if all(
+                x + side + space[0] <= bx
+                or bx + bs + space[0] <= x
+                or y + side + space[1] <= by
+                or by + bs + space[1] <= y
+                for bx, by, bs in boxes
+            ):
                 boxes.append((x, y, side))
                 if len(boxes) == count:
                     return boxes
 
 
-def _draw(draw: PIL.ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int], fill: int | tuple[int, int, int]
-          ) -> None:
+def _draw(
+    draw: PIL.ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int], fill: int | tuple[int, int, int]
+) -> None:
     x, y, side = box
     if shape == "circle":
         draw.ellipse((x, y, x + side, y + side), fill=fill)
@@ -189,8 +196,9 @@ def _background(rng: random.Random, fill: tuple[int, int, int]) -> tuple[int, in
             return background
 
 
-def _gradient(rng: random.Random, size: tuple[int, int], start: tuple[int, int, int], end: tuple[int, int, int]
-              ) -> PIL.Image.Image:
+def _gradient(
+    rng: random.Random, size: tuple[int, int], start: tuple[int, int, int], end: tuple[int, int, int]
+) -> PIL.Image.Image:
     """A picture shading from `start` to `end`, top to bottom, left to right or the other way round."""
     ramp = PIL.Image.linear_gradient("L").rotate(rng.choice((0, 90, 180, 270))).resize(size)
     return PIL.Image.composite(PIL.Image.new("RGB", size, end), PIL.Image.new("RGB", size, start), ramp)

@@ -32,17 +32,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blipbatch.errors import BlipbatchError
 from blipbatch.model.candidates import ClosedSet, candidates_problem
 from blipbatch.pipeline.decode import DecodeConfig
 from blipbatch.pipeline.fetch import FetchConfig
+from blipbatch.pipeline.job import (
+    GenerationSettingsError,
+    InputConfig,
+    Job,
+    ModelConfig,
+    OutputConfig,
+    PipelineError,
+    RunConfig,
+    instruction_size_problem,
+)
 from blipbatch.pipeline.template import MISSING_CHOICES, TemplateError
 from blipbatch.pipeline.template import parse as parse_template
-from blipbatch.pipeline.job import (GenerationSettingsError, InputConfig, Job, ModelConfig, OutputConfig, PipelineError,
-                                    RunConfig, instruction_size_problem)
 from blipbatch.schemas import OUTPUT_COLUMNS, ColumnMapping
 
 from .kinds import KIND_SPECIFIC_KEYS, KINDS
-from blipbatch.errors import BlipbatchError
 
 
 class SpecError(BlipbatchError, ValueError):
@@ -84,7 +92,7 @@ CAPTION_PROMPTS = {"instructblip": "A short image caption:", "blip-2": ""}
 
 
 def model_family(model: str | os.PathLike | Mapping[str, Any]) -> str | None:
-    """"instructblip", "blip-2", or None when it cannot be told.
+    """ "instructblip", "blip-2", or None when it cannot be told.
 
     `model` is a config.json as a dict, or a checkpoint location: a local folder with a config.json is decided by the
     config's model_type; anything else (a Hub id, a URL, a folder without config) by the last part of its name
@@ -154,9 +162,12 @@ def _choice(*options: str) -> _Check:
 _BOOLEAN = _Check("true or false", lambda v: isinstance(v, bool))
 _TEXT = _Check("a non-empty string", _is_text)
 _TEXTS = _Check("an array of non-empty strings", lambda v: isinstance(v, list) and all(map(_is_text, v)), tuple)
-_PATHS = _Check("a path or URL, or a non-empty array of them",
-                lambda v: _is_text(v) or (isinstance(v, list) and len(v) > 0 and all(map(_is_text, v))),
-                lambda v: (v,) if isinstance(v, str) else tuple(v))
+_PATHS = _Check(
+    "a path or URL, or a non-empty array of them",
+    lambda v: _is_text(v) or (isinstance(v, list) and len(v) > 0 and all(map(_is_text, v))),
+    lambda v: (v,) if isinstance(v, str) else tuple(v),
+)
+
 
 def _is_token(value: object) -> bool:
     return _is_int(value) and value >= 0
@@ -192,22 +203,28 @@ GENERATION_KEYS: dict[str, _Check] = {
     "eta_cutoff": _number("a number in [0, 1)", lambda v: 0 <= v < 1),
     "encoder_repetition_penalty": _number("a number > 0", lambda v: v > 0),
     "encoder_no_repeat_ngram_size": _integer(0),
-    "bad_words_ids": _Check("a non-empty array of non-empty arrays of token ids",
-                            lambda v: isinstance(v, list) and len(v) > 0 and all(_is_tokens(w) for w in v)),
-    "sequence_bias": _Check("a non-empty array of [[token ids...], bias] pairs",
-                            lambda v: isinstance(v, list) and len(v) > 0 and all(
-                                isinstance(p, list) and len(p) == 2 and _is_tokens(p[0]) and _is_number(p[1])
-                                for p in v),
-                            lambda v: [[list(ids), float(bias)] for ids, bias in v]),
+    "bad_words_ids": _Check(
+        "a non-empty array of non-empty arrays of token ids",
+        lambda v: isinstance(v, list) and len(v) > 0 and all(_is_tokens(w) for w in v),
+    ),
+    "sequence_bias": _Check(
+        "a non-empty array of [[token ids...], bias] pairs",
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and all(isinstance(p, list) and len(p) == 2 and _is_tokens(p[0]) and _is_number(p[1]) for p in v)
+        ),
+        lambda v: [[list(ids), float(bias)] for ids, bias in v],
+    ),
     "suppress_tokens": _Check("an array of token ids", lambda v: isinstance(v, list) and all(map(_is_token, v))),
-    "begin_suppress_tokens": _Check("an array of token ids",
-                                    lambda v: isinstance(v, list) and all(map(_is_token, v))),
+    "begin_suppress_tokens": _Check("an array of token ids", lambda v: isinstance(v, list) and all(map(_is_token, v))),
     "forced_bos_token_id": _Check("a token id (an integer >= 0)", _is_token),
     "forced_eos_token_id": _TOKEN_OR_TOKENS,
-    "exponential_decay_length_penalty": _Check("[start index (an integer >= 0), decay factor (a number)]",
-                                               lambda v: isinstance(v, list) and len(v) == 2 and _is_token(v[0])
-                                               and _is_number(v[1]),
-                                               lambda v: [v[0], float(v[1])]),
+    "exponential_decay_length_penalty": _Check(
+        "[start index (an integer >= 0), decay factor (a number)]",
+        lambda v: isinstance(v, list) and len(v) == 2 and _is_token(v[0]) and _is_number(v[1]),
+        lambda v: [v[0], float(v[1])],
+    ),
     "renormalize_logits": _BOOLEAN,
     "remove_invalid_values": _BOOLEAN,
     "use_cache": _BOOLEAN,
@@ -238,22 +255,44 @@ def _config_checks(cls: type) -> dict[str, _Check]:
 # Per table: key -> check. [questions] takes any key (the question ids) and is checked apart.
 TABLES: dict[str, dict[str, _Check]] = {
     "job": {"kind": _choice(*KINDS), "name": _TEXT},
-    "input": {"path": _PATHS, "image_column": _TEXT, "id_column": _TEXT, "instruction_column": _TEXT,
-              "passthrough": _TEXTS, "missing": _choice(*MISSING_CHOICES), "format": _choice("parquet", "webdataset"),
-              "image_extension": _TEXT},
+    "input": {
+        "path": _PATHS,
+        "image_column": _TEXT,
+        "id_column": _TEXT,
+        "instruction_column": _TEXT,
+        "passthrough": _TEXTS,
+        "missing": _choice(*MISSING_CHOICES),
+        "format": _choice("parquet", "webdataset"),
+        "image_extension": _TEXT,
+    },
     "output": {"path": _TEXT, "wide": _BOOLEAN},
-    "model": {"path": _TEXT, "dtype": _choice("bfloat16", "float16", "float32"), "device": _choice("cuda", "cpu"),
-              "quantize": _choice("fp8"), "cuda_graphs": _BOOLEAN},
+    "model": {
+        "path": _TEXT,
+        "dtype": _choice("bfloat16", "float16", "float32"),
+        "device": _choice("cuda", "cpu"),
+        "quantize": _choice("fp8"),
+        "cuda_graphs": _BOOLEAN,
+    },
     "prompt": {"text": _Check("a string", lambda v: isinstance(v, str))},
     "questions": {},
     "generation": GENERATION_KEYS,
     "fetch": _config_checks(FetchConfig),
     "decode": _config_checks(DecodeConfig),
-    "run": {"workers": _Check('an integer >= 1 or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1)),
-            "max_workers": _integer(1), "batch_size": _integer(1), "decode_slots": _integer(1),
-            "prepare_threads": _integer(1), "decoded_bytes": _integer(1), "decode_processes": _integer(0),
-            "rows_per_unit": _integer(1), "max_attempts": _integer(1), "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
-            "max_instruction_bytes": _integer(1), "address": _TEXT, "max_candidates": _integer(2)},
+    "run": {
+        "workers": _Check('an integer >= 1 or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1)),
+        "max_workers": _integer(1),
+        "batch_size": _integer(1),
+        "decode_slots": _integer(1),
+        "prepare_threads": _integer(1),
+        "decoded_bytes": _integer(1),
+        "decode_processes": _integer(0),
+        "rows_per_unit": _integer(1),
+        "max_attempts": _integer(1),
+        "max_error_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "max_instruction_bytes": _integer(1),
+        "address": _TEXT,
+        "max_candidates": _integer(2),
+    },
 }
 
 # A question written as a table, [questions.NAME]: the question, and (closed-set) the answers it may take.
@@ -267,8 +306,8 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("job", "kind"): 'what to do: kind = "caption", "vqa" or "annotate"',
     ("input", "path"): 'the Parquet shards: a folder, a glob or an array of files, e.g. path = "s3://bucket/shards/"',
     ("output", "path"): 'where the results go, e.g. path = "s3://bucket/captions/"',
-    ("model", "path"): 'the checkpoint: a local folder, an fsspec URL or a Hub id, '
-                       'e.g. path = "Salesforce/instructblip-vicuna-7b"',
+    ("model", "path"): "the checkpoint: a local folder, an fsspec URL or a Hub id, "
+    'e.g. path = "Salesforce/instructblip-vicuna-7b"',
 }
 
 # Columns of the wide table of an annotate job, besides one per question.
@@ -344,8 +383,14 @@ class _Locator:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading.
 
-_TOML_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (list, "an array"),
-               (dict, "a table"))
+_TOML_TYPES = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
 
 
 def _toml(value: object) -> str:
@@ -382,14 +427,16 @@ def _read_toml(path: Path, source: str) -> tuple[str, dict[str, Any]]:
     try:
         return text, tomllib.loads(text)
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise SpecError(f"{source}:{_deepest_line(text)}", "",
-                        f"arrays or inline tables nested too deeply; a job spec needs at most {MAX_TOML_DEPTH} levels"
-                        ) from None
+        raise SpecError(
+            f"{source}:{_deepest_line(text)}",
+            "",
+            f"arrays or inline tables nested too deeply; a job spec needs at most {MAX_TOML_DEPTH} levels",
+        ) from None
     except tomllib.TOMLDecodeError as e:
         message = str(e)
         at = re.search(r"\s*\(at line (\d+), column \d+\)$|\s*\(at end of document\)$", message)
         line = int(at.group(1)) if at and at.group(1) else max(1, len(text.splitlines()))
-        raise SpecError(f"{source}:{line}", "", f"not valid TOML: {message[:at.start()] if at else message}") from None
+        raise SpecError(f"{source}:{line}", "", f"not valid TOML: {message[: at.start()] if at else message}") from None
 
 
 def _deepest_line(text: str) -> int:
@@ -442,12 +489,21 @@ def _check_tables(doc: dict[str, Any], where: _Locator) -> dict[str, dict[str, A
     values: dict[str, dict[str, Any]] = {}
     for table, content in doc.items():
         if table not in TABLES and isinstance(content, dict):
-            raise SpecError(where(table), f"[{table}]",
-                            f"unknown table; {_known([f'[{t}]' for t in TABLES], f'[{table}]')}")
+            raise SpecError(
+                where(table), f"[{table}]", f"unknown table; {_known([f'[{t}]' for t in TABLES], f'[{table}]')}"
+            )
         if table not in TABLES:
             owners = [f"[{t}]" for t, checks in TABLES.items() if table in checks]
-            raise SpecError(where(table), table, "a key outside any table; " + (
-                f"put it under {' or '.join(owners)}" if owners else f"tables: {', '.join(f'[{t}]' for t in TABLES)}"))
+            raise SpecError(
+                where(table),
+                table,
+                "a key outside any table; "
+                + (
+                    f"put it under {' or '.join(owners)}"
+                    if owners
+                    else f"tables: {', '.join(f'[{t}]' for t in TABLES)}"
+                ),
+            )
         if not isinstance(content, dict):
             raise SpecError(where(table), f"[{table}]", f"expected a table, got {_show(content)}")
         checks = TABLES[table]
@@ -457,13 +513,17 @@ def _check_tables(doc: dict[str, Any], where: _Locator) -> dict[str, dict[str, A
                 values[table][key] = _question_table(key, value, where)
                 continue
             if table == "questions":
-                check = _Check('a non-empty string (the question), or a table with question = "..." and candidates',
-                               _is_text)
+                check = _Check(
+                    'a non-empty string (the question), or a table with question = "..." and candidates', _is_text
+                )
             elif key in checks:
                 check = checks[key]
             elif key in TABLES:  # a table written as a key: it lands in the table above it
-                raise SpecError(where(table, key), f"[{table}] {key}",
-                                f"unknown key; [{key}] is a table: give it its own [{key}] header line")
+                raise SpecError(
+                    where(table, key),
+                    f"[{table}] {key}",
+                    f"unknown key; [{key}] is a table: give it its own [{key}] header line",
+                )
             else:
                 raise SpecError(where(table, key), f"[{table}] {key}", f"unknown key; {_known(list(checks), key)}")
             if not check.accepts(value):
@@ -479,14 +539,21 @@ def _question_table(name: str, table: dict[str, Any], where: _Locator) -> dict[s
         if key not in QUESTION_KEYS:
             raise SpecError(where("questions", name, key), label, f"unknown key; {_known(list(QUESTION_KEYS), key)}")
         if not QUESTION_KEYS[key].accepts(value):
-            raise SpecError(where("questions", name, key), label,
-                            f"expected {QUESTION_KEYS[key].expected}, got {_show(value)}")
+            raise SpecError(
+                where("questions", name, key), label, f"expected {QUESTION_KEYS[key].expected}, got {_show(value)}"
+            )
     if "question" not in table:
-        raise SpecError(where("questions", name), f"[questions.{name}] question",
-                        'missing; the question asked of every image, e.g. question = "What color is the car?"')
+        raise SpecError(
+            where("questions", name),
+            f"[questions.{name}] question",
+            'missing; the question asked of every image, e.g. question = "What color is the car?"',
+        )
     if "scoring" in table and "candidates" not in table:
-        raise SpecError(where("questions", name, "scoring"), f"[questions.{name}] scoring",
-                        "only a question with candidates is scored; add candidates = [...] or remove it")
+        raise SpecError(
+            where("questions", name, "scoring"),
+            f"[questions.{name}] scoring",
+            "only a question with candidates is scored; add candidates = [...] or remove it",
+        )
     return table
 
 
@@ -515,9 +582,12 @@ def _check_candidates_tokenize(model_path: str, closed: dict[str, ClosedSet], wh
     for name, closed_set in closed.items():
         for candidate in closed_set.candidates:
             if not tokenizer.encode(candidate, add_special_tokens=False).ids:
-                raise SpecError(where("questions", name, "candidates"), f"[questions.{name}] candidates",
-                                f"{json.dumps(candidate, ensure_ascii=False)} tokenizes to nothing with the model's "
-                                "tokenizer; give it text the tokenizer keeps")
+                raise SpecError(
+                    where("questions", name, "candidates"),
+                    f"[questions.{name}] candidates",
+                    f"{json.dumps(candidate, ensure_ascii=False)} tokenizes to nothing with the model's "
+                    "tokenizer; give it text the tokenizer keeps",
+                )
 
 
 def _pipeline_config(cls: type, table: str, given: dict[str, Any], where: _Locator) -> Any:
@@ -528,7 +598,7 @@ def _pipeline_config(cls: type, table: str, given: dict[str, Any], where: _Locat
         except ValueError as e:
             message = str(e)
             prefix = f"{cls.__name__}.{key}"
-            message = message[len(prefix):].lstrip(": ") if message.startswith(prefix) else message
+            message = message[len(prefix) :].lstrip(": ") if message.startswith(prefix) else message
             raise SpecError(where(table, key), f"[{table}] {key}", message) from None
     return cls(**given)
 
@@ -555,10 +625,12 @@ def _text_positions(model: str) -> tuple[int, int] | None:
         return None
 
 
-def _check_bounds(generation: Mapping[str, Any], model: str, texts: Mapping[tuple[str, ...], str], limit: int,
-                  where: _Locator) -> None:
+def _check_bounds(
+    generation: Mapping[str, Any], model: str, texts: Mapping[tuple[str, ...], str], limit: int, where: _Locator
+) -> None:
     """num_beams, max_new_tokens and max_length within what the model can take; each fixed prompt or question within
     [run] max_instruction_bytes (`texts`: its key path -> text)."""
+
     def refuse(key: str, problem: str) -> None:
         raise SpecError(where("generation", key), f"[generation] {key}", problem)
 
@@ -567,16 +639,20 @@ def _check_bounds(generation: Mapping[str, Any], model: str, texts: Mapping[tupl
             refuse(key, f"at most {MAX_NUM_BEAMS}, got {generation[key]}")
     known = _text_positions(model)
     # max_new_tokens leaves room for the image's tokens and one of prompt; max_length counts them.
-    for key, longest in (("max_new_tokens", MAX_NEW_TOKENS if known is None else known[0] - known[1] - 1),
-                         ("max_length", MAX_NEW_TOKENS if known is None else known[0])):
+    for key, longest in (
+        ("max_new_tokens", MAX_NEW_TOKENS if known is None else known[0] - known[1] - 1),
+        ("max_length", MAX_NEW_TOKENS if known is None else known[0]),
+    ):
         if generation.get(key, 0) > longest:
-            bound = ("" if known is None else
-                     f": the model's language model has {known[0]} positions, {known[1]} of them for the image")
+            bound = (
+                ""
+                if known is None
+                else f": the model's language model has {known[0]} positions, {known[1]} of them for the image"
+            )
             refuse(key, f"at most {longest}{bound}; got {generation[key]}")
     for path, text in texts.items():
         if (problem := instruction_size_problem(text, limit)) is not None:
             raise SpecError(where(*path), f"[{path[0]}] {path[1]}", problem)
-
 
 
 def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | None = None) -> JobSpec:
@@ -592,8 +668,15 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
         source, spec_file = str(path), Path(path).absolute()
         text, doc = _read_toml(spec_file, source)
     overridden = _apply_overrides(doc, overrides or {}, source)
-    where = _Locator(source, text, {tuple(d.split(".", 2 if d.startswith("questions.") else 1))
-                                    for d, v in (overrides or {}).items() if v is not None})
+    where = _Locator(
+        source,
+        text,
+        {
+            tuple(d.split(".", 2 if d.startswith("questions.") else 1))
+            for d, v in (overrides or {}).items()
+            if v is not None
+        },
+    )
     values = _check_tables(doc, where)
 
     for (table, key), hint in REQUIRED.items():
@@ -608,9 +691,11 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
             raise SpecError(where(*path), label, f"missing; {kind.requires[dotted]}")
         if present and dotted not in kind.requires and dotted not in kind.allows:
             users = [k.name for k in KINDS.values() if dotted in k.requires or dotted in k.allows]
-            raise SpecError(where(*path), label,
-                            f'not used by kind "{kind.name}" (only by {", ".join(users)}); remove it or change '
-                            "[job] kind")
+            raise SpecError(
+                where(*path),
+                label,
+                f'not used by kind "{kind.name}" (only by {", ".join(users)}); remove it or change [job] kind',
+            )
 
     inputs, output, model, run = (values.get(t, {}) for t in ("input", "output", "model", "run"))
     base = spec_file.parent if spec_file is not None else Path.cwd()
@@ -627,14 +712,20 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
 
     image_column = inputs.get("image_column", ColumnMapping.image_column)  # the mapping's default
     if image_column in OUTPUT_COLUMNS:
-        raise SpecError(where("input", "image_column"), "[input] image_column",
-                        f"{json.dumps(image_column)} clashes with the output column of that name; output columns: "
-                        + ", ".join(OUTPUT_COLUMNS))
+        raise SpecError(
+            where("input", "image_column"),
+            "[input] image_column",
+            f"{json.dumps(image_column)} clashes with the output column of that name; output columns: "
+            + ", ".join(OUTPUT_COLUMNS),
+        )
     for name in inputs.get("passthrough", ()):
         if name in OUTPUT_COLUMNS or name == image_column:
-            raise SpecError(where("input", "passthrough"), "[input] passthrough",
-                            f"{json.dumps(name)} clashes with the output column of that name; output columns: "
-                            + ", ".join((*OUTPUT_COLUMNS, image_column)))
+            raise SpecError(
+                where("input", "passthrough"),
+                "[input] passthrough",
+                f"{json.dumps(name)} clashes with the output column of that name; output columns: "
+                + ", ".join((*OUTPUT_COLUMNS, image_column)),
+            )
 
     questions = values.get("questions", {})
     closed_sets = _closed_sets(questions, run.get("max_candidates", RunConfig.max_candidates), where)
@@ -644,9 +735,11 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
         raise SpecError(where("questions"), "[questions]", f"empty; {kind.requires['questions']}")
     for name in questions:
         if name in RESERVED_QUESTION_IDS:
-            raise SpecError(where("questions", name), f"[questions] {name}",
-                            f"reserved name (a column of the wide table: {', '.join(RESERVED_QUESTION_IDS)}); "
-                            "choose another")
+            raise SpecError(
+                where("questions", name),
+                f"[questions] {name}",
+                f"reserved name (a column of the wide table: {', '.join(RESERVED_QUESTION_IDS)}); choose another",
+            )
 
     generation = values.get("generation", {})
     prompt = None
@@ -661,8 +754,13 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
         except TemplateError as e:
             raise SpecError(where(*path), label, str(e)) from None
     texts = {("prompt", "text"): prompt} if prompt is not None else {}
-    _check_bounds(generation, model["path"], texts | {("questions", k): q for k, q in questions.items()},
-                  run.get("max_instruction_bytes", RunConfig.max_instruction_bytes), where)
+    _check_bounds(
+        generation,
+        model["path"],
+        texts | {("questions", k): q for k, q in questions.items()},
+        run.get("max_instruction_bytes", RunConfig.max_instruction_bytes),
+        where,
+    )
     try:
         return JobSpec(
             source=spec_file,

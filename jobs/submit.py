@@ -13,12 +13,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from blipbatch.errors import BlipbatchError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # import package -> its folder in the repository (pyproject.toml's package-dir)
-PACKAGES = {"blipbatch": "blipbatch", "blipbatch/model": "model", "blipbatch/pipeline": "pipeline",
-            "blipbatch/jobs": "jobs", "blipbatch/schemas": "schemas"}
+PACKAGES = {
+    "blipbatch": "blipbatch",
+    "blipbatch/model": "model",
+    "blipbatch/pipeline": "pipeline",
+    "blipbatch/jobs": "jobs",
+    "blipbatch/schemas": "schemas",
+}
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 AGENT_WAIT_S = 180.0  # a cluster that has just started, on a busy machine, may take minutes to start its job agent
 
@@ -44,8 +50,9 @@ def submit(spec: str, address: str, wait: bool = True, extra: list[str] | None =
         load_spec(spec, dict(parse_override(a) for a in extra or []))  # refuse a bad spec here, not on the cluster
     except (SpecError, ValueError, OSError) as e:
         raise SubmitError(str(e)) from e
-    entrypoint = shlex.join([sys.executable if _same_machine(address) else "python", "-m", "blipbatch", "run",
-                             "job.toml", *overrides])
+    entrypoint = shlex.join(
+        [sys.executable if _same_machine(address) else "python", "-m", "blipbatch", "run", "job.toml", *overrides]
+    )
     with tempfile.TemporaryDirectory(prefix="blipbatch-submit-") as folder:
         stage(Path(spec), Path(folder))
         deadline = time.monotonic() + AGENT_WAIT_S

@@ -82,8 +82,14 @@ def _added(content: str, special: bool = True) -> AddedToken:
 
 def _added_decoder(tok: Tokenizer) -> dict[str, dict]:
     return {
-        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                 "single_word": t.single_word, "special": t.special}
+        str(i): {
+            "content": t.content,
+            "lstrip": t.lstrip,
+            "normalized": t.normalized,
+            "rstrip": t.rstrip,
+            "single_word": t.single_word,
+            "special": t.special,
+        }
         for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
 
@@ -120,9 +126,17 @@ def write_llama_tokenizer(directory: Path, vocab_size_hint: int = 300, corpus: s
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
     )
     config = {
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "</s>", "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>", "unk_token": "</s>", "pad_token": "[PAD]", "model_max_length": 2048,
-        "legacy": True, "tokenizer_class": "LlamaTokenizer", "truncation_side": "left",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "</s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "unk_token": "</s>",
+        "pad_token": "[PAD]",
+        "model_max_length": 2048,
+        "legacy": True,
+        "tokenizer_class": "LlamaTokenizer",
+        "truncation_side": "left",
     }
     special_map = {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "</s>"}
     base = len(vocab)
@@ -144,8 +158,10 @@ def write_t5_tokenizer(
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(),
-         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.add_special_tokens([_added("<pad>"), _added("</s>"), _added("<unk>")])
@@ -156,12 +172,22 @@ def write_t5_tokenizer(
     )
     sentinels = [f"<extra_id_{i}>" for i in range(extra_ids)]
     config = {
-        "additional_special_tokens": sentinels, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
-        "extra_ids": extra_ids, "model_max_length": 512, "pad_token": "<pad>", "tokenizer_class": "T5Tokenizer",
-        "truncation_side": "left", "unk_token": "<unk>",
+        "additional_special_tokens": sentinels,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "</s>",
+        "extra_ids": extra_ids,
+        "model_max_length": 512,
+        "pad_token": "<pad>",
+        "tokenizer_class": "T5Tokenizer",
+        "truncation_side": "left",
+        "unk_token": "<unk>",
     }
-    special_map = {"additional_special_tokens": sentinels, "eos_token": "</s>", "pad_token": "<pad>",
-                   "unk_token": "<unk>"}
+    special_map = {
+        "additional_special_tokens": sentinels,
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+    }
     image_id = len(pieces)
     _save(tok, directory, config, special_map, {"<image>": image_id})
     return TokenizerInfo(tok.get_vocab_size(), image_id, None, 1, 0)
@@ -174,8 +200,12 @@ def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400, corpus: str
     tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size_hint, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size_hint,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_lines(corpus), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
@@ -183,9 +213,15 @@ def write_opt_tokenizer(directory: Path, vocab_size_hint: int = 400, corpus: str
     base = tok.get_vocab_size()
     tok.add_special_tokens([_added("<image>")])
     config = {
-        "add_bos_token": True, "add_prefix_space": False, "bos_token": "</s>", "eos_token": "</s>",
-        "errors": "replace", "model_max_length": 1000000000000000019884624838656, "pad_token": "<pad>",
-        "tokenizer_class": "GPT2Tokenizer", "unk_token": "</s>",
+        "add_bos_token": True,
+        "add_prefix_space": False,
+        "bos_token": "</s>",
+        "eos_token": "</s>",
+        "errors": "replace",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<pad>",
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": "</s>",
     }
     special_map = {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "</s>"}
     _save(tok, directory, config, special_map, {"<image>": base})
@@ -204,8 +240,9 @@ def write_bert_tokenizer(directory: Path, vocab_size_hint: int = 300, corpus: st
     pieces = [*specials, *chars, *("##" + c for c in chars if c.isalnum()), "##s", "##ing", "##ed", "##ly", *frequent]
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens([_added(t) for t in specials])
@@ -215,13 +252,28 @@ def write_bert_tokenizer(directory: Path, vocab_size_hint: int = 300, corpus: st
     base = tok.get_vocab_size()
     tok.add_special_tokens([_added("[DEC]")])
     config = {
-        "bos_token": "[DEC]", "clean_up_tokenization_spaces": True, "cls_token": "[CLS]", "do_lower_case": True,
-        "mask_token": "[MASK]", "model_max_length": 512, "pad_token": "[PAD]", "sep_token": "[SEP]",
-        "strip_accents": None, "tokenize_chinese_chars": True, "tokenizer_class": "BertTokenizer",
-        "truncation_side": "left", "unk_token": "[UNK]",
+        "bos_token": "[DEC]",
+        "clean_up_tokenization_spaces": True,
+        "cls_token": "[CLS]",
+        "do_lower_case": True,
+        "mask_token": "[MASK]",
+        "model_max_length": 512,
+        "pad_token": "[PAD]",
+        "sep_token": "[SEP]",
+        "strip_accents": None,
+        "tokenize_chinese_chars": True,
+        "tokenizer_class": "BertTokenizer",
+        "truncation_side": "left",
+        "unk_token": "[UNK]",
     }
-    special_map = {"bos_token": "[DEC]", "cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]",
-                   "sep_token": "[SEP]", "unk_token": "[UNK]"}
+    special_map = {
+        "bos_token": "[DEC]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+        "pad_token": "[PAD]",
+        "sep_token": "[SEP]",
+        "unk_token": "[UNK]",
+    }
     _save(tok, directory, config, special_map, {"[DEC]": base})
     return TokenizerInfo(tok.get_vocab_size(), None, None, None, 0)
 
@@ -229,10 +281,17 @@ def write_bert_tokenizer(directory: Path, vocab_size_hint: int = 300, corpus: st
 # The real preprocessor_config.json of the InstructBLIP / BLIP-2 checkpoints (only `size` varies in tests).
 def preprocessor_config(size: int = 224, processor_class: str = "InstructBlipProcessor") -> dict:
     return {
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "BlipImageProcessor",
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "processor_class": processor_class,
-        "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"height": size, "width": size},
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_processor_type": "BlipImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "processor_class": processor_class,
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"height": size, "width": size},
     }
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from blipbatch.jobs import shapes
-from blipbatch.model import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 from blipbatch.jobs.tokenizer_files import write_processor_files
+from blipbatch.model import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
 IMAGE_SIZE = shapes.INPUT_SIZE
 NUM_QUERY_TOKENS = 8
@@ -56,21 +56,47 @@ class TrainResult:
     last_loss: float
 
 
-def model_config(vocab_size: int, qformer_vocab_size: int, bos: int, eos: int, pad: int, image_token: int
-                 ) -> InstructBlipConfig:
+def model_config(
+    vocab_size: int, qformer_vocab_size: int, bos: int, eos: int, pad: int, image_token: int
+) -> InstructBlipConfig:
     """The model's shape: about 0.4M parameters, 64 wide everywhere, 64x64 pictures in 8x8 patches."""
-    return InstructBlipConfig.from_dict(dict(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=IMAGE_SIZE, patch_size=8),
-        qformer_config=dict(vocab_size=qformer_vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=128, cross_attention_frequency=1, max_position_embeddings=128,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        text_config=dict(model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad),
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_index=image_token,
-    ))
+    return InstructBlipConfig.from_dict(
+        dict(
+            vision_config=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                image_size=IMAGE_SIZE,
+                patch_size=8,
+            ),
+            qformer_config=dict(
+                vocab_size=qformer_vocab_size,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                cross_attention_frequency=1,
+                max_position_embeddings=128,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            text_config=dict(
+                model_type="llama",
+                vocab_size=vocab_size,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=256,
+                bos_token_id=bos,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            ),
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=image_token,
+        )
+    )
 
 
 def init_weights_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
@@ -150,20 +176,21 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def build(seed: int) -> tuple[InstructBlipForConditionalGeneration, InstructBlipProcessor]:
     """Tokenizers trained on the shapes corpus, the processor read back from its files, and a fresh model."""
     with tempfile.TemporaryDirectory() as tmp:
-        infos = write_processor_files(Path(tmp), lm="llama", num_query_tokens=NUM_QUERY_TOKENS,
-                                      image_size=IMAGE_SIZE, corpus=shapes.corpus())
+        infos = write_processor_files(
+            Path(tmp), lm="llama", num_query_tokens=NUM_QUERY_TOKENS, image_size=IMAGE_SIZE, corpus=shapes.corpus()
+        )
         processor = InstructBlipProcessor.from_pretrained(tmp)
     lm, qformer = infos["tokenizer"], infos["qformer_tokenizer"]
-    config = model_config(lm.vocab_size, qformer.vocab_size, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id,
-                          lm.image_token_id)
+    config = model_config(
+        lm.vocab_size, qformer.vocab_size, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.image_token_id
+    )
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
     init_weights_(model, seed)
     return model, processor
 
 
-def train(folder: str | Path, config: TrainConfig = TrainConfig(),
-          log: Callable[[str], None] = print) -> TrainResult:
+def train(folder: str | Path, config: TrainConfig = TrainConfig(), log: Callable[[str], None] = print) -> TrainResult:
     """Train from `config.seed` and save the model and its processor to `folder` (Hub layout)."""
     folder = Path(folder)
     torch.set_num_threads(config.threads)
@@ -172,8 +199,11 @@ def train(folder: str | Path, config: TrainConfig = TrainConfig(),
     batcher = Batcher(processor)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "query_tokens"]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n == "query_tokens"]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
     stream = shapes.samples(config.seed)
     losses: list[float] = []
     start = time.monotonic()
@@ -189,8 +219,9 @@ def train(folder: str | Path, config: TrainConfig = TrainConfig(),
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == config.steps:
             recent = losses[-100:]
-            log(f"step {step + 1}/{config.steps}  loss {sum(recent) / len(recent):.4f}  "
-                f"{time.monotonic() - start:.0f}s")
+            log(
+                f"step {step + 1}/{config.steps}  loss {sum(recent) / len(recent):.4f}  {time.monotonic() - start:.0f}s"
+            )
     seconds = time.monotonic() - start
     model.eval()
     model.save_pretrained(folder)
@@ -199,15 +230,17 @@ def train(folder: str | Path, config: TrainConfig = TrainConfig(),
     return TrainResult(folder, seconds, sum(losses[:window]) / window, sum(losses[-window:]) / window)
 
 
-def evaluate(folder: str | Path, count: int = 200, seed: int = EVAL_SEED, held_out: bool = False,
-             max_new_tokens: int = 6) -> dict[str, float]:
+def evaluate(
+    folder: str | Path, count: int = 200, seed: int = EVAL_SEED, held_out: bool = False, max_new_tokens: int = 6
+) -> dict[str, float]:
     """`accuracy` on `count` fresh pictures of the training generator, or with `held_out` of the held-out one."""
     return accuracy(folder, shapes.make_dataset(count, seed, held_out=held_out), max_new_tokens=max_new_tokens)
 
 
 @torch.inference_mode()
-def accuracy(folder: str | Path, data: Sequence[shapes.ShapeSample], batch_size: int = 50,
-             max_new_tokens: int = 6) -> dict[str, float]:
+def accuracy(
+    folder: str | Path, data: Sequence[shapes.ShapeSample], batch_size: int = 50, max_new_tokens: int = 6
+) -> dict[str, float]:
     """Accuracy of a checkpoint on `data` through model/'s API (greedy decoding): the share of pictures whose
     answer to each question is right, and whose caption names the right count, colour and shape."""
     processor = InstructBlipProcessor.from_pretrained(folder)
@@ -232,12 +265,16 @@ def main_train(output: str, steps: int | None, seed: int, evaluate_count: int) -
     config = TrainConfig(seed=seed) if steps is None else TrainConfig(steps=steps, seed=seed)
     print(f"training {config} -> {output}", flush=True)
     result = train(output, config, log=lambda line: print(line, flush=True))
-    print(f"trained in {result.seconds:.0f}s (loss {result.first_loss:.3f} -> {result.last_loss:.3f}); "
-          f"saved to {result.folder}")
+    print(
+        f"trained in {result.seconds:.0f}s (loss {result.first_loss:.3f} -> {result.last_loss:.3f}); "
+        f"saved to {result.folder}"
+    )
     if evaluate_count:
         for what, seed, held_out in (("new", EVAL_SEED, False), ("held-out generator", HELD_OUT_SEED, True)):
             scores = evaluate(output, count=evaluate_count, seed=seed, held_out=held_out)
-            print(f"accuracy on {evaluate_count} {what} pictures (seed {seed}): "
-                  + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True)
+            print(
+                f"accuracy on {evaluate_count} {what} pictures (seed {seed}): "
+                + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()),
+                flush=True,
+            )
     return 0
-

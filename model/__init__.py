@@ -12,8 +12,18 @@ from blipbatch._lazy import lazy_exports
 # public name -> the module that defines it
 _EXPORTS = {
     **dict.fromkeys(
-        ("Blip2Config", "Blip2QFormerConfig", "Blip2VisionConfig", "GenerationConfig", "InstructBlipConfig",
-         "InstructBlipQFormerConfig", "InstructBlipVisionConfig", "LlamaConfig", "OPTConfig", "T5Config"),
+        (
+            "Blip2Config",
+            "Blip2QFormerConfig",
+            "Blip2VisionConfig",
+            "GenerationConfig",
+            "InstructBlipConfig",
+            "InstructBlipQFormerConfig",
+            "InstructBlipVisionConfig",
+            "LlamaConfig",
+            "OPTConfig",
+            "T5Config",
+        ),
         ".configs",
     ),
     **dict.fromkeys(("CheckpointError", "ConfigError", "GenerationError", "ModelError", "ProcessorError"), ".errors"),
@@ -30,12 +40,23 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .configs import (
-        Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, GenerationConfig, InstructBlipConfig,
-        InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig, OPTConfig, T5Config,
+        Blip2Config,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        GenerationConfig,
+        InstructBlipConfig,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        LlamaConfig,
+        OPTConfig,
+        T5Config,
     )
     from .errors import CheckpointError, ConfigError, GenerationError, ModelError, ProcessorError
     from .instructblip import (
-        Blip2ForConditionalGeneration, Blip2Model, InstructBlipForConditionalGeneration, InstructBlipModel,
+        Blip2ForConditionalGeneration,
+        Blip2Model,
+        InstructBlipForConditionalGeneration,
+        InstructBlipModel,
     )
     from .processor import BatchFeature, Blip2Processor, InstructBlipProcessor
     from .qformer import InstructBlipQFormerModel

@@ -34,8 +34,8 @@ def causal_padding_mask(
 
     A query sees earlier non-padded keys; a query that would see none (a pad before any real token)
     sees itself, so its row stays finite: a NaN there would be written into the KV cache. Pad queries
-    that do see real keys keep transformers' mask, so their logits (used by a shifted loss) match. None means plain causal attention, which
-    `attend` runs without a mask tensor.
+    that do see real keys keep transformers' mask, so their logits (used by a shifted loss) match. None
+    means plain causal attention, which `attend` runs without a mask tensor.
     """
     if attention_mask is None and (q_length == kv_length or q_length == 1):
         return None
@@ -61,7 +61,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | 
 
 
 def attend_eager(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None, causal: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float | None = None,
+    causal: bool = False,
     head_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention that also returns its probabilities [B, H, T, S], for `output_attentions` (and `head_mask`).

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .configs import COMPOSITE_CONFIGS, BaseConfig, InstructBlipConfig
+from .configs import COMPOSITE_CONFIGS, BaseConfig
 from .errors import ConfigError
 from .hub import checkpoint_dir
 from .loading import load_tensors, materialize, save_tensors, weight_files
@@ -105,7 +105,9 @@ class PretrainedModel(nn.Module):
             logger.warning(
                 "%s: config.json ties %s to %s, but the checkpoint stores both with different values; keeping both "
                 "(as transformers does). Set tie_word_embeddings=false in config.json to silence this.",
-                folder, alias, model.tied_weights[alias],
+                folder,
+                alias,
+                model.tied_weights[alias],
             )
             model.untie(alias, tensor)
         model.tie_weights()
@@ -130,8 +132,7 @@ class PretrainedModel(nn.Module):
         if exclude_embeddings:
             embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         return sum(
-            p.numel() for p in self.parameters()
-            if (p.requires_grad or not only_trainable) and id(p) not in embeddings
+            p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in embeddings
         )
 
     def tie_weights(self) -> None:
@@ -151,7 +152,7 @@ class PretrainedModel(nn.Module):
             prefix = f"{name}." if name else ""
             owned = vars(module).get("tied_weights")
             if alias.startswith(prefix) and isinstance(owned, dict):
-                owned.pop(alias[len(prefix):], None)
+                owned.pop(alias[len(prefix) :], None)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int = DEFAULT_SHARD_BYTES) -> None:
         """Write config.json and safetensors weights (sharded above `max_shard_size` bytes); aliases are not stored."""

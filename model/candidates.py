@@ -60,8 +60,9 @@ def scoring_problem(scoring: object) -> str | None:
     return None
 
 
-def closed_set(candidates: Sequence[str], scoring: str = DEFAULT_SCORING,
-               limit: int = DEFAULT_MAX_CANDIDATES) -> ClosedSet:
+def closed_set(
+    candidates: Sequence[str], scoring: str = DEFAULT_SCORING, limit: int = DEFAULT_MAX_CANDIDATES
+) -> ClosedSet:
     """A checked ClosedSet; ValueError says what is wrong."""
     problem = candidates_problem(candidates, limit) or scoring_problem(scoring)
     if problem:

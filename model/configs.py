@@ -262,9 +262,7 @@ class T5Config(BaseConfig):
     def validate(self) -> None:
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ConfigError(
-                f"text_config: feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'"
-            )
+            raise ConfigError(f"text_config: feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
 
 
 TEXT_CONFIGS: dict[str, type[BaseConfig]] = {"llama": LlamaConfig, "opt": OPTConfig, "t5": T5Config}
@@ -296,7 +294,7 @@ class InstructBlipConfig(BaseConfig):
     initializer_range: float = 0.02
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InstructBlipConfig":
+    def from_dict(cls, data: dict[str, Any]) -> InstructBlipConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
         data = dict(data)
@@ -329,10 +327,12 @@ class InstructBlipConfig(BaseConfig):
         qformer_config: BaseConfig | dict[str, Any],
         text_config: BaseConfig | dict[str, Any],
         **kwargs: Any,
-    ) -> "InstructBlipConfig":
+    ) -> InstructBlipConfig:
         """The composite config from its three parts (config objects or dicts) and top-level keys, as transformers'."""
         parts = {
-            "vision_config": vision_config, "qformer_config": qformer_config, "text_config": text_config,
+            "vision_config": vision_config,
+            "qformer_config": qformer_config,
+            "text_config": text_config,
         }
         data = {k: v.to_dict() if isinstance(v, BaseConfig) else dict(v) for k, v in parts.items()}
         for key in ("vision_config", "qformer_config"):
@@ -349,7 +349,6 @@ class InstructBlipConfig(BaseConfig):
         return out
 
 
-
 @dataclass
 class Blip2Config(InstructBlipConfig):
     model_type: ClassVar[str] = "blip-2"
@@ -361,15 +360,45 @@ class Blip2Config(InstructBlipConfig):
 
 
 # transformers' generation settings that blipbatch does not implement: refused (when set) by name, not as unknown.
-TRANSFORMERS_ONLY_SETTINGS = frozenset({
-    "max_time", "stop_strings", "use_mtp", "cache_implementation", "cache_config", "max_cache_len", "top_h",
-    "token_healing", "guidance_scale", "watermarking_config", "output_attentions", "output_hidden_states",
-    "output_logits", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
-    "assistant_confidence_threshold", "prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_early_exit",
-    "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "compile_config",
-    "disable_compile", "continuous_batching_config", "low_memory", "penalty_alpha", "dola_layers",
-    "diversity_penalty", "num_beam_groups", "constraints", "force_words_ids", "prefill_chunk_size",
-})
+TRANSFORMERS_ONLY_SETTINGS = frozenset(
+    {
+        "max_time",
+        "stop_strings",
+        "use_mtp",
+        "cache_implementation",
+        "cache_config",
+        "max_cache_len",
+        "top_h",
+        "token_healing",
+        "guidance_scale",
+        "watermarking_config",
+        "output_attentions",
+        "output_hidden_states",
+        "output_logits",
+        "is_assistant",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "prompt_lookup_num_tokens",
+        "max_matching_ngram_size",
+        "assistant_early_exit",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "assistant_ensemble_weight",
+        "speculation_type",
+        "compile_config",
+        "disable_compile",
+        "continuous_batching_config",
+        "low_memory",
+        "penalty_alpha",
+        "dola_layers",
+        "diversity_penalty",
+        "num_beam_groups",
+        "constraints",
+        "force_words_ids",
+        "prefill_chunk_size",
+    }
+)
 # Keys a saved or to_dict()-ed transformers GenerationConfig carries that are bookkeeping, not settings.
 BOOKKEEPING_KEYS = frozenset({"transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash"})
 
@@ -424,7 +453,7 @@ class GenerationConfig(BaseConfig):
     def setting_names(cls) -> frozenset[str]:
         return frozenset(f.name for f in dataclasses.fields(cls)) - {"extra"}
 
-    def updated(self, **overrides: Any) -> "GenerationConfig":
+    def updated(self, **overrides: Any) -> GenerationConfig:
         """A copy with `overrides` applied, None included (as transformers applies keyword arguments); unknown
         names are an error, not silently ignored."""
         check_setting_names(overrides)
@@ -432,7 +461,7 @@ class GenerationConfig(BaseConfig):
         config.validate()
         return config
 
-    def merged(self, given: "GenerationConfig | Any | None", overrides: dict[str, Any]) -> "GenerationConfig":
+    def merged(self, given: GenerationConfig | Any | None, overrides: dict[str, Any]) -> GenerationConfig:
         """The settings of one generate call, as transformers merges them: `given` (our GenerationConfig, or any
         object with transformers' `to_dict()`), its unset (None) values filled from `self` (the model's base
         settings) and then from the defaults, then `overrides` (keyword arguments) on top, None included."""
@@ -486,7 +515,6 @@ class GenerationConfig(BaseConfig):
                         "generated at the forcing step; remove it from one of them"
                     )
 
-
     def _check_processor_values(self) -> None:
         """transformers' checks on the arguments of the logits processors it builds, made when it would build them
         (temperature=0 is fine without sampling); its checks want floats where it says float (1.5, not 1)."""
@@ -498,8 +526,12 @@ class GenerationConfig(BaseConfig):
             sequence_biases(self.sequence_bias)
         if self.bad_words_ids is not None:
             value = self.bad_words_ids
-            if not (isinstance(value, list) and value and all(isinstance(w, list) for w in value)
-                    and all(_is_token_id(t) for w in value for t in w)):
+            if not (
+                isinstance(value, list)
+                and value
+                and all(isinstance(w, list) for w in value)
+                and all(_is_token_id(t) for w in value for t in w)
+            ):
                 raise ConfigError(f"bad_words_ids must be a non-empty list of lists of token ids, got {value!r}")
         for name in ("forced_bos_token_id", "forced_eos_token_id"):
             if getattr(self, name) is not None:
@@ -510,8 +542,11 @@ class GenerationConfig(BaseConfig):
                 raise ConfigError(f"{name} must be a list of token ids, got {value!r}")
         decay = self.exponential_decay_length_penalty
         if decay is not None and not (
-            isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_token_id(decay[0])
-            and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool)
+            isinstance(decay, (list, tuple))
+            and len(decay) == 2
+            and _is_token_id(decay[0])
+            and isinstance(decay[1], (int, float))
+            and not isinstance(decay[1], bool)
         ):
             raise ConfigError(f"exponential_decay_length_penalty must be (start index, decay factor), got {decay!r}")
         if not self.do_sample:
@@ -563,8 +598,12 @@ def sequence_biases(value: Any) -> dict[tuple[int, ...], float]:
         return dict(value)
     if isinstance(value, list) and value:
         if all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], list) and pair[0]
-            and all(map(_is_token_id, pair[0])) and isinstance(pair[1], float)
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and isinstance(pair[0], list)
+            and pair[0]
+            and all(map(_is_token_id, pair[0]))
+            and isinstance(pair[1], float)
             for pair in value
         ):
             return {tuple(ids): bias for ids, bias in value}

@@ -109,8 +109,11 @@ class GraphStep:
             return self._capture()
         except RuntimeError as error:
             self.capture = False
-            LOG.warning("CUDA graph capture of the decode step failed, decoding without graphs from now on "
-                        "([model] cuda_graphs = false skips the attempt): %s", error)
+            LOG.warning(
+                "CUDA graph capture of the decode step failed, decoding without graphs from now on "
+                "([model] cuda_graphs = false skips the attempt): %s",
+                error,
+            )
             return None
 
     def _capture(self) -> torch.cuda.CUDAGraph:
@@ -144,8 +147,15 @@ class GreedyBatcher:
     `next_ids`; per prompt: `out` (its new ids), `out_lengths` and `logprob_sums` (the sum of its chosen tokens'
     log-probabilities, for `mean_logprobs`). Row n of these is where free slots write."""
 
-    def __init__(self, lm: nn.Module, prompts: Sequence[Tensor], limits: GreedyLimits, slots: int,
-                 sync_every: int = SYNC_EVERY, graph: GraphStep | None = None) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        prompts: Sequence[Tensor],
+        limits: GreedyLimits,
+        slots: int,
+        sync_every: int = SYNC_EVERY,
+        graph: GraphStep | None = None,
+    ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         if not prompts:
@@ -257,7 +267,11 @@ class GreedyBatcher:
 
 
 def greedy_batcher(
-    model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int,
+    model: nn.Module,
+    image_embeds: Tensor,
+    inputs: dict[str, Tensor],
+    limits: GreedyLimits,
+    slots: int,
     graph: GraphStep | None = None,
 ) -> GreedyBatcher:
     """The GreedyBatcher of the rows of an InstructBLIP / BLIP-2 model with a decoder-only LM, `slots` rows at a
@@ -273,7 +287,11 @@ def greedy_batcher(
 
 
 def generate_greedy(
-    model: nn.Module, image_embeds: Tensor, inputs: dict[str, Tensor], limits: GreedyLimits, slots: int,
+    model: nn.Module,
+    image_embeds: Tensor,
+    inputs: dict[str, Tensor],
+    limits: GreedyLimits,
+    slots: int,
     graph: GraphStep | None = None,
 ) -> list[list[int]]:
     """Greedy new ids per row (see `greedy_batcher`)."""

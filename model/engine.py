@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .candidates import ClosedSet, as_ranked
+from .configs import GenerationConfig
 from .continuous import GraphStep, GreedyLimits, greedy_batcher
 from .errors import ConfigError, ProcessorError
 from .fp8 import check_fp8_support, quantize_fp8_
 from .hub import checkpoint_dir
-from .configs import GenerationConfig
 from .instructblip import DEFAULT_NEW_TOKENS, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 from .processor import Blip2Processor, InstructBlipProcessor
 from .ranking import candidate_loglikelihoods, candidate_targets, eos_token_id, position_limit, reduce_scores
@@ -35,14 +35,14 @@ class InvalidInstruction(ProcessorError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str                                  # checkpoint: local folder, fsspec URL or Hub id
-    dtype: str | None = None                    # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
-    device: str | None = None                   # None: "cuda" when available, else "cpu"
-    generation: dict[str, Any] = field(default_factory=dict)   # generate() settings, transformers' names
-    decode_slots: int | None = None             # sequences decoded together (greedy); None: `default_rows`
-    cpu_threads: int | None = None              # torch's intra-op threads on CPU; None: leave torch's setting
-    cuda_graphs: bool = True                    # on CUDA, greedy decode steps run as a CUDA graph
-    quantize: str | None = None                 # "fp8": FP8 linear layers on Hopper GPUs (model/fp8.py)
+    model: str  # checkpoint: local folder, fsspec URL or Hub id
+    dtype: str | None = None  # "float32", "bfloat16", "float16"; None: bf16 on GPU, fp32 on CPU
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+    generation: dict[str, Any] = field(default_factory=dict)  # generate() settings, transformers' names
+    decode_slots: int | None = None  # sequences decoded together (greedy); None: `default_rows`
+    cpu_threads: int | None = None  # torch's intra-op threads on CPU; None: leave torch's setting
+    cuda_graphs: bool = True  # on CUDA, greedy decode steps run as a CUDA graph
+    quantize: str | None = None  # "fp8": FP8 linear layers on Hopper GPUs (model/fp8.py)
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,9 @@ class Generated:
 
 
 # Settings continuous batching applies itself; any other setting away from its default runs the static generate().
-CONTINUOUS_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "eos_token_id", "use_cache",
-                                 "return_dict_in_generate", "output_scores"})
+CONTINUOUS_SETTINGS = frozenset(
+    {"max_new_tokens", "min_new_tokens", "eos_token_id", "use_cache", "return_dict_in_generate", "output_scores"}
+)
 CPU_ROWS = (8, 32)  # CPU defaults: rows per model call, decode slots
 TYPICAL_PROMPT_TOKENS = 64  # text tokens of a prompt, for the memory rule of `default_rows`
 
@@ -85,8 +86,9 @@ def mean_logprobs(new_ids: torch.Tensor, steps: Sequence[torch.Tensor], eos_ids:
     """Per row of new_ids [N, S] (a search's new tokens; steps[i] [N, vocab]: the scores it chose token i from), the
     mean log-probability of its tokens up to and including the first eos: transformers'
     `compute_transition_scores(sequences, scores, normalize_logits=True)` averaged over the row's tokens."""
-    chosen = torch.stack([step.float().log_softmax(-1).gather(-1, new_ids[:, i, None]).squeeze(-1)
-                          for i, step in enumerate(steps)], 1).double()
+    chosen = torch.stack(
+        [step.float().log_softmax(-1).gather(-1, new_ids[:, i, None]).squeeze(-1) for i, step in enumerate(steps)], 1
+    ).double()
     is_eos = torch.isin(new_ids, torch.tensor(list(eos_ids), dtype=new_ids.dtype, device=new_ids.device))
     kept = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # not after the first eos (those are padding)
     return (chosen.masked_fill(~kept, 0).sum(1) / kept.sum(1).clamp(min=1)).tolist()
@@ -191,11 +193,14 @@ class Engine:
             free.add("min_length")
         if config.max_new_tokens is None and config.max_length is not None:
             return None  # max_length counts the padded prefix
-        if any(getattr(config, name) != getattr(self.base_generation, name)
-               for name in GenerationConfig.setting_names() - free):
+        if any(
+            getattr(config, name) != getattr(self.base_generation, name)
+            for name in GenerationConfig.setting_names() - free
+        ):
             return None
-        return GreedyLimits(config.max_new_tokens or DEFAULT_NEW_TOKENS, config.min_new_tokens or 0,
-                            tuple(config.eos_token_ids))
+        return GreedyLimits(
+            config.max_new_tokens or DEFAULT_NEW_TOKENS, config.min_new_tokens or 0, tuple(config.eos_token_ids)
+        )
 
     def check_instruction(self, instruction: object) -> str:
         """The instruction as the model will take it; InvalidInstruction says why it cannot."""
@@ -249,7 +254,10 @@ class Engine:
         return [generated.text for generated in self.generate_scored(pixel_values, image_rows, instructions)]
 
     def generate_scored(
-        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str],
+        self,
+        pixel_values: torch.Tensor,
+        image_rows: Sequence[int],
+        instructions: Sequence[str],
         closed_sets: Sequence[ClosedSet | None] | None = None,
     ) -> list[Generated]:
         """As `generate_pixels`, with each text's score. closed_sets[i], when given and not None, makes instruction i
@@ -263,18 +271,28 @@ class Engine:
                 raise
             torch.cuda.empty_cache()
             half = len(instructions) // 2
-            return [*self._part(pixel_values, image_rows[:half], instructions[:half], closed_sets[:half]),
-                    *self._part(pixel_values, image_rows[half:], instructions[half:], closed_sets[half:])]
+            return [
+                *self._part(pixel_values, image_rows[:half], instructions[:half], closed_sets[:half]),
+                *self._part(pixel_values, image_rows[half:], instructions[half:], closed_sets[half:]),
+            ]
 
-    def _part(self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str],
-              closed_sets: Sequence[ClosedSet | None]) -> list:
+    def _part(
+        self,
+        pixel_values: torch.Tensor,
+        image_rows: Sequence[int],
+        instructions: Sequence[str],
+        closed_sets: Sequence[ClosedSet | None],
+    ) -> list:
         used = list(dict.fromkeys(image_rows))
         index = {row: i for i, row in enumerate(used)}
         return self.generate_scored(pixel_values[used], [index[row] for row in image_rows], instructions, closed_sets)
 
     @torch.inference_mode()
     def _generate(
-        self, pixel_values: torch.Tensor, image_rows: Sequence[int], instructions: Sequence[str],
+        self,
+        pixel_values: torch.Tensor,
+        image_rows: Sequence[int],
+        instructions: Sequence[str],
         closed_sets: Sequence[ClosedSet | None],
     ) -> list[Generated]:
         pixels = pixel_values.to(self.device, non_blocking=True).to(self.vision_dtype)
@@ -290,16 +308,24 @@ class Engine:
         if free:
             results.update(zip(free, self._free(embeds_of(free), [instructions[i] for i in free])))
         if ranked:
-            results.update(zip(ranked, self._ranked(embeds_of(ranked), [instructions[i] for i in ranked],
-                                                    [closed_sets[i] for i in ranked])))
+            results.update(
+                zip(
+                    ranked,
+                    self._ranked(
+                        embeds_of(ranked), [instructions[i] for i in ranked], [closed_sets[i] for i in ranked]
+                    ),
+                )
+            )
         return [results[i] for i in range(len(instructions))]
 
-    def _ranked(self, image_embeds: torch.Tensor, instructions: Sequence[str],
-                closed_sets: Sequence[ClosedSet]) -> list[Generated]:
+    def _ranked(
+        self, image_embeds: torch.Tensor, instructions: Sequence[str], closed_sets: Sequence[ClosedSet]
+    ) -> list[Generated]:
         """Closed-set rows: each row's candidates ranked by their log-likelihood (model.ranking)."""
         inputs = {k: v.to(self.device) for k, v in self.processor.encode_prompts(instructions).items()}
-        features = self.model.query_image(image_embeds, inputs.get("qformer_input_ids"),
-                                          inputs.get("qformer_attention_mask"))
+        features = self.model.query_image(
+            image_embeds, inputs.get("qformer_input_ids"), inputs.get("qformer_attention_mask")
+        )
         embeds = self.model.embed_inputs(inputs["input_ids"], features)
         targets = [self.candidate_targets(closed) for closed in closed_sets]
         sums, lengths = candidate_loglikelihoods(self.model, embeds, inputs["attention_mask"], targets)
@@ -315,8 +341,9 @@ class Engine:
         inputs = self.processor.encode_prompts(instructions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if self.greedy_limits is not None:
-            batcher = greedy_batcher(self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots,
-                                     self.graph_step)
+            batcher = greedy_batcher(
+                self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots, self.graph_step
+            )
             new_ids = batcher.run()
             scores = batcher.mean_logprobs()
         else:
@@ -332,5 +359,7 @@ class Engine:
         per_row = len(texts) // len(instructions)
         if per_row == 1:
             return [Generated(text, score) for text, score in zip(texts, scores)]
-        return [Generated(texts[i * per_row : (i + 1) * per_row], scores[i * per_row : (i + 1) * per_row])
-                for i in range(len(instructions))]
+        return [
+            Generated(texts[i * per_row : (i + 1) * per_row], scores[i * per_row : (i + 1) * per_row])
+            for i in range(len(instructions))
+        ]

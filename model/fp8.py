@@ -25,13 +25,17 @@ def check_fp8_support(device: torch.device) -> None:
     if where is None:
         capability = torch.cuda.get_device_capability(device)
         if capability < HOPPER:
-            where = (f"this GPU ({torch.cuda.get_device_name(device)}) has compute capability "
-                     f"{capability[0]}.{capability[1]}")
+            where = (
+                f"this GPU ({torch.cuda.get_device_name(device)}) has compute capability "
+                f"{capability[0]}.{capability[1]}"
+            )
         elif not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
             where = f"torch {torch.__version__} has no FP8 matmul (torch._scaled_mm)"
     if where is not None:
-        raise ConfigError(f'quantize = "fp8" needs an NVIDIA GPU with FP8 tensor cores (Hopper, compute capability '
-                          f"9.0, or newer) and torch >= 2.5; {where}. Leave quantize unset to run in the model's dtype.")
+        raise ConfigError(
+            f'quantize = "fp8" needs an NVIDIA GPU with FP8 tensor cores (Hopper, compute capability '
+            f"9.0, or newer) and torch >= 2.5; {where}. Leave quantize unset to run in the model's dtype."
+        )
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,8 +61,9 @@ class Fp8Linear(nn.Module):
         # FP8 GEMMs want every dimension a multiple of 16: pad the rows (the layer sizes already are)
         rows = F.pad(rows, (0, 0, 0, -count % ROW_MULTIPLE)).contiguous()
         values, scale = quantize_rows(rows)
-        out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               out_dtype=self.out_dtype)[:count]
+        out = torch._scaled_mm(
+            values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype
+        )[:count]
         if self.bias is not None:  # added apart: not every torch version takes a bias with row-wise scales
             out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

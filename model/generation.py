@@ -10,9 +10,10 @@ Tensors stay on the device of the session's logits; the loops read one flag back
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -239,9 +240,7 @@ def _bias_groups(
     return single, groups
 
 
-def logits_processors(
-    config: GenerationConfig, limits: "_Limits", prefix: _Prefix
-) -> list[LogitsProcessor]:
+def logits_processors(config: GenerationConfig, limits: _Limits, prefix: _Prefix) -> list[LogitsProcessor]:
     """The processors transformers 5.24 builds for `config`, in its order (`_get_logits_processor`): biases,
     penalties and bans first, then with sampling the warpers, then renormalisation. A setting that is off (or None)
     adds nothing, so the common greedy call runs no processor at all."""
@@ -273,8 +272,15 @@ def logits_processors(
         if eos is None:
             raise GenerationError("exponential_decay_length_penalty needs an eos_token_id to raise")
         start, factor = config.exponential_decay_length_penalty
-        procs.append(partial(exponential_decay, start=start + prefix.length, factor=factor, eos=eos,
-                             eos_in_vocab=max(eos_ids) < prefix.vocab))
+        procs.append(
+            partial(
+                exponential_decay,
+                start=start + prefix.length,
+                factor=factor,
+                eos=eos,
+                eos_in_vocab=max(eos_ids) < prefix.vocab,
+            )
+        )
     if config.suppress_tokens is not None:
         tokens = torch.tensor(list(config.suppress_tokens), device=device)
         procs.append(partial(suppress, tokens=tokens))

@@ -20,8 +20,17 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Keys that describe the image processor in preprocessor_config.json; the rest are kept and written back.
-_KNOWN_KEYS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-               "image_mean", "image_std")
+_KNOWN_KEYS = (
+    "do_convert_rgb",
+    "do_resize",
+    "size",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+)
 
 
 class BlipImageProcessor:
@@ -73,9 +82,15 @@ class BlipImageProcessor:
         return {
             "image_processor_type": "BlipImageProcessor",
             **self.extra,
-            "do_convert_rgb": self.do_convert_rgb, "do_resize": self.do_resize, "size": dict(self.size),
-            "resample": int(self.resample), "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+            "do_resize": self.do_resize,
+            "size": dict(self.size),
+            "resample": int(self.resample),
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
         }
 
     def resized(self, image: PIL.Image.Image) -> torch.Tensor:
@@ -89,8 +104,9 @@ class BlipImageProcessor:
     @property
     def rgb_resize(self) -> RgbResize:
         """RGB conversion and resize, the torch-free part of `resized` (PIL image -> PIL image)."""
-        return RgbResize(self.size["width"], self.size["height"], int(self.resample), self.do_convert_rgb,
-                         self.do_resize)
+        return RgbResize(
+            self.size["width"], self.size["height"], int(self.resample), self.do_convert_rgb, self.do_resize
+        )
 
     @staticmethod
     def chw(rgb: bytearray, width: int, height: int) -> torch.Tensor:

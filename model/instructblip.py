@@ -126,7 +126,9 @@ class InstructBlipBase(PretrainedModel):
         query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
         mask = torch.cat([query_mask, qformer_attention_mask.to(queries.device)], dim=1)
         return {
-            "query_embeds": queries, "encoder_hidden_states": image_embeds, "input_ids": qformer_input_ids,
+            "query_embeds": queries,
+            "encoder_hidden_states": image_embeds,
+            "input_ids": qformer_input_ids,
             "attention_mask": mask,
         }
 
@@ -234,7 +236,10 @@ class InstructBlipBase(PretrainedModel):
                 f"{type(self).__name__} has no LM head to score labels; use the ForConditionalGeneration class"
             )
         vision_outputs = self.vision_model(
-            pixel_values, output_attentions, output_hidden_states, return_dict=True,
+            pixel_values,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
         inputs = self.qformer_inputs(vision_outputs.last_hidden_state, qformer_input_ids, qformer_attention_mask)
@@ -261,8 +266,13 @@ class InstructBlipBase(PretrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
     def decoder_only_outputs(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-        output_attentions: bool | None, output_hidden_states: bool | None, use_cache: bool,
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        use_cache: bool,
     ) -> CausalLMOutputWithPast | BaseModelOutputWithPast:
         collect = Collector.asked(output_hidden_states, output_attentions)
         cache = self.language_model.new_cache(embeds.shape[0], embeds.shape[1]) if use_cache else None
@@ -278,9 +288,15 @@ class InstructBlipBase(PretrainedModel):
         return CausalLMOutputWithPast(loss=loss, logits=out, **extras)
 
     def encoder_decoder_outputs(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor | None,
-        decoder_attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-        output_attentions: bool | None, output_hidden_states: bool | None, use_cache: bool,
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        use_cache: bool,
     ) -> Seq2SeqLMOutput | Seq2SeqModelOutput:
         if decoder_input_ids is None:
             if labels is None:
@@ -357,8 +373,10 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         explicit None included (README "Generation settings")."""
         config = self.language_model.generation_config.merged(generation_config, settings)
         if "max_length" in settings and config.max_length is None and config.max_new_tokens is None:
-            raise GenerationError("max_length=None without max_new_tokens leaves no length limit "
-                                  "(transformers fails on it too); set max_new_tokens")
+            raise GenerationError(
+                "max_length=None without max_new_tokens leaves no length limit "
+                "(transformers fails on it too); set max_new_tokens"
+            )
         if (pixel_values is None) == (image_embeds is None):
             raise ProcessorError("generate needs exactly one of pixel_values and image_embeds")
         if image_embeds is None:
@@ -433,9 +451,17 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         image, one prefill per prompt, every candidate against that prefill's cache (model/ranking.py).
         `image_embeds` (from `encode_images`, one row per prompt) replaces `pixel_values`."""
         return ranking.score_candidates(
-            self, candidates, tokenizer, pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
-            qformer_attention_mask=qformer_attention_mask, input_ids=input_ids, attention_mask=attention_mask,
-            image_embeds=image_embeds, interpolate_pos_encoding=interpolate_pos_encoding, scoring=scoring,
+            self,
+            candidates,
+            tokenizer,
+            pixel_values=pixel_values,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            scoring=scoring,
         )
 
     # ---- checkpoints: the generation defaults travel with the weights ---------------------------
@@ -493,8 +519,10 @@ def lengths_without_prompt(config: GenerationConfig, prompt_length: int) -> Gene
     if config.max_new_tokens is None and config.max_length is not None:
         changes["max_length"] = config.max_length - prompt_length
     if config.min_new_tokens is None and config.min_length is None:
-        raise GenerationError("min_length=None with inputs_embeds alone cannot be counted without the prompt "
-                              "(transformers fails on it too); leave it out or give min_new_tokens")
+        raise GenerationError(
+            "min_length=None with inputs_embeds alone cannot be counted without the prompt "
+            "(transformers fails on it too); leave it out or give min_new_tokens"
+        )
     if config.min_new_tokens is None and config.min_length:
         changes["min_length"] = max(config.min_length - prompt_length, 0)
     return dataclasses.replace(config, **changes)

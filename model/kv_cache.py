@@ -75,7 +75,7 @@ class SlotCache:
         self.length = 0
 
     @classmethod
-    def like(cls, cache: KVCache, slots: int, max_length: int) -> "SlotCache":
+    def like(cls, cache: KVCache, slots: int, max_length: int) -> SlotCache:
         """A slot cache with the layers, heads, dtype and device of `cache`."""
         key = cache.keys[0]
         _, heads, _, head_dim = key.shape

@@ -44,7 +44,7 @@ def rope_frequencies(config: LlamaConfig, seq_len: Tensor | None = None) -> Tens
         else:
             length = torch.maximum(seq_len, torch.tensor(positions, dtype=seq_len.dtype, device=seq_len.device))
         base = base * ((factor * length / positions) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** exponents)
+    inv_freq = 1.0 / (base**exponents)
     if kind == "linear":
         return inv_freq / factor
     if kind == "llama3":
@@ -115,7 +115,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: KVCache | None,
         collect: Collector | None = None,
     ) -> Tensor:
         batch, length, _ = x.shape
@@ -155,7 +159,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: KVCache | None,
         collect: Collector | None = None,
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, collect)

@@ -69,7 +69,9 @@ def iter_tensors(files: list[Path], prefix: str = "") -> Iterator[tuple[str, tor
             del state
 
 
-def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, keep_in_fp32: Callable[[str], bool]) -> None:
+def materialize(
+    model: nn.Module, dtype: torch.dtype, device: torch.device, keep_in_fp32: Callable[[str], bool]
+) -> None:
     """Give a meta-device model real (uninitialised) storage: `dtype`, or fp32 where `keep_in_fp32(name)`."""
     for name, param in model.named_parameters():
         target = torch.float32 if keep_in_fp32(name) else dtype
@@ -88,9 +90,9 @@ def load_tensors(
     """Copy every checkpoint tensor into `model`, casting to each parameter's dtype.
 
     With `prefix`, only the checkpoint's keys under it are read, into a model whose names lack it (the
-    vision tower of a full checkpoint). `aliases` maps a checkpoint key that names a shared tensor (a tied head, T5's embed_tokens) to the
-    key it shares storage with; `fallbacks` maps a key the checkpoint may omit to the key whose values
-    it then takes. Missing, unexpected or mis-shaped keys raise one error listing them all.
+    vision tower of a full checkpoint). `aliases` maps a checkpoint key that names a shared tensor (a tied
+    head, T5's embed_tokens) to the key it shares storage with; `fallbacks` maps a key the checkpoint may
+    omit to the key whose values it then takes. Missing, unexpected or mis-shaped keys raise one error listing them all.
 
     Returns the aliases the checkpoint stores with values of their own (a config that says "tied" over a file
     that is not): transformers keeps both tensors then, and so must the caller.
@@ -137,10 +139,12 @@ def load_tensors(
     if problems:
         part = f"the {prefix.rstrip('.')!r} part of the " if prefix else ""
         raise CheckpointError(
-            f"{files[0].parent}: {part}checkpoint does not fit the model built from its config.json: " + " | ".join(problems)
+            f"{files[0].parent}: {part}checkpoint does not fit the model built from its config.json: "
+            + " | ".join(problems)
         )
     return {
-        key: tensor for key, tensor in stored_aliases.items()
+        key: tensor
+        for key, tensor in stored_aliases.items()
         if not torch.equal(tensor.to(params[aliases[key]].dtype), params[aliases[key]].detach().cpu())
     }
 

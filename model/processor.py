@@ -173,8 +173,13 @@ class Blip2Processor:
         return images, text
 
     def _encode_lm_text(
-        self, text: list[str], with_placeholders: bool, padding: bool | str, truncation: bool | None,
-        max_length: int | None, padding_side: str | None,
+        self,
+        text: list[str],
+        with_placeholders: bool,
+        padding: bool | str,
+        truncation: bool | None,
+        max_length: int | None,
+        padding_side: str | None,
     ) -> dict[str, torch.Tensor]:
         expand = with_placeholders and self.num_query_tokens is not None
         n_image = self.num_query_tokens if expand else 0
@@ -280,8 +285,15 @@ class InstructBlipProcessor(Blip2Processor):
         return_tensors: str = "pt",
     ) -> BatchFeature:
         """As Blip2Processor, plus qformer_input_ids / qformer_attention_mask [B, L'] (with text)."""
-        out = super().__call__(images, text, padding=padding, truncation=truncation, max_length=max_length,
-                               padding_side=padding_side, return_tensors=return_tensors)
+        out = super().__call__(
+            images,
+            text,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+        )
         _, text = self._batch(images, text)
         if text is not None:
             out.update(self._encode_qformer_text(text))
@@ -293,7 +305,11 @@ class InstructBlipProcessor(Blip2Processor):
     def _encode_qformer_text(self, text: list[str]) -> dict[str, torch.Tensor]:
         # LAVIS: truncated on the left to max_txt_len, padded on the right (Q-Former positions start at 0).
         qformer = self.qformer_tokenizer(
-            text, padding=True, truncation=True, max_length=self.qformer_max_length, padding_side="right",
+            text,
+            padding=True,
+            truncation=True,
+            max_length=self.qformer_max_length,
+            padding_side="right",
             truncation_side="left",
         )
         return {"qformer_input_ids": qformer["input_ids"], "qformer_attention_mask": qformer["attention_mask"]}

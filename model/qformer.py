@@ -46,7 +46,11 @@ class QFormerMultiHeadAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
     def forward(
-        self, x: Tensor, context: Tensor, mask: Tensor | None, head_mask: Tensor | None = None,
+        self,
+        x: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        head_mask: Tensor | None = None,
         attentions: list[Tensor] | None = None,
     ) -> Tensor:
         """`head_mask` [H] scales each head's probabilities; `attentions` collects them (output_attentions)."""
@@ -80,7 +84,11 @@ class QFormerAttention(nn.Module):
         self.output = QFormerSelfOutput(config)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, head_mask: Tensor | None = None,
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
         attentions: list[Tensor] | None = None,
     ) -> Tensor:
         return self.output(self.attention(x, x if context is None else context, mask, head_mask, attentions), x)
@@ -120,8 +128,14 @@ class QFormerLayer(nn.Module):
         self.output_query = QFormerOutput(config)
 
     def forward(
-        self, x: Tensor, image: Tensor, mask: Tensor | None, num_queries: int, image_mask: Tensor | None = None,
-        head_mask: Tensor | None = None, extras: Extras | None = None,
+        self,
+        x: Tensor,
+        image: Tensor,
+        mask: Tensor | None,
+        num_queries: int,
+        image_mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        extras: Extras | None = None,
     ) -> Tensor:
         self_probs = extras.attentions if extras is not None else None
         x = self.attention(x, mask=mask, head_mask=head_mask, attentions=self_probs)
@@ -142,7 +156,12 @@ class QFormerEncoder(nn.Module):
         self.layer = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
 
     def forward(
-        self, x: Tensor, image: Tensor, mask: Tensor | None, num_queries: int, image_mask: Tensor | None = None,
+        self,
+        x: Tensor,
+        image: Tensor,
+        mask: Tensor | None,
+        num_queries: int,
+        image_mask: Tensor | None = None,
         extras: Extras | None = None,
     ) -> Tensor:
         if extras is not None:
@@ -300,7 +319,5 @@ def _key_mask(
     if mask is None:
         return None
     if tuple(mask.shape) != (batch, length):
-        raise ProcessorError(
-            f"Q-Former {name} must be [batch, {what}] = [{batch}, {length}], got {list(mask.shape)}"
-        )
+        raise ProcessorError(f"Q-Former {name} must be [batch, {what}] = [{batch}, {length}], got {list(mask.shape)}")
     return mask.to(device=device, dtype=torch.bool)[:, None, None, :]

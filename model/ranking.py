@@ -7,7 +7,8 @@ What a candidate's score is (the README's "Closed-set questions" section states 
   the prompt);
 - decoder-only LMs (LLaMA, OPT): the scored sequence is the processor's prompt ids (image placeholders, BOS, prompt)
   followed by the target, i.e. what transformers' `forward(input_ids=prompt + target,
-  labels=[-100] * len(prompt) + target)` scores; T5: the target is the decoder's labels, as `forward(..., labels=target)`;
+  labels=[-100] * len(prompt) + target)` scores; T5: the target is the decoder's labels, as
+  `forward(..., labels=target)`;
 - "sum" is the total log-probability of the target tokens, "mean" that divided by their count.
 
 Cost: one vision pass per image, one Q-Former pass per (image, prompt), one prefill of the prompt (T5: one encoder
@@ -192,15 +193,19 @@ def score_candidates(
     if (pixel_values is None) == (image_embeds is None):
         raise ProcessorError("score_candidates needs exactly one of pixel_values and image_embeds")
     if input_ids is None:
-        raise ProcessorError("score_candidates needs input_ids (the prompts, with image placeholders: use the processor)")
+        raise ProcessorError(
+            "score_candidates needs input_ids (the prompts, with image placeholders: use the processor)"
+        )
     per_row, shared = per_row_candidates(candidates, input_ids.shape[0])
     eos = eos_token_id(model, tokenizer)
     targets = [candidate_targets(tokenizer, row, eos) for row in per_row]
     limit = position_limit(model)
     longest = max(len(t) for row in targets for t in row)
     if limit is not None and input_ids.shape[1] + longest - 1 > limit:
-        raise ProcessorError(f"the prompt ({input_ids.shape[1]} positions) and the longest candidate ({longest} tokens "
-                             f"with eos) need {input_ids.shape[1] + longest - 1} positions; the model takes {limit}")
+        raise ProcessorError(
+            f"the prompt ({input_ids.shape[1]} positions) and the longest candidate ({longest} tokens "
+            f"with eos) need {input_ids.shape[1] + longest - 1} positions; the model takes {limit}"
+        )
     if image_embeds is None:
         image_embeds = model.encode_images(pixel_values, interpolate_pos_encoding)
     features = model.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)

@@ -126,7 +126,11 @@ class T5LayerSelfAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(
-        self, x: Tensor, bias: Tensor | None, cache: KVCache | None, layer: int,
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
         attentions: list[Tensor] | None = None,
     ) -> Tensor:
         h = self.layer_norm(x)

@@ -49,8 +49,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _clean_up_tokenization(text: str) -> str:
     # The detokenization clean-up of transformers (undoes WordPiece's spaces around punctuation).
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
@@ -156,15 +166,24 @@ class Tokenizer:
         if "truncation_side" in config or self.truncation_side != "right":
             config["truncation_side"] = self.truncation_side
         config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                     "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(added.items())
         }
         special_map = {k: config[k] for k in (*SPECIAL_TOKEN_KEYS, "additional_special_tokens") if config.get(k)}
         base_size = self._backend.get_vocab_size(with_added_tokens=False)
         appended = {t.content: i for i, t in sorted(added.items()) if i >= base_size}
-        for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
-                           ("added_tokens.json", appended)):
+        for name, data in (
+            ("tokenizer_config.json", config),
+            ("special_tokens_map.json", special_map),
+            ("added_tokens.json", appended),
+        ):
             (directory / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def without_added_token(self, content: str) -> Tokenizer:
@@ -282,12 +301,25 @@ class Tokenizer:
             truncation = max_length is not None
         length = max_length if max_length is not None else self.model_max_length
         with self._lock:
-            return self._encode_batch(list(texts), add_special_tokens, padding, truncation, length,
-                                      padding_side or self.padding_side, truncation_side or self.truncation_side)
+            return self._encode_batch(
+                list(texts),
+                add_special_tokens,
+                padding,
+                truncation,
+                length,
+                padding_side or self.padding_side,
+                truncation_side or self.truncation_side,
+            )
 
     def _encode_batch(
-        self, texts: list[str], add_special_tokens: bool, padding: bool | str, truncation: bool, length: int | None,
-        padding_side: str, truncation_side: str,
+        self,
+        texts: list[str],
+        add_special_tokens: bool,
+        padding: bool | str,
+        truncation: bool,
+        length: int | None,
+        padding_side: str,
+        truncation_side: str,
     ) -> dict[str, torch.Tensor]:
         self._reset_backend()
         try:
@@ -301,7 +333,9 @@ class Tokenizer:
                 if padding == "max_length" and length is None:
                     raise ProcessorError("padding='max_length' needs max_length")
                 self._backend.enable_padding(
-                    direction=padding_side, pad_id=self.pad_token_id, pad_token=self.pad_token,
+                    direction=padding_side,
+                    pad_id=self.pad_token_id,
+                    pad_token=self.pad_token,
                     length=length if padding == "max_length" else None,
                 )
             try:

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from blipbatch.errors import BlipbatchError
 from blipbatch.schemas import ProgressRecord
 
 from .lock import OutputLocked
@@ -33,8 +34,6 @@ from .metrics import RunMetrics
 from .redact import redact
 from .shards import ShardChanged, WorkUnit
 from .sink import mark_failed, rows_at
-from blipbatch.errors import BlipbatchError
-
 
 # A worker that died and is not serving again within this long (Ray cannot place it, or it keeps failing to start)
 # is given up on; the run goes on with the others, and stops only when none is left.
@@ -106,29 +105,41 @@ class RunSummary:
         lines = [
             f"output: {self.output}",
             f"units: {self.units_total} total, {self.units_done} done now, {self.units_skipped} already done"
-            + (f" ({self.units_redone} of them redone)" if self.units_redone else "") + f", {self.units_failed} failed",
+            + (f" ({self.units_redone} of them redone)" if self.units_redone else "")
+            + f", {self.units_failed} failed",
             f"rows: {self.rows_ok} ok, {self.rows_error} error"
             + (f" ({_by_kind(self.errors_by_kind)})" if self.errors_by_kind else ""),
             f"time: {self.wall_s:.1f}s, {rate:.1f} rows/s",
         ]
         if self.units_redone:
             still = sum(self.still_failing.values())
-            lines.insert(3, f"redone: {self.rows_redone} error rows of {self.units_redone} units, {self.rows_fixed} "
-                            f"fixed, {still} still failing" + (f" ({_by_kind(self.still_failing)})" if still else ""))
+            lines.insert(
+                3,
+                f"redone: {self.rows_redone} error rows of {self.units_redone} units, {self.rows_fixed} "
+                f"fixed, {still} still failing" + (f" ({_by_kind(self.still_failing)})" if still else ""),
+            )
         lines += [f"failed unit {unit}: {reason}" for unit, reason in sorted(self.failed.items())]
         if self.reads_abandoned:
-            lines.append(f"reads: {self.reads_abandoned} blocked past their rows' deadlines and were abandoned (a hung "
-                         "mount or store?); their rows are fetch_timeout errors, at most [fetch] max_abandoned_reads "
-                         "are left blocked per worker")
+            lines.append(
+                f"reads: {self.reads_abandoned} blocked past their rows' deadlines and were abandoned (a hung "
+                "mount or store?); their rows are fetch_timeout errors, at most [fetch] max_abandoned_reads "
+                "are left blocked per worker"
+            )
         if self.workers_joined or self.workers_dropped:
-            lines.append(f"workers: {self.workers_joined} joined as GPUs joined the cluster, {self.workers_dropped} "
-                         "dropped with the node they ran on")
+            lines.append(
+                f"workers: {self.workers_joined} joined as GPUs joined the cluster, {self.workers_dropped} "
+                "dropped with the node they ran on"
+            )
         if self.units_requeued_node_lost or self.units_charged_worker_died:
-            lines.append(f"units: {self.units_requeued_node_lost} re-queued free of charge (their node left), "
-                         f"{self.units_charged_worker_died} charged an attempt (their worker died on a live node)")
+            lines.append(
+                f"units: {self.units_requeued_node_lost} re-queued free of charge (their node left), "
+                f"{self.units_charged_worker_died} charged an attempt (their worker died on a live node)"
+            )
         if self.workers_lost:
-            lines.append(f"workers: {self.workers_lost} died and did not come back within {RESTART_TIMEOUT_S:.0f}s; "
-                         "the others took their units")
+            lines.append(
+                f"workers: {self.workers_lost} died and did not come back within {RESTART_TIMEOUT_S:.0f}s; "
+                "the others took their units"
+            )
         if self.interrupted:
             lines.append("interrupted: committed units are kept; run the same command again to resume")
         if self.output_problem:
@@ -165,8 +176,10 @@ class Progress:
         left = max(self.total_rows - summary.rows, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         done = summary.units_done + summary.units_redone + summary.units_failed
-        line = (f"[{done}/{summary.units_to_do} units] "
-                f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}")
+        line = (
+            f"[{done}/{summary.units_to_do} units] "
+            f"{summary.rows}/{self.total_rows} rows, {summary.rows_error} errors, {rate:.1f} rows/s, ETA {eta}"
+        )
         if self.terminal:
             self.stream.write(f"\r{line}   ")
         elif line != self.printed:  # a log file gets each state once
@@ -194,8 +207,14 @@ class Suspect:
 class Dispatcher:
     """Hands units to workers and settles each outcome: committed, re-queued, or failed."""
 
-    def __init__(self, workers: Sequence[Any], summary: RunSummary, max_attempts: int, in_flight_per_worker: int,
-                 grow: Callable[[int], list[Any]] | None = None):
+    def __init__(
+        self,
+        workers: Sequence[Any],
+        summary: RunSummary,
+        max_attempts: int,
+        in_flight_per_worker: int,
+        grow: Callable[[int], list[Any]] | None = None,
+    ):
         self.workers = list(workers)
         self.grow = grow  # elastic pool: given the live worker count, new worker handles (none: a fixed pool)
         self.grown_at = 0.0
@@ -242,7 +261,7 @@ class Dispatcher:
         except RayTaskError as e:  # the unit raised; its worker lives on
             self.forget(ref)
             if (full := _output_full(e.cause)) is not None:
-                raise OutputUnwritable(f"unit {unit.unit_id} could not be written: {redact(_strerror(full))}")
+                raise OutputUnwritable(f"unit {unit.unit_id} could not be written: {redact(_strerror(full))}") from None
             if isinstance(e.cause, ShardChanged):
                 # Another try would read the same new content; and no failed marker: the unit's content is gone, so
                 # no later run could retry it (the next one plans the shard's new content).
@@ -345,8 +364,9 @@ class Dispatcher:
                 del self.probes[ref]
                 self.lost.add(w)
                 self.summary.workers_lost = len(self.lost)
-                logger.warning("model worker %d did not come back within %.0fs of dying; going on without it",
-                               w, RESTART_TIMEOUT_S)
+                logger.warning(
+                    "model worker %d did not come back within %.0fs of dying; going on without it", w, RESTART_TIMEOUT_S
+                )
         gone = self.lost | self.dropped
         waiting_for_gpus = self.grow is not None and now - self.dropped_at <= RESTART_TIMEOUT_S
         if len(gone) == len(self.workers) and not waiting_for_gpus:
@@ -377,8 +397,11 @@ class Dispatcher:
 
     def committed(self, record: ProgressRecord, unit: WorkUnit) -> None:
         # A redo counts the rows it did again, not those its unit kept.
-        ok, error, kinds = ((record.rows_ok, record.rows_error, record.errors_by_kind) if unit.redo is None
-                            else rows_at(self.summary.output, record, unit.redo))
+        ok, error, kinds = (
+            (record.rows_ok, record.rows_error, record.errors_by_kind)
+            if unit.redo is None
+            else rows_at(self.summary.output, record, unit.redo)
+        )
         self.summary.committed_ids.add(record.unit_id)
         if unit.redo is None:
             self.summary.units_done += 1
@@ -438,8 +461,10 @@ def run_units(
         # Parts are written whole and committed after: nothing half-written is left behind.
         summary.interrupted = True
     except (OutputUnwritable, OutputLocked) as e:  # committed units stay; nothing more can be written
-        summary.output_problem = (f"{e}; the run stopped (committed units are kept): make room or fix the output, "
-                                  "then run the same command again")
+        summary.output_problem = (
+            f"{e}; the run stopped (committed units are kept): make room or fix the output, "
+            "then run the same command again"
+        )
     if progress is not None:
         progress.close(summary)
     return summary

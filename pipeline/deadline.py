@@ -97,8 +97,9 @@ class Attempt:
                 _abandoned_now += 1
                 _abandoned_total += 1
         if held:
-            threading.Thread(target=lambda: [_shut(resource) for resource in held], name="deadline-shut",
-                             daemon=True).start()
+            threading.Thread(
+                target=lambda: [_shut(resource) for resource in held], name="deadline-shut", daemon=True
+            ).start()
 
     def finish(self) -> None:
         """The attempt's call returned, in time or not."""
@@ -127,15 +128,17 @@ def release(resource: Any) -> None:
         attempt.release(resource)
 
 
-def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], BaseException],
-               max_abandoned: int) -> T:
+def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], BaseException], max_abandoned: int) -> T:
     """call() in its own daemon thread, waited for at most `seconds`; past that, the attempt's resources are shut,
     its thread is left behind, and on_timeout() is raised. What call() returns or raises is passed on when it ends
     in time. With `max_abandoned` threads already left behind and still blocked, RowError("fetch_timeout") at once."""
     if _abandoned_now >= max_abandoned:
-        raise RowError("fetch_timeout", f"not attempted: {_abandoned_now} earlier reads of this worker are still "
-                                        "blocked past their deadlines (a hung network mount or store?), the limit "
-                                        "of [fetch] max_abandoned_reads; new reads start as they return")
+        raise RowError(
+            "fetch_timeout",
+            f"not attempted: {_abandoned_now} earlier reads of this worker are still "
+            "blocked past their deadlines (a hung network mount or store?), the limit "
+            "of [fetch] max_abandoned_reads; new reads start as they return",
+        )
     attempt = Attempt(time.monotonic() + seconds)
     outcome: dict[str, Any] = {}
     done = threading.Event()

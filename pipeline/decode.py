@@ -42,9 +42,15 @@ _NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)
 _TEXT_HEAD = 4096
 # Modes holding 16-bit samples (I: Pillow's 32-bit integer mode, which 16-bit files also decode to).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_SIGNATURES = ((b"%PDF-", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"),
-               (b"\x7fELF", "an ELF executable"), (b"MZ", "a Windows executable"),
-               (b"\x00\x00\x00\x18ftypmp4", "an MP4 video"), (b"\x1aE\xdf\xa3", "a Matroska/WebM video"))
+_SIGNATURES = (
+    (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"\x7fELF", "an ELF executable"),
+    (b"MZ", "a Windows executable"),
+    (b"\x00\x00\x00\x18ftypmp4", "an MP4 video"),
+    (b"\x1aE\xdf\xa3", "a Matroska/WebM video"),
+)
 
 
 _JPEG_SOS = b"\xff\xda"  # start of scan; never inside entropy-coded data, where 0xFF is followed by 0x00 or RSTn
@@ -74,8 +80,10 @@ class DecodeConfig:
         PIL.Image.init()  # registers every plugin, so PIL.Image.OPEN lists the formats this Pillow can read
         unknown = [f for f in self.formats if f.upper() not in PIL.Image.OPEN]
         if not self.formats or unknown:
-            raise ValueError(f"DecodeConfig.formats: {unknown or 'empty'} not readable by Pillow "
-                             f"(readable: {', '.join(sorted(PIL.Image.OPEN))})")
+            raise ValueError(
+                f"DecodeConfig.formats: {unknown or 'empty'} not readable by Pillow "
+                f"(readable: {', '.join(sorted(PIL.Image.OPEN))})"
+            )
 
 
 def _megapixels(pixels: int) -> str:
@@ -96,7 +104,7 @@ def _detected_type(data: bytes) -> str:
     except UnicodeDecodeError as err:
         if err.start < len(head) - 4:  # not just a multi-byte character cut at the end of the head
             return "binary data of unknown type"
-        text = head[:err.start].decode("utf-8")
+        text = head[: err.start].decode("utf-8")
     lowered = text[:200].lower()
     if lowered.startswith(("<!doctype html", "<html")) or "<html" in lowered:
         return "HTML"
@@ -179,9 +187,14 @@ def _tiff_strips(data: bytes) -> int:
     try:
         entries = struct.unpack_from(order + count_fmt, data, offset)[0]
         first = offset + struct.calcsize(count_fmt)
-        counts = [count for tag, _type, count in (struct.unpack_from(order + entry_fmt, data, first + i * entry_size)
-                                                  for i in range(min(entries, (len(data) - first) // entry_size)))
-                  if tag in (_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS)]
+        counts = [
+            count
+            for tag, _type, count in (
+                struct.unpack_from(order + entry_fmt, data, first + i * entry_size)
+                for i in range(min(entries, (len(data) - first) // entry_size))
+            )
+            if tag in (_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS)
+        ]
     except struct.error:  # a truncated header: Pillow says what is wrong with it
         return 0
     return max(counts, default=0)
@@ -194,9 +207,12 @@ def _metadata_bytes(image: PIL.Image.Image) -> int:
 
 def _check_metadata(image: PIL.Image.Image, config: DecodeConfig) -> None:
     if (size := _metadata_bytes(image)) > config.max_metadata_bytes:
-        raise RowError("metadata_too_large", f"{image.format} carries {format_size(size)} of metadata (EXIF, ICC, XMP, "
-                                             f"text), above the {format_size(config.max_metadata_bytes)} limit "
-                                             "([decode] max_metadata_bytes)")
+        raise RowError(
+            "metadata_too_large",
+            f"{image.format} carries {format_size(size)} of metadata (EXIF, ICC, XMP, "
+            f"text), above the {format_size(config.max_metadata_bytes)} limit "
+            "([decode] max_metadata_bytes)",
+        )
 
 
 def _check_shape(image: PIL.ImageFile.ImageFile, data: bytes, config: DecodeConfig) -> None:
@@ -205,13 +221,19 @@ def _check_shape(image: PIL.ImageFile.ImageFile, data: bytes, config: DecodeConf
     if width * height > config.max_pixels:  # before load(): never allocate the bitmap
         raise _too_large(width * height, f"{width}x{height} = ", config.max_pixels)
     if max(width, height) > config.max_aspect_ratio * max(1, min(width, height)):
-        raise RowError("extreme_aspect_ratio", f"image is {width}x{height}, one side more than "
-                                               f"{config.max_aspect_ratio:g} times the other ([decode] "
-                                               "max_aspect_ratio)")
+        raise RowError(
+            "extreme_aspect_ratio",
+            f"image is {width}x{height}, one side more than "
+            f"{config.max_aspect_ratio:g} times the other ([decode] "
+            "max_aspect_ratio)",
+        )
     _check_metadata(image, config)
     if image.format == "JPEG" and (scans := _jpeg_scans(data)) > config.max_jpeg_scans:
-        raise RowError("too_many_scans", f"JPEG of {scans} scans, above the {config.max_jpeg_scans} limit ([decode] "
-                                         "max_jpeg_scans): each scan is decoded over the whole image")
+        raise RowError(
+            "too_many_scans",
+            f"JPEG of {scans} scans, above the {config.max_jpeg_scans} limit ([decode] "
+            "max_jpeg_scans): each scan is decoded over the whole image",
+        )
 
 
 def _bomb(err: Exception, config: DecodeConfig) -> RowError:
@@ -240,8 +262,11 @@ def check_before_opening(data: bytes, config: DecodeConfig) -> None:
     if not data:
         raise RowError("decode_error", "empty file (0 bytes)")
     if (strips := _tiff_strips(data)) > config.max_tiff_strips:
-        raise RowError("too_many_strips", f"TIFF of {strips} strips or tiles, above the {config.max_tiff_strips} limit "
-                                          "([decode] max_tiff_strips): each costs a decoder call")
+        raise RowError(
+            "too_many_strips",
+            f"TIFF of {strips} strips or tiles, above the {config.max_tiff_strips} limit "
+            "([decode] max_tiff_strips): each costs a decoder call",
+        )
 
 
 def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), covering: int | None = None) -> PIL.Image.Image:
@@ -272,5 +297,4 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), covering: i
         try:
             return to_rgb(_to_eight_bits(image))
         except ValueError as err:
-            raise RowError("decode_error", f"cannot convert {image.format} mode {image.mode!r} to RGB: {err}") \
-                from None
+            raise RowError("decode_error", f"cannot convert {image.format} mode {image.mode!r} to RGB: {err}") from None

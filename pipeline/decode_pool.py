@@ -88,8 +88,9 @@ class DecodePool:
         self.processor = processor
         # The processor's output; without a resize, the largest image decode lets through (a memory file takes
         # memory only where it is written).
-        self.block_bytes = 3 * (processor.size["height"] * processor.size["width"] if processor.do_resize
-                                else decode.max_pixels)
+        self.block_bytes = 3 * (
+            processor.size["height"] * processor.size["width"] if processor.do_resize else decode.max_pixels
+        )
         self._settings = pickle.dumps((decode, processor.rgb_resize))
         self.replaced = 0  # processes stopped at a deadline or found dead, and started again
         self._idle: queue.Queue[_Process] = queue.Queue()
@@ -115,7 +116,10 @@ class DecodePool:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), str(block_fd), str(self.block_bytes)],
-                pass_fds=(theirs.fileno(), block_fd), stdin=subprocess.DEVNULL, env=_child_environment())
+                pass_fds=(theirs.fileno(), block_fd),
+                stdin=subprocess.DEVNULL,
+                env=_child_environment(),
+            )
             block = mmap.mmap(block_fd, self.block_bytes)
         finally:
             theirs.close()
@@ -135,8 +139,10 @@ class DecodePool:
         except (EOFError, OSError):
             pass
         self._retire(worker)
-        raise RuntimeError(f"a decode process did not start within {STARTUP_TIMEOUT_S:g} s (exit code "
-                           f"{worker.process.poll()}); its error output is in the worker's log")
+        raise RuntimeError(
+            f"a decode process did not start within {STARTUP_TIMEOUT_S:g} s (exit code "
+            f"{worker.process.poll()}); its error output is in the worker's log"
+        )
 
     def _retire(self, worker: _Process) -> None:
         worker.process.kill()
@@ -162,13 +168,18 @@ class DecodePool:
                 code = worker.process.wait(timeout=10)
                 self._replace(worker)
                 worker = None
-                raise RowError("decode_error", f"the decode process died decoding this image (exit code {code}; "
-                                               "killed for memory?)") from None
+                raise RowError(
+                    "decode_error",
+                    f"the decode process died decoding this image (exit code {code}; killed for memory?)",
+                ) from None
             if reply is None:
                 self._replace(worker)
                 worker = None
-                raise RowError("decode_timeout", f"decoding took longer than the {seconds:.3g} s left of the row's "
-                                                 "deadline ([fetch] row_deadline_s); its decode process was stopped")
+                raise RowError(
+                    "decode_timeout",
+                    f"decoding took longer than the {seconds:.3g} s left of the row's "
+                    "deadline ([fetch] row_deadline_s); its decode process was stopped",
+                )
             if reply[0] == "error":
                 raise RowError(reply[1], reply[2])
             width, height = reply[1], reply[2]

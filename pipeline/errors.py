@@ -19,10 +19,10 @@ and `error=message`. The kinds (schemas.rows.ERROR_KINDS):
 
 from __future__ import annotations
 
+from blipbatch.errors import BlipbatchError
 from blipbatch.schemas.rows import ERROR_KINDS
 
 from .redact import redact
-from blipbatch.errors import BlipbatchError
 
 __all__ = ["ERROR_KINDS", "RowError", "format_size"]
 

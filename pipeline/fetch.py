@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
@@ -127,11 +127,20 @@ class FetchConfig:
             if isinstance(value, str):  # a lone string would be read as a tuple of characters
                 raise ValueError(f"FetchConfig.{name} must be a tuple of strings, got the string {value!r}")
             object.__setattr__(self, name, tuple(value))  # a list from a caller: keep the config hashable
-        positive = {"timeout_s": self.timeout_s, "max_bytes": self.max_bytes, "concurrency": self.concurrency,
-                    "max_abandoned_reads": self.max_abandoned_reads,
-                    "attempt_deadline_s": self.attempt_deadline_s, "row_deadline_s": self.row_deadline_s}
-        non_negative = {"max_redirects": self.max_redirects, "retries": self.retries, "backoff_s": self.backoff_s,
-                        "max_backoff_s": self.max_backoff_s}
+        positive = {
+            "timeout_s": self.timeout_s,
+            "max_bytes": self.max_bytes,
+            "concurrency": self.concurrency,
+            "max_abandoned_reads": self.max_abandoned_reads,
+            "attempt_deadline_s": self.attempt_deadline_s,
+            "row_deadline_s": self.row_deadline_s,
+        }
+        non_negative = {
+            "max_redirects": self.max_redirects,
+            "retries": self.retries,
+            "backoff_s": self.backoff_s,
+            "max_backoff_s": self.max_backoff_s,
+        }
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"FetchConfig.{name} must be > 0, got {value!r}")
@@ -148,8 +157,10 @@ class FetchConfig:
             raise ValueError(f"FetchConfig.allow_hosts: {e}") from None
         for root in self.local_roots:
             if not isinstance(root, str) or not os.path.isabs(root):
-                raise ValueError(f"FetchConfig.local_roots: {root!r} is not an absolute path (roots are folders on "
-                                 "the workers, so a relative one would depend on their working directory)")
+                raise ValueError(
+                    f"FetchConfig.local_roots: {root!r} is not an absolute path (roots are folders on "
+                    "the workers, so a relative one would depend on their working directory)"
+                )
 
 
 class _RetryableError(RowError):
@@ -186,8 +197,8 @@ def _parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None  # unparseable: fall back to our own backoff
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _scheme(ref: str) -> str:
@@ -205,8 +216,11 @@ def _check_http_url(url: str) -> None:
         parts = urlsplit(url)
         host, _port = parts.hostname, parts.port  # .port raises ValueError when it is no number
     except ValueError:  # its text may quote part of a password written with a raw '/': not repeated
-        raise RowError("invalid_input", f"malformed URL {shown!r}: the host or port cannot be read (a '/', '?', "
-                                        "'#' or '@' in a user name or password must be percent-encoded)") from None
+        raise RowError(
+            "invalid_input",
+            f"malformed URL {shown!r}: the host or port cannot be read (a '/', '?', "
+            "'#' or '@' in a user name or password must be percent-encoded)",
+        ) from None
     if not host:
         raise RowError("invalid_input", f"malformed URL {shown!r}: no host after '//'")
     if any(ch.isspace() for ch in parts.netloc):
@@ -245,8 +259,9 @@ class Fetcher:
 
     `sleep` and `rng` are the clock and the jitter source of the backoff, replaceable in tests."""
 
-    def __init__(self, config: FetchConfig, *, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: FetchConfig, *, sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None
+    ) -> None:
         self.config = config
         redact_log_records()  # urllib3, botocore and s3fs log the URLs they fetch (at DEBUG)
         self._sleep = sleep
@@ -312,21 +327,28 @@ class Fetcher:
         scheme = _scheme(ref)
         if scheme == "file" and (mistyped := _SCHEME_WITHOUT_SLASHES.match(ref)):
             name = mistyped.group(1)
-            raise RowError("invalid_input", f"malformed image reference {_show(ref)!r}: it starts with {name + ':'!r} "
-                                            f"but a URL needs '://' after its scheme{_did_you_mean(name, allowed)} "
-                                            "(a local path has no scheme)")
+            raise RowError(
+                "invalid_input",
+                f"malformed image reference {_show(ref)!r}: it starts with {name + ':'!r} "
+                f"but a URL needs '://' after its scheme{_did_you_mean(name, allowed)} "
+                "(a local path has no scheme)",
+            )
         if scheme not in allowed:
             what = f"scheme {scheme!r}" if _SCHEME_RE.match(ref) else "local paths"
-            raise RowError("invalid_input", f"{what} not allowed in image reference {_show(ref)!r} "
-                                            f"(allowed schemes: {', '.join(allowed)}){_did_you_mean(scheme, allowed)}")
+            raise RowError(
+                "invalid_input",
+                f"{what} not allowed in image reference {_show(ref)!r} "
+                f"(allowed schemes: {', '.join(allowed)}){_did_you_mean(scheme, allowed)}",
+            )
         return scheme
 
     def fetch_all(self, refs: Sequence[str | bytes | None]) -> list[bytes | RowError]:
         """fetch() over `refs` on up to `concurrency` threads; results (bytes or the RowError) in the order of refs."""
         if not refs:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(refs)),
-                                thread_name_prefix="fetch") as pool:
+        with ThreadPoolExecutor(
+            max_workers=min(self.config.concurrency, len(refs)), thread_name_prefix="fetch"
+        ) as pool:
             return list(pool.map(self._fetch_or_error, refs))
 
     def _fetch_or_error(self, ref: str | bytes | None) -> bytes | RowError:
@@ -337,8 +359,9 @@ class Fetcher:
 
     def _check_size(self, n: int, what: str) -> None:
         if n > self.config.max_bytes:
-            raise RowError("too_large", f"{what} is {format_size(n)}, above the {format_size(self.config.max_bytes)} "
-                                        "limit")
+            raise RowError(
+                "too_large", f"{what} is {format_size(n)}, above the {format_size(self.config.max_bytes)} limit"
+            )
 
     # -- retries ---------------------------------------------------------------------------------------------------
 
@@ -370,8 +393,9 @@ class Fetcher:
         which = "what was left of row_deadline_s" if cut_short else "attempt_deadline_s"
 
         def timeout() -> _RetryableError:
-            return _RetryableError("fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})",
-                                   cut_short=cut_short)
+            return _RetryableError(
+                "fetch_timeout", f"{_show(ref)} took longer than {seconds:.3g} s ({which})", cut_short=cut_short
+            )
 
         return deadline.run_within(seconds, attempt, timeout, self.config.max_abandoned_reads)
 
@@ -391,16 +415,22 @@ class Fetcher:
                 if 200 <= response.status < 300:
                     if self.config.honour_opt_out and (directive := opt_out(response.headers)) is not None:
                         response.close()  # not downloaded at all
-                        raise RowError("opted_out", f"{_show(current)} opts out of AI use (X-Robots-Tag: "
-                                                    f"{directive}); [fetch] honour_opt_out = false fetches it")
+                        raise RowError(
+                            "opted_out",
+                            f"{_show(current)} opts out of AI use (X-Robots-Tag: "
+                            f"{directive}); [fetch] honour_opt_out = false fetches it",
+                        )
                     return self._read_body(response, current)
                 self._discard(response)  # before raising, so no unread body goes back to the pool
                 if response.status in _REDIRECT_STATUSES:
                     current = self._redirect_target(current, response)
                     continue
                 if response.status == 429 or response.status >= 500:
-                    raise _RetryableError("fetch_http", f"HTTP {response.status} from {_show(current)}",
-                                          _parse_retry_after(response.headers.get("Retry-After")))
+                    raise _RetryableError(
+                        "fetch_http",
+                        f"HTTP {response.status} from {_show(current)}",
+                        _parse_retry_after(response.headers.get("Retry-After")),
+                    )
                 raise RowError("fetch_http", f"HTTP {response.status} from {_show(current)}")
             finally:
                 response.release_conn()
@@ -415,23 +445,26 @@ class Fetcher:
     def _redirect_target(self, url: str, response: urllib3.BaseHTTPResponse) -> str:
         location = response.headers.get("Location")
         if not location:
-            raise RowError("fetch_http", f"HTTP {response.status} redirect without a Location header from "
-                                         f"{_show(url)}")
+            raise RowError("fetch_http", f"HTTP {response.status} redirect without a Location header from {_show(url)}")
         target = urljoin(url, location)
         scheme = urlsplit(target).scheme.lower()
         if scheme not in _HTTP_SCHEMES:
             raise RowError("fetch_http", f"redirect from {_show(url)} to a non-HTTP URL {_show(target)!r}")
         if scheme not in self.config.allowed_schemes:
-            raise RowError("fetch_http", f"redirect from {_show(url)} to {_show(target)!r}: scheme {scheme!r} "
-                                         "not allowed")
+            raise RowError(
+                "fetch_http", f"redirect from {_show(url)} to {_show(target)!r}: scheme {scheme!r} not allowed"
+            )
         return target
 
     def _read_body(self, response: urllib3.BaseHTTPResponse, url: str) -> bytes:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.config.max_bytes:
             response.close()  # do not download what we will refuse
-            raise RowError("too_large", f"{_show(url)} declares {format_size(int(declared))} (Content-Length), above "
-                                        f"the {format_size(self.config.max_bytes)} limit")
+            raise RowError(
+                "too_large",
+                f"{_show(url)} declares {format_size(int(declared))} (Content-Length), above "
+                f"the {format_size(self.config.max_bytes)} limit",
+            )
         chunks: list[bytes] = []
         total = 0
         try:
@@ -439,8 +472,9 @@ class Fetcher:
                 total += len(chunk)
                 if total > self.config.max_bytes:
                     response.close()
-                    raise RowError("too_large", f"{_show(url)} sent more than the "
-                                                f"{format_size(self.config.max_bytes)} limit")
+                    raise RowError(
+                        "too_large", f"{_show(url)} sent more than the {format_size(self.config.max_bytes)} limit"
+                    )
                 chunks.append(chunk)
         except urllib3.exceptions.HTTPError as err:
             raise self._http_error(err, url) from None
@@ -476,27 +510,32 @@ class Fetcher:
         """What is opened for `url`: the URL itself (by fsspec), or the local path it names (by LocalRoots.open)."""
         if "::" in url:
             # fsspec would read "a::b" as a chain of filesystems, reaching schemes the allowlist did not approve.
-            raise RowError("invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference "
-                                            f"{_show(url)!r}")
+            raise RowError(
+                "invalid_input", f"'::' (fsspec URL chaining) is not allowed in image reference {_show(url)!r}"
+            )
         try:
             filesystem = fsspec.get_filesystem_class(protocol)
         except ImportError as err:
-            raise RowError("invalid_input", f"reading {protocol}:// needs a package that is not installed: {err}") \
-                from None
+            raise RowError(
+                "invalid_input", f"reading {protocol}:// needs a package that is not installed: {err}"
+            ) from None
         except ValueError:
-            raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {_show(url)!r}") \
-                from None
+            raise RowError("invalid_input", f"no fsspec filesystem for scheme {protocol!r} in {_show(url)!r}") from None
         if issubclass(filesystem, LocalFileSystem):  # file://, local://, plain paths
             # The path fsspec would open; LocalRoots.open resolves it, checks it and opens it without following a
             # link swapped in after the check, and refuses anything but a regular file.
             return LocalPath(filesystem._strip_protocol(url), url)
         if not _bucket(url):
-            raise RowError("invalid_input", f"malformed image reference {_show(url)!r}: no bucket after "
-                                            f"'{protocol}://'")
+            raise RowError(
+                "invalid_input", f"malformed image reference {_show(url)!r}: no bucket after '{protocol}://'"
+            )
         if userinfo(url) is not None:  # also "KEY:pa/ss@bucket", whose bucket would read as "KEY:pa"
-            raise RowError("invalid_input", f"image reference {_show(url)!r} carries credentials before its bucket: "
-                                            f"{protocol}:// objects are read with the worker's own credentials, so "
-                                            "remove the part up to '@'")
+            raise RowError(
+                "invalid_input",
+                f"image reference {_show(url)!r} carries credentials before its bucket: "
+                f"{protocol}:// objects are read with the worker's own credentials, so "
+                "remove the part up to '@'",
+            )
         return url
 
     def _storage_attempt(self, url: str, opener: Callable[[], BinaryIO]) -> bytes:
@@ -522,8 +561,7 @@ class Fetcher:
         except TimeoutError as err:
             raise _RetryableError("fetch_timeout", f"timed out reading {shown}: {err}") from None
         except Exception as err:  # noqa: BLE001 - each backend (botocore, gcsfs, aiohttp) has its own error types
-            raise _RetryableError("fetch_connection", f"error reading {shown}: {type(err).__name__}: {err}") \
-                from None
+            raise _RetryableError("fetch_connection", f"error reading {shown}: {type(err).__name__}: {err}") from None
         self._check_size(len(data), shown)
         return data
 
@@ -539,8 +577,7 @@ class Fetcher:
                 encoded = re.sub(rb"\s+", b"", unquote_to_bytes(payload))  # line breaks are common in the wild
                 data = base64.b64decode(encoded + b"=" * (-len(encoded) % 4), validate=True)
             except (binascii.Error, ValueError) as err:
-                raise RowError("invalid_input", f"data: URI is not valid base64 ({err}): {_show(ref, 60)!r}") \
-                    from None
+                raise RowError("invalid_input", f"data: URI is not valid base64 ({err}): {_show(ref, 60)!r}") from None
         else:
             data = unquote_to_bytes(payload)
         self._check_size(len(data), "data: URI")

@@ -41,7 +41,6 @@ import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from socket import timeout as SocketTimeout
 from typing import BinaryIO
 
 import urllib3
@@ -75,9 +74,14 @@ def _ipv4_inside(address: IPAddress) -> IPAddress:
 def address_problem(address: IPAddress) -> str | None:
     """Why `address` is no public unicast address ("a loopback address", ...), or None when it is one."""
     address = _ipv4_inside(address)
-    for flag, what in ((address.is_unspecified, "an unspecified"), (address.is_loopback, "a loopback"),
-                       (address.is_link_local, "a link-local"), (address.is_multicast, "a multicast"),
-                       (address.is_private, "a private"), (address.is_reserved, "a reserved")):
+    for flag, what in (
+        (address.is_unspecified, "an unspecified"),
+        (address.is_loopback, "a loopback"),
+        (address.is_link_local, "a link-local"),
+        (address.is_multicast, "a multicast"),
+        (address.is_private, "a private"),
+        (address.is_reserved, "a reserved"),
+    ):
         if flag:
             return f"{what} address"
     if isinstance(address, ipaddress.IPv6Address):
@@ -115,8 +119,10 @@ class AllowList:
             except ValueError:
                 pass
             if not _HOST_NAME.fullmatch(text):
-                raise ValueError(f"entry {entry!r} is neither a host name nor an IP address or network "
-                                 '(e.g. "images.internal", "127.0.0.1", "10.0.0.0/8"); no scheme, port or path')
+                raise ValueError(
+                    f"entry {entry!r} is neither a host name nor an IP address or network "
+                    '(e.g. "images.internal", "127.0.0.1", "10.0.0.0/8"); no scheme, port or path'
+                )
             names.add(text.lower().rstrip("."))
         return cls(frozenset(names), tuple(networks))
 
@@ -125,8 +131,7 @@ class AllowList:
 
     def admits_address(self, address: IPAddress) -> bool:
         # The version check matters: ipaddress tests an IPv4 address against an IPv6 network by its integer alone.
-        return any(a.version == n.version and a in n
-                   for a in {address, _ipv4_inside(address)} for n in self.networks)
+        return any(a.version == n.version and a in n for a in {address, _ipv4_inside(address)} for n in self.networks)
 
 
 class AddressGuard:
@@ -144,8 +149,10 @@ class AddressGuard:
         try:
             infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
         except UnicodeError:
-            raise RowError("invalid_input", f"malformed host name {host!r}: a label (the text between dots) is "
-                                            "empty or longer than 63 characters") from None
+            raise RowError(
+                "invalid_input",
+                f"malformed host name {host!r}: a label (the text between dots) is empty or longer than 63 characters",
+            ) from None
         # An IPv4-mapped address is connected to as plain IPv4: it needs no IPv6 stack and means the same host.
         targets = {}
         for info in infos:
@@ -160,9 +167,11 @@ class AddressGuard:
                 if problem:
                     inner = _ipv4_inside(parsed)
                     shown = f"{parsed} (IPv4 {inner})" if inner != parsed else str(parsed)
-                    raise RowError("blocked_address",
-                                   f"host {host!r} resolves to {shown}, {problem}; fetching from it is refused "
-                                   "(list the host or its network in [fetch] allow_hosts if it is trusted)")
+                    raise RowError(
+                        "blocked_address",
+                        f"host {host!r} resolves to {shown}, {problem}; fetching from it is refused "
+                        "(list the host or its network in [fetch] allow_hosts if it is trusted)",
+                    )
         return list(targets)
 
 
@@ -180,11 +189,13 @@ def _connect_checked(conn: HTTPConnection, guard: AddressGuard) -> socket.socket
         timeout = max(0.01, min(timeout, attempt.remaining() + 1.0))
     for target in targets:  # each checked address in turn, as socket.create_connection tries each of an answer
         try:
-            sock = create_connection((target, conn.port), timeout, source_address=conn.source_address,
-                                     socket_options=conn.socket_options)
-        except SocketTimeout:
-            error = ConnectTimeoutError(conn, f"Connection to {conn.host} ({target}) timed out. "
-                                              f"(connect timeout={conn.timeout})")
+            sock = create_connection(
+                (target, conn.port), timeout, source_address=conn.source_address, socket_options=conn.socket_options
+            )
+        except TimeoutError:
+            error = ConnectTimeoutError(
+                conn, f"Connection to {conn.host} ({target}) timed out. (connect timeout={conn.timeout})"
+            )
         except OSError as e:
             error = NewConnectionError(conn, f"Failed to establish a new connection to {target}: {e}")
         else:
@@ -258,19 +269,24 @@ class LocalRoots:
         anything but a regular file: a FIFO or a device would block the reader, so it is refused before opening."""
         shown = redact(ref)
         if not self.roots:
-            raise RowError("blocked_address", f"local file {shown!r} refused: no [fetch] local_roots are set, so no "
-                                              "local files may be read (list the folders images may come from)")
+            raise RowError(
+                "blocked_address",
+                f"local file {shown!r} refused: no [fetch] local_roots are set, so no "
+                "local files may be read (list the folders images may come from)",
+            )
         if "\0" in path:  # os.path.realpath would raise ValueError
             raise RowError("invalid_input", f"malformed local path {shown!r}: it contains a NUL byte")
         try:
             real = os.path.realpath(path)
         except OSError:  # a link on the path replaced while realpath read it (readlink: EINVAL), a loop
-            raise RowError("blocked_address", f"local file {shown!r} refused: its path changed while it was being "
-                                              "resolved") from None
+            raise RowError(
+                "blocked_address", f"local file {shown!r} refused: its path changed while it was being resolved"
+            ) from None
         if not any(os.path.commonpath([real, root]) == root for root in self.roots):
             where = shown if real in (ref, path) else f"{shown} (resolves to {redact(real)})"
-            raise RowError("blocked_address", f"local file {where} is outside [fetch] local_roots "
-                                              f"({', '.join(self.roots)})")
+            raise RowError(
+                "blocked_address", f"local file {where} is outside [fetch] local_roots ({', '.join(self.roots)})"
+            )
         try:
             mode = os.stat(real).st_mode
         except FileNotFoundError:
@@ -280,7 +296,6 @@ class LocalRoots:
         if not stat.S_ISREG(mode):
             raise _not_a_file(shown, mode)
         return real
-
 
     def open(self, target: LocalPath) -> BinaryIO:
         """`target` resolved and checked by `resolve`, then opened without following any link: from its root's
@@ -300,8 +315,11 @@ class LocalRoots:
             file_fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                raise RowError("blocked_address", f"local file {shown!r} refused: its path was changed to go "
-                                                  "through a symbolic link after it was checked") from None
+                raise RowError(
+                    "blocked_address",
+                    f"local file {shown!r} refused: its path was changed to go "
+                    "through a symbolic link after it was checked",
+                ) from None
             raise
         finally:
             os.close(fd)
@@ -324,9 +342,13 @@ def _not_a_file(shown: str, mode: int) -> RowError:
 
 def file_kind(mode: int) -> str:
     """What a non-regular file is, for messages: "a directory", "a named pipe (FIFO)", ..."""
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return what
     return "not a regular file"
@@ -357,6 +379,8 @@ def risky_local_roots(roots: Iterable[str]) -> list[str]:
             why = "holds home folders"
         else:
             continue
-        warnings.append(f"[fetch] local_roots entry {root!r} {why}: any row of the input can read any file in it "
-                        "(SSH keys, cloud credentials); list only the folders that hold the images")
+        warnings.append(
+            f"[fetch] local_roots entry {root!r} {why}: any row of the input can read any file in it "
+            "(SSH keys, cloud credentials); list only the folders that hold the images"
+        )
     return warnings

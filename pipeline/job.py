@@ -61,8 +61,9 @@ class InputConfig(ColumnMapping):
         if self.missing not in MISSING_CHOICES:
             raise PipelineError(f"input.missing must be one of {', '.join(MISSING_CHOICES)}, got {self.missing!r}")
         if self.format not in INPUT_FORMATS:
-            raise PipelineError(f"input.format must be one of {', '.join(map(str, INPUT_FORMATS))}, got "
-                                f"{self.format!r}")
+            raise PipelineError(
+                f"input.format must be one of {', '.join(map(str, INPUT_FORMATS))}, got {self.format!r}"
+            )
 
     @property
     def columns(self) -> ColumnMapping:
@@ -109,8 +110,17 @@ class RunConfig:
     address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else Ray in-process
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "decode_slots", "prepare_threads", "decoded_bytes", "rows_per_unit", "max_attempts",
-                     "max_instruction_bytes", "max_candidates", "max_workers"):
+        for name in (
+            "batch_size",
+            "decode_slots",
+            "prepare_threads",
+            "decoded_bytes",
+            "rows_per_unit",
+            "max_attempts",
+            "max_instruction_bytes",
+            "max_candidates",
+            "max_workers",
+        ):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise PipelineError(f"run.{name} must be at least 1, got {getattr(self, name)!r}")
         if self.decode_processes is not None and not self.decode_processes >= 0:
@@ -132,8 +142,10 @@ def instruction_size_problem(text: str, limit: int) -> str | None:
     that many tokens. A text of more characters than `limit` is not even encoded."""
     if len(text) <= limit and len(text.encode("utf-8", "surrogatepass")) <= limit:
         return None
-    return (f"the instruction has {len(text):,} characters, over the {limit:,} bytes (UTF-8) an instruction may take "
-            "([run] max_instruction_bytes); shorten it")
+    return (
+        f"the instruction has {len(text):,} characters, over the {limit:,} bytes (UTF-8) an instruction may take "
+        "([run] max_instruction_bytes); shorten it"
+    )
 
 
 def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Instructions | None:
@@ -213,8 +225,9 @@ class Job:
         for text in fixed:
             if (problem := instruction_size_problem(text, self.run.max_instruction_bytes)) is not None:
                 raise PipelineError(f"prompt: {problem}")
-        object.__setattr__(self, "closed_sets",
-                           _closed_sets(self.closed_sets or {}, self.instructions, self.run.max_candidates))
+        object.__setattr__(
+            self, "closed_sets", _closed_sets(self.closed_sets or {}, self.instructions, self.run.max_candidates)
+        )
         object.__setattr__(self, "generation", _checked_generation(self.generation))
 
     @property

@@ -124,8 +124,9 @@ class _LocalStore(_Store):
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise OutputLocked(f"{folder}: another process kept the lock file busy for "
-                                           f"{FLOCK_WAIT_S:.0f}s") from None
+                        raise OutputLocked(
+                            f"{folder}: another process kept the lock file busy for {FLOCK_WAIT_S:.0f}s"
+                        ) from None
                     time.sleep(0.005)
                 except OSError as err:  # a filesystem without flock (some network and FUSE mounts)
                     if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
@@ -204,8 +205,9 @@ class _S3Store(_Store):
 
     def delete(self, seen: _Read) -> bool:
         bucket, key, _ = self.fs.split_path(self.path)
-        deleted = self._conditional("delete", lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=key,
-                                                                       IfMatch=seen.version))
+        deleted = self._conditional(
+            "delete", lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=seen.version)
+        )
         self.fs.invalidate_cache(self.path)
         return deleted
 
@@ -283,7 +285,7 @@ class OutputLock:
             if seen is not None and held is not None and held.token == self.info.token:
                 self.store.delete(seen)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 

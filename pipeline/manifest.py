@@ -39,8 +39,19 @@ _ADDED_IN_V2 = frozenset({"dtype", "quantize"})
 # Mapping fields added after version 2 (templates, WebDataset input): recorded only when not at their default.
 _MAPPING_ADDED_LATER = frozenset({"missing", "format", "image_extension"})
 # Run settings recorded; the Ray address is where, not what, and is left out.
-_RECORDED_RUN = ("workers", "max_workers", "batch_size", "decode_slots", "prepare_threads", "decoded_bytes",
-                 "decode_processes", "max_attempts", "max_error_rate", "max_instruction_bytes", "max_candidates")
+_RECORDED_RUN = (
+    "workers",
+    "max_workers",
+    "batch_size",
+    "decode_slots",
+    "prepare_threads",
+    "decoded_bytes",
+    "decode_processes",
+    "max_attempts",
+    "max_error_rate",
+    "max_instruction_bytes",
+    "max_candidates",
+)
 
 
 def _canonical_json(settings: Mapping) -> str:
@@ -63,8 +74,11 @@ def _recorded_mapping(columns: ColumnMapping) -> dict[str, Any]:
     """The mapping's fields, less those added after manifest version 2 while they hold their default: an output
     made before them records none, and resumes."""
     defaults = {f.name: f.default for f in dataclasses.fields(ColumnMapping)}
-    return {name: value for name, value in dataclasses.asdict(columns).items()
-            if name not in _MAPPING_ADDED_LATER or value != defaults[name]}
+    return {
+        name: value
+        for name, value in dataclasses.asdict(columns).items()
+        if name not in _MAPPING_ADDED_LATER or value != defaults[name]
+    }
 
 
 def job_settings(job: Job) -> JobSettings:
@@ -73,8 +87,9 @@ def job_settings(job: Job) -> JobSettings:
     return JobSettings(
         input=paths[0] if len(paths) == 1 else paths,
         model=redact(job.model.path),
-        instructions=job.instructions if isinstance(job.instructions, dict) else (
-            None if job.instructions is None else list(job.instructions)),
+        instructions=job.instructions
+        if isinstance(job.instructions, dict)
+        else (None if job.instructions is None else list(job.instructions)),
         mapping=_recorded_mapping(job.input.columns),
         generation=dict(job.generation),
         rows_per_unit=job.run.rows_per_unit,
@@ -143,9 +158,10 @@ class ManifestMismatch(BlipbatchError, RuntimeError):
         self.differences = differences
         lines = [f"  {key}: was {old!r}, now {new!r}" for key, (old, new) in differences.items()]
         super().__init__(
-            f"{output_root} was written with other settings:\n" + "\n".join(lines)
+            f"{output_root} was written with other settings:\n"
+            + "\n".join(lines)
             + "\nUse a new output location, or --force to adopt the new settings (rows already committed keep the "
-              "settings recorded in their model/generation columns)."
+            "settings recorded in their model/generation columns)."
         )
 
 
@@ -183,8 +199,9 @@ def check_manifest(output_root: str, settings: Mapping, force: bool = False) -> 
         return "created"
     if previous == current:
         return "matched"
-    differences = _differences(_fixed(previous) if isinstance(previous, dict) else previous,
-                               _comparable(previous, current))
+    differences = _differences(
+        _fixed(previous) if isinstance(previous, dict) else previous, _comparable(previous, current)
+    )
     if not differences:
         return "updated"
     if not force:
@@ -198,8 +215,12 @@ def write_manifest(output_root: str, settings: Mapping) -> None:
     """Write the manifest whole (it replaces any earlier one)."""
     fs, root = _open_root(output_root)
     current = json.loads(_canonical_json(settings))
-    manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint(current), "settings": current,
-                "written_at": _now()}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "fingerprint": fingerprint(current),
+        "settings": current,
+        "written_at": _now(),
+    }
     _write_whole(fs, f"{root}/{MANIFEST}", _json_bytes(manifest))
 
 
@@ -221,8 +242,9 @@ def record_run(output_root: str, started_at: float, wall_s: float, rows: int) ->
     """Record a run's wall time as its summary prints it (from the call, start-up included), for the report."""
     fs, root = _open_root(output_root)
     name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_at))}-{uuid.uuid4().hex[:8]}.json"
-    _write_whole(fs, f"{root}/{RUNS_DIR}/{name}", _json_bytes({"started_at": started_at, "wall_s": wall_s,
-                                                                "rows": rows}))
+    _write_whole(
+        fs, f"{root}/{RUNS_DIR}/{name}", _json_bytes({"started_at": started_at, "wall_s": wall_s, "rows": rows})
+    )
 
 
 def recorded_runs(output_root: str) -> list[dict[str, Any]]:

@@ -43,14 +43,21 @@ class RunMetrics:
     def __init__(self, output: str) -> None:
         self.output = output
         self.rows = Counter("blipbatch_rows", "Output rows committed, by status", tag_keys=("status", "worker"))
-        self.errors = Counter("blipbatch_row_errors", "Error rows committed, by error_kind",
-                              tag_keys=("error_kind", "worker"))
+        self.errors = Counter(
+            "blipbatch_row_errors", "Error rows committed, by error_kind", tag_keys=("error_kind", "worker")
+        )
         self.units = Counter("blipbatch_units", "Units settled: committed, retried or failed", tag_keys=("outcome",))
-        self.images_per_s = Gauge("blipbatch_images_per_second",
-                                  "Images fetched and decoded per second over the worker's last unit",
-                                  tag_keys=("worker",))
-        self.unit_seconds = Histogram("blipbatch_unit_seconds", "Wall time of a unit, start to part written",
-                                      boundaries=_UNIT_SECONDS, tag_keys=("worker",))
+        self.images_per_s = Gauge(
+            "blipbatch_images_per_second",
+            "Images fetched and decoded per second over the worker's last unit",
+            tag_keys=("worker",),
+        )
+        self.unit_seconds = Histogram(
+            "blipbatch_unit_seconds",
+            "Wall time of a unit, start to part written",
+            boundaries=_UNIT_SECONDS,
+            tag_keys=("worker",),
+        )
         self.queue_depth = Gauge("blipbatch_queue_depth", "Units waiting for a worker")
         self.in_flight = Gauge("blipbatch_units_in_flight", "Units sent to workers and not yet settled")
 
@@ -64,18 +71,31 @@ class RunMetrics:
             self.rows.inc(record.rows_error, tags={"status": "error", "worker": worker})
         for kind, count in record.errors_by_kind.items():
             self.errors.inc(count, tags={"error_kind": kind, "worker": worker})
-        line: dict[str, object] = {"unit": record.unit_id, "output": self.output, "attempt": record.attempt,
-                                   "rows_ok": record.rows_ok, "rows_error": record.rows_error,
-                                   "errors_by_kind": record.errors_by_kind, "worker": worker}
+        line: dict[str, object] = {
+            "unit": record.unit_id,
+            "output": self.output,
+            "attempt": record.attempt,
+            "rows_ok": record.rows_ok,
+            "rows_error": record.rows_error,
+            "errors_by_kind": record.errors_by_kind,
+            "worker": worker,
+        }
         if timing is not None:
             seconds = max(timing.seconds, 1e-6)
             self.images_per_s.set(timing.images_fetched / seconds, tags={"worker": worker})
             self.unit_seconds.observe(timing.seconds, tags={"worker": worker})
-            line |= {"seconds": round(timing.seconds, 3), "images": timing.images_fetched,
-                     "images_per_s": round(timing.images_fetched / seconds, 2),
-                     "rows_per_s": round(record.rows / seconds, 2), "pid": timing.pid, "node": timing.node,
-                     "fetch_s": round(timing.fetch_s, 3), "decode_s": round(timing.decode_s, 3),
-                     "model_s": round(timing.model_s, 3), "reads_abandoned": timing.reads_abandoned}
+            line |= {
+                "seconds": round(timing.seconds, 3),
+                "images": timing.images_fetched,
+                "images_per_s": round(timing.images_fetched / seconds, 2),
+                "rows_per_s": round(record.rows / seconds, 2),
+                "pid": timing.pid,
+                "node": timing.node,
+                "fetch_s": round(timing.fetch_s, 3),
+                "decode_s": round(timing.decode_s, 3),
+                "model_s": round(timing.model_s, 3),
+                "reads_abandoned": timing.reads_abandoned,
+            }
         _log("unit_committed", **line)
 
     def retried(self, unit_id: str, attempt: int, reason: str) -> None:
@@ -96,8 +116,9 @@ class WorkerMetrics:
 
     def __init__(self, worker: str) -> None:
         self.tags = {"worker": worker}
-        self.batch_size = Histogram("blipbatch_batch_size", "Rows per model call", boundaries=_BATCH_SIZES,
-                                    tag_keys=("worker",))
+        self.batch_size = Histogram(
+            "blipbatch_batch_size", "Rows per model call", boundaries=_BATCH_SIZES, tag_keys=("worker",)
+        )
 
     def model_call(self, rows: int) -> None:
         self.batch_size.observe(rows, tags=self.tags)

@@ -31,13 +31,16 @@ def check_model(path: str) -> None:
         with fsspec.open(os.path.expanduser(config) if local else config, "rb") as f:
             model_type = json.load(f).get("model_type")
     except FileNotFoundError:
-        raise PipelineError(f"model: {redact(path)} has no config.json; give the checkpoint folder (config.json, "
-                            "weights, tokenizer)") from None
+        raise PipelineError(
+            f"model: {redact(path)} has no config.json; give the checkpoint folder (config.json, weights, tokenizer)"
+        ) from None
     except (OSError, ValueError, AttributeError) as e:
         raise PipelineError(f"model: cannot read {redact(config)}: {redact(str(e)) or type(e).__name__}") from None
     if model_type not in COMPOSITE_CONFIGS:
-        raise PipelineError(f"model: {redact(config)} has model_type {model_type!r}; blipbatch runs "
-                            f"{' and '.join(sorted(COMPOSITE_CONFIGS))} checkpoints")
+        raise PipelineError(
+            f"model: {redact(config)} has model_type {model_type!r}; blipbatch runs "
+            f"{' and '.join(sorted(COMPOSITE_CONFIGS))} checkpoints"
+        )
 
 
 def check_output(path: str) -> None:
@@ -57,8 +60,9 @@ def check_output(path: str) -> None:
     try:  # tried, not inferred from permissions: root passes os.access where /proc, /sys or a read-only mount refuse
         _try_writing(root, parent)
     except OSError as e:
-        raise PipelineError(f"output: {path} cannot be written ({e.strerror or type(e).__name__}); give a writable "
-                            "folder") from None
+        raise PipelineError(
+            f"output: {path} cannot be written ({e.strerror or type(e).__name__}); give a writable folder"
+        ) from None
 
 
 def _try_writing(root: str, parent: str) -> None:

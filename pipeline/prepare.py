@@ -189,8 +189,16 @@ class PrepareStage:
     """The prepare stage of one unit; iterate `batches()` from the model's thread. Use as a context manager: leaving
     it (also on an error) drops what is still queued."""
 
-    def __init__(self, fetcher: Fetcher, decode: DecodeConfig, processor: BlipImageProcessor, config: PrepareConfig,
-                 check_instruction, pin_memory: bool = False, pool: DecodePool | None = None) -> None:
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        decode: DecodeConfig,
+        processor: BlipImageProcessor,
+        config: PrepareConfig,
+        check_instruction,
+        pin_memory: bool = False,
+        pool: DecodePool | None = None,
+    ) -> None:
         """`pool`: decode processes to use (a worker keeps one for its lifetime); None: the stage starts its own
         when `config` asks for processes, and ends them on leaving."""
         self.fetcher = fetcher
@@ -257,7 +265,8 @@ class PrepareStage:
             decoded = self._decodes.get(digest)
             if decoded is None:  # decoded within what the first fetch of these bytes left of its row's deadline
                 decoded = self._decodes[digest] = self._cpu_pool.submit(
-                    self._decode, data, self.fetcher.config.row_deadline_s - fetch_s)
+                    self._decode, data, self.fetcher.config.row_deadline_s - fetch_s
+                )
         return _Fetched(digest, decoded)
 
     def _decode(self, data: bytes, seconds: float) -> torch.Tensor | RowError:
@@ -282,8 +291,9 @@ class PrepareStage:
     def _assemble(self, rows: Sequence[InputRow], images: dict[int, Future]) -> PreparedBatch:
         """Wait for the rows' images, check the instructions, normalize and stack the distinct good images."""
         fetched = {index: images[index].result() for index in dict.fromkeys(row.row_index for row in rows)}
-        decoded = {digest: f.decoded.result() for f in fetched.values() if isinstance(f, _Fetched)
-                   for digest in [f.sha256]}
+        decoded = {
+            digest: f.decoded.result() for f in fetched.values() if isinstance(f, _Fetched) for digest in [f.sha256]
+        }
         new = [digest for digest, d in decoded.items() if not isinstance(d, RowError) and digest not in self._counted]
         self._counted.update(new)  # only the assembler thread touches it
         self.times.add("images_fetched", len(new))

@@ -49,21 +49,44 @@ _PATH_START = re.compile(r"[/?#]")
 # jwt, bearer, hmac, hdnts), or when one of its parts (split at - _ .) is one of the short words, which as stems would
 # hit ordinary names (otp in "footprint"). A stem also hits a few harmless names (design=, monkey=): their values are
 # removed too, the safe side.
-_SECRET_STEMS = ("pass", "pwd", "token", "secret", "sig", "key", "auth", "session", "cred", "jwt", "bearer", "hmac",
-                 "hdnts")
+_SECRET_STEMS = (
+    "pass",
+    "pwd",
+    "token",
+    "secret",
+    "sig",
+    "key",
+    "auth",
+    "session",
+    "cred",
+    "jwt",
+    "bearer",
+    "hmac",
+    "hdnts",
+)
 _SECRET_PARTS = frozenset({"pw", "sas", "otp", "pin", "sid"})
 # A header or setting quoted in an exception message ("Authorization: ...", "aws_session_token=..."): the value to
 # the end of its line.
-_FIELD_NAMES = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-amz-security-token", "x-api-key",
-                "aws_secret_access_key", "aws_session_token")
-_SECRET_FIELD = re.compile(rf"(?<![?&;\w-])({'|'.join(map(re.escape, _FIELD_NAMES))})(\s*[:=]\s*)([^\r\n]+)",
-                           re.IGNORECASE)
+_FIELD_NAMES = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-amz-security-token",
+    "x-api-key",
+    "aws_secret_access_key",
+    "aws_session_token",
+)
+_SECRET_FIELD = re.compile(
+    rf"(?<![?&;\w-])({'|'.join(map(re.escape, _FIELD_NAMES))})(\s*[:=]\s*)([^\r\n]+)", re.IGNORECASE
+)
 
 
 def _is_secret_name(name: str) -> bool:
     lowered = name.lower()
     return any(stem in lowered for stem in _SECRET_STEMS) or not set(re.split(r"[-_.]", lowered)).isdisjoint(
-        _SECRET_PARTS)
+        _SECRET_PARTS
+    )
 
 
 def _is_name_char(ch: str) -> bool:
@@ -81,7 +104,7 @@ def _userinfo_spans(token: str) -> list[tuple[int, int]]:
     for match in _SCHEME.finditer(token, 0, at):
         start = match.end()
         first = _PATH_START.search(token, start, at)  # stops at the next URL's "://" at the latest
-        if first is None or ":" in token[start:first.start()]:
+        if first is None or ":" in token[start : first.start()]:
             return [(start, at)]
     return []
 
@@ -146,7 +169,7 @@ def userinfo(url: str) -> str | None:
     """The user info of the URL `url` (what redact removes before its host), or None when it has none."""
     token = _TOKEN.match(url)
     spans = _userinfo_spans(token.group()) if token and _SCHEME.match(url) else []
-    return url[spans[0][0]:spans[0][1]] if spans else None
+    return url[spans[0][0] : spans[0][1]] if spans else None
 
 
 def secrets_of(reference: str) -> tuple[str, ...]:

@@ -45,17 +45,21 @@ def redo_kinds(kinds: Collection[str]) -> frozenset[str]:
     """The error kinds a redo takes: those named, or every kind when none is."""
     unknown = sorted(set(kinds) - set(ERROR_KINDS))
     if unknown:
-        raise PipelineError(f"--redo-errors: unknown error kind(s) {', '.join(unknown)}; the kinds are "
-                            f"{', '.join(ERROR_KINDS)}")
+        raise PipelineError(
+            f"--redo-errors: unknown error kind(s) {', '.join(unknown)}; the kinds are {', '.join(ERROR_KINDS)}"
+        )
     return frozenset(kinds or ERROR_KINDS)
 
 
 def known_ids(units: Sequence[WorkUnit], committed: Collection[str]) -> list[WorkUnit]:
     """The units, each under the id it was committed by: its content id, or the location id older outputs used; the
     row ranges of a row group that an older output committed whole (before row groups were cut) are that one unit."""
-    return [unit if unit.unit_id in committed or legacy_unit_id(unit) not in committed
-            else dataclasses.replace(unit, unit_id=legacy_unit_id(unit))
-            for unit in _whole_where_known(units, committed)]
+    return [
+        unit
+        if unit.unit_id in committed or legacy_unit_id(unit) not in committed
+        else dataclasses.replace(unit, unit_id=legacy_unit_id(unit))
+        for unit in _whole_where_known(units, committed)
+    ]
 
 
 def _whole_where_known(units: Sequence[WorkUnit], known: Collection[str]) -> list[WorkUnit]:
@@ -67,8 +71,9 @@ def _whole_where_known(units: Sequence[WorkUnit], known: Collection[str]) -> lis
             ranges.setdefault(unit.whole_group_id, []).append(unit)
     joined = {}
     for whole_id, parts in ranges.items():
-        whole = dataclasses.replace(parts[0], unit_id=whole_id, num_rows=sum(p.num_rows for p in parts),
-                                    group_range=None)
+        whole = dataclasses.replace(
+            parts[0], unit_id=whole_id, num_rows=sum(p.num_rows for p in parts), group_range=None
+        )
         if whole_id in known or legacy_unit_id(whole) in known:
             joined[whole_id] = whole
     out: list[WorkUnit] = []
@@ -80,8 +85,9 @@ def _whole_where_known(units: Sequence[WorkUnit], known: Collection[str]) -> lis
     return out
 
 
-def plan_run(output: str, planned: Sequence[WorkUnit], retry_failed: bool = False,
-             redo_errors: Collection[str] | None = None) -> RunPlan:
+def plan_run(
+    output: str, planned: Sequence[WorkUnit], retry_failed: bool = False, redo_errors: Collection[str] | None = None
+) -> RunPlan:
     """What a run over `planned` does in `output`; `redo_errors`: None for no redo, else the kinds (empty: all)."""
     committed = committed_units(output)
     failed = set(failed_units(output))
@@ -140,7 +146,8 @@ def check_rewritten(output: str, units: Sequence[WorkUnit], committed: Collectio
             f"{len(found)} shard(s) rewritten in place since units of their earlier content were committed, e.g. "
             f"{shard} ({len(unit_ids)} unit(s): {', '.join(unit_ids[:3])}{' ...' if len(unit_ids) > 3 else ''}); "
             "its new content would commit its rows again beside the earlier ones. Put the earlier content back, or "
-            "write to a new output, or pass --force to process the new content anyway (the earlier rows stay)")
+            "write to a new output, or pass --force to process the new content anyway (the earlier rows stay)"
+        )
 
 
 def redo_hint(errors_by_kind: Mapping[str, int]) -> str | None:

@@ -26,14 +26,14 @@ from .coordinator import Progress, RunSummary, run_units
 from .job import Job, PipelineError, job_from_keywords
 from .lock import OutputLock
 from .manifest import check_manifest, job_settings, read_manifest, record_run, record_used, write_manifest
+from .preflight import check_model, check_output
+from .prepare import PrepareConfig
 from .redact import redact
 from .resume import check_rewritten, plan_run, unfinished_shards
 from .shards import WorkUnit, check_apart, check_unique_ids, discover_shards, plan_units
 from .sink import committed_units, progress_records, write_file
 from .template import TemplateError, check_columns, parse_all
 from .webdataset import IndexCache
-from .preflight import check_model, check_output
-from .prepare import PrepareConfig
 from .worker import FaultInjection, ModelWorker, WorkerConfig
 
 __all__ = ["PipelineError", "connect_ray", "run", "run_job"]
@@ -48,8 +48,11 @@ class Terminated(KeyboardInterrupt):
 
 def _cpus_per_gpu() -> int:
     """The fewest CPUs per GPU of the cluster's live GPU nodes (8 when none is up yet: an autoscaler adds them)."""
-    ratios = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
-              if node.get("Alive") and node["Resources"].get("GPU")]
+    ratios = [
+        int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"])
+        for node in ray.nodes()
+        if node.get("Alive") and node["Resources"].get("GPU")
+    ]
     return min(ratios, default=8)
 
 
@@ -68,8 +71,13 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     # process only: it would otherwise be the first line of every run's stderr.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     temp_dir = tempfile.mkdtemp(prefix="bb-ray-", dir=ray_temp_root())
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=True, configure_logging=False)
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+        configure_logging=False,
+    )
     atexit.register(_remove_ray_temp, temp_dir)  # runs before Ray's own exit hook (atexit is last in, first out)
 
 
@@ -119,8 +127,15 @@ def run(
     return run_job(job, force=force, retry_failed=retry_failed, redo_errors=redo_errors, progress=progress)
 
 
-def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_errors: Sequence[str] | None = None,
-            progress: bool = True, fault: FaultInjection | None = None) -> RunSummary:
+def run_job(
+    job: Job,
+    *,
+    force: bool = False,
+    retry_failed: bool = False,
+    redo_errors: Sequence[str] | None = None,
+    progress: bool = True,
+    fault: FaultInjection | None = None,
+) -> RunSummary:
     """pipeline.run for a Job; `fault` is the tests' crash hook (worker.FaultInjection)."""
     start = time.monotonic()
     output = job.output.path
@@ -128,8 +143,9 @@ def run_job(job: Job, *, force: bool = False, retry_failed: bool = False, redo_e
     check_output(output)
     made = _folders_to_make(output)
     try:
-        return _run_checked(job, start, force=force, retry_failed=retry_failed, redo_errors=redo_errors,
-                            progress=progress, fault=fault)
+        return _run_checked(
+            job, start, force=force, retry_failed=retry_failed, redo_errors=redo_errors, progress=progress, fault=fault
+        )
     except BaseException:
         _remove_if_left_empty(made)  # a run that cannot start (or is stopped while starting) leaves no folder behind
         raise
@@ -156,14 +172,26 @@ def _remove_if_left_empty(made: Sequence[str]) -> None:
                 os.rmdir(folder)
 
 
-def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, redo_errors: Sequence[str] | None,
-                 progress: bool, fault: FaultInjection | None) -> RunSummary:
+def _run_checked(
+    job: Job,
+    start: float,
+    *,
+    force: bool,
+    retry_failed: bool,
+    redo_errors: Sequence[str] | None,
+    progress: bool,
+    fault: FaultInjection | None,
+) -> RunSummary:
     output = job.output.path
     paths = job.input.paths
     check_apart(paths, output)
     tar_cache = IndexCache(output)
-    units = plan_units(discover_shards(paths[0] if len(paths) == 1 else list(paths)), job.input.columns,
-                       job.run.rows_per_unit, tar_cache)
+    units = plan_units(
+        discover_shards(paths[0] if len(paths) == 1 else list(paths)),
+        job.input.columns,
+        job.run.rows_per_unit,
+        tar_cache,
+    )
     check_unique_ids(unfinished_shards(output, units), job.input.columns)
     check_template_columns(job, units)
     settings = job_settings(job).to_dict()
@@ -174,19 +202,34 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
         if not force:
             check_rewritten(output, units, plan.committed)
         pending = plan.pending
-        summary = RunSummary(output=output, units_total=len(units), units_skipped=plan.skipped,
-                             units_to_do=len(pending))
+        summary = RunSummary(
+            output=output, units_total=len(units), units_skipped=plan.skipped, units_to_do=len(pending)
+        )
         if not pending:
-            print(f"nothing to do: all {len(units)} units of {output} are already committed or failed "
-                  "(--retry-failed redoes failed units, --redo-errors error rows)", file=sys.stderr)
+            print(
+                f"nothing to do: all {len(units)} units of {output} are already committed or failed "
+                "(--retry-failed redoes failed units, --redo-errors error rows)",
+                file=sys.stderr,
+            )
         else:
             config = WorkerConfig(
-                engine=EngineConfig(model=job.model.path, dtype=job.model.dtype, device=job.model.device,
-                                    quantize=job.model.quantize, cuda_graphs=job.model.cuda_graphs,
-                                    generation=dict(job.generation), decode_slots=job.run.decode_slots),
-                mapping=job.input.columns, output=output, instructions=job.instructions,
+                engine=EngineConfig(
+                    model=job.model.path,
+                    dtype=job.model.dtype,
+                    device=job.model.device,
+                    quantize=job.model.quantize,
+                    cuda_graphs=job.model.cuda_graphs,
+                    generation=dict(job.generation),
+                    decode_slots=job.run.decode_slots,
+                ),
+                mapping=job.input.columns,
+                output=output,
+                instructions=job.instructions,
                 closed_sets=dict(job.closed_sets),
-                batch_size=job.run.batch_size, fetch=job.fetch, decode=job.decode, fault=fault,
+                batch_size=job.run.batch_size,
+                fetch=job.fetch,
+                decode=job.decode,
+                fault=fault,
                 max_instruction_bytes=job.run.max_instruction_bytes,
                 prepare=PrepareConfig(threads=job.run.prepare_threads, decoded_bytes=job.run.decoded_bytes),
             )
@@ -202,12 +245,20 @@ def _run_checked(job: Job, start: float, *, force: bool, retry_failed: bool, red
                 record_used(output, used)
                 started.append(True)
 
-            run_on_ray(pending, config, summary, job, Progress(total_rows, sys.stderr) if progress else None,
-                       lock.maybe_renew, on_ready)
+            run_on_ray(
+                pending,
+                config,
+                summary,
+                job,
+                Progress(total_rows, sys.stderr) if progress else None,
+                lock.maybe_renew,
+                on_ready,
+            )
             if summary.interrupted or summary.output_problem:
                 recount(summary, plan.committed)
-            summary.output_problem = summary.output_problem or output_losses(output, plan.committed |
-                                                                             summary.committed_ids)
+            summary.output_problem = summary.output_problem or output_losses(
+                output, plan.committed | summary.committed_ids
+            )
         if started:  # the report's headline time: the runs' wall time, start-up included
             wall_s = time.monotonic() - start
             try:
@@ -227,8 +278,10 @@ def output_losses(output: str, committed: set[str]) -> str | None:
         return None
     lost = [f"{len(missing)} of its {len(committed)} committed units"] if missing else []
     lost += [] if manifest else ["its manifest"]
-    return (f"the output lost {' and '.join(lost)} during the run (was the folder deleted or moved?): it does not hold "
-            "what this summary counts; run the same command again to redo what is missing")
+    return (
+        f"the output lost {' and '.join(lost)} during the run (was the folder deleted or moved?): it does not hold "
+        "what this summary counts; run the same command again to redo what is missing"
+    )
 
 
 def check_template_columns(job: Job, units: Sequence[WorkUnit]) -> None:
@@ -358,8 +411,9 @@ def run_on_ray(
     limit = job.run.max_workers or sys.maxsize
     count = min(gpus, limit) if elastic else (1 if job.run.elastic else job.run.workers)
     if count < 1:
-        raise PipelineError("device is cuda but the cluster has no GPU yet: set --workers (run.workers) to the "
-                            "number of GPU actors")
+        raise PipelineError(
+            "device is cuda but the cluster has no GPU yet: set --workers (run.workers) to the number of GPU actors"
+        )
     if not use_gpu:
         # Ray gives a fractional-CPU actor OMP_NUM_THREADS=1, which would leave a CPU model on one core.
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
@@ -395,11 +449,21 @@ def run_on_ray(
             devices = wait_ready(handles)
             on_ready(used_by(handles))
             if progress is not None:
-                print(f"{count} model worker(s) on {', '.join(sorted(set(devices)))}"
-                      f"{' (more as GPUs join)' if elastic else ''}; {len(pending)} of {summary.units_total} units "
-                      "to do", file=sys.stderr)
-            run_units(pending, list(handles), summary, job.run.max_attempts, progress=progress, heartbeat=heartbeat,
-                      grow=grow if elastic else None)
+                print(
+                    f"{count} model worker(s) on {', '.join(sorted(set(devices)))}"
+                    f"{' (more as GPUs join)' if elastic else ''}; {len(pending)} of {summary.units_total} units "
+                    "to do",
+                    file=sys.stderr,
+                )
+            run_units(
+                pending,
+                list(handles),
+                summary,
+                job.run.max_attempts,
+                progress=progress,
+                heartbeat=heartbeat,
+                grow=grow if elastic else None,
+            )
         finally:
             for handle in handles:
                 ray.kill(handle)

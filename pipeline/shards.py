@@ -22,15 +22,25 @@ from fsspec.core import has_magic, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
-from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 from blipbatch.errors import BlipbatchError
+from blipbatch.schemas import ColumnMapping, check_input_schema, derive_row_id, output_schema, shard_key
 
 from .errors import RowError
 from .guard import file_kind
 from .job import RunConfig
 from .template import Template, columns_of, parse_all
-from .webdataset import (KEY_COLUMN, IndexCache, TarChanged, TarError, TarIndex, TarSlice, is_tar, read_slice, scan,
-                         slices)
+from .webdataset import (
+    KEY_COLUMN,
+    IndexCache,
+    TarChanged,
+    TarError,
+    TarIndex,
+    TarSlice,
+    is_tar,
+    read_slice,
+    scan,
+    slices,
+)
 
 FOOTER_READ_THREADS = 16  # footers are tiny; on object stores the latency, not the bandwidth, is what costs
 # A shard's content fingerprint hashes its footer and the first and last SAMPLE_BYTES of its data (all of it when
@@ -74,8 +84,10 @@ def _regular(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
     blocks until someone writes to it, and a device may never end."""
     if info["type"] != "file":
         kind = file_kind(info["mode"]) if "mode" in info else info["type"]
-        raise ShardError(f"{_qualify(fs, path)}: {kind}, not a regular file; only regular files are read as shards: "
-                         "remove it from the input")
+        raise ShardError(
+            f"{_qualify(fs, path)}: {kind}, not a regular file; only regular files are read as shards: "
+            "remove it from the input"
+        )
     return path
 
 
@@ -85,12 +97,13 @@ def _parquet_below(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     folder = folder.rstrip("/")
     found = []
     for path, info in fs.find(folder, detail=True).items():
-        relative = path[len(folder):].lstrip("/")
+        relative = path[len(folder) :].lstrip("/")
         if relative.lower().endswith((".parquet", ".tar")) and not _is_hidden(relative):
             found.append(_regular(fs, path, info))
     tars = {path[: -len(".tar")] for path in found if path.lower().endswith(".tar")}
-    return sorted(path for path in found if not (path.lower().endswith(".parquet")
-                                                 and path[: -len(".parquet")] in tars))
+    return sorted(
+        path for path in found if not (path.lower().endswith(".parquet") and path[: -len(".parquet")] in tars)
+    )
 
 
 def _expand(entry: str) -> list[str]:
@@ -124,8 +137,10 @@ def discover_shards(source: str | Sequence[str]) -> list[str]:
     for entry in entries:
         found = _expand(entry)
         if not found:
-            raise NoShardsError(f"no Parquet shards found at {entry!r} (a folder is searched recursively for "
-                                "*.parquet and WebDataset *.tar, skipping names that start with '.' or '_')")
+            raise NoShardsError(
+                f"no Parquet shards found at {entry!r} (a folder is searched recursively for "
+                "*.parquet and WebDataset *.tar, skipping names that start with '.' or '_')"
+            )
         shards += found
     return list(dict.fromkeys(shards))
 
@@ -179,8 +194,11 @@ def _sample_ranges(size: int, footer: bytes) -> list[tuple[int, int]]:
     """The data a fingerprint hashes besides the footer: between the magic bytes and the footer, whole when small,
     else its first and last SAMPLE_BYTES."""
     start, end = 4, size - 8 - len(footer)
-    return [(start, end)] if end - start <= 2 * SAMPLE_BYTES else [(start, start + SAMPLE_BYTES),
-                                                                   (end - SAMPLE_BYTES, end)]
+    return (
+        [(start, end)]
+        if end - start <= 2 * SAMPLE_BYTES
+        else [(start, start + SAMPLE_BYTES), (end - SAMPLE_BYTES, end)]
+    )
 
 
 def _digest(size: int, footer: bytes, samples: Sequence[bytes]) -> str:
@@ -230,17 +248,36 @@ def _read_footer(shard: str, mapping: ColumnMapping, tar_cache: IndexCache | Non
 
 def _units_of(shard: str, footer: _Footer, max_rows: int) -> list[WorkUnit]:
     if footer.tar is not None:
-        return [WorkUnit(f"{footer.shard_id}-s{first:07d}-{first + len(part.samples) - 1:07d}", shard, (), first,
-                         len(part.samples), footer.shard_id, footer.schema, tar=part)
-                for first, part in slices(footer.tar, max_rows)]
+        return [
+            WorkUnit(
+                f"{footer.shard_id}-s{first:07d}-{first + len(part.samples) - 1:07d}",
+                shard,
+                (),
+                first,
+                len(part.samples),
+                footer.shard_id,
+                footer.schema,
+                tar=part,
+            )
+            for first, part in slices(footer.tar, max_rows)
+        ]
     units: list[WorkUnit] = []
     groups: list[int] = []
     first_row = rows = 0
 
     def close() -> None:
         if rows:  # row groups without rows produce no output, so no unit
-            units.append(WorkUnit(f"{footer.shard_id}-rg{groups[0]:05d}-{groups[-1]:05d}", shard, tuple(groups),
-                                  first_row, rows, footer.shard_id, footer.schema))
+            units.append(
+                WorkUnit(
+                    f"{footer.shard_id}-rg{groups[0]:05d}-{groups[-1]:05d}",
+                    shard,
+                    tuple(groups),
+                    first_row,
+                    rows,
+                    footer.shard_id,
+                    footer.schema,
+                )
+            )
 
     for index, n in enumerate(footer.group_rows):
         if groups and rows + n > max_rows:
@@ -263,9 +300,18 @@ def _ranges_of(shard: str, footer: _Footer, group: int, first_row: int, max_rows
     units = []
     for start in range(0, n, max_rows):
         stop = min(start + max_rows, n)
-        units.append(WorkUnit(f"{footer.shard_id}-rg{group:05d}-{group:05d}{RANGE_TAG}{start:07d}-{stop:07d}", shard,
-                              (group,), first_row + start, stop - start, footer.shard_id, footer.schema,
-                              group_range=(start, stop)))
+        units.append(
+            WorkUnit(
+                f"{footer.shard_id}-rg{group:05d}-{group:05d}{RANGE_TAG}{start:07d}-{stop:07d}",
+                shard,
+                (group,),
+                first_row + start,
+                stop - start,
+                footer.shard_id,
+                footer.schema,
+                group_range=(start, stop),
+            )
+        )
     return units
 
 
@@ -291,8 +337,10 @@ def _check_contents(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
         if not sum(footer.group_rows):
             continue  # empty shards (often alike) make no unit
         if footer.shard_id in seen:
-            raise ShardError(f"{shard}: same content as {seen[footer.shard_id]}; each shard may appear once: remove "
-                             "the copy from the input")
+            raise ShardError(
+                f"{shard}: same content as {seen[footer.shard_id]}; each shard may appear once: remove "
+                "the copy from the input"
+            )
         seen[footer.shard_id] = shard
 
 
@@ -302,9 +350,11 @@ def _check_keys(shards: Sequence[str], footers: Sequence[_Footer]) -> None:
     for shard, footer in zip(shards, footers):
         for sample in footer.tar.samples if footer.tar is not None else ():
             if seen.setdefault(sample.key, shard) != shard:
-                raise DuplicateIdError(f"WebDataset key {sample.key!r} is in {seen[sample.key]} and in {shard}; keys "
-                                       "are the row ids and must be unique across shards: remove the repeated "
-                                       "samples, or set [input] id_column to a unique column")
+                raise DuplicateIdError(
+                    f"WebDataset key {sample.key!r} is in {seen[sample.key]} and in {shard}; keys "
+                    "are the row ids and must be unique across shards: remove the repeated "
+                    "samples, or set [input] id_column to a unique column"
+                )
 
 
 def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapping: ColumnMapping) -> list[pa.Field]:
@@ -321,9 +371,11 @@ def _unified_passthrough(shards: Sequence[str], footers: Sequence[_Footer], mapp
             try:
                 merged = pa.unify_schemas([pa.schema([unified]), pa.schema([f])], promote_options="permissive")[0]
             except (pa.ArrowTypeError, pa.ArrowInvalid):
-                raise ShardError(f"passthrough column {name!r} is {unified.type} in {owner} but {f.type} in {shard}, "
-                                 "and the two types have no common type; make the column one type in every shard, "
-                                 "or leave it out of passthrough") from None
+                raise ShardError(
+                    f"passthrough column {name!r} is {unified.type} in {owner} but {f.type} in {shard}, "
+                    "and the two types have no common type; make the column one type in every shard, "
+                    "or leave it out of passthrough"
+                ) from None
             if merged.type != unified.type:
                 owner, unified = (shard if merged.type == f.type else owner), merged
         # Null in every shard: written as string, a type that later shards' values can still be cast to.
@@ -337,8 +389,12 @@ def _with_fields(schema: pa.Schema, fields: Sequence[pa.Field]) -> pa.Schema:
     return schema
 
 
-def plan_units(shards: Sequence[str], mapping: ColumnMapping, max_rows_per_unit: int = RunConfig.rows_per_unit,
-               tar_cache: IndexCache | None = None) -> list[WorkUnit]:
+def plan_units(
+    shards: Sequence[str],
+    mapping: ColumnMapping,
+    max_rows_per_unit: int = RunConfig.rows_per_unit,
+    tar_cache: IndexCache | None = None,
+) -> list[WorkUnit]:
     """Work units of at most max_rows_per_unit rows, from Parquet footers (and the samples of data that make a shard's
     fingerprint): whole row groups, or row ranges of a row group larger than that.
 
@@ -374,8 +430,9 @@ def _ids(shard: str, column: str) -> pa.Array:
     return pc.cast(ids, pa.string()).combine_chunks()  # as the output writes them: 7 and "7" are the same id
 
 
-def duplicate_ids(shards: Sequence[str], mapping: ColumnMapping, across_shards: bool = False,
-                  limit: int = 10) -> list[tuple[str, list[tuple[str, int]]]]:
+def duplicate_ids(
+    shards: Sequence[str], mapping: ColumnMapping, across_shards: bool = False, limit: int = 10
+) -> list[tuple[str, list[tuple[str, int]]]]:
     """Ids of the id column found on more than one row, as [(id, [(shard, row index), ...])], at most `limit`:
     within each shard (one shard's ids in memory at a time), or across them too (`across_shards`: every id in
     memory). Null ids do not count (their rows become error rows). WebDataset shards are left out: their keys are
@@ -394,8 +451,9 @@ def duplicate_ids(shards: Sequence[str], mapping: ColumnMapping, across_shards: 
     return found
 
 
-def _repeated(shards: list[str], columns: list[pa.Array], limit: int,
-              found: list[tuple[str, list[tuple[str, int]]]]) -> None:
+def _repeated(
+    shards: list[str], columns: list[pa.Array], limit: int, found: list[tuple[str, list[tuple[str, int]]]]
+) -> None:
     """Add to `found` the ids repeated over `columns` (the id columns of `shards`, in order), up to `limit` in all."""
     ids = pa.concat_arrays(columns)
     counts = pc.value_counts(ids)
@@ -431,7 +489,8 @@ def check_unique_ids(shards: Sequence[str], mapping: ColumnMapping) -> None:
             f"the id column {mapping.id_column!r} repeats ids within a shard (first {len(found)} shown):\n"
             + describe_duplicates(found, mapping.id_column)
             + "\nIds must be unique: fix the input, or leave [input] id_column (--id-column) out to derive ids "
-              "from the shard and row.")
+            "from the shard and row."
+        )
 
 
 def check_apart(inputs: Sequence[str], output: str) -> None:
@@ -448,8 +507,10 @@ def check_apart(inputs: Sequence[str], output: str) -> None:
         if _within(base, out_path):
             raise OverlapError(f"input {entry} is inside the output {output}; put the output elsewhere")
         if _within(out_path, base) and (not has_magic(path) or _glob_reaches(path, base, out_path)):
-            raise OverlapError(f"output {output} is inside the input {entry}: each run would read its own output "
-                               "parts as new input; put the output outside the input")
+            raise OverlapError(
+                f"output {output} is inside the input {entry}: each run would read its own output "
+                "parts as new input; put the output outside the input"
+            )
 
 
 def _location(entry: str) -> tuple[str, str]:
@@ -494,14 +555,16 @@ class InputRow:
     problem: RowError | None = None  # why the row cannot be run (a template's column empty, a sample without image)
 
 
-def read_unit(unit: WorkUnit, mapping: ColumnMapping,
-              fixed_instructions: Sequence[str] | Mapping[str, str] | None = None) -> list[InputRow]:
+def read_unit(
+    unit: WorkUnit, mapping: ColumnMapping, fixed_instructions: Sequence[str] | Mapping[str, str] | None = None
+) -> list[InputRow]:
     """The unit's rows, one InputRow per (row, instruction): per-row instructions from the mapping's column, or
     every one of fixed_instructions for each row, in order (a mapping names them: question_id -> question), their
     templates filled from the row (pipeline.template). For a redo (unit.redo), only the rows at those positions."""
     if (fixed_instructions is None) == (mapping.instruction_column is None):
-        raise ValueError("give either an instruction column or fixed instructions (a prompt or questions), "
-                         "exactly one of the two")
+        raise ValueError(
+            "give either an instruction column or fixed instructions (a prompt or questions), exactly one of the two"
+        )
     if fixed_instructions is not None and len(fixed_instructions) == 0:
         raise ValueError("fixed_instructions is empty: give at least one prompt or question")
     templates = parse_all(fixed_instructions)
@@ -509,8 +572,9 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
     problems: list[str | None] = [None] * unit.num_rows
     if unit.tar is not None:
         try:
-            columns, problems = read_slice(unit.shard, unit.tar, unit.schema, mapping.image_column,
-                                           mapping.image_extension)
+            columns, problems = read_slice(
+                unit.shard, unit.tar, unit.schema, mapping.image_column, mapping.image_extension
+            )
         except TarChanged as e:
             raise ShardChanged(f"{e}; unit {unit.unit_id} is not committed") from None
     else:
@@ -529,18 +593,23 @@ def read_unit(unit: WorkUnit, mapping: ColumnMapping,
             row_id, derived_id = (None if value is None else str(value)), derived
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
-            instruction, problem = _filled(templates.get(instruction) if fixed_instructions is not None else None,
-                                           instruction, columns, offset, mapping.missing)
+            instruction, problem = _filled(
+                templates.get(instruction) if fixed_instructions is not None else None,
+                instruction,
+                columns,
+                offset,
+                mapping.missing,
+            )
             if problems[offset] is not None:
                 problem = RowError("invalid_input", problems[offset])
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
-            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id,
-                                 problem))
+            rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id, problem))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
 
 
-def _filled(template: Template | None, instruction: object, columns: dict, offset: int,
-            missing: str) -> tuple[object, RowError | None]:
+def _filled(
+    template: Template | None, instruction: object, columns: dict, offset: int, missing: str
+) -> tuple[object, RowError | None]:
     """A fixed instruction with its template filled from the row at `offset`; or the template unfilled and why."""
     if template is None:
         return instruction, None  # a row's own question is data: its braces are its own
@@ -564,9 +633,11 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
         except (OSError, ValueError) as exc:
             now = f"unreadable ({type(exc).__name__})"
         if unit.shard_id and now != unit.shard_id:
-            raise ShardChanged(f"{unit.shard}: its content changed {when} (fingerprint {now}, planned "
-                               f"{unit.shard_id}); unit {unit.unit_id} is not committed: run again to plan the "
-                               "shard's new content")
+            raise ShardChanged(
+                f"{unit.shard}: its content changed {when} (fingerprint {now}, planned "
+                f"{unit.shard_id}); unit {unit.unit_id} is not committed: run again to plan the "
+                "shard's new content"
+            )
 
     with fs.open(path, "rb", cache_type="none") as f:
         check(f, "after planning")
@@ -577,8 +648,10 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
             raise
         check(f, "while its rows were read")
     if table.num_rows != unit.num_rows:
-        raise ShardChanged(f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
-                           f"{unit.num_rows}; the shard changed after planning")
+        raise ShardChanged(
+            f"{unit.shard}: row groups {unit.row_groups} hold {table.num_rows} rows, planned "
+            f"{unit.num_rows}; the shard changed after planning"
+        )
     return table
 
 
@@ -589,8 +662,9 @@ def _rows_of(parquet: pq.ParquetFile, unit: WorkUnit, columns: list[str]) -> pa.
         return parquet.read_row_groups(list(unit.row_groups), columns=columns)
     start, stop = unit.group_range
     pieces, at = [], 0
-    for batch in parquet.iter_batches(batch_size=min(stop - start, 1024), row_groups=list(unit.row_groups),
-                                      columns=columns, use_threads=False):
+    for batch in parquet.iter_batches(
+        batch_size=min(stop - start, 1024), row_groups=list(unit.row_groups), columns=columns, use_threads=False
+    ):
         if at + batch.num_rows > start:
             pieces.append(batch.slice(max(start - at, 0), stop - max(start, at)))
         at += batch.num_rows
@@ -599,8 +673,9 @@ def _rows_of(parquet: pq.ParquetFile, unit: WorkUnit, columns: list[str]) -> pa.
     return pa.Table.from_batches(pieces) if pieces else parquet.schema_arrow.empty_table().select(columns)
 
 
-def _instructions(fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping,
-                  offset: int) -> list[tuple[str | None, object]]:
+def _instructions(
+    fixed: Sequence[str] | Mapping[str, str] | None, columns: dict, mapping: ColumnMapping, offset: int
+) -> list[tuple[str | None, object]]:
     if fixed is None:
         return [(None, columns[mapping.instruction_column][offset])]
     if isinstance(fixed, Mapping):

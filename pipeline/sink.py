@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import fsspec
@@ -58,8 +58,16 @@ STORE_ATTEMPTS = 5
 STORE_BACKOFF_S = 0.2
 STORE_MAX_BACKOFF_S = 5.0
 # Errors another try cannot fix: the store understood the request and refused it.
-_PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
-                     ValueError, TypeError, NotImplementedError)
+_PERMANENT_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+    NotImplementedError,
+)
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENAMETOOLONG, errno.EMSGSIZE})
 
 T = TypeVar("T")
@@ -85,7 +93,7 @@ def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _is_transient(err: Exception) -> bool:
@@ -107,8 +115,15 @@ def retry_store_call(what: str, call: Callable[[], T]) -> T:
                 raise
             delay = random.uniform(0.0, min(STORE_MAX_BACKOFF_S, STORE_BACKOFF_S * 2 ** (attempt - 1)))
             attempt += 1
-            log.warning("%s failed (%s: %s); try %d of %d in %.1f s", what, type(err).__name__, redact(str(err)),
-                        attempt, STORE_ATTEMPTS, delay)
+            log.warning(
+                "%s failed (%s: %s); try %d of %d in %.1f s",
+                what,
+                type(err).__name__,
+                redact(str(err)),
+                attempt,
+                STORE_ATTEMPTS,
+                delay,
+            )
             time.sleep(delay)
 
 
@@ -163,16 +178,26 @@ def record_for(unit: WorkUnit, table: pa.Table, attempt: int) -> ProgressRecord:
     statuses = Counter(table.column("status").to_pylist())
     unknown = set(statuses) - {STATUS_OK, STATUS_ERROR}
     if unknown:
-        raise ValueError(f"unit {unit.unit_id}: status must be {STATUS_OK!r} or {STATUS_ERROR!r}, found "
-                         f"{sorted(map(repr, unknown))}")
+        raise ValueError(
+            f"unit {unit.unit_id}: status must be {STATUS_OK!r} or {STATUS_ERROR!r}, found {sorted(map(repr, unknown))}"
+        )
     kinds = Counter(kind for kind in table.column("error_kind").to_pylist() if kind is not None)
     if set(kinds) - set(ERROR_KINDS):
-        raise ValueError(f"unit {unit.unit_id}: error_kind must be one of {ERROR_KINDS}, found "
-                         f"{sorted(set(kinds) - set(ERROR_KINDS))}")
+        raise ValueError(
+            f"unit {unit.unit_id}: error_kind must be one of {ERROR_KINDS}, found "
+            f"{sorted(set(kinds) - set(ERROR_KINDS))}"
+        )
     return ProgressRecord(
-        unit_id=unit.unit_id, shard=unit.shard, first_row=unit.first_row, num_rows=unit.num_rows,
-        rows=table.num_rows, rows_ok=statuses[STATUS_OK], rows_error=statuses[STATUS_ERROR],
-        errors_by_kind=dict(sorted(kinds.items())), part=part_name(unit.unit_id), attempt=attempt,
+        unit_id=unit.unit_id,
+        shard=unit.shard,
+        first_row=unit.first_row,
+        num_rows=unit.num_rows,
+        rows=table.num_rows,
+        rows_ok=statuses[STATUS_OK],
+        rows_error=statuses[STATUS_ERROR],
+        errors_by_kind=dict(sorted(kinds.items())),
+        part=part_name(unit.unit_id),
+        attempt=attempt,
         finished_at=_now(),
     )
 
@@ -185,8 +210,10 @@ def commit_unit(output_root: str, record: ProgressRecord) -> None:
     marker = f"{root}/{PROGRESS_DIR}/{record.unit_id}{COMMIT_SUFFIX}"
     fs.invalidate_cache()  # the part may have been staged by another process
     if not fs.exists(staged):
-        raise FileNotFoundError(f"cannot commit unit {record.unit_id}: its part {_qualify(fs, staged)} does not "
-                                "exist; write the part before committing")
+        raise FileNotFoundError(
+            f"cannot commit unit {record.unit_id}: its part {_qualify(fs, staged)} does not "
+            "exist; write the part before committing"
+        )
     if fs.exists(part):  # a redo: the old marker must not vouch for the new part, even for a moment
         retry_store_call(f"removing {_qualify(fs, marker)}", lambda: _remove(fs, marker))
         _move(fs, staged, part)
@@ -241,7 +268,7 @@ def _part_ids(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
         return set()
     prefix, suffix = part_name("|").split("|")
     names = (path.rstrip("/").rsplit("/", 1)[-1] for path in paths)
-    return {name[len(prefix): -len(suffix)] for name in names if name.startswith(prefix) and name.endswith(suffix)}
+    return {name[len(prefix) : -len(suffix)] for name in names if name.startswith(prefix) and name.endswith(suffix)}
 
 
 def _committed_ids(fs: fsspec.AbstractFileSystem, root: str, progress_names: list[str]) -> list[str]:
@@ -310,8 +337,10 @@ def read_part(output_root: str, record: ProgressRecord, columns: list[str] | Non
 def error_positions(output_root: str, record: ProgressRecord, kinds: Collection[str]) -> tuple[int, ...]:
     """Positions in a committed unit's part of its error rows of `kinds`."""
     table = read_part(output_root, record, ["status", "error_kind"])
-    wanted = pc.and_(pc.equal(table.column("status"), STATUS_ERROR),
-                     pc.is_in(table.column("error_kind"), pa.array(sorted(kinds), pa.string())))
+    wanted = pc.and_(
+        pc.equal(table.column("status"), STATUS_ERROR),
+        pc.is_in(table.column("error_kind"), pa.array(sorted(kinds), pa.string())),
+    )
     return tuple(pc.indices_nonzero(wanted.fill_null(False)).to_pylist())
 
 
@@ -344,8 +373,10 @@ def _merged(output_root: str, unit: WorkUnit, redone: pa.Table) -> pa.Table:
     fs, root = _open_root(output_root)
     kept = read_parquet(fs, f"{root}/{part_name(unit.unit_id)}")
     if redone.num_rows != len(unit.redo) or (unit.redo and max(unit.redo) >= kept.num_rows):
-        raise ValueError(f"unit {unit.unit_id}: {redone.num_rows} rows redone for {len(unit.redo)} positions of a "
-                         f"part of {kept.num_rows} rows")
+        raise ValueError(
+            f"unit {unit.unit_id}: {redone.num_rows} rows redone for {len(unit.redo)} positions of a "
+            f"part of {kept.num_rows} rows"
+        )
     redone = _conform(redone, kept.schema, unit.unit_id)
     positions = pa.array(unit.redo, pa.int64())
     redone = redone.set_column(kept.schema.get_field_index("id"), "id", kept.column("id").take(positions))
@@ -366,8 +397,10 @@ def _conform(table: pa.Table, schema: pa.Schema, unit_id: str) -> pa.Table:
         try:
             columns.append(table.column(f.name).cast(f.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            raise ValueError(f"unit {unit_id}: column {f.name!r} is {table.schema.field(f.name).type}, but the "
-                             f"output's parts hold {f.type}; write to a new output") from None
+            raise ValueError(
+                f"unit {unit_id}: column {f.name!r} is {table.schema.field(f.name).type}, but the "
+                f"output's parts hold {f.type}; write to a new output"
+            ) from None
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -45,9 +45,12 @@ class Template:
             text = "" if value is None else str(value)
             if not text.strip() and missing == "error":
                 what = "null" if value is None else "empty"
-                raise RowError("invalid_input", f"column {part[0]!r} is {what}, and the prompt template "
-                                                f"{self.text!r} fills it in; [input] missing = \"empty\" fills "
-                                                "it with an empty string instead")
+                raise RowError(
+                    "invalid_input",
+                    f"column {part[0]!r} is {what}, and the prompt template "
+                    f'{self.text!r} fills it in; [input] missing = "empty" fills '
+                    "it with an empty string instead",
+                )
             out.append(text)
         return "".join(out)
 
@@ -59,7 +62,7 @@ def parse(text: str) -> Template:
     i = 0
     while i < len(text):
         char = text[i]
-        if char in "{}" and text[i + 1: i + 2] == char:
+        if char in "{}" and text[i + 1 : i + 2] == char:
             literal.append(char)
             i += 2
         elif char == "}":
@@ -68,12 +71,15 @@ def parse(text: str) -> Template:
             end = text.find("}", i + 1)
             opened = text.find("{", i + 1)
             if end < 0 or 0 <= opened < end:
-                raise TemplateError(f"unclosed '{{' at character {i + 1} of {text!r}: close it, or write '{{{{' "
-                                    "for a literal brace")
-            name = text[i + 1: end]
+                raise TemplateError(
+                    f"unclosed '{{' at character {i + 1} of {text!r}: close it, or write '{{{{' for a literal brace"
+                )
+            name = text[i + 1 : end]
             if not name.strip():
-                raise TemplateError(f"empty '{{}}' at character {i + 1} of {text!r}: name a column, e.g. "
-                                    "{caption}, or write '{{}}' for literal braces")
+                raise TemplateError(
+                    f"empty '{{}}' at character {i + 1} of {text!r}: name a column, e.g. "
+                    "{caption}, or write '{{}}' for literal braces"
+                )
             if literal:
                 parts.append("".join(literal))
                 literal = []
@@ -104,5 +110,7 @@ def check_columns(templates: Iterable[Template], shard: str, available: Sequence
     """TemplateError when a template names a column `shard` does not have, naming it and the columns there are."""
     missing = [column for column in columns_of(templates) if column not in available]
     if missing:
-        raise TemplateError(f"{shard}: the prompt template names column(s) {', '.join(map(repr, missing))}, which "
-                            f"the input does not have; its columns: {', '.join(available) or '(none)'}")
+        raise TemplateError(
+            f"{shard}: the prompt template names column(s) {', '.join(map(repr, missing))}, which "
+            f"the input does not have; its columns: {', '.join(available) or '(none)'}"
+        )

@@ -121,8 +121,13 @@ class _Scan:
 
     def to_json(self) -> bytes:
         columns = base64.b64encode(pa.schema(self.columns).serialize().to_pybytes()).decode()
-        return json.dumps({"members": [[m.name, m.offset, m.size] for m in self.members], "columns": columns,
-                           "end_problem": self.end_problem}).encode()
+        return json.dumps(
+            {
+                "members": [[m.name, m.offset, m.size] for m in self.members],
+                "columns": columns,
+                "end_problem": self.end_problem,
+            }
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> _Scan:
@@ -154,16 +159,19 @@ class IndexCache:
         self.new[f"{self.FOLDER}/{quick_id}.json"] = scanned.to_json()
 
 
-def scan(shard: str, image_column: str, image_extension: str | None = None,
-         cache: IndexCache | None = None) -> TarIndex:
+def scan(
+    shard: str, image_column: str, image_extension: str | None = None, cache: IndexCache | None = None
+) -> TarIndex:
     """The samples of a WebDataset shard, its fingerprint and its columns; TarError when it is no tar at all."""
     fs, path = url_to_fs(shard)
     with fs.open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         if f.read(2) == _GZIP_MAGIC:
-            raise TarError(f"{shard}: a compressed tar; WebDataset shards are read by byte range, so they must be "
-                           "plain tars: decompress it (gunzip) first")
+            raise TarError(
+                f"{shard}: a compressed tar; WebDataset shards are read by byte range, so they must be "
+                "plain tars: decompress it (gunzip) first"
+            )
         quick_id = _quick_id(size, _sampled(f, size))
         scanned = cache.get(quick_id) if cache is not None else None
         if scanned is None:
@@ -222,7 +230,7 @@ def _pax_path(data: bytes) -> str | None:
         length = int(data[at:].split(b" ", 1)[0] or b"0")
         if length <= 0:
             return None
-        record = data[at:at + length]
+        record = data[at : at + length]
         key, _, value = record.split(b" ", 1)[1].partition(b"=")
         if key == b"path":
             return value.rstrip(b"\n").decode("utf-8", "surrogateescape")
@@ -241,33 +249,52 @@ def _members(f: object, shard: str, size: int) -> tuple[list[Member], dict[str, 
         f.seek(offset)
         block = f.read(_BLOCK)
         if 0 < len(block) < _BLOCK and block.strip(b"\0") and offset > 0:
-            return members, values, (offset, f"the tar ends inside a header at byte {offset}: the samples after "
-                                             "it cannot be read")
+            return (
+                members,
+                values,
+                (offset, f"the tar ends inside a header at byte {offset}: the samples after it cannot be read"),
+            )
         if len(block) < _BLOCK or not block.strip(b"\0"):
             if offset == 0:
-                raise TarError(f"{shard}: not a tar (empty); a WebDataset shard is a plain tar of KEY.EXTENSION "
-                               "members")
+                raise TarError(
+                    f"{shard}: not a tar (empty); a WebDataset shard is a plain tar of KEY.EXTENSION members"
+                )
             return members, values, None  # the end: zeros, or nothing (a tar cut after its last member's data)
         try:
             name, length, flag = _header(block)
         except _BadHeader as e:
             if offset == 0:
-                raise TarError(f"{shard}: not a tar ({e} in its first header); a WebDataset shard is a plain tar of "
-                               "KEY.EXTENSION members") from None
-            return members, values, (offset, f"the tar is unreadable from byte {offset} on ({e}): the samples "
-                                             "after it cannot be read")
+                raise TarError(
+                    f"{shard}: not a tar ({e} in its first header); a WebDataset shard is a plain tar of "
+                    "KEY.EXTENSION members"
+                ) from None
+            return (
+                members,
+                values,
+                (offset, f"the tar is unreadable from byte {offset} on ({e}): the samples after it cannot be read"),
+            )
         data_at = offset + _BLOCK
         offset = data_at + -(-length // _BLOCK) * _BLOCK
         if flag in (_LONG_NAME, _PAX):
             f.seek(data_at)
             data = f.read(length)
             try:
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if flag == _LONG_NAME \
+                long_name = (
+                    data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    if flag == _LONG_NAME
                     else _pax_path(data)
+                )
             except (ValueError, IndexError) as e:
-                return members, values, (data_at - _BLOCK, f"the tar is unreadable from byte {data_at - _BLOCK} on "
-                                                           f"(a broken pax header: {e}): the samples after it "
-                                                           "cannot be read")
+                return (
+                    members,
+                    values,
+                    (
+                        data_at - _BLOCK,
+                        f"the tar is unreadable from byte {data_at - _BLOCK} on "
+                        f"(a broken pax header: {e}): the samples after it "
+                        "cannot be read",
+                    ),
+                )
             continue
         name, long_name = long_name or name, None
         if flag not in _REGULAR:
@@ -310,8 +337,13 @@ def _samples(members: Sequence[Member], size: int, image_extension: str | None) 
     for member in members:
         key, _ = split_name(member.name)
         if key is None:
-            samples.append(Sample(member.name, (member,), f"member {member.name!r} has no key: WebDataset members are "
-                                                          "named KEY.EXTENSION"))
+            samples.append(
+                Sample(
+                    member.name,
+                    (member,),
+                    f"member {member.name!r} has no key: WebDataset members are named KEY.EXTENSION",
+                )
+            )
             continue
         grouped.setdefault(key, []).append(member)
     for key, group in grouped.items():
@@ -324,20 +356,24 @@ def _problem(key: str, members: Sequence[Member], size: int, image_extension: st
     extensions = [split_name(m.name)[1] for m in members]
     repeated = sorted({e for e in extensions if extensions.count(e) > 1})
     if repeated:
-        return (f"sample {key!r} has {len(members)} members with extension {repeated[0]!r} ({names}); keys must be "
-                "unique")
+        return (
+            f"sample {key!r} has {len(members)} members with extension {repeated[0]!r} ({names}); keys must be unique"
+        )
     wanted = (image_extension.lower().lstrip("."),) if image_extension else IMAGE_EXTENSIONS
     images = [m for m, e in zip(members, extensions) if e in wanted]
     if not images:
         which = f".{wanted[0]}" if image_extension else "image (jpg, jpeg, png, webp)"
         return f"sample {key!r} has no {which} member (its members: {names}); [input] image_extension names another"
     if len(images) > 1:
-        return (f"sample {key!r} has {len(images)} images ({', '.join(m.name for m in images)}): set [input] "
-                "image_extension to the one to read")
+        return (
+            f"sample {key!r} has {len(images)} images ({', '.join(m.name for m in images)}): set [input] "
+            "image_extension to the one to read"
+        )
     for member in members:
         if member.offset + member.size > size:
-            return (f"member {member.name!r} is cut short: the tar ends {size - member.offset} bytes into its "
-                    f"{member.size}")
+            return (
+                f"member {member.name!r} is cut short: the tar ends {size - member.offset} bytes into its {member.size}"
+            )
     return None
 
 
@@ -345,7 +381,7 @@ def slices(index: TarIndex, max_rows: int) -> list[tuple[int, TarSlice]]:
     """The index's samples in runs of at most max_rows, each with the index of its first sample."""
     out = []
     for first in range(0, len(index.samples), max_rows):
-        samples = tuple(index.samples[first:first + max_rows])
+        samples = tuple(index.samples[first : first + max_rows])
         spans = [(m.offset, m.offset + m.size) for s in samples if s.problem is None for m in s.members]
         start, end = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0, 0)
         out.append((first, TarSlice(start, end, samples, index.quick_id)))
@@ -356,8 +392,9 @@ class TarChanged(BlipbatchError, ValueError):
     """A tar whose content is not what its units were planned from."""
 
 
-def read_slice(shard: str, part: TarSlice, schema: pa.Schema, image_column: str,
-               image_extension: str | None) -> tuple[dict[str, list], list[str | None]]:
+def read_slice(
+    shard: str, part: TarSlice, schema: pa.Schema, image_column: str, image_extension: str | None
+) -> tuple[dict[str, list], list[str | None]]:
     """The columns of `schema` for the slice's samples, and each sample's problem (None: readable)."""
     fs, path = url_to_fs(shard)
     with fs.open(path, "rb", cache_type="none") as f:
@@ -372,7 +409,7 @@ def read_slice(shard: str, part: TarSlice, schema: pa.Schema, image_column: str,
     for sample in part.samples:
         row, problem = {KEY_COLUMN: sample.key}, sample.problem
         for member in sample.members if problem is None else ():
-            body = data[member.offset - part.start: member.offset - part.start + member.size]
+            body = data[member.offset - part.start : member.offset - part.start + member.size]
             _, extension = split_name(member.name)
             if extension in wanted:
                 row[image_column] = body
@@ -415,4 +452,3 @@ def read_images(shard: str, rows: Sequence[int], image_extension: str | None) ->
         members = [m for m in index.samples[row].members if split_name(m.name)[1] in wanted]
         out[row] = fs.cat_file(path, members[0].offset, members[0].offset + members[0].size) if members else None
     return out
-

@@ -22,19 +22,26 @@ import torch
 from blipbatch.model.candidates import ClosedSet
 from blipbatch.model.engine import Engine, EngineConfig, Generated, InvalidInstruction
 from blipbatch.model.errors import ProcessorError
-from blipbatch.schemas import (STATUS_ERROR, STATUS_OK, ColumnMapping, ProgressRecord, UnitTiming, image_reference,
-                               output_schema)
+from blipbatch.schemas import (
+    STATUS_ERROR,
+    STATUS_OK,
+    ColumnMapping,
+    ProgressRecord,
+    UnitTiming,
+    image_reference,
+    output_schema,
+)
 
 from .decode import DecodeConfig
 from .decode_pool import DecodePool
 from .errors import RowError
-from .job import PipelineError, RunConfig, instruction_size_problem
 from .fetch import FetchConfig, Fetcher
+from .job import PipelineError, RunConfig, instruction_size_problem
 from .metrics import WorkerMetrics
-from .prepare import PreparedBatch, PreparedRow, PrepareConfig, PrepareStage
+from .prepare import PrepareConfig, PreparedBatch, PreparedRow, PrepareStage
 from .redact import redact
 from .shards import WorkUnit, read_unit
-from .sink import commit_unit, whole_output, record_for, write_part
+from .sink import commit_unit, record_for, whole_output, write_part
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,10 @@ class ModelWorker:
         self.engine = engine or Engine(config.engine)
         if self.engine.max_prompt_tokens is not None and self.engine.max_prompt_tokens < 1:
             # The spec checks this at load where it can read the checkpoint's config; a remote one is known only here.
-            raise PipelineError(f"generation: max_new_tokens {config.engine.generation.get('max_new_tokens')} leaves "
-                                "no room for a prompt in this model's positions; lower it")
+            raise PipelineError(
+                f"generation: max_new_tokens {config.engine.generation.get('max_new_tokens')} leaves "
+                "no room for a prompt in this model's positions; lower it"
+            )
         self.fetcher = Fetcher(config.fetch)
         self.generation_json = json.dumps(config.engine.generation, sort_keys=True)
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
@@ -95,8 +104,9 @@ class ModelWorker:
         self.closed_set_errors = self._check_closed_sets()
         processes = config.prepare.decode_processes()
         # Started once: the units' prepare stages share them (each would otherwise fork its own).
-        self.decode_pool = DecodePool(processes, config.decode, self.engine.processor.image_processor) \
-            if processes else None
+        self.decode_pool = (
+            DecodePool(processes, config.decode, self.engine.processor.image_processor) if processes else None
+        )
 
     def _check_closed_sets(self) -> dict[str, RowError | None]:
         """Per closed-set question: the error its rows get (its prompt and candidates do not fit the model), or None.
@@ -128,9 +138,15 @@ class ModelWorker:
         rows = read_unit(unit, self.config.mapping, self.config.instructions)
         encoded_before = self.engine.images_encoded
         output: list[dict] = []
-        stage = PrepareStage(self.fetcher, self.config.decode, self.engine.processor.image_processor,
-                             self.config.prepare, self.check_instruction, pin_memory=self.engine.device.type == "cuda",
-                             pool=self.decode_pool)
+        stage = PrepareStage(
+            self.fetcher,
+            self.config.decode,
+            self.engine.processor.image_processor,
+            self.config.prepare,
+            self.check_instruction,
+            pin_memory=self.engine.device.type == "cuda",
+            pool=self.decode_pool,
+        )
         answered: dict[tuple[str | None, str | None, ClosedSet | None], Generated | RowError] = {}
         with stage:
             for batch in stage.batches(rows, self.batch_size):
@@ -139,16 +155,30 @@ class ModelWorker:
                 stage.times.model_s += time.perf_counter() - model_start
                 if self.config.fault is not None:
                     self.config.fault.maybe_crash(unit.unit_id, len(output))
-        schema = output_schema(unit.schema, self.config.mapping, self.multiple_texts, self.question_ids,
-                               bool(self.config.closed_sets))
+        schema = output_schema(
+            unit.schema, self.config.mapping, self.multiple_texts, self.question_ids, bool(self.config.closed_sets)
+        )
         table = whole_output(self.config.output, unit, pa.Table.from_pylist(output, schema=schema))
         write_part(self.config.output, unit, table)
         times = stage.times
-        timing = UnitTiming(started=started, finished=time.time(), worker=self.index, pid=os.getpid(),
-                            node=socket.gethostname(), images_fetched=times.images_fetched, fetch_s=times.fetch_s,
-                            decode_s=times.decode_s, model_s=times.model_s, reads_abandoned=times.reads_abandoned)
-        record = replace(record_for(unit, table, attempt), images_encoded=self.engine.images_encoded - encoded_before,
-                         duplicate_images=duplicate_images(table, unit.num_rows), timing=timing)
+        timing = UnitTiming(
+            started=started,
+            finished=time.time(),
+            worker=self.index,
+            pid=os.getpid(),
+            node=socket.gethostname(),
+            images_fetched=times.images_fetched,
+            fetch_s=times.fetch_s,
+            decode_s=times.decode_s,
+            model_s=times.model_s,
+            reads_abandoned=times.reads_abandoned,
+        )
+        record = replace(
+            record_for(unit, table, attempt),
+            images_encoded=self.engine.images_encoded - encoded_before,
+            duplicate_images=duplicate_images(table, unit.num_rows),
+            timing=timing,
+        )
         commit_unit(self.config.output, record)
         return record
 
@@ -196,8 +226,12 @@ class ModelWorker:
             return []
         self.metrics.model_call(len(ready))
         try:
-            return self.engine.generate_scored(pixels, images, [p.instruction for p in ready],
-                                               [self.config.closed_sets.get(p.row.question_id) for p in ready])
+            return self.engine.generate_scored(
+                pixels,
+                images,
+                [p.instruction for p in ready],
+                [self.config.closed_sets.get(p.row.question_id) for p in ready],
+            )
         except Exception as e:  # any model failure: isolate it below
             if len(ready) == 1:
                 return [RowError("model_error", f"{type(e).__name__}: {e}")]
@@ -230,14 +264,21 @@ class ModelWorker:
         if generated is None:
             columns = {"text": None, "score": None, "candidate_logprobs": None}
         elif generated.candidate_logprobs is not None and self.multiple_texts:  # one answer, in the list columns
-            columns = {"text": [generated.text], "score": [generated.score],
-                       "candidate_logprobs": generated.candidate_logprobs}
+            columns = {
+                "text": [generated.text],
+                "score": [generated.score],
+                "candidate_logprobs": generated.candidate_logprobs,
+            }
         else:
-            columns = {"text": generated.text, "score": generated.score,
-                       "candidate_logprobs": generated.candidate_logprobs}
+            columns = {
+                "text": generated.text,
+                "score": generated.score,
+                "candidate_logprobs": generated.candidate_logprobs,
+            }
         if not self.config.closed_sets:
             del columns["candidate_logprobs"]
         return columns
+
 
 def _only_images(pixels: torch.Tensor | None, images: list[int]) -> tuple[torch.Tensor | None, list[int]]:
     """The rows of `pixels` that `images` index, and the indexes into them: images whose rows all took an earlier

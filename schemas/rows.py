@@ -9,18 +9,45 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import pyarrow as pa
+
 from blipbatch.errors import BlipbatchError
 
 # error_kind values of an output row; anything else is a bug in the pipeline.
-ERROR_KINDS = ("fetch_http", "fetch_timeout", "fetch_connection", "too_large", "decode_error", "invalid_input",
-               "blocked_address", "model_error", "opted_out", "decode_timeout", "extreme_aspect_ratio",
-               "too_many_scans", "too_many_strips", "metadata_too_large")
+ERROR_KINDS = (
+    "fetch_http",
+    "fetch_timeout",
+    "fetch_connection",
+    "too_large",
+    "decode_error",
+    "invalid_input",
+    "blocked_address",
+    "model_error",
+    "opted_out",
+    "decode_timeout",
+    "extreme_aspect_ratio",
+    "too_many_scans",
+    "too_many_strips",
+    "metadata_too_large",
+)
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 # Output columns that every job writes; passthrough columns may not reuse these names.
-OUTPUT_COLUMNS = ("id", "image_sha256", "instruction", "question_id", "text", "score", "candidate_logprobs", "status",
-                  "error_kind", "error", "model", "generation", "derived_id")
+OUTPUT_COLUMNS = (
+    "id",
+    "image_sha256",
+    "instruction",
+    "question_id",
+    "text",
+    "score",
+    "candidate_logprobs",
+    "status",
+    "error_kind",
+    "error",
+    "model",
+    "generation",
+    "derived_id",
+)
 
 
 class SchemaError(BlipbatchError, ValueError):
@@ -62,8 +89,12 @@ def _is_string(t: pa.DataType) -> bool:
 
 def _is_binary(t: pa.DataType) -> bool:
     t = _value_type(t)
-    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
-            or pa.types.is_fixed_size_binary(t))
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+        or pa.types.is_fixed_size_binary(t)
+    )
 
 
 def _accepts(check: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
@@ -80,8 +111,11 @@ def check_input_schema(shard: str, schema: pa.Schema, mapping: ColumnMapping) ->
     """Raise SchemaError listing every column of `shard` that is missing or of the wrong type."""
     problems = []
     expectations = [
-        (mapping.image_column, "string (image reference) or binary (image bytes)",
-         _accepts(lambda t: _is_string(t) or _is_binary(t))),
+        (
+            mapping.image_column,
+            "string (image reference) or binary (image bytes)",
+            _accepts(lambda t: _is_string(t) or _is_binary(t)),
+        ),
         (mapping.id_column, "string or integer (row id)", _accepts(lambda t: _is_string(t) or pa.types.is_integer(t))),
         (mapping.instruction_column, "string (instruction)", _accepts(_is_string)),
     ]
@@ -102,19 +136,31 @@ def check_input_schema(shard: str, schema: pa.Schema, mapping: ColumnMapping) ->
         raise SchemaError(shard, problems)
 
 
-def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_texts: bool = False,
-                  question_ids: bool = False, closed_sets: bool = False) -> pa.Schema:
+def output_schema(
+    input_schema: pa.Schema,
+    mapping: ColumnMapping,
+    multiple_texts: bool = False,
+    question_ids: bool = False,
+    closed_sets: bool = False,
+) -> pa.Schema:
     """The schema of every output part of a job; `candidate_logprobs` only in jobs with closed-set questions, so the
     outputs of other jobs (and those written before it existed) keep the schema they had.
 
-    The image column keeps its input name and is always a string: the reference itself (credentials redacted), or for a binary image
-    column a short note such as "<1234 bytes>" (see image_reference); image bytes are never copied to the output.
+    The image column keeps its input name and is always a string: the reference itself (credentials redacted), or
+    for a binary image column a short note such as "<1234 bytes>" (see image_reference); image bytes are never
+    copied to the output.
     """
     reserved = set(OUTPUT_COLUMNS) | {mapping.image_column}
-    problems = [f"passthrough column {name!r} would clash with the output column of that name"
-                for name in mapping.passthrough if name in reserved]
-    problems += [f"passthrough column {name!r} is listed {mapping.passthrough.count(name)} times; list it once"
-                 for name in dict.fromkeys(mapping.passthrough) if mapping.passthrough.count(name) > 1]
+    problems = [
+        f"passthrough column {name!r} would clash with the output column of that name"
+        for name in mapping.passthrough
+        if name in reserved
+    ]
+    problems += [
+        f"passthrough column {name!r} is listed {mapping.passthrough.count(name)} times; list it once"
+        for name in dict.fromkeys(mapping.passthrough)
+        if mapping.passthrough.count(name) > 1
+    ]
     if mapping.image_column in OUTPUT_COLUMNS:
         problems.append(f"image column {mapping.image_column!r} clashes with the output column of that name")
     if problems:
@@ -129,8 +175,8 @@ def output_schema(input_schema: pa.Schema, mapping: ColumnMapping, multiple_text
         *([pa.field("question_id", pa.string())] if question_ids else []),  # annotate jobs: the question's name
         pa.field("text", text_type),
         pa.field("score", score_type),  # the text's mean token log-probability (beams: the sequence score)
-        # closed-set jobs: each candidate's log-likelihood, in the question's order (null for free questions and errors);
-        # there `score` is the chosen candidate's probability among the candidates
+        # closed-set jobs: each candidate's log-likelihood, in the question's order (null for free questions and
+        # errors); there `score` is the chosen candidate's probability among the candidates
         *([pa.field("candidate_logprobs", pa.list_(pa.float64()))] if closed_sets else []),
         pa.field("status", pa.string()),  # STATUS_OK / STATUS_ERROR
         pa.field("error_kind", pa.string()),  # one of ERROR_KINDS, null when ok
@@ -157,7 +203,7 @@ def shard_key(shard: str) -> str:
     hash alike). It tells apart two listings of one file; unit ids and derived row ids come from the shard's content
     instead (pipeline.shards), except in outputs written before that, whose unit ids were shard_key + row groups.
     """
-    location = shard[len("file://"):] if shard.startswith("file://") else shard
+    location = shard[len("file://") :] if shard.startswith("file://") else shard
     if "://" not in location:
         location = os.path.abspath(location).replace(os.sep, "/")
     digest = hashlib.sha1(location.encode()).hexdigest()[:12]
@@ -234,6 +280,7 @@ class ProgressRecord:
             try:
                 values["timing"] = UnitTiming(**values["timing"])
             except TypeError as e:
-                raise ValueError(f"progress record of unit {data['unit_id']}: bad timing {values['timing']!r}: {e}") \
-                    from None
+                raise ValueError(
+                    f"progress record of unit {data['unit_id']}: bad timing {values['timing']!r}: {e}"
+                ) from None
         return cls(**values)

@@ -29,13 +29,21 @@ from urllib.parse import urlsplit
 
 FAULT_KINDS = ("status_500", "status_503", "reset", "cut_body", "reset_after")
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself.
-_NOT_FORWARDED = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "expect",
-                  "content-length"}
+_NOT_FORWARDED = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "expect",
+    "content-length",
+}
 _ERROR_BODIES = {
     500: b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
-         b"<Message>We encountered an internal error. Please try again.</Message></Error>",
+    b"<Message>We encountered an internal error. Please try again.</Message></Error>",
     503: b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-         b"<Message>Please reduce your request rate.</Message></Error>",
+    b"<Message>Please reduce your request rate.</Message></Error>",
 }
 _UPSTREAM_TIMEOUT_S = 30.0
 

@@ -15,21 +15,70 @@ TEXT_VOCAB = 120
 IMAGE_TOKEN = 119  # the "<image>" placeholder id in the LM vocabulary
 IMAGE_SIZE = 30
 
-VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              image_size=IMAGE_SIZE, patch_size=5)
-QFORMER = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
-               cross_attention_frequency=2, max_position_embeddings=64)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=5,
+)
+QFORMER = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=40,
+    cross_attention_frequency=2,
+    max_position_embeddings=64,
+)
 TEXT = {
-    "llama": dict(model_type="llama", vocab_size=TEXT_VOCAB, hidden_size=32, intermediate_size=48,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
-    "opt": dict(model_type="opt", vocab_size=TEXT_VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                bos_token_id=2, eos_token_id=2, pad_token_id=1),
-    "t5": dict(model_type="t5", vocab_size=TEXT_VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-               num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
-               relative_attention_num_buckets=8, relative_attention_max_distance=20,
-               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, bos_token_id=1, tie_word_embeddings=False),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=TEXT_VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "opt": dict(
+        model_type="opt",
+        vocab_size=TEXT_VOCAB,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    ),
+    "t5": dict(
+        model_type="t5",
+        vocab_size=TEXT_VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -48,14 +97,20 @@ def build_hf_model(lm: str, blip2: bool = False, seed: int = 0, untied_t5_head: 
 
     if blip2:
         config = transformers.Blip2Config(
-            vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[lm],
-            num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN,
+            vision_config=VISION,
+            qformer_config=QFORMER,
+            text_config=TEXT[lm],
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=IMAGE_TOKEN,
         )
         model = transformers.Blip2ForConditionalGeneration(config)
     else:
         config = transformers.InstructBlipConfig(
-            vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[lm],
-            num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN,
+            vision_config=VISION,
+            qformer_config=QFORMER,
+            text_config=TEXT[lm],
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=IMAGE_TOKEN,
         )
         model = transformers.InstructBlipForConditionalGeneration(config)
     if lm == "t5" and untied_t5_head:
@@ -71,8 +126,14 @@ def save_hf_model(model, folder: Path) -> Path:
     return folder
 
 
-def random_inputs(batch: int, prompt_lengths: list[int], seed: int = 0, lm: str = "llama", padding_side: str = "left",
-                  qformer_length: int = 6):
+def random_inputs(
+    batch: int,
+    prompt_lengths: list[int],
+    seed: int = 0,
+    lm: str = "llama",
+    padding_side: str = "left",
+    qformer_length: int = 6,
+):
     """pixel_values, Q-Former ids/mask and LM ids/mask in the processor's placeholder layout."""
     g = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
@@ -92,5 +153,10 @@ def random_inputs(batch: int, prompt_lengths: list[int], seed: int = 0, lm: str 
         start = NUM_QUERY_TOKENS + (longest - length if padding_side == "left" else 0)
         ids[row, start : start + length] = text
         mask[row, start : start + length] = 1
-    return dict(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
-                input_ids=ids, attention_mask=mask)
+    return dict(
+        pixel_values=pixel_values,
+        qformer_input_ids=qformer_ids,
+        qformer_attention_mask=qformer_mask,
+        input_ids=ids,
+        attention_mask=mask,
+    )

@@ -19,7 +19,15 @@ from blipbatch.model import (
     ProcessorError,
 )
 from tests.oracle import (
-    IMAGE_SIZE, IMAGE_TOKEN, NUM_QUERY_TOKENS, QFORMER, TEXT, VISION, build_hf_model, random_inputs, redraw_,
+    IMAGE_SIZE,
+    IMAGE_TOKEN,
+    NUM_QUERY_TOKENS,
+    QFORMER,
+    TEXT,
+    VISION,
+    build_hf_model,
+    random_inputs,
+    redraw_,
 )
 
 TOL = 1e-5
@@ -32,8 +40,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def composite_config(config_class, lm: str):
     return config_class(
-        vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[lm],
-        num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN,
+        vision_config=VISION,
+        qformer_config=QFORMER,
+        text_config=TEXT[lm],
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN,
     )
 
 
@@ -54,6 +65,7 @@ def defined(hidden: torch.Tensor, inputs: dict, lm: str) -> torch.Tensor:
 
 
 # ---- InstructBlipModel ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["llama", "opt", "t5"])
 def base_pair(request, tmp_path_factory):
@@ -158,8 +170,9 @@ def run_hf(kind: str, module, x: dict) -> torch.Tensor:
     if kind == "vision":
         return module(pixel_values=x["pixel_values"]).last_hidden_state
     if kind == "qformer":
-        return module(input_ids=x["ids"], attention_mask=x["mask"], query_embeds=x["queries"],
-                      encoder_hidden_states=x["image"]).last_hidden_state
+        return module(
+            input_ids=x["ids"], attention_mask=x["mask"], query_embeds=x["queries"], encoder_hidden_states=x["image"]
+        ).last_hidden_state
     return module(query_embeds=x["queries"], encoder_hidden_states=x["image"]).last_hidden_state
 
 
@@ -174,14 +187,34 @@ def run_ours(kind: str, module, x: dict) -> torch.Tensor:
 QFORMER_STANDALONE = QFORMER | {"encoder_hidden_size": VISION["hidden_size"]}
 PARTS = {
     # name: (kind, transformers class, its config class, config kwargs, our class)
-    "InstructBlipVisionModel": ("vision", transformers.InstructBlipVisionModel, transformers.InstructBlipVisionConfig,
-                                VISION, InstructBlipVisionModel),
-    "Blip2VisionModel": ("vision", transformers.Blip2VisionModel, transformers.Blip2VisionConfig, VISION,
-                         InstructBlipVisionModel),
-    "InstructBlipQFormerModel": ("qformer", transformers.InstructBlipQFormerModel,
-                                 transformers.InstructBlipQFormerConfig, QFORMER_STANDALONE, InstructBlipQFormerModel),
-    "Blip2QFormerModel": ("blip2-qformer", transformers.Blip2QFormerModel, transformers.Blip2QFormerConfig,
-                          QFORMER_STANDALONE, InstructBlipQFormerModel),
+    "InstructBlipVisionModel": (
+        "vision",
+        transformers.InstructBlipVisionModel,
+        transformers.InstructBlipVisionConfig,
+        VISION,
+        InstructBlipVisionModel,
+    ),
+    "Blip2VisionModel": (
+        "vision",
+        transformers.Blip2VisionModel,
+        transformers.Blip2VisionConfig,
+        VISION,
+        InstructBlipVisionModel,
+    ),
+    "InstructBlipQFormerModel": (
+        "qformer",
+        transformers.InstructBlipQFormerModel,
+        transformers.InstructBlipQFormerConfig,
+        QFORMER_STANDALONE,
+        InstructBlipQFormerModel,
+    ),
+    "Blip2QFormerModel": (
+        "blip2-qformer",
+        transformers.Blip2QFormerModel,
+        transformers.Blip2QFormerConfig,
+        QFORMER_STANDALONE,
+        InstructBlipQFormerModel,
+    ),
 }
 
 

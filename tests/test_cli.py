@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from blipbatch.jobs.demo import SAMPLE_IMAGES
-from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
 from tiny import write_tiny_checkpoint
-from blipbatch.pipeline.sink import read_output
+
+from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
+from blipbatch.jobs.demo import SAMPLE_IMAGES
 from blipbatch.jobs.submit import AGENT_WAIT_S
+from blipbatch.pipeline.sink import read_output
 from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +24,14 @@ IMAGES = sorted(SAMPLE_IMAGES.glob("*.png"))
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blipbatch", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "blipbatch", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def test_demo_runs_a_caption_and_an_annotate_job(tmp_path):
@@ -57,8 +63,10 @@ def test_usage_errors(capsys):
 
 def test_bad_spec_is_refused_with_file_and_line(tmp_path, capsys):
     spec = tmp_path / "job.toml"
-    spec.write_text('[job]\nkind = "caption"\n[input]\npath = "in"\n[output]\npath = "out"\n[model]\npath = "m"\n'
-                    '[generation]\nnum_beam = 3\n')
+    spec.write_text(
+        '[job]\nkind = "caption"\n[input]\npath = "in"\n[output]\npath = "out"\n[model]\npath = "m"\n'
+        "[generation]\nnum_beam = 3\n"
+    )
     assert main(["run", str(spec)]) == EXIT_REFUSED
     assert f"{spec}:10: [generation] num_beam: unknown key; did you mean num_beams?" in capsys.readouterr().err
 
@@ -77,9 +85,9 @@ def write_job(tmp_path: Path, checkpoint: Path, kind: str = "annotate") -> Path:
 [job]
 kind = "{kind}"
 [input]
-path = "{tmp_path / 'in'}"
+path = "{tmp_path / "in"}"
 [output]
-path = "{tmp_path / 'out'}"
+path = "{tmp_path / "out"}"
 wide = true
 [model]
 path = "{checkpoint}"
@@ -110,10 +118,24 @@ def ray_cluster(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     temp = Path("/tmp") / f"bb-cluster-{os.getpid()}"
     start = subprocess.run(
-        [ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
-         f"--ray-client-server-port={free_port()}", *agent_port_flags()],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            ray_bin(),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            f"--ray-client-server-port={free_port()}",
+            *agent_port_flags(),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert start.returncode == 0, start.stderr
     try:

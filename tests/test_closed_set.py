@@ -49,12 +49,22 @@ def run_output(ray_local, pictures, tmp_path_factory):
     free and the closed-set questions of every picture."""
     root = tmp_path_factory.mktemp("closed-set")
     (root / "in").mkdir()
-    table = pa.table({"key": [f"pic-{i}" for i in range(len(pictures))],
-                      "image": pa.array([p.png() for p in pictures], pa.binary())})
+    table = pa.table(
+        {"key": [f"pic-{i}" for i in range(len(pictures))], "image": pa.array([p.png() for p in pictures], pa.binary())}
+    )
     pq.write_table(table, root / "in" / "pictures.parquet")
-    summary = pipeline.run(str(root / "in"), str(root / "out"), str(SHIPPED), prompt=questions(),
-                           closed_sets=closed_sets(), image_column="image", id_column="key", max_new_tokens=6,
-                           batch_size=32, progress=False)
+    summary = pipeline.run(
+        str(root / "in"),
+        str(root / "out"),
+        str(SHIPPED),
+        prompt=questions(),
+        closed_sets=closed_sets(),
+        image_column="image",
+        id_column="key",
+        max_new_tokens=6,
+        batch_size=32,
+        progress=False,
+    )
     rows = {(row["id"], row["question_id"]): row for row in read_output(str(root / "out")).to_pylist()}
     return rows, summary, root / "out", root / "in"
 
@@ -83,8 +93,9 @@ def test_ranking_keeps_up_where_free_generation_errs(pictures):
     for key, question in shapes.QUESTIONS.items():
         inputs = processor(images=images, text=question)
         ids = model.generate(**inputs, max_new_tokens=6)
-        free = [a.strip() for a in processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
-                                                          skip_special_tokens=True)]
+        free = [
+            a.strip() for a in processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
         scores = model.score_candidates(CANDIDATES[key], processor.tokenizer, **inputs)
         ranked = [CANDIDATES[key][i] for i in scores.argmax(1).tolist()]
         truth = [p.scene.answers[key] for p in pictures]
@@ -133,8 +144,9 @@ def test_logprobs_equal_transformers_forward_with_labels(pictures, run_output):
             ids = torch.cat([inputs["input_ids"], target], dim=1)
             labels = torch.cat([torch.full_like(inputs["input_ids"], -100), target], dim=1)
             with torch.no_grad():
-                loss = theirs(**(inputs | {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
-                              labels=labels).loss
+                loss = theirs(
+                    **(inputs | {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), labels=labels
+                ).loss
             assert abs(got - (-loss.item() * target.shape[1])) <= 1e-4, (i, candidate)
 
 
@@ -145,8 +157,18 @@ def test_manifest_records_the_candidates_and_a_resume_must_match(run_output):
     assert recorded_job(read_manifest(str(out)), str(out)).closed_sets == closed_sets()  # status, retry-failed
     changed = closed_sets() | {"color_ranked": ClosedSet(tuple(CANDIDATES["color"]), "mean")}
     with pytest.raises(ManifestMismatch, match="closed_sets.color_ranked.scoring"):
-        pipeline.run(str(inputs), str(out), str(SHIPPED), prompt=questions(), closed_sets=changed,
-                     image_column="image", id_column="key", max_new_tokens=6, batch_size=32, progress=False)
+        pipeline.run(
+            str(inputs),
+            str(out),
+            str(SHIPPED),
+            prompt=questions(),
+            closed_sets=changed,
+            image_column="image",
+            id_column="key",
+            max_new_tokens=6,
+            batch_size=32,
+            progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -154,8 +176,15 @@ def test_outputs_without_closed_sets_keep_their_schema(ray_local, tmp_path):
     (tmp_path / "in").mkdir()
     picture = shapes.make_dataset(1, HELD_OUT_SEED, held_out=True)[0]
     pq.write_table(pa.table({"image": pa.array([picture.png()], pa.binary())}), tmp_path / "in" / "one.parquet")
-    pipeline.run(str(tmp_path / "in"), str(tmp_path / "out"), str(SHIPPED), prompt=dict(shapes.QUESTIONS),
-                 image_column="image", max_new_tokens=6, progress=False)
+    pipeline.run(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        str(SHIPPED),
+        prompt=dict(shapes.QUESTIONS),
+        image_column="image",
+        max_new_tokens=6,
+        progress=False,
+    )
     assert "candidate_logprobs" not in read_output(str(tmp_path / "out")).column_names
     assert read_manifest(str(tmp_path / "out")).closed_sets is None
 
@@ -190,17 +219,26 @@ def spec_error(tmp_path: Path, extra: str, model: Path = SHIPPED, overrides: dic
     return str(caught.value)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ('candidates = []', "job.toml:18: [questions.color] candidates: empty"),
-    ('candidates = ["red"]', "job.toml:18: [questions.color] candidates: only one candidate"),
-    ('candidates = ["red", "blue", "red"]', "job.toml:18: [questions.color] candidates: 'red' is listed more"),
-    ('candidates = ["red", 3]', "job.toml:18: [questions.color] candidates: candidate 2 is not a string"),
-    ('candidates = ["red", " "]', "job.toml:18: [questions.color] candidates: candidate 2 is blank"),
-    ('candidates = "red"', "job.toml:18: [questions.color] candidates: expected an array"),
-    ('candidates = ["red", "blue"]\nscoring = "max"', 'job.toml:19: [questions.color] scoring: expected one of "sum"'),
-    ('candidate = ["red", "blue"]', "job.toml:18: [questions.color] candidate: unknown key; did you mean candidates?"),
-    ('scoring = "sum"', "job.toml:18: [questions.color] scoring: only a question with candidates is scored"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("candidates = []", "job.toml:18: [questions.color] candidates: empty"),
+        ('candidates = ["red"]', "job.toml:18: [questions.color] candidates: only one candidate"),
+        ('candidates = ["red", "blue", "red"]', "job.toml:18: [questions.color] candidates: 'red' is listed more"),
+        ('candidates = ["red", 3]', "job.toml:18: [questions.color] candidates: candidate 2 is not a string"),
+        ('candidates = ["red", " "]', "job.toml:18: [questions.color] candidates: candidate 2 is blank"),
+        ('candidates = "red"', "job.toml:18: [questions.color] candidates: expected an array"),
+        (
+            'candidates = ["red", "blue"]\nscoring = "max"',
+            'job.toml:19: [questions.color] scoring: expected one of "sum"',
+        ),
+        (
+            'candidate = ["red", "blue"]',
+            "job.toml:18: [questions.color] candidate: unknown key; did you mean candidates?",
+        ),
+        ('scoring = "sum"', "job.toml:18: [questions.color] scoring: only a question with candidates is scored"),
+    ],
+)
 def test_bad_candidates_are_refused_with_file_line_and_question(tmp_path, extra, message):
     assert message in spec_error(tmp_path, extra)
 
@@ -208,17 +246,23 @@ def test_bad_candidates_are_refused_with_file_line_and_question(tmp_path, extra,
 def test_more_candidates_than_the_limit_are_refused(tmp_path):
     many = "candidates = [" + ", ".join(f'"c{i}"' for i in range(257)) + "]"
     assert "job.toml:18: [questions.color] candidates: 257 candidates, more than the limit of 256" in spec_error(
-        tmp_path, many)
+        tmp_path, many
+    )
     path = tmp_path / "job.toml"
     spec = load_spec(path, {"run.max_candidates": 300})  # the limit is a setting
     assert len(spec.closed_sets["color"].candidates) == 257
-    assert "limit of 3" in spec_error(tmp_path, 'candidates = ["a", "b", "c", "d"]', overrides={"run.max_candidates": 3})
+    assert "limit of 3" in spec_error(
+        tmp_path, 'candidates = ["a", "b", "c", "d"]', overrides={"run.max_candidates": 3}
+    )
 
 
 def test_a_question_table_without_question_is_refused(tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text(SPEC.format(model=SHIPPED, extra="").replace('question = "What color is the shape?"\n',
-                                                                  'candidates = ["red", "blue"]\n'))
+    path.write_text(
+        SPEC.format(model=SHIPPED, extra="").replace(
+            'question = "What color is the shape?"\n', 'candidates = ["red", "blue"]\n'
+        )
+    )
     with pytest.raises(SpecError, match=r"job.toml:16: \[questions.color\] question: missing"):
         load_spec(path)
 
@@ -248,13 +292,18 @@ def test_spec_flags_and_python_api_reach_the_same_job(tmp_path):
     # the command line: --max-candidates and --set questions.NAME.KEY
     from blipbatch.jobs.cli import build_parser, flag_overrides
 
-    args = build_parser().parse_args(["run", str(path), "--max-candidates", "3", "--set",
-                                      'questions.color.candidates=["a", "b", "c", "d"]'])
-    with pytest.raises(SpecError, match=r"\(override questions.color.candidates\): \[questions.color\] candidates: "
-                                        "4 candidates, more than the limit of 3"):
+    args = build_parser().parse_args(
+        ["run", str(path), "--max-candidates", "3", "--set", 'questions.color.candidates=["a", "b", "c", "d"]']
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"\(override questions.color.candidates\): \[questions.color\] candidates: "
+        "4 candidates, more than the limit of 3",
+    ):
         load_spec(path, flag_overrides(args))
-    job = job_from_keywords("in", "out", str(SHIPPED), prompt={"color": "What color is the shape?"},
-                                     closed_sets={"color": ["red", "blue"]})
+    job = job_from_keywords(
+        "in", "out", str(SHIPPED), prompt={"color": "What color is the shape?"}, closed_sets={"color": ["red", "blue"]}
+    )
     assert job.closed_sets == {"color": ClosedSet(("red", "blue"), "sum")}
     with pytest.raises(PipelineError, match="'shape' is not one of the questions"):
         job_from_keywords("in", "out", str(SHIPPED), prompt={"color": "?"}, closed_sets={"shape": ["a", "b"]})
@@ -267,12 +316,17 @@ def test_engine_ranks_beside_free_rows_with_one_vision_pass_and_halves_on_out_of
     from blipbatch.model.engine import Engine, EngineConfig
     from tests.tiny import write_tiny_checkpoint
 
-    engine = Engine(EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu",
-                                 generation={"max_new_tokens": 4}))
+    engine = Engine(
+        EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu", generation={"max_new_tokens": 4})
+    )
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     rows, texts = [0, 1, 0, 1], ["what colour?", "a photo of", "which shape?", "what colour?"]
-    closed = [ClosedSet(("red", "green", "blue")), None, ClosedSet(("circle", "square"), "mean"),
-              ClosedSet(("red", "green", "blue"))]
+    closed = [
+        ClosedSet(("red", "green", "blue")),
+        None,
+        ClosedSet(("circle", "square"), "mean"),
+        ClosedSet(("red", "green", "blue")),
+    ]
     got = engine.generate_scored(pixels, rows, texts, closed)
     assert engine.images_encoded == 2  # both images once, for the free and the closed-set rows
     assert got[1] == engine.generate_scored(pixels[1:], [0], ["a photo of"])[0]  # free rows as without ranking
@@ -280,8 +334,13 @@ def test_engine_ranks_beside_free_rows_with_one_vision_pass_and_halves_on_out_of
     for i in (0, 2, 3):
         with torch.no_grad():
             image_embeds = model.encode_images(pixels[rows[i] : rows[i] + 1])
-        expected = model.score_candidates(list(closed[i].candidates), processor.tokenizer, image_embeds=image_embeds,
-                                          **processor.encode_prompts([texts[i]]), scoring=closed[i].scoring)[0]
+        expected = model.score_candidates(
+            list(closed[i].candidates),
+            processor.tokenizer,
+            image_embeds=image_embeds,
+            **processor.encode_prompts([texts[i]]),
+            scoring=closed[i].scoring,
+        )[0]
         assert torch.allclose(torch.tensor(got[i].candidate_logprobs, dtype=torch.float64), expected, atol=1e-5)
         probabilities = torch.softmax(expected, 0)
         assert got[i].text == closed[i].candidates[int(probabilities.argmax())]
@@ -311,17 +370,17 @@ def test_report_charts_each_candidates_wins_and_the_rows_thresholds_keep(run_out
 
     rows, _, out, _ = run_output
     page = Path(write_report(str(out), str(tmp_path / "report.html"), sample=0)).read_text()
-    section = page[page.index('<section id="closed-set">'):]
+    section = page[page.index('<section id="closed-set">') :]
     section = section[: section.index("</section>")]
     for key in shapes.QUESTIONS:
         answers = [rows[(f"pic-{i}", f"{key}_ranked")] for i in range(PICTURES)]
         wins = Counter(r["text"] for r in answers)
-        part = section[section.index(f"<h3>{key}_ranked</h3>"):]
+        part = section[section.index(f"<h3>{key}_ranked</h3>") :]
         for candidate in CANDIDATES[key]:  # one bar per candidate, in the spec's order, labelled with its wins
-            bar = part[part.index(f">{candidate}</text>"):]
+            bar = part[part.index(f">{candidate}</text>") :]
             assert bar[: bar.index(" rows</text>")].endswith(f">{wins[candidate]}"), (key, candidate)
         for threshold in (0.5, 0.9):
             kept = sum(r["score"] >= threshold for r in answers)
             assert f"<td>score &ge; {threshold}</td><td>{kept}</td>" in part
-    too_long = section[section.index("<h3>too_long</h3>"):]
+    too_long = section[section.index("<h3>too_long</h3>") :]
     assert "<td>score &ge; 0.5</td><td>0</td><td>-</td>" in too_long  # no ok rows: nothing to keep

@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from tiny import write_tiny_checkpoint
 
 from blipbatch.pipeline.sink import progress_records, read_output
 from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
-from tiny import write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,13 @@ COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
 
 def start_node(args: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run([ray_bin(), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                             *agent_port_flags(), *args], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [ray_bin(), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *agent_port_flags(), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -58,9 +63,11 @@ def three_nodes(moto_endpoint):
     try:
         start_node(["--head", f"--port={port}", *one_gpu, "--include-dashboard=false", f"--temp-dir={temp}"], env)
         start_node([f"--address=127.0.0.1:{port}", *one_gpu, f"--node-manager-port={second}"], env)
-        yield (f"127.0.0.1:{port}",
-               lambda: start_node([f"--address=127.0.0.1:{port}", *one_gpu, f"--node-manager-port={third}"], env),
-               second)
+        yield (
+            f"127.0.0.1:{port}",
+            lambda: start_node([f"--address=127.0.0.1:{port}", *one_gpu, f"--node-manager-port={third}"], env),
+            second,
+        )
     finally:
         stop_cluster(str(temp))
         for node in (second, third):
@@ -98,8 +105,12 @@ def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(th
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImages)
     server.delay = 0.5  # each image: the run lasts while nodes come and go
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    table = pa.table({"key": [f"row-{i:03d}" for i in range(ELASTIC_ROWS)],
-                      "image_url": [f"http://127.0.0.1:{server.server_address[1]}/{i}.png" for i in range(ELASTIC_ROWS)]})
+    table = pa.table(
+        {
+            "key": [f"row-{i:03d}" for i in range(ELASTIC_ROWS)],
+            "image_url": [f"http://127.0.0.1:{server.server_address[1]}/{i}.png" for i in range(ELASTIC_ROWS)],
+        }
+    )
     s3fs_clean.mkdir("elastic")
     with s3fs_clean.open("elastic/in/shard-0.parquet", "wb") as f:
         pq.write_table(table, f)  # one row group: cut into units of ROWS_PER_UNIT rows
@@ -111,8 +122,11 @@ def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(th
             markers = s3fs_clean.ls("elastic/out/_progress", refresh=True)
         except FileNotFoundError:
             return set()
-        return {json.loads(s3fs_clean.cat_file(marker))["timing"]["worker"] for marker in markers
-                if not marker.endswith(".failed.json")}
+        return {
+            json.loads(s3fs_clean.cat_file(marker))["timing"]["worker"]
+            for marker in markers
+            if not marker.endswith(".failed.json")
+        }
 
     def grow_then_shrink() -> None:
         deadline = time.monotonic() + 300
@@ -132,13 +146,39 @@ def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(th
     changer.start()
     # `blipbatch run` in a process of its own: the driver of this cluster is not the test process, whose in-process
     # Ray of earlier tests would otherwise be its past.
-    command = [sys.executable, "-m", "blipbatch", "run", "--input", "s3://elastic/in/", "--output", output, "--model",
-               checkpoint, "--prompt", "A short image caption:", "--id-column", "key", "--rows-per-unit",
-               str(ROWS_PER_UNIT), "--max-workers", "3", "--max-new-tokens", "3", "--batch-size", "2", "--allow-host",
-               "127.0.0.1", "--address", address, "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "blipbatch",
+        "run",
+        "--input",
+        "s3://elastic/in/",
+        "--output",
+        output,
+        "--model",
+        checkpoint,
+        "--prompt",
+        "A short image caption:",
+        "--id-column",
+        "key",
+        "--rows-per-unit",
+        str(ROWS_PER_UNIT),
+        "--max-workers",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--allow-host",
+        "127.0.0.1",
+        "--address",
+        address,
+        "--quiet",
+    ]
     try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        run = subprocess.run(
+            command, capture_output=True, text=True, timeout=400, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
+        )
     finally:
         server.delay = 0.0
         changer.join(timeout=30)
@@ -146,8 +186,9 @@ def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(th
     assert run.returncode == 0, run.stdout + run.stderr
     assert events["joined"].is_set() and events["killed"].is_set(), "the run ended before the cluster changed"
     summary = run.stdout
-    assert re.search(r"workers: [1-9]\d* joined as GPUs joined the cluster, 1 dropped with the node they ran on",
-                     summary), summary
+    assert re.search(
+        r"workers: [1-9]\d* joined as GPUs joined the cluster, 1 dropped with the node they ran on", summary
+    ), summary
 
     rows = read_output(output).to_pylist()
     assert sorted(row["id"] for row in rows) == [f"row-{i:03d}" for i in range(ELASTIC_ROWS)]  # exactly once
@@ -157,5 +198,6 @@ def test_gpus_that_join_get_workers_and_a_node_that_leaves_charges_no_attempt(th
     assert "2" in {record.timing.worker for record in records}  # the joined node's worker committed units
     # The lost node's units went back free: no attempt charged, and the summary says so.
     assert [record.attempt for record in records] == [1] * len(records)
-    assert re.search(r"units: [1-9]\d* re-queued free of charge \(their node left\), 0 charged an attempt", summary), \
+    assert re.search(r"units: [1-9]\d* re-queued free of charge \(their node left\), 0 charged an attempt", summary), (
         summary
+    )

@@ -9,15 +9,22 @@ import io
 import pytest
 import torch
 from PIL import Image
+from tiny import write_tiny_checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from blipbatch.model import InstructBlipForConditionalGeneration
-from blipbatch.model.continuous import (SYNC_EVERY, GraphStep, GreedyBatcher, GreedyLimits, decode_logits,
-                                         generate_greedy, greedy_batcher)
+from blipbatch.model.continuous import (
+    SYNC_EVERY,
+    GraphStep,
+    GreedyBatcher,
+    GreedyLimits,
+    decode_logits,
+    generate_greedy,
+    greedy_batcher,
+)
 from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
-from tiny import write_tiny_checkpoint
 from tests.oracle import build_hf_model, random_inputs
 
 PROMPT_LENGTHS = [5, 2, 7, 3, 6, 1, 4]
@@ -83,8 +90,9 @@ def transformers_alone(hf_model, lm: str, min_new_tokens: int) -> tuple[dict, li
             expected = []
             for row in range(len(PROMPT_LENGTHS)):
                 alone = one_row(inputs, row)
-                ids = hf_model.generate(**alone, max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens,
-                                        eos_token_id=eos, do_sample=False)
+                ids = hf_model.generate(
+                    **alone, max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens, eos_token_id=eos, do_sample=False
+                )
                 # transformers pads a row that ended before the batch did; alone, it stops at its eos
                 expected.append(ids[0, alone["input_ids"].shape[1] :].tolist())
         _EXPECTED[key] = inputs, eos, expected
@@ -118,11 +126,19 @@ def test_64_slots_over_many_prompts_match_transformers(pair, step):
     hf_model, ours, _ = pair
     prompts = random_prompts(ours, 70)
     with torch.no_grad():
-        free = [hf_model.language_model.generate(inputs_embeds=p[None], max_new_tokens=8, min_new_tokens=8,
-                                                 do_sample=False)[0].tolist() for p in prompts[:10]]
+        free = [
+            hf_model.language_model.generate(
+                inputs_embeds=p[None], max_new_tokens=8, min_new_tokens=8, do_sample=False
+            )[0].tolist()
+            for p in prompts[:10]
+        ]
         eos = sorted({row[3] for row in free[:2]} | {row[5] for row in free[2:4]})
-        expected = [hf_model.language_model.generate(inputs_embeds=p[None], max_new_tokens=8, do_sample=False,
-                                                     eos_token_id=eos)[0].tolist() for p in prompts]
+        expected = [
+            hf_model.language_model.generate(
+                inputs_embeds=p[None], max_new_tokens=8, do_sample=False, eos_token_id=eos
+            )[0].tolist()
+            for p in prompts
+        ]
         graph = GraphStep(ours.language_model, capture=False) if step == "fixed" else None
         got = GreedyBatcher(ours.language_model, prompts, GreedyLimits(8, 0, tuple(eos)), 64, graph=graph).run()
     assert got == expected
@@ -187,8 +203,13 @@ def test_engine_continuous_matches_generate_alone(tiny):
     processor = InstructBlipProcessor.from_pretrained(tiny)
     model = InstructBlipForConditionalGeneration.from_pretrained(tiny)
     images = [picture(i) for i in range(5)]
-    instructions = ["a photo of", "What is in the picture? Answer in detail.", "Describe it.", "Why?",
-                    "What colour is the thing in the middle of this image?"]
+    instructions = [
+        "a photo of",
+        "What is in the picture? Answer in detail.",
+        "Describe it.",
+        "Why?",
+        "What colour is the thing in the middle of this image?",
+    ]
     images.append(images[0])  # a second question about the first image
     instructions.append("How many?")
 
@@ -230,15 +251,28 @@ def test_mean_logprobs_match_transformers_transition_scores(pair, slots, min_new
     means = []
     with torch.no_grad():
         for row in range(len(PROMPT_LENGTHS)):
-            out = hf_model.generate(**one_row(inputs, row), max_new_tokens=NEW_TOKENS, min_new_tokens=min_new_tokens,
-                                    eos_token_id=eos, do_sample=False, return_dict_in_generate=True,
-                                    output_scores=True)
-            means.append(hf_model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-                         .mean().item())
+            out = hf_model.generate(
+                **one_row(inputs, row),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=min_new_tokens,
+                eos_token_id=eos,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+            means.append(
+                hf_model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).mean().item()
+            )
         text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         graph = GraphStep(ours.language_model, capture=False) if step == "fixed" else None
-        batcher = greedy_batcher(ours, ours.encode_images(inputs["pixel_values"]), text_inputs,
-                                 GreedyLimits(NEW_TOKENS, min_new_tokens, tuple(eos)), slots, graph)
+        batcher = greedy_batcher(
+            ours,
+            ours.encode_images(inputs["pixel_values"]),
+            text_inputs,
+            GreedyLimits(NEW_TOKENS, min_new_tokens, tuple(eos)),
+            slots,
+            graph,
+        )
         assert batcher.run() == expected
     assert len({len(tokens) for tokens in expected}) >= 3
     assert batcher.mean_logprobs() == pytest.approx(means, abs=1e-4)
@@ -257,7 +291,8 @@ class HostTraffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten.scalar_tensor.default or any(
-                isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" for leaf in tree_leaves((args, kwargs))):
+            isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" for leaf in tree_leaves((args, kwargs))
+        ):
             self.found.append(str(func))
         return func(*args, **kwargs)
 
@@ -284,8 +319,14 @@ def test_a_failed_capture_decodes_eagerly_with_the_same_ids(pair, caplog):
     text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
     step = GraphStep(ours.language_model, capture=True)
     with torch.no_grad(), caplog.at_level("WARNING", logger="blipbatch.model.continuous"):
-        got = generate_greedy(ours, ours.encode_images(inputs["pixel_values"]), text_inputs,
-                              GreedyLimits(NEW_TOKENS, 0, tuple(eos)), 4, step)
+        got = generate_greedy(
+            ours,
+            ours.encode_images(inputs["pixel_values"]),
+            text_inputs,
+            GreedyLimits(NEW_TOKENS, 0, tuple(eos)),
+            4,
+            step,
+        )
     assert got == expected
     assert step.graph is None and not step.capture
     assert [r.message for r in caplog.records if "CUDA graph capture" in r.message] != []

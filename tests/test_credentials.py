@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
 from tiny import write_tiny_checkpoint
+
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.redact import redact
 
@@ -74,9 +74,11 @@ def server():
 
 def presigned(base: str, path: str) -> str:
     """A URL shaped like an S3 presigned GET URL whose credential parts carry the canary."""
-    return (f"{base}{path}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20260101%2Fus-east-1"
-            f"%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
-            f"&X-Amz-Security-Token={URL_TOKEN}&X-Amz-Signature={URL_TOKEN}")
+    return (
+        f"{base}{path}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20260101%2Fus-east-1"
+        f"%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+        f"&X-Amz-Security-Token={URL_TOKEN}&X-Amz-Signature={URL_TOKEN}"
+    )
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -136,8 +138,14 @@ def test_no_credential_in_output_or_logs(moto_endpoint, server, tmp_path):
     pq.write_table(pa.table({"image_url": refs}), tmp_path / "in" / "rows.parquet")
     output = tmp_path / "out"
     checkpoint = str(write_tiny_checkpoint(tmp_path / "model"))
-    env = dict(os.environ, AWS_SECRET_ACCESS_KEY=SECRET, AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_ACCESS_KEY_ID="testing",
-               AWS_ENDPOINT_URL=moto_endpoint, PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_SESSION_TOKEN=SESSION_TOKEN,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_ENDPOINT_URL=moto_endpoint,
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("RAY_ADDRESS", None)
     # The run's own temp folder, short (Ray's socket paths below it must fit in 107 bytes), on the file system of
     # tmp_path's hold folder, so that its files can be hard-linked there.
@@ -213,15 +221,26 @@ allow_hosts = ["127.0.0.1"]
     assert leaks == {}
 
 
-@pytest.mark.parametrize("text, kept, secret", [
-    (f"HTTP 404 from https://b.s3.amazonaws.com/k.png?X-Amz-Credential=AKIA%2Fx&X-Amz-Security-Token={URL_TOKEN}"
-     f"&X-Amz-Signature={URL_TOKEN} (gave up after 4 attempts)", "https://b.s3.amazonaws.com/k.png?", URL_TOKEN),
-    (f"cannot connect for 'http://user:{URL_PASSWORD}@10.0.0.1/x.png'", "@10.0.0.1/x.png'", URL_PASSWORD),
-    (f"https://acct.blob.core.windows.net/c/x.png?sv=2024-01-01&sig={URL_TOKEN}&se=2026", "&se=2026", URL_TOKEN),
-    (f"https://maps.example/x.png?key={URL_TOKEN}#top", "#top", URL_TOKEN),
-    (f"headers: Authorization: AWS4-HMAC-SHA256 Credential=AKIA/x, Signature={URL_TOKEN}\nnext", "\nnext", URL_TOKEN),
-    (f"aws_session_token = {SESSION_TOKEN}", "aws_session_token = ", SESSION_TOKEN),
-])
+@pytest.mark.parametrize(
+    "text, kept, secret",
+    [
+        (
+            f"HTTP 404 from https://b.s3.amazonaws.com/k.png?X-Amz-Credential=AKIA%2Fx&X-Amz-Security-Token={URL_TOKEN}"
+            f"&X-Amz-Signature={URL_TOKEN} (gave up after 4 attempts)",
+            "https://b.s3.amazonaws.com/k.png?",
+            URL_TOKEN,
+        ),
+        (f"cannot connect for 'http://user:{URL_PASSWORD}@10.0.0.1/x.png'", "@10.0.0.1/x.png'", URL_PASSWORD),
+        (f"https://acct.blob.core.windows.net/c/x.png?sv=2024-01-01&sig={URL_TOKEN}&se=2026", "&se=2026", URL_TOKEN),
+        (f"https://maps.example/x.png?key={URL_TOKEN}#top", "#top", URL_TOKEN),
+        (
+            f"headers: Authorization: AWS4-HMAC-SHA256 Credential=AKIA/x, Signature={URL_TOKEN}\nnext",
+            "\nnext",
+            URL_TOKEN,
+        ),
+        (f"aws_session_token = {SESSION_TOKEN}", "aws_session_token = ", SESSION_TOKEN),
+    ],
+)
 def test_redact_removes_secrets_and_keeps_the_rest(text, kept, secret):
     redacted = redact(text)
     assert secret not in redacted and kept in redacted and "REDACTED" in redacted
@@ -229,9 +248,13 @@ def test_redact_removes_secrets_and_keeps_the_rest(text, kept, secret):
 
 
 def test_redact_leaves_plain_references_alone():
-    for text in ("s3://bucket/images/1.png", "http://127.0.0.1:8000/img/1.png?size=large&v=2",
-                 "data:image/png;base64,iVBORw0KGgo=", "/data/images/x.png",
-                 "<svg xmlns='http://www.w3.org/2000/svg'>"):
+    for text in (
+        "s3://bucket/images/1.png",
+        "http://127.0.0.1:8000/img/1.png?size=large&v=2",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "/data/images/x.png",
+        "<svg xmlns='http://www.w3.org/2000/svg'>",
+    ):
         assert redact(text) == text
 
 

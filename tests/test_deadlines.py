@@ -83,8 +83,13 @@ def hostile():
 
 
 def config(**overrides) -> FetchConfig:
-    settings = {"timeout_s": 5.0, "attempt_deadline_s": 1.5, "retries": 0, "backoff_s": 0.01,
-                "allow_hosts": ("127.0.0.1", "localhost")}
+    settings = {
+        "timeout_s": 5.0,
+        "attempt_deadline_s": 1.5,
+        "retries": 0,
+        "backoff_s": 0.01,
+        "allow_hosts": ("127.0.0.1", "localhost"),
+    }
     settings.update(overrides)
     return FetchConfig(**settings)
 
@@ -103,8 +108,10 @@ def wait_for_hang_ups(server: HostileServer, count: int, within_s: float) -> Non
             if len(server.hung_up) >= count:
                 return
         time.sleep(0.05)
-    pytest.fail(f"the server saw {len(server.hung_up)} of {count} connections closed within {within_s} s: a "
-                "timed-out attempt left its socket open")
+    pytest.fail(
+        f"the server saw {len(server.hung_up)} of {count} connections closed within {within_s} s: a "
+        "timed-out attempt left its socket open"
+    )
 
 
 @pytest.mark.parametrize("path", ["/drip", "/lines"])
@@ -211,12 +218,16 @@ def test_a_fifo_or_device_inside_a_root_is_refused_before_opening(tmp_path):
     os.mkfifo(fifo)
     fetcher = Fetcher(config(local_roots=(str(tmp_path), "/dev")))
     err, elapsed = timed_error(fetcher, str(fifo))
-    assert (err.kind, err.message) == ("invalid_input", f"not a file: {fifo} is a named pipe (FIFO); only regular "
-                                                        "files are read")
+    assert (err.kind, err.message) == (
+        "invalid_input",
+        f"not a file: {fifo} is a named pipe (FIFO); only regular files are read",
+    )
     assert elapsed < 0.5
     err, _ = timed_error(fetcher, "/dev/zero")
-    assert (err.kind, err.message) == ("invalid_input", "not a file: /dev/zero is a character device; only regular "
-                                                        "files are read")
+    assert (err.kind, err.message) == (
+        "invalid_input",
+        "not a file: /dev/zero is a character device; only regular files are read",
+    )
     # a symlink inside the root to a FIFO inside the root: the resolved path is judged
     (tmp_path / "link.png").symlink_to(fifo)
     assert "named pipe" in timed_error(fetcher, f"file://{tmp_path}/link.png")[0].message
@@ -233,8 +244,9 @@ def png() -> bytes:
 
 @pytest.mark.slow
 def test_a_run_over_twenty_dripping_rows_ends_on_time(hostile, ray_local, tmp_path):
-    from blipbatch import pipeline
     from tiny import write_tiny_checkpoint
+
+    from blipbatch import pipeline
 
     good = tmp_path / "images" / "ok.png"
     good.parent.mkdir()
@@ -243,14 +255,24 @@ def test_a_run_over_twenty_dripping_rows_ends_on_time(hostile, ray_local, tmp_pa
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"image_url": [*refs, str(good)]}), tmp_path / "in" / "rows.parquet")
     checkpoint = str(write_tiny_checkpoint(tmp_path / "model"))
-    fetch = FetchConfig(attempt_deadline_s=5.0, row_deadline_s=10.0, allow_hosts=("127.0.0.1",),
-                        local_roots=(str(good.parent),))  # the default 16 fetch threads: two waves of rows
+    fetch = FetchConfig(
+        attempt_deadline_s=5.0, row_deadline_s=10.0, allow_hosts=("127.0.0.1",), local_roots=(str(good.parent),)
+    )  # the default 16 fetch threads: two waves of rows
     start = time.monotonic()
-    summary = pipeline.run(str(tmp_path / "in"), str(tmp_path / "out"), checkpoint, prompt="Caption:",
-                           max_new_tokens=2, fetch=fetch, progress=False)
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        checkpoint,
+        prompt="Caption:",
+        max_new_tokens=2,
+        fetch=fetch,
+        progress=False,
+    )
     elapsed = time.monotonic() - start
     [marker] = progress_records(str(tmp_path / "out"))
-    print(f"20 dripping rows, row_deadline_s = 10: the unit took {marker.timing.seconds:.1f} s, the run {elapsed:.1f} s")
+    print(
+        f"20 dripping rows, row_deadline_s = 10: the unit took {marker.timing.seconds:.1f} s, the run {elapsed:.1f} s"
+    )
     # Two waves of rows, each ended by its deadline; the unit's own time leaves out Ray's and the model's start-up,
     # which a loaded machine stretches.
     assert marker.timing.seconds < 30, f"20 dripping rows with row_deadline_s = 10 took {marker.timing.seconds:.0f} s"

@@ -17,14 +17,14 @@ import PIL.Image
 import psutil
 import pytest
 import torch
+from test_hostile_rows import checkpoint, png_data_uri, run_unit  # noqa: F401 - checkpoint is a fixture
+from test_prepare import varied_images
 
 from blipbatch.model.processor import InstructBlipProcessor
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.decode_pool import DecodePool
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig
-from test_hostile_rows import checkpoint, png_data_uri, run_unit  # noqa: F401 - checkpoint is a fixture
-from test_prepare import varied_images
 
 LIFTED = DecodeConfig(max_jpeg_scans=10**6)  # so that only the deadline can stop the crafted JPEG
 
@@ -35,15 +35,21 @@ def slow_jpeg(side: int = 2048, repeats: int = 1000) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.new("RGB", (side, side), (90, 140, 200)).save(buffer, "JPEG", progressive=True, quality=75)
     data = buffer.getvalue()
-    last_scan = data[data.rindex(b"\xff\xda"):-2]
+    last_scan = data[data.rindex(b"\xff\xda") : -2]
     return data[:-2] + last_scan * repeats + b"\xff\xd9"
 
 
 def decode_processes(besides: frozenset[psutil.Process] = frozenset()) -> list[psutil.Process]:
     """This process's live children that are decode processes, seen from outside the pool, less `besides` (those of
     other pools, such as the model workers' of other tests)."""
-    return [child for child in psutil.Process().children() if child not in besides and child.is_running()
-            and child.status() != psutil.STATUS_ZOMBIE and "blipbatch.pipeline.decode_pool" in child.cmdline()]
+    return [
+        child
+        for child in psutil.Process().children()
+        if child not in besides
+        and child.is_running()
+        and child.status() != psutil.STATUS_ZOMBIE
+        and "blipbatch.pipeline.decode_pool" in child.cmdline()
+    ]
 
 
 @pytest.fixture(scope="module")

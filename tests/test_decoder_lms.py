@@ -18,12 +18,21 @@ ATOL = 1e-5
 VOCAB = 96
 
 LLAMA_BASE = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
     max_position_embeddings=64,
 )
 OPT_BASE = dict(
-    vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=64, dropout=0.0,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    ffn_dim=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    dropout=0.0,
 )
 
 LLAMA_VARIANTS = {
@@ -31,8 +40,13 @@ LLAMA_VARIANTS = {
     "gqa": (dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0}), "parameters"),
     # Biases, a head_dim that is not hidden/heads, tied head, config in the older top-level `rope_theta` layout.
     "bias_tied": (
-        dict(head_dim=16, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-             rope_parameters={"rope_type": "default", "rope_theta": 2000.0}),
+        dict(
+            head_dim=16,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 2000.0},
+        ),
         "theta",
     ),
 }
@@ -226,15 +240,35 @@ def test_greedy_generation_matches_transformers_generate(pair):
 
 
 STATE_DICT_CASES = {
-    "llama-untied": (transformers.LlamaForCausalLM, transformers.LlamaConfig, LlamaForCausalLM, LlamaConfig,
-                     dict(LLAMA_BASE, num_key_value_heads=2)),
-    "llama-tied": (transformers.LlamaForCausalLM, transformers.LlamaConfig, LlamaForCausalLM, LlamaConfig,
-                   dict(LLAMA_BASE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "llama-untied": (
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig,
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(LLAMA_BASE, num_key_value_heads=2),
+    ),
+    "llama-tied": (
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig,
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(LLAMA_BASE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    ),
     "opt-tied": (transformers.OPTForCausalLM, transformers.OPTConfig, OPTForCausalLM, OPTConfig, OPT_BASE),
-    "opt-untied-350m": (transformers.OPTForCausalLM, transformers.OPTConfig, OPTForCausalLM, OPTConfig,
-                        dict(OPT_BASE, tie_word_embeddings=False, do_layer_norm_before=False, word_embed_proj_dim=16)),
-    "opt-no-affine-no-bias": (transformers.OPTForCausalLM, transformers.OPTConfig, OPTForCausalLM, OPTConfig,
-                              dict(OPT_BASE, layer_norm_elementwise_affine=False, enable_bias=False)),
+    "opt-untied-350m": (
+        transformers.OPTForCausalLM,
+        transformers.OPTConfig,
+        OPTForCausalLM,
+        OPTConfig,
+        dict(OPT_BASE, tie_word_embeddings=False, do_layer_norm_before=False, word_embed_proj_dim=16),
+    ),
+    "opt-no-affine-no-bias": (
+        transformers.OPTForCausalLM,
+        transformers.OPTConfig,
+        OPTForCausalLM,
+        OPTConfig,
+        dict(OPT_BASE, layer_norm_elementwise_affine=False, enable_bias=False),
+    ),
 }
 
 
@@ -250,7 +284,7 @@ def test_state_dict_keys_and_tying(case):
     embedding = ours.get_input_embeddings().weight
     if hf.config.tie_word_embeddings:
         assert ours.lm_head.weight is embedding
-        (alias, source), = ours.tied_weights.items()
+        ((alias, source),) = ours.tied_weights.items()
         assert alias == "lm_head.weight" and source in hf_state
         # A checkpoint without the alias (as on the Hub) still sets the head through the embedding.
         redraw(hf)
@@ -285,8 +319,13 @@ def test_padding_mask_lets_padded_queries_see_themselves():
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")])],
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
 )
 @torch.no_grad()
 def test_bf16_parity(pair, device):

@@ -34,15 +34,38 @@ DOCUMENTED: dict[str, dict[str, list[str]]] = {
         "from_vision_qformer_text_configs": ["vision_config", "qformer_config", "text_config"],
     },
     "InstructBlipVisionConfig": {
-        "__init__": ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                     "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "initializer_range",
-                     "qkv_bias"],
+        "__init__": [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "attention_dropout",
+            "initializer_range",
+            "qkv_bias",
+        ],
     },
     "InstructBlipQFormerConfig": {
-        "__init__": ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                     "initializer_range", "layer_norm_eps", "pad_token_id", "position_embedding_type",
-                     "cross_attention_frequency", "encoder_hidden_size"],
+        "__init__": [
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "max_position_embeddings",
+            "initializer_range",
+            "layer_norm_eps",
+            "pad_token_id",
+            "position_embedding_type",
+            "cross_attention_frequency",
+            "encoder_hidden_size",
+        ],
     },
     "InstructBlipProcessor": {
         "__call__": ["images", "text"],
@@ -52,32 +75,82 @@ DOCUMENTED: dict[str, dict[str, list[str]]] = {
         "decode": [],
     },
     "InstructBlipVisionModel": {
-        "forward": ["pixel_values", "output_attentions", "output_hidden_states", "return_dict",
-                    "interpolate_pos_encoding"],
+        "forward": [
+            "pixel_values",
+            "output_attentions",
+            "output_hidden_states",
+            "return_dict",
+            "interpolate_pos_encoding",
+        ],
         "from_pretrained": [],
     },
     "InstructBlipQFormerModel": {
-        "forward": ["input_ids", "attention_mask", "position_ids", "query_embeds", "head_mask",
-                    "encoder_hidden_states", "encoder_attention_mask", "output_attentions",
-                    "output_hidden_states", "return_dict"],
+        "forward": [
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "query_embeds",
+            "head_mask",
+            "encoder_hidden_states",
+            "encoder_attention_mask",
+            "output_attentions",
+            "output_hidden_states",
+            "return_dict",
+        ],
         "from_pretrained": [],
     },
     "InstructBlipModel": {
-        "forward": ["pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask",
-                    "decoder_input_ids", "decoder_attention_mask", "inputs_embeds", "output_attentions",
-                    "output_hidden_states", "return_dict", "interpolate_pos_encoding", "use_cache"],
+        "forward": [
+            "pixel_values",
+            "qformer_input_ids",
+            "qformer_attention_mask",
+            "input_ids",
+            "attention_mask",
+            "decoder_input_ids",
+            "decoder_attention_mask",
+            "inputs_embeds",
+            "output_attentions",
+            "output_hidden_states",
+            "return_dict",
+            "interpolate_pos_encoding",
+            "use_cache",
+        ],
         "get_placeholder_mask": ["input_ids", "inputs_embeds"],
         "from_pretrained": [],
     },
     "InstructBlipForConditionalGeneration": {
-        "forward": ["pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask",
-                    "decoder_input_ids", "decoder_attention_mask", "inputs_embeds", "output_attentions",
-                    "output_hidden_states", "labels", "return_dict", "interpolate_pos_encoding", "use_cache"],
-        "generate": ["pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask",
-                     "inputs_embeds", "interpolate_pos_encoding"],
+        "forward": [
+            "pixel_values",
+            "qformer_input_ids",
+            "qformer_attention_mask",
+            "input_ids",
+            "attention_mask",
+            "decoder_input_ids",
+            "decoder_attention_mask",
+            "inputs_embeds",
+            "output_attentions",
+            "output_hidden_states",
+            "labels",
+            "return_dict",
+            "interpolate_pos_encoding",
+            "use_cache",
+        ],
+        "generate": [
+            "pixel_values",
+            "qformer_input_ids",
+            "qformer_attention_mask",
+            "input_ids",
+            "attention_mask",
+            "inputs_embeds",
+            "interpolate_pos_encoding",
+        ],
         "get_placeholder_mask": ["input_ids", "inputs_embeds"],
-        "get_image_features": ["pixel_values", "qformer_input_ids", "qformer_attention_mask",
-                               "interpolate_pos_encoding"],
+        "get_image_features": [
+            "pixel_values",
+            "qformer_input_ids",
+            "qformer_attention_mask",
+            "interpolate_pos_encoding",
+        ],
         "from_pretrained": [],
     },
 }
@@ -102,8 +175,11 @@ def test_documented_names_exist(class_name):
 
 
 # Documented in v4.56, gone from transformers 5.x (whose signatures take **kwargs for the output_* flags).
-DROPPED_IN_5 = {"InstructBlipConfig.from_vision_qformer_text_configs", "InstructBlipQFormerModel.forward(head_mask)",
-                "InstructBlipQFormerConfig.__init__(position_embedding_type)"}
+DROPPED_IN_5 = {
+    "InstructBlipConfig.from_vision_qformer_text_configs",
+    "InstructBlipQFormerModel.forward(head_mask)",
+    "InstructBlipQFormerConfig.__init__(position_embedding_type)",
+}
 
 
 def test_documented_list_matches_transformers():
@@ -211,8 +287,9 @@ def qformer_call(hf, inputs: dict) -> dict:
     image = hf.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
     queries = hf.query_tokens.expand(image.shape[0], -1, -1)
     mask = torch.cat([torch.ones(queries.shape[:2], dtype=torch.long), inputs["qformer_attention_mask"]], dim=1)
-    return dict(query_embeds=queries, encoder_hidden_states=image, input_ids=inputs["qformer_input_ids"],
-                attention_mask=mask)
+    return dict(
+        query_embeds=queries, encoder_hidden_states=image, input_ids=inputs["qformer_input_ids"], attention_mask=mask
+    )
 
 
 @torch.no_grad()
@@ -292,8 +369,13 @@ def real_rows(inputs: dict, lm: str) -> torch.Tensor | None:
 LM_FIELDS = {
     "llama": ["hidden_states", "attentions"],
     "opt": ["hidden_states", "attentions"],
-    "t5": ["decoder_hidden_states", "decoder_attentions", "cross_attentions", "encoder_hidden_states",
-           "encoder_attentions"],
+    "t5": [
+        "decoder_hidden_states",
+        "decoder_attentions",
+        "cross_attentions",
+        "encoder_hidden_states",
+        "encoder_attentions",
+    ],
 }
 
 
@@ -304,8 +386,13 @@ def test_whole_model_hidden_states_and_attentions(pair):
     asked = dict(output_attentions=True, output_hidden_states=True)
     expected = hf(**inputs, **asked)
     got = ours(**inputs, **asked)
-    assert max_diff(got.logits[real_rows(inputs, lm)] if lm != "t5" else got.logits,
-                    expected.logits[real_rows(inputs, lm)] if lm != "t5" else expected.logits) <= 1e-4
+    assert (
+        max_diff(
+            got.logits[real_rows(inputs, lm)] if lm != "t5" else got.logits,
+            expected.logits[real_rows(inputs, lm)] if lm != "t5" else expected.logits,
+        )
+        <= 1e-4
+    )
     # transformers 5.x no longer passes output_* to the vision model and the Q-Former; 4.x did, and so do we
     vision = hf.vision_model(pixel_values=inputs["pixel_values"], **asked)
     assert_close_all(got.vision_outputs.hidden_states, vision.hidden_states)
@@ -330,8 +417,11 @@ def test_return_dict_false_is_transformers_tuple(pair):
     assert [len(x) if isinstance(x, tuple) else None for x in got] == [
         len(x) if isinstance(x, tuple) else None for x in expected
     ]
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100) if lm != "t5" else (
-        inputs["decoder_input_ids"])
+    labels = (
+        inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        if lm != "t5"
+        else (inputs["decoder_input_ids"])
+    )
     with_loss = ours(**inputs, labels=labels, return_dict=False)
     assert with_loss[0].dim() == 0 and with_loss[1].shape == got[0].shape  # loss first, then logits
 
@@ -371,13 +461,15 @@ def test_inputs_embeds_gives_the_same_logits_and_ids(pair):
     expected = hf.generate(**gen_inputs, inputs_embeds=embeds, **settings)
     assert torch.equal(got, expected)
     from_ids = ours.generate(**gen_inputs, input_ids=inputs["input_ids"], **settings)
-    new = from_ids[:, inputs["input_ids"].shape[1]:] if lm != "t5" else from_ids
+    new = from_ids[:, inputs["input_ids"].shape[1] :] if lm != "t5" else from_ids
     assert torch.equal(got, new)  # decoder-only: only the new tokens come back, as transformers
     # an explicit max_length counts the prompt, which is not returned (transformers' arithmetic)
     length = inputs["input_ids"].shape[1] + 3
     if lm != "t5":
-        assert torch.equal(ours.generate(**gen_inputs, inputs_embeds=embeds, max_length=length),
-                           hf.generate(**gen_inputs, inputs_embeds=embeds, max_length=length))
+        assert torch.equal(
+            ours.generate(**gen_inputs, inputs_embeds=embeds, max_length=length),
+            hf.generate(**gen_inputs, inputs_embeds=embeds, max_length=length),
+        )
 
 
 @torch.no_grad()
@@ -405,8 +497,11 @@ def test_blip2_and_base_model_share_the_outputs(tmp_path):
     inputs = inputs_for("opt", blip2=True)
     asked = dict(output_attentions=True, output_hidden_states=True)
     got, expected = ours(**inputs, **asked), hf(**inputs, **asked)
-    qformer = hf.qformer(query_embeds=hf.query_tokens.expand(3, -1, -1),
-                         encoder_hidden_states=hf.vision_model(pixel_values=inputs["pixel_values"])[0], **asked)
+    qformer = hf.qformer(
+        query_embeds=hf.query_tokens.expand(3, -1, -1),
+        encoder_hidden_states=hf.vision_model(pixel_values=inputs["pixel_values"])[0],
+        **asked,
+    )
     assert_close_all(got.qformer_outputs.hidden_states, qformer.hidden_states)
     assert_close_all(got.qformer_outputs.attentions, self_attentions(qformer))
     rows = real_rows(inputs, "opt")
@@ -445,8 +540,11 @@ def test_fast_paths_never_compute_the_extra_outputs(pair, monkeypatch):
 
 def modelled(config) -> dict:
     """A config's modelled fields (what we read from config.json), recursively."""
-    return {f.name: modelled(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
-            for f in dataclasses.fields(config) if f.name != "extra"}
+    return {
+        f.name: modelled(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
+        for f in dataclasses.fields(config)
+        if f.name != "extra"
+    }
 
 
 def test_from_vision_qformer_text_configs_equals_transformers():
@@ -460,8 +558,11 @@ def test_from_vision_qformer_text_configs_equals_transformers():
     assert modelled(got) == modelled(InstructBlipConfig.from_dict(theirs.to_dict()))
     assert got.qformer_config.encoder_hidden_size == VISION["hidden_size"] and got.num_query_tokens == NUM_QUERY_TOKENS
     # our own config objects give the config that the same dicts give
-    objects = (ours_api.InstructBlipVisionConfig.from_dict(VISION), InstructBlipQFormerConfig.from_dict(QFORMER),
-               ours_api.LlamaConfig.from_dict(TEXT["llama"]))
+    objects = (
+        ours_api.InstructBlipVisionConfig.from_dict(VISION),
+        InstructBlipQFormerConfig.from_dict(QFORMER),
+        ours_api.LlamaConfig.from_dict(TEXT["llama"]),
+    )
     from_objects = InstructBlipConfig.from_vision_qformer_text_configs(*objects, **top)
     expected = InstructBlipConfig.from_dict(dict(**parts, **top))
     assert modelled(from_objects) == modelled(expected)
@@ -479,19 +580,26 @@ def test_position_embedding_type_absolute_only():
 
 def test_standalone_parts_have_the_documented_forward(tmp_path):
     vision = InstructBlipVisionModel(ours_api.InstructBlipVisionConfig.from_dict(VISION)).eval()
-    qformer = InstructBlipQFormerModel(InstructBlipQFormerConfig.from_dict(
-        QFORMER | {"encoder_hidden_size": VISION["hidden_size"]})).eval()
+    qformer = InstructBlipQFormerModel(
+        InstructBlipQFormerConfig.from_dict(QFORMER | {"encoder_hidden_size": VISION["hidden_size"]})
+    ).eval()
     with torch.no_grad():
         image = vision(torch.randn(1, 3, VISION["image_size"], VISION["image_size"]), output_hidden_states=True)
-        out = qformer(query_embeds=torch.randn(1, 2, QFORMER["hidden_size"]), encoder_hidden_states=image[0],
-                      input_ids=torch.tensor([[5, 6]]), output_hidden_states=True, return_dict=False)
+        out = qformer(
+            query_embeds=torch.randn(1, 2, QFORMER["hidden_size"]),
+            encoder_hidden_states=image[0],
+            input_ids=torch.tensor([[5, 6]]),
+            output_hidden_states=True,
+            return_dict=False,
+        )
     assert len(image.hidden_states) == VISION["num_hidden_layers"] + 1
     assert len(out) == 3 and out[0].shape == (1, 4, QFORMER["hidden_size"])
 
 
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "settings", [dict(max_new_tokens=4), dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)],
+    "settings",
+    [dict(max_new_tokens=4), dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)],
     ids=["greedy", "beam"],
 )
 def test_generate_scores_match_transformers_on_every_language_model(pair, settings):

@@ -5,24 +5,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import write_tiny_checkpoint
 
 from blipbatch.model.configs import InstructBlipConfig
 from blipbatch.model.engine import CPU_ROWS, Engine, EngineConfig, rows_for_memory
 from blipbatch.model.instructblip import InstructBlipForConditionalGeneration
-from tiny import write_tiny_checkpoint
 
 GIB = 2**30
 
 
 def vicuna_7b_on_meta(dtype: torch.dtype = torch.bfloat16) -> InstructBlipForConditionalGeneration:
-    config = InstructBlipConfig.from_dict(dict(
-        vision_config=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-                           patch_size=14, image_size=224),
-        qformer_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, vocab_size=32064),
-        num_query_tokens=32, image_token_index=32000,
-    ))
+    config = InstructBlipConfig.from_dict(
+        dict(
+            vision_config=dict(
+                hidden_size=1408,
+                intermediate_size=6144,
+                num_hidden_layers=39,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=224,
+            ),
+            qformer_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+            text_config=dict(
+                model_type="llama",
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                vocab_size=32064,
+            ),
+            num_query_tokens=32,
+            image_token_index=32000,
+        )
+    )
     with torch.device("meta"):
         return InstructBlipForConditionalGeneration(config).to(dtype)
 
@@ -50,8 +65,9 @@ def test_cpu_defaults_and_no_cuda_graphs(tmp_path):
 def test_out_of_memory_halves_and_keeps_each_row_with_its_image(tmp_path):
     """A call that runs out of GPU memory is split in halves (each with only the images its rows use) until the
     parts fit; the texts are those of the whole call. The memory error is injected for calls over 2 rows."""
-    engine = Engine(EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu",
-                                 generation={"max_new_tokens": 4}))
+    engine = Engine(
+        EngineConfig(model=str(write_tiny_checkpoint(tmp_path)), device="cpu", generation={"max_new_tokens": 4})
+    )
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(3, 3, 64, 64, generator=g)
     image_rows = [0, 1, 0, 2, 1]
@@ -70,5 +86,6 @@ def test_out_of_memory_halves_and_keeps_each_row_with_its_image(tmp_path):
     assert engine.generate_pixels(pixels, image_rows, instructions) == whole
     assert calls == [5, 2, 3, 1, 2]
     # each text is the one that row gets alone, with its own image
-    assert [engine.generate_pixels(pixels[[row]], [0], [text])[0] for row, text in zip(image_rows, instructions)] \
-        == whole
+    assert [
+        engine.generate_pixels(pixels[[row]], [0], [text])[0] for row, text in zip(image_rows, instructions)
+    ] == whole

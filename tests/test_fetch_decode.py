@@ -213,15 +213,17 @@ def test_500_then_success_is_retried(server):
 
 
 def test_503_forever_exhausts_retries(server):
-    err = expect_error(Fetcher(fast(retries=3)), server.url("/status/503/a"), "fetch_http", "HTTP 503",
-                       "gave up after 4 attempts")
+    err = expect_error(
+        Fetcher(fast(retries=3)), server.url("/status/503/a"), "fetch_http", "HTTP 503", "gave up after 4 attempts"
+    )
     assert "/status/503/a" in err.message
     assert server.hits["/status/503/a"] == 4
 
 
 def test_row_deadline_stops_retrying(server):
-    fetcher = Fetcher(fast(retries=50, backoff_s=0.1, max_backoff_s=0.1, row_deadline_s=0.5),
-                      rng=random.Random(0), sleep=time.sleep)
+    fetcher = Fetcher(
+        fast(retries=50, backoff_s=0.1, max_backoff_s=0.1, row_deadline_s=0.5), rng=random.Random(0), sleep=time.sleep
+    )
     start = time.monotonic()
     expect_error(fetcher, server.url("/status/503/deadline"), "fetch_http", "row deadline of 0.5s")
     assert time.monotonic() - start < 1.5
@@ -268,27 +270,42 @@ def test_connection_refused():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens once the socket is closed
-    expect_error(Fetcher(fast(retries=1)), f"http://127.0.0.1:{port}/x.jpg", "fetch_connection",
-                 "cannot connect", "gave up after 2 attempts")
+    expect_error(
+        Fetcher(fast(retries=1)),
+        f"http://127.0.0.1:{port}/x.jpg",
+        "fetch_connection",
+        "cannot connect",
+        "gave up after 2 attempts",
+    )
 
 
 def test_hanging_server_times_out(server):
     start = time.monotonic()
-    expect_error(Fetcher(fast(timeout_s=0.3, retries=1)), server.url("/hang/a"), "fetch_timeout",
-                 "timed out after 0.3 s", "gave up after 2 attempts")
+    expect_error(
+        Fetcher(fast(timeout_s=0.3, retries=1)),
+        server.url("/hang/a"),
+        "fetch_timeout",
+        "timed out after 0.3 s",
+        "gave up after 2 attempts",
+    )
     assert time.monotonic() - start < 1.5
     assert server.hits["/hang/a"] == 2
 
 
 def test_body_that_stalls_times_out(server):
-    expect_error(Fetcher(fast(timeout_s=0.3, retries=0)), server.url("/hang-body/a"), "fetch_timeout",
-                 "gave up after 1 attempt")
+    expect_error(
+        Fetcher(fast(timeout_s=0.3, retries=0)), server.url("/hang-body/a"), "fetch_timeout", "gave up after 1 attempt"
+    )
 
 
 def test_dripping_body_hits_the_attempt_deadline(server):
     start = time.monotonic()
-    expect_error(Fetcher(fast(timeout_s=0.3, attempt_deadline_s=0.5, retries=0)), server.url("/drip/a"),
-                 "fetch_timeout", "longer than 0.5 s")
+    expect_error(
+        Fetcher(fast(timeout_s=0.3, attempt_deadline_s=0.5, retries=0)),
+        server.url("/drip/a"),
+        "fetch_timeout",
+        "longer than 0.5 s",
+    )
     assert time.monotonic() - start < 1.5
 
 
@@ -310,8 +327,13 @@ def test_body_over_the_byte_limit(server, with_length):
     fetcher = Fetcher(fast(max_bytes=1000))
     assert fetcher.fetch(server.url("/big/1000/exact")) == b"x" * 1000
     path = f"/big/5000/{with_length}" + ("" if with_length else "?cl=0")
-    expect_error(fetcher, server.url(path), "too_large", "1000 bytes limit",
-                 "Content-Length" if with_length else "sent more than")
+    expect_error(
+        fetcher,
+        server.url(path),
+        "too_large",
+        "1000 bytes limit",
+        "Content-Length" if with_length else "sent more than",
+    )
     assert server.hits[path.partition("?")[0]] == 1  # never retried
 
 
@@ -356,8 +378,13 @@ def test_local_path_and_file_url(tmp_path):
 def test_local_file_over_the_byte_limit(tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(b"x" * 5000)
-    expect_error(Fetcher(fast(max_bytes=1000, local_roots=(str(tmp_path),))), str(path), "too_large", "4.9 KiB",
-                 "1000 bytes limit")
+    expect_error(
+        Fetcher(fast(max_bytes=1000, local_roots=(str(tmp_path),))),
+        str(path),
+        "too_large",
+        "4.9 KiB",
+        "1000 bytes limit",
+    )
 
 
 def test_data_uris():
@@ -414,8 +441,11 @@ def test_config_is_validated():
 def test_row_error_kinds_and_pickling():
     err = RowError("fetch_http", "HTTP 404 from http://x/y.jpg")
     copy = pickle.loads(pickle.dumps(err))
-    assert (copy.kind, copy.message, str(copy)) == ("fetch_http", "HTTP 404 from http://x/y.jpg",
-                                                    "fetch_http: HTTP 404 from http://x/y.jpg")
+    assert (copy.kind, copy.message, str(copy)) == (
+        "fetch_http",
+        "HTTP 404 from http://x/y.jpg",
+        "fetch_http: HTTP 404 from http://x/y.jpg",
+    )
     with pytest.raises(ValueError, match="unknown error kind"):
         RowError("oops", "x")
     assert "model_error" in ERROR_KINDS
@@ -435,8 +465,9 @@ def test_s3(s3):
     s3.pipe("images/a.png", PNG)
     s3.pipe("images/big.bin", b"x" * 5000)
     assert Fetcher(fast()).fetch("s3://images/a.png") == PNG
-    expect_error(Fetcher(fast()), "s3://images/missing.png", "invalid_input", "no such file or object",
-                 "s3://images/missing.png")
+    expect_error(
+        Fetcher(fast()), "s3://images/missing.png", "invalid_input", "no such file or object", "s3://images/missing.png"
+    )
     expect_error(Fetcher(fast(max_bytes=1000)), "s3://images/big.bin", "too_large", "4.9 KiB")
 
 
@@ -505,12 +536,15 @@ def test_empty_svg_html_and_unknown_formats():
     svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
     assert decode_error(svg) == "SVG is not supported (raster formats only: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
     assert decode_error(HTML) == f"not an image: HTML, {len(HTML)} bytes (supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
-    assert decode_error(b"\x00\x01\x02garbage" * 10) == ("not an image: binary data of unknown type, 100 bytes "
-                                                          "(supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)")
+    assert decode_error(b"\x00\x01\x02garbage" * 10) == (
+        "not an image: binary data of unknown type, 100 bytes (supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)"
+    )
     # a real image in a format left out of the list is refused before any plugin parses it
     gif = image_bytes("GIF")
-    assert decode_error(gif, config=DecodeConfig(formats=("PNG",))) == \
-        f"not an image: a GIF image, {len(gif)} bytes (supported: PNG)"
+    assert (
+        decode_error(gif, config=DecodeConfig(formats=("PNG",)))
+        == f"not an image: a GIF image, {len(gif)} bytes (supported: PNG)"
+    )
 
 
 def one_colour_png(width: int, height: int) -> bytes:
@@ -549,25 +583,38 @@ def test_pixel_limit_does_not_rely_on_pillows_global(bomb, monkeypatch):
     monkeypatch.undo()
     assert decode_error(one_colour_png(8000, 6000), "too_large") == "image is 8000x6000 = 48 MP, above the 40 MP limit"
     assert decode_image(one_colour_png(100, 100), DecodeConfig(max_pixels=10_000)).size == (100, 100)
-    assert "above the 0.01 MP limit" in decode_error(one_colour_png(101, 100), "too_large",
-                                                     DecodeConfig(max_pixels=10_000))
+    assert "above the 0.01 MP limit" in decode_error(
+        one_colour_png(101, 100), "too_large", DecodeConfig(max_pixels=10_000)
+    )
 
 
 # -- malformed references, messages, imports -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ref, fragments", [
-    ("htp:/not a url", ["malformed image reference 'htp:/not a url'", "it starts with 'htp:'", "needs '://'",
-                        "did you mean 'http'?"]),
-    ("http:/images.example/a.jpg", ["it starts with 'http:'", "needs '://'"]),
-    ("htp://images.example/a.jpg", ["scheme 'htp' not allowed", "did you mean 'http'?"]),
-    ("http:///a.jpg", ["malformed URL 'http:///a.jpg': no host after '//'"]),
-    ("https://images example/a.jpg", ["the host contains white space"]),
-    ("http://user:pa/ss@images.example/a.jpg", ["malformed URL 'http://REDACTED@images.example/a.jpg'",
-                                                "must be percent-encoded"]),
-    ("s3:///a.jpg", ["no bucket after 's3://'"]),
-    ("s3://AKIAEXAMPLEKEY:SECRETVALUE123@bucket/x.jpg", ["'s3://REDACTED@bucket/x.jpg' carries credentials"]),
-])
+@pytest.mark.parametrize(
+    "ref, fragments",
+    [
+        (
+            "htp:/not a url",
+            [
+                "malformed image reference 'htp:/not a url'",
+                "it starts with 'htp:'",
+                "needs '://'",
+                "did you mean 'http'?",
+            ],
+        ),
+        ("http:/images.example/a.jpg", ["it starts with 'http:'", "needs '://'"]),
+        ("htp://images.example/a.jpg", ["scheme 'htp' not allowed", "did you mean 'http'?"]),
+        ("http:///a.jpg", ["malformed URL 'http:///a.jpg': no host after '//'"]),
+        ("https://images example/a.jpg", ["the host contains white space"]),
+        (
+            "http://user:pa/ss@images.example/a.jpg",
+            ["malformed URL 'http://REDACTED@images.example/a.jpg'", "must be percent-encoded"],
+        ),
+        ("s3:///a.jpg", ["no bucket after 's3://'"]),
+        ("s3://AKIAEXAMPLEKEY:SECRETVALUE123@bucket/x.jpg", ["'s3://REDACTED@bucket/x.jpg' carries credentials"]),
+    ],
+)
 def test_malformed_references_are_invalid_input_saying_what_is_wrong(tmp_path, ref, fragments):
     # local roots set, so a mistyped URL is not merely "a local file outside the roots"
     err = expect_error(Fetcher(fast(local_roots=(str(tmp_path),))), ref, "invalid_input", *fragments)
@@ -591,10 +638,12 @@ def test_not_an_image_never_quotes_the_file(tmp_path):
 
 def test_importing_fetch_and_decode_has_no_side_effects():
     """A fresh interpreter: no Ray, and Pillow's process-wide pixel limit as Pillow set it."""
-    code = ("import sys, PIL.Image; before = PIL.Image.MAX_IMAGE_PIXELS; "
-            "import blipbatch.pipeline.fetch, blipbatch.pipeline.decode, blipbatch.pipeline.guard; "
-            "assert 'ray' not in sys.modules, 'ray imported'; "
-            "assert PIL.Image.MAX_IMAGE_PIXELS == before, PIL.Image.MAX_IMAGE_PIXELS; "
-            "from blipbatch.pipeline import run; assert callable(run)")
+    code = (
+        "import sys, PIL.Image; before = PIL.Image.MAX_IMAGE_PIXELS; "
+        "import blipbatch.pipeline.fetch, blipbatch.pipeline.decode, blipbatch.pipeline.guard; "
+        "assert 'ray' not in sys.modules, 'ray imported'; "
+        "assert PIL.Image.MAX_IMAGE_PIXELS == before, PIL.Image.MAX_IMAGE_PIXELS; "
+        "from blipbatch.pipeline import run; assert callable(run)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_pipeline import NEW_TOKENS, PROMPTS, checkpoint, local_files, png  # noqa: F401 - checkpoint: a fixture
 
 from blipbatch import pipeline
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.sink import progress_records, read_output
-from test_pipeline import NEW_TOKENS, PROMPTS, checkpoint, local_files, png  # noqa: F401 - checkpoint: a fixture
 
 
 def sha(data: bytes) -> str:
@@ -28,16 +28,35 @@ def test_identical_bytes_share_one_hash_one_decode_and_one_answer(ray_local, che
     (tmp_path / "a.png").write_bytes(png(1))
     (tmp_path / "copy-of-a.png").write_bytes(png(1))
     (tmp_path / "b.png").write_bytes(png(2))
-    references = [str(tmp_path / "a.png"), str(tmp_path / "b.png"), str(tmp_path / "copy-of-a.png"),
-                  str(tmp_path / "a.png"), str(tmp_path / "missing.png")]
+    references = [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.png"),
+        str(tmp_path / "copy-of-a.png"),
+        str(tmp_path / "a.png"),
+        str(tmp_path / "missing.png"),
+    ]
     pq.write_table(pa.table({"image_url": references, "key": list("vwxyz")}), tmp_path / "in.parquet")
     output = str(tmp_path / "out")
-    summary = pipeline.run(str(tmp_path / "in.parquet"), output, checkpoint, prompt=PROMPTS[0], id_column="key",
-                           batch_size=2, max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path))
+    summary = pipeline.run(
+        str(tmp_path / "in.parquet"),
+        output,
+        checkpoint,
+        prompt=PROMPTS[0],
+        id_column="key",
+        batch_size=2,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+        fetch=local_files(tmp_path),
+    )
     assert (summary.rows_ok, summary.rows_error, summary.images_encoded) == (4, 1, 2)
     rows = {row["id"]: row for row in read_output(output).to_pylist()}
     assert {key: rows[key]["image_sha256"] for key in "vwxyz"} == {
-        "v": sha(png(1)), "w": sha(png(2)), "x": sha(png(1)), "y": sha(png(1)), "z": None}
+        "v": sha(png(1)),
+        "w": sha(png(2)),
+        "x": sha(png(1)),
+        "y": sha(png(1)),
+        "z": None,
+    }
     assert rows["v"]["text"] == rows["x"]["text"] == rows["y"]["text"]
     assert [record.duplicate_images for record in progress_records(output)] == [2]
     capsys.readouterr()
@@ -70,23 +89,34 @@ def http_images():
     httpd.shutdown()
 
 
-def test_an_opted_out_image_is_an_opted_out_row_and_the_manifest_records_the_setting(ray_local, checkpoint,
-                                                                                      http_images, tmp_path):
+def test_an_opted_out_image_is_an_opted_out_row_and_the_manifest_records_the_setting(
+    ray_local, checkpoint, http_images, tmp_path
+):
     import json
 
     references = [f"{http_images}/1.png", f"{http_images}/noai/2.png"]
     pq.write_table(pa.table({"image_url": references, "key": ["kept", "refused"]}), tmp_path / "in.parquet")
     fetch = FetchConfig(allow_hosts=("127.0.0.1",))
     for honour, output in ((True, tmp_path / "honoured"), (False, tmp_path / "ignored")):
-        pipeline.run(str(tmp_path / "in.parquet"), str(output), checkpoint, prompt=PROMPTS[0], id_column="key",
-                     max_new_tokens=NEW_TOKENS, progress=False, fetch=FetchConfig(**{**fetch.__dict__,
-                                                                                     "honour_opt_out": honour}))
+        pipeline.run(
+            str(tmp_path / "in.parquet"),
+            str(output),
+            checkpoint,
+            prompt=PROMPTS[0],
+            id_column="key",
+            max_new_tokens=NEW_TOKENS,
+            progress=False,
+            fetch=FetchConfig(**{**fetch.__dict__, "honour_opt_out": honour}),
+        )
         rows = {row["id"]: row for row in read_output(str(output)).to_pylist()}
         assert json.loads((output / "_manifest.json").read_text())["settings"]["fetch"]["honour_opt_out"] is honour
         assert rows["kept"]["status"] == "ok"
         if honour:
-            assert (rows["refused"]["status"], rows["refused"]["error_kind"], rows["refused"]["image_sha256"]) == \
-                ("error", "opted_out", None)
+            assert (rows["refused"]["status"], rows["refused"]["error_kind"], rows["refused"]["image_sha256"]) == (
+                "error",
+                "opted_out",
+                None,
+            )
         else:
             assert (rows["refused"]["status"], rows["refused"]["image_sha256"]) == ("ok", sha(png(2)))
 
@@ -96,31 +126,46 @@ def test_templates_fill_prompts_and_questions_and_an_unknown_column_is_refused(r
 
     for k in range(3):
         (tmp_path / f"{k}.png").write_bytes(png(k))
-    pq.write_table(pa.table({"image_url": [str(tmp_path / f"{k}.png") for k in range(3)],
-                             "alt": ["a red square", None, "a blue square"], "lang": ["en", "fr", "de"]}),
-                   tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "image_url": [str(tmp_path / f"{k}.png") for k in range(3)],
+                "alt": ["a red square", None, "a blue square"],
+                "lang": ["en", "fr", "de"],
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
     options = dict(max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path))
     output = str(tmp_path / "caption")
-    pipeline.run(str(tmp_path / "in.parquet"), output, checkpoint, prompt="Caption it. The page said: {alt}",
-                 **options)
+    pipeline.run(str(tmp_path / "in.parquet"), output, checkpoint, prompt="Caption it. The page said: {alt}", **options)
     rows = sorted(read_output(output).to_pylist(), key=lambda row: row["image_url"])
     assert [(row["instruction"], row["status"], row["error_kind"]) for row in rows] == [
         ("Caption it. The page said: a red square", "ok", None),
         ("Caption it. The page said: {alt}", "error", "invalid_input"),
-        ("Caption it. The page said: a blue square", "ok", None)]
+        ("Caption it. The page said: a blue square", "ok", None),
+    ]
     assert "column 'alt' is null" in rows[1]["error"]
 
     output = str(tmp_path / "annotate")
     questions = {"what": "What is it? ({lang})", "braces": "Answer in {{json}}"}
     pipeline.run(str(tmp_path / "in.parquet"), output, checkpoint, prompt=questions, **options)
     asked = {(row["image_url"][-5], row["question_id"]): row["instruction"] for row in read_output(output).to_pylist()}
-    assert asked == {("0", "what"): "What is it? (en)", ("1", "what"): "What is it? (fr)",
-                     ("2", "what"): "What is it? (de)", **{(k, "braces"): "Answer in {json}" for k in "012"}}
+    assert asked == {
+        ("0", "what"): "What is it? (en)",
+        ("1", "what"): "What is it? (fr)",
+        ("2", "what"): "What is it? (de)",
+        **{(k, "braces"): "Answer in {json}" for k in "012"},
+    }
 
-    with pytest.raises(PipelineError, match=r"names column\(s\) 'page_title', which the input does not have; its "
-                                            r"columns: image_url, alt, lang"):
-        pipeline.run(str(tmp_path / "in.parquet"), str(tmp_path / "refused"), checkpoint, prompt="{page_title}",
-                     **options)
+    with pytest.raises(
+        PipelineError,
+        match=r"names column\(s\) 'page_title', which the input does not have; its "
+        r"columns: image_url, alt, lang",
+    ):
+        pipeline.run(
+            str(tmp_path / "in.parquet"), str(tmp_path / "refused"), checkpoint, prompt="{page_title}", **options
+        )
     assert not (tmp_path / "refused").exists()
 
 
@@ -146,8 +191,14 @@ def webdataset_input(folder: Path, side: int | None = None) -> dict[str, bytes]:
         for k in range(24):
             key = f"s{k:04d}"
             images[key] = images[f"s{k - 20:04d}"] if k >= 20 else picture(k)
-            sink.write({"__key__": key, "png": images[key], "txt": f"text {k}",
-                        "json": {"caption": None if k == 5 else f"alt {k}", "width": 40 + k}})
+            sink.write(
+                {
+                    "__key__": key,
+                    "png": images[key],
+                    "txt": f"text {k}",
+                    "json": {"caption": None if k == 5 else f"alt {k}", "width": 40 + k},
+                }
+            )
     return images
 
 
@@ -158,9 +209,14 @@ def run_cli(spec: Path, *flags: str, log: Path):
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "blipbatch", "run", str(spec), "--quiet", *flags],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-m", "blipbatch", "run", str(spec), "--quiet", *flags],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 @pytest.mark.slow
@@ -183,9 +239,11 @@ def test_webdataset_caption_killed_and_rerun_gives_every_sample_once(checkpoint,
     images = webdataset_input(tmp_path / "in", side=3000)
     output = tmp_path / "out"
     spec = tmp_path / "job.toml"
-    spec.write_text(f'[job]\nkind = "caption"\n[input]\npath = "in"\npassthrough = ["width"]\n[output]\npath = "out"\n'
-                    f'[model]\npath = "{checkpoint}"\n[prompt]\ntext = "Caption it. The page said: {{caption}}"\n'
-                    f'[generation]\nmax_new_tokens = {NEW_TOKENS}\n[run]\nrows_per_unit = 2\nbatch_size = 2\n')
+    spec.write_text(
+        f'[job]\nkind = "caption"\n[input]\npath = "in"\npassthrough = ["width"]\n[output]\npath = "out"\n'
+        f'[model]\npath = "{checkpoint}"\n[prompt]\ntext = "Caption it. The page said: {{caption}}"\n'
+        f"[generation]\nmax_new_tokens = {NEW_TOKENS}\n[run]\nrows_per_unit = 2\nbatch_size = 2\n"
+    )
     first = run_cli(spec, log=tmp_path / "first.log")
     deadline = time.monotonic() + 120
     while len(committed_units(str(output))) < 2:
@@ -203,8 +261,10 @@ def test_webdataset_caption_killed_and_rerun_gives_every_sample_once(checkpoint,
     by_id = {row["id"]: row for row in rows}
     assert all(by_id[key]["image_sha256"] == sha(image) for key, image in images.items())
     assert by_id["s0003"]["instruction"] == "Caption it. The page said: alt 3" and by_id["s0003"]["width"] == 43
-    assert (by_id["s0005"]["error_kind"], by_id["s0005"]["instruction"]) == \
-        ("invalid_input", "Caption it. The page said: {caption}")
+    assert (by_id["s0005"]["error_kind"], by_id["s0005"]["instruction"]) == (
+        "invalid_input",
+        "Caption it. The page said: {caption}",
+    )
     assert by_id["s0000"]["image_url"] == f"<{len(images['s0000'])} bytes>"
     assert len(pd.read_parquet(output)) == 24
     assert duckdb.sql(f"SELECT count(DISTINCT id) FROM '{output}/**/*.parquet'").fetchall() == [(24,)]
@@ -269,17 +329,32 @@ def test_img2dataset_parquet_with_image_bytes_runs_as_it_is(ray_local, checkpoin
         Image.open(io.BytesIO(png(k))).convert("RGB").save(buffer, "JPEG")
         jpgs.append(buffer.getvalue())
     jpgs.append(None)
-    table = pa.table({
-        "url": [f"http://images.example/{k}.jpg" for k in range(5)], "caption": [f"alt {k}" for k in range(5)],
-        "key": [f"{k:09d}" for k in range(5)],
-        "status": ["success"] * 4 + ["failed_to_download"], "error_message": [None] * 4 + ["HTTP 404"],
-        "width": [40] * 4 + [None], "height": [32] * 4 + [None], "sha256": [sha(j) for j in jpgs[:4]] + [None],
-        "jpg": pa.array(jpgs, pa.binary())})
+    table = pa.table(
+        {
+            "url": [f"http://images.example/{k}.jpg" for k in range(5)],
+            "caption": [f"alt {k}" for k in range(5)],
+            "key": [f"{k:09d}" for k in range(5)],
+            "status": ["success"] * 4 + ["failed_to_download"],
+            "error_message": [None] * 4 + ["HTTP 404"],
+            "width": [40] * 4 + [None],
+            "height": [32] * 4 + [None],
+            "sha256": [sha(j) for j in jpgs[:4]] + [None],
+            "jpg": pa.array(jpgs, pa.binary()),
+        }
+    )
     pq.write_table(table, tmp_path / "00000.parquet")
     output = str(tmp_path / "out")
-    summary = pipeline.run(str(tmp_path / "00000.parquet"), output, checkpoint, image_column="jpg", id_column="key",
-                           passthrough=("url", "sha256"), prompt="A short caption. Alt text: {caption}",
-                           max_new_tokens=NEW_TOKENS, progress=False)
+    summary = pipeline.run(
+        str(tmp_path / "00000.parquet"),
+        output,
+        checkpoint,
+        image_column="jpg",
+        id_column="key",
+        passthrough=("url", "sha256"),
+        prompt="A short caption. Alt text: {caption}",
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+    )
     assert (summary.rows_ok, summary.rows_error) == (4, 1)
     rows = {row["id"]: row for row in read_output(output).to_pylist()}
     assert all(row["image_sha256"] == row["sha256"] for key, row in rows.items() if key != "000000004")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import write_tiny_checkpoint
 from torch import nn
 
 from blipbatch.model import InstructBlipForConditionalGeneration
 from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.model.errors import ConfigError
 from blipbatch.model.fp8 import FP8_MAX, Fp8Linear, quantize_fp8_, quantize_rows
-from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,12 @@ def test_quantize_swaps_the_vision_and_decoder_linears_only(tiny):
     model = InstructBlipForConditionalGeneration.from_pretrained(tiny)
     vision = sum(isinstance(m, nn.Linear) for m in model.vision_model.modules())
     decoder = sum(isinstance(m, nn.Linear) for m in model.language_model.model.layers.modules())
-    untouched = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-                 if not name.startswith(("vision_model.", "language_model.model.layers."))}
+    untouched = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        if not name.startswith(("vision_model.", "language_model.model.layers."))
+    }
     assert quantize_fp8_(model) == vision + decoder > 0
     assert not any(isinstance(m, nn.Linear) for m in model.vision_model.modules())
     assert {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} == untouched

@@ -19,8 +19,9 @@ from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.schemas import ColumnMapping, SchemaError, check_input_schema
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 # Small enough that a mutated header cannot make one example decode for long.
 DECODE = DecodeConfig(max_pixels=2_000_000)
 
@@ -82,9 +83,16 @@ def test_decode_arbitrary_bytes_raises_only_row_error(data: bytes):
 
 
 @FUZZ
-@given(st.one_of(mutated_images(), st.builds(lambda head, tail: head + tail,
-                                              st.sampled_from(sorted(SEEDS.values())).map(lambda d: d[:32]),
-                                              st.binary(max_size=512))))
+@given(
+    st.one_of(
+        mutated_images(),
+        st.builds(
+            lambda head, tail: head + tail,
+            st.sampled_from(sorted(SEEDS.values())).map(lambda d: d[:32]),
+            st.binary(max_size=512),
+        ),
+    )
+)
 def test_decode_mutated_images_raises_only_row_error(data: bytes):
     try:
         image = decode_image(data, DECODE)
@@ -97,29 +105,58 @@ NAMES = st.sampled_from(["image_url", "key", "question", "lang", "x", "", "é", 
 
 
 def arrow_types() -> st.SearchStrategy[pa.DataType]:
-    primitive = st.sampled_from([
-        pa.null(), pa.bool_(), pa.int8(), pa.int64(), pa.uint32(), pa.float16(), pa.float64(), pa.string(),
-        pa.large_string(), pa.string_view(), pa.binary(), pa.large_binary(), pa.binary_view(), pa.binary(16),
-        pa.date32(), pa.timestamp("ms", tz="UTC"), pa.time64("ns"), pa.duration("s"), pa.decimal128(10, 2),
-        pa.dictionary(pa.int32(), pa.string()), pa.dictionary(pa.int8(), pa.binary()),
-        pa.dictionary(pa.int16(), pa.int64()),
-    ])
-    return st.recursive(primitive, lambda inner: st.one_of(
-        inner.map(pa.list_), inner.map(pa.large_list), inner.map(lambda t: pa.list_(t, 2)),
-        st.lists(st.tuples(NAMES, inner), max_size=3).map(pa.struct), st.tuples(primitive, inner).map(
-            lambda kv: pa.map_(pa.string(), kv[1])),
-    ), max_leaves=4)
+    primitive = st.sampled_from(
+        [
+            pa.null(),
+            pa.bool_(),
+            pa.int8(),
+            pa.int64(),
+            pa.uint32(),
+            pa.float16(),
+            pa.float64(),
+            pa.string(),
+            pa.large_string(),
+            pa.string_view(),
+            pa.binary(),
+            pa.large_binary(),
+            pa.binary_view(),
+            pa.binary(16),
+            pa.date32(),
+            pa.timestamp("ms", tz="UTC"),
+            pa.time64("ns"),
+            pa.duration("s"),
+            pa.decimal128(10, 2),
+            pa.dictionary(pa.int32(), pa.string()),
+            pa.dictionary(pa.int8(), pa.binary()),
+            pa.dictionary(pa.int16(), pa.int64()),
+        ]
+    )
+    return st.recursive(
+        primitive,
+        lambda inner: st.one_of(
+            inner.map(pa.list_),
+            inner.map(pa.large_list),
+            inner.map(lambda t: pa.list_(t, 2)),
+            st.lists(st.tuples(NAMES, inner), max_size=3).map(pa.struct),
+            st.tuples(primitive, inner).map(lambda kv: pa.map_(pa.string(), kv[1])),
+        ),
+        max_leaves=4,
+    )
 
 
 @FUZZ
 @given(
     st.lists(st.tuples(NAMES, arrow_types(), st.booleans()), max_size=6),
-    NAMES, st.one_of(st.none(), NAMES), st.one_of(st.none(), NAMES), st.lists(NAMES, max_size=3),
+    NAMES,
+    st.one_of(st.none(), NAMES),
+    st.one_of(st.none(), NAMES),
+    st.lists(NAMES, max_size=3),
 )
 def test_check_input_schema_raises_only_schema_error(columns, image, id_column, instruction, passthrough):
     schema = pa.schema([pa.field(name, t, nullable or pa.types.is_null(t)) for name, t, nullable in columns])
-    mapping = ColumnMapping(image_column=image, id_column=id_column, instruction_column=instruction,
-                            passthrough=tuple(passthrough))
+    mapping = ColumnMapping(
+        image_column=image, id_column=id_column, instruction_column=instruction, passthrough=tuple(passthrough)
+    )
     try:
         check_input_schema("fuzz.parquet", schema, mapping)
     except SchemaError as err:
@@ -135,19 +172,55 @@ def data_only_fetcher():
     fetcher.close()
 
 
-REFERENCE_PARTS = st.sampled_from([
-    "data:", "data:image/png;base64,", "DATA:text/plain,", "data:;base64,", "data:,", "http://", "https://", "s3://",
-    "gs://", "file://", "ftp://", "::", "%", "%2", "%zz", ",", ";base64", "=", "==", "/", "..", "\\", " ", "\n", "\x00",
-    "127.0.0.1", "[::1]", "localhost", "iVBORw0KGgo", "AAAA", "é", "\ud7ff", "?", "#", "@",
-])
+REFERENCE_PARTS = st.sampled_from(
+    [
+        "data:",
+        "data:image/png;base64,",
+        "DATA:text/plain,",
+        "data:;base64,",
+        "data:,",
+        "http://",
+        "https://",
+        "s3://",
+        "gs://",
+        "file://",
+        "ftp://",
+        "::",
+        "%",
+        "%2",
+        "%zz",
+        ",",
+        ";base64",
+        "=",
+        "==",
+        "/",
+        "..",
+        "\\",
+        " ",
+        "\n",
+        "\x00",
+        "127.0.0.1",
+        "[::1]",
+        "localhost",
+        "iVBORw0KGgo",
+        "AAAA",
+        "é",
+        "\ud7ff",
+        "?",
+        "#",
+        "@",
+    ]
+)
 
 
 @FUZZ
-@given(st.one_of(
-    st.text(max_size=200),
-    st.lists(st.one_of(REFERENCE_PARTS, st.text(max_size=12)), max_size=8).map("".join),
-    st.binary(max_size=64).map(lambda b: "data:;base64," + b.hex()),
-))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.lists(st.one_of(REFERENCE_PARTS, st.text(max_size=12)), max_size=8).map("".join),
+        st.binary(max_size=64).map(lambda b: "data:;base64," + b.hex()),
+    )
+)
 def test_fetch_references_raise_only_row_error(data_only_fetcher, reference: str):
     try:
         data = data_only_fetcher.fetch(reference)

@@ -135,7 +135,8 @@ MODES = {
 # Every setting greedy on each language model, and with each other mode on one of them (in turn), to stay fast.
 SETTING_CASES = [(name, "greedy", lm) for name in ALONE for lm, _ in LMS] + [
     (name, mode, LMS[(i + j) % len(LMS)][0])
-    for i, name in enumerate(ALONE) for j, mode in enumerate(m for m in MODES if m != "greedy")
+    for i, name in enumerate(ALONE)
+    for j, mode in enumerate(m for m in MODES if m != "greedy")
 ]
 
 
@@ -151,8 +152,14 @@ def test_setting_matches_transformers(pairs, lm, mode, name):
 def test_settings_change_the_ids(pairs):
     """Guards the cases above: each setting changes the ids of at least one of the models (greedy, or sampling for
     the warpers); forced_bos_token_id acts only where the prefix is one token long (T5)."""
-    inert = {"use_cache_false", "use_cache_true", "encoder_repetition_penalty", "encoder_no_repeat_ngram_size",
-             "remove_invalid_values", "renormalize_logits"}
+    inert = {
+        "use_cache_false",
+        "use_cache_true",
+        "encoder_repetition_penalty",
+        "encoder_no_repeat_ngram_size",
+        "remove_invalid_values",
+        "renormalize_logits",
+    }
     for name, setting in ALONE.items():
         if name in inert:
             continue
@@ -170,19 +177,53 @@ def test_settings_change_the_ids(pairs):
         assert changed_for, f"{name} changed nothing: the cases do not test it"
 
 
-NONE_CASES = ["max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
-              "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "num_beams", "length_penalty",
-              "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size",
-              "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-              "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits", "use_cache",
-              "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "output_scores",
-              "return_dict_in_generate", "encoder_repetition_penalty", "remove_invalid_values"]
+NONE_CASES = [
+    "max_new_tokens",
+    "max_length",
+    "min_length",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "num_return_sequences",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "renormalize_logits",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "output_scores",
+    "return_dict_in_generate",
+    "encoder_repetition_penalty",
+    "remove_invalid_values",
+]
 
 
 # Each None case on one language model in turn; the token ids (whose fallbacks differ for T5) on all of them.
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache")
-NONE_PARAMS = [(name, lm) for i, name in enumerate(NONE_CASES) for j, (lm, _) in enumerate(LMS)
-               if name in TOKEN_IDS or i % len(LMS) == j]
+NONE_PARAMS = [
+    (name, lm)
+    for i, name in enumerate(NONE_CASES)
+    for j, (lm, _) in enumerate(LMS)
+    if name in TOKEN_IDS or i % len(LMS) == j
+]
 
 
 @pytest.mark.parametrize("name,lm", NONE_PARAMS)
@@ -242,9 +283,14 @@ def test_generation_config_with_an_unsupported_transformers_setting_is_refused(p
 def test_ids_beyond_the_vocabulary_refused_when_transformers_refuses_them(pairs):
     hf_model, ours = pairs["llama"]
     inputs = model_inputs("llama", False)
-    for settings in (dict(forced_eos_token_id=500), dict(forced_bos_token_id=500),  # bos: never forced here
-                     dict(exponential_decay_length_penalty=(1, 1.5), eos_token_id=[2, 500]),
-                     dict(bad_words_ids=[[500]]), dict(sequence_bias=[[[3, 500], 1.0]]), dict(eos_token_id=[])):
+    for settings in (
+        dict(forced_eos_token_id=500),
+        dict(forced_bos_token_id=500),  # bos: never forced here
+        dict(exponential_decay_length_penalty=(1, 1.5), eos_token_id=[2, 500]),
+        dict(bad_words_ids=[[500]]),
+        dict(sequence_bias=[[[3, 500], 1.0]]),
+        dict(eos_token_id=[]),
+    ):
         assert_same(hf_model, ours, inputs, dict(max_new_tokens=4, **settings))
     with pytest.raises(GenerationError, match="beyond the vocabulary"):
         ours.generate(**inputs, max_new_tokens=4, forced_eos_token_id=500)
@@ -321,8 +367,10 @@ def draw_settings(rng: random.Random, eos: int) -> dict:
         "min_new_tokens": lambda: rng.randint(0, 4),
         "min_length": lambda: rng.choice([0, 12, None]),
         "bad_words_ids": lambda: [[rng.randrange(3, 100)], [rng.randrange(3, 100), rng.randrange(3, 100)]],
-        "sequence_bias": lambda: [[[rng.randrange(3, 100)], rng.uniform(-5, 5)],
-                                  [[rng.randrange(3, 100), rng.randrange(3, 100)], rng.uniform(-5, 5)]],
+        "sequence_bias": lambda: [
+            [[rng.randrange(3, 100)], rng.uniform(-5, 5)],
+            [[rng.randrange(3, 100), rng.randrange(3, 100)], rng.uniform(-5, 5)],
+        ],
         "suppress_tokens": lambda: rng.sample(range(3, 100), 5),
         "begin_suppress_tokens": lambda: rng.sample(range(3, 100), 5),
         "forced_bos_token_id": lambda: rng.randrange(3, 100),
@@ -342,11 +390,23 @@ def draw_settings(rng: random.Random, eos: int) -> dict:
 
 # Other checkpoint shapes for the randomized run: (name, lm, blip2, text config over the oracle's).
 VARIANTS = [
-    ("llama-gqa1-head_dim-tied", "llama", True, dict(num_key_value_heads=1, head_dim=12, tie_word_embeddings=True,
-                                                     rope_parameters=dict(rope_type="linear", factor=2.0,
-                                                                          rope_theta=1000.0))),
-    ("llama-dynamic-rope", "llama", False, dict(max_position_embeddings=12, rope_parameters=dict(
-        rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
+    (
+        "llama-gqa1-head_dim-tied",
+        "llama",
+        True,
+        dict(
+            num_key_value_heads=1,
+            head_dim=12,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1000.0),
+        ),
+    ),
+    (
+        "llama-dynamic-rope",
+        "llama",
+        False,
+        dict(max_position_embeddings=12, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)),
+    ),
     ("opt-postnorm-proj", "opt", False, dict(do_layer_norm_before=False, word_embed_proj_dim=24)),
     ("t5-tied", "t5", True, dict(tie_word_embeddings=True, feed_forward_proj="relu")),
 ]
@@ -374,8 +434,9 @@ def test_randomized_settings_match_transformers(pairs, tmp_path):
 ROPE = {
     "linear": dict(rope_type="linear", factor=2.5),
     "dynamic": dict(rope_type="dynamic", factor=3.0),
-    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0,
-                   original_max_position_embeddings=4),
+    "llama3": dict(
+        rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=4
+    ),
 }
 
 
@@ -386,10 +447,16 @@ def custom_pair(lm: str, blip2: bool, text: dict, folder, seed: int = 4):
     from tests.oracle import NUM_QUERY_TOKENS, QFORMER, TEXT, VISION, redraw_
 
     config_cls = transformers.Blip2Config if blip2 else transformers.InstructBlipConfig
-    config = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=dict(TEXT[lm], **text),
-                        num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
-    model_cls = (transformers.Blip2ForConditionalGeneration if blip2
-                 else transformers.InstructBlipForConditionalGeneration)
+    config = config_cls(
+        vision_config=VISION,
+        qformer_config=QFORMER,
+        text_config=dict(TEXT[lm], **text),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN,
+    )
+    model_cls = (
+        transformers.Blip2ForConditionalGeneration if blip2 else transformers.InstructBlipForConditionalGeneration
+    )
     hf_model = model_cls(config)
     redraw_(hf_model, seed)
     hf_model.eval().save_pretrained(folder)
@@ -424,8 +491,11 @@ def test_rope_kinds_match_transformers(kind, tmp_path):
         for model in (ours, legacy):
             torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-4, rtol=0)
     # prompts of 9 tokens + 12 new ones: past max_position_embeddings, where dynamic scaling re-derives its frequencies
-    for settings in (dict(max_new_tokens=12), dict(max_new_tokens=12, num_beams=2), dict(max_new_tokens=12,
-                                                                                          do_sample=True)):
+    for settings in (
+        dict(max_new_tokens=12),
+        dict(max_new_tokens=12, num_beams=2),
+        dict(max_new_tokens=12, do_sample=True),
+    ):
         settings |= dict(return_dict_in_generate=True, output_scores=True)
         assert_same(hf_model, ours, inputs, settings)
     plain_hf, _ = build_hf_model("llama", seed=4)  # the guard: scaling changes the logits
@@ -433,9 +503,14 @@ def test_rope_kinds_match_transformers(kind, tmp_path):
         assert (plain_hf(**inputs).logits - expected).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("params,named", [(dict(rope_type="yarn", factor=2.0), "'yarn'"),
-                                          (dict(type="longrope", factor=2.0), "'longrope'"),
-                                          (dict(rope_type="linear"), "needs factor")])
+@pytest.mark.parametrize(
+    "params,named",
+    [
+        (dict(rope_type="yarn", factor=2.0), "'yarn'"),
+        (dict(type="longrope", factor=2.0), "'longrope'"),
+        (dict(rope_type="linear"), "needs factor"),
+    ],
+)
 def test_unsupported_rope_is_refused_at_load_naming_it(params, named):
     from blipbatch.model.configs import LlamaConfig
 

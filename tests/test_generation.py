@@ -6,7 +6,7 @@ difference in ids comes from the search: processors, token selection, finishing 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -51,8 +51,12 @@ class LlamaSession:
         # generate drops an all-ones mask; do the same so the model takes the same attention path
         mask = None if bool((self.mask == 1).all()) else self.mask
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
@@ -72,8 +76,9 @@ class LlamaSession:
 class T5Session:
     """Runs a transformers encoder-decoder the way its `generate` does: encoder once on B rows, then expanded."""
 
-    def __init__(self, model: torch.nn.Module, enc_ids: torch.Tensor, enc_mask: torch.Tensor, start: torch.Tensor,
-                 expand: int):
+    def __init__(
+        self, model: torch.nn.Module, enc_ids: torch.Tensor, enc_mask: torch.Tensor, start: torch.Tensor, expand: int
+    ):
         self.model = model
         hidden = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask, return_dict=True).last_hidden_state
         self.encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(expand, 0))
@@ -83,8 +88,11 @@ class T5Session:
 
     def _forward(self, decoder_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
-            decoder_input_ids=decoder_ids, encoder_outputs=self.encoder_outputs, attention_mask=self.enc_mask,
-            past_key_values=self.cache, use_cache=True,
+            decoder_input_ids=decoder_ids,
+            encoder_outputs=self.encoder_outputs,
+            attention_mask=self.enc_mask,
+            past_key_values=self.cache,
+            use_cache=True,
         )
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
@@ -121,8 +129,16 @@ def right_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Ten
 class Llama:
     def __init__(self, device: str = "cpu"):
         config = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=2,
         )
         torch.manual_seed(0)
         self.model = redraw(transformers.LlamaForCausalLM(config), seed=1).to(device)
@@ -134,17 +150,30 @@ class Llama:
 
     def ours(self, config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
         return generate_ids(
-            lambda expand: LlamaSession(self.model, self.ids, self.mask, expand), self.ids, config,
-            generator=generator, attention_mask=self.mask,
+            lambda expand: LlamaSession(self.model, self.ids, self.mask, expand),
+            self.ids,
+            config,
+            generator=generator,
+            attention_mask=self.mask,
         )
 
 
 class T5:
     def __init__(self, device: str = "cpu"):
         config = transformers.T5Config(
-            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=PAD,
-            eos_token_id=1, decoder_start_token_id=PAD,
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="relu",
+            pad_token_id=PAD,
+            eos_token_id=1,
+            decoder_start_token_id=PAD,
         )
         torch.manual_seed(0)
         self.model = redraw(transformers.T5ForConditionalGeneration(config), seed=3).to(device)
@@ -157,7 +186,9 @@ class T5:
 
     def ours(self, config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
         return generate_ids(
-            lambda expand: T5Session(self.model, self.ids, self.mask, self.start, expand), self.start, config,
+            lambda expand: T5Session(self.model, self.ids, self.mask, self.start, expand),
+            self.start,
+            config,
             generator=generator,
         )
 
@@ -225,22 +256,32 @@ CASES = {
     "beam_early_false": ("llama", dict(max_new_tokens=10, num_beams=3, early_stopping=False, eos_token_id="B")),
     "beam_early_never": ("llama", dict(max_new_tokens=10, num_beams=3, early_stopping="never", eos_token_id="C")),
     "beam_never_lp_2": (
-        "llama", dict(max_new_tokens=10, num_beams=3, early_stopping="never", length_penalty=2.0, eos_token_id="C")
+        "llama",
+        dict(max_new_tokens=10, num_beams=3, early_stopping="never", length_penalty=2.0, eos_token_id="C"),
     ),
     "beam_eos_list": ("llama", dict(max_new_tokens=10, num_beams=2, eos_token_id=["A", "B"])),
     # more than num_beams of the best candidates end in an eos id: the extra candidates keep beams alive
     "beam_eos_crowd": (
-        "llama", dict(max_new_tokens=6, num_beams=2, num_return_sequences=2, length_penalty=2.0,
-                      early_stopping="never", eos_token_id="top3")
+        "llama",
+        dict(
+            max_new_tokens=6,
+            num_beams=2,
+            num_return_sequences=2,
+            length_penalty=2.0,
+            early_stopping="never",
+            eos_token_id="top3",
+        ),
     ),
     "beam_all_finish": ("llama", dict(max_new_tokens=10, num_beams=3, eos_token_id="firsts")),
     "beam_all_finish_early_true": (
-        "llama", dict(max_new_tokens=10, num_beams=3, early_stopping=True, eos_token_id="firsts")
+        "llama",
+        dict(max_new_tokens=10, num_beams=3, early_stopping=True, eos_token_id="firsts"),
     ),
     # a quarter of the vocab ends a hypothesis: every input fills its finished slots while longer running beams
     # could still win (length_penalty 2), so only early_stopping=True stops the search
     "beam_early_true_many_eos": (
-        "llama", dict(max_new_tokens=10, num_beams=3, early_stopping=True, length_penalty=2.0, eos_token_id="every4th")
+        "llama",
+        dict(max_new_tokens=10, num_beams=3, early_stopping=True, length_penalty=2.0, eos_token_id="every4th"),
     ),
     "beam_max_length": ("llama", dict(max_length=15, num_beams=3, eos_token_id="A")),
     "beam_no_eos": ("llama", dict(max_new_tokens=6, num_beams=3, eos_token_id=None)),
@@ -248,14 +289,13 @@ CASES = {
     "beam_pad_none": ("llama", dict(max_new_tokens=10, num_beams=3, eos_token_id="A", pad_token_id=None)),
     "beam_min_new_tokens": ("llama", dict(max_new_tokens=10, num_beams=3, min_new_tokens=4, eos_token_id="A")),
     "beam_repetition_penalty": (
-        "llama", dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.5, eos_token_id="A")
+        "llama",
+        dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.5, eos_token_id="A"),
     ),
     "beam_no_repeat_ngram": ("llama", dict(max_new_tokens=12, num_beams=3, no_repeat_ngram_size=2)),
     "t5_greedy": ("t5", dict(max_new_tokens=10, eos_token_id="A")),
     "t5_all_finish": ("t5", dict(max_new_tokens=10, eos_token_id="early")),
-    "t5_beam_all_finish": (
-        "t5", dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, eos_token_id="firsts")
-    ),
+    "t5_beam_all_finish": ("t5", dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, eos_token_id="firsts")),
     "t5_max_length": ("t5", dict(max_length=9, eos_token_id="B")),
     "t5_min_new_tokens": ("t5", dict(max_new_tokens=10, min_new_tokens=6, eos_token_id="A")),
     "t5_penalties": ("t5", dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2)),
@@ -263,33 +303,39 @@ CASES = {
     "t5_beam_return_2": ("t5", dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, eos_token_id="A")),
     "t5_beam_early_true": ("t5", dict(max_new_tokens=10, num_beams=3, early_stopping=True, eos_token_id="A")),
     "t5_beam_early_true_many_eos": (
-        "t5", dict(max_new_tokens=10, num_beams=2, early_stopping=True, length_penalty=2.0, eos_token_id="every4th")
+        "t5",
+        dict(max_new_tokens=10, num_beams=2, early_stopping=True, length_penalty=2.0, eos_token_id="every4th"),
     ),
     "t5_beam_penalties": (
-        "t5", dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.5, no_repeat_ngram_size=2, eos_token_id="A")
+        "t5",
+        dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.5, no_repeat_ngram_size=2, eos_token_id="A"),
     ),
 }
 
 SAMPLE_CASES = {
     "sample_defaults": ("llama", dict(max_new_tokens=10, do_sample=True, eos_token_id="A")),
     "sample_temperature_top_k": (
-        "llama", dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=10, eos_token_id="A")
+        "llama",
+        dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=10, eos_token_id="A"),
     ),
     "sample_top_p": ("llama", dict(max_new_tokens=10, do_sample=True, top_p=0.8, temperature=1.3, top_k=0)),
     "sample_return_3": (
-        "llama", dict(max_new_tokens=10, do_sample=True, num_return_sequences=3, top_p=0.9, eos_token_id="B")
+        "llama",
+        dict(max_new_tokens=10, do_sample=True, num_return_sequences=3, top_p=0.9, eos_token_id="B"),
     ),
     "sample_penalties": (
-        "llama", dict(max_new_tokens=10, do_sample=True, repetition_penalty=1.5, no_repeat_ngram_size=2)
+        "llama",
+        dict(max_new_tokens=10, do_sample=True, repetition_penalty=1.5, no_repeat_ngram_size=2),
     ),
     "beam_sample": ("llama", dict(max_new_tokens=10, do_sample=True, num_beams=3, top_k=20, eos_token_id="A")),
     "beam_sample_return_2": (
-        "llama", dict(max_new_tokens=10, do_sample=True, num_beams=3, num_return_sequences=2, top_p=0.9,
-                      eos_token_id="A")
+        "llama",
+        dict(max_new_tokens=10, do_sample=True, num_beams=3, num_return_sequences=2, top_p=0.9, eos_token_id="A"),
     ),
     # peaked beams, where top_p must still keep len(eos) + 1 tokens per beam
     "beam_sample_top_p_min_keep": (
-        "llama", dict(max_new_tokens=8, do_sample=True, num_beams=3, top_p=0.5, temperature=0.5, eos_token_id="A")
+        "llama",
+        dict(max_new_tokens=8, do_sample=True, num_beams=3, top_p=0.5, temperature=0.5, eos_token_id="A"),
     ),
     "t5_sample": ("t5", dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9, eos_token_id="A")),
     "t5_beam_sample": ("t5", dict(max_new_tokens=10, do_sample=True, num_beams=2, eos_token_id="A")),
@@ -390,8 +436,10 @@ def test_processors_match_transformers():
     eos = torch.tensor([2, 5])
     pairs = [
         (g.repetition_penalty(ids, scores, 1.5), lp.RepetitionPenaltyLogitsProcessor(1.5)),
-        (g.repetition_penalty(ids, scores, 0.7, ignore),
-         lp.RepetitionPenaltyLogitsProcessor(0.7, prompt_ignore_length=ignore)),
+        (
+            g.repetition_penalty(ids, scores, 0.7, ignore),
+            lp.RepetitionPenaltyLogitsProcessor(0.7, prompt_ignore_length=ignore),
+        ),
         (g.no_repeat_ngram(ids, scores, 2), lp.NoRepeatNGramLogitsProcessor(2)),
         (g.no_repeat_ngram(ids, scores, 3), lp.NoRepeatNGramLogitsProcessor(3)),
         (g.suppress_eos(ids, scores, 10, eos), lp.MinLengthLogitsProcessor(10, eos)),

@@ -10,7 +10,7 @@ import os
 import socket
 import ssl
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import PIL.Image
@@ -59,7 +59,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.requests.append((self.path, self.headers.get("Host")))
         if self.path.startswith("/to/"):
             self.send_response(302)
-            self.send_header("Location", self.path[len("/to/"):])
+            self.send_header("Location", self.path[len("/to/") :])
             body = b""
         else:
             self.send_response(200)
@@ -135,8 +135,14 @@ LOOPBACK_FORMS = ["127.0.0.1", "localhost", "2130706433", "127.1", "0x7f.0.0.1",
 def test_loopback_forms_are_blocked_without_the_allow_list(pair, host):
     inside, _ = pair
     path = f"/img/blocked-{host.strip('[]')}"
-    message = blocked(fetcher(), f"http://{host}:{inside.port}{path}", f"host {host.strip('[]')!r}", "127.0.0.1",
-                      "loopback", "allow_hosts")
+    message = blocked(
+        fetcher(),
+        f"http://{host}:{inside.port}{path}",
+        f"host {host.strip('[]')!r}",
+        "127.0.0.1",
+        "loopback",
+        "allow_hosts",
+    )
     assert path not in inside.paths(), "the guard let a request through"
     assert "fetching from it is refused" in message
 
@@ -168,18 +174,21 @@ def test_a_host_name_on_the_allow_list_is_trusted_whatever_it_resolves_to(pair):
     blocked(fetcher("localhost"), f"http://127.0.0.1:{inside.port}/img/by-address", "127.0.0.1")
 
 
-@pytest.mark.parametrize("url, fragments", [
-    ("http://169.254.169.254/latest/meta-data/", ("169.254.169.254", "link-local")),  # cloud metadata
-    ("http://10.1.2.3/x.png", ("10.1.2.3", "private")),
-    ("http://192.168.0.1/x.png", ("192.168.0.1", "private")),
-    ("http://0/x.png", ("0.0.0.0", "unspecified")),
-    ("http://224.0.0.1/x.png", ("multicast",)),
-    ("http://100.64.0.1/x.png", ("not a globally routable",)),  # carrier-grade NAT
-    ("http://[fd00:ec2::254]/latest", ("fd00:ec2::254", "private")),  # AWS metadata over IPv6
-    ("http://[fe80::1]/x.png", ("link-local",)),
-    ("http://[64:ff9b::7f00:1]/x.png", ("IPv4 127.0.0.1", "loopback")),  # NAT64
-    ("http://[2002:a00:1::]/x.png", ("6to4 address carrying 10.0.0.1", "private")),
-])
+@pytest.mark.parametrize(
+    "url, fragments",
+    [
+        ("http://169.254.169.254/latest/meta-data/", ("169.254.169.254", "link-local")),  # cloud metadata
+        ("http://10.1.2.3/x.png", ("10.1.2.3", "private")),
+        ("http://192.168.0.1/x.png", ("192.168.0.1", "private")),
+        ("http://0/x.png", ("0.0.0.0", "unspecified")),
+        ("http://224.0.0.1/x.png", ("multicast",)),
+        ("http://100.64.0.1/x.png", ("not a globally routable",)),  # carrier-grade NAT
+        ("http://[fd00:ec2::254]/latest", ("fd00:ec2::254", "private")),  # AWS metadata over IPv6
+        ("http://[fe80::1]/x.png", ("link-local",)),
+        ("http://[64:ff9b::7f00:1]/x.png", ("IPv4 127.0.0.1", "loopback")),  # NAT64
+        ("http://[2002:a00:1::]/x.png", ("6to4 address carrying 10.0.0.1", "private")),
+    ],
+)
 def test_other_non_public_addresses_are_blocked(url, fragments):
     blocked(fetcher(), url, *fragments)  # refused before any connection: nothing on these addresses is reached
 
@@ -210,10 +219,17 @@ def test_a_redirect_to_a_blocked_address_is_blocked(pair):
     # the same redirect with the target admitted is followed
     assert fetcher("127.0.0.1", "127.0.0.2").fetch(url) == PNG
     assert other.paths() == ["/img/hop"]
-    blocked(fetcher("127.0.0.1"), f"http://127.0.0.1:{inside.port}/to/http://169.254.169.254/latest/meta-data/",
-            "169.254.169.254", "link-local")
-    blocked(fetcher("127.0.0.1"), f"http://127.0.0.1:{inside.port}/to/http://2130706434:{other.port}/img/hop",
-            "host '2130706434' resolves to 127.0.0.2")
+    blocked(
+        fetcher("127.0.0.1"),
+        f"http://127.0.0.1:{inside.port}/to/http://169.254.169.254/latest/meta-data/",
+        "169.254.169.254",
+        "link-local",
+    )
+    blocked(
+        fetcher("127.0.0.1"),
+        f"http://127.0.0.1:{inside.port}/to/http://2130706434:{other.port}/img/hop",
+        "host '2130706434' resolves to 127.0.0.2",
+    )
     assert other.paths() == ["/img/hop"]
 
 
@@ -277,34 +293,54 @@ def make_certificates(folder) -> tuple[str, str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def builder(subject: str, issuer: str, key) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(hours=1)))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(hours=1))
+        )
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False,
-                 encipher_only=False, decipher_only=False)
-    ca = (builder("blipbatch test CA", "blipbatch test CA", ca_key)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, **usage), True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (builder("localhost", "blipbatch test CA", key)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    usage = dict(
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    ca = (
+        builder("blipbatch test CA", "blipbatch test CA", ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, **usage), True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        builder("localhost", "blipbatch test CA", key)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = [str(folder / name) for name in ("ca.pem", "cert.pem", "key.pem")]
-    for path, data in zip(paths, [ca.public_bytes(serialization.Encoding.PEM),
-                                  leaf.public_bytes(serialization.Encoding.PEM),
-                                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption())]):
+    for path, data in zip(
+        paths,
+        [
+            ca.public_bytes(serialization.Encoding.PEM),
+            leaf.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        ],
+    ):
         with open(path, "wb") as f:
             f.write(data)
     return paths[0], paths[1], paths[2]
@@ -349,8 +385,13 @@ def tree(tmp_path):
 
 def test_local_files_inside_the_roots_are_read(tree):
     fetch = fetcher(local_roots=(str(tree / "root"),))
-    for ref in [tree / "root" / "sub" / "a.png", f"file://{tree}/root/sub/a.png", tree / "root" / "inner-link.png",
-                tree / "root" / "sub" / ".." / "sub" / "a.png", tree / "root-link" / "sub" / "a.png"]:
+    for ref in [
+        tree / "root" / "sub" / "a.png",
+        f"file://{tree}/root/sub/a.png",
+        tree / "root" / "inner-link.png",
+        tree / "root" / "sub" / ".." / "sub" / "a.png",
+        tree / "root-link" / "sub" / "a.png",
+    ]:
         assert fetch.fetch(str(ref)) == PNG, ref
     # a root given through a symlink holds what its real folder holds
     assert fetcher(local_roots=(str(tree / "root-link"),)).fetch(str(tree / "root" / "sub" / "a.png")) == PNG
@@ -451,5 +492,6 @@ def test_roots_that_open_the_whole_disk_or_a_home_folder_are_warned_about(tmp_pa
     ]
     assert risky_local_roots([str(home / "pictures"), str(tmp_path)]) == [
         f"[fetch] local_roots entry '{tmp_path}' holds home folders: any row of the input can read any file in it "
-        "(SSH keys, cloud credentials); list only the folders that hold the images"]
+        "(SSH keys, cloud credentials); list only the folders that hold the images"
+    ]
     assert risky_local_roots([str(home / "pictures")]) == []

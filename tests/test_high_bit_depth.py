@@ -81,8 +81,11 @@ def test_float_tiff_is_read_as_transformers_reads_it():
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_the_model_processor_matches_transformers_on_high_bit_depth_images(mode):
-    samples = {"I;16": NOISE, "I": NOISE.astype(np.int32) * 3 - 50_000,
-               "F": RNG.random((31, 27), dtype=np.float32) * 300 - 20}[mode]
+    samples = {
+        "I;16": NOISE,
+        "I": NOISE.astype(np.int32) * 3 - 50_000,
+        "F": RNG.random((31, 27), dtype=np.float32) * 300 - 20,
+    }[mode]
     image = PIL.Image.fromarray(samples)
     assert image.mode == mode
     assert torch.equal(ours(image), theirs(image))

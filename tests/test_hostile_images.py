@@ -35,9 +35,10 @@ def progressive_jpeg(size: tuple[int, int] = (256, 192), repeats: int = 0) -> by
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
     PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-        buffer, "JPEG", progressive=True, quality=90)
+        buffer, "JPEG", progressive=True, quality=90
+    )
     data = buffer.getvalue()
-    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    last_scan = data[data.rindex(b"\xff\xda") : -2]  # up to the end-of-image marker
     return data[:-2] + last_scan * repeats + b"\xff\xd9"
 
 
@@ -122,7 +123,7 @@ def test_an_extreme_aspect_ratio_is_refused_before_the_resize():
     header = one_colour_png(1, 100)
     tall = header.replace(struct.pack(">II", 1, 100), struct.pack(">II", 1, 39_000_000), 1)
     ihdr_end = 8 + 8 + 13
-    tall = tall[:ihdr_end] + struct.pack(">I", zlib.crc32(tall[12:ihdr_end])) + tall[ihdr_end + 4:]
+    tall = tall[:ihdr_end] + struct.pack(">I", zlib.crc32(tall[12:ihdr_end])) + tall[ihdr_end + 4 :]
     err = refused(tall)
     assert err.kind == "extreme_aspect_ratio" and "1x39000000" in err.message and "max_aspect_ratio" in err.message
     assert refused(one_colour_png(5000, 40)).kind == "extreme_aspect_ratio"

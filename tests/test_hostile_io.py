@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from tiny import write_tiny_checkpoint
 
 from blipbatch import read_output
 from blipbatch.jobs.cli import main
 from blipbatch.pipeline.shards import ShardChanged, plan_units, read_unit
 from blipbatch.pipeline.sink import failed_units
 from blipbatch.schemas import ColumnMapping
-from tiny import write_tiny_checkpoint
 
 MAPPING = ColumnMapping(id_column="key")
 
@@ -38,8 +38,9 @@ def png_bytes(k: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(path: Path, keys: list[str], images: list[object] | None = None,
-                row_group_size: int | None = None) -> str:
+def write_shard(
+    path: Path, keys: list[str], images: list[object] | None = None, row_group_size: int | None = None
+) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images if images is not None else [png_bytes(i) for i in range(len(keys))]
     pq.write_table(pa.table({"image_url": images, "key": keys}), path, row_group_size=row_group_size)
@@ -47,11 +48,29 @@ def write_shard(path: Path, keys: list[str], images: list[object] | None = None,
 
 
 def run_args(inputs: str, output: str, model: str, *extra: str) -> list[str]:
-    return ["run", "--input", inputs, "--output", output, "--model", model, "--prompt", "a photo of",
-            "--id-column", "key", "--device", "cpu", "--max-new-tokens", "2", "--quiet", *extra]
+    return [
+        "run",
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--model",
+        model,
+        "--prompt",
+        "a photo of",
+        "--id-column",
+        "key",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------- a shard rewritten under a run (item 8)
+
 
 @pytest.mark.parametrize("how", ["in place", "replaced by a rename"])
 def test_a_unit_refuses_a_shard_rewritten_after_planning(tmp_path, how):
@@ -66,8 +85,9 @@ def test_a_unit_refuses_a_shard_rewritten_after_planning(tmp_path, how):
         pq.write_table(new, tmp_path / ".a.tmp", row_group_size=2)
         os.replace(tmp_path / ".a.tmp", shard)
     for unit in units:
-        with pytest.raises(ShardChanged, match=f"{shard}: its content changed after planning .*{unit.unit_id} is not "
-                                               "committed"):
+        with pytest.raises(
+            ShardChanged, match=f"{shard}: its content changed after planning .*{unit.unit_id} is not committed"
+        ):
             read_unit(unit, MAPPING, ["q"])
 
 
@@ -201,8 +221,10 @@ def finished_output(ray_local, tmp_path_factory, checkpoint, image_server):
     url = f"http://127.0.0.1:{image_server.server_address[1]}/3.png"
     write_shard(base / "in" / "a.parquet", ["net", "disk"], [url, str(private / "face.png")])
     output = str(base / "out")
-    assert main(run_args(str(base / "in"), output, checkpoint, "--allow-host", "127.0.0.1",
-                         "--local-root", str(private))) == 0
+    assert (
+        main(run_args(str(base / "in"), output, checkpoint, "--allow-host", "127.0.0.1", "--local-root", str(private)))
+        == 0
+    )
     assert read_output(output).column("status").to_pylist() == ["ok", "ok"]
     return output
 
@@ -218,20 +240,41 @@ def one_secret_free_line(args: list[str], capsys, expected_code: int = 3) -> str
     return lines[0]
 
 
-@pytest.mark.parametrize("command", [
-    ["status", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
-    ["report", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
-    ["retry-failed", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
-    ["run", "--input", f"s3://AKIAHOSTILE:{SECRET}@bucket/in/", "--output", "OUT", "--model", "MODEL",
-     "--prompt", "x"],
-    ["run", "--input", "IN", "--output", "OUT", "--model", f"s3://AKIAHOSTILE:{SECRET}@bucket/model",
-     "--prompt", "x"],
-])
-def test_credentials_in_a_location_on_the_command_line_are_never_printed(moto_endpoint, tmp_path, checkpoint,
-                                                                         command, capsys):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
+        ["report", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
+        ["retry-failed", f"s3://AKIAHOSTILE:{SECRET}@bucket/out"],
+        [
+            "run",
+            "--input",
+            f"s3://AKIAHOSTILE:{SECRET}@bucket/in/",
+            "--output",
+            "OUT",
+            "--model",
+            "MODEL",
+            "--prompt",
+            "x",
+        ],
+        [
+            "run",
+            "--input",
+            "IN",
+            "--output",
+            "OUT",
+            "--model",
+            f"s3://AKIAHOSTILE:{SECRET}@bucket/model",
+            "--prompt",
+            "x",
+        ],
+    ],
+)
+def test_credentials_in_a_location_on_the_command_line_are_never_printed(
+    moto_endpoint, tmp_path, checkpoint, command, capsys
+):
     write_shard(tmp_path / "in" / "a.parquet", ["k0"])
-    args = [{"OUT": str(tmp_path / "out"), "MODEL": checkpoint, "IN": str(tmp_path / "in")}.get(a, a)
-            for a in command]
+    args = [{"OUT": str(tmp_path / "out"), "MODEL": checkpoint, "IN": str(tmp_path / "in")}.get(a, a) for a in command]
     line = one_secret_free_line(args, capsys)
     assert line.startswith(f"blipbatch {command[0]}: ") and "REDACTED@bucket" in line, line
 
@@ -242,8 +285,9 @@ def test_an_http_input_with_a_password_is_never_printed(image_server, tmp_path, 
     assert f"http://REDACTED@127.0.0.1:{image_server.server_address[1]}/shards/a.parquet" in line, line
 
 
-def test_a_report_written_to_a_location_with_credentials_never_prints_them(finished_output, moto_endpoint, tmp_path,
-                                                                          capsys):
+def test_a_report_written_to_a_location_with_credentials_never_prints_them(
+    finished_output, moto_endpoint, tmp_path, capsys
+):
     code = main(["report", finished_output, "--html", f"s3://AKIAHOSTILE:{SECRET}@bucket/report.html"])
     captured = capsys.readouterr()
     assert code == 3 and "Traceback" not in captured.err, captured.err
@@ -253,8 +297,10 @@ def test_a_report_written_to_a_location_with_credentials_never_prints_them(finis
 
 # ---------------------------------------------------------------- a forged manifest beside the output (item 10)
 
+
 def test_report_trusts_the_recorded_fetch_settings_only_of_a_local_output_only_the_caller_can_write(
-        finished_output, image_server, tmp_path, capsys):
+    finished_output, image_server, tmp_path, capsys
+):
     import shutil
 
     shared = tmp_path / "shared-out"  # the same output where others may write: anyone could have forged its manifest
@@ -277,9 +323,30 @@ def test_report_trusts_the_recorded_fetch_settings_only_of_a_local_output_only_t
 
 # ---------------------------------------------------------------- secret-like parameter names (item 11)
 
-SECRET_NAMES = ("sessionid", "jsessionid", "JSESSIONID", "passcode", "userpass", "pwdhash", "authcode", "oauth",
-                "mykey", "keyid", "sigv4", "xsig", "Authorization", "jwt", "bearer", "hmac", "hdnts", "otp",
-                "x-otp", "apiKey", "X-Amz-Signature", "access_token")
+SECRET_NAMES = (
+    "sessionid",
+    "jsessionid",
+    "JSESSIONID",
+    "passcode",
+    "userpass",
+    "pwdhash",
+    "authcode",
+    "oauth",
+    "mykey",
+    "keyid",
+    "sigv4",
+    "xsig",
+    "Authorization",
+    "jwt",
+    "bearer",
+    "hmac",
+    "hdnts",
+    "otp",
+    "x-otp",
+    "apiKey",
+    "X-Amz-Signature",
+    "access_token",
+)
 
 
 @pytest.mark.parametrize("name", SECRET_NAMES)
@@ -287,8 +354,11 @@ def test_redaction_covers_secret_like_parameter_names_by_rule(name):
     from blipbatch.pipeline.errors import RowError
     from blipbatch.pipeline.redact import redact
 
-    for text in (f"https://cdn.example/a.png?w=1&{name}={SECRET}&h=2", f"https://cdn.example/a.png;{name}={SECRET}",
-                 f"HTTP 403 from https://cdn.example/a.png?{name}={SECRET}#top"):
+    for text in (
+        f"https://cdn.example/a.png?w=1&{name}={SECRET}&h=2",
+        f"https://cdn.example/a.png;{name}={SECRET}",
+        f"HTTP 403 from https://cdn.example/a.png?{name}={SECRET}#top",
+    ):
         redacted = redact(text)
         assert SECRET not in redacted and f"{name}=REDACTED" in redacted and "cdn.example/a.png" in redacted
         assert SECRET not in str(RowError("fetch_http", text))
@@ -302,6 +372,7 @@ def test_redaction_keeps_ordinary_parameters():
 
 
 # ---------------------------------------------------------------- special files among the shards (item 7)
+
 
 @pytest.mark.parametrize("named", ["folder", "glob", "file"])
 def test_a_fifo_named_like_a_shard_is_refused_at_planning_without_opening_it(tmp_path, named, capsys):
@@ -319,12 +390,31 @@ def test_a_fifo_named_like_a_shard_is_refused_at_planning_without_opening_it(tmp
     if named != "folder":
         return
     # The CLI, in a process of its own so that a hang cannot hang the test: one line, exit 3, at once.
-    done = subprocess.run([sys.executable, "-m", "blipbatch", "run", "--input", str(entry), "--output",
-                           str(tmp_path / "out"), "--model", "jobs/demo_data/shapes-instructblip", "--prompt", "x"],
-                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blipbatch",
+            "run",
+            "--input",
+            str(entry),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            "jobs/demo_data/shapes-instructblip",
+            "--prompt",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 3, done.stderr
-    assert done.stderr.strip().splitlines() == [f"blipbatch: {fifo}: a named pipe (FIFO), not a regular file; only "
-                                                "regular files are read as shards: remove it from the input"]
+    assert done.stderr.strip().splitlines() == [
+        f"blipbatch: {fifo}: a named pipe (FIFO), not a regular file; only "
+        "regular files are read as shards: remove it from the input"
+    ]
 
 
 # ---------------------------------------------------------------- instructions and spec values (items 6, 13, 14)
@@ -341,14 +431,23 @@ def test_a_huge_instruction_is_refused_before_tokenizing_and_placeholders_are_pl
     from blipbatch.model.engine import EngineConfig
     from blipbatch.pipeline.worker import ModelWorker, WorkerConfig
 
-    instructions = ["<video> What shape is it?", "x" * 10_000_000, "What color is the shape?",
-                    "<image> What shape is it? <video>", "é" * 9000]
+    instructions = [
+        "<video> What shape is it?",
+        "x" * 10_000_000,
+        "What color is the shape?",
+        "<image> What shape is it? <video>",
+        "é" * 9000,
+    ]
     shard = write_shard(tmp_path / "in" / "a.parquet", [f"k{i}" for i in range(5)])
     pq.write_table(pq.read_table(shard).append_column("question", pa.array(instructions)), shard)
     mapping = ColumnMapping(id_column="key", instruction_column="question")
     [unit] = plan_units([shard], mapping, 100)
-    config = WorkerConfig(engine=EngineConfig(model=DEMO_MODEL, device="cpu", generation={"max_new_tokens": 3}),
-                          mapping=mapping, output=str(tmp_path / "out"), batch_size=8)
+    config = WorkerConfig(
+        engine=EngineConfig(model=DEMO_MODEL, device="cpu", generation={"max_new_tokens": 3}),
+        mapping=mapping,
+        output=str(tmp_path / "out"),
+        batch_size=8,
+    )
     worker = ModelWorker(config)
     start = time.monotonic()
     worker.process_unit(unit, 1)
@@ -357,8 +456,10 @@ def test_a_huge_instruction_is_refused_before_tokenizing_and_placeholders_are_pl
     assert [rows[f"k{i}"]["status"] for i in range(5)] == ["ok", "error", "ok", "ok", "error"]
     for key, characters in (("k1", "10,000,000"), ("k4", "9,000")):  # 9,000 characters are 18,000 bytes
         assert rows[key]["error_kind"] == "invalid_input"
-        assert rows[key]["error"] == (f"the instruction has {characters} characters, over the 16,384 bytes (UTF-8) an "
-                                      "instruction may take ([run] max_instruction_bytes); shorten it")
+        assert rows[key]["error"] == (
+            f"the instruction has {characters} characters, over the 16,384 bytes (UTF-8) an "
+            "instruction may take ([run] max_instruction_bytes); shorten it"
+        )
 
 
 def test_video_placeholder_text_keeps_its_own_token_as_in_transformers():
@@ -395,19 +496,35 @@ path = "{DEMO_MODEL}"
     return str(path)
 
 
-@pytest.mark.parametrize("body, line, message", [
-    ("[generation]\nnum_beams = 1000000\n", 10, "[generation] num_beams: at most 64, got 1000000"),
-    ("[generation]\nmax_new_tokens = 1000000000\n", 10,
-     "[generation] max_new_tokens: at most 247: the model's language model has 256 positions, 8 of them for the "
-     "image; got 1000000000"),
-    ("[generation]\nmax_length = 257\n", 10, "[generation] max_length: at most 256"),
-    ('[prompt]\ntext = "' + "A photo " * 700_000 + '"\n', 10,
-     "[prompt] text: the instruction has 5,600,000 characters, over the 16,384 bytes (UTF-8) an instruction may take"),
-    ('[run]\nmax_instruction_bytes = 8\n[prompt]\ntext = "A short caption:"\n', 12,
-     "[prompt] text: the instruction has 16 characters, over the 8 bytes"),
-    ("[job2]\nx = " + "[" * 5000 + "]" * 5000 + "\n", 10, "arrays or inline tables nested too deeply; a job spec "
-                                                           "needs at most 100 levels"),
-])
+@pytest.mark.parametrize(
+    "body, line, message",
+    [
+        ("[generation]\nnum_beams = 1000000\n", 10, "[generation] num_beams: at most 64, got 1000000"),
+        (
+            "[generation]\nmax_new_tokens = 1000000000\n",
+            10,
+            "[generation] max_new_tokens: at most 247: the model's language model has 256 positions, 8 of them for the "
+            "image; got 1000000000",
+        ),
+        ("[generation]\nmax_length = 257\n", 10, "[generation] max_length: at most 256"),
+        (
+            '[prompt]\ntext = "' + "A photo " * 700_000 + '"\n',
+            10,
+            "[prompt] text: the instruction has 5,600,000 characters, over the 16,384 bytes (UTF-8) an instruction "
+            "may take",
+        ),
+        (
+            '[run]\nmax_instruction_bytes = 8\n[prompt]\ntext = "A short caption:"\n',
+            12,
+            "[prompt] text: the instruction has 16 characters, over the 8 bytes",
+        ),
+        (
+            "[job2]\nx = " + "[" * 5000 + "]" * 5000 + "\n",
+            10,
+            "arrays or inline tables nested too deeply; a job spec needs at most 100 levels",
+        ),
+    ],
+)
 def test_spec_values_no_run_can_use_are_refused_at_load_with_file_and_line(tmp_path, body, line, message):
     import time
 
@@ -441,16 +558,23 @@ def test_read_output_never_aborts_the_interpreter_at_exit(tmp_path):
     rows = 0
     for u in range(4):
         n = 10_000
-        table = pa.table({"id": [f"{u}-{i}" for i in range(n)], "text": [f"caption {i} " * 3 for i in range(n)],
-                          "status": ["ok"] * n, "error_kind": pa.nulls(n, pa.string())})
+        table = pa.table(
+            {
+                "id": [f"{u}-{i}" for i in range(n)],
+                "text": [f"caption {i} " * 3 for i in range(n)],
+                "status": ["ok"] * n,
+                "error_kind": pa.nulls(n, pa.string()),
+            }
+        )
         unit = WorkUnit(f"unit{u}", "shard.parquet", (0,), 0, n)
         write_part(output, unit, table)
         commit_unit(output, record_for(unit, table, 1))
         rows += n
 
     def read_and_exit(_: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", READ_AND_EXIT, output], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", READ_AND_EXIT, output], capture_output=True, text=True, timeout=120
+        )
 
     with ThreadPoolExecutor(4) as pool:
         runs = list(pool.map(read_and_exit, range(30)))
@@ -459,6 +583,7 @@ def test_read_output_never_aborts_the_interpreter_at_exit(tmp_path):
 
 
 # ---------------------------------------------------------------- the output's disk full, its folder deleted (15, 16)
+
 
 class HookHandler(BaseHTTPRequestHandler):
     """Serves a picture; the first request runs the server's hook (deletes or fills the output mid-run)."""
@@ -501,8 +626,10 @@ def test_an_output_folder_deleted_during_the_run_is_said_and_is_not_exit_0(ray_l
     output = str(tmp_path / "out")
     code, out, err = run_with_hook(tmp_path, output, checkpoint, lambda: shutil.rmtree(output), capsys)
     assert code == 1, out + err
-    assert ("output problem: the output lost 1 of its 2 committed units and its manifest during the run (was the "
-            "folder deleted or moved?)") in out
+    assert (
+        "output problem: the output lost 1 of its 2 committed units and its manifest during the run (was the "
+        "folder deleted or moved?)"
+    ) in out
     assert "Traceback" not in out + err
 
 
@@ -537,8 +664,9 @@ def test_a_full_output_disk_ends_the_run_with_one_line_and_a_summary(ray_local, 
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_report_reads_an_input_shard_named_by_a_commit_marker_only_under_the_callers_settings(finished_output,
-                                                                                               tmp_path, capsys):
+def test_report_reads_an_input_shard_named_by_a_commit_marker_only_under_the_callers_settings(
+    finished_output, tmp_path, capsys
+):
     """A forged marker names a private Parquet file whose rows hold image bytes, and a forged part says its image was
     given as bytes: the report would read that file and embed its picture; under the caller's settings (no local
     roots) it shows why it did not."""
@@ -554,8 +682,12 @@ def test_report_reads_an_input_shard_named_by_a_commit_marker_only_under_the_cal
     marker.write_text(json.dumps({**record, "shard": private}))
     part = shared / record["part"]
     table = pq.read_table(part)
-    pq.write_table(table.set_column(table.schema.get_field_index("image_url"), "image_url",
-                                    pa.array(["<1000 bytes>"] * table.num_rows)), part)
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("image_url"), "image_url", pa.array(["<1000 bytes>"] * table.num_rows)
+        ),
+        part,
+    )
     assert main(["report", str(shared), "--html", str(tmp_path / "page.html")]) == 0
     capsys.readouterr()
     page = (tmp_path / "page.html").read_text()

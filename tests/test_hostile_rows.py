@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.spec import AbstractFileSystem
+from tiny import write_tiny_checkpoint
 
 from blipbatch.model.engine import EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
@@ -25,7 +26,6 @@ from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage
 from blipbatch.pipeline.shards import InputRow, discover_shards, plan_units
 from blipbatch.pipeline.worker import ModelWorker, WorkerConfig
 from blipbatch.schemas import ColumnMapping
-from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +39,24 @@ def png_data_uri(colour: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def run_unit(checkpoint: str, tmp_path, references: list[str], fetch: FetchConfig,
-             decode: DecodeConfig = DecodeConfig()):
+def run_unit(
+    checkpoint: str, tmp_path, references: list[str], fetch: FetchConfig, decode: DecodeConfig = DecodeConfig()
+):
     """One unit of `references` through a real ModelWorker; the committed output, read back by pyarrow."""
     shard = tmp_path / "in" / "part-0.parquet"
     shard.parent.mkdir()
     pq.write_table(pa.table({"image_url": references, "id": [str(i) for i in range(len(references))]}), shard)
     mapping = ColumnMapping(id_column="id")
     [unit] = plan_units(discover_shards(str(shard.parent)), mapping, len(references))
-    config = WorkerConfig(engine=EngineConfig(model=checkpoint, generation={"max_new_tokens": 2}), mapping=mapping,
-                          output=str(tmp_path / "out"), instructions=("a photo of",), batch_size=4, fetch=fetch,
-                          decode=decode)
+    config = WorkerConfig(
+        engine=EngineConfig(model=checkpoint, generation={"max_new_tokens": 2}),
+        mapping=mapping,
+        output=str(tmp_path / "out"),
+        instructions=("a photo of",),
+        batch_size=4,
+        fetch=fetch,
+        decode=decode,
+    )
     record = ModelWorker(config).process_unit(unit, 1)
     return record, pq.read_table(tmp_path / "out").to_pandas().set_index("id")
 
@@ -58,11 +65,16 @@ def test_malformed_references_cost_only_their_rows(checkpoint, tmp_path):
     """A host with an empty label or one over 63 characters (getaddrinfo raises UnicodeError) and a local path with
     a NUL byte (realpath raises ValueError) are their rows' invalid_input errors; the 17 good rows are committed."""
     (tmp_path / "root").mkdir()
-    hostile = {2: "http://www..example.com/a.jpg", 7: f"http://{'a' * 64}.example.com/a.jpg",
-               11: f"{tmp_path}/root/a\0b.png", 15: "file://" + str(tmp_path / "root" / "x\0.png")}
+    hostile = {
+        2: "http://www..example.com/a.jpg",
+        7: f"http://{'a' * 64}.example.com/a.jpg",
+        11: f"{tmp_path}/root/a\0b.png",
+        15: "file://" + str(tmp_path / "root" / "x\0.png"),
+    }
     references = [hostile.get(i, png_data_uri((10 * i, 80, 160))) for i in range(20)]
-    record, table = run_unit(checkpoint, tmp_path, references, FetchConfig(retries=0,
-                                                                           local_roots=(str(tmp_path / "root"),)))
+    record, table = run_unit(
+        checkpoint, tmp_path, references, FetchConfig(retries=0, local_roots=(str(tmp_path / "root"),))
+    )
     assert record.rows == 20 and len(table) == 20
     errors = table[table["status"] == "error"]
     assert sorted(errors.index.astype(int)) == sorted(hostile)
@@ -74,14 +86,17 @@ def test_malformed_references_cost_only_their_rows(checkpoint, tmp_path):
 
 def test_an_unforeseen_exception_in_a_row_check_is_that_rows_error(checkpoint):
     """The stage's row boundary holds for checks that raise something else than a RowError."""
+
     def check(instruction: str) -> str:
         if instruction == "boom":
             raise KeyError("a tokenizer bug")
         return instruction
 
     processor = InstructBlipProcessor.from_pretrained(checkpoint).image_processor
-    rows = [InputRow(id=str(i), image=png_data_uri((i, i, i)), instruction="boom" if i == 1 else "ok", row_index=i)
-            for i in range(3)]
+    rows = [
+        InputRow(id=str(i), image=png_data_uri((i, i, i)), instruction="boom" if i == 1 else "ok", row_index=i)
+        for i in range(3)
+    ]
     with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(), processor, PrepareConfig(threads=1), check) as stage:
         [batch] = list(stage.batches(rows, 4))
     assert [p.error.kind if p.error else None for p in batch.rows] == [None, "invalid_input", None]
@@ -130,8 +145,7 @@ def test_a_read_that_close_cannot_interrupt_ends_its_row_on_time(checkpoint, tmp
     in the unit's timing; the unit's four other rows are committed."""
     references = [png_data_uri((40 * i, 0, 0)) for i in range(6)]
     references[1], references[4] = "hungfs://mount/a.jpg", "hungfs://mount/b.jpg"
-    fetch = FetchConfig(retries=0, attempt_deadline_s=1.0, row_deadline_s=1.0,
-                        allowed_schemes=("data", "hungfs"))
+    fetch = FetchConfig(retries=0, attempt_deadline_s=1.0, row_deadline_s=1.0, allowed_schemes=("data", "hungfs"))
     start = time.monotonic()
     record, table = run_unit(checkpoint, tmp_path, references, fetch)
     assert time.monotonic() - start < 10  # the worker's set-up included; the hung reads never return here
@@ -143,8 +157,9 @@ def test_a_read_that_close_cannot_interrupt_ends_its_row_on_time(checkpoint, tmp
 def test_abandoned_reads_are_bounded_and_further_ones_fail_fast(hungfs):
     """With max_abandoned_reads threads still blocked, the next attempt is refused at once, saying why."""
     bound = deadline.abandoned_now() + 2
-    fetcher = Fetcher(FetchConfig(retries=0, attempt_deadline_s=0.3, allowed_schemes=("hungfs",),
-                                  max_abandoned_reads=bound))
+    fetcher = Fetcher(
+        FetchConfig(retries=0, attempt_deadline_s=0.3, allowed_schemes=("hungfs",), max_abandoned_reads=bound)
+    )
     for name in ("a", "b"):
         with pytest.raises(RowError, match="took longer than 0.3 s"):
             fetcher.fetch(f"hungfs://mount/{name}.jpg")

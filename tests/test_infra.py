@@ -64,8 +64,9 @@ def load_documents() -> list[Doc]:
             if doc.kind == "ConfigMap":
                 for key, text in body.get("data", {}).items():
                     if key.endswith((".yaml", ".yml")):
-                        docs += [Doc(f"{path.name}#{doc.name}/{key}", b)
-                                 for b in yaml.safe_load_all(text) if b is not None]
+                        docs += [
+                            Doc(f"{path.name}#{doc.name}/{key}", b) for b in yaml.safe_load_all(text) if b is not None
+                        ]
     return docs
 
 
@@ -86,8 +87,9 @@ def rayjob_specs() -> list[tuple[str, dict[str, Any]]]:
 
 def ray_cluster_specs() -> list[tuple[str, dict[str, Any]]]:
     """(origin, RayClusterSpec) of every RayCluster and of every cluster a RayJob creates."""
-    return [(o, s["rayClusterSpec"]) for o, s in rayjob_specs()] + \
-        [(d.origin, d.body["spec"]) for d in of_kind("RayCluster")]
+    return [(o, s["rayClusterSpec"]) for o, s in rayjob_specs()] + [
+        (d.origin, d.body["spec"]) for d in of_kind("RayCluster")
+    ]
 
 
 def pod_specs() -> list[tuple[str, dict[str, Any]]]:
@@ -95,8 +97,10 @@ def pod_specs() -> list[tuple[str, dict[str, Any]]]:
     pods = []
     for origin, cluster in ray_cluster_specs():
         pods.append((f"{origin} head", cluster["headGroupSpec"]["template"]["spec"]))
-        pods += [(f"{origin} worker group {g['groupName']}", g["template"]["spec"])
-                 for g in cluster.get("workerGroupSpecs", [])]
+        pods += [
+            (f"{origin} worker group {g['groupName']}", g["template"]["spec"])
+            for g in cluster.get("workerGroupSpecs", [])
+        ]
     for d in of_kind("CronJob"):
         pods.append((d.origin, d.body["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
     for d in of_kind("Job"):
@@ -123,7 +127,7 @@ def blipbatch_argvs(command: str) -> list[list[str]]:
         elif argv[:2] == ["docker", "run"]:
             image = next((i for i, arg in enumerate(argv) if "/blipbatch:" in arg), None)
             if image is not None:
-                found.append(["blipbatch", *argv[image + 1:]])
+                found.append(["blipbatch", *argv[image + 1 :]])
         else:
             found += [inner for arg in argv[1:] if "blipbatch " in arg for inner in blipbatch_argvs(arg)]
     return found
@@ -150,11 +154,18 @@ def manifest_invocations() -> list[Invocation]:
             # A shell script given as one argument: its lines are commands too.
             for arg in container.get("args", []):
                 if "\n" in arg:
-                    found += [Invocation(f"{origin} container {container['name']} script", argv, pod)
-                              for argv in blipbatch_argvs(arg)]
+                    found += [
+                        Invocation(f"{origin} container {container['name']} script", argv, pod)
+                        for argv in blipbatch_argvs(arg)
+                    ]
     launcher = yaml.safe_load(LAUNCHER.read_text())
-    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         for command in launcher.get(key, []):
             found += [Invocation(f"aws.yaml {key}", argv, None) for argv in blipbatch_argvs(command)]
     return found
@@ -169,8 +180,10 @@ def documented_invocations() -> list[Invocation]:
                 comment = line.partition("#")[2]
                 # Comments are prose too; by our convention a command in a comment is indented: `#   cmd`.
                 if comment.startswith("   ") and comment.strip().startswith(("blipbatch ", "docker run ", "ray exec ")):
-                    found += [Invocation(f"{path.relative_to(REPO)}:{number}", argv, None)
-                              for argv in blipbatch_argvs(comment)]
+                    found += [
+                        Invocation(f"{path.relative_to(REPO)}:{number}", argv, None)
+                        for argv in blipbatch_argvs(comment)
+                    ]
     readme = (INFRA / "README.md").read_text()
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S):
         for line in block.splitlines():
@@ -266,8 +279,9 @@ def test_command_is_accepted_by_the_cli_parser(invocation: Invocation) -> None:
     parse(invocation.argv)
 
 
-@pytest.mark.parametrize("invocation,path", list(named_specs()),
-                         ids=lambda x: x.origin if isinstance(x, Invocation) else x)
+@pytest.mark.parametrize(
+    "invocation,path", list(named_specs()), ids=lambda x: x.origin if isinstance(x, Invocation) else x
+)
 def test_named_spec_exists_and_validates(invocation: Invocation, path: str, tmp_path: Path) -> None:
     from blipbatch.jobs.spec import load_spec
 
@@ -355,14 +369,18 @@ def test_plain_cronjob_forbids_overlap_and_may_create_rayjobs() -> None:
 
     account = pod["serviceAccountName"]
     assert account in {d.name for d in of_kind("ServiceAccount")}
-    bindings = [d.body for d in of_kind("RoleBinding")
-                if any(s["kind"] == "ServiceAccount" and s["name"] == account for s in d.body["subjects"])]
+    bindings = [
+        d.body
+        for d in of_kind("RoleBinding")
+        if any(s["kind"] == "ServiceAccount" and s["name"] == account for s in d.body["subjects"])
+    ]
     assert bindings, f"no RoleBinding for ServiceAccount {account}"
     roles = {d.name: d.body for d in of_kind("Role")}
     rules = [rule for b in bindings for rule in roles[b["roleRef"]["name"]]["rules"]]
     for verb in ("create", "get"):
-        assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and verb in r["verbs"]
-                   for r in rules), f"the CronJob's ServiceAccount may not {verb} rayjobs.ray.io"
+        assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and verb in r["verbs"] for r in rules), (
+            f"the CronJob's ServiceAccount may not {verb} rayjobs.ray.io"
+        )
 
     # `kubectl create -f FILE` must find a RayJob template with a generated name in the mounted ConfigMap.
     (container,) = pod["containers"]
@@ -513,12 +531,17 @@ def strict_objects(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema with every object that lists its properties closed to others (structural schemas prune unknown
     fields, so a misspelt key in a manifest would be dropped without a word), `metadata` left open."""
     schema = dict(schema)
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         schema["additionalProperties"] = False
     for key in ("properties", "patternProperties"):
         if key in schema:
-            schema[key] = {name: sub if name == "metadata" else strict_objects(sub) for name, sub in schema[key].items()}
+            schema[key] = {
+                name: sub if name == "metadata" else strict_objects(sub) for name, sub in schema[key].items()
+            }
     for key in ("items", "additionalProperties"):
         if isinstance(schema.get(key), dict):
             schema[key] = strict_objects(schema[key])

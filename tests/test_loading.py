@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import write_tiny_checkpoint
 
 from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,15 @@ def test_save_pretrained_omits_tied_aliases(tmp_path):
     from blipbatch.model import InstructBlipConfig
     from tests.oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, QFORMER, TEXT, VISION
 
-    config = InstructBlipConfig.from_dict(dict(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT["opt"],
-                                               num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN))
+    config = InstructBlipConfig.from_dict(
+        dict(
+            vision_config=VISION,
+            qformer_config=QFORMER,
+            text_config=TEXT["opt"],
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=IMAGE_TOKEN,
+        )
+    )
     InstructBlipForConditionalGeneration(config).save_pretrained(tmp_path)
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert "language_model.lm_head.weight" not in keys

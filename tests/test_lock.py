@@ -79,7 +79,7 @@ def race_takeovers(root: str, rounds: int) -> Counter:
         contenders = [OutputLock(root), OutputLock(root)]
 
         def take(lock: OutputLock) -> str:
-            barrier.wait(timeout=10)
+            barrier.wait(timeout=10)  # noqa: B023 - both threads join before the loop goes on
             try:
                 lock.acquire()
             except OutputLocked as e:

@@ -10,15 +10,30 @@ import pytest
 
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import job_from_keywords
-from blipbatch.pipeline.manifest import (RESUME_MAY_CHANGE, ManifestMismatch, check_manifest, ensure_manifest,
-                                         job_settings, read_manifest, recorded_job, write_manifest)
+from blipbatch.pipeline.manifest import (
+    RESUME_MAY_CHANGE,
+    ManifestMismatch,
+    check_manifest,
+    ensure_manifest,
+    job_settings,
+    read_manifest,
+    recorded_job,
+    write_manifest,
+)
 from blipbatch.schemas import MANIFEST_VERSION, JobSettings
 
 
 def a_job(output: str, **changes):
-    settings = dict(prompt="Describe:", max_new_tokens=12, dtype="float32", device="cpu", batch_size=4,
-                    decode_slots=16, workers=2, fetch=FetchConfig(local_roots=("/data/images",),
-                                                                   allow_hosts=("10.0.0.0/8",), timeout_s=3.0))
+    settings = dict(
+        prompt="Describe:",
+        max_new_tokens=12,
+        dtype="float32",
+        device="cpu",
+        batch_size=4,
+        decode_slots=16,
+        workers=2,
+        fetch=FetchConfig(local_roots=("/data/images",), allow_hosts=("10.0.0.0/8",), timeout_s=3.0),
+    )
     return job_from_keywords("s3://bucket/in/", output, "s3://key:secret@bucket/model", **(settings | changes))
 
 
@@ -32,10 +47,19 @@ def test_the_manifest_records_every_setting_that_shapes_the_output(tmp_path):
     assert settings["fetch"]["local_roots"] == ["/data/images"] and settings["fetch"]["allow_hosts"] == ["10.0.0.0/8"]
     assert settings["fetch"]["timeout_s"] == 3.0 and settings["decode"]["max_pixels"] == job.decode.max_pixels
     assert (settings["dtype"], settings["device"], settings["quantize"]) == ("float32", "cpu", None)
-    assert settings["run"] == {"workers": 2, "max_workers": None, "batch_size": 4, "decode_slots": 16, "max_attempts": 3,
-                               "max_error_rate": 1.0, "prepare_threads": None, "decoded_bytes": job.run.decoded_bytes,
-                               "max_instruction_bytes": job.run.max_instruction_bytes, "max_candidates": 256,
-                               "decode_processes": None}
+    assert settings["run"] == {
+        "workers": 2,
+        "max_workers": None,
+        "batch_size": 4,
+        "decode_slots": 16,
+        "max_attempts": 3,
+        "max_error_rate": 1.0,
+        "prepare_threads": None,
+        "decoded_bytes": job.run.decoded_bytes,
+        "max_instruction_bytes": job.run.max_instruction_bytes,
+        "max_candidates": 256,
+        "decode_processes": None,
+    }
     assert settings["generation"] == {"max_new_tokens": 12, "num_beams": 1}
     assert "secret" not in (tmp_path / "out" / "_manifest.json").read_text()  # credentials in URLs are redacted
     # read back, it is the same job (the redacted model URL aside)
@@ -49,8 +73,14 @@ def test_resume_may_change_fetch_decode_device_and_run_but_not_what_an_ok_row_me
     write_manifest(output, job_settings(a_job(output)).to_dict())
     relaxed = a_job(output, batch_size=16, workers=1, device="cuda", fetch=FetchConfig(local_roots=("/other",)))
     assert check_manifest(output, job_settings(relaxed).to_dict()) == "updated"
-    for change in ({"prompt": "Other:"}, {"max_new_tokens": 13}, {"dtype": "bfloat16"}, {"rows_per_unit": 10},
-                   {"image_column": "url"}, {"quantize": "fp8"}):
+    for change in (
+        {"prompt": "Other:"},
+        {"max_new_tokens": 13},
+        {"dtype": "bfloat16"},
+        {"rows_per_unit": 10},
+        {"image_column": "url"},
+        {"quantize": "fp8"},
+    ):
         with pytest.raises(ManifestMismatch) as info:
             check_manifest(output, job_settings(a_job(output, **change)).to_dict())
         assert "--force" in str(info.value)
@@ -61,10 +91,14 @@ def test_a_version_1_manifest_still_reads_and_resumes(tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     job = a_job(str(output))
-    old = {k: v for k, v in job_settings(job).to_dict().items()
-           if k in ("input", "model", "instructions", "mapping", "generation", "rows_per_unit")}
-    (output / "_manifest.json").write_text(json.dumps({"fingerprint": "0123", "settings": old,
-                                                       "written_at": "2026-01-01T00:00:00+00:00"}))
+    old = {
+        k: v
+        for k, v in job_settings(job).to_dict().items()
+        if k in ("input", "model", "instructions", "mapping", "generation", "rows_per_unit")
+    }
+    (output / "_manifest.json").write_text(
+        json.dumps({"fingerprint": "0123", "settings": old, "written_at": "2026-01-01T00:00:00+00:00"})
+    )
     recorded = read_manifest(str(output))
     assert isinstance(recorded, JobSettings) and recorded.version == 1 and recorded.fetch is None
     assert recorded_job(recorded, str(output)).fetch == FetchConfig()  # not recorded then: the defaults

@@ -12,15 +12,14 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from blipbatch.jobs.demo import DEMO_MODEL
 from blipbatch.jobs.cli import main
+from blipbatch.jobs.demo import DEMO_MODEL
 from blipbatch.jobs.report import run_state
 from blipbatch.jobs.report_facts import collect
 from blipbatch.pipeline.sink import progress_records
@@ -58,8 +57,14 @@ def metrics_port():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp"),
-             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 500}, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp"),
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 500},
+        configure_logging=False,
+    )
     yield port
     ray.shutdown()
 
@@ -74,7 +79,8 @@ def slow_server():
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Prometheus samples summed over their labels but the ones named, e.g. {'ray_blipbatch_rows_total{status="ok"}': 9}."""
+    """Prometheus samples summed over their labels but the ones named,
+    e.g. {'ray_blipbatch_rows_total{status="ok"}': 9}."""
     keep = ("status", "error_kind", "outcome", "le")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
@@ -108,7 +114,7 @@ def test_metrics_and_unit_logs_while_running(metrics_port, slow_server, tmp_path
 [job]
 kind = "caption"
 [input]
-path = "{tmp_path / 'in'}"
+path = "{tmp_path / "in"}"
 [output]
 path = "{output}"
 [model]

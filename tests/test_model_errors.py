@@ -20,8 +20,13 @@ from tests.oracle import IMAGE_TOKEN, NUM_QUERY_TOKENS, QFORMER, TEXT, VISION, r
 
 def tiny_config(lm: str = "llama") -> InstructBlipConfig:
     return InstructBlipConfig.from_dict(
-        dict(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[lm],
-             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
+        dict(
+            vision_config=VISION,
+            qformer_config=QFORMER,
+            text_config=TEXT[lm],
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=IMAGE_TOKEN,
+        )
     )
 
 
@@ -51,8 +56,12 @@ def test_missing_shard_is_named(saved, tmp_path):
     state = load_file(saved / "model.safetensors")
     keys = sorted(state)
     save_file({k: state[k] for k in keys[: len(keys) // 2]}, tmp_path / "model-00001-of-00002.safetensors")
-    index = {"weight_map": {k: ("model-00001-of-00002.safetensors" if i < len(keys) // 2 else "model-00002-of-00002.safetensors")
-                            for i, k in enumerate(keys)}}
+    index = {
+        "weight_map": {
+            k: ("model-00001-of-00002.safetensors" if i < len(keys) // 2 else "model-00002-of-00002.safetensors")
+            for i, k in enumerate(keys)
+        }
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text((saved / "config.json").read_text())
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):

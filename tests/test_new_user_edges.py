@@ -8,10 +8,10 @@ import contextlib
 import os
 
 import pytest
+from test_run_command import flags, write_input
 
 from blipbatch.jobs.cli import EXIT_REFUSED, main
 from blipbatch.jobs.demo import DEMO_MODEL
-from test_run_command import flags, write_input
 
 
 @pytest.mark.parametrize("output", ["/proc/blipbatch-x", "/sys/blipbatch-x", "/proc/blipbatch-x/deeper"])
@@ -51,9 +51,9 @@ def test_the_check_of_a_writable_output_leaves_nothing_behind(tmp_path):
 def test_a_redo_with_rows_that_stay_broken_is_judged_by_the_whole_output(ray_local, tmp_path, capfd):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from test_run_command import IMAGES
 
     from blipbatch.jobs.demo import SAMPLE_IMAGES
-    from test_run_command import IMAGES
 
     source = tmp_path / "in"
     source.mkdir()
@@ -74,16 +74,19 @@ def test_a_redo_with_rows_that_stay_broken_is_judged_by_the_whole_output(ray_loc
 
 
 def test_a_misspelled_flag_gets_runs_usage_and_a_suggestion_and_no_prefix_is_taken(capsys):
-    for argv, suggestion in ((["run", "job.toml", "--bach-size", "8"], "--batch-size"),
-                             (["run", "job.toml", "--batch", "8"], "--batch-size"),  # a prefix is not the flag
-                             (["status", "out", "--verfy"], "--verify")):
+    for argv, suggestion in (
+        (["run", "job.toml", "--bach-size", "8"], "--batch-size"),
+        (["run", "job.toml", "--batch", "8"], "--batch-size"),  # a prefix is not the flag
+        (["status", "out", "--verfy"], "--verify"),
+    ):
         with pytest.raises(SystemExit) as exit:
             main(argv)
         assert exit.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"usage: blipbatch {argv[0]} ")
-        assert err.strip().splitlines()[-1] == (f"blipbatch {argv[0]}: error: unrecognized argument {argv[2]}; "
-                                                f"did you mean {suggestion}?")
+        assert err.strip().splitlines()[-1] == (
+            f"blipbatch {argv[0]}: error: unrecognized argument {argv[2]}; did you mean {suggestion}?"
+        )
 
 
 def test_the_decode_error_hint_fits_what_the_decoder_said():
@@ -115,7 +118,6 @@ def test_the_decode_error_hint_fits_what_the_decoder_said():
 def test_a_run_over_an_empty_file_says_to_replace_it_and_records_what_it_used(ray_local, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from test_run_command import IMAGES
 
     images = tmp_path / "images"
@@ -128,14 +130,19 @@ def test_a_run_over_an_empty_file_says_to_replace_it_and_records_what_it_used(ra
     assert main(flags(source, tmp_path / "out", "--local-root", str(images))) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "decode_error (1 rows): empty file (0 bytes)"
-    assert out[-1] == "  fix: the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error"
+    assert (
+        out[-1] == "  fix: the files are empty (0 bytes): replace them at their source; then --redo-errors decode_error"
+    )
     # Nothing asked of the batch size, decode slots or workers: the manifest records what the workers used.
     from blipbatch.pipeline.manifest import read_manifest, read_used
 
     assert read_manifest(str(tmp_path / "out")).run["batch_size"] is None
     used = read_used(str(tmp_path / "out"))
-    assert {k: used[k] for k in ("workers", "batch_size", "decode_slots")} == {"workers": 1, "batch_size": 8,
-                                                                               "decode_slots": 32}
+    assert {k: used[k] for k in ("workers", "batch_size", "decode_slots")} == {
+        "workers": 1,
+        "batch_size": 8,
+        "decode_slots": 32,
+    }
     assert used["device"].startswith("cpu (")
 
 
@@ -145,22 +152,31 @@ def test_scores_in_the_wide_table_and_the_gallery_and_the_report_headline_is_the
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from test_run_command import IMAGES
 
     from blipbatch import pipeline
     from blipbatch.jobs.kinds import wide_table
     from blipbatch.jobs.report import write_report
     from blipbatch.pipeline.manifest import recorded_runs
     from blipbatch.pipeline.sink import read_output
-    from test_run_command import IMAGES
 
     source = tmp_path / "in"
     source.mkdir()
-    pq.write_table(pa.table({"image": [open(p, "rb").read() for p in IMAGES[:2]], "key": ["a", "b"]}),
-                   source / "p.parquet")
+    pq.write_table(
+        pa.table({"image": [open(p, "rb").read() for p in IMAGES[:2]], "key": ["a", "b"]}), source / "p.parquet"
+    )
     output = str(tmp_path / "out")
     questions = {"color": "What color is the shape?", "shape": "What shape is it?"}
-    summary = pipeline.run(str(source), output, str(DEMO_MODEL), prompt=questions, image_column="image",
-                           id_column="key", max_new_tokens=3, progress=False)
+    summary = pipeline.run(
+        str(source),
+        output,
+        str(DEMO_MODEL),
+        prompt=questions,
+        image_column="image",
+        id_column="key",
+        max_new_tokens=3,
+        progress=False,
+    )
     long = read_output(output).to_pylist()
     wide = wide_table(read_output(output))
     assert wide.column_names[-5:] == ["color", "color_score", "shape", "shape_score", "errors"]  # after the image's
@@ -197,9 +213,15 @@ def test_a_second_ctrl_c_while_stopping_exits_130_without_traceback_and_leaves_n
     args = flags(source, output, "--local-root", str(SAMPLE_IMAGES), "--batch-size", "2", "--rows-per-unit", "6")
     temp = tempfile.mkdtemp(prefix="bbt", dir="/tmp")  # short: Ray's socket paths below it must fit in 107 bytes
     try:
-        run = subprocess.Popen([sys.executable, "-m", "blipbatch", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                               env={**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": temp})
+        run = subprocess.Popen(
+            [sys.executable, "-m", "blipbatch", *args],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": temp},
+        )
         deadline = time.monotonic() + 240
         while not list((output / "_progress").glob("*.json")) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -223,8 +245,10 @@ def test_workers_is_a_count_or_auto_in_a_spec_and_on_the_command_line(tmp_path):
     from blipbatch.pipeline.job import RunConfig
 
     spec = tmp_path / "job.toml"
-    base = f'[job]\nkind = "caption"\n[input]\npath = "in"\n[output]\npath = "out"\n[model]\npath = "m"\n' \
-           '[prompt]\ntext = "x"\n[run]\n'
+    base = (
+        '[job]\nkind = "caption"\n[input]\npath = "in"\n[output]\npath = "out"\n[model]\npath = "m"\n'
+        '[prompt]\ntext = "x"\n[run]\n'
+    )
     spec.write_text(base + 'workers = "auto"\nmax_workers = 3\n')
     run = load_spec(spec).run
     assert (run.workers, run.max_workers, run.elastic) == ("auto", 3, True)

@@ -53,9 +53,21 @@ def fetcher(**settings) -> Fetcher:
     return Fetcher(FetchConfig(allow_hosts=("127.0.0.1",), retries=0, **settings))
 
 
-@pytest.mark.parametrize("tags", [("noai",), ("noimageai",), ("noindex",), ("noimageindex",), ("NoAI",),
-                                  ("nofollow, noai",), ("blipbatch: noai",), ("BlipBatch: noimageindex, nofollow",),
-                                  ("otherbot: noai", "noindex"), ("nofollow", "blipbatch: noai")])
+@pytest.mark.parametrize(
+    "tags",
+    [
+        ("noai",),
+        ("noimageai",),
+        ("noindex",),
+        ("noimageindex",),
+        ("NoAI",),
+        ("nofollow, noai",),
+        ("blipbatch: noai",),
+        ("BlipBatch: noimageindex, nofollow",),
+        ("otherbot: noai", "noindex"),
+        ("nofollow", "blipbatch: noai"),
+    ],
+)
 def test_opt_out_directives_for_everyone_or_for_us_make_an_opted_out_row(server, tags):
     with pytest.raises(RowError) as info:
         fetcher().fetch(url(server, *tags))
@@ -64,8 +76,17 @@ def test_opt_out_directives_for_everyone_or_for_us_make_an_opted_out_row(server,
     assert "honour_opt_out = false" in info.value.message
 
 
-@pytest.mark.parametrize("tags", [(), ("nofollow",), ("noarchive, nosnippet",), ("otherbot: noai",),
-                                  ("googlebot: noindex, noimageindex",), ("unavailable_after: 25 Jun 2010 15:00:00",)])
+@pytest.mark.parametrize(
+    "tags",
+    [
+        (),
+        ("nofollow",),
+        ("noarchive, nosnippet",),
+        ("otherbot: noai",),
+        ("googlebot: noindex, noimageindex",),
+        ("unavailable_after: 25 Jun 2010 15:00:00",),
+    ],
+)
 def test_other_directives_and_other_agents_prefixes_do_not_apply(server, tags):
     assert fetcher().fetch(url(server, *tags)) == IMAGE
 
@@ -78,8 +99,10 @@ def test_requests_name_blipbatch_its_version_and_url_or_the_configured_agent(ser
     server.agents.clear()
     fetcher().fetch(url(server))
     fetcher(user_agent="my-lab-crawler/2 (+https://lab.example/contact)").fetch(url(server))
-    assert server.agents == [f"blipbatch/{__version__} (+{PROJECT_URL})",
-                             "my-lab-crawler/2 (+https://lab.example/contact)"]
+    assert server.agents == [
+        f"blipbatch/{__version__} (+{PROJECT_URL})",
+        "my-lab-crawler/2 (+https://lab.example/contact)",
+    ]
 
 
 def test_the_spec_sets_both_and_checks_their_types(tmp_path):

@@ -37,16 +37,31 @@ from blipbatch.pipeline.sink import (
 from blipbatch.schemas import ERROR_KINDS, ColumnMapping, output_schema
 
 MAPPING = ColumnMapping(image_column="image_url", id_column="key", passthrough=("lang",))
-SCHEMA = output_schema(pa.schema([("image_url", pa.string()), ("key", pa.int64()), ("lang", pa.string())]), MAPPING,
-                       question_ids=True)
+SCHEMA = output_schema(
+    pa.schema([("image_url", pa.string()), ("key", pa.int64()), ("lang", pa.string())]), MAPPING, question_ids=True
+)
 QUESTIONS = ("color", "shape")
 
 
 def unit_output(unit: WorkUnit, text: str) -> pa.Table:
-    rows = [{"id": str(unit.first_row + i), "image_url": f"http://127.0.0.1/{i}.png", "instruction": f"{q}?",
-             "question_id": q, "text": text, "status": "ok", "error_kind": None, "error": None, "model": "tiny",
-             "generation": "{}", "derived_id": f"s-{unit.first_row + i}", "lang": "en"}
-            for i in range(unit.num_rows) for q in QUESTIONS]
+    rows = [
+        {
+            "id": str(unit.first_row + i),
+            "image_url": f"http://127.0.0.1/{i}.png",
+            "instruction": f"{q}?",
+            "question_id": q,
+            "text": text,
+            "status": "ok",
+            "error_kind": None,
+            "error": None,
+            "model": "tiny",
+            "generation": "{}",
+            "derived_id": f"s-{unit.first_row + i}",
+            "lang": "en",
+        }
+        for i in range(unit.num_rows)
+        for q in QUESTIONS
+    ]
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -73,7 +88,8 @@ def assert_reads(output: str, rows: int) -> None:
         assert table.num_rows == rows, reader
         assert table.column("status").null_count == 0, reader
         assert sorted(zip(table.column("id").to_pylist(), table.column("question_id").to_pylist())) == sorted(
-            (str(r), q) for r in range(rows // len(QUESTIONS)) for q in QUESTIONS), reader
+            (str(r), q) for r in range(rows // len(QUESTIONS)) for q in QUESTIONS
+        ), reader
 
 
 def half_write(output: str, unit: WorkUnit) -> None:
@@ -155,8 +171,13 @@ def test_an_old_output_resumes_under_its_location_ids(tmp_path):
     """Units committed before ids came from content were named after the shard's location: a resume knows them."""
     shard = tmp_path / "in" / "s.parquet"
     shard.parent.mkdir()
-    pq.write_table(pa.table({"image_url": [f"/img/{i}.png" for i in range(6)], "key": [str(i) for i in range(6)],
-                             "lang": ["en"] * 6}), shard, row_group_size=3)
+    pq.write_table(
+        pa.table(
+            {"image_url": [f"/img/{i}.png" for i in range(6)], "key": [str(i) for i in range(6)], "lang": ["en"] * 6}
+        ),
+        shard,
+        row_group_size=3,
+    )
     planned = plan_units([str(shard)], MAPPING, max_rows_per_unit=3)
     output = str(tmp_path / "old")
     old = dataclasses.replace(planned[0], unit_id=legacy_unit_id(planned[0]))

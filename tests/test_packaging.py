@@ -33,11 +33,18 @@ def make_user_folder(folder: Path) -> Path:
 def wheel(tmp_path_factory) -> Path:
     """Built from a copy of the checkout: setuptools writes build/ and *.egg-info into the tree it builds."""
     out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "blipbatch"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                                                 ".pytest_cache"))
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"),
+    )
     before = sorted(os.listdir(REPO))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert sorted(os.listdir(REPO)) == before  # nothing written into the checkout
     (built,) = out.glob("blipbatch-*.whl")
     return built
@@ -48,9 +55,12 @@ def test_wheel_installs_one_top_level_package_with_the_demo_data(wheel):
     assert {n.split("/")[0] for n in names} == {"blipbatch", wheel.name.split("-py")[0] + ".dist-info"}
     for part in ("model", "pipeline", "jobs", "schemas"):
         assert f"blipbatch/{part}/__init__.py" in names
-    for data in ("blipbatch/py.typed", "blipbatch/jobs/demo_data/shapes-instructblip/model.safetensors",
-                 "blipbatch/jobs/demo_data/shapes-instructblip/qformer_tokenizer/tokenizer.json",
-                 "blipbatch/jobs/demo_data/images/red-circle.png"):
+    for data in (
+        "blipbatch/py.typed",
+        "blipbatch/jobs/demo_data/shapes-instructblip/model.safetensors",
+        "blipbatch/jobs/demo_data/shapes-instructblip/qformer_tokenizer/tokenizer.json",
+        "blipbatch/jobs/demo_data/images/red-circle.png",
+    ):
         assert data in names
     assert not [n for n in names if "/tests/" in n or "__pycache__" in n]
 
@@ -59,8 +69,12 @@ def test_installed_wheel_runs_from_a_folder_that_holds_user_modules(wheel, tmp_p
     """Installed from the wheel (not this checkout), run from a folder with a user's model.py & co: ours is used,
     and the shipped demo model answers about a shipped image."""
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     user = make_user_folder(tmp_path / "project")
     script = (
         "import blipbatch, blipbatch.pipeline.fetch, sys\n"
@@ -75,8 +89,9 @@ def test_installed_wheel_runs_from_a_folder_that_holds_user_modules(wheel, tmp_p
         "print(processor.batch_decode(model.generate(**inputs, max_new_tokens=4), skip_special_tokens=True)[0])\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
-    result = subprocess.run([sys.executable, "-c", script], cwd=user, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=user, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     location, ray_state, answer = result.stdout.strip().splitlines()[-3:]
     assert Path(location).is_relative_to(target)
@@ -86,7 +101,8 @@ def test_installed_wheel_runs_from_a_folder_that_holds_user_modules(wheel, tmp_p
 
 def test_python_dash_m_and_version(tmp_path):
     user = make_user_folder(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "blipbatch", "--version"], cwd=user, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "blipbatch", "--version"], cwd=user, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("blipbatch ")

@@ -19,16 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from tiny import write_tiny_checkpoint
 
 from blipbatch import pipeline
 from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
-from tiny import write_tiny_checkpoint
 from blipbatch.pipeline.fetch import FetchConfig
-from blipbatch.pipeline.shards import discover_shards, plan_units
-from blipbatch.pipeline.manifest import ManifestMismatch
-from blipbatch.pipeline.sink import committed_units, failed_units, progress_records, read_output
 from blipbatch.pipeline.job import job_from_keywords
+from blipbatch.pipeline.manifest import ManifestMismatch
 from blipbatch.pipeline.run import run_job
+from blipbatch.pipeline.shards import discover_shards, plan_units
+from blipbatch.pipeline.sink import committed_units, failed_units, progress_records, read_output
 from blipbatch.pipeline.worker import FaultInjection
 from blipbatch.schemas import ColumnMapping
 
@@ -166,9 +166,18 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
         write_shard(tmp_path / "in" / f"part-{s}.parquet", {"key": ids, "image_url": urls, "question": prompts})
     output = str(tmp_path / "out")
 
-    summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="question", id_column="key",
-                           rows_per_unit=64, batch_size=8, max_new_tokens=NEW_TOKENS, progress=False,
-                           fetch=FetchConfig(allow_hosts=("127.0.0.1",)))
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        output,
+        checkpoint,
+        instruction_column="question",
+        id_column="key",
+        rows_per_unit=64,
+        batch_size=8,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+        fetch=FetchConfig(allow_hosts=("127.0.0.1",)),
+    )
     assert (summary.units_done, summary.units_failed, summary.rows_ok, summary.rows_error) == (12, 0, 600, 0)
 
     rows = rows_by_id(read_output(output))
@@ -183,15 +192,32 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
 
     # running again over a finished output does nothing and says so
     capsys.readouterr()
-    again = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="question", id_column="key",
-                         rows_per_unit=64, batch_size=8, max_new_tokens=NEW_TOKENS, progress=False,
-                         fetch=FetchConfig(allow_hosts=("127.0.0.1",)))
+    again = pipeline.run(
+        str(tmp_path / "in"),
+        output,
+        checkpoint,
+        instruction_column="question",
+        id_column="key",
+        rows_per_unit=64,
+        batch_size=8,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+        fetch=FetchConfig(allow_hosts=("127.0.0.1",)),
+    )
     assert (again.units_done, again.units_skipped, again.rows) == (0, 12, 0)
     assert "nothing to do: all 12 units" in capsys.readouterr().err
     # and other settings into the same output are refused
     with pytest.raises(ManifestMismatch, match="max_new_tokens"):
-        pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="question", id_column="key",
-                     rows_per_unit=64, max_new_tokens=NEW_TOKENS + 1, progress=False)
+        pipeline.run(
+            str(tmp_path / "in"),
+            output,
+            checkpoint,
+            instruction_column="question",
+            id_column="key",
+            rows_per_unit=64,
+            max_new_tokens=NEW_TOKENS + 1,
+            progress=False,
+        )
 
 
 def local_images(folder: Path, count: int = 6) -> list[str]:
@@ -211,8 +237,11 @@ def local_files(tmp_path: Path) -> FetchConfig:
 def local_input(tmp_path: Path, shards: int, rows: int) -> str:
     images = local_images(tmp_path / "images")
     for s in range(shards):
-        write_shard(tmp_path / "in" / f"part-{s}.parquet",
-                    {"image_url": [images[(r + s) % len(images)] for r in range(rows)]}, row_group_size=10)
+        write_shard(
+            tmp_path / "in" / f"part-{s}.parquet",
+            {"image_url": [images[(r + s) % len(images)] for r in range(rows)]},
+            row_group_size=10,
+        )
     return str(tmp_path / "in")
 
 
@@ -220,8 +249,16 @@ def test_cpu_worker_uses_the_cores_ray_has(ray_local, checkpoint, tmp_path, caps
     """Ray starts a fractional-CPU actor with OMP_NUM_THREADS=1; the model worker takes the cores back
     (the in-process Ray here has 2 CPUs and one worker)."""
     source = local_input(tmp_path, shards=1, rows=4)
-    summary = pipeline.run(source, str(tmp_path / "out"), checkpoint, prompt=PROMPTS[0], batch_size=4,
-                           max_new_tokens=NEW_TOKENS, fetch=local_files(tmp_path), workers=1)
+    summary = pipeline.run(
+        source,
+        str(tmp_path / "out"),
+        checkpoint,
+        prompt=PROMPTS[0],
+        batch_size=4,
+        max_new_tokens=NEW_TOKENS,
+        fetch=local_files(tmp_path),
+        workers=1,
+    )
     assert summary.rows_ok == 4
     assert "1 model worker(s) on cpu (2 threads)" in capsys.readouterr().err
 
@@ -237,8 +274,18 @@ def test_worker_killed_mid_unit_loses_and_duplicates_nothing(ray_local, checkpoi
     marker = tmp_path / "crashed-once"
     fault = FaultInjection(unit_ids=(units[1].unit_id,), after_rows=8, once_marker=str(marker))
     output = str(tmp_path / "out")
-    summary = run_with_fault(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
-                             max_new_tokens=NEW_TOKENS, fault=fault, progress=False, fetch=local_files(tmp_path))
+    summary = run_with_fault(
+        source,
+        output,
+        checkpoint,
+        prompt=PROMPTS[0],
+        rows_per_unit=20,
+        batch_size=8,
+        max_new_tokens=NEW_TOKENS,
+        fault=fault,
+        progress=False,
+        fetch=local_files(tmp_path),
+    )
     assert marker.exists(), "the fault was never injected"
     assert (summary.units_done, summary.units_failed, summary.rows_ok) == (len(units), 0, 80)
     rows = rows_by_id(read_output(output))
@@ -250,9 +297,19 @@ def test_unit_that_always_kills_its_worker_is_marked_failed(ray_local, checkpoin
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
     poison = units[1].unit_id
     output = str(tmp_path / "out")
-    summary = run_with_fault(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, batch_size=8,
-                             max_new_tokens=NEW_TOKENS, max_attempts=2, fault=FaultInjection(unit_ids=(poison,)),
-                             progress=False, fetch=local_files(tmp_path))
+    summary = run_with_fault(
+        source,
+        output,
+        checkpoint,
+        prompt=PROMPTS[0],
+        rows_per_unit=20,
+        batch_size=8,
+        max_new_tokens=NEW_TOKENS,
+        max_attempts=2,
+        fault=FaultInjection(unit_ids=(poison,)),
+        progress=False,
+        fetch=local_files(tmp_path),
+    )
     assert (summary.units_done, summary.units_failed) == (len(units) - 1, 1)
     assert "worker died" in summary.failed[poison]
     assert failed_units(output)[poison]["attempts"] == 2
@@ -280,18 +337,27 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
         (server.url("/hang/6.png"), PROMPTS[1], "fetch_timeout", "attempts"),
         (server.url("/reset/7.png"), PROMPTS[1], "fetch_connection", "attempts"),
     ]
-    write_shard(tmp_path / "in" / "bad.parquet", {
-        "image_url": pa.array([c[0] for c in cases], pa.string()),
-        "prompt": pa.array([c[1] for c in cases], pa.string()),
-    })
+    write_shard(
+        tmp_path / "in" / "bad.parquet",
+        {
+            "image_url": pa.array([c[0] for c in cases], pa.string()),
+            "prompt": pa.array([c[1] for c in cases], pa.string()),
+        },
+    )
     output = str(tmp_path / "out")
-    summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, instruction_column="prompt",
-                           max_new_tokens=NEW_TOKENS, progress=False,
-                           fetch=FetchConfig(retries=2, backoff_s=0.01, timeout_s=0.5, allow_hosts=("127.0.0.1",)))
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        output,
+        checkpoint,
+        instruction_column="prompt",
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+        fetch=FetchConfig(retries=2, backoff_s=0.01, timeout_s=0.5, allow_hosts=("127.0.0.1",)),
+    )
     assert summary.units_failed == 0
     rows = sorted(read_output(output).to_pylist(), key=lambda row: int(row["id"].rsplit("-", 1)[1]))
     assert len(rows) == len(cases)
-    for row, (ref, _, kind, fragment) in zip(rows, cases):
+    for row, (_, _, kind, fragment) in zip(rows, cases):
         if kind is None:
             assert row["status"] == "ok" and row["text"] is not None, row
         else:
@@ -307,12 +373,37 @@ def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subpro
     # Flags alone cannot name local roots: a spec holds them, and the flags give the rest.
     spec = tmp_path / "local-files.toml"
     spec.write_text(f'[job]\nkind = "caption"\n[fetch]\nlocal_roots = ["{tmp_path}"]\n')
-    command = [sys.executable, "-m", "blipbatch", "run", str(spec), "--input", source, "--output", output,
-               "--model", checkpoint, "--prompt", PROMPTS[0], "--rows-per-unit", "10", "--batch-size", "5",
-               "--max-new-tokens", str(NEW_TOKENS), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "blipbatch",
+        "run",
+        str(spec),
+        "--input",
+        source,
+        "--output",
+        output,
+        "--model",
+        checkpoint,
+        "--prompt",
+        PROMPTS[0],
+        "--rows-per-unit",
+        "10",
+        "--batch-size",
+        "5",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--quiet",
+    ]
     log = open(tmp_path / f"run-{time.monotonic_ns()}.log", "w")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def test_driver_killed_then_rerun_resumes_exactly_once(checkpoint, tmp_path):
@@ -374,11 +465,19 @@ def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
     (counted in the actor): each image once for all its questions, and once for all the rows of a unit naming it."""
     questions = {"caption": PROMPTS[0], "colour": PROMPTS[1], "shape": "What shape is it?", "count": "How many?"}
     images = local_images(tmp_path / "images", count=10)
-    write_shard(tmp_path / "in" / "part.parquet", {"image_url": [images[r % 10] for r in range(50)]},
-                row_group_size=25)
+    write_shard(tmp_path / "in" / "part.parquet", {"image_url": [images[r % 10] for r in range(50)]}, row_group_size=25)
     output = str(tmp_path / "out")
-    summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, prompt=questions, rows_per_unit=25,
-                           batch_size=6, max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path))
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        output,
+        checkpoint,
+        prompt=questions,
+        rows_per_unit=25,
+        batch_size=6,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+        fetch=local_files(tmp_path),
+    )
     assert (summary.rows_ok, summary.images_encoded) == (200, 20)
     assert sum(record.duplicate_images for record in progress_records(output)) == 30
     rows = read_output(output).to_pylist()
@@ -403,12 +502,13 @@ def test_second_run_on_a_held_output_is_refused(ray_local, checkpoint, tmp_path)
 def test_incremental_run_processes_only_new_shards(ray_local, checkpoint, tmp_path):
     source = local_input(tmp_path, shards=2, rows=20)
     output = str(tmp_path / "out")
-    options = dict(prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS, progress=False,
-                   fetch=local_files(tmp_path))
+    options = dict(
+        prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS, progress=False, fetch=local_files(tmp_path)
+    )
     first = pipeline.run(source, output, checkpoint, **options)
     images = local_images(tmp_path / "images")
     for s in (2, 3):  # the input prefix gains two shards (of their own content: a copy of a shard is refused)
-        write_shard(tmp_path / "in" / f"part-{s}.parquet", {"image_url": images[s - 2:s + 3] * 4}, row_group_size=10)
+        write_shard(tmp_path / "in" / f"part-{s}.parquet", {"image_url": images[s - 2 : s + 3] * 4}, row_group_size=10)
     second = pipeline.run(source, output, checkpoint, **options)
     assert (first.units_done, second.units_done, second.units_skipped) == (2, 2, 2)
     assert (second.rows_ok, second.images_encoded) == (40, 10)  # 5 distinct images in each new unit of 20 rows
@@ -421,9 +521,18 @@ def test_status_and_retry_failed_commands(ray_local, checkpoint, tmp_path, capsy
     source = local_input(tmp_path, shards=1, rows=40)
     units = plan_units(discover_shards(source), ColumnMapping(), 20)
     output = str(tmp_path / "out")
-    run_with_fault(source, output, checkpoint, prompt=PROMPTS[0], rows_per_unit=20, max_new_tokens=NEW_TOKENS,
-                   max_attempts=1, fault=FaultInjection(unit_ids=(units[0].unit_id,)), progress=False,
-                   fetch=local_files(tmp_path))
+    run_with_fault(
+        source,
+        output,
+        checkpoint,
+        prompt=PROMPTS[0],
+        rows_per_unit=20,
+        max_new_tokens=NEW_TOKENS,
+        max_attempts=1,
+        fault=FaultInjection(unit_ids=(units[0].unit_id,)),
+        progress=False,
+        fetch=local_files(tmp_path),
+    )
     capsys.readouterr()
     assert main(["status", output]) == 1
     out = capsys.readouterr().out

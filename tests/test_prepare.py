@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
 import threading
 import time
-import struct
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
+from tiny import write_tiny_checkpoint
 
 from blipbatch.model.engine import EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
@@ -30,7 +30,6 @@ from blipbatch.pipeline.prepare import PrepareConfig, PrepareStage
 from blipbatch.pipeline.shards import InputRow, discover_shards, plan_units
 from blipbatch.pipeline.worker import ModelWorker, WorkerConfig
 from blipbatch.schemas import ColumnMapping
-from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,15 @@ def varied_images() -> list[bytes]:
     rgba = PIL.Image.fromarray(rng.integers(0, 256, (41, 29, 4), dtype=np.uint8), mode="RGBA")
     gray = PIL.Image.fromarray(rng.integers(0, 256, (64, 48), dtype=np.uint8), mode="L")
     palette = rgb.resize((90, 50)).convert("P", palette=PIL.Image.Palette.ADAPTIVE, colors=16)
-    return [encoded(rgb, "JPEG"), encoded(rgba, "PNG"), encoded(gray, "PNG"), encoded(palette, "PNG"),
-            encoded(rgb.convert("CMYK"), "JPEG"), encoded(rgb.convert("LA"), "PNG"), encoded(rgb, "WEBP")]
+    return [
+        encoded(rgb, "JPEG"),
+        encoded(rgba, "PNG"),
+        encoded(gray, "PNG"),
+        encoded(palette, "PNG"),
+        encoded(rgb.convert("CMYK"), "JPEG"),
+        encoded(rgb.convert("LA"), "PNG"),
+        encoded(rgb, "WEBP"),
+    ]
 
 
 def run_stage(processor, rows, batch_size, fetch=FetchConfig(), decode=DecodeConfig(), config=PrepareConfig()):
@@ -68,8 +74,9 @@ def test_pixels_are_the_processors(checkpoint):
     rows = [InputRow(id=str(i), image=payload, instruction="what?", row_index=i) for i, payload in enumerate(payloads)]
     batches, _ = run_stage(processor, rows, 4, config=PrepareConfig(threads=3))
     assert [len(b.rows) for b in batches] == [4, 4, 1]
-    theirs = transformers.BlipImageProcessorPil(**{k: v for k, v in processor.image_processor.to_dict().items()
-                                                   if k != "image_processor_type"})
+    theirs = transformers.BlipImageProcessorPil(
+        **{k: v for k, v in processor.image_processor.to_dict().items() if k != "image_processor_type"}
+    )
     for batch in batches:
         good = [p for p in batch.rows if p.error is None]
         images = [decode_image(p.row.image) for p in good]
@@ -127,8 +134,11 @@ def test_unit_with_slow_rows_in_several_batches_takes_about_the_slowest(checkpoi
     pq.write_table(pa.table({"image_url": urls}), shard)
     [unit] = plan_units(discover_shards(str(shard.parent)), ColumnMapping(), 100)
     config = WorkerConfig(
-        engine=EngineConfig(model=checkpoint, generation={"max_new_tokens": 2}), mapping=ColumnMapping(),
-        output=str(tmp_path / "out"), instructions=("a photo of",), batch_size=4,
+        engine=EngineConfig(model=checkpoint, generation={"max_new_tokens": 2}),
+        mapping=ColumnMapping(),
+        output=str(tmp_path / "out"),
+        instructions=("a photo of",),
+        batch_size=4,
         fetch=FetchConfig(allow_hosts=("127.0.0.1",)),
     )
     worker = ModelWorker(config)
@@ -138,7 +148,9 @@ def test_unit_with_slow_rows_in_several_batches_takes_about_the_slowest(checkpoi
     elapsed = time.monotonic() - start
     table = pq.read_table(tmp_path / "out").to_pandas()
     assert (table["status"] == "ok").all() and len(table) == 24
-    assert elapsed < SlowImages.delay * 1.75, f"unit took {elapsed:.1f}s: the slow rows were fetched one batch at a time"
+    assert elapsed < SlowImages.delay * 1.75, (
+        f"unit took {elapsed:.1f}s: the slow rows were fetched one batch at a time"
+    )
 
 
 def huge_png(width: int, height: int, red: int = 0x80) -> bytes:
@@ -198,8 +210,13 @@ def test_decoded_bytes_budget_bounds_a_batch_of_huge_pngs(tmp_path):
     decoded = side * side * 4
 
     def growth(budget: int) -> float:
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), str(budget)], capture_output=True,
-                             text=True, timeout=300, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), str(budget)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
         result = json.loads(out.stdout.splitlines()[-1])
         assert result["errors"] == [] and result["images"] == 8
         return result["growth_mb"]

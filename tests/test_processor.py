@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers
 
+from blipbatch.jobs.tokenizer_files import preprocessor_config, write_bert_tokenizer, write_processor_files
 from blipbatch.model.errors import CheckpointError, ProcessorError
 from blipbatch.model.image_processing import BlipImageProcessor
 from blipbatch.model.processor import Blip2Processor, InstructBlipProcessor, check_placeholders
 from blipbatch.model.tokenizer import Tokenizer
-from blipbatch.jobs.tokenizer_files import preprocessor_config, write_bert_tokenizer, write_processor_files
 
 NUM_QUERY_TOKENS = 4
 LMS = ("llama", "t5", "opt")
@@ -55,8 +55,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def processors(folders) -> dict[str, tuple]:
-    return {lm: (_ours_cls(lm).from_pretrained(folders[lm]), _hf_cls(lm).from_pretrained(str(folders[lm])))
-            for lm in LMS}
+    return {
+        lm: (_ours_cls(lm).from_pretrained(folders[lm]), _hf_cls(lm).from_pretrained(str(folders[lm]))) for lm in LMS
+    }
 
 
 def _images() -> list[PIL.Image.Image]:
@@ -120,11 +121,15 @@ def test_tokenizer_matches_transformers(folders, lm):
     batch = TEXTS[:4]
     for side in ("left", "right"):
         got = ours(batch, padding=True, padding_side=side)
-        _assert_batch_equal(got, theirs(batch, padding=True, padding_side=side, return_tensors="pt"),
-                            ["input_ids", "attention_mask"])
+        _assert_batch_equal(
+            got, theirs(batch, padding=True, padding_side=side, return_tensors="pt"), ["input_ids", "attention_mask"]
+        )
     got = ours(batch, padding="max_length", truncation=True, max_length=9)
-    _assert_batch_equal(got, theirs(batch, padding="max_length", truncation=True, max_length=9, return_tensors="pt"),
-                        ["input_ids", "attention_mask"])
+    _assert_batch_equal(
+        got,
+        theirs(batch, padding="max_length", truncation=True, max_length=9, return_tensors="pt"),
+        ["input_ids", "attention_mask"],
+    )
     ids = ours(batch, padding=True)["input_ids"]
     for skip in (False, True):
         assert ours.batch_decode(ids, skip_special_tokens=skip) == theirs.batch_decode(ids, skip_special_tokens=skip)
@@ -223,8 +228,9 @@ def test_processor_matches_transformers(processors, lm):
     short = mask[int(mask.sum(1).argmin()), NUM_QUERY_TOKENS:]
     assert (short[0] == 0) if lm != "t5" else (short[-1] == 0)
     for skip in (False, True):
-        assert ours.batch_decode(got["input_ids"], skip_special_tokens=skip) == \
-            theirs.batch_decode(got["input_ids"], skip_special_tokens=skip)
+        assert ours.batch_decode(got["input_ids"], skip_special_tokens=skip) == theirs.batch_decode(
+            got["input_ids"], skip_special_tokens=skip
+        )
         assert ours.decode(got["input_ids"][1], skip) == theirs.decode(got["input_ids"][1], skip_special_tokens=skip)
 
 
@@ -235,10 +241,10 @@ def test_processor_layout_llama(processors):
     row = got["input_ids"][0].tolist()
     n_pad = row.count(pad)
     assert n_pad > 0
-    assert row[:NUM_QUERY_TOKENS + n_pad + 1] == [image] * NUM_QUERY_TOKENS + [pad] * n_pad + [bos]
+    assert row[: NUM_QUERY_TOKENS + n_pad + 1] == [image] * NUM_QUERY_TOKENS + [pad] * n_pad + [bos]
     right = ours(images=_images()[:2], text=["What is this?", "A short image caption."], padding_side="right")
     row = right["input_ids"][0].tolist()
-    assert row[:NUM_QUERY_TOKENS + 1] == [image] * NUM_QUERY_TOKENS + [bos] and row[-n_pad:] == [pad] * n_pad
+    assert row[: NUM_QUERY_TOKENS + 1] == [image] * NUM_QUERY_TOKENS + [bos] and row[-n_pad:] == [pad] * n_pad
 
 
 def test_qformer_text_is_left_truncated_to_128(processors):
@@ -264,8 +270,10 @@ def test_literal_image_text_is_not_a_placeholder(processors, lm):
     check_placeholders(got["input_ids"], ours.image_token_id, NUM_QUERY_TOKENS)
     # transformers turns the literal into extra placeholders, which would misalign the image features
     expected = theirs(images=_images()[:2], text=texts, return_tensors="pt", padding=True, **_hf_kwargs(lm))
-    assert (expected["input_ids"] == ours.image_token_id).sum(1).tolist() == [NUM_QUERY_TOKENS + 1,
-                                                                              NUM_QUERY_TOKENS + 2]
+    assert (expected["input_ids"] == ours.image_token_id).sum(1).tolist() == [
+        NUM_QUERY_TOKENS + 1,
+        NUM_QUERY_TOKENS + 2,
+    ]
     if lm != "t5":  # T5's vocabulary may lack "<"; byte-level and byte-fallback vocabularies round-trip it
         text = ours.decode(got["input_ids"][0, NUM_QUERY_TOKENS:], skip_special_tokens=True)
         assert text == "Describe <image> here."
@@ -318,8 +326,9 @@ def test_save_pretrained_round_trip(processors, tmp_path, lm):
     # transformers reads our folder and gives the same ids
     theirs = _hf_cls(lm).from_pretrained(str(tmp_path / "saved"))
     assert theirs.num_query_tokens == NUM_QUERY_TOKENS
-    _assert_batch_equal(expected, theirs(images=images, text=texts, return_tensors="pt", padding=True,
-                                         **_hf_kwargs(lm)), list(expected))
+    _assert_batch_equal(
+        expected, theirs(images=images, text=texts, return_tensors="pt", padding=True, **_hf_kwargs(lm)), list(expected)
+    )
     # sides are written only where they were stored (a stored LM padding_side would reach transformers' Q-Former)
     saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert "padding_side" not in saved
@@ -361,8 +370,12 @@ def test_missing_image_token_is_appended(tmp_path):
     write_bert_tokenizer(tmp_path / "bert")
     bert = Tokenizer.from_dir(tmp_path / "bert")
     size = len(bert)
-    processor = InstructBlipProcessor(BlipImageProcessor.from_dict(preprocessor_config(30)), bert,
-                                      Tokenizer.from_dir(tmp_path / "bert"), num_query_tokens=2)
+    processor = InstructBlipProcessor(
+        BlipImageProcessor.from_dict(preprocessor_config(30)),
+        bert,
+        Tokenizer.from_dir(tmp_path / "bert"),
+        num_query_tokens=2,
+    )
     assert processor.image_token_id == size and len(bert) == size + 1
     got = processor(images=_images()[:1], text="what is <image>?")
     assert got["input_ids"][0].tolist().count(size) == 2

@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.core import url_to_fs
 from PIL import Image
+from test_output_dataset import readme_reads
+from tiny import write_tiny_checkpoint
 
 from blipbatch import read_output
 from blipbatch.jobs.cli import main
 from blipbatch.pipeline.shards import plan_units
 from blipbatch.pipeline.sink import PROGRESS_DIR, committed_units, part_name, progress_records, staged_name
 from blipbatch.schemas import ColumnMapping
-from test_output_dataset import readme_reads
-from tiny import write_tiny_checkpoint
 
 QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is it?"}
 
@@ -48,8 +48,9 @@ def write_shard(location: str, images: list[str], keys: list[str]) -> None:
         pq.write_table(pa.table({"image_url": images, "key": keys, "tag": [f"t{k}" for k in keys]}), f)
 
 
-def write_spec(tmp_path: Path, checkpoint: str, input: str, output: str, roots: list[Path], name: str,
-               wide: bool = True) -> str:
+def write_spec(
+    tmp_path: Path, checkpoint: str, input: str, output: str, roots: list[Path], name: str, wide: bool = True
+) -> str:
     spec = tmp_path / name
     spec.write_text(f"""
 [job]
@@ -86,8 +87,10 @@ def assert_whole(output: str, images: int) -> None:
 
 def part_bytes(output: str) -> dict[str, str]:
     fs, root = url_to_fs(output)
-    return {r.unit_id: hashlib.sha256(fs.cat_file(f"{root.rstrip('/')}/{r.part}")).hexdigest()
-            for r in progress_records(output)}
+    return {
+        r.unit_id: hashlib.sha256(fs.cat_file(f"{root.rstrip('/')}/{r.part}")).hexdigest()
+        for r in progress_records(output)
+    }
 
 
 def test_blocked_images_redone_after_adding_a_root_and_read_whole(ray_local, tmp_path, checkpoint, capsys):
@@ -124,8 +127,9 @@ def test_blocked_images_redone_after_adding_a_root_and_read_whole(ray_local, tmp
     assert all(r["status"] == "ok" for r in rows)
     assert len({(r["id"], r["question_id"]) for r in rows}) == len(rows) == 8 * len(QUESTIONS)
     assert {r["tag"] for r in rows} == {f"t{r['id']}" for r in rows}  # passthrough redone with its row
-    assert all(ok_before[(r["id"], r["question_id"])] == r["text"] for r in rows if (r["id"], r["question_id"]) in
-               ok_before)  # ok rows kept as they were
+    assert all(
+        ok_before[(r["id"], r["question_id"])] == r["text"] for r in rows if (r["id"], r["question_id"]) in ok_before
+    )  # ok rows kept as they were
     after = part_bytes(output)
     (unit_a,) = [r.unit_id for r in progress_records(output) if r.shard.endswith("a.parquet")]
     assert after[unit_a] == before[unit_a]  # a unit without error rows is not rewritten at all
@@ -141,8 +145,10 @@ def test_blocked_images_redone_after_adding_a_root_and_read_whole(ray_local, tmp
     os.remove(inputs / "renamed.parquet")
     capsys.readouterr()
     main(["status", output])
-    assert f"1 committed unit(s) match no unit of the input (a shard removed or changed since): {unit_a}" in \
-        capsys.readouterr().out
+    assert (
+        f"1 committed unit(s) match no unit of the input (a shard removed or changed since): {unit_a}"
+        in capsys.readouterr().out
+    )
 
 
 def test_output_on_s3_read_whole_while_a_unit_is_half_written(ray_local, tmp_path, checkpoint, s3fs_clean):
@@ -162,8 +168,10 @@ def test_output_on_s3_read_whole_while_a_unit_is_half_written(ray_local, tmp_pat
     record = progress_records(output)[0]
     fs, root = url_to_fs(output)
     fs.copy(f"{root}/{record.part}", f"{root}/{staged_name('half')}")
-    fs.pipe_file(f"{root}/{PROGRESS_DIR}/half.json", json.dumps({**record.to_dict(), "unit_id": "half",
-                                                                  "part": part_name("half")}).encode())
+    fs.pipe_file(
+        f"{root}/{PROGRESS_DIR}/half.json",
+        json.dumps({**record.to_dict(), "unit_id": "half", "part": part_name("half")}).encode(),
+    )
     buffer = io.BytesIO()
     pq.write_table(read_output(output), buffer)
     fs.pipe_file(f"{root}/{staged_name('torn')}", buffer.getvalue()[:200])
@@ -194,7 +202,8 @@ def test_duplicate_ids_are_refused_naming_shard_and_id(ray_local, tmp_path, chec
     (shard_b,) = {r.shard_id for r in plan_units([str(inputs / "b.parquet")], ColumnMapping(id_column="key"))}
     nulls = [r for r in rows if r["id"] is None]
     assert [(r["status"], r["error_kind"], r["derived_id"]) for r in nulls] == [
-        ("error", "invalid_input", f"{shard_b}-1")] * len(QUESTIONS)
+        ("error", "invalid_input", f"{shard_b}-1")
+    ] * len(QUESTIONS)
     assert all(r["derived_id"] for r in rows)
 
 
@@ -213,13 +222,17 @@ def test_passthrough_of_several_types_across_shards_reads_as_one(ray_local, tmp_
     images = tmp_path / "images"
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for name, keys, tags in (("a", ["0", "1"], pa.nulls(2)), ("b", ["2"], pa.array([7], pa.int32())),
-                             ("c", ["3"], pa.array([None], pa.int64()))):
-        pq.write_table(pa.table({"image_url": [png(images, int(k)) for k in keys], "key": keys, "tag": tags}),
-                       inputs / f"{name}.parquet")
+    for name, keys, tags in (
+        ("a", ["0", "1"], pa.nulls(2)),
+        ("b", ["2"], pa.array([7], pa.int32())),
+        ("c", ["3"], pa.array([None], pa.int64())),
+    ):
+        pq.write_table(
+            pa.table({"image_url": [png(images, int(k)) for k in keys], "key": keys, "tag": tags}),
+            inputs / f"{name}.parquet",
+        )
     output = str(tmp_path / "out")
     assert main(["run", write_spec(tmp_path, checkpoint, str(inputs), output, [images], "d4.toml"), "--quiet"]) == 0
     assert {pq.read_schema(p).field("tag").type for p in Path(output).glob("*.parquet")} == {pa.int64()}
     assert_whole(output, 4)
-    assert sorted(pq.read_table(f"{output}.wide.parquet").column("tag").to_pylist(), key=str) == [7, None, None,
-                                                                                                   None]
+    assert sorted(pq.read_table(f"{output}.wide.parquet").column("tag").to_pylist(), key=str) == [7, None, None, None]

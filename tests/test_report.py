@@ -14,17 +14,16 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from blipbatch.jobs.demo import DEMO_MODEL
 from blipbatch import pipeline
 from blipbatch.jobs import shapes
 from blipbatch.jobs.cli import EXIT_REFUSED, main
+from blipbatch.jobs.demo import DEMO_MODEL
 from blipbatch.jobs.report import render, write_report
 from blipbatch.jobs.report_facts import ReportError, collect
 from blipbatch.pipeline.fetch import FetchConfig
@@ -85,8 +84,18 @@ def finished_run(ray_local, server, tmp_path_factory) -> str:
     (root / "in").mkdir()
     pq.write_table(pa.table({"key": ids, "image_url": urls}), root / "in" / "part-0.parquet", row_group_size=4)
     output = str(root / "out")
-    summary = pipeline.run(str(root / "in"), output, MODEL, prompt=QUESTIONS, id_column="key", rows_per_unit=8,
-                           batch_size=16, max_new_tokens=6, progress=False, fetch=LOCALHOST)
+    summary = pipeline.run(
+        str(root / "in"),
+        output,
+        MODEL,
+        prompt=QUESTIONS,
+        id_column="key",
+        rows_per_unit=8,
+        batch_size=16,
+        max_new_tokens=6,
+        progress=False,
+        fetch=LOCALHOST,
+    )
     assert (summary.units_done, summary.rows_ok, summary.rows_error) == (3, 80, 16)
     return output
 
@@ -154,10 +163,24 @@ def chromium(tmp_path):
         pytest.skip("chromium is not installed (the README's test command installs Debian's chromium package)")
     profile = tmp_path / "chromium-profile"
     process = subprocess.Popen(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,1000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "--window-size=1280,1000",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"  # Chromium writes the port it chose here
         deadline = time.monotonic() + 60
@@ -226,8 +249,12 @@ def test_report_renders_in_chromium(finished_run, chromium, tmp_path):
     assert json.loads(facts["spec"])["model"] == MODEL
 
     metrics = chromium.call("Page.getLayoutMetrics")["cssContentSize"]
-    shot = chromium.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                         clip={"x": 0, "y": 0, "width": metrics["width"], "height": metrics["height"], "scale": 1})
+    shot = chromium.call(
+        "Page.captureScreenshot",
+        format="png",
+        captureBeyondViewport=True,
+        clip={"x": 0, "y": 0, "width": metrics["width"], "height": metrics["height"], "scale": 1},
+    )
     png = base64.b64decode(shot["data"])
     (tmp_path / "report.png").write_bytes(png)
     image = Image.open(io.BytesIO(png)).convert("RGB")
@@ -300,8 +327,16 @@ def test_report_of_an_object_store_output_with_image_bytes(ray_local, s3fs_clean
     pq.write_table(table, buffer, row_group_size=2)
     s3fs_clean.pipe("report-bucket/in/pictures.parquet", buffer.getvalue())
     output = "s3://report-bucket/out"
-    summary = pipeline.run("s3://report-bucket/in", output, MODEL, prompt=shapes.CAPTION_PROMPT, image_column="image",
-                           rows_per_unit=4, max_new_tokens=6, progress=False)
+    summary = pipeline.run(
+        "s3://report-bucket/in",
+        output,
+        MODEL,
+        prompt=shapes.CAPTION_PROMPT,
+        image_column="image",
+        rows_per_unit=4,
+        max_new_tokens=6,
+        progress=False,
+    )
     assert (summary.units_done, summary.rows_ok) == (2, 6)
     code = main(["report", output, "--html", "s3://report-bucket/report.html", "--sample", "6"])
     assert code == 0
@@ -310,4 +345,4 @@ def test_report_of_an_object_store_output_with_image_bytes(ray_local, s3fs_clean
     for row in read_output(output).to_pylist():
         assert re.fullmatch(r"<\d+ bytes>", row["image"])  # the output holds no image to show
         assert f'<dd class="text">{row["text"]} <span class="score" ' in page  # the answer, then its score
-        assert f'>({row["score"]:.2f})</span></dd>' in page
+        assert f">({row['score']:.2f})</span></dd>" in page

@@ -16,17 +16,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blipbatch.jobs.cli import (EXIT_ERROR_RATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_TERMINATED, build_parser,
-                                flag_overrides, main)
-from blipbatch.jobs.spec import load_spec
+from blipbatch.jobs.cli import (
+    EXIT_ERROR_RATE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_TERMINATED,
+    build_parser,
+    flag_overrides,
+    main,
+)
 from blipbatch.jobs.demo import DEMO_MODEL, SAMPLE_IMAGES
-from blipbatch.pipeline.lock import LOCK_NAME, OutputLock
+from blipbatch.jobs.spec import load_spec
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import job_from_keywords
+from blipbatch.pipeline.lock import LOCK_NAME, OutputLock
 from blipbatch.pipeline.manifest import read_manifest
 from blipbatch.pipeline.run import run_job
-from blipbatch.pipeline.sink import failed_units, read_output
 from blipbatch.pipeline.shards import discover_shards, plan_units
+from blipbatch.pipeline.sink import failed_units, read_output
 from blipbatch.pipeline.worker import FaultInjection
 from blipbatch.schemas import ColumnMapping
 
@@ -42,13 +50,32 @@ def write_input(folder: Path, copies: int = 1, row_group: int | None = None) -> 
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blipbatch", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    return subprocess.run(
+        [sys.executable, "-m", "blipbatch", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
 
 
 def flags(source: Path, output: Path, *extra: str) -> list[str]:
-    return ["run", "--input", str(source), "--output", str(output), "--model", str(DEMO_MODEL),
-            "--prompt", "What color is the shape?", "--max-new-tokens", "3", "--quiet", *extra]
+    return [
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--model",
+        str(DEMO_MODEL),
+        "--prompt",
+        "What color is the shape?",
+        "--max-new-tokens",
+        "3",
+        "--quiet",
+        *extra,
+    ]
 
 
 # --- refused before Ray starts, in one line, leaving nothing behind -------------------------------------------------
@@ -79,10 +106,13 @@ def test_the_early_checks_import_neither_torch_nor_ray(tmp_path):
     # What keeps a refusal fast (torch alone takes seconds to import on a busy machine).
     source, output = write_input(tmp_path / "in"), tmp_path / "out"
     argv = [*flags(source, output)[:5], "--model", str(tmp_path / "no-such-model"), "--prompt", "x"]
-    probe = ("import sys; from blipbatch.jobs.cli import main; code = main(sys.argv[1:]); "
-             "print(code, sorted({'torch', 'ray'} & set(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60,
-                            cwd=tmp_path)
+    probe = (
+        "import sys; from blipbatch.jobs.cli import main; code = main(sys.argv[1:]); "
+        "print(code, sorted({'torch', 'ray'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert result.stdout.split("\n")[0] == f"{EXIT_REFUSED} []", (result.stdout, result.stderr)
 
 
@@ -118,8 +148,10 @@ def test_a_worker_that_cannot_start_is_one_line_and_leaves_no_manifest(tmp_path)
 
 def test_redo_errors_before_the_spec_leaves_the_spec_a_spec(tmp_path, capsys):
     spec = tmp_path / "job.toml"
-    spec.write_text(f'[job]\nkind = "caption"\n[input]\npath = "{write_input(tmp_path / "in")}"\n'
-                    f'[output]\npath = "{tmp_path / "out"}"\n[model]\npath = "{tmp_path / "no-such-model"}"\n')
+    spec.write_text(
+        f'[job]\nkind = "caption"\n[input]\npath = "{write_input(tmp_path / "in")}"\n'
+        f'[output]\npath = "{tmp_path / "out"}"\n[model]\npath = "{tmp_path / "no-such-model"}"\n'
+    )
     for redo in ([], ["blocked_address"], ["blocked_address", "fetch_http"]):
         # the spec was read: the refusal is about its model path, not a missing spec or an unknown error kind
         assert main(["run", "--redo-errors", *redo, str(spec)]) == EXIT_REFUSED
@@ -131,13 +163,43 @@ def test_redo_errors_before_the_spec_leaves_the_spec_a_spec(tmp_path, capsys):
 def test_passthrough_cannot_swallow_the_spec_and_set_needs_no_spec():
     args = build_parser().parse_args(["run", "--passthrough", "a", "job.toml", "--passthrough", "b"])
     assert args.spec == "job.toml" and args.passthrough == ["a", "b"]
-    args = build_parser().parse_args(["run", "--input", "in", "--output", "out", "--model", "m", "--prompt", "x",
-                                      "--set", "run.batch_size=2", "--local-root", "imgs", "--allow-host", "h"])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--input",
+            "in",
+            "--output",
+            "out",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--set",
+            "run.batch_size=2",
+            "--local-root",
+            "imgs",
+            "--allow-host",
+            "h",
+        ]
+    )
     assert args.spec is None and args.set == ["run.batch_size=2"]
     assert (args.local_root, args.allow_host) == (["imgs"], ["h"])
     # any job from flags and --set alone, an annotate job too
-    args = build_parser().parse_args(["run", "--set", "input.path=in", "--output", "out", "--model", "m",
-                                      "--set", "job.kind=annotate", "--set", 'questions.color="What color?"'])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--set",
+            "input.path=in",
+            "--output",
+            "out",
+            "--model",
+            "m",
+            "--set",
+            "job.kind=annotate",
+            "--set",
+            'questions.color="What color?"',
+        ]
+    )
     job = load_spec(None, flag_overrides(args))
     assert job.kind == "annotate" and job.instructions == {"color": "What color?"} and job.input.paths == ("in",)
 
@@ -151,16 +213,22 @@ def test_flags_only_run_with_local_root_then_error_rate_exit_4(ray_local, tmp_pa
     assert "fix: --local-root DIR ([fetch] local_roots) for local files" in out.splitlines()[-1]
     # --local-root, and --set without a spec: every row ok
     ok = tmp_path / "ok"
-    assert main(flags(source, ok, "--local-root", str(SAMPLE_IMAGES), "--passthrough", "name",
-                      "--set", "run.batch_size=2")) == EXIT_OK
+    assert (
+        main(
+            flags(source, ok, "--local-root", str(SAMPLE_IMAGES), "--passthrough", "name", "--set", "run.batch_size=2")
+        )
+        == EXIT_OK
+    )
     rows = read_output(str(ok)).to_pylist()
     assert len(rows) == len(IMAGES) and all(r["status"] == "ok" and r["name"] for r in rows)
     recorded = read_manifest(str(ok))
     assert recorded.fetch["local_roots"] == [str(SAMPLE_IMAGES)] and recorded.run["batch_size"] == 2
     # a lower max_error_rate: half the rows in error is too many
     mixed = write_input(tmp_path / "mixed")
-    pq.write_table(pa.table({"image_url": IMAGES + ["/etc/hostname"] * len(IMAGES),
-                             "name": ["x"] * (2 * len(IMAGES))}), mixed / "part.parquet")
+    pq.write_table(
+        pa.table({"image_url": IMAGES + ["/etc/hostname"] * len(IMAGES), "name": ["x"] * (2 * len(IMAGES))}),
+        mixed / "part.parquet",
+    )
     assert main(flags(mixed, tmp_path / "m1", "--local-root", str(SAMPLE_IMAGES))) == EXIT_OK
     assert main(flags(mixed, tmp_path / "m2", "--local-root", str(SAMPLE_IMAGES), "--max-error-rate", "0.5")) == 4
     assert "error rate 50% of this run's rows reached [run] max_error_rate 0.5" in capsys.readouterr().err
@@ -172,12 +240,18 @@ def test_flags_only_run_with_local_root_then_error_rate_exit_4(ray_local, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, EXIT_TERMINATED), (signal.SIGINT, EXIT_INTERRUPTED)])
 def test_a_signal_mid_run_keeps_committed_units_and_says_so(tmp_path, stop, code):
-    """SIGTERM (a scheduler) is handled as Ctrl-C: committed units kept, lock released, summary, 143 (130 for Ctrl-C)."""
+    """SIGTERM (a scheduler) is handled as Ctrl-C: committed units kept, lock released, summary, 143 (130 for
+    Ctrl-C)."""
     source, output = write_input(tmp_path / "in", copies=10, row_group=6), tmp_path / "out"
     args = flags(source, output, "--local-root", str(SAMPLE_IMAGES), "--batch-size", "2", "--rows-per-unit", "6")
-    process = subprocess.Popen([sys.executable, "-m", "blipbatch", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blipbatch", *args],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     deadline = time.monotonic() + 240
     while not list((output / "_progress").glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -209,9 +283,16 @@ def test_a_local_root_of_the_whole_file_system_is_warned_about(ray_local, tmp_pa
 def test_retry_failed_and_report_use_the_recorded_local_roots(ray_local, tmp_path, capsys):
     source, output = write_input(tmp_path / "in", copies=2, row_group=len(IMAGES)), str(tmp_path / "out")
     units = plan_units(discover_shards(str(source)), ColumnMapping(), len(IMAGES))
-    job = job_from_keywords(str(source), output, str(DEMO_MODEL), prompt="What shape is it?", max_new_tokens=3,
-                            max_attempts=1, rows_per_unit=len(IMAGES),
-                            fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)))
+    job = job_from_keywords(
+        str(source),
+        output,
+        str(DEMO_MODEL),
+        prompt="What shape is it?",
+        max_new_tokens=3,
+        max_attempts=1,
+        rows_per_unit=len(IMAGES),
+        fetch=FetchConfig(local_roots=(str(SAMPLE_IMAGES),)),
+    )
     summary = run_job(job, progress=False, fault=FaultInjection(unit_ids=(units[0].unit_id,)))
     assert summary.units_failed == 1 and summary.rows_ok == len(IMAGES)
     capsys.readouterr()
@@ -231,9 +312,14 @@ def test_retry_failed_and_report_use_the_recorded_local_roots(ray_local, tmp_pat
 def test_status_says_a_run_holds_the_output(tmp_path, capsys):
     output = tmp_path / "out"
     output.mkdir()
-    settings = {"input": str(tmp_path / "in"), "model": "m", "instructions": ["x"], "generation": {},
-                "mapping": {"image_column": "image_url", "id_column": None, "instruction_column": None,
-                            "passthrough": []}, "rows_per_unit": 1000}
+    settings = {
+        "input": str(tmp_path / "in"),
+        "model": "m",
+        "instructions": ["x"],
+        "generation": {},
+        "mapping": {"image_column": "image_url", "id_column": None, "instruction_column": None, "passthrough": []},
+        "rows_per_unit": 1000,
+    }
     (output / "_manifest.json").write_text(json.dumps({"fingerprint": "f", "settings": settings}))  # version 1
     with OutputLock(str(output)):
         main(["status", str(output)])
@@ -274,9 +360,17 @@ local_roots = ["{SAMPLE_IMAGES}"]
     assert result.returncode == EXIT_OK, result.stderr
     rows = read_output(str(tmp_path / "out")).to_pylist()
     assert len(rows) == len(IMAGES) and all(r["status"] == "ok" for r in rows)
-    probe = subprocess.run([sys.executable, "-c", "import blipbatch; from blipbatch import "
-                            "InstructBlipForConditionalGeneration as c; print(c.__module__)"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import blipbatch; from blipbatch import InstructBlipForConditionalGeneration as c; print(c.__module__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert probe.returncode == 0 and probe.stdout.strip().startswith("blipbatch.model"), probe.stderr
 
 
@@ -285,14 +379,21 @@ def test_log_json_stderr_is_json_lines_and_progress_off_a_terminal_has_no_carria
     base = flags(source, tmp_path / "json", "--local-root", str(SAMPLE_IMAGES))
     base.remove("--quiet")
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's token notice is on by default
-    result = subprocess.run([sys.executable, "-m", "blipbatch", *base, "--log-json"], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "blipbatch", *base, "--log-json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == EXIT_OK, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and [json.loads(line)["event"] for line in lines] == ["unit_committed"], result.stderr
     loud = [a for a in flags(source, tmp_path / "plain", "--local-root", str(SAMPLE_IMAGES)) if a != "--quiet"]
-    plain = subprocess.run([sys.executable, "-m", "blipbatch", *loud], capture_output=True, text=True, cwd=tmp_path,
-                           timeout=300, env=env)
+    plain = subprocess.run(
+        [sys.executable, "-m", "blipbatch", *loud], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env
+    )
     assert plain.returncode == EXIT_OK, plain.stderr
     assert "\r" not in plain.stderr and ANSI not in plain.stderr
     progress = [line for line in plain.stderr.splitlines() if line.startswith("[")]

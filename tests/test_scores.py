@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
+from tiny import write_tiny_checkpoint
 
 from blipbatch import pipeline
 from blipbatch.jobs import shapes
@@ -25,7 +26,6 @@ from blipbatch.jobs.kinds import wide_table
 from blipbatch.jobs.train import EVAL_SEED
 from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.pipeline.sink import read_output
-from tiny import write_tiny_checkpoint
 
 INSTRUCTIONS = ["a photo of", "What is in the picture? Answer in detail.", "Describe it.", "Why?"]
 IMAGE_ROWS = [0, 1, 0, 2]
@@ -49,8 +49,9 @@ def transformers_output(hf_model, engine: Engine, **settings):
     """transformers' generate of the engine's call, as one batch (the engine's static path makes one too)."""
     inputs = engine.processor.encode_prompts(INSTRUCTIONS)
     with torch.no_grad():
-        return hf_model.generate(pixel_values=pixels()[IMAGE_ROWS], **inputs, return_dict_in_generate=True,
-                                 output_scores=True, **settings), inputs["input_ids"].shape[1]
+        return hf_model.generate(
+            pixel_values=pixels()[IMAGE_ROWS], **inputs, return_dict_in_generate=True, output_scores=True, **settings
+        ), inputs["input_ids"].shape[1]
 
 
 def test_beam_scores_are_transformers_sequences_scores(tiny, hf_tiny):
@@ -86,8 +87,9 @@ def test_static_search_scores_are_mean_transition_scores(tiny, hf_tiny, processo
     assert engine.greedy_limits is None  # the static path is the one under test
     got = engine.generate_scored(pixels(), IMAGE_ROWS, INSTRUCTIONS)
     expected, prompt = transformers_output(hf_tiny, engine, **settings)
-    assert [g.text for g in got] == [t.strip() for t in engine.processor.batch_decode(
-        expected.sequences[:, prompt:], skip_special_tokens=True)]
+    assert [g.text for g in got] == [
+        t.strip() for t in engine.processor.batch_decode(expected.sequences[:, prompt:], skip_special_tokens=True)
+    ]
     transition = hf_tiny.compute_transition_scores(expected.sequences, expected.scores, normalize_logits=True)
     means, lengths = [], []
     for ids, scores in zip(expected.sequences[:, prompt:].tolist(), transition.tolist()):
@@ -109,8 +111,10 @@ def test_the_demo_models_right_answers_score_higher_than_its_wrong_ones():
     """The shipped model answers clean pictures all right, so each of 40 new pictures is blended half-and-half with
     another: the first picture's answers are the right ones, and the model gets many of them wrong."""
     pictures = shapes.make_dataset(80, EVAL_SEED + 1)  # not the training seed
-    blended = [PIL.Image.blend(p.image, other.image.resize(p.image.size), 0.5)
-               for p, other in zip(pictures[:40], pictures[40:])]
+    blended = [
+        PIL.Image.blend(p.image, other.image.resize(p.image.size), 0.5)
+        for p, other in zip(pictures[:40], pictures[40:])
+    ]
     engine = Engine(EngineConfig(model=str(DEMO_MODEL), device="cpu", generation=dict(max_new_tokens=6)))
     rows, questions, answers = [], [], []
     for i, picture in enumerate(pictures[:40]):
@@ -121,8 +125,10 @@ def test_the_demo_models_right_answers_score_higher_than_its_wrong_ones():
     got = engine.generate_scored(engine.processor.image_processor(blended), rows, questions)
     right = [g.score for g, answer in zip(got, answers) if g.text == answer]
     wrong = [g.score for g, answer in zip(got, answers) if g.text != answer]
-    print(f"{len(right)} right, mean score {sum(right) / len(right):.4f}; "
-          f"{len(wrong)} wrong, mean score {sum(wrong) / len(wrong):.4f}")
+    print(
+        f"{len(right)} right, mean score {sum(right) / len(right):.4f}; "
+        f"{len(wrong)} wrong, mean score {sum(wrong) / len(wrong):.4f}"
+    )
     assert len(right) >= 20 and len(wrong) >= 20
     assert sum(right) / len(right) > sum(wrong) / len(wrong)
     assert all(math.isfinite(s) and s <= 0 for s in right + wrong)

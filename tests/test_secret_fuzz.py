@@ -30,8 +30,23 @@ from blipbatch.pipeline.redact import redact
 SEGMENT_ALPHABET = string.ascii_letters + string.digits
 USERINFO_DELIMITERS = "@/#?:!$*+,;=~-._"  # raw in a password, as users paste them
 QUERY_DELIMITERS = "/@?:=+,~-.!$*()"  # inside one query value ('&', '#', ';' end it)
-SECRET_PARAMETERS = ("pass", "password", "passwd", "token", "access_token", "key", "api_key", "apiKey", "secret",
-                     "client_secret", "signature", "X-Amz-Signature", "X-Amz-Security-Token", "X-Goog-Signature", "sig")
+SECRET_PARAMETERS = (
+    "pass",
+    "password",
+    "passwd",
+    "token",
+    "access_token",
+    "key",
+    "api_key",
+    "apiKey",
+    "secret",
+    "client_secret",
+    "signature",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+    "X-Goog-Signature",
+    "sig",
+)
 
 
 class EchoHandler(BaseHTTPRequestHandler):
@@ -88,11 +103,18 @@ def leaks(text: str, segments: list[str]) -> list[str]:
 segment = st.text(SEGMENT_ALPHABET, min_size=7, max_size=12).map(lambda s: "Q" + s)  # never a host or port alone
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(segments=st.lists(segment, min_size=2, max_size=4), delimiters=st.text(USERINFO_DELIMITERS, min_size=3,
-                                                                               max_size=3),
-       parameter=st.sampled_from(SECRET_PARAMETERS))
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    segments=st.lists(segment, min_size=2, max_size=4),
+    delimiters=st.text(USERINFO_DELIMITERS, min_size=3, max_size=3),
+    parameter=st.sampled_from(SECRET_PARAMETERS),
+)
 def test_no_secret_in_any_error_message(echo, segments, delimiters, parameter):
     fetcher = Fetcher(FetchConfig(retries=0, timeout_s=2.0, allow_hosts=("127.0.0.1",)))
     for reference in references(echo, segments, delimiters, parameter):
@@ -102,31 +124,70 @@ def test_no_secret_in_any_error_message(echo, segments, delimiters, parameter):
         assert leaks(str(caught.value), segments) == [], (reference, str(caught.value))
 
 
-@pytest.mark.parametrize("reference, kept", [
-    ("s3://AKIAEXAMPLEKEY:SECRETVALUE123@bucket/x.jpg", "s3://REDACTED@bucket/x.jpg"),
-    ("https://u:p@ss/w#rd?x@images.example/a.jpg", "https://REDACTED@images.example/a.jpg"),
-    ("https://images.example/a.jpg?pass=hunter2&w=3", "https://images.example/a.jpg?pass=REDACTED&w=3"),
-    ('Invalid bucket name "AKIAEXAMPLEKEY:SECRETVALUE123@bucket"', 'Invalid bucket name "REDACTED@bucket"'),
-    ("https://cdn.example/img@2x.png?width=3", "https://cdn.example/img@2x.png?width=3"),  # an '@' in a path stays
-])
+@pytest.mark.parametrize(
+    "reference, kept",
+    [
+        ("s3://AKIAEXAMPLEKEY:SECRETVALUE123@bucket/x.jpg", "s3://REDACTED@bucket/x.jpg"),
+        ("https://u:p@ss/w#rd?x@images.example/a.jpg", "https://REDACTED@images.example/a.jpg"),
+        ("https://images.example/a.jpg?pass=hunter2&w=3", "https://images.example/a.jpg?pass=REDACTED&w=3"),
+        ('Invalid bucket name "AKIAEXAMPLEKEY:SECRETVALUE123@bucket"', 'Invalid bucket name "REDACTED@bucket"'),
+        ("https://cdn.example/img@2x.png?width=3", "https://cdn.example/img@2x.png?width=3"),  # an '@' in a path stays
+    ],
+)
 def test_redact_examples(reference, kept):
     assert redact(reference) == kept
     assert redact(kept) == kept
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(st.lists(st.one_of(st.sampled_from(["://", "s3://", "@", ":", "/", "?", "#", "&", "=", ";", "token=", "key=",
-                                           "user:", "pass", " ", '"', "Authorization: ", "\n", "REDACTED"]),
-                          st.text(SEGMENT_ALPHABET, max_size=6)), max_size=20).map("".join))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "://",
+                    "s3://",
+                    "@",
+                    ":",
+                    "/",
+                    "?",
+                    "#",
+                    "&",
+                    "=",
+                    ";",
+                    "token=",
+                    "key=",
+                    "user:",
+                    "pass",
+                    " ",
+                    '"',
+                    "Authorization: ",
+                    "\n",
+                    "REDACTED",
+                ]
+            ),
+            st.text(SEGMENT_ALPHABET, max_size=6),
+        ),
+        max_size=20,
+    ).map("".join)
+)
 def test_redact_is_idempotent(text):
     once = redact(text)
     assert redact(once) == once
 
 
-@pytest.mark.parametrize("text", [
-    "data:image/png;base64," + "QUJD+/" * 700_000,  # a 4 MB data: URI
-    ",a:" * 30_000, "a://" * 30_000 + "@x", "key=" * 40_000, ",a" * 60_000 + "@x", "x@" * 60_000, "a:/" * 40_000 + "@b",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "data:image/png;base64," + "QUJD+/" * 700_000,  # a 4 MB data: URI
+        ",a:" * 30_000,
+        "a://" * 30_000 + "@x",
+        "key=" * 40_000,
+        ",a" * 60_000 + "@x",
+        "x@" * 60_000,
+        "a:/" * 40_000 + "@b",
+    ],
+)
 def test_redact_takes_linear_time(text):
     start = time.monotonic()
     redact(text)
@@ -148,9 +209,10 @@ def files_under(folder: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_no_secret_in_outputs_report_or_logs(echo, ray_local, tmp_path, caplog, capfd):
+    from tiny import write_tiny_checkpoint
+
     from blipbatch import pipeline
     from blipbatch.jobs.report import write_report
-    from tiny import write_tiny_checkpoint
 
     rng = random.Random(15)
     planted: list[str] = []
@@ -169,8 +231,15 @@ def test_no_secret_in_outputs_report_or_logs(echo, ray_local, tmp_path, caplog, 
     output = tmp_path / "out"
     fetch = FetchConfig(retries=0, timeout_s=2.0, allow_hosts=("127.0.0.1",), local_roots=(str(good.parent),))
     caplog.set_level(logging.DEBUG)
-    summary = pipeline.run(str(tmp_path / "in"), str(output), str(write_tiny_checkpoint(tmp_path / "model")),
-                           prompt="Caption:", max_new_tokens=2, fetch=fetch, progress=True)
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        str(output),
+        str(write_tiny_checkpoint(tmp_path / "model")),
+        prompt="Caption:",
+        max_new_tokens=2,
+        fetch=fetch,
+        progress=True,
+    )
     assert (summary.rows_ok, summary.rows_error) == (1, len(refs) - 1)
     report = write_report(str(output), str(tmp_path / "report.html"), fetch=fetch)
     captured = capfd.readouterr()

@@ -39,8 +39,9 @@ def pictures() -> list[shapes.ShapeSample]:
 def pipeline_output(ray_local, pictures, tmp_path_factory) -> dict[str, dict[str, str]]:
     """{picture id: {"caption": text, question_id: answer, ...}} from two pipeline runs over raw PNG bytes."""
     root = tmp_path_factory.mktemp("shapes")
-    table = pa.table({"key": [f"pic-{i}" for i in range(len(pictures))],
-                      "image": pa.array([p.png() for p in pictures], pa.binary())})
+    table = pa.table(
+        {"key": [f"pic-{i}" for i in range(len(pictures))], "image": pa.array([p.png() for p in pictures], pa.binary())}
+    )
     (root / "in").mkdir()
     pq.write_table(table, root / "in" / "pictures.parquet")
     common = dict(image_column="image", id_column="key", max_new_tokens=NEW_TOKENS, batch_size=32, progress=False)
@@ -100,8 +101,12 @@ def test_both_generators_draw_the_same_pictures_from_a_seed_and_keep_their_range
     assert [p.png() for p in held_out[:6]] == [p.png() for p in shapes.make_dataset(6, 5, held_out=True)]
     for picture in held_out:
         short, long = sorted(picture.image.size)
-        assert shapes.HELD_OUT_CANVAS[0] <= short <= long <= min(shapes.HELD_OUT_CANVAS[1],
-                                                                 round(short * shapes.HELD_OUT_MAX_ASPECT))
+        assert (
+            shapes.HELD_OUT_CANVAS[0]
+            <= short
+            <= long
+            <= min(shapes.HELD_OUT_CANVAS[1], round(short * shapes.HELD_OUT_MAX_ASPECT))
+        )
     for picture in shapes.make_dataset(60, 5):
         short, long = sorted(picture.image.size)
         assert shapes.CANVAS[0] <= short <= long <= min(shapes.CANVAS[1], shapes.MAX_ASPECT * short)

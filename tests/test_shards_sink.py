@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from blipbatch.pipeline.manifest import ManifestMismatch, ensure_manifest, fingerprint
 from blipbatch.pipeline.shards import (
     SAMPLE_BYTES,
     DuplicateIdError,
@@ -27,7 +28,6 @@ from blipbatch.pipeline.shards import (
     plan_units,
     read_unit,
 )
-from blipbatch.pipeline.manifest import ManifestMismatch, ensure_manifest, fingerprint
 from blipbatch.pipeline.sink import (
     commit_unit,
     committed_units,
@@ -52,12 +52,14 @@ MAPPING = ColumnMapping(image_column="image_url", id_column="key", instruction_c
 
 
 def rows_table(n: int, start: int = 0) -> pa.Table:
-    return pa.table({
-        "image_url": pa.array([f"http://127.0.0.1/img/{i}.jpg" for i in range(start, start + n)], pa.string()),
-        "key": pa.array(range(start, start + n), pa.int64()),
-        "prompt": pa.array([f"question {i}" for i in range(start, start + n)], pa.string()),
-        "lang": pa.array([f"l{i % 3}" for i in range(start, start + n)], pa.large_string()),
-    })
+    return pa.table(
+        {
+            "image_url": pa.array([f"http://127.0.0.1/img/{i}.jpg" for i in range(start, start + n)], pa.string()),
+            "key": pa.array(range(start, start + n), pa.int64()),
+            "prompt": pa.array([f"question {i}" for i in range(start, start + n)], pa.string()),
+            "lang": pa.array([f"l{i % 3}" for i in range(start, start + n)], pa.large_string()),
+        }
+    )
 
 
 def write_shard(target, table: pa.Table, row_group_size: int | None = None) -> str:
@@ -90,6 +92,7 @@ def s3_prefix() -> str:
 
 
 # ---------------------------------------------------------------- discovery
+
 
 def test_discover_local_folder_glob_list_and_file_url(tmp_path):
     root = tmp_path / "in"
@@ -137,6 +140,7 @@ def test_discover_s3(s3):
 
 # ---------------------------------------------------------------- planning
 
+
 def test_plan_units_align_to_row_groups(tmp_path):
     shard = write_shard(tmp_path / "s.parquet", rows_table(10), row_group_size=3)  # groups of 3, 3, 3, 1
     assert pq.ParquetFile(shard).metadata.num_row_groups == 4
@@ -148,7 +152,14 @@ def test_plan_units_align_to_row_groups(tmp_path):
     # a group bigger than the limit is cut into row ranges of at most the limit
     units = plan_units([shard], MAPPING, max_rows_per_unit=2)
     assert [(u.row_groups, u.first_row, u.num_rows) for u in units] == [
-        ((0,), 0, 2), ((0,), 2, 1), ((1,), 3, 2), ((1,), 5, 1), ((2,), 6, 2), ((2,), 8, 1), ((3,), 9, 1)]
+        ((0,), 0, 2),
+        ((0,), 2, 1),
+        ((1,), 3, 2),
+        ((1,), 5, 1),
+        ((2,), 6, 2),
+        ((2,), 8, 1),
+        ((3,), 9, 1),
+    ]
     with pytest.raises(ValueError, match="max_rows_per_unit"):
         plan_units([shard], MAPPING, max_rows_per_unit=0)
 
@@ -178,20 +189,24 @@ def test_unit_ids_come_from_content_not_location(tmp_path, s3):
     moved = plan_units([str(renamed)], MAPPING, max_rows_per_unit=2)
     assert [u.unit_id for u in moved] == [u.unit_id for u in units]
     assert [r.id for u in moved for r in read_unit(u, ColumnMapping(), ["?"])] == [
-        r.id for u in units for r in read_unit(dataclasses.replace(u, shard=str(renamed)), ColumnMapping(), ["?"])]
+        r.id for u in units for r in read_unit(dataclasses.replace(u, shard=str(renamed)), ColumnMapping(), ["?"])
+    ]
     uploaded = write_shard(f"{s3_prefix()}/in/c.parquet", rows_table(5), row_group_size=2)
     assert [u.unit_id for u in plan_units([uploaded], MAPPING, max_rows_per_unit=2)] == [u.unit_id for u in units]
     assert legacy_unit_id(moved[0]) == f"{shard_key(str(renamed))}-rg00000-00000"  # what older outputs named it
     # other content, other ids; the same content twice in one input is refused, naming both copies
     other = write_shard(tmp_path / "a.parquet", rows_table(5, start=1), row_group_size=2)
-    assert not {u.unit_id for u in plan_units([other], MAPPING)} & {u.unit_id for u in plan_units([str(renamed)],
-                                                                                                   MAPPING)}
+    assert not {u.unit_id for u in plan_units([other], MAPPING)} & {
+        u.unit_id for u in plan_units([str(renamed)], MAPPING)
+    }
     # the same footer (sizes, statistics) with the rows in another order: other content all the same
     rotated = rows_table(5).take([1, 2, 3, 4, 0])
-    same_footer = write_shard(tmp_path / "rotated.parquet", rotated.set_column(1, "key", rows_table(5).column("key")),
-                              row_group_size=5)
-    plain = write_shard(tmp_path / "plain.parquet", rows_table(5).set_column(1, "key", rows_table(5).column("key")),
-                        row_group_size=5)
+    same_footer = write_shard(
+        tmp_path / "rotated.parquet", rotated.set_column(1, "key", rows_table(5).column("key")), row_group_size=5
+    )
+    plain = write_shard(
+        tmp_path / "plain.parquet", rows_table(5).set_column(1, "key", rows_table(5).column("key")), row_group_size=5
+    )
     assert pq.read_metadata(same_footer).to_dict()["row_groups"] == pq.read_metadata(plain).to_dict()["row_groups"]
     assert len({u.unit_id for u in plan_units([same_footer, plain], MAPPING)}) == 2
     # a shard larger than two samples: hashed by its head and tail, still the same wherever it lies
@@ -201,7 +216,8 @@ def test_unit_ids_come_from_content_not_location(tmp_path, s3):
     uploaded_big = f"{s3_prefix()}/in/big.parquet"
     s3.put_file(big, uploaded_big)
     assert [u.unit_id for u in plan_units([uploaded_big], MAPPING, max_rows_per_unit=10000)] == [
-        u.unit_id for u in big_units]
+        u.unit_id for u in big_units
+    ]
     copy = write_shard(tmp_path / "copy.parquet", rows_table(5), row_group_size=2)
     with pytest.raises(ShardError, match=f"{copy}: same content as {renamed}"):
         plan_units([str(renamed), copy], MAPPING)
@@ -236,8 +252,21 @@ def test_schema_errors_name_shard_column_expected_and_found(tmp_path):
 def test_output_schema():
     input_schema = rows_table(1).schema
     schema = output_schema(input_schema, MAPPING)
-    assert schema.names == ["id", "image_url", "image_sha256", "instruction", "text", "score", "status", "error_kind", "error", "model",
-                            "generation", "derived_id", "lang"]
+    assert schema.names == [
+        "id",
+        "image_url",
+        "image_sha256",
+        "instruction",
+        "text",
+        "score",
+        "status",
+        "error_kind",
+        "error",
+        "model",
+        "generation",
+        "derived_id",
+        "lang",
+    ]
     assert "derived_id" not in output_schema(input_schema, ColumnMapping(instruction_column="prompt")).names
     assert schema.field("text").type == pa.string()
     assert schema.field("lang").type == pa.large_string()  # passthrough keeps its input type
@@ -254,6 +283,7 @@ def test_output_schema():
 
 # ---------------------------------------------------------------- reading
 
+
 def test_read_unit_rows_ids_and_instructions(tmp_path):
     shard = write_shard(tmp_path / "s.parquet", rows_table(7), row_group_size=3)
     units = plan_units([shard], MAPPING, max_rows_per_unit=3)
@@ -261,8 +291,14 @@ def test_read_unit_rows_ids_and_instructions(tmp_path):
 
     rows = read_unit(units[1], MAPPING)
     assert [r.row_index for r in rows] == [3, 4, 5]
-    assert rows[0] == InputRow(id="3", image="http://127.0.0.1/img/3.jpg", instruction="question 3",
-                               passthrough={"lang": "l0"}, row_index=3, derived_id=derive_row_id(units[1].shard_id, 3))
+    assert rows[0] == InputRow(
+        id="3",
+        image="http://127.0.0.1/img/3.jpg",
+        instruction="question 3",
+        passthrough={"lang": "l0"},
+        row_index=3,
+        derived_id=derive_row_id(units[1].shard_id, 3),
+    )
     assert sum(len(read_unit(u, MAPPING)) for u in units) == 7
 
     # no id column: ids derived from the shard and the row index, stable across reads
@@ -273,8 +309,14 @@ def test_read_unit_rows_ids_and_instructions(tmp_path):
 
     # fixed questions: one row per (input row, question), in order, the id staying the row's id
     rows = read_unit(units[0], ColumnMapping(id_column="key"), fixed_instructions=["What?", "Where?"])
-    assert [(r.id, r.instruction) for r in rows] == [("0", "What?"), ("0", "Where?"), ("1", "What?"),
-                                                     ("1", "Where?"), ("2", "What?"), ("2", "Where?")]
+    assert [(r.id, r.instruction) for r in rows] == [
+        ("0", "What?"),
+        ("0", "Where?"),
+        ("1", "What?"),
+        ("1", "Where?"),
+        ("2", "What?"),
+        ("2", "Where?"),
+    ]
 
     with pytest.raises(ValueError, match="exactly one"):
         read_unit(units[0], MAPPING, fixed_instructions=["A photo of"])
@@ -285,8 +327,13 @@ def test_read_unit_rows_ids_and_instructions(tmp_path):
 
 
 def test_read_unit_binary_images_nulls_and_unvalidated_instructions(tmp_path):
-    table = pa.table({"jpg": pa.array([b"\xff\xd8abc", None, b""], pa.large_binary()),
-                      "uid": ["a", None, "c"], "ask": ["hi", None, ""]})
+    table = pa.table(
+        {
+            "jpg": pa.array([b"\xff\xd8abc", None, b""], pa.large_binary()),
+            "uid": ["a", None, "c"],
+            "ask": ["hi", None, ""],
+        }
+    )
     shard = write_shard(tmp_path / "b.parquet", table)
     mapping = ColumnMapping(image_column="jpg", id_column="uid", instruction_column="ask")
     (unit,) = plan_units([shard], mapping)
@@ -305,16 +352,27 @@ def test_read_unit_from_s3(s3):
 
 # ---------------------------------------------------------------- sink
 
+
 def output_for(unit: WorkUnit, text: str) -> pa.Table:
     """A unit's output table in the output schema; every third row an error row."""
     schema = output_schema(rows_table(1).schema, MAPPING)
     rows = []
     for i in range(unit.num_rows):
         bad = i % 3 == 2
-        rows.append({"id": str(unit.first_row + i), "image_url": f"u{i}", "instruction": "q",
-                     "text": None if bad else text, "status": "error" if bad else "ok",
-                     "error_kind": "fetch_http" if bad else None, "error": "HTTP 404" if bad else None,
-                     "model": "tiny", "generation": "{}", "lang": "en"})
+        rows.append(
+            {
+                "id": str(unit.first_row + i),
+                "image_url": f"u{i}",
+                "instruction": "q",
+                "text": None if bad else text,
+                "status": "error" if bad else "ok",
+                "error_kind": "fetch_http" if bad else None,
+                "error": "HTTP 404" if bad else None,
+                "model": "tiny",
+                "generation": "{}",
+                "lang": "en",
+            }
+        )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -349,7 +407,12 @@ def exercise_sink(output_root: str) -> None:
 
     (record,) = [r for r in progress_records(output_root) if r.unit_id == units[0].unit_id]
     assert (record.rows, record.rows_ok, record.rows_error, record.errors_by_kind, record.attempt) == (
-        4, 3, 1, {"fetch_http": 1}, 2)
+        4,
+        3,
+        1,
+        {"fetch_http": 1},
+        2,
+    )
     assert (record.shard, record.first_row, record.num_rows) == ("s.parquet", 0, 4)
     assert record.part == f"part-{units[0].unit_id}.parquet"
 
@@ -400,8 +463,9 @@ def test_record_for_rejects_unknown_status_and_kind():
 
 
 def test_progress_record_round_trip():
-    record = ProgressRecord("u", "s.parquet", 0, 4, 8, 7, 1, {"decode_error": 1}, "part-u.parquet", 2,
-                            "2026-01-01T00:00:00+00:00")
+    record = ProgressRecord(
+        "u", "s.parquet", 0, 4, 8, 7, 1, {"decode_error": 1}, "part-u.parquet", 2, "2026-01-01T00:00:00+00:00"
+    )
     assert ProgressRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     with pytest.raises(ValueError, match="rows_ok"):
         ProgressRecord.from_dict({k: v for k, v in record.to_dict().items() if k != "rows_ok"})
@@ -409,8 +473,12 @@ def test_progress_record_round_trip():
 
 # ---------------------------------------------------------------- manifest
 
-SETTINGS = {"model": "Salesforce/instructblip-vicuna-7b", "prompts": ("A short image caption:",),
-            "generation": {"max_new_tokens": 30, "num_beams": 1}, "max_rows_per_unit": 1000}
+SETTINGS = {
+    "model": "Salesforce/instructblip-vicuna-7b",
+    "prompts": ("A short image caption:",),
+    "generation": {"max_new_tokens": 30, "num_beams": 1},
+    "max_rows_per_unit": 1000,
+}
 
 
 def test_fingerprint_is_stable():
@@ -456,20 +524,27 @@ def test_manifest_s3(s3):
 
 # ---------------------------------------------------------------- tables across shards
 
+
 def test_passthrough_types_are_unified_across_shards_or_refused(tmp_path):
     mapping = ColumnMapping(instruction_column="prompt", passthrough=("tag",))
     base = rows_table(2).select(["image_url", "prompt"])
     null = write_shard(tmp_path / "a.parquet", base.append_column("tag", pa.nulls(2)))
-    narrow = write_shard(tmp_path / "b.parquet", rows_table(2, start=2).select(["image_url", "prompt"])
-                         .append_column("tag", pa.array([1, 2], pa.int32())))
-    wide = write_shard(tmp_path / "c.parquet", rows_table(2, start=4).select(["image_url", "prompt"])
-                       .append_column("tag", pa.array([3, None], pa.int64())))
+    narrow = write_shard(
+        tmp_path / "b.parquet",
+        rows_table(2, start=2).select(["image_url", "prompt"]).append_column("tag", pa.array([1, 2], pa.int32())),
+    )
+    wide = write_shard(
+        tmp_path / "c.parquet",
+        rows_table(2, start=4).select(["image_url", "prompt"]).append_column("tag", pa.array([3, None], pa.int64())),
+    )
     units = plan_units([null, narrow, wide], mapping)
     assert {u.schema.field("tag").type for u in units} == {pa.int64()}
     assert {output_schema(u.schema, mapping).field("tag").type for u in units} == {pa.int64()}
 
-    text = write_shard(tmp_path / "d.parquet", rows_table(2, start=6).select(["image_url", "prompt"])
-                       .append_column("tag", pa.array(["x", "y"])))
+    text = write_shard(
+        tmp_path / "d.parquet",
+        rows_table(2, start=6).select(["image_url", "prompt"]).append_column("tag", pa.array(["x", "y"])),
+    )
     with pytest.raises(ShardError) as info:
         plan_units([null, narrow, text], mapping)
     message = str(info.value)

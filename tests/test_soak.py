@@ -19,16 +19,21 @@ def test_soak_5000_rows_exactly_once_with_flat_memory(monkeypatch):
     # 20 units; a sample every half second gives a few dozen samples over the run.
     # Threshold: 50 MiB and 10% from 25% to 100% of the rows (3,750 rows), so growth above ~14 KiB per row fails
     # (a worker keeping each row's 64x64 float32 pixel tensor, 48 KiB, would); the run's own noise is < 10 MiB.
-    config = SoakConfig(rows=ROWS, rows_per_unit=250, batch_size=32, sample_s=0.5, max_growth_mb=50,
-                        max_growth_pct=10, log=False)
+    config = SoakConfig(
+        rows=ROWS, rows_per_unit=250, batch_size=32, sample_s=0.5, max_growth_mb=50, max_growth_pct=10, log=False
+    )
     report = run_soak(config)
     summary = report.summary
     missing, flaky = expected_counts(ROWS)
     assert (missing, flaky) == (20, 50)
 
     # every row exactly once, with the status its URL calls for
-    assert (summary.units_done, summary.units_failed, summary.rows_ok, summary.rows_error) == (20, 0, ROWS - missing,
-                                                                                             missing)
+    assert (summary.units_done, summary.units_failed, summary.rows_ok, summary.rows_error) == (
+        20,
+        0,
+        ROWS - missing,
+        missing,
+    )
     assert report.rows_out == ROWS and report.ids_unique
     assert report.statuses == {"ok": ROWS - missing, "error:fetch_http": missing}
     assert report.wrong_rows == []

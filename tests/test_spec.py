@@ -13,8 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from blipbatch.jobs.kinds import KINDS, WideTableError, finish_job, write_wide_table
-from blipbatch.jobs.spec import (GENERATION_KEYS, Extend, SpecError, default_prompt, key_lines, load_spec,
-                                 model_family, parse_override)
+from blipbatch.jobs.spec import (
+    GENERATION_KEYS,
+    Extend,
+    SpecError,
+    default_prompt,
+    key_lines,
+    load_spec,
+    model_family,
+    parse_override,
+)
 from blipbatch.model.configs import GenerationConfig
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import Job, RunConfig
@@ -72,8 +80,12 @@ def test_example_values_are_read_as_written():
     caption = load_spec(EXAMPLES / "caption.toml")
     assert caption.fetch == FetchConfig(timeout_s=10.0, retries=3, max_bytes=32 * 2**20, concurrency=16)
     assert caption.decode.max_pixels == 40_000_000
-    assert caption.generation == {"max_new_tokens": 40, "num_beams": 5, "length_penalty": 1.0,
-                                  "repetition_penalty": 1.5}
+    assert caption.generation == {
+        "max_new_tokens": 40,
+        "num_beams": 5,
+        "length_penalty": 1.0,
+        "repetition_penalty": 1.5,
+    }
     assert caption.run.batch_size == 32 and caption.run.workers is None
 
 
@@ -100,13 +112,15 @@ def test_wrong_type_names_the_expected_value_and_what_was_found(tmp_path):
     path = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "caption"\nname = 7'), name="name.toml")
     assert error_of(path) == f"{path}:3: [job] name: expected a non-empty string, got 7 (an integer)"
     path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"', "path = []"), name="paths.toml")
-    assert error_of(path) == (f"{path}:5: [input] path: expected a path or URL, or a non-empty array of them, "
-                              "got [] (an array)")
-    path = write(tmp_path, BASE + '\n[model]\n', name="m.toml")
+    assert error_of(path) == (
+        f"{path}:5: [input] path: expected a path or URL, or a non-empty array of them, got [] (an array)"
+    )
+    path = write(tmp_path, BASE + "\n[model]\n", name="m.toml")
     assert "not valid TOML" in error_of(path)
     path = write(tmp_path, BASE.replace('path = "Salesforce', 'dtype = "fp16"\npath = "Salesforce'), name="d.toml")
-    assert error_of(path) == (f'{path}:11: [model] dtype: expected one of "bfloat16", "float16", "float32", '
-                              'got "fp16" (a string)')
+    assert error_of(path) == (
+        f'{path}:11: [model] dtype: expected one of "bfloat16", "float16", "float32", got "fp16" (a string)'
+    )
 
 
 def test_missing_input(tmp_path):
@@ -124,25 +138,35 @@ def test_missing_input(tmp_path):
 
 def test_annotate_needs_questions(tmp_path):
     path = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"'))
-    assert error_of(path) == (f'{path}: [questions]: missing; kind "annotate" asks every image each question of '
-                              'this table, e.g. [questions] color = "What color is the car?"')
+    assert error_of(path) == (
+        f'{path}: [questions]: missing; kind "annotate" asks every image each question of '
+        'this table, e.g. [questions] color = "What color is the car?"'
+    )
     empty = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + "\n[questions]\n", name="e.toml")
-    assert error_of(empty) == (f'{empty}:13: [questions]: empty; kind "annotate" asks every image each question '
-                               'of this table, e.g. [questions] color = "What color is the car?"')
-    blank = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\ncolor = " "\n',
-                  name="b.toml")
-    assert error_of(blank) == (f'{blank}:14: [questions] color: expected a non-empty string (the question), or a '
-                               'table with question = "..." and candidates, got " " (a string)')
-    reserved = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\nerrors = "?"\n',
-                     name="r.toml")
-    assert error_of(reserved) == (f"{reserved}:14: [questions] errors: reserved name (a column of the wide table: "
-                                  "id, errors); choose another")
+    assert error_of(empty) == (
+        f'{empty}:13: [questions]: empty; kind "annotate" asks every image each question '
+        'of this table, e.g. [questions] color = "What color is the car?"'
+    )
+    blank = write(
+        tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\ncolor = " "\n', name="b.toml"
+    )
+    assert error_of(blank) == (
+        f"{blank}:14: [questions] color: expected a non-empty string (the question), or a "
+        'table with question = "..." and candidates, got " " (a string)'
+    )
+    reserved = write(
+        tmp_path, BASE.replace('kind = "caption"', 'kind = "annotate"') + '\n[questions]\nerrors = "?"\n', name="r.toml"
+    )
+    assert error_of(reserved) == (
+        f"{reserved}:14: [questions] errors: reserved name (a column of the wide table: id, errors); choose another"
+    )
 
 
 def test_unknown_kind(tmp_path):
     path = write(tmp_path, BASE.replace('kind = "caption"', 'kind = "captions"'))
-    assert error_of(path) == (f'{path}:2: [job] kind: expected one of "caption", "vqa", "annotate", '
-                              'got "captions" (a string)')
+    assert error_of(path) == (
+        f'{path}:2: [job] kind: expected one of "caption", "vqa", "annotate", got "captions" (a string)'
+    )
 
 
 def test_bad_generation_settings(tmp_path):
@@ -158,9 +182,19 @@ def test_bad_generation_settings(tmp_path):
 def test_generation_keys_are_transformers_names_the_model_takes():
     names = {f.name for f in dataclasses.fields(GenerationConfig)}
     assert set(GENERATION_KEYS) <= names
-    assert set(GENERATION_KEYS) >= {"max_new_tokens", "num_beams", "length_penalty", "repetition_penalty",
-                                    "no_repeat_ngram_size", "do_sample", "temperature", "top_k", "top_p",
-                                    "min_new_tokens", "num_return_sequences"}
+    assert set(GENERATION_KEYS) >= {
+        "max_new_tokens",
+        "num_beams",
+        "length_penalty",
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_new_tokens",
+        "num_return_sequences",
+    }
 
 
 def test_fetch_and_decode_use_the_pipeline_configs_checks(tmp_path):
@@ -189,51 +223,78 @@ def test_fetch_allow_list_and_local_roots(tmp_path, monkeypatch):
     # an override is relative to the current directory, as on any command line
     monkeypatch.chdir(tmp_path.parent)
     spec = load_spec(tmp_path / "job.toml", {"fetch.local_roots": ["shared/images"], "fetch.allow_hosts": ["[::1]"]})
-    assert (spec.fetch.local_roots, spec.fetch.allow_hosts) == ((str(tmp_path.parent / "shared" / "images"),),
-                                                                ("[::1]",))
+    assert (spec.fetch.local_roots, spec.fetch.allow_hosts) == (
+        (str(tmp_path.parent / "shared" / "images"),),
+        ("[::1]",),
+    )
     path = write(tmp_path, BASE + '\n[fetch]\nretries = 1\nallow_hosts = ["http://images.internal:80"]\n', "a.toml")
-    assert error_of(path).startswith(f"{path}:15: [fetch] allow_hosts: entry 'http://images.internal:80' is neither "
-                                     "a host name nor an IP address or network")
+    assert error_of(path).startswith(
+        f"{path}:15: [fetch] allow_hosts: entry 'http://images.internal:80' is neither "
+        "a host name nor an IP address or network"
+    )
     path = write(tmp_path, BASE + '\n[fetch]\nlocal_roots = ["~/images"]\n', "r.toml")
-    assert error_of(path) == (f"{path}:14: [fetch] local_roots: '~/images' is not an absolute path (roots are folders "
-                              "on the workers, so a relative one would depend on their working directory)")
+    assert error_of(path) == (
+        f"{path}:14: [fetch] local_roots: '~/images' is not an absolute path (roots are folders "
+        "on the workers, so a relative one would depend on their working directory)"
+    )
     path = write(tmp_path, BASE + '\n[fetch]\nallow_hosts = "10.0.0.0/8"\n', "s.toml")
-    assert error_of(path) == (f'{path}:14: [fetch] allow_hosts: expected an array of non-empty strings, '
-                              'got "10.0.0.0/8" (a string)')
+    assert error_of(path) == (
+        f'{path}:14: [fetch] allow_hosts: expected an array of non-empty strings, got "10.0.0.0/8" (a string)'
+    )
 
 
 def test_tables_and_kind_specific_keys(tmp_path):
     path = write(tmp_path, BASE + "\n[runs]\nworkers = 2\n")
-    assert error_of(path) == (f"{path}:13: [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
-                              "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
+    assert error_of(path) == (
+        f"{path}:13: [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
+        "[generation], [input], [job], [model], [output], [prompt], [questions], [run]"
+    )
     path = write(tmp_path, 'kind = "caption"\n' + BASE, name="top.toml")
     assert error_of(path) == f"{path}:1: kind: a key outside any table; put it under [job]"
     path = write(tmp_path, 'path = "x"\n' + BASE, name="top2.toml")
     assert error_of(path) == f"{path}:1: path: a key outside any table; put it under [input] or [output] or [model]"
-    path = write(tmp_path, BASE.replace("[output]\npath = \"s3://bucket/out/\"", 'output = "s3://bucket/out/"'),
-                 name="nt.toml")
-    assert error_of(path) == (f"{path}:7: [input] output: unknown key; [output] is a table: give it its own "
-                              "[output] header line")
-    path = write(tmp_path, 'output = "s3://bucket/out/"\n' + BASE.replace('[output]\npath = "s3://bucket/out/"', ""),
-                 name="nt2.toml")
+    path = write(
+        tmp_path, BASE.replace('[output]\npath = "s3://bucket/out/"', 'output = "s3://bucket/out/"'), name="nt.toml"
+    )
+    assert error_of(path) == (
+        f"{path}:7: [input] output: unknown key; [output] is a table: give it its own [output] header line"
+    )
+    path = write(
+        tmp_path,
+        'output = "s3://bucket/out/"\n' + BASE.replace('[output]\npath = "s3://bucket/out/"', ""),
+        name="nt2.toml",
+    )
     assert error_of(path) == f'{path}:1: [output]: expected a table, got "s3://bucket/out/" (a string)'
     vqa = BASE.replace('kind = "caption"', 'kind = "vqa"')
     path = write(tmp_path, vqa, name="vqa.toml")
-    assert error_of(path) == (f"{path}:4: [input] instruction_column: missing; kind \"vqa\" reads each row's "
-                              'question from this column, e.g. instruction_column = "question"')
-    path = write(tmp_path, vqa.replace('[input]', '[input]\ninstruction_column = "q"') + '\n[prompt]\ntext = "Hi"\n',
-                 name="vqa2.toml")
-    assert error_of(path) == (f'{path}:14: [prompt]: not used by kind "vqa" (only by caption); remove it or change '
-                              "[job] kind")
-    path = write(tmp_path, BASE.replace('path = "s3://bucket/out/"', 'path = "s3://bucket/out/"\nwide = true'),
-                 name="wide.toml")
-    assert error_of(path) == (f'{path}:9: [output] wide: not used by kind "caption" (only by annotate); remove it '
-                              "or change [job] kind")
-    path = write(tmp_path, BASE.replace('path = "s3://bucket/shards/"',
-                                        'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'), name="p.toml")
-    assert error_of(path) == (f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
-                              "output columns: id, image_sha256, instruction, question_id, text, score, "
-                              "candidate_logprobs, status, error_kind, error, model, generation, derived_id, image_url")
+    assert error_of(path) == (
+        f'{path}:4: [input] instruction_column: missing; kind "vqa" reads each row\'s '
+        'question from this column, e.g. instruction_column = "question"'
+    )
+    path = write(
+        tmp_path,
+        vqa.replace("[input]", '[input]\ninstruction_column = "q"') + '\n[prompt]\ntext = "Hi"\n',
+        name="vqa2.toml",
+    )
+    assert error_of(path) == (
+        f'{path}:14: [prompt]: not used by kind "vqa" (only by caption); remove it or change [job] kind'
+    )
+    path = write(
+        tmp_path, BASE.replace('path = "s3://bucket/out/"', 'path = "s3://bucket/out/"\nwide = true'), name="wide.toml"
+    )
+    assert error_of(path) == (
+        f'{path}:9: [output] wide: not used by kind "caption" (only by annotate); remove it or change [job] kind'
+    )
+    path = write(
+        tmp_path,
+        BASE.replace('path = "s3://bucket/shards/"', 'path = "s3://bucket/shards/"\npassthrough = ["url", "status"]'),
+        name="p.toml",
+    )
+    assert error_of(path) == (
+        f'{path}:6: [input] passthrough: "status" clashes with the output column of that name; '
+        "output columns: id, image_sha256, instruction, question_id, text, score, "
+        "candidate_logprobs, status, error_kind, error, model, generation, derived_id, image_url"
+    )
 
 
 def test_syntax_errors_and_unreadable_files(tmp_path):
@@ -277,23 +338,35 @@ def test_an_error_inside_an_inline_table_points_at_its_line(tmp_path):
 
 def test_overrides_replace_and_add_values(tmp_path):
     path = write(tmp_path, BASE + "\n[run]\nbatch_size = 4\n")
-    spec = load_spec(path, {"run.batch_size": 16, "run.workers": 2, "model.path": "/data/other",
-                            "generation.num_beams": 3, "run.address": None})
+    spec = load_spec(
+        path,
+        {
+            "run.batch_size": 16,
+            "run.workers": 2,
+            "model.path": "/data/other",
+            "generation.num_beams": 3,
+            "run.address": None,
+        },
+    )
     assert spec.run.batch_size == 16 and spec.run.workers == 2 and spec.run.address is None
     assert spec.model.path == "/data/other"
     assert spec.generation == {"max_new_tokens": 30, "num_beams": 3}  # the job's default for what is not set
     # Override values are validated like the file's, and the message says they came from an override.
     assert error_of(path, {"run.batch_size": 0}) == (
-        f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)")
+        f"{path} (override run.batch_size): [run] batch_size: expected an integer >= 1, got 0 (an integer)"
+    )
     assert error_of(path, {"run.batchsize": 8}) == (
         f"{path} (override run.batchsize): [run] batchsize: unknown key; did you mean batch_size? known: address, "
         "batch_size, decode_processes, decode_slots, decoded_bytes, max_attempts, max_candidates, max_error_rate, "
-        "max_instruction_bytes, max_workers, prepare_threads, rows_per_unit, workers")
+        "max_instruction_bytes, max_workers, prepare_threads, rows_per_unit, workers"
+    )
     assert error_of(path, {"runs.batch_size": 8}) == (
         f"{path} (override runs.batch_size): [runs]: unknown table; did you mean [run]? known: [decode], [fetch], "
-        "[generation], [input], [job], [model], [output], [prompt], [questions], [run]")
+        "[generation], [input], [job], [model], [output], [prompt], [questions], [run]"
+    )
     assert error_of(path, {"batch_size": 8}) == (
-        f'{path} (override batch_size): batch_size: an override names a table and a key, e.g. "run.batch_size"')
+        f'{path} (override batch_size): batch_size: an override names a table and a key, e.g. "run.batch_size"'
+    )
     # An override can supply what the file lacks, and change the kind.
     annotate = load_spec(path, {"job.kind": "annotate", "questions.color": "What color is it?"})
     assert annotate.kind == "annotate" and annotate.questions == {"color": "What color is it?"}
@@ -311,9 +384,12 @@ def test_parse_override_reads_toml_values_and_keeps_plain_strings():
 
 def test_relative_paths_are_relative_to_the_spec_file(tmp_path, monkeypatch):
     (tmp_path / "jobs" / "models" / "mine").mkdir(parents=True)
-    write(tmp_path / "jobs", BASE.replace('"s3://bucket/shards/"', '["shards/a.parquet", "/abs/b.parquet"]')
-                 .replace('"s3://bucket/out/"', '"out/"').replace('"Salesforce/instructblip-vicuna-7b"',
-                                                                   '"models/mine"'))
+    write(
+        tmp_path / "jobs",
+        BASE.replace('"s3://bucket/shards/"', '["shards/a.parquet", "/abs/b.parquet"]')
+        .replace('"s3://bucket/out/"', '"out/"')
+        .replace('"Salesforce/instructblip-vicuna-7b"', '"models/mine"'),
+    )
     monkeypatch.chdir(tmp_path)
     spec = load_spec("jobs/job.toml")
     assert spec.input.paths == (f"{tmp_path}/jobs/shards/a.parquet", "/abs/b.parquet")
@@ -342,8 +418,9 @@ def test_default_prompt_from_a_local_config_wins_over_the_name(tmp_path):
     (blip2 / "config.json").write_text(json.dumps({"model_type": "blip-2", "text_config": {"model_type": "opt"}}))
     instruct = tmp_path / "blip2-looking-name"
     instruct.mkdir()
-    (instruct / "config.json").write_text(json.dumps({"model_type": "instructblip",
-                                                      "text_config": {"model_type": "t5"}}))
+    (instruct / "config.json").write_text(
+        json.dumps({"model_type": "instructblip", "text_config": {"model_type": "t5"}})
+    )
     assert default_prompt(blip2) == "" and default_prompt(str(blip2)) == ""
     assert default_prompt(instruct) == "A short image caption:"
     assert default_prompt({"model_type": "blip-2"}) == ""
@@ -367,14 +444,26 @@ def test_the_job_of_each_kind(tmp_path):
     assert caption.generation == {"max_new_tokens": 12, "num_beams": 1, "top_k": 5}
     assert caption.fetch == FetchConfig() and caption.run.batch_size is None and caption.input.passthrough == ()
 
-    vqa = load_spec(write(tmp_path, BASE.replace('"caption"', '"vqa"').replace(
-        'path = "s3://bucket/shards/"', 'path = ["s3://b/1.parquet", "s3://b/2.parquet"]\ninstruction_column = "q"'),
-        name="vqa.toml"))
+    vqa = load_spec(
+        write(
+            tmp_path,
+            BASE.replace('"caption"', '"vqa"').replace(
+                'path = "s3://bucket/shards/"',
+                'path = ["s3://b/1.parquet", "s3://b/2.parquet"]\ninstruction_column = "q"',
+            ),
+            name="vqa.toml",
+        )
+    )
     assert vqa.input.instruction_column == "q" and vqa.instructions is None
     assert vqa.input.paths == ("s3://b/1.parquet", "s3://b/2.parquet")
 
-    annotate = load_spec(write(tmp_path, BASE.replace('"caption"', '"annotate"')
-                               + '\n[questions]\nsize = "How big?"\ncolor = "What color?"\n', name="a.toml"))
+    annotate = load_spec(
+        write(
+            tmp_path,
+            BASE.replace('"caption"', '"annotate"') + '\n[questions]\nsize = "How big?"\ncolor = "What color?"\n',
+            name="a.toml",
+        )
+    )
     assert annotate.instructions == {"size": "How big?", "color": "What color?"}
     assert list(annotate.instructions) == ["size", "color"]  # the file's order is the order asked
     assert set(KINDS) == {"caption", "vqa", "annotate"}
@@ -383,20 +472,32 @@ def test_the_job_of_each_kind(tmp_path):
 def test_a_job_from_overrides_alone(tmp_path, monkeypatch):
     """The command line's flags-only form: the same checks and defaults as a file, "command line" as the place."""
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(None, {"job.kind": "caption", "input.path": "in", "output.path": "out", "model.path": "m",
-                            "prompt.text": "Describe:", "fetch.local_roots": Extend(["/data/a", "/data/b"])})
+    spec = load_spec(
+        None,
+        {
+            "job.kind": "caption",
+            "input.path": "in",
+            "output.path": "out",
+            "model.path": "m",
+            "prompt.text": "Describe:",
+            "fetch.local_roots": Extend(["/data/a", "/data/b"]),
+        },
+    )
     assert spec.source is None and spec.instructions == ("Describe:",) and spec.input.paths == ("in",)
     assert spec.fetch.local_roots == ("/data/a", "/data/b") and spec.run == RunConfig()
     with pytest.raises(SpecError, match=r"^command line \(override run.batch_size\): \[run\] batch_size: expected"):
-        load_spec(None, {"job.kind": "caption", "input.path": "in", "output.path": "out", "model.path": "m",
-                         "run.batch_size": 0})
+        load_spec(
+            None,
+            {"job.kind": "caption", "input.path": "in", "output.path": "out", "model.path": "m", "run.batch_size": 0},
+        )
 
 
 def test_an_extend_override_adds_to_the_files_array(tmp_path, monkeypatch):
     text = BASE + '\n[fetch]\nlocal_roots = ["images"]\nallow_hosts = ["a.internal"]\n'
     monkeypatch.chdir(tmp_path.parent)
-    spec = load_spec(write(tmp_path, text), {"fetch.local_roots": Extend(["/data/x"]),
-                                             "fetch.allow_hosts": Extend(["b.internal"])})
+    spec = load_spec(
+        write(tmp_path, text), {"fetch.local_roots": Extend(["/data/x"]), "fetch.allow_hosts": Extend(["b.internal"])}
+    )
     # the file's relative root keeps its meaning (the spec's folder); the flag's absolute one is added
     assert spec.fetch.local_roots == (str(tmp_path / "images"), "/data/x")
     assert spec.fetch.allow_hosts == ("a.internal", "b.internal")
@@ -407,7 +508,8 @@ def test_an_extend_override_adds_to_the_files_array(tmp_path, monkeypatch):
 def test_max_error_rate_is_checked(tmp_path):
     assert load_spec(write(tmp_path, BASE + "\n[run]\nmax_error_rate = 0.25\n")).run.max_error_rate == 0.25
     assert error_of(write(tmp_path, BASE + "\n[run]\nmax_error_rate = 0\n", "z.toml")).endswith(
-        "[run] max_error_rate: expected a number in (0, 1], got 0 (an integer)")
+        "[run] max_error_rate: expected a number in (0, 1], got 0 (an integer)"
+    )
 
 
 # --- the wide table --------------------------------------------------------------------------------------------------
@@ -417,10 +519,21 @@ def _long_rows(image: str, url: str, width: int, answers: dict[str, str | tuple[
     rows = []
     for question_id, answer in answers.items():
         failed = isinstance(answer, tuple)
-        rows.append({"id": image, "image_url": url, "instruction": f"{question_id}?", "question_id": question_id,
-                     "text": None if failed else answer, "status": "error" if failed else "ok",
-                     "error_kind": answer[0] if failed else None, "error": answer[1] if failed else None,
-                     "model": "m", "generation": "{}", "width": width})
+        rows.append(
+            {
+                "id": image,
+                "image_url": url,
+                "instruction": f"{question_id}?",
+                "question_id": question_id,
+                "text": None if failed else answer,
+                "status": "error" if failed else "ok",
+                "error_kind": answer[0] if failed else None,
+                "error": answer[1] if failed else None,
+                "model": "m",
+                "generation": "{}",
+                "width": width,
+            }
+        )
     return rows
 
 
@@ -433,24 +546,42 @@ def _commit(output: str, unit_id: str, rows: list[dict]) -> None:
 
 def test_wide_table_from_a_hand_made_output(tmp_path):
     output = str(tmp_path / "out")
-    _commit(output, "u0", _long_rows("a", "http://x/a.jpg", 10, {"color": "red", "size": "big"})
-            + _long_rows("b", "http://x/b.jpg", 20, {"color": ("fetch_http", "HTTP 404"), "size": ("fetch_http",
-                                                                                                   "HTTP 404")}))
+    _commit(
+        output,
+        "u0",
+        _long_rows("a", "http://x/a.jpg", 10, {"color": "red", "size": "big"})
+        + _long_rows(
+            "b", "http://x/b.jpg", 20, {"color": ("fetch_http", "HTTP 404"), "size": ("fetch_http", "HTTP 404")}
+        ),
+    )
     _commit(output, "u1", _long_rows("c", "http://x/c.jpg", 30, {"color": "blue", "size": ("model_error", "boom")}))
     # A part written without its commit marker (a crash between the two) is not part of the output.
     uncommitted = WorkUnit("u2", "in.parquet", (1,), 3, 1)
-    write_part(output, uncommitted, pa.Table.from_pylist(_long_rows("d", "http://x/d.jpg", 40, {"color": "x",
-                                                                                                "size": "y"})))
+    write_part(
+        output, uncommitted, pa.Table.from_pylist(_long_rows("d", "http://x/d.jpg", 40, {"color": "x", "size": "y"}))
+    )
     path = write_wide_table(output)
     assert path == f"{output}.wide.parquet"
     wide = pq.read_table(path)
     assert wide.column_names == ["id", "image_url", "width", "color", "size", "errors"]
     assert wide.to_pylist() == [
         {"id": "a", "image_url": "http://x/a.jpg", "width": 10, "color": "red", "size": "big", "errors": None},
-        {"id": "b", "image_url": "http://x/b.jpg", "width": 20, "color": None, "size": None,
-         "errors": [("color", "fetch_http: HTTP 404"), ("size", "fetch_http: HTTP 404")]},
-        {"id": "c", "image_url": "http://x/c.jpg", "width": 30, "color": "blue", "size": None,
-         "errors": [("size", "model_error: boom")]},
+        {
+            "id": "b",
+            "image_url": "http://x/b.jpg",
+            "width": 20,
+            "color": None,
+            "size": None,
+            "errors": [("color", "fetch_http: HTTP 404"), ("size", "fetch_http: HTTP 404")],
+        },
+        {
+            "id": "c",
+            "image_url": "http://x/c.jpg",
+            "width": 30,
+            "color": "blue",
+            "size": None,
+            "errors": [("size", "model_error: boom")],
+        },
     ]
     assert not list(Path(output).glob(".*tmp"))  # written whole: no temp file left behind
 
@@ -483,11 +614,13 @@ def test_wide_table_refuses_outputs_it_cannot_widen(tmp_path):
 
 def test_values_in_messages_are_written_as_toml(tmp_path):
     path = write(tmp_path, BASE + '\n[run]\naddress = { host = "h", port = 1, tls = true }\n')
-    assert error_of(path) == (f'{path}:14: [run] address: expected a non-empty string, '
-                              'got { host = "h", port = 1, tls = true } (a table)')
-    path = write(tmp_path, BASE + "\n[fetch]\nallowed_schemes = [\"https\", 3]\n", name="l.toml")
-    assert error_of(path) == (f'{path}:14: [fetch] allowed_schemes: expected an array of non-empty strings, '
-                              'got ["https", 3] (an array)')
+    assert error_of(path) == (
+        f'{path}:14: [run] address: expected a non-empty string, got {{ host = "h", port = 1, tls = true }} (a table)'
+    )
+    path = write(tmp_path, BASE + '\n[fetch]\nallowed_schemes = ["https", 3]\n', name="l.toml")
+    assert error_of(path) == (
+        f'{path}:14: [fetch] allowed_schemes: expected an array of non-empty strings, got ["https", 3] (an array)'
+    )
 
 
 def test_a_python_api_job_checks_its_generation_settings_once_when_built():
@@ -495,8 +628,9 @@ def test_a_python_api_job_checks_its_generation_settings_once_when_built():
 
     job = job_from_keywords("in", "out", "m", prompt="x", num_beams=3, generation={"length_penalty": 0.5})
     assert job.generation == {"max_new_tokens": 30, "num_beams": 3, "length_penalty": 0.5}
-    with pytest.raises(GenerationSettingsError,
-                       match="unknown generation setting 'max_new_token'; did you mean max_new_tokens?"):
+    with pytest.raises(
+        GenerationSettingsError, match="unknown generation setting 'max_new_token'; did you mean max_new_tokens?"
+    ):
         job_from_keywords("in", "out", "m", prompt="x", generation={"max_new_token": 3})
     with pytest.raises(GenerationSettingsError, match="num_return_sequences"):
         job_from_keywords("in", "out", "m", prompt="x", num_beams=2, generation={"num_return_sequences": 3})
@@ -507,7 +641,10 @@ def test_every_generation_setting_from_a_spec_an_override_and_the_python_api(tmp
     numbers that transformers wants as floats arrive as floats; the Job stays JSON (it goes into the manifest)."""
     from blipbatch.pipeline.job import job_from_keywords
 
-    path = write(tmp_path, BASE + textwrap.dedent("""
+    path = write(
+        tmp_path,
+        BASE
+        + textwrap.dedent("""
         [generation]
         bad_words_ids = [[5], [6, 7]]
         sequence_bias = [[[5], 2], [[8, 9], -1.5]]
@@ -522,9 +659,12 @@ def test_every_generation_setting_from_a_spec_an_override_and_the_python_api(tmp
         renormalize_logits = true
         use_cache = false
         encoder_repetition_penalty = 1.2
-        """))
-    overrides = dict(parse_override(a) for a in ("generation.forced_bos_token_id=12", "generation.top_k=7",
-                                                 "generation.remove_invalid_values=true"))
+        """),
+    )
+    overrides = dict(
+        parse_override(a)
+        for a in ("generation.forced_bos_token_id=12", "generation.top_k=7", "generation.remove_invalid_values=true")
+    )
     spec = load_spec(path, overrides)
     assert spec.generation["sequence_bias"] == [[[5], 2.0], [[8, 9], -1.5]]
     assert isinstance(spec.generation["sequence_bias"][0][1], float)
@@ -536,8 +676,9 @@ def test_every_generation_setting_from_a_spec_an_override_and_the_python_api(tmp
     assert job.generation["sequence_bias"] == [[[5], 2.0]]
     json.dumps(job.generation)
     bad = write(tmp_path, BASE + "\n[generation]\nsuppress_tokens = [-1]\n", name="bad.toml")
-    assert error_of(bad) == (f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, "
-                             "got [-1] (an array)")
+    assert error_of(bad) == (
+        f"{bad}:14: [generation] suppress_tokens: expected an array of token ids, got [-1] (an array)"
+    )
 
 
 def test_model_quantize_reaches_the_job_and_its_manifest(tmp_path):

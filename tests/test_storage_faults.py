@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from tiny import write_tiny_checkpoint
 
 from blipbatch import pipeline
-from tiny import write_tiny_checkpoint
+from blipbatch.pipeline.manifest import ensure_manifest
 from blipbatch.pipeline.run import connect_ray
 from blipbatch.pipeline.shards import WorkUnit
-from blipbatch.pipeline.manifest import ensure_manifest
 from blipbatch.pipeline.sink import (
     PROGRESS_DIR,
     commit_unit,
@@ -38,7 +38,6 @@ from blipbatch.pipeline.sink import (
     write_part,
 )
 from blipbatch.schemas import ProgressRecord
-
 from tests.faulty_proxy import FAULT_KINDS, FaultPlan, FaultyProxy
 
 BUCKET = "faults"
@@ -66,17 +65,24 @@ def direct(moto_endpoint):
 def unit_table(unit: int, attempt: int) -> pa.Table:
     """A unit's output as written by one attempt: every attempt's table differs, so a reader can tell them apart."""
     ids = [f"u{unit}-r{r}" for r in range(ROWS)]
-    return pa.table({
-        "id": ids,
-        "text": [f"attempt {attempt}: {row_id} " + "x" * (r % 97) for r, row_id in enumerate(ids)],
-        "status": ["ok" if r % 10 else "error" for r in range(ROWS)],
-        "error_kind": [None if r % 10 else "decode_error" for r in range(ROWS)],
-    })
+    return pa.table(
+        {
+            "id": ids,
+            "text": [f"attempt {attempt}: {row_id} " + "x" * (r % 97) for r, row_id in enumerate(ids)],
+            "status": ["ok" if r % 10 else "error" for r in range(ROWS)],
+            "error_kind": [None if r % 10 else "decode_error" for r in range(ROWS)],
+        }
+    )
 
 
 def work_unit(unit: int) -> WorkUnit:
-    return WorkUnit(unit_id=f"unit-{unit:02d}", shard=f"s3://{BUCKET}/in/shard.parquet", row_groups=(unit,),
-                    first_row=unit * ROWS, num_rows=ROWS)
+    return WorkUnit(
+        unit_id=f"unit-{unit:02d}",
+        shard=f"s3://{BUCKET}/in/shard.parquet",
+        row_groups=(unit,),
+        first_row=unit * ROWS,
+        num_rows=ROWS,
+    )
 
 
 class PartReader(threading.Thread):
@@ -100,8 +106,11 @@ class PartReader(threading.Thread):
     def check_once(self, final: bool = False) -> None:
         self.fs.invalidate_cache()
         try:
-            markers = [p for p in self.fs.ls(f"{self.root}/{PROGRESS_DIR}", detail=False)
-                       if p.endswith(".json") and not p.endswith(".failed.json")]
+            markers = [
+                p
+                for p in self.fs.ls(f"{self.root}/{PROGRESS_DIR}", detail=False)
+                if p.endswith(".json") and not p.endswith(".failed.json")
+            ]
         except FileNotFoundError:
             markers = []
         parts = [p for p in self.fs.ls(self.root, detail=False) if p.endswith(".parquet")]
@@ -132,8 +141,9 @@ def test_sink_writes_through_faults_leave_only_whole_parts_and_markers(proxy, di
     import s3fs
 
     # The sink's own retries must carry every write: botocore's and s3fs's retries are turned off.
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": proxy.url,
-                                                   "config_kwargs": {"retries": {"max_attempts": 0}}})
+    monkeypatch.setitem(
+        fsspec.config.conf, "s3", {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    )
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     s3fs.S3FileSystem.clear_instance_cache()
     caplog.set_level(logging.WARNING, logger="blipbatch.pipeline.sink")
@@ -231,14 +241,24 @@ def test_pipeline_run_to_s3_through_faults_gives_every_row_once(ray_through_prox
         urls = [f"s3://{BUCKET}/images/{(r + s) % 6}.png" for r in range(30)]
         expected.update(zip(ids, urls))
         (tmp_path / "in").mkdir(exist_ok=True)
-        pq.write_table(pa.table({"key": ids, "image_url": urls}), tmp_path / "in" / f"part-{s}.parquet",
-                       row_group_size=10)
+        pq.write_table(
+            pa.table({"key": ids, "image_url": urls}), tmp_path / "in" / f"part-{s}.parquet", row_group_size=10
+        )
     output = f"s3://{BUCKET}/run-out"
     checkpoint = str(write_tiny_checkpoint(tmp_path / "model"))
     before = proxy.counts.copy()
 
-    summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, prompt=PROMPT, id_column="key",
-                           rows_per_unit=10, batch_size=5, max_new_tokens=NEW_TOKENS, progress=False)
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        output,
+        checkpoint,
+        prompt=PROMPT,
+        id_column="key",
+        rows_per_unit=10,
+        batch_size=5,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+    )
 
     faults = proxy.counts - before
     assert sum(faults[kind] for kind in FAULT_KINDS) >= 3, faults

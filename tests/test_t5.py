@@ -12,8 +12,16 @@ from blipbatch.model.t5 import T5ForConditionalGeneration, head_is_tied, relativ
 
 VOCAB = 40
 # Few buckets and a short max distance, so short sequences already reach the log-spaced buckets.
-BASE = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=20)
+BASE = dict(
+    vocab_size=VOCAB,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+)
 VARIANTS = [("gated-gelu", "gelu"), ("relu", None), ("gated-gelu", None)]  # None: the config's default activation
 
 
@@ -181,8 +189,9 @@ def test_head_tying_follows_checkpoint_semantics():
 
 @torch.no_grad()
 def test_unequal_encoder_decoder_depths():
-    config = T5Config(**BASE, num_decoder_layers=3, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
-                      tie_word_embeddings=False)
+    config = T5Config(
+        **BASE, num_decoder_layers=3, feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False
+    )
     torch.manual_seed(0)
     ours = T5ForConditionalGeneration(config).eval()
     redraw_(ours, 3)

@@ -17,8 +17,10 @@ from blipbatch.schemas import ColumnMapping
 def test_columns_are_filled_and_doubled_braces_are_literal():
     template = parse("Caption it. {{page}} said: {caption} ({lang}, {caption}) }}")
     assert template.columns == ("caption", "lang")
-    assert template.fill({"caption": "a red kite", "lang": "en"}) == \
-        "Caption it. {page} said: a red kite (en, a red kite) }"
+    assert (
+        template.fill({"caption": "a red kite", "lang": "en"})
+        == "Caption it. {page} said: a red kite (en, a red kite) }"
+    )
     assert template.fill({"caption": 7, "lang": "x"}).endswith("said: 7 (x, 7) }")  # any value, as text
     assert parse("no columns {{}}").fill({}) == "no columns {}"
 
@@ -33,13 +35,16 @@ def test_a_null_or_empty_value_is_an_invalid_input_naming_the_column_unless_miss
     assert template.fill({"caption": value}, missing="empty") == f"The page said: {value or ''}."
 
 
-@pytest.mark.parametrize("text, message", [
-    ("Say {caption", r"unclosed '\{' at character 5 of 'Say \{caption'"),
-    ("Say {a{b}", r"unclosed '\{' at character 5"),
-    ("Say {} now", r"empty '\{\}' at character 5 of 'Say \{\} now': name a column"),
-    ("Say { }", r"empty '\{\}' at character 5"),
-    ("Say } now", r"single '\}' at character 5 .*write '\}\}' for a literal brace"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Say {caption", r"unclosed '\{' at character 5 of 'Say \{caption'"),
+        ("Say {a{b}", r"unclosed '\{' at character 5"),
+        ("Say {} now", r"empty '\{\}' at character 5 of 'Say \{\} now': name a column"),
+        ("Say { }", r"empty '\{\}' at character 5"),
+        ("Say } now", r"single '\}' at character 5 .*write '\}\}' for a literal brace"),
+    ],
+)
 def test_malformed_templates_are_refused_saying_where(text, message):
     with pytest.raises(TemplateError, match=message):
         parse(text)
@@ -72,14 +77,26 @@ def test_the_python_api_refuses_a_bad_template():
 
 
 def test_read_unit_fills_each_row_and_leaves_a_rows_own_question_alone(tmp_path):
-    pq.write_table(pa.table({"image_url": ["a", "b", "c"], "caption": ["a kite", None, ""],
-                             "question": ["What is {caption}?", "Why?", "How?"]}), tmp_path / "in.parquet")
-    unit, = plan_units(discover_shards(str(tmp_path / "in.parquet")), ColumnMapping())
+    pq.write_table(
+        pa.table(
+            {
+                "image_url": ["a", "b", "c"],
+                "caption": ["a kite", None, ""],
+                "question": ["What is {caption}?", "Why?", "How?"],
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
+    (unit,) = plan_units(discover_shards(str(tmp_path / "in.parquet")), ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), {"what": "Caption it; alt: {caption}", "plain": "Say {{hi}}"})
     assert [(r.question_id, r.instruction, r.problem and r.problem.kind) for r in rows] == [
-        ("what", "Caption it; alt: a kite", None), ("plain", "Say {hi}", None),
-        ("what", "Caption it; alt: {caption}", "invalid_input"), ("plain", "Say {hi}", None),
-        ("what", "Caption it; alt: {caption}", "invalid_input"), ("plain", "Say {hi}", None)]
+        ("what", "Caption it; alt: a kite", None),
+        ("plain", "Say {hi}", None),
+        ("what", "Caption it; alt: {caption}", "invalid_input"),
+        ("plain", "Say {hi}", None),
+        ("what", "Caption it; alt: {caption}", "invalid_input"),
+        ("plain", "Say {hi}", None),
+    ]
     assert "column 'caption' is null" in rows[2].problem.message
     rows = read_unit(unit, ColumnMapping(missing="empty"), ["Alt: {caption}."])
     assert [(r.instruction, r.problem) for r in rows] == [("Alt: a kite.", None), ("Alt: .", None), ("Alt: .", None)]

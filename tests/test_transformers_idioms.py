@@ -64,8 +64,16 @@ def test_documentation_example_verbatim():
 def test_documentation_example_ids_equal_transformers(processor, ours, theirs):
     image = Image.open(SAMPLE_IMAGES / "red-circle.png").convert("RGB")
     inputs = processor(images=image, text="What color is the shape?", return_tensors="pt")
-    settings = dict(do_sample=False, num_beams=5, max_length=256, min_length=1, top_p=0.9, repetition_penalty=1.5,
-                    length_penalty=1.0, temperature=1)
+    settings = dict(
+        do_sample=False,
+        num_beams=5,
+        max_length=256,
+        min_length=1,
+        top_p=0.9,
+        repetition_penalty=1.5,
+        length_penalty=1.0,
+        temperature=1,
+    )
     with torch.no_grad():
         expected = theirs.generate(**inputs, **settings)
     assert ours.generate(**inputs, **settings).tolist() == expected.tolist()
@@ -91,7 +99,7 @@ def test_processor_output_moves_and_casts(processor):
     with pytest.raises(ProcessorError, match="a device"):
         inputs.to(3.5)
     with pytest.raises(AttributeError):
-        inputs.labels
+        _ = inputs.labels
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -103,10 +111,16 @@ def test_processor_output_to_cuda(processor):
 # ---- from_pretrained arguments, device, dtype, num_parameters ------------------------------------------------
 
 
-@pytest.mark.parametrize("argument", [
-    dict(torch_dtype=torch.bfloat16), dict(torch_dtype="bfloat16"), dict(dtype="bfloat16"), dict(dtype=torch.bfloat16),
-    dict(torch_dtype="torch.bfloat16"),
-])
+@pytest.mark.parametrize(
+    "argument",
+    [
+        dict(torch_dtype=torch.bfloat16),
+        dict(torch_dtype="bfloat16"),
+        dict(dtype="bfloat16"),
+        dict(dtype=torch.bfloat16),
+        dict(torch_dtype="torch.bfloat16"),
+    ],
+)
 def test_from_pretrained_dtype_spellings(argument):
     model = InstructBlipForConditionalGeneration.from_pretrained(str(DEMO_MODEL), **argument)
     assert model.dtype == torch.bfloat16
@@ -123,13 +137,16 @@ def test_from_pretrained_auto_dtype_and_device_map(ours):
     assert on_cpu.device == torch.device("cpu")
 
 
-@pytest.mark.parametrize("argument, message", [
-    (dict(torch_dtype="int8"), "not a floating-point torch dtype"),
-    (dict(dtype="float16", torch_dtype="bfloat16"), "disagree"),
-    (dict(device_map={"": 0}), "device_map as a dict"),
-    (dict(device_map="gpu7"), "not a device"),
-    (dict(device="cpu", device_map="cpu"), "not both"),
-])
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        (dict(torch_dtype="int8"), "not a floating-point torch dtype"),
+        (dict(dtype="float16", torch_dtype="bfloat16"), "disagree"),
+        (dict(device_map={"": 0}), "device_map as a dict"),
+        (dict(device_map="gpu7"), "not a device"),
+        (dict(device="cpu", device_map="cpu"), "not both"),
+    ],
+)
 def test_from_pretrained_bad_arguments(argument, message):
     with pytest.raises(ConfigError, match=message):
         InstructBlipForConditionalGeneration.from_pretrained(str(DEMO_MODEL), **argument)
@@ -165,12 +182,16 @@ def assert_scores_match(got: tuple, expected: tuple) -> None:
         assert (a[finite] - b[finite]).abs().max().item() <= SCORE_TOL
 
 
-@pytest.mark.parametrize("settings", [
-    dict(max_new_tokens=4),
-    dict(max_new_tokens=4, repetition_penalty=1.5, min_new_tokens=2),
-    dict(max_new_tokens=4, num_beams=3, num_return_sequences=2),
-    dict(max_new_tokens=5, num_beams=3, length_penalty=0.5, repetition_penalty=1.3),
-], ids=["greedy", "greedy-penalties", "beam", "beam-penalties"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_new_tokens=4),
+        dict(max_new_tokens=4, repetition_penalty=1.5, min_new_tokens=2),
+        dict(max_new_tokens=4, num_beams=3, num_return_sequences=2),
+        dict(max_new_tokens=5, num_beams=3, length_penalty=0.5, repetition_penalty=1.3),
+    ],
+    ids=["greedy", "greedy-penalties", "beam", "beam-penalties"],
+)
 def test_generate_scores_match_transformers(processor, ours, theirs, settings):
     inputs = batch_inputs(processor)
     asked = dict(return_dict_in_generate=True, output_scores=True)

@@ -11,22 +11,27 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_output_dataset import unit_output
+from tiny import write_tiny_checkpoint
 
 from blipbatch import pipeline
 from blipbatch.pipeline.resume import plan_run, unmatched_units
 from blipbatch.pipeline.shards import plan_units, read_unit
 from blipbatch.pipeline.sink import commit_unit, committed_units, read_output, record_for, write_part
 from blipbatch.schemas import ColumnMapping
-from test_output_dataset import unit_output
-from tiny import write_tiny_checkpoint
 
 MAPPING = ColumnMapping(image_column="image_url", id_column="key", passthrough=("lang",))
 
 
 def pandas_shard(path, rows: int, start: int = 0) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"image_url": [f"/img/{i}.png" for i in range(start, start + rows)],
-                  "key": [str(i) for i in range(start, start + rows)], "lang": ["en"] * rows}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "image_url": [f"/img/{i}.png" for i in range(start, start + rows)],
+            "key": [str(i) for i in range(start, start + rows)],
+            "lang": ["en"] * rows,
+        }
+    ).to_parquet(path)
     assert pq.ParquetFile(path).metadata.num_row_groups == 1
     return str(path)
 
@@ -55,8 +60,9 @@ def test_the_default_cuts_a_100000_row_group_into_100_units(tmp_path):
 
 def test_small_row_groups_still_join_and_a_large_one_among_them_is_cut(tmp_path):
     path = tmp_path / "mixed.parquet"
-    table = pd.DataFrame({"image_url": [f"/img/{i}.png" for i in range(30)], "key": [str(i) for i in range(30)],
-                          "lang": ["en"] * 30})
+    table = pd.DataFrame(
+        {"image_url": [f"/img/{i}.png" for i in range(30)], "key": [str(i) for i in range(30)], "lang": ["en"] * 30}
+    )
     with pq.ParquetWriter(path, pq.read_schema(pandas_shard(tmp_path / "schema.parquet", 1))) as writer:
         import pyarrow as pa
 
@@ -65,8 +71,12 @@ def test_small_row_groups_still_join_and_a_large_one_among_them_is_cut(tmp_path)
             writer.write_table(whole.slice(start, stop - start))
     units = plan_units([str(path)], MAPPING, max_rows_per_unit=8)
     assert [(u.row_groups, u.first_row, u.num_rows, u.group_range) for u in units] == [
-        ((0, 1), 0, 6, None), ((2,), 6, 8, (0, 8)), ((2,), 14, 8, (8, 16)), ((2,), 22, 4, (16, 20)),
-        ((3,), 26, 4, None)]
+        ((0, 1), 0, 6, None),
+        ((2,), 6, 8, (0, 8)),
+        ((2,), 14, 8, (8, 16)),
+        ((2,), 22, 4, (16, 20)),
+        ((3,), 26, 4, None),
+    ]
     rows = [row.id for unit in units for row in read_unit(unit, MAPPING, ["caption"])]
     assert rows == [str(i) for i in range(30)]
 
@@ -106,8 +116,16 @@ def test_a_run_commits_each_range_once_and_resumes(ray_local, tmp_path, checkpoi
     source.parent.mkdir()
     pd.DataFrame({"image": [png(i) for i in range(12)], "key": [f"k{i}" for i in range(12)]}).to_parquet(source)
     output = str(tmp_path / "out")
-    options = dict(image_column="image", id_column="key", prompt="A caption:", rows_per_unit=5, batch_size=4,
-                   max_new_tokens=2, device="cpu", progress=False)
+    options = dict(
+        image_column="image",
+        id_column="key",
+        prompt="A caption:",
+        rows_per_unit=5,
+        batch_size=4,
+        max_new_tokens=2,
+        device="cpu",
+        progress=False,
+    )
     summary = pipeline.run(str(source), output, checkpoint, **options)
     assert (summary.units_total, summary.units_done, summary.rows_ok) == (3, 3, 12)
     assert len(committed_units(output)) == 3

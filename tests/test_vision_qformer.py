@@ -18,8 +18,13 @@ VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=2
 )
 QFORMER = dict(
-    vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-    max_position_embeddings=40, encoder_hidden_size=48,
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=40,
+    encoder_hidden_size=48,
 )
 NUM_QUERIES = 6
 TOL = 1e-5

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from test_pipeline import png
 
 from blipbatch.pipeline.shards import DuplicateIdError, ShardError, discover_shards, plan_units, read_unit
 from blipbatch.pipeline.webdataset import split_name
 from blipbatch.schemas import ColumnMapping
-from test_pipeline import png
 
 WITH_ALT = ColumnMapping(passthrough=("caption", "width"))
 
@@ -24,8 +24,15 @@ def write_shards(folder: Path, count: int, per_shard: int, start: int = 0, **ext
     with wds.ShardWriter(str(folder / "shard-%04d.tar"), maxcount=per_shard, verbose=0, start_shard=start) as sink:
         for k in range(start * per_shard, start * per_shard + count):
             images.append(png(k))
-            sink.write({"__key__": f"s{k:05d}", "png": images[-1], "txt": f"text {k}",
-                        "json": {"caption": f"alt {k}", "width": 40 + k}, **extra})
+            sink.write(
+                {
+                    "__key__": f"s{k:05d}",
+                    "png": images[-1],
+                    "txt": f"text {k}",
+                    "json": {"caption": f"alt {k}", "width": 40 + k},
+                    **extra,
+                }
+            )
     return images
 
 
@@ -52,7 +59,8 @@ def test_samples_are_units_of_rows_per_unit_with_their_columns_and_the_key_as_id
     units = plan_units(shards, WITH_ALT, 2)
     assert [(u.first_row, u.num_rows) for u in units] == [(0, 2), (2, 2), (4, 1), (0, 2)]
     assert units[0].schema.names[:2] == ["__key__", "image_url"] and {"txt", "caption", "width"} <= set(
-        units[0].schema.names)
+        units[0].schema.names
+    )
     rows = [row for unit in units for row in read_unit(unit, WITH_ALT, ["{caption}: {txt}"])]
     assert [row.id for row in rows] == [f"s{k:05d}" for k in range(7)]
     assert [row.image for row in rows] == images
@@ -60,32 +68,42 @@ def test_samples_are_units_of_rows_per_unit_with_their_columns_and_the_key_as_id
     assert all(row.problem is None and row.derived_id is None for row in rows)
     # A tar renamed plans the same unit ids (they come from its content)
     (tmp_path / "in" / "shard-0001.tar").rename(tmp_path / "in" / "renamed.tar")
-    assert sorted(u.unit_id for u in plan_units(discover_shards(str(tmp_path / "in")), WITH_ALT, 2)) == \
-        sorted(u.unit_id for u in units)
+    assert sorted(u.unit_id for u in plan_units(discover_shards(str(tmp_path / "in")), WITH_ALT, 2)) == sorted(
+        u.unit_id for u in units
+    )
 
 
 def test_an_id_column_from_the_json_and_a_chosen_image_extension(tmp_path):
     source = tar_of(tmp_path / "x.tar", [("a.jpg", png(1)), ("a.png", png(2)), ("a.json", b'{"uid": "A-1"}')])
     mapping = ColumnMapping(id_column="uid", image_extension="png")
-    row, = read_unit(plan_units([source], mapping)[0], mapping, ["x"])
+    (row,) = read_unit(plan_units([source], mapping)[0], mapping, ["x"])
     assert (row.id, row.image, row.derived_id is not None, row.problem) == ("A-1", png(2), True, None)
 
 
 def test_bad_samples_are_row_errors_and_the_rest_of_the_shard_goes_on(tmp_path):
-    source = tar_of(tmp_path / "bad.tar", [
-        ("ok.png", png(1)), ("ok.json", b'{"caption": "fine"}'),
-        ("noimage.txt", b"just text"),
-        ("two.jpg", png(2)), ("two.png", png(3)),
-        ("list.png", png(4)), ("list.json", b"[1, 2]"),
-        ("README", b"a member without a key"),
-        ("last.png", png(5)),
-    ])
-    unit, = plan_units([source], ColumnMapping())
+    source = tar_of(
+        tmp_path / "bad.tar",
+        [
+            ("ok.png", png(1)),
+            ("ok.json", b'{"caption": "fine"}'),
+            ("noimage.txt", b"just text"),
+            ("two.jpg", png(2)),
+            ("two.png", png(3)),
+            ("list.png", png(4)),
+            ("list.json", b"[1, 2]"),
+            ("README", b"a member without a key"),
+            ("last.png", png(5)),
+        ],
+    )
+    (unit,) = plan_units([source], ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
     problems = {row.id: row.problem and (row.problem.kind, row.problem.message) for row in rows}
     assert problems["ok"] is None and problems["last"] is None
-    assert problems["noimage"] == ("invalid_input", "sample 'noimage' has no image (jpg, jpeg, png, webp) member (its "
-                                   "members: noimage.txt); [input] image_extension names another")
+    assert problems["noimage"] == (
+        "invalid_input",
+        "sample 'noimage' has no image (jpg, jpeg, png, webp) member (its "
+        "members: noimage.txt); [input] image_extension names another",
+    )
     assert "sample 'two' has 2 images (two.jpg, two.png): set [input] image_extension" in problems["two"][1]
     assert problems["list"] == ("invalid_input", "member 'list.json' holds a JSON list, not an object")
     assert "member 'README' has no key" in problems["README"][1]
@@ -98,20 +116,20 @@ def test_a_truncated_tar_keeps_what_it_holds_and_says_where_it_ends(tmp_path):
     cut = data.index(png(3)) + 20  # into c.png's data
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "cut.tar").write_bytes(data[:cut])
-    unit, = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
+    (unit,) = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
     assert [(row.id, row.problem is None) for row in rows] == [("a", True), ("b", True), ("c", False)]
     assert "member 'c.png' is cut short: the tar ends 20 bytes into its" in rows[2].problem.message
     # garbage where a header should be: the samples before it, and one row saying from which byte on
     garbage = data[: data.index(b"c.png")] + b"\x07" * 2048
     (tmp_path / "in" / "cut.tar").write_bytes(garbage)
-    unit, = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
+    (unit,) = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
     assert [row.id for row in rows[:2]] == ["a", "b"] and rows[2].id.startswith("cut.tar@")
     assert "the tar is unreadable from byte" in rows[2].problem.message
     # cut inside a header: the same
     (tmp_path / "in" / "cut.tar").write_bytes(data[: data.index(b"c.png") + 100])
-    unit, = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
+    (unit,) = plan_units(discover_shards(str(tmp_path / "in")), ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
     assert [row.id for row in rows[:2]] == ["a", "b"]
     assert "the tar ends inside a header at byte" in rows[2].problem.message
@@ -148,14 +166,15 @@ def test_tars_on_s3_plan_and_read_as_local_ones(s3fs_clean, tmp_path):
     assert [u.unit_id for u in units] == [u.unit_id for u in local]  # identity by content, wherever the tar lies
     rows = [row for unit in units for row in read_unit(unit, WITH_ALT, ["{caption}"])]
     assert [(row.id, row.image, row.instruction) for row in rows] == [
-        (f"s{k:05d}", images[k], f"alt {k}") for k in range(6)]
+        (f"s{k:05d}", images[k], f"alt {k}") for k in range(6)
+    ]
 
 
 def test_a_tar_rewritten_after_planning_is_refused_when_its_unit_is_read(tmp_path):
     from blipbatch.pipeline.shards import ShardChanged
 
     source = tar_of(tmp_path / "a.tar", [("a.png", png(1)), ("b.png", png(2))])
-    unit, = plan_units([source], ColumnMapping())
+    (unit,) = plan_units([source], ColumnMapping())
     tar_of(tmp_path / "a.tar", [("a.png", png(3)), ("b.png", png(2))])
     with pytest.raises(ShardChanged, match=r"a.tar: its content changed after planning.*is not committed"):
         read_unit(unit, ColumnMapping(), ["x"])
@@ -172,15 +191,22 @@ def test_long_member_names_in_each_tar_format(tmp_path, tar_format):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    unit, = plan_units([str(tmp_path / "long.tar")], ColumnMapping())
+    (unit,) = plan_units([str(tmp_path / "long.tar")], ColumnMapping())
     rows = read_unit(unit, ColumnMapping(missing="empty"), ["{txt}"])
     assert rows[0].id == f"{folder}/k1" and rows[0].image == png(1) and rows[0].instruction == "hello"
     assert [row.id for row in rows] == [f"{folder}/k1"] + ([] if tar_format == tarfile.USTAR_FORMAT else ["é/k2"])
 
 
 def test_a_vqa_question_from_the_json_and_the_key_named_as_the_id_column(tmp_path):
-    source = tar_of(tmp_path / "q.tar", [("a.png", png(1)), ("a.json", b'{"question": "Is it {red}?"}'),
-                                         ("b.png", png(2)), ("b.json", b'{"question": null}')])
+    source = tar_of(
+        tmp_path / "q.tar",
+        [
+            ("a.png", png(1)),
+            ("a.json", b'{"question": "Is it {red}?"}'),
+            ("b.png", png(2)),
+            ("b.json", b'{"question": null}'),
+        ],
+    )
     mapping = ColumnMapping(instruction_column="question", id_column="__key__")
     rows = read_unit(plan_units([source], mapping)[0], mapping)
     assert [(row.id, row.instruction) for row in rows] == [("a", "Is it {red}?"), ("b", None)]
@@ -206,10 +232,10 @@ def test_img2dataset_webdataset_folders_metadata_parquet_beside_each_tar_is_not_
 def test_a_cached_scan_plans_without_reading_the_tar_again(tmp_path):
     """The cache is looked up by the tar's size and first and last 256 KiB: garbage written over headers in the
     middle of a large tar (size, start and end kept) is seen by a fresh scan, not by one taken from the cache."""
+    import os
+
     from blipbatch.pipeline.sink import write_file
     from blipbatch.pipeline.webdataset import IndexCache
-
-    import os
 
     members = [(f"k{k:03d}.jpg", os.urandom(20000)) for k in range(60)]  # 1.2 MB: the middle is not sampled
     source = Path(tar_of(tmp_path / "big.tar", members))
@@ -220,7 +246,7 @@ def test_a_cached_scan_plans_without_reading_the_tar_again(tmp_path):
         write_file(str(tmp_path / "out" / name), data)
     data = bytearray(source.read_bytes())
     middle = data.index(b"k030.jpg")
-    data[middle: middle + 512] = b"\x07" * 512
+    data[middle : middle + 512] = b"\x07" * 512
     source.write_bytes(bytes(data))
     cached = IndexCache(str(tmp_path / "out"))
     assert [u.unit_id for u in plan_units([str(source)], ColumnMapping(), 100, cached)] == [fresh[0].unit_id]
@@ -237,12 +263,12 @@ def test_a_broken_pax_header_is_an_error_row_not_a_crash(tmp_path):
             tar.addfile(info, io.BytesIO(png(1)))
     data = bytearray((tmp_path / "p.tar").read_bytes())
     record = data.index(b" path=")
-    data[record - 2: record] = b"zz"  # the record's length is no number now
+    data[record - 2 : record] = b"zz"  # the record's length is no number now
     header = record - record % 512 - 512  # the pax header block, whose checksum must still hold
-    data[header + 148: header + 156] = b" " * 8
-    data[header + 148: header + 155] = f"{sum(data[header: header + 512]):06o}\0".encode()
+    data[header + 148 : header + 156] = b" " * 8
+    data[header + 148 : header + 155] = f"{sum(data[header : header + 512]):06o}\0".encode()
     (tmp_path / "p.tar").write_bytes(bytes(data))
-    unit, = plan_units([str(tmp_path / "p.tar")], ColumnMapping())
+    (unit,) = plan_units([str(tmp_path / "p.tar")], ColumnMapping())
     rows = read_unit(unit, ColumnMapping(), ["x"])
     assert rows[0].id == "a" and rows[0].problem is None
     assert "a broken pax header" in rows[1].problem.message

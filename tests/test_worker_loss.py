@@ -28,9 +28,16 @@ class Healthy:
 
     def process_unit(self, unit: WorkUnit, attempt: int) -> ProgressRecord:
         time.sleep(self.seconds)
-        return ProgressRecord(unit_id=unit.unit_id, shard=unit.shard, first_row=unit.first_row,
-                              num_rows=unit.num_rows, rows=unit.num_rows, rows_ok=unit.num_rows, rows_error=0,
-                              attempt=attempt)
+        return ProgressRecord(
+            unit_id=unit.unit_id,
+            shard=unit.shard,
+            first_row=unit.first_row,
+            num_rows=unit.num_rows,
+            rows=unit.num_rows,
+            rows_ok=unit.num_rows,
+            rows_error=0,
+            attempt=attempt,
+        )
 
 
 class DiesOnFirstUnit(Healthy):
@@ -45,8 +52,10 @@ StandIn, Dying = (ray.remote(num_cpus=0, max_restarts=0)(cls) for cls in (Health
 
 
 def units(count: int) -> list[WorkUnit]:
-    return [WorkUnit(unit_id=f"u{i:02d}", shard="s.parquet", row_groups=(i,), first_row=10 * i, num_rows=10)
-            for i in range(count)]
+    return [
+        WorkUnit(unit_id=f"u{i:02d}", shard="s.parquet", row_groups=(i,), first_row=10 * i, num_rows=10)
+        for i in range(count)
+    ]
 
 
 @pytest.fixture

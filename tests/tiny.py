@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from blipbatch.jobs.tokenizer_files import write_processor_files
 from blipbatch.model.configs import InstructBlipConfig
 from blipbatch.model.instructblip import InstructBlipForConditionalGeneration
-from blipbatch.jobs.tokenizer_files import write_processor_files
 
 NUM_QUERY_TOKENS = 8
 IMAGE_SIZE = 64
@@ -26,7 +26,10 @@ def write_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
         vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=8),
         qformer=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96),
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        num_query_tokens=NUM_QUERY_TOKENS, image_size=IMAGE_SIZE, seed=seed, std=0.2,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_size=IMAGE_SIZE,
+        seed=seed,
+        std=0.2,
     )
 
 
@@ -52,9 +55,15 @@ def write_random_checkpoint(
         dict(
             vision_config=dict(vision, image_size=image_size),
             qformer_config=dict(qformer, vocab_size=qformer_tokens.vocab_size, max_position_embeddings=160),
-            text_config=dict(text, model_type="llama", vocab_size=vocab_size or lm_tokens.vocab_size,
-                             max_position_embeddings=512, bos_token_id=lm_tokens.bos_token_id,
-                             eos_token_id=lm_tokens.eos_token_id, pad_token_id=lm_tokens.pad_token_id),
+            text_config=dict(
+                text,
+                model_type="llama",
+                vocab_size=vocab_size or lm_tokens.vocab_size,
+                max_position_embeddings=512,
+                bos_token_id=lm_tokens.bos_token_id,
+                eos_token_id=lm_tokens.eos_token_id,
+                pad_token_id=lm_tokens.pad_token_id,
+            ),
             num_query_tokens=num_query_tokens,
             image_token_index=lm_tokens.image_token_id,
         )
