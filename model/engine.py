@@ -355,6 +355,7 @@ class Engine:
             # a GenerateOutput with scores, whatever the checkpoint's generation_config.json says
             arguments = inputs | self.settings | {"return_dict_in_generate": True, "output_scores": True}
             output = self.model.generate(image_embeds=image_embeds, **arguments)
+            # return_dict_in_generate and output_scores: a GenerateOutput with sequences and scores
             assert isinstance(output, GenerateOutput) and output.sequences is not None and output.scores is not None
             new_ids = output.sequences[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
             if output.sequences_scores is not None:  # beam search: transformers' sequence scores
