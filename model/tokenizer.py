@@ -2,7 +2,9 @@
 
 tokenizer.json is the source of truth for the whole pipeline (normalizer, pre-tokenizer, model, post-processor,
 added tokens), as it is for transformers 5.x, which also ignores `add_bos_token`/`add_eos_token` in
-tokenizer_config.json when a tokenizer.json exists. tokenizer_config.json (and, for old-format folders without
+tokenizer_config.json when a tokenizer.json exists. One exception, as in transformers 5.x: a `LlamaTokenizer`
+gets its normalizer, pre-tokenizer and decoder from tokenizer_config.json (`legacy`, `add_prefix_space`), not from
+tokenizer.json (see `_llama_pipeline`). tokenizer_config.json (and, for old-format folders without
 `added_tokens_decoder`, special_tokens_map.json and added_tokens.json) gives the named special tokens, the
 padding/truncation sides and the decode clean-up flag.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import tokenizers
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, pre_tokenizers
 
 from .errors import CheckpointError, ProcessorError
 
@@ -45,6 +47,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _llama_pipeline(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
+    """Give a `LlamaTokenizer` the normalizer, pre-tokenizer and decoder that transformers 5.x builds for it.
+
+    transformers 5.x keeps only the vocabulary, merges and post-processor of its tokenizer.json. With the file's own
+    (the Vicuna one has the old layout: a normalizer that prepends "▁" to every stretch of text between added
+    tokens), the ids differed after an added token ("<video> What" gave "▁", "▁What") and after a leading space."""
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    # transformers' _get_prepend_scheme: "first" prepends "▁" to the text's start only, not after added tokens.
+    prepend_scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(steps)
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -95,11 +115,17 @@ class Tokenizer:
                 "(convert a tokenizer.model with transformers' `AutoTokenizer(...).save_pretrained` first)"
             )
         try:
-            backend = tokenizers.Tokenizer.from_file(str(json_path))
+            tokenizer_json = json_path.read_text(encoding="utf-8")
+            backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # the Rust side raises a bare Exception for malformed files
             raise CheckpointError(f"cannot parse {json_path}: {err}") from err
         config_path = directory / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
+        # transformers 5.x loads a byte-level tokenizer.json as it is, even under the LlamaTokenizer name.
+        if str(config.get("tokenizer_class") or "").removesuffix("Fast") == "LlamaTokenizer" and (
+            '"ByteLevel"' not in tokenizer_json
+        ):
+            _llama_pipeline(backend, config)
         extra_added: dict[int, AddedToken] = {}
         if "added_tokens_decoder" in config:
             for idx, tok in config["added_tokens_decoder"].items():

@@ -137,6 +137,67 @@ def test_tokenizer_matches_transformers(folders, lm):
     assert ours.convert_tokens_to_ids("<image>") == theirs.convert_tokens_to_ids("<image>")
 
 
+# Special and added tokens at the start, in the middle and at the end, with and without spaces around them: text after
+# an added token is tokenized on its own, and whether it gets a leading "▁" is where tokenizers differ.
+SPECIAL_TEXTS = [
+    "<video> What is this?",
+    "<image>What is this?",
+    "What <video> is this?",
+    "What is<image>this? <video>",
+    "<image> <image>  two",
+    "a</s> b</s>",
+    "<s> hi <s>",
+    "x [PAD] y <pad> z <unk>",
+    "<extra_id_0> The sky <extra_id_1>is blue",
+    "Look: <obj> here <obj>",
+    "<obj>",
+    " leading space",
+    "▁already marked",
+    "tab\tand  two spaces",
+]
+
+
+@pytest.mark.parametrize(
+    "lm,config_change",
+    [
+        ("llama", {}),  # the tiny writer's config: legacy=True
+        ("llama", {"legacy": None}),  # no `legacy` key, as in the Vicuna Hub config: transformers' default, False
+        ("llama", {"add_prefix_space": False}),
+        ("t5", {}),
+        ("opt", {}),
+    ],
+)
+def test_tokenizer_matches_transformers_around_special_tokens(folders, tmp_path, lm, config_change):
+    folder = tmp_path / lm
+    shutil.copytree(folders[lm], folder)
+    config_path = folder / "tokenizer_config.json"
+    config = {**json.loads(config_path.read_text()), **config_change}
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    ours = Tokenizer.from_dir(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ours.add_special_token("<obj>")  # a token added at run time, as the processor adds a missing "<image>"
+    theirs.add_tokens([transformers.AddedToken("<obj>", special=True, normalized=False)], special_tokens=True)
+    for text in SPECIAL_TEXTS:
+        for add_special in (True, False):
+            expected = theirs(text, add_special_tokens=add_special)["input_ids"]
+            tokens = theirs.convert_ids_to_tokens(expected)
+            assert ours.encode(text, add_special) == expected, (text, add_special, tokens)
+            for skip in (False, True):
+                assert ours.decode(expected, skip) == theirs.decode(expected, skip_special_tokens=skip), (text, skip)
+    for side in ("left", "right"):
+        got = ours(SPECIAL_TEXTS, padding=True, padding_side=side)
+        expected = theirs(SPECIAL_TEXTS, padding=True, padding_side=side, return_tensors="pt")
+        _assert_batch_equal(got, expected, ["input_ids", "attention_mask"])
+    for skip in (False, True):
+        assert ours.batch_decode(got["input_ids"], skip) == theirs.batch_decode(got["input_ids"], skip)
+    # a saved copy keeps the behaviour, for both
+    ours.save(tmp_path / "saved")
+    ours_again = Tokenizer.from_dir(tmp_path / "saved")
+    theirs_again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    for text in SPECIAL_TEXTS:
+        assert ours_again.encode(text) == theirs_again(text)["input_ids"] == theirs(text)["input_ids"], text
+
+
 def test_qformer_tokenizer_matches_transformers(folders):
     ours = Tokenizer.from_dir(folders["llama"] / "qformer_tokenizer")
     theirs = transformers.AutoTokenizer.from_pretrained(str(folders["llama"] / "qformer_tokenizer"))
