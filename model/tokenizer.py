@@ -49,22 +49,33 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# A backend's normalizer, pre-tokenizer and decoder (each may be None).
+Pipeline = tuple[Any, Any, Any]
+
+
+def _pipeline(backend: tokenizers.Tokenizer) -> Pipeline:
+    return backend.normalizer, backend.pre_tokenizer, backend.decoder
+
+
+def _set_pipeline(backend: tokenizers.Tokenizer, pipeline: Pipeline) -> None:
+    backend.normalizer, backend.pre_tokenizer, backend.decoder = pipeline
+
+
 def _llama_pipeline(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
     """Give a `LlamaTokenizer` the normalizer, pre-tokenizer and decoder that transformers 5.x builds for it.
 
-    transformers 5.x keeps only the vocabulary, merges and post-processor of its tokenizer.json. With the file's own
-    (the Vicuna one has the old layout: a normalizer that prepends "▁" to every stretch of text between added
-    tokens), the ids differed after an added token ("<video> What" gave "▁", "▁What") and after a leading space."""
+    transformers 5.x keeps only the vocabulary, merges and post-processor of its tokenizer.json. The file's own
+    pipeline (Vicuna's has the old layout: a normalizer that prepends "▁" to every stretch of text between added
+    tokens) gave an extra "▁" token after an added token ("<video> What") and after a leading space."""
     add_prefix_space = config.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
     # transformers' _get_prepend_scheme: "first" prepends "▁" to the text's start only, not after added tokens.
     prepend_scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
-    backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix_space:
         steps.append(decoders.Strip(" ", 1, 0))
-    backend.decoder = decoders.Sequence(steps)
+    _set_pipeline(backend, (None, pre_tokenizer, decoders.Sequence(steps)))
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -92,6 +103,9 @@ class Tokenizer:
         self._backend = backend
         # Padding and truncation are set on the shared backend for each call; the lock keeps calls apart.
         self._lock = threading.Lock()
+        # tokenizer.json's own pipeline where it was replaced (LLaMA), written back by `save`, so that a loaded
+        # folder saves unchanged (both libraries replace it again when they load it).
+        self._file_pipeline: Pipeline | None = None
         self.config = dict(config)
         self.padding_side: str = self.config.get("padding_side") or self._default_padding_side()
         self.truncation_side: str = self.config.get("truncation_side") or "right"
@@ -121,10 +135,11 @@ class Tokenizer:
             raise CheckpointError(f"cannot parse {json_path}: {err}") from err
         config_path = directory / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
+        file_pipeline = None
         # transformers 5.x loads a byte-level tokenizer.json as it is, even under the LlamaTokenizer name.
-        if str(config.get("tokenizer_class") or "").removesuffix("Fast") == "LlamaTokenizer" and (
-            '"ByteLevel"' not in tokenizer_json
-        ):
+        llama = str(config.get("tokenizer_class") or "").removesuffix("Fast") == "LlamaTokenizer"
+        if llama and '"ByteLevel"' not in tokenizer_json:
+            file_pipeline = _pipeline(backend)
             _llama_pipeline(backend, config)
         extra_added: dict[int, AddedToken] = {}
         if "added_tokens_decoder" in config:
@@ -146,6 +161,7 @@ class Tokenizer:
                 value = config[key]
                 config[key] = [_token_content(v) for v in value] if isinstance(value, list) else _token_content(value)
         tokenizer = cls(backend, config)
+        tokenizer._file_pipeline = file_pipeline
         tokenizer._add_missing_tokens(extra_added)
         return tokenizer
 
@@ -184,7 +200,12 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            self._backend.save(str(directory / "tokenizer.json"))
+            in_use = _pipeline(self._backend)
+            _set_pipeline(self._backend, self._file_pipeline or in_use)
+            try:
+                self._backend.save(str(directory / "tokenizer.json"))
+            finally:
+                _set_pipeline(self._backend, in_use)
         added = self._backend.get_added_tokens_decoder()
         config = dict(self.config)
         # Sides are written only when stored or changed: transformers' processors apply a stored LM padding_side
@@ -227,6 +248,7 @@ class Tokenizer:
                 token["content"] = f"<removed-{secrets.token_hex(16)}>"
         copy = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(data)), self.config)
         copy.padding_side, copy.truncation_side = self.padding_side, self.truncation_side
+        copy._file_pipeline = self._file_pipeline
         return copy
 
     def _default_padding_side(self) -> str:

@@ -190,8 +190,10 @@ def test_tokenizer_matches_transformers_around_special_tokens(folders, tmp_path,
         _assert_batch_equal(got, expected, ["input_ids", "attention_mask"])
     for skip in (False, True):
         assert ours.batch_decode(got["input_ids"], skip) == theirs.batch_decode(got["input_ids"], skip)
-    # a saved copy keeps the behaviour, for both
+    # a saved copy keeps tokenizer.json's own pipeline (LLaMA's is replaced on load) and the behaviour, for both
     ours.save(tmp_path / "saved")
+    saved, source = (json.loads((path / "tokenizer.json").read_text()) for path in (tmp_path / "saved", folder))
+    assert all(saved[key] == source[key] for key in ("normalizer", "pre_tokenizer", "decoder"))
     ours_again = Tokenizer.from_dir(tmp_path / "saved")
     theirs_again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     for text in SPECIAL_TEXTS:
