@@ -48,8 +48,12 @@ class PretrainedModel(nn.Module):
     """
 
     config_class: ClassVar[type[BaseConfig]]
-    architecture: str
     config: BaseConfig
+
+    @property
+    def architecture(self) -> str:
+        """The model's class name in config.json's "architectures" (most subclasses set it as a class attribute)."""
+        raise NotImplementedError(f"{type(self).__name__} names no architecture")
 
     @property
     def tied_weights(self) -> dict[str, str]:

@@ -166,6 +166,7 @@ class LlamaConfig(BaseConfig):
 
     def validate(self) -> None:
         _check_heads("text_config", self.hidden_size, self.num_attention_heads)
+        assert self.num_key_value_heads is not None  # set by __post_init__
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"text_config: {self.num_attention_heads} attention heads cannot be grouped over "
@@ -265,11 +266,12 @@ class T5Config(BaseConfig):
             raise ConfigError(f"text_config: feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
 
 
-TEXT_CONFIGS: dict[str, type[BaseConfig]] = {"llama": LlamaConfig, "opt": OPTConfig, "t5": T5Config}
+TextConfig = LlamaConfig | OPTConfig | T5Config
+TEXT_CONFIGS: dict[str, type[TextConfig]] = {"llama": LlamaConfig, "opt": OPTConfig, "t5": T5Config}
 DECODER_ONLY_TYPES = frozenset({"llama", "opt"})
 
 
-def text_config_from_dict(data: dict[str, Any]) -> BaseConfig:
+def text_config_from_dict(data: dict[str, Any]) -> TextConfig:
     model_type = data.get("model_type", "opt")
     if model_type not in TEXT_CONFIGS:
         raise ConfigError(
@@ -287,14 +289,14 @@ class InstructBlipConfig(BaseConfig):
 
     vision_config: InstructBlipVisionConfig = field(default_factory=InstructBlipVisionConfig)
     qformer_config: InstructBlipQFormerConfig = field(default_factory=InstructBlipQFormerConfig)
-    text_config: BaseConfig = field(default_factory=OPTConfig)
+    text_config: TextConfig = field(default_factory=OPTConfig)
     num_query_tokens: int = 32
     image_token_index: int | None = None
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InstructBlipConfig:
+    def from_dict(cls, data: dict[str, Any], check: bool = True) -> InstructBlipConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
         data = dict(data)
@@ -311,7 +313,7 @@ class InstructBlipConfig(BaseConfig):
         qformer = cls.qformer_config_class.from_dict(data.pop("qformer_config", None) or {})
         text = text_config_from_dict(data.pop("text_config", None) or {"model_type": "opt"})
         data.pop("model_type", None)
-        config = super().from_dict(data)
+        config = super().from_dict(data, check)
         config.vision_config, config.qformer_config, config.text_config = vision, qformer, text
         config.__post_init__()
         return config

@@ -18,12 +18,17 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .attention import generation_position_ids
 from .kv_cache import KVCache, SlotCache
+from .sessions import CausalLM
+
+if TYPE_CHECKING:
+    from .instructblip import InstructBlipForConditionalGeneration
 
 LOG = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ class GreedyLimits:
     eos_ids: tuple[int, ...] = ()
 
 
-def prefill(lm: nn.Module, prompts: Sequence[Tensor]) -> tuple[KVCache, Tensor, Tensor]:
+def prefill(lm: CausalLM, prompts: Sequence[Tensor]) -> tuple[KVCache, Tensor, Tensor]:
     """Run prompts (each [T_i, D] embeddings, no padding) as one left-padded batch.
 
     Returns (their KV cache, the padding mask [n, T], next-token logits [n, vocab] in float32). Prompts of one
@@ -57,7 +62,7 @@ def prefill(lm: nn.Module, prompts: Sequence[Tensor]) -> tuple[KVCache, Tensor, 
     return cache, mask, logits[:, -1].float()
 
 
-def decode_logits(lm: nn.Module, cache: SlotCache, next_ids: Tensor, length: int) -> Tensor:
+def decode_logits(lm: CausalLM, cache: SlotCache, next_ids: Tensor, length: int) -> Tensor:
     """One decode step of every slot: next-token logits [slots, vocab] in float32; `length` as in begin_step."""
     mask, positions = cache.begin_step(length)
     embeds = lm.get_input_embeddings()(next_ids[:, None])
@@ -74,7 +79,7 @@ class GraphStep:
 
     LENGTH_STEP = 32
 
-    def __init__(self, lm: nn.Module, capture: bool = True) -> None:
+    def __init__(self, lm: CausalLM, capture: bool = True) -> None:
         self.lm = lm
         self.capture = capture
         self.key: tuple[int, int] | None = None
@@ -88,7 +93,7 @@ class GraphStep:
     def prepare(self, slots: int, max_length: int) -> SlotCache:
         """An empty SlotCache of `slots` rows and at least `max_length` positions, with its step captured."""
         key = (slots, -(-max_length // self.LENGTH_STEP) * self.LENGTH_STEP)
-        if key != self.key:
+        if key != self.key or self.cache is None:
             self.forget()  # free the old graph's memory first
             self.cache = SlotCache.like(self.lm.new_cache(1, 1), slots, key[1])
             self.next_ids = torch.zeros(slots, dtype=torch.long, device=self.cache.rows.device)
@@ -119,6 +124,7 @@ class GraphStep:
     def _capture(self) -> torch.cuda.CUDAGraph:
         # Warm-up on a side stream (lazy inits, cuBLAS workspaces), as torch.cuda.graphs asks; the empty cache's
         # slots decode dummies, so warm-up and capture leave no state behind.
+        assert self.cache is not None  # made by prepare, which captures
         window = self.cache.max_length - 1
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -133,6 +139,7 @@ class GraphStep:
         return graph
 
     def __call__(self, next_ids: Tensor) -> Tensor:
+        assert self.cache is not None, "prepare() comes first"
         if self.graph is None:
             return decode_logits(self.lm, self.cache, next_ids, self.cache.max_length - 1)
         self.next_ids.copy_(next_ids)
@@ -149,7 +156,7 @@ class GreedyBatcher:
 
     def __init__(
         self,
-        lm: nn.Module,
+        lm: CausalLM,
         prompts: Sequence[Tensor],
         limits: GreedyLimits,
         slots: int,
@@ -233,6 +240,7 @@ class GreedyBatcher:
         self.take(slots, logits)
 
     def decode_step(self) -> None:
+        assert self.cache is not None  # made by the first refill, which comes before any step
         if self.graph is not None:
             logits = self.graph(self.next_ids)
         else:
@@ -263,11 +271,12 @@ class GreedyBatcher:
         self.count[slots] = count
         self.next_ids[slots] = chosen
         self.holder[slots] = torch.where(ended, self.none, holder)
+        assert self.cache is not None  # made by the first refill
         self.cache.release(slots, ended)
 
 
 def greedy_batcher(
-    model: nn.Module,
+    model: InstructBlipForConditionalGeneration,
     image_embeds: Tensor,
     inputs: dict[str, Tensor],
     limits: GreedyLimits,
@@ -283,11 +292,13 @@ def greedy_batcher(
     embeds = model.embed_inputs(inputs["input_ids"], features)
     real = inputs["attention_mask"].bool().cpu()  # one transfer here, rather than a sync per row's mask
     prompts = [embeds[row, real[row]] for row in range(embeds.shape[0])]  # each without its padding
-    return GreedyBatcher(model.language_model, prompts, limits, slots, graph=graph)
+    lm = model.language_model
+    assert isinstance(lm, CausalLM), "continuous batching runs decoder-only language models"
+    return GreedyBatcher(lm, prompts, limits, slots, graph=graph)
 
 
 def generate_greedy(
-    model: nn.Module,
+    model: InstructBlipForConditionalGeneration,
     image_embeds: Tensor,
     inputs: dict[str, Tensor],
     limits: GreedyLimits,

@@ -16,7 +16,6 @@ from typing import Any
 
 import PIL.Image
 import torch
-from torch import nn
 
 from .candidates import ClosedSet, as_ranked
 from .configs import GenerationConfig
@@ -25,8 +24,11 @@ from .errors import ConfigError, ProcessorError
 from .fp8 import check_fp8_support, quantize_fp8_
 from .hub import checkpoint_dir
 from .instructblip import DEFAULT_NEW_TOKENS, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+from .outputs import GenerateOutput
 from .processor import Blip2Processor, InstructBlipProcessor
 from .ranking import candidate_loglikelihoods, candidate_targets, eos_token_id, position_limit, reduce_scores
+from .sessions import CausalLM
+from .t5 import T5Cache
 
 
 class InvalidInstruction(ProcessorError):
@@ -66,12 +68,14 @@ CPU_ROWS = (8, 32)  # CPU defaults: rows per model call, decode slots
 TYPICAL_PROMPT_TOKENS = 64  # text tokens of a prompt, for the memory rule of `default_rows`
 
 
-def rows_for_memory(model: nn.Module, free_bytes: int, max_new_tokens: int) -> int:
+def rows_for_memory(model: InstructBlipForConditionalGeneration, free_bytes: int, max_new_tokens: int) -> int:
     """Rows per model call (and decode slots) that three quarters of `free_bytes` of GPU memory hold: a power of
     two in [8, 512]. A row costs two KV caches of (queries + 64 prompt tokens + new tokens) positions (the
     prefill's and the decode slots') plus 4 x its vision tokens x the vision MLP width in the model's dtype (the
     encoder's activations). Vicuna-7B in bf16 with 30 new tokens: 145 MB a row, so 256 on an 80 GB card."""
     kv = model.language_model.new_cache(1, 1)
+    if isinstance(kv, T5Cache):
+        kv = kv.self_attention  # T5: a position of the decoder's self-attention cache
     per_token = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values])
     config = model.config
     vision = config.vision_config
@@ -114,7 +118,7 @@ def is_blip2(folder: str | os.PathLike) -> bool:
     return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "blip-2"
 
 
-Loaded = tuple[InstructBlipProcessor, InstructBlipForConditionalGeneration]
+Loaded = tuple[Blip2Processor, InstructBlipForConditionalGeneration]
 
 
 def load(config: EngineConfig, device: torch.device) -> Loaded:
@@ -158,7 +162,8 @@ class Engine:
         self.eos_ids = tuple(resolved.eos_token_ids)
         self.vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and self.greedy_limits is not None
-        self.graph_step = GraphStep(self.model.language_model) if use_graphs else None
+        lm = self.model.language_model  # decoder-only where there are greedy_limits
+        self.graph_step = GraphStep(lm) if use_graphs and isinstance(lm, CausalLM) else None
         self.images_encoded = 0  # vision-encoder passes, one per distinct image of each call
         self._targets: dict[tuple[str, ...], list[list[int]]] = {}  # candidates -> their target ids
 
@@ -300,6 +305,7 @@ class Engine:
         self.images_encoded += pixels.shape[0]
         free = [i for i, closed in enumerate(closed_sets) if closed is None]
         ranked = [i for i, closed in enumerate(closed_sets) if closed is not None]
+        ranked_sets = [closed for closed in closed_sets if closed is not None]  # the closed set of each ranked row
 
         def embeds_of(rows: list[int]) -> torch.Tensor:
             return image_embeds.index_select(0, torch.tensor([image_rows[i] for i in rows], device=self.device))
@@ -311,9 +317,7 @@ class Engine:
             results.update(
                 zip(
                     ranked,
-                    self._ranked(
-                        embeds_of(ranked), [instructions[i] for i in ranked], [closed_sets[i] for i in ranked]
-                    ),
+                    self._ranked(embeds_of(ranked), [instructions[i] for i in ranked], ranked_sets),
                 )
             )
         return [results[i] for i in range(len(instructions))]
@@ -340,6 +344,7 @@ class Engine:
         """Free generation: image_embeds [rows, ...] (one per instruction) -> each row's text and score."""
         inputs = self.processor.encode_prompts(instructions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        new_ids: list[list[int]] | torch.Tensor
         if self.greedy_limits is not None:
             batcher = greedy_batcher(
                 self.model, image_embeds, inputs, self.greedy_limits, self.decode_slots, self.graph_step
@@ -348,8 +353,10 @@ class Engine:
             scores = batcher.mean_logprobs()
         else:
             # a GenerateOutput with scores, whatever the checkpoint's generation_config.json says
-            settings = self.settings | {"return_dict_in_generate": True, "output_scores": True}
-            output = self.model.generate(**inputs, image_embeds=image_embeds, **settings)
+            arguments = inputs | self.settings | {"return_dict_in_generate": True, "output_scores": True}
+            output = self.model.generate(image_embeds=image_embeds, **arguments)
+            # return_dict_in_generate and output_scores: a GenerateOutput with sequences and scores
+            assert isinstance(output, GenerateOutput) and output.sequences is not None and output.scores is not None
             new_ids = output.sequences[:, inputs["input_ids"].shape[1] if self.decoder_only else 1 :]
             if output.sequences_scores is not None:  # beam search: transformers' sequence scores
                 scores = output.sequences_scores.double().tolist()

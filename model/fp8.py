@@ -8,11 +8,18 @@ projection, the embeddings and the LM head stay as they are (small, or where rou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .llama import LlamaForCausalLM
+from .opt import OPTForCausalLM
+
+if TYPE_CHECKING:
+    from .instructblip import InstructBlipForConditionalGeneration
 
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 HOPPER = (9, 0)
@@ -47,6 +54,9 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 class Fp8Linear(nn.Module):
     """nn.Linear with FP8 weights (per output row scales) and per-token FP8 activations."""
 
+    weight: Tensor  # buffers, registered in __init__
+    weight_scale: Tensor
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight, scale = quantize_rows(linear.weight.detach())
@@ -69,12 +79,16 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def quantize_fp8_(model: nn.Module) -> int:
+def quantize_fp8_(model: InstructBlipForConditionalGeneration) -> int:
     """Swap the linear layers of `model.vision_model` and of the language model's decoder layers for Fp8Linear, in
     place; returns how many."""
     lm = model.language_model
-    decoder = getattr(lm, "model", lm)
-    layers = getattr(decoder, "layers", None) or decoder.decoder.layers  # LLaMA, or OPT
+    if isinstance(lm, LlamaForCausalLM):
+        layers = lm.model.layers
+    elif isinstance(lm, OPTForCausalLM):
+        layers = lm.model.decoder.layers
+    else:
+        raise ConfigError('quantize = "fp8" supports LLaMA (Vicuna) and OPT language models, not T5')
     swapped = 0
     for root in (model.vision_model, layers):
         for parent in list(root.modules()):

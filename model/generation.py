@@ -282,14 +282,14 @@ def logits_processors(config: GenerationConfig, limits: _Limits, prefix: _Prefix
             )
         )
     if config.suppress_tokens is not None:
-        tokens = torch.tensor(list(config.suppress_tokens), device=device)
-        procs.append(partial(suppress, tokens=tokens))
+        suppressed = torch.tensor(list(config.suppress_tokens), device=device)
+        procs.append(partial(suppress, tokens=suppressed))
     if config.begin_suppress_tokens is not None:
         begin = prefix.length
         if prefix.length <= 1 and config.forced_bos_token_id is not None:
             begin += 1  # the forced bos comes first
-        tokens = torch.tensor(list(config.begin_suppress_tokens), device=device)
-        procs.append(partial(suppress, tokens=tokens, at_length=begin))
+        suppressed = torch.tensor(list(config.begin_suppress_tokens), device=device)
+        procs.append(partial(suppress, tokens=suppressed, at_length=begin))
     if config.do_sample:
         procs += _warpers(config, len(eos_ids) if eos is not None else None, device)
     if config.renormalize_logits is True:
@@ -355,6 +355,7 @@ def _resolve(config: GenerationConfig, prefix_len: int) -> _Limits:
             f"the prefix is {prefix_len} tokens long but max_length is {max_length}: nothing can be generated; "
             "set max_new_tokens (or a larger max_length, which counts the prefix)"
         )
+    min_length: int | None
     if config.min_new_tokens is not None:
         min_length = prefix_len + config.min_new_tokens
     else:
@@ -451,6 +452,7 @@ def _greedy_or_sample(
         else:
             next_ids = scores.argmax(-1)
         if limits.eos is not None:
+            assert limits.pad is not None  # with eos ids, pad falls back to the first
             next_ids = torch.where(unfinished, next_ids, limits.pad)
             unfinished &= ~torch.isin(next_ids, limits.eos)
         ids = torch.cat([ids, next_ids[:, None]], 1)
@@ -486,6 +488,7 @@ def _beam_search(
     device = ids.device
     max_length, eos = limits.max_length, limits.eos
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
+    assert length_penalty is not None  # refused with beams by _check
     # Look at enough candidates that `beams` of them can go on even if the best ones all end in an eos id.
     candidates = max(2, 1 + (len(eos) if eos is not None else 0)) * beams
     among_top_beams = torch.arange(candidates, device=device) < beams
@@ -568,8 +571,8 @@ def _beam_search(
     if trace is not None:
         trace.sequences = finished_scores[:, :returned].reshape(batch * returned)
     out = finished[:, :returned].reshape(batch * returned, max_length)
-    new_tokens = int(finished_new_tokens[:, :returned].max())
-    return out[:, : prefix_len + new_tokens]
+    longest = int(finished_new_tokens[:, :returned].max())
+    return out[:, : prefix_len + longest]
 
 
 def _can_improve(
@@ -586,6 +589,7 @@ def _can_improve(
 
     early_stopping=False assumes the running beam ends now; "never" with a positive length penalty assumes it
     reaches max_length (the best case then)."""
+    assert config.length_penalty is not None  # refused with beams by _check
     if config.early_stopping == "never" and config.length_penalty > 0.0:
         best_length = max_length - prefix_len
     else:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 
 from . import ranking
 from .base_models import PretrainedModel
-from .configs import BaseConfig, Blip2Config, GenerationConfig, InstructBlipConfig
+from .configs import Blip2Config, GenerationConfig, InstructBlipConfig, T5Config, TextConfig
 from .errors import ConfigError, GenerationError, ProcessorError
 from .generation import SearchScores, generate_ids, max_total_length
 from .kv_cache import KVCache
@@ -31,24 +31,29 @@ from .outputs import (
     Collector,
     GenerateOutput,
     InstructBlipForConditionalGenerationModelOutput,
+    ModelOutput,
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
     collected,
 )
 from .processor import check_placeholder_mask, check_placeholders
 from .qformer import InstructBlipQFormerModel
-from .sessions import DecoderOnlySession, EncoderDecoderSession
+from .sessions import CausalLM, DecoderOnlySession, EncoderDecoderSession
 from .t5 import T5Cache, T5ForConditionalGeneration, T5Model
 from .tokenizer import Tokenizer
 from .vision import InstructBlipVisionModel
 
-LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
+LanguageModelWithHead = CausalLM | T5ForConditionalGeneration
+# With the head or without (T5ForConditionalGeneration is a T5Model).
+LanguageModel = CausalLM | LlamaModel | OPTModel | T5Model
+
+LANGUAGE_MODELS: dict[str, type[LanguageModelWithHead]] = {
     "llama": LlamaForCausalLM,
     "opt": OPTForCausalLM,
     "t5": T5ForConditionalGeneration,
 }
 # What transformers' AutoModel builds: the same trunks without the head.
-BASE_LANGUAGE_MODELS: dict[str, type[nn.Module]] = {"llama": LlamaModel, "opt": OPTModel, "t5": T5Model}
+BASE_LANGUAGE_MODELS: dict[str, type[LanguageModel]] = {"llama": LlamaModel, "opt": OPTModel, "t5": T5Model}
 # Kept in fp32 when the rest is cast to fp16/bf16, as transformers does.
 KEEP_IN_FP32 = ("query_tokens",)
 # New tokens when neither max_new_tokens nor max_length is set (transformers' default).
@@ -56,8 +61,17 @@ DEFAULT_NEW_TOKENS = 20
 GENERATION_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def language_model_width(text_config: BaseConfig) -> int:
-    return text_config.d_model if text_config.model_type == "t5" else text_config.hidden_size
+class QFormerInputs(TypedDict):
+    """The Q-Former's keyword arguments (`InstructBlipQFormerModel.run`); InstructBLIP adds the instruction."""
+
+    query_embeds: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    input_ids: NotRequired[torch.Tensor]
+    attention_mask: NotRequired[torch.Tensor]
+
+
+def language_model_width(text_config: TextConfig) -> int:
+    return text_config.d_model if isinstance(text_config, T5Config) else text_config.hidden_size
 
 
 class InstructBlipBase(PretrainedModel):
@@ -65,7 +79,9 @@ class InstructBlipBase(PretrainedModel):
     Subclasses pick the language-model classes (with or without the head) and what forward returns."""
 
     config_class: ClassVar[type[InstructBlipConfig]] = InstructBlipConfig
-    language_models: ClassVar[dict[str, type[nn.Module]]]
+    config: InstructBlipConfig
+    language_models: ClassVar[Mapping[str, type[LanguageModel]]]
+    language_model: LanguageModel
     has_head: ClassVar[bool]  # the language model ends in its LM head (logits) or not (hidden states)
 
     def __init__(self, config: InstructBlipConfig) -> None:
@@ -76,7 +92,9 @@ class InstructBlipBase(PretrainedModel):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
         self.qformer = InstructBlipQFormerModel(config.qformer_config)
         self.language_projection = nn.Linear(qformer_width, language_model_width(config.text_config))
-        self.language_model = self.language_models[config.text_config.model_type](config.text_config)
+        # The class of the text config's model_type takes that config (more than the mapping's type says).
+        build = cast(Callable[[TextConfig], LanguageModel], self.language_models[config.text_config.model_type])
+        self.language_model = build(config.text_config)
 
     @property
     def uses_qformer_text(self) -> bool:
@@ -110,7 +128,7 @@ class InstructBlipBase(PretrainedModel):
         image_embeds: torch.Tensor,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> QFormerInputs:
         """The Q-Former's keyword arguments for these image embeddings: the learned queries, then (InstructBLIP)
         the instruction with a mask over queries + instruction."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
@@ -250,6 +268,7 @@ class InstructBlipBase(PretrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         asked = (output_attentions, output_hidden_states, bool(use_cache))
+        lm_outputs: ModelOutput
         if self.config.use_decoder_only_language_model:
             lm_outputs = self.decoder_only_outputs(embeds, attention_mask, labels, *asked)
         else:
@@ -302,14 +321,14 @@ class InstructBlipBase(PretrainedModel):
             if labels is None:
                 raise ProcessorError("an encoder-decoder forward needs decoder_input_ids (or, with the head, labels)")
             decoder_input_ids = self.shift_right(labels)
+        lm = self.language_model
+        assert isinstance(lm, T5Model)  # the encoder-decoder language model
         encoder_collect = Collector.asked(output_hidden_states, output_attentions)
         decoder_collect = Collector.asked(output_hidden_states, output_attentions)
-        cache = self.language_model.new_cache(embeds.shape[0], decoder_input_ids.shape[1]) if use_cache else None
-        encoded = self.language_model.encode(embeds, attention_mask, encoder_collect)
-        out = self.language_model.decode(
-            decoder_input_ids, encoded, attention_mask, decoder_attention_mask, cache, decoder_collect
-        )
-        fields = dict(
+        cache = lm.new_cache(embeds.shape[0], decoder_input_ids.shape[1]) if use_cache else None
+        encoded = lm.encode(embeds, attention_mask, encoder_collect)
+        out = lm.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask, cache, decoder_collect)
+        fields: dict[str, Any] = dict(
             past_key_values=legacy_cache(cache),
             decoder_hidden_states=collected(decoder_collect, "hidden_states"),
             decoder_attentions=collected(decoder_collect, "attentions"),
@@ -327,15 +346,20 @@ class InstructBlipBase(PretrainedModel):
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         text = self.config.text_config
+        assert isinstance(text, T5Config)  # only the encoder-decoder forward shifts labels
+        start, pad = text.decoder_start_token_id, text.pad_token_id
+        if start is None or pad is None:
+            raise ConfigError("shifting labels right needs decoder_start_token_id and pad_token_id in text_config")
         shifted = labels.new_zeros(labels.shape)
         shifted[:, 1:] = labels[:, :-1]
-        shifted[:, 0] = text.decoder_start_token_id
-        return shifted.masked_fill(shifted == -100, text.pad_token_id)
+        shifted[:, 0] = start
+        return shifted.masked_fill(shifted == -100, pad)
 
 
 class InstructBlipForConditionalGeneration(InstructBlipBase):
     architecture = "InstructBlipForConditionalGeneration"
     language_models = LANGUAGE_MODELS
+    language_model: LanguageModelWithHead
     has_head = True
 
     def __init__(self, config: InstructBlipConfig) -> None:
@@ -380,6 +404,7 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         if (pixel_values is None) == (image_embeds is None):
             raise ProcessorError("generate needs exactly one of pixel_values and image_embeds")
         if image_embeds is None:
+            assert pixel_values is not None  # exactly one of the two (checked above)
             image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
         features = self.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
         batch = features.shape[0]
@@ -414,11 +439,12 @@ class InstructBlipForConditionalGeneration(InstructBlipBase):
         new_tokens = max_total_length(config, prefix.shape[1]) - prefix.shape[1]
 
         def make_session(expand: int) -> DecoderOnlySession | EncoderDecoderSession:
-            if self.config.use_decoder_only_language_model:
+            lm = self.language_model
+            if not isinstance(lm, T5ForConditionalGeneration):  # decoder-only
                 cache_length = embeds.shape[1] + new_tokens
-                return DecoderOnlySession(self.language_model, embeds, attention_mask, cache_length, expand)
+                return DecoderOnlySession(lm, embeds, attention_mask, cache_length, expand)
             cache_length = prefix.shape[1] + new_tokens
-            return EncoderDecoderSession(self.language_model, embeds, attention_mask, prefix, cache_length, expand)
+            return EncoderDecoderSession(lm, embeds, attention_mask, prefix, cache_length, expand)
 
         trace = SearchScores() if config.return_dict_in_generate and config.output_scores else None
         ids = generate_ids(make_session, prefix, config, generator=generator, attention_mask=prefix_mask, scores=trace)
@@ -515,7 +541,7 @@ def legacy_cache(cache: KVCache | T5Cache | None) -> tuple | None:
 def lengths_without_prompt(config: GenerationConfig, prompt_length: int) -> GenerationConfig:
     """transformers' lengths for a decoder-only generate from inputs_embeds alone: an explicit max_length or
     min_length counted the prompt, the returned ids do not."""
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}
     if config.max_new_tokens is None and config.max_length is not None:
         changes["max_length"] = config.max_length - prompt_length
     if config.min_new_tokens is None and config.min_length is None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import attend, attend_eager, causal_padding_mask, check_attention_mask
-from .configs import LlamaConfig
+from .configs import GenerationConfig, LlamaConfig
 from .kv_cache import KVCache
 from .outputs import Collector
 
@@ -31,6 +31,7 @@ def rope_frequencies(config: LlamaConfig, seq_len: Tensor | None = None) -> Tens
     """inv_freq [head_dim / 2] (fp32, CPU unless seq_len is elsewhere) of the config's RoPE kind, with transformers
     5.24's arithmetic (`modeling_rope_utils`); `seq_len`: the sequence length dynamic NTK scaling stretches to."""
     kind, settings, dim = config.rope_kind, config.rope_settings, config.head_dim
+    assert dim is not None  # set by LlamaConfig.__post_init__
     # Explicitly on the CPU at init: models are built under a meta device context when loaded.
     device = seq_len.device if seq_len is not None else torch.device("cpu")
     if kind == "default":
@@ -106,9 +107,10 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        assert config.head_dim is not None and kv_heads is not None  # set by LlamaConfig.__post_init__
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
@@ -186,6 +188,7 @@ class LlamaModel(nn.Module):
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         weight = self.embed_tokens.weight
         c = self.config
+        assert c.num_key_value_heads is not None and c.head_dim is not None  # set by LlamaConfig.__post_init__
         return KVCache(
             c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, max_length, weight.dtype, weight.device
         )
@@ -227,6 +230,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    generation_config: GenerationConfig  # generate()'s base settings, set by the composite model that holds this one
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import attend, attend_eager, causal_padding_mask, check_attention_mask
-from .configs import OPTConfig
+from .configs import GenerationConfig, OPTConfig
 from .kv_cache import KVCache
 from .outputs import Collector
 
@@ -73,6 +73,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
         dim, word_dim = config.hidden_size, config.word_embed_proj_dim
+        assert word_dim is not None  # set by OPTConfig.__post_init__
         # No padding_idx: it only matters for training.
         self.embed_tokens = nn.Embedding(config.vocab_size, word_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, dim)
@@ -149,10 +150,13 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
+    generation_config: GenerationConfig  # generate()'s base settings, set by the composite model that holds this one
+
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
+        assert config.word_embed_proj_dim is not None  # set by OPTConfig.__post_init__
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tied_weights: dict[str, str] = {}
         if config.tie_word_embeddings:

@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from torch import Tensor
 
 Tensors = tuple[Tensor, ...]
+R = TypeVar("R", bound="ModelOutput")
 
 
 class ModelOutput(Mapping):
     """Base of the records below (each a dataclass): a read-only mapping of its set fields, in field order."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set on each record by `output`
     # Identity, not Mapping's value comparison (tensors have no single truth value).
     __eq__ = object.__eq__
     __hash__ = object.__hash__
@@ -75,7 +77,8 @@ def collected(collector: Collector | None, name: str) -> Tensors | None:
     return collector.result(name) if collector is not None else None
 
 
-def output(cls: type) -> type:
+@dataclass_transform(eq_default=False)
+def output(cls: type[R]) -> type[R]:
     """A ModelOutput dataclass: field-wise equality makes no sense for tensors, so it is off."""
     return dataclass(eq=False)(cls)
 

@@ -182,7 +182,7 @@ class Blip2Processor:
         padding_side: str | None,
     ) -> dict[str, torch.Tensor]:
         expand = with_placeholders and self.num_query_tokens is not None
-        n_image = self.num_query_tokens if expand else 0
+        n_image = (self.num_query_tokens or 0) if expand else 0
         if max_length is not None:
             # max_length counts the whole sequence; only the prompt is padded or truncated.
             max_length -= n_image

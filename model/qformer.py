@@ -13,6 +13,7 @@ One class covers both layouts, switched by `config.use_qformer_text_input`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,7 @@ class InstructBlipQFormerModel(PretrainedPart):
     config_key = "qformer_config"
     checkpoint_prefix = "qformer."
     standalone = {"InstructBlipQFormerModel": InstructBlipQFormerConfig, "Blip2QFormerModel": Blip2QFormerConfig}
+    config: InstructBlipQFormerConfig
 
     def __init__(self, config: InstructBlipQFormerConfig) -> None:
         super().__init__()
@@ -309,7 +311,8 @@ class InstructBlipQFormerModel(PretrainedPart):
         )
 
     def _cross_attention_dtype(self) -> torch.dtype:
-        return self.encoder.layer[0].crossattention.attention.key.weight.dtype
+        first = cast(QFormerLayer, self.encoder.layer[0])  # layer 0 always cross-attends
+        return first.crossattention.attention.key.weight.dtype
 
 
 def _key_mask(

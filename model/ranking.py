@@ -21,16 +21,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from .attention import generation_position_ids
 from .candidates import SCORINGS
-from .errors import ProcessorError
+from .errors import ConfigError, ProcessorError
 from .kv_cache import KVCache
-from .t5 import T5Cache
+from .sessions import CausalLM
+from .t5 import T5Cache, T5ForConditionalGeneration
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .instructblip import InstructBlipForConditionalGeneration
 
 # Most logit elements (candidate positions x vocabulary) held at once; more candidates are scored in chunks.
 LOGIT_BUDGET = 2**25
@@ -38,9 +43,9 @@ LOGIT_BUDGET = 2**25
 Candidates = Sequence[str] | Sequence[Sequence[str]]
 
 
-def eos_token_id(model: torch.nn.Module, tokenizer: Tokenizer) -> int:
+def eos_token_id(model: InstructBlipForConditionalGeneration, tokenizer: Tokenizer) -> int:
     """The eos that ends every candidate: the tokenizer's, else the language model config's (its first, if a list)."""
-    eos = tokenizer.eos_token_id
+    eos: int | list[int] | None = tokenizer.eos_token_id
     if eos is None:
         eos = model.config.text_config.eos_token_id
     if isinstance(eos, (list, tuple)):
@@ -63,7 +68,7 @@ def candidate_targets(tokenizer: Tokenizer, candidates: Sequence[str], eos: int)
     return targets
 
 
-def position_limit(model: torch.nn.Module) -> int | None:
+def position_limit(model: InstructBlipForConditionalGeneration) -> int | None:
     """Positions the language model takes; None where positions are relative (T5)."""
     if not model.config.use_decoder_only_language_model:
         return None
@@ -73,14 +78,17 @@ def position_limit(model: torch.nn.Module) -> int | None:
 def expanded(cache: KVCache | T5Cache, rows: Tensor) -> KVCache | T5Cache:
     """A copy of `cache` holding its rows `rows` (in that order); `cache` itself is left as it is."""
     repeated = copy.copy(cache)
-    if isinstance(cache, T5Cache):
-        repeated.self_attention = copy.copy(cache.self_attention)
+    if isinstance(repeated, T5Cache):
+        repeated.self_attention = copy.copy(repeated.self_attention)
     repeated.reorder(rows)
     return repeated
 
 
 def candidate_loglikelihoods(
-    model: torch.nn.Module, embeds: Tensor, attention_mask: Tensor, targets: Sequence[Sequence[Sequence[int]]]
+    model: InstructBlipForConditionalGeneration,
+    embeds: Tensor,
+    attention_mask: Tensor,
+    targets: Sequence[Sequence[Sequence[int]]],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per prompt row: each of its candidates' summed target log-probability (float64 [K]) and target length ([K]).
 
@@ -98,17 +106,20 @@ def candidate_loglikelihoods(
         mask[i, : len(target)] = True
     ids, mask = ids.to(device), mask.to(device)
     rows = torch.repeat_interleave(torch.arange(len(targets), device=device), torch.tensor(counts, device=device))
-    if model.config.use_decoder_only_language_model:
-        logprobs = _decoder_only(model.language_model, embeds, attention_mask, rows, ids)
+    lm = model.language_model
+    if not isinstance(lm, T5ForConditionalGeneration):  # decoder-only
+        logprobs = _decoder_only(lm, embeds, attention_mask, rows, ids)
     else:
-        start = model.config.text_config.decoder_start_token_id
-        logprobs = _encoder_decoder(model.language_model, embeds, attention_mask, rows, ids, start)
+        start = lm.config.decoder_start_token_id
+        if start is None:
+            raise ConfigError("scoring candidates with T5 needs decoder_start_token_id in text_config")
+        logprobs = _encoder_decoder(lm, embeds, attention_mask, rows, ids, start)
     sums = logprobs.double().masked_fill(~mask, 0).sum(1).cpu()
     lengths = mask.sum(1).cpu()
     return list(sums.split(counts)), list(lengths.split(counts))
 
 
-def _decoder_only(lm: torch.nn.Module, embeds: Tensor, attention_mask: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+def _decoder_only(lm: CausalLM, embeds: Tensor, attention_mask: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
     batch, length = attention_mask.shape
     cache = lm.new_cache(batch, length + ids.shape[1] - 1)
     first = lm(embeds, attention_mask, generation_position_ids(attention_mask), cache=cache, last_only=True)[:, -1]
@@ -123,7 +134,7 @@ def _decoder_only(lm: torch.nn.Module, embeds: Tensor, attention_mask: Tensor, r
 
 
 def _encoder_decoder(
-    lm: torch.nn.Module, embeds: Tensor, attention_mask: Tensor, rows: Tensor, ids: Tensor, start: int
+    lm: T5ForConditionalGeneration, embeds: Tensor, attention_mask: Tensor, rows: Tensor, ids: Tensor, start: int
 ) -> Tensor:
     batch = embeds.shape[0]
     cache = lm.new_cache(batch, ids.shape[1])
@@ -165,7 +176,7 @@ def per_row_candidates(candidates: Candidates, batch: int) -> tuple[list[Sequenc
     if isinstance(candidates, str) or not isinstance(candidates, Sequence) or not candidates:
         raise ProcessorError("candidates must be a non-empty list of strings, or one such list per row")
     if any(isinstance(c, str) for c in candidates):  # one list (a non-string in it is refused when tokenized)
-        return [candidates] * batch, True
+        return [cast(Sequence[str], candidates)] * batch, True
     if len(candidates) != batch:
         raise ProcessorError(f"{len(candidates)} candidate lists for {batch} rows; give one list per row, or one list")
     for row in candidates:
@@ -176,7 +187,7 @@ def per_row_candidates(candidates: Candidates, batch: int) -> tuple[list[Sequenc
 
 @torch.no_grad()
 def score_candidates(
-    model: torch.nn.Module,
+    model: InstructBlipForConditionalGeneration,
     candidates: Candidates,
     tokenizer: Tokenizer,
     *,
@@ -207,6 +218,7 @@ def score_candidates(
             f"with eos) need {input_ids.shape[1] + longest - 1} positions; the model takes {limit}"
         )
     if image_embeds is None:
+        assert pixel_values is not None  # exactly one of the two (checked above)
         image_embeds = model.encode_images(pixel_values, interpolate_pos_encoding)
     features = model.query_image(image_embeds, qformer_input_ids, qformer_attention_mask)
     embeds = model.embed_inputs(input_ids, features)

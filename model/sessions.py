@@ -8,9 +8,14 @@ single-token decode steps; beam search reorders its rows.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .attention import generation_position_ids
+from .llama import LlamaForCausalLM
+from .opt import OPTForCausalLM
+from .t5 import T5ForConditionalGeneration
+
+# The decoder-only language models with their head, which decode sessions, ranking and continuous batching run.
+CausalLM = LlamaForCausalLM | OPTForCausalLM
 
 
 def expansion_index(batch: int, expand: int, device: torch.device) -> torch.Tensor:
@@ -22,10 +27,10 @@ class DecoderOnlySession:
     """LLaMA / OPT: the prompt embeddings go through the decoder once, then one token per step."""
 
     def __init__(
-        self, lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int, expand: int
+        self, lm: CausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_length: int, expand: int
     ):
         self.lm = lm
-        self.inputs_embeds = inputs_embeds
+        self.inputs_embeds: torch.Tensor | None = inputs_embeds
         self.attention_mask = attention_mask
         self.expand = expand
         self.cache = lm.new_cache(inputs_embeds.shape[0], max_length)
@@ -59,7 +64,7 @@ class EncoderDecoderSession:
 
     def __init__(
         self,
-        lm: nn.Module,
+        lm: T5ForConditionalGeneration,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         decoder_start_ids: torch.Tensor,
@@ -67,13 +72,14 @@ class EncoderDecoderSession:
         expand: int,
     ):
         self.lm = lm
-        self.inputs_embeds = inputs_embeds
-        self.attention_mask = attention_mask
+        self.inputs_embeds: torch.Tensor | None = inputs_embeds
+        self.attention_mask: torch.Tensor | None = attention_mask
         self.decoder_start_ids = decoder_start_ids
         self.expand = expand
         self.cache = lm.new_cache(inputs_embeds.shape[0], max_length)
 
     def prefill(self) -> torch.Tensor:
+        assert self.inputs_embeds is not None, "prefill runs once, before the steps"
         encoder_states = self.lm.encode(self.inputs_embeds, self.attention_mask)
         logits = self.lm.decode(self.decoder_start_ids, encoder_states, self.attention_mask, cache=self.cache)
         index = expansion_index(logits.shape[0], self.expand, logits.device)

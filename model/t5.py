@@ -8,6 +8,7 @@ computed once from the encoder output.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .attention import attend_eager
-from .configs import T5Config
+from .configs import GenerationConfig, T5Config
 from .errors import ModelError
 from .kv_cache import KVCache
 from .outputs import Collector
@@ -157,6 +158,7 @@ class T5DenseActDense(nn.Module):
         super().__init__()
         self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        assert config.dense_act_fn is not None  # set by T5Config.__post_init__
         self.act = activation(config.dense_act_fn)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,6 +172,7 @@ class T5DenseGatedActDense(nn.Module):
         self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        assert config.dense_act_fn is not None  # set by T5Config.__post_init__
         self.act = activation(config.dense_act_fn)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,6 +217,16 @@ class T5Block(nn.Module):
             x = _clamp_fp16(self.layer[1](x, *cross, cross_probs))
         return _clamp_fp16(self.layer[-1](x))
 
+    @property
+    def self_attention(self) -> T5Attention:
+        """The block's own attention (layer[0])."""
+        return cast(T5LayerSelfAttention, self.layer[0]).SelfAttention
+
+    @property
+    def cross_attention(self) -> T5Attention:
+        """The decoder's attention to the encoder output (layer[1]; decoder blocks only)."""
+        return cast(T5LayerCrossAttention, self.layer[1]).EncDecAttention
+
 
 class T5Stack(nn.Module):
     def __init__(self, config: T5Config, num_layers: int, is_decoder: bool) -> None:
@@ -226,9 +239,12 @@ class T5Stack(nn.Module):
         )
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
+    def first_block(self) -> T5Block:
+        return cast(T5Block, self.block[0])
+
     def position_bias(self, q_length: int, k_length: int, past: int = 0) -> Tensor:
         """Relative position bias [1, H, q_length, k_length] for queries at positions past .. past+q_length."""
-        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+        table = self.first_block().self_attention.relative_attention_bias
         q_pos = torch.arange(q_length, device=table.weight.device)[:, None] + past
         k_pos = torch.arange(k_length, device=table.weight.device)[None, :]
         buckets = relative_position_bucket(k_pos - q_pos, not self.is_decoder, self.num_buckets, self.max_distance)
@@ -303,6 +319,7 @@ class T5Model(nn.Module):
         self.tied_weights: dict[str, str] = dict(EMBEDDING_ALIASES)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, config.num_layers, is_decoder=False)
+        assert config.num_decoder_layers is not None  # set by T5Config.__post_init__
         self.decoder = T5Stack(config, config.num_decoder_layers, is_decoder=True)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -331,7 +348,7 @@ class T5Model(nn.Module):
         batch, length = encoder_hidden_states.shape[:2]
         keys, values = [], []
         for block in self.decoder.block:
-            k, v = block.layer[1].EncDecAttention.project_kv(encoder_hidden_states)
+            k, v = cast(T5Block, block).cross_attention.project_kv(encoder_hidden_states)
             keys.append(k)
             values.append(v)
         allowed = _key_padding(encoder_attention_mask, batch, length, "encoder_attention_mask")
@@ -399,9 +416,9 @@ class T5Model(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int) -> T5Cache:
         """An empty decoder cache for `max_length` decoder positions, in the attention weights' dtype."""
-        weight = self.decoder.block[0].layer[0].SelfAttention.k.weight
+        weight = self.decoder.first_block().self_attention.k.weight
         kv = KVCache(
-            self.config.num_decoder_layers,
+            len(self.decoder.block),
             batch_size,
             self.config.num_heads,
             self.config.d_kv,
@@ -415,6 +432,7 @@ class T5Model(nn.Module):
 class T5ForConditionalGeneration(T5Model):
     """Flan-T5 with its language-model head and transformers' state_dict keys."""
 
+    generation_config: GenerationConfig  # generate()'s base settings, set by the composite model that holds this one
     fallback_weights: dict[str, str] = {}
 
     def __init__(self, config: T5Config) -> None:

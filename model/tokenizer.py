@@ -144,7 +144,9 @@ class Tokenizer:
             self._backend.add_special_tokens([token])
         else:
             self._backend.add_tokens([token])
-        return self._backend.token_to_id(token.content)
+        token_id = self._backend.token_to_id(token.content)
+        assert token_id is not None  # just added
+        return token_id
 
     def add_special_token(self, content: str) -> int:
         """Return the id of `content`, appending it to the vocabulary as a special token if it is missing."""

@@ -120,6 +120,7 @@ class InstructBlipVisionModel(PretrainedPart):
     config_key = "vision_config"
     checkpoint_prefix = "vision_model."
     standalone = {"InstructBlipVisionModel": InstructBlipVisionConfig, "Blip2VisionModel": Blip2VisionConfig}
+    config: InstructBlipVisionConfig
 
     def __init__(self, config: InstructBlipVisionConfig) -> None:
         super().__init__()
@@ -152,8 +153,8 @@ class InstructBlipVisionModel(PretrainedPart):
     ) -> BaseModelOutputWithPooling | tuple:
         """As transformers: last_hidden_state, pooler_output (the CLS state, post_layernorm applied once more, as
         there), hidden_states (embeddings, then every layer's output before post_layernorm), attentions."""
-        hidden = [] if output_hidden_states else None
-        attentions = [] if output_attentions else None
+        hidden: list[Tensor] | None = [] if output_hidden_states else None
+        attentions: list[Tensor] | None = [] if output_attentions else None
         last = self.encode(pixel_values, interpolate_pos_encoding, hidden, attentions)
         out = BaseModelOutputWithPooling(
             last_hidden_state=last,

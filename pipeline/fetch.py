@@ -40,7 +40,7 @@ Error kinds (RowError.kind) and when they are raised:
   TLS errors are reported at once (a bad certificate does not heal on retry).
 - `opted_out`: an http(s) response whose X-Robots-Tag says noai, noimageai, noindex or noimageindex, for every agent
   or for ours ("blipbatch: noai"; another agent's directives do not apply), while `honour_opt_out` (the default); the
-  body is not downloaded. Never retried. Every request says who we are: `user_agent`, blipbatch/VERSION (+PROJECT_URL).
+  body is not downloaded. Never retried. Every request says who we are: `user_agent`, blipbatch/VERSION by default.
 - `too_large`: more than `max_bytes` (from Content-Length before reading, or counted while streaming); never retried.
 
 Retries: `retries` extra attempts with exponential backoff and full jitter (uniform in [0, backoff_s * 2**n], capped at
@@ -85,8 +85,9 @@ _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # An error body this small is read off so the connection can be reused; a larger one closes the connection.
 _DRAIN_LIMIT = 64 * 1024
-PROJECT_URL = "https://github.com/blipbatch/blipbatch"
-DEFAULT_USER_AGENT = f"blipbatch/{__version__} (+{PROJECT_URL})"
+# The product token alone: the project has no public page to point to, and the contact a site operator needs is the
+# crawl's owner's, which only `[fetch] user_agent` can give.
+DEFAULT_USER_AGENT = f"blipbatch/{__version__}"
 # X-Robots-Tag directives that opt an image out of our use (those img2dataset honours), and the user-agent token
 # a site addresses us by: "blipbatch: noai" applies, "otherbot: noai" does not.
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})

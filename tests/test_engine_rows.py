@@ -14,7 +14,19 @@ from blipbatch.model.instructblip import InstructBlipForConditionalGeneration
 GIB = 2**30
 
 
-def vicuna_7b_on_meta(dtype: torch.dtype = torch.bfloat16) -> InstructBlipForConditionalGeneration:
+VICUNA_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    vocab_size=32064,
+)
+FLAN_T5_XL = dict(model_type="t5", d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, vocab_size=32128)
+
+
+def on_meta(text_config: dict, dtype: torch.dtype = torch.bfloat16) -> InstructBlipForConditionalGeneration:
+    """The official checkpoint's shapes (EVA ViT-g, the Q-Former, `text_config`), with no memory behind them."""
     config = InstructBlipConfig.from_dict(
         dict(
             vision_config=dict(
@@ -26,20 +38,17 @@ def vicuna_7b_on_meta(dtype: torch.dtype = torch.bfloat16) -> InstructBlipForCon
                 image_size=224,
             ),
             qformer_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-            text_config=dict(
-                model_type="llama",
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                vocab_size=32064,
-            ),
+            text_config=text_config,
             num_query_tokens=32,
             image_token_index=32000,
         )
     )
     with torch.device("meta"):
         return InstructBlipForConditionalGeneration(config).to(dtype)
+
+
+def vicuna_7b_on_meta(dtype: torch.dtype = torch.bfloat16) -> InstructBlipForConditionalGeneration:
+    return on_meta(VICUNA_7B, dtype)
 
 
 @pytest.mark.parametrize("free_gib,rows", [(64, 256), (124, 512), (20, 64), (0.5, 8), (1000, 512)])
@@ -54,6 +63,14 @@ def test_rows_for_memory_counts_the_kv_cache():
     model = vicuna_7b_on_meta()
     assert rows_for_memory(vicuna_7b_on_meta(torch.float32), 64 * GIB, 30) == 128
     assert rows_for_memory(model, 64 * GIB, 400) < rows_for_memory(model, 64 * GIB, 30)
+
+
+def test_rows_for_memory_on_flan_t5_xl():
+    """T5 counts its decoder's self-attention cache (it raised AttributeError on every CUDA start before): 24 layers x
+    32 heads x 64 x 2 (keys, values) x 2 bytes is 196,608 bytes a position, 62 MB a row with the vision activations,
+    so 20 GiB holds 256 rows where Vicuna-7B's 512 KB a position holds 64."""
+    assert rows_for_memory(on_meta(FLAN_T5_XL), 20 * GIB, 30) == 256
+    assert rows_for_memory(on_meta(FLAN_T5_XL), 64 * GIB, 30) == 512
 
 
 def test_cpu_defaults_and_no_cuda_graphs(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from blipbatch import __version__
 from blipbatch.jobs.spec import SpecError, load_spec
 from blipbatch.pipeline.errors import RowError
-from blipbatch.pipeline.fetch import PROJECT_URL, FetchConfig, Fetcher
+from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 
 IMAGE = b"\x89PNG not really, the fetcher does not decode"
 
@@ -95,12 +95,12 @@ def test_honour_opt_out_false_fetches_it_all_the_same(server):
     assert fetcher(honour_opt_out=False).fetch(url(server, "noai")) == IMAGE
 
 
-def test_requests_name_blipbatch_its_version_and_url_or_the_configured_agent(server):
+def test_requests_name_blipbatch_and_its_version_or_the_configured_agent(server):
     server.agents.clear()
     fetcher().fetch(url(server))
     fetcher(user_agent="my-lab-crawler/2 (+https://lab.example/contact)").fetch(url(server))
     assert server.agents == [
-        f"blipbatch/{__version__} (+{PROJECT_URL})",
+        f"blipbatch/{__version__}",
         "my-lab-crawler/2 (+https://lab.example/contact)",
     ]
 

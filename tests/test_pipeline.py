@@ -440,26 +440,6 @@ def test_driver_killed_then_rerun_resumes_exactly_once(checkpoint, tmp_path):
     assert len(rows) == 300
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(checkpoint, tmp_path):
-    source = local_input(tmp_path, shards=2, rows=100)
-    output = str(tmp_path / "out")
-    run = cli_run(source, output, checkpoint, tmp_path)
-    deadline = time.monotonic() + 120
-    while len(committed_units(output)) < 2:
-        assert run.poll() is None and time.monotonic() < deadline, "no unit committed in time"
-        time.sleep(0.2)
-    os.kill(run.pid, signal.SIGINT)
-    assert run.wait(timeout=60) == 130
-    log = sorted(tmp_path.glob("run-*.log"))[-1].read_text()
-    assert "interrupted: committed units are kept" in log
-    # no half-written output: every part file there is a whole Parquet file
-    for part in Path(output).glob("part-*.parquet"):
-        assert pq.read_table(part).num_rows == 10
-    assert len(rows_by_id(read_output(output))) == 10 * len(committed_units(output))
-    assert cli_run(source, output, checkpoint, tmp_path).wait(timeout=300) == 0
-    assert len(rows_by_id(read_output(output))) == 200
-
-
 def test_annotate_encodes_each_image_once(ray_local, checkpoint, tmp_path):
     """4 named questions over 50 rows of 10 images: 200 output rows, 10 vision-encoder passes per unit of 25 rows
     (counted in the actor): each image once for all its questions, and once for all the rows of a unit naming it."""
