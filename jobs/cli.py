@@ -562,8 +562,8 @@ class Parser(argparse.ArgumentParser):
     """No flag taken by a prefix of its name (a misspelling must not silently become another flag); the commands'
     parsers are of this class too (add_subparsers makes them of the parent's)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs, allow_abbrev=False)
 
     def refuse_unknown(self, words: list[str]) -> None:
         """Exit 2 with this command's usage, naming the first unknown word, and the flag it is closest to."""

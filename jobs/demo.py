@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,7 +49,7 @@ def run_demo(output: Path, model: str | None, max_new_tokens: int) -> int:
     # The input stays beside the outputs, so that `blipbatch report` can tell what is pending.
     source = str(write_sample_input(output / "input"))
     # The sample images are local files: their folder is the one local root the jobs may read.
-    common = dict(
+    common: dict[str, Any] = dict(
         passthrough=["name"],
         max_new_tokens=max_new_tokens,
         progress=False,

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from blipbatch.errors import BlipbatchError
+from blipbatch.pipeline.job import PipelineError
 from blipbatch.pipeline.sink import read_output, write_table
 from blipbatch.schemas import STATUS_ERROR
 
@@ -37,6 +38,13 @@ class Kind:
     instructions: Callable[[str | None, Mapping[str, str]], tuple[str, ...] | dict[str, str] | None]
 
 
+def _caption_instructions(prompt: str | None, questions: Mapping[str, str]) -> tuple[str, ...]:
+    """The one prompt of a caption job (the spec gives the model's default when [prompt] sets none)."""
+    if prompt is None:
+        raise PipelineError("a caption job needs a prompt")
+    return (prompt,)
+
+
 _QUESTIONS_HINT = (
     'kind "annotate" asks every image each question of this table, e.g. [questions] color = "What color is the car?"'
 )
@@ -44,7 +52,7 @@ _QUESTIONS_HINT = (
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
-        Kind("caption", "one prompt asked of every image", {}, ("prompt",), lambda prompt, questions: (prompt,)),
+        Kind("caption", "one prompt asked of every image", {}, ("prompt",), _caption_instructions),
         Kind(
             "vqa",
             "each row's own question, from a column",

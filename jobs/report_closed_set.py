@@ -31,7 +31,7 @@ def closed_set_stats(
     """The stats of every closed-set question (as the manifest records them) over the committed parts."""
     if not closed_sets:
         return []
-    wins = {name: Counter() for name in closed_sets}
+    wins: dict[str, Counter[str]] = {name: Counter() for name in closed_sets}
     scores: dict[str, list[float]] = {name: [] for name in closed_sets}
     for record in records:
         table = read_part(output, record, ["question_id", "text", "score", "status"]).to_pydict()

@@ -19,7 +19,7 @@ import random
 import re
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -50,6 +50,8 @@ THROUGHPUT_BINS = 60
 # schemas.image_reference's stand-in for an image given as bytes; redact()'s mark in a reference it cleaned.
 _BYTES_NOTE = re.compile(r"<\d+ bytes>")
 _REDACTED = "REDACTED"
+# A gallery image's source: a reference or bytes as the image column holds them, or why it cannot be read.
+ImageSource = str | bytes | RowError | None
 
 
 class ReportError(BlipbatchError, ValueError):
@@ -220,7 +222,7 @@ def sample_gallery(
     if isinstance(settings["instructions"], dict):  # named questions: rows carry their question_id
         columns.insert(3, "question_id")
     items: list[GalleryItem] = []
-    sources: list[str | bytes | RowError | None] = []
+    sources: list[ImageSource] = []
     from_input: dict[str, dict[int, int]] = defaultdict(dict)  # shard -> {input row: gallery index}
     for r, offsets in sorted(by_record.items()):
         record = records[r]
@@ -235,6 +237,7 @@ def sample_gallery(
                 from_input[record.shard][record.first_row + offset] = len(sources)
             sources.append(reference)
     for shard, rows in from_input.items():
+        values: Mapping[int, ImageSource]
         try:
             _check_readable(shard, fetch)
         except RowError as refused:
@@ -268,8 +271,9 @@ def _check_readable(shard: str, fetch: FetchConfig) -> None:
         LocalRoots(fetch.local_roots).resolve(url_to_fs(shard)[1], shard)
 
 
-def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int, object]:
-    """The values of `column` at `rows` (indexes within the shard); a RowError for each when the shard is unreadable."""
+def read_input_values(shard: str, column: str, rows: Sequence[int]) -> Mapping[int, ImageSource]:
+    """The values of the image column `column` at `rows` (indexes within the shard); a RowError for each when the
+    shard is unreadable."""
     try:
         fs, path = url_to_fs(shard)
         with fs.open(path, "rb") as f:
@@ -280,7 +284,7 @@ def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int,
                     parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)
                 ),
             ]
-            values: dict[int, object] = {}
+            values: dict[int, ImageSource] = {}
             for group, wanted in itertools.groupby(rows, key=lambda row: bisect.bisect_right(starts, row) - 1):
                 column_values = parquet.read_row_group(group, columns=[column]).column(column)
                 values.update((row, column_values[row - starts[group]].as_py()) for row in wanted)
@@ -290,7 +294,7 @@ def read_input_values(shard: str, column: str, rows: Sequence[int]) -> dict[int,
         return dict.fromkeys(rows, problem)
 
 
-def read_tar_images(shard: str, rows: Sequence[int], image_extension: str | None) -> dict[int, object]:
+def read_tar_images(shard: str, rows: Sequence[int], image_extension: str | None) -> Mapping[int, ImageSource]:
     """The images of the WebDataset samples at `rows`; a RowError for each when the tar is unreadable."""
     try:
         return read_images(shard, rows, image_extension)
@@ -299,17 +303,17 @@ def read_tar_images(shard: str, rows: Sequence[int], image_extension: str | None
         return dict.fromkeys(rows, problem)
 
 
-def thumbnails(sources: Sequence[str | bytes | RowError | None], fetch: FetchConfig) -> list[str | RowError]:
+def thumbnails(sources: Sequence[ImageSource], fetch: FetchConfig) -> list[str | RowError]:
     """A JPEG data: URI per image reference, through the pipeline's fetch and decode; a RowError where that fails."""
     fetcher = Fetcher(fetch)
     try:
-        todo = [i for i, source in enumerate(sources) if not isinstance(source, RowError)]
-        fetched = dict(zip(todo, fetcher.fetch_all([sources[i] for i in todo])))
+        todo = {i: source for i, source in enumerate(sources) if not isinstance(source, RowError)}
+        fetched = dict(zip(todo, fetcher.fetch_all(list(todo.values()))))
     finally:
         fetcher.close()
     results: list[str | RowError] = []
     for i, source in enumerate(sources):
-        data = fetched.get(i, source)
+        data = source if isinstance(source, RowError) else fetched[i]
         if isinstance(data, RowError):
             results.append(data)
             continue
@@ -379,13 +383,12 @@ def throughput(
     """(start time, bin width in s, rows/s per bin for "all workers" and for each worker).
 
     A unit's rows are spread evenly over its start..finish, so a bin gets the share of each unit it overlaps."""
-    timed = [r for r in records if r.timing is not None]
-    start = min(r.timing.started for r in timed)
-    width = max(max(r.timing.finished for r in timed) - start, 1e-3) / bins
+    timed = [(record.rows, record.timing) for record in records if record.timing is not None]
+    start = min(t.started for _, t in timed)
+    width = max(max(t.finished for _, t in timed) - start, 1e-3) / bins
     series: dict[str, list[float]] = defaultdict(lambda: [0.0] * bins)
-    for record in timed:
-        t = record.timing
-        rate = record.rows / max(t.seconds, 1e-9)
+    for rows, t in timed:
+        rate = rows / max(t.seconds, 1e-9)
         first, last = int((t.started - start) / width), min(int((t.finished - start) / width), bins - 1)
         for b in range(first, last + 1):
             overlap = min(t.finished, start + (b + 1) * width) - max(t.started, start + b * width)

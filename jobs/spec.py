@@ -30,7 +30,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from blipbatch.errors import BlipbatchError
 from blipbatch.model.candidates import ClosedSet, candidates_problem
@@ -73,6 +73,7 @@ class JobSpec(Job):
     """A Job as a spec file (or the command line) says it, with what only the jobs layer uses."""
 
     source: Path | None  # the spec file, absolute; None for a job from flags alone
+    output: OutputSpec  # the Job's output, and whether to write the wide table
     kind: str  # a key of jobs.kinds.KINDS
     name: str | None = None
     prompt: str | None = None  # caption: [prompt] text, or default_prompt(model.path); None for the other kinds
@@ -132,18 +133,18 @@ def default_prompt(model: str | os.PathLike | Mapping[str, Any]) -> str:
 class _Check:
     expected: str  # completes "expected ..."
     accepts: Callable[[object], bool]
-    convert: Callable[[object], object] = lambda value: value
+    convert: Callable[[Any], object] = lambda value: value  # applied to values `accepts` took
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def _is_text(value: object) -> bool:
+def _is_text(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and value.strip() != ""
 
 
@@ -169,11 +170,11 @@ _PATHS = _Check(
 )
 
 
-def _is_token(value: object) -> bool:
+def _is_token(value: object) -> TypeGuard[int]:
     return _is_int(value) and value >= 0
 
 
-def _is_tokens(value: object) -> bool:
+def _is_tokens(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and len(value) > 0 and all(map(_is_token, value))
 
 
@@ -365,7 +366,7 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
 class _Locator:
     """Says where a key came from: "file:line", "file (override run.batch_size)", or "file" for what is absent."""
 
-    def __init__(self, source: str, text: str, overridden: set[tuple[str, str]]):
+    def __init__(self, source: str, text: str, overridden: set[tuple[str, ...]]):
         self.source = source
         self.lines = key_lines(text)
         self.overridden = overridden
@@ -662,6 +663,7 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     validation and checked like the file's own values; a None value is skipped (a command-line flag not given), an
     Extend value adds to the file's array. With `path` None the job is the overrides alone.
     """
+    doc: dict[str, Any]
     if path is None:
         source, spec_file, text, doc = COMMAND_LINE, None, "", {}
     else:
@@ -686,13 +688,13 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     for dotted in KIND_SPECIFIC_KEYS:
         table, _, key = dotted.partition(".")
         present = key in values.get(table, {}) if key else table in values
-        path, label = ((table, key), f"[{table}] {key}") if key else ((table,), f"[{table}]")
+        at, label = ((table, key), f"[{table}] {key}") if key else ((table,), f"[{table}]")
         if dotted in kind.requires and not present:
-            raise SpecError(where(*path), label, f"missing; {kind.requires[dotted]}")
+            raise SpecError(where(*at), label, f"missing; {kind.requires[dotted]}")
         if present and dotted not in kind.requires and dotted not in kind.allows:
             users = [k.name for k in KINDS.values() if dotted in k.requires or dotted in k.allows]
             raise SpecError(
-                where(*path),
+                where(*at),
                 label,
                 f'not used by kind "{kind.name}" (only by {", ".join(users)}); remove it or change [job] kind',
             )
@@ -746,13 +748,13 @@ def load_spec(path: str | os.PathLike | None, overrides: Mapping[str, object] | 
     if kind.name == "caption":
         prompt = values.get("prompt", {}).get("text")
         prompt = default_prompt(model["path"]) if prompt is None else prompt
-    templates = [(("prompt", "text"), "[prompt] text", prompt)] if "prompt" in values else []
+    templates = [(("prompt", "text"), "[prompt] text", prompt)] if "prompt" in values and prompt is not None else []
     templates += [(("questions", name), f"[questions] {name}", text) for name, text in questions.items()]
-    for path, label, text in templates:
+    for at, label, template in templates:
         try:
-            parse_template(text)
+            parse_template(template)
         except TemplateError as e:
-            raise SpecError(where(*path), label, str(e)) from None
+            raise SpecError(where(*at), label, str(e)) from None
     texts = {("prompt", "text"): prompt} if prompt is not None else {}
     _check_bounds(
         generation,

@@ -12,6 +12,7 @@ import json
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,7 +296,11 @@ def preprocessor_config(size: int = 224, processor_class: str = "InstructBlipPro
     }
 
 
-_LM_WRITERS = {"llama": write_llama_tokenizer, "t5": write_t5_tokenizer, "opt": write_opt_tokenizer}
+_LM_WRITERS: dict[str, Callable[..., TokenizerInfo]] = {
+    "llama": write_llama_tokenizer,
+    "t5": write_t5_tokenizer,
+    "opt": write_opt_tokenizer,
+}
 
 
 def write_processor_files(

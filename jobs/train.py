@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -99,7 +100,7 @@ def model_config(
     )
 
 
-def init_weights_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+def init_weights_(model: InstructBlipForConditionalGeneration, seed: int, std: float = 0.02) -> None:
     """A start that trains at this small width: Linear and the patch Conv2d N(0, 1/fan_in) (at width 64 the usual
     0.02 shrinks every layer's output six-fold, and the image path then learns colour only), embedding tables,
     query tokens and the vision tower's class and position embeddings N(0, std), biases 0, norm scales 1."""
@@ -136,8 +137,10 @@ class Batcher:
         self.instructions = shapes.INSTRUCTIONS
         self.prompt_ids = {t: processor.encode_prompts([t])["input_ids"][0].tolist() for t in self.instructions}
         self.qformer = processor.encode_prompts(list(self.instructions))  # a row per instruction, padded alike
-        self.pad = processor.tokenizer.pad_token_id
-        self.eos = processor.tokenizer.eos_token_id
+        pad, eos = processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id
+        if pad is None or eos is None:
+            raise ValueError("training needs a tokenizer with padding and end-of-sequence tokens")
+        self.pad, self.eos = pad, eos
 
     def __call__(self, samples: Sequence[shapes.ShapeSample]) -> dict[str, torch.Tensor]:
         pixel_values = self.processor.image_processor([s.image for s in samples])
@@ -181,6 +184,8 @@ def build(seed: int) -> tuple[InstructBlipForConditionalGeneration, InstructBlip
         )
         processor = InstructBlipProcessor.from_pretrained(tmp)
     lm, qformer = infos["tokenizer"], infos["qformer_tokenizer"]
+    if lm.bos_token_id is None or lm.eos_token_id is None or lm.image_token_id is None:
+        raise ValueError("the language model's tokenizer lacks a BOS, EOS or <image> token")
     config = model_config(
         lm.vocab_size, qformer.vocab_size, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.image_token_id
     )
@@ -251,7 +256,8 @@ def accuracy(
         chunk = data[first : first + batch_size]
         for key, text in [*shapes.QUESTIONS.items(), ("caption", shapes.CAPTION_PROMPT)]:
             inputs = processor(images=[s.image for s in chunk], text=text)
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+            # the ids: no return_dict_in_generate
+            ids = cast(torch.Tensor, model.generate(**inputs, max_new_tokens=max_new_tokens))
             answers = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for sample, answer in zip(chunk, answers):
                 if key == "caption":

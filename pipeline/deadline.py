@@ -97,9 +97,12 @@ class Attempt:
                 _abandoned_now += 1
                 _abandoned_total += 1
         if held:
-            threading.Thread(
-                target=lambda: [_shut(resource) for resource in held], name="deadline-shut", daemon=True
-            ).start()
+
+            def shut_held() -> None:
+                for resource in held:
+                    _shut(resource)
+
+            threading.Thread(target=shut_held, name="deadline-shut", daemon=True).start()
 
     def finish(self) -> None:
         """The attempt's call returned, in time or not."""

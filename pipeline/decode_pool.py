@@ -157,6 +157,7 @@ class DecodePool:
         """decode_image(data) then the processor's resize, in a pool process, as uint8 [3, H, W]; RowError as
         decode_image raises them, or `decode_timeout` when it takes more than `seconds`."""
         worker = self._idle.get()
+        replaced = False  # then its replacement is what goes back to the idle queue
         try:
             if not worker.ready:
                 self._await_ready(worker)  # a replacement that is still starting: its start is no row's time
@@ -167,14 +168,14 @@ class DecodePool:
             except (EOFError, OSError):  # the process was gone, or died on this image
                 code = worker.process.wait(timeout=10)
                 self._replace(worker)
-                worker = None
+                replaced = True
                 raise RowError(
                     "decode_error",
                     f"the decode process died decoding this image (exit code {code}; killed for memory?)",
                 ) from None
             if reply is None:
                 self._replace(worker)
-                worker = None
+                replaced = True
                 raise RowError(
                     "decode_timeout",
                     f"decoding took longer than the {seconds:.3g} s left of the row's "
@@ -185,7 +186,7 @@ class DecodePool:
             width, height = reply[1], reply[2]
             return self.processor.chw(bytearray(worker.block[: 3 * width * height]), width, height)
         finally:
-            if worker is not None:
+            if not replaced:
                 self._idle.put(worker)
 
     def _replace(self, worker: _Process) -> None:
@@ -224,9 +225,9 @@ def _kill(workers: list[_Process]) -> None:
 def _serve(conn: Connection, block: mmap.mmap) -> None:
     """A pool process: decode and resize each image sent, its RGB bytes into the shared block, ("ok", width,
     height) or ("error", kind, message) back; ends (EOFError, OSError) when the pool closes its end."""
-    decode, rgb_resize = pickle.loads(conn.recv_bytes())
     decode: DecodeConfig
     rgb_resize: RgbResize
+    decode, rgb_resize = pickle.loads(conn.recv_bytes())
     conn.send(_READY)
     while True:
         data = conn.recv_bytes()

@@ -154,9 +154,9 @@ class AddressGuard:
                 f"malformed host name {host!r}: a label (the text between dots) is empty or longer than 63 characters",
             ) from None
         # An IPv4-mapped address is connected to as plain IPv4: it needs no IPv6 stack and means the same host.
-        targets = {}
+        targets: dict[str, IPAddress] = {}
         for info in infos:
-            raw = info[4][0]
+            raw = str(info[4][0])  # the address, text for the internet families asked for
             parsed = _parse_ip(raw)
             inner = _ipv4_inside(parsed)
             mapped = isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None
@@ -226,7 +226,7 @@ class _GuardedHTTPSConnection(HTTPSConnection):
         super().request(*args, **kwargs)
 
 
-class _ReleasingPool:
+class _ReleasingPool(HTTPConnectionPool):
     """A connection pool mixin: a connection going back to the pool leaves its attempt first, so that attempt's
     deadline cannot shut it while another attempt uses it."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from blipbatch.errors import BlipbatchError
 from blipbatch.model.candidates import DEFAULT_MAX_CANDIDATES, ClosedSet, closed_set
@@ -165,18 +165,23 @@ def _instructions(prompt: str | Sequence[str] | Mapping[str, str] | None) -> Ins
 def _closed_sets(given: Mapping[str, object], instructions: Instructions | None, limit: int) -> dict[str, ClosedSet]:
     """question_id -> ClosedSet, from ClosedSets, candidate lists (scoring "sum") or {"candidates", "scoring"}
     mappings (as the manifest records them); each question must be one of the job's named questions."""
-    if given and not isinstance(instructions, dict):
+    if not given:
+        return {}
+    if not isinstance(instructions, dict):
         raise PipelineError("closed_sets name questions: give the questions as a dict, question_id -> question")
     checked = {}
     for name, value in given.items():
         if name not in instructions:
             raise PipelineError(f"closed_sets: {name!r} is not one of the questions ({', '.join(instructions)})")
+        described: Mapping[str, Any]
         if isinstance(value, ClosedSet):
-            value = value.to_dict()
-        elif not isinstance(value, Mapping):
-            value = {"candidates": value}
+            described = {"candidates": value.candidates, "scoring": value.scoring}
+        elif isinstance(value, Mapping):
+            described = value
+        else:
+            described = {"candidates": value}
         try:
-            checked[name] = closed_set(value.get("candidates", ()), value.get("scoring", "sum"), limit)
+            checked[name] = closed_set(described.get("candidates", ()), described.get("scoring", "sum"), limit)
         except ValueError as e:
             raise PipelineError(f"closed_sets: question {name!r}: {e}") from None
     return checked
@@ -251,7 +256,11 @@ def job_from_keywords(
     """A Job from pipeline.run's keyword form: column, model and run settings by their field names
     (image_column, dtype, batch_size, ...), max_new_tokens/num_beams as shorthands for generation; closed_sets
     maps question ids of `prompt` to their candidates (a list, or a ClosedSet with its scoring)."""
-    sections: dict[type, dict[str, Any]] = {InputConfig: {}, ModelConfig: {}, RunConfig: {}}
+    sections: dict[type[InputConfig | ModelConfig | RunConfig], dict[str, Any]] = {
+        InputConfig: {},
+        ModelConfig: {},
+        RunConfig: {},
+    }
     gen = dict(generation or {})
     for name, value in settings.items():
         if name in ("max_new_tokens", "num_beams"):
@@ -261,11 +270,13 @@ def job_from_keywords(
         if owner is None:
             raise TypeError(f"pipeline.run() got an unexpected keyword argument {name!r}")
         sections[owner][name] = value
+    # InputConfig and Job normalize a str, a list or a mapping in __post_init__ (a conversion a dataclass field's
+    # type cannot state)
     return Job(
-        input=InputConfig(paths=input, **sections[InputConfig]),
+        input=InputConfig(paths=cast(tuple[str, ...], input), **sections[InputConfig]),
         output=OutputConfig(output),
         model=ModelConfig(model, **sections[ModelConfig]),
-        instructions=prompt,
+        instructions=cast(Instructions | None, prompt),
         generation=gen,
         fetch=fetch or FetchConfig(),
         decode=decode or DecodeConfig(),

@@ -269,8 +269,8 @@ class OutputLock:
         with self.store.exclusive():
             seen = self.store.read()
             held = _parse(seen)
-            mine = seen is not None and held is not None and held.token == self.info.token
-            if not (mine and (self.store.replace(self._next(), seen) or self._written())):
+            mine = held is not None and held.token == self.info.token
+            if not (seen is not None and mine and (self.store.replace(self._next(), seen) or self._written())):
                 raise OutputLocked(f"{self.output_root}: this run's lock was taken over or removed")
 
     def maybe_renew(self) -> None:

@@ -15,14 +15,15 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from blipbatch.errors import BlipbatchError
+from blipbatch.model.candidates import ClosedSet
 from blipbatch.schemas import MANIFEST_VERSION, ColumnMapping, JobSettings
 
 from .decode import DecodeConfig
 from .fetch import FetchConfig
-from .job import InputConfig, Job, ModelConfig, OutputConfig, RunConfig
+from .job import InputConfig, Instructions, Job, ModelConfig, OutputConfig, RunConfig
 from .redact import redact
 from .sink import _json_bytes, _now, _open_root, _qualify, _write_whole
 
@@ -116,16 +117,18 @@ def recorded_fetch(settings: JobSettings) -> FetchConfig:
 def recorded_job(settings: JobSettings, output: str) -> Job:
     """The Job an output was made with, from its manifest; settings a version 1 manifest lacks take their defaults."""
     run = dict(settings.run or {})
+    # InputConfig and Job normalize the recorded JSON (a str or a list of paths, a list of prompts, closed sets as
+    # {"candidates", "scoring"}) in __post_init__, a conversion a dataclass field's type cannot state
     return Job(
-        input=InputConfig(paths=settings.input, **settings.mapping),
+        input=InputConfig(paths=cast(tuple[str, ...], settings.input), **settings.mapping),
         output=OutputConfig(output),
         model=ModelConfig(settings.model, dtype=settings.dtype, device=settings.device, quantize=settings.quantize),
-        instructions=settings.instructions,
+        instructions=cast(Instructions | None, settings.instructions),
         generation=settings.generation,
         fetch=recorded_fetch(settings),
         decode=DecodeConfig(**_tuples(settings.decode)),
         run=RunConfig(rows_per_unit=settings.rows_per_unit, **run),
-        closed_sets=settings.closed_sets or {},
+        closed_sets=cast(dict[str, ClosedSet], settings.closed_sets or {}),
     )
 
 

@@ -29,8 +29,8 @@ from blipbatch.schemas import ProgressRecord
 UNIT_LOG = logging.getLogger("blipbatch.units")
 
 _UNKNOWN_WORKER = "?"  # a marker without timing (written by a worker of an earlier version)
-_UNIT_SECONDS = [1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
-_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_UNIT_SECONDS: list[float] = [1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+_BATCH_SIZES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 def _log(event: str, **fields: object) -> None:

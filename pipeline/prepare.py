@@ -31,6 +31,7 @@ import hashlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -213,8 +214,8 @@ class PrepareStage:
         self.budget = ByteBudget(config.decoded_bytes)
         return_freed_images_to_the_os()
         processes = config.decode_processes()
-        self._own_pool = pool is None and processes > 0
-        self.pool = DecodePool(processes, decode, processor) if self._own_pool else pool
+        self._own_pool = DecodePool(processes, decode, processor) if pool is None and processes > 0 else None
+        self.pool = self._own_pool if self._own_pool is not None else pool
         workers = self.pool.processes if self.pool is not None else config.threads or default_threads()
         self._fetch_pool = ThreadPoolExecutor(fetcher.config.concurrency, thread_name_prefix="fetch")
         self._cpu_pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
@@ -232,22 +233,21 @@ class PrepareStage:
             pool.shutdown(wait=False, cancel_futures=True)
         for pool in pools:
             pool.shutdown(wait=True)
-        if self._own_pool:
-            self.pool.close()
+        if self._own_pool is not None:
+            self._own_pool.close()
         self.times.reads_abandoned = deadline.abandoned_total() - self._abandoned_before
 
     def batches(self, rows: Sequence[InputRow], size: int) -> Iterator[PreparedBatch]:
         """The unit's micro-batches in order; every image of the unit starts fetching at the first call."""
         images = {row.row_index: self._fetch_pool.submit(self._fetch, row.image) for row in rows}
         chunks = list(batches(rows, size))
-        pending = [self._assembler.submit(self._assemble, chunk, images) for chunk in chunks[: self.config.ahead]]
+        pending = deque(self._assembler.submit(self._assemble, chunk, images) for chunk in chunks[: self.config.ahead])
         for i in range(len(chunks)):
             if i + self.config.ahead < len(chunks):
                 pending.append(self._assembler.submit(self._assemble, chunks[i + self.config.ahead], images))
-            yield pending[i].result()
-            pending[i] = None  # the batch is the model's now
+            yield pending.popleft().result()  # no longer held here: the batch is the model's now
 
-    def _fetch(self, ref: object) -> _Fetched | RowError:
+    def _fetch(self, ref: str | bytes | None) -> _Fetched | RowError:
         """Fetch on a fetch thread, then queue the decode on the CPU threads (which never wait on the network),
         unless the same bytes are decoded already."""
         start = time.perf_counter()
@@ -288,7 +288,7 @@ class PrepareStage:
         finally:
             self.times.add("decode_s", time.perf_counter() - start)
 
-    def _assemble(self, rows: Sequence[InputRow], images: dict[int, Future]) -> PreparedBatch:
+    def _assemble(self, rows: Sequence[InputRow], images: dict[int, Future[_Fetched | RowError]]) -> PreparedBatch:
         """Wait for the rows' images, check the instructions, normalize and stack the distinct good images."""
         fetched = {index: images[index].result() for index in dict.fromkeys(row.row_index for row in rows)}
         decoded = {
@@ -301,16 +301,17 @@ class PrepareStage:
         prepared = []
         for row in rows:
             item = PreparedRow(row)
-            image = fetched[row.row_index]
-            if isinstance(image, _Fetched):
-                item.sha256 = image.sha256
-                image = decoded[image.sha256]
+            fetch = fetched[row.row_index]
+            if isinstance(fetch, _Fetched):
+                item.sha256 = fetch.sha256
             if row.id is None:
                 item.error = RowError("invalid_input", f"row {row.row_index}: the id column is null")
             elif row.problem is not None:
                 item.error = row.problem
-            elif isinstance(image, RowError):
-                item.error = image
+            elif isinstance(fetch, RowError):
+                item.error = fetch
+            elif isinstance(decoded[fetch.sha256], RowError):
+                item.error = decoded[fetch.sha256]
             else:
                 try:
                     item.instruction = self.check_instruction(row.instruction)
@@ -319,7 +320,7 @@ class PrepareStage:
                 except Exception as err:  # noqa: BLE001 - the row boundary, as in _fetch
                     item.error = RowError("invalid_input", f"instruction refused: {type(err).__name__}: {err}")
                 else:
-                    item.image = slot.setdefault(item.sha256, len(slot))
+                    item.image = slot.setdefault(fetch.sha256, len(slot))
             prepared.append(item)
         if not slot:
             return PreparedBatch(prepared, None)

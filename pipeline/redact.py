@@ -241,7 +241,7 @@ class RedactingStream(io.TextIOBase):
         return self.stream.fileno()
 
     @property
-    def encoding(self) -> str:
+    def encoding(self) -> str:  # type: ignore[override]  # typeshed: a TextIOBase attribute; CPython: read-only
         return getattr(self.stream, "encoding", "utf-8")
 
 

@@ -409,7 +409,8 @@ def run_on_ray(
     use_gpu = config.engine.device == "cuda" or (config.engine.device is None and gpus > 0)
     elastic = use_gpu and job.run.elastic
     limit = job.run.max_workers or sys.maxsize
-    count = min(gpus, limit) if elastic else (1 if job.run.elastic else job.run.workers)
+    # not elastic: the number asked for ("auto" without GPUs: 1)
+    count = min(gpus, limit) if elastic else (job.run.workers if isinstance(job.run.workers, int) else 1)
     if count < 1:
         raise PipelineError(
             "device is cuda but the cluster has no GPU yet: set --workers (run.workers) to the number of GPU actors"
@@ -466,6 +467,6 @@ def run_on_ray(
             )
         finally:
             for handle in handles:
-                ray.kill(handle)
+                ray.kill(handle)  # type: ignore[arg-type]  # ray types .remote() ActorHandle | type; it is a handle
             if elastic and job.run.max_workers:
                 request_resources(bundles=[])  # the run's demand ends with it: idle GPU nodes may go

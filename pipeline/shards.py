@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 import fsspec
 import pyarrow as pa
@@ -181,7 +182,7 @@ class _Footer:
     tar: TarIndex | None = None  # a WebDataset shard's samples (group_rows: their count)
 
 
-def _footer(f: object) -> tuple[int, bytes]:
+def _footer(f: IO[bytes]) -> tuple[int, bytes]:
     """A Parquet file's size, and its footer's bytes: every row group's sizes, offsets and statistics, the schema."""
     size = f.seek(0, os.SEEK_END)
     f.seek(size - 8)
@@ -217,7 +218,7 @@ def _content_id(fs: fsspec.AbstractFileSystem, path: str, size: int, footer: byt
     return _digest(size, footer, fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges]))
 
 
-def _open_fingerprint(f: object) -> str:
+def _open_fingerprint(f: IO[bytes]) -> str:
     """The fingerprint (_digest) of the content an open shard file reads."""
     size, footer = _footer(f)
     samples = []
@@ -438,11 +439,12 @@ def duplicate_ids(
     memory). Null ids do not count (their rows become error rows). WebDataset shards are left out: their keys are
     checked when planning (and an id column of theirs is not stored apart to read)."""
     shards = [shard for shard in shards if not is_tar(shard, mapping.format)]
-    if mapping.id_column is None:
+    id_column = mapping.id_column
+    if id_column is None:
         return []
     found: list[tuple[str, list[tuple[str, int]]]] = []
     with ThreadPoolExecutor(max_workers=FOOTER_READ_THREADS) as pool:
-        columns = pool.map(lambda shard: _ids(shard, mapping.id_column), shards)
+        columns = pool.map(lambda shard: _ids(shard, id_column), shards)
         if across_shards:
             _repeated(list(shards), list(columns), limit, found)
         else:
@@ -483,6 +485,8 @@ def describe_duplicates(found: Sequence[tuple[str, Sequence[tuple[str, int]]]], 
 
 def check_unique_ids(shards: Sequence[str], mapping: ColumnMapping) -> None:
     """Refuse shards whose id column repeats an id within the shard (reads that column of each shard)."""
+    if mapping.id_column is None:
+        return  # ids derived from the shard and row are unique
     found = duplicate_ids(shards, mapping)
     if found:
         raise DuplicateIdError(
@@ -594,14 +598,15 @@ def read_unit(
         image = columns[mapping.image_column][offset]
         for question_id, instruction in _instructions(fixed_instructions, columns, mapping, offset):
             instruction, problem = _filled(
-                templates.get(instruction) if fixed_instructions is not None else None,
+                templates.get(instruction) if isinstance(instruction, str) else None,  # only fixed ones have any
                 instruction,
                 columns,
                 offset,
                 mapping.missing,
             )
-            if problems[offset] is not None:
-                problem = RowError("invalid_input", problems[offset])
+            sample_problem = problems[offset]
+            if sample_problem is not None:
+                problem = RowError("invalid_input", sample_problem)
             passthrough = {name: columns[name][offset] for name in mapping.passthrough}
             rows.append(InputRow(row_id, image, instruction, passthrough, row_index, question_id, derived_id, problem))
     return rows if unit.redo is None else [rows[position] for position in unit.redo]
@@ -627,7 +632,7 @@ def _read_planned(unit: WorkUnit, columns: list[str]) -> pa.Table:
     again. Ranges are read as asked ("none" cache): fsspec's read-ahead would fetch blocks the unit never uses."""
     fs, path = url_to_fs(unit.shard)
 
-    def check(f: object, when: str) -> None:
+    def check(f: IO[bytes], when: str) -> None:
         try:
             now = _open_fingerprint(f)
         except (OSError, ValueError) as exc:

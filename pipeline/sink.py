@@ -365,23 +365,22 @@ def whole_output(output_root: str, unit: WorkUnit, table: pa.Table) -> pa.Table:
     in the schema of the output's parts (unit.part_schema), so that an output begun by an earlier version keeps one
     schema: a column it lacks is dropped, one it has is filled with nulls."""
     if unit.redo is not None:
-        table = _merged(output_root, unit, table)
+        table = _merged(output_root, unit.unit_id, unit.redo, table)
     return table if unit.part_schema is None else _conform(table, unit.part_schema, unit.unit_id)
 
 
-def _merged(output_root: str, unit: WorkUnit, redone: pa.Table) -> pa.Table:
+def _merged(output_root: str, unit_id: str, redo: Sequence[int], redone: pa.Table) -> pa.Table:
     fs, root = _open_root(output_root)
-    kept = read_parquet(fs, f"{root}/{part_name(unit.unit_id)}")
-    if redone.num_rows != len(unit.redo) or (unit.redo and max(unit.redo) >= kept.num_rows):
+    kept = read_parquet(fs, f"{root}/{part_name(unit_id)}")
+    if redone.num_rows != len(redo) or (redo and max(redo) >= kept.num_rows):
         raise ValueError(
-            f"unit {unit.unit_id}: {redone.num_rows} rows redone for {len(unit.redo)} positions of a "
-            f"part of {kept.num_rows} rows"
+            f"unit {unit_id}: {redone.num_rows} rows redone for {len(redo)} positions of a part of {kept.num_rows} rows"
         )
-    redone = _conform(redone, kept.schema, unit.unit_id)
-    positions = pa.array(unit.redo, pa.int64())
+    redone = _conform(redone, kept.schema, unit_id)
+    positions = pa.array(redo, pa.int64())
     redone = redone.set_column(kept.schema.get_field_index("id"), "id", kept.column("id").take(positions))
     order = list(range(kept.num_rows))
-    for k, position in enumerate(unit.redo):
+    for k, position in enumerate(redo):
         order[position] = kept.num_rows + k
     return pa.concat_tables([kept, redone]).take(pa.array(order, pa.int64()))
 

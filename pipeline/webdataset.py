@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO
 
 import pyarrow as pa
 from fsspec.core import url_to_fs
@@ -95,7 +96,7 @@ def split_name(name: str) -> tuple[str | None, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _sampled(f: object, size: int) -> list[bytes]:
+def _sampled(f: IO[bytes], size: int) -> list[bytes]:
     ranges = [(0, size)] if size <= 2 * SAMPLE_BYTES else [(0, SAMPLE_BYTES), (size - SAMPLE_BYTES, size)]
     out = []
     for start, end in ranges:
@@ -238,7 +239,7 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def _members(f: object, shard: str, size: int) -> tuple[list[Member], dict[str, list], tuple[int, str] | None]:
+def _members(f: IO[bytes], shard: str, size: int) -> tuple[list[Member], dict[str, list], tuple[int, str] | None]:
     """The tar's regular members; the values of its small text members by column; and (byte, why) where its headers
     became unreadable, if they did. Parsed here, not by tarfile: its pure-Python headers took 0.3 ms a member, and it
     ends quietly at a header it cannot read."""

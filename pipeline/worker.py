@@ -14,6 +14,7 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,8 +41,11 @@ from .job import PipelineError, RunConfig, instruction_size_problem
 from .metrics import WorkerMetrics
 from .prepare import PrepareConfig, PreparedBatch, PreparedRow, PrepareStage
 from .redact import redact
-from .shards import WorkUnit, read_unit
+from .shards import InputRow, WorkUnit, read_unit
 from .sink import commit_unit, record_for, whole_output, write_part
+
+# What a row asks of which image bytes: (image sha256, instruction, closed set); rows asking the same share an answer.
+Question = tuple[str | None, str | None, ClosedSet | None]
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,14 @@ class ModelWorker:
         """Per closed-set question: the error its rows get (its prompt and candidates do not fit the model), or None.
         A candidate the model's tokenizer reduces to nothing stops the worker before any unit."""
         errors: dict[str, RowError | None] = {}
+        if not self.config.closed_sets:
+            return errors
+        questions = self.config.instructions
+        if not isinstance(questions, dict):  # Job refuses closed sets without named questions
+            raise PipelineError("closed_sets name questions: give the questions as a dict, question_id -> question")
         for name, closed in self.config.closed_sets.items():
             try:
-                self.engine.check_closed_set(self.config.instructions[name], closed)
+                self.engine.check_closed_set(questions[name], closed)
                 errors[name] = None
             except InvalidInstruction as e:
                 errors[name] = RowError("invalid_input", f"question {name!r}: {e}")
@@ -197,16 +206,18 @@ class ModelWorker:
         that row's answer (`answered`: (sha256, instruction, closed set) -> Generated or RowError, kept across the
         unit's batches), so identical bytes are encoded and answered once."""
         for item in batch.rows:
-            if item.error is None and self.closed_set_errors.get(item.row.question_id) is not None:
-                item.error = self.closed_set_errors[item.row.question_id]
+            if item.error is None and item.row.question_id is not None:
+                item.error = self.closed_set_errors.get(item.row.question_id)
         ready = [p for p in batch.rows if p.error is None]
-        asked = {}
+        asked: dict[Question, PreparedRow] = {}
         for item in ready:
             if self.question_of(item) not in answered:
                 asked.setdefault(self.question_of(item), item)
         todo = list(asked.values())
-        pixels, images = _only_images(batch.pixels, [p.image for p in todo])
-        answered.update(zip(asked, self.generate(pixels, todo, images)))
+        if batch.pixels is not None:  # None: no row of the batch is ready
+            # a row without error has its image (and instruction) set by the prepare stage
+            pixels, images = _only_images(batch.pixels, [cast(int, p.image) for p in todo])
+            answered.update(zip(asked, self.generate(pixels, todo, images)))
         results = {}
         for item in ready:
             answer = answered[self.question_of(item)]
@@ -215,9 +226,13 @@ class ModelWorker:
             results[id(item)] = answer
         return [self.output_row(p, None if p.error else results[id(p)]) for p in batch.rows]
 
-    def question_of(self, item: PreparedRow) -> tuple[str | None, str | None, ClosedSet | None]:
+    def question_of(self, item: PreparedRow) -> Question:
         """What a row asks of which image bytes: two rows with the same answer this."""
-        return item.sha256, item.instruction, self.config.closed_sets.get(item.row.question_id)
+        return item.sha256, item.instruction, self.closed_set_of(item.row)
+
+    def closed_set_of(self, row: InputRow) -> ClosedSet | None:
+        """The candidates a row's question ranks; None for a question answered freely, or a row's own instruction."""
+        return None if row.question_id is None else self.config.closed_sets.get(row.question_id)
 
     def generate(self, pixels: torch.Tensor, ready: list[PreparedRow], images: list[int]) -> list:
         """Generated texts and scores (or RowErrors) of the `ready` rows, row i about image images[i] of `pixels`:
@@ -229,8 +244,8 @@ class ModelWorker:
             return self.engine.generate_scored(
                 pixels,
                 images,
-                [p.instruction for p in ready],
-                [self.config.closed_sets.get(p.row.question_id) for p in ready],
+                [cast(str, p.instruction) for p in ready],  # set on every row without error
+                [self.closed_set_of(p.row) for p in ready],
             )
         except Exception as e:  # any model failure: isolate it below
             if len(ready) == 1:
@@ -261,6 +276,7 @@ class ModelWorker:
 
     def answer_columns(self, generated: Generated | None) -> dict:
         """text and score (and candidate_logprobs in jobs with closed-set questions); null on error rows."""
+        columns: dict[str, object]
         if generated is None:
             columns = {"text": None, "score": None, "candidate_logprobs": None}
         elif generated.candidate_logprobs is not None and self.multiple_texts:  # one answer, in the list columns
@@ -280,11 +296,11 @@ class ModelWorker:
         return columns
 
 
-def _only_images(pixels: torch.Tensor | None, images: list[int]) -> tuple[torch.Tensor | None, list[int]]:
+def _only_images(pixels: torch.Tensor, images: list[int]) -> tuple[torch.Tensor, list[int]]:
     """The rows of `pixels` that `images` index, and the indexes into them: images whose rows all took an earlier
     answer are not encoded."""
     used = sorted(set(images))
-    if pixels is None or len(used) == pixels.shape[0]:
+    if len(used) == pixels.shape[0]:
         return pixels, images
     where = {image: k for k, image in enumerate(used)}
     return pixels[used], [where[image] for image in images]

@@ -40,7 +40,7 @@ class JobSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobSettings:
+    def from_dict(cls, data: object) -> JobSettings:
         """Read any version; a version 1 record lacks `version` and the version 2 settings."""
         if not isinstance(data, dict):
             raise ValueError(f"manifest settings must be a JSON object, got {type(data).__name__}")

@@ -110,7 +110,8 @@ def is_binary_image(schema: pa.Schema, mapping: ColumnMapping) -> bool:
 def check_input_schema(shard: str, schema: pa.Schema, mapping: ColumnMapping) -> None:
     """Raise SchemaError listing every column of `shard` that is missing or of the wrong type."""
     problems = []
-    expectations = [
+    # (column, the type it should have, whether a type is that), passthrough columns of any type
+    expectations: list[tuple[str | None, str | None, Callable[[pa.DataType], bool] | None]] = [
         (
             mapping.image_column,
             "string (image reference) or binary (image bytes)",
