@@ -281,7 +281,7 @@ def prepare_stage(paths: list[Path], processor, results: Results) -> None:
     configs = [(f"{n} thread(s)", PrepareConfig(threads=n, processes=0)) for n in sorted({1, default_threads()})]
     configs += [(f"{n} decode process(es)", PrepareConfig(processes=n)) for n in sorted({1, usable_cpus()})]
     for name, config in configs:
-        with PrepareStage(fetcher, DecodeConfig(), processor.image_processor, config, str) as stage:
+        with PrepareStage(fetcher, DecodeConfig(), processor.image_processor, config) as stage:
             start = time.perf_counter()  # after the decode processes start: a worker starts them once
             count = sum(batch.pixels.shape[0] for batch in stage.batches(rows, 256))
             seconds = time.perf_counter() - start

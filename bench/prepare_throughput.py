@@ -88,7 +88,7 @@ def stage(
 ) -> tuple[float, torch.Tensor]:
     rows = [InputRow(id=str(i), image=str(path), instruction="x", row_index=i) for i, path in enumerate(paths)]
     fetcher = Fetcher(FetchConfig(local_roots=(str(root),)))
-    with PrepareStage(fetcher, decode, processor, config, str) as prepare:
+    with PrepareStage(fetcher, decode, processor, config) as prepare:
         start = time.perf_counter()  # the decode processes are started: a worker starts them once
         [batch] = list(prepare.batches(rows, len(rows)))
         rate = len(rows) / (time.perf_counter() - start)

@@ -207,11 +207,15 @@ class Engine:
             config.max_new_tokens or DEFAULT_NEW_TOKENS, config.min_new_tokens or 0, tuple(config.eos_token_ids)
         )
 
-    def check_instruction(self, instruction: object) -> str:
-        """The instruction as the model will take it; InvalidInstruction says why it cannot."""
+    def check_instruction(self, instruction: object, closed_set: ClosedSet | None = None) -> str:
+        """The instruction as the model will take it, to generate from or, with `closed_set`, to rank its candidates
+        after (which needs positions for the longest candidate, not for max_new_tokens); InvalidInstruction says
+        why it cannot."""
         if not isinstance(instruction, str):
             raise InvalidInstruction(f"the instruction must be a string, got {type(instruction).__name__}")
-        if self.max_prompt_tokens is not None:
+        if closed_set is not None:
+            self.check_closed_set(instruction, closed_set)
+        elif self.max_prompt_tokens is not None:
             length = len(self.processor.tokenizer.encode(instruction))
             if length > self.max_prompt_tokens:
                 raise InvalidInstruction(

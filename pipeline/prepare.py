@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -174,6 +174,11 @@ class PreparedBatch:
     pixels: torch.Tensor | None  # [distinct good images, 3, H, W] float32; None when no row is ready
 
 
+def instruction_as_given(row: InputRow) -> str:
+    """The row's instruction unchecked (a stage of its own, a benchmark): the model's checks are the worker's."""
+    return str(row.instruction)
+
+
 def batches(rows: Sequence[InputRow], size: int) -> Iterator[Sequence[InputRow]]:
     """Micro-batches of about `size` rows that never split the instructions of one input row, so each
     image is fetched and encoded once however many questions it is asked."""
@@ -196,7 +201,7 @@ class PrepareStage:
         decode: DecodeConfig,
         processor: BlipImageProcessor,
         config: PrepareConfig,
-        check_instruction,
+        check_instruction: Callable[[InputRow], str] = instruction_as_given,
         pin_memory: bool = False,
         pool: DecodePool | None = None,
     ) -> None:
@@ -206,7 +211,7 @@ class PrepareStage:
         self.decode = decode
         self.processor = processor
         self.config = config
-        self.check_instruction = check_instruction  # instruction -> str, or raises an error naming why
+        self.check_instruction = check_instruction  # row -> its instruction as the model takes it, or raises why not
         self.pin_memory = pin_memory
         self.times = StageTimes()
         self._normalized = processor.normalize_table().numpy()  # [channel, 8-bit value] -> normalized value
@@ -314,7 +319,7 @@ class PrepareStage:
                 item.error = decoded[fetch.sha256]
             else:
                 try:
-                    item.instruction = self.check_instruction(row.instruction)
+                    item.instruction = self.check_instruction(row)
                 except RowError as err:
                     item.error = err
                 except Exception as err:  # noqa: BLE001 - the row boundary, as in _fetch

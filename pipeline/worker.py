@@ -105,31 +105,22 @@ class ModelWorker:
         self.multiple_texts = config.engine.generation.get("num_return_sequences", 1) > 1
         self.question_ids = isinstance(config.instructions, dict)
         self.batch_size = config.batch_size or self.engine.default_rows[0]
-        self.closed_set_errors = self._check_closed_sets()
+        self._tokenize_candidates()
         processes = config.prepare.decode_processes()
         # Started once: the units' prepare stages share them (each would otherwise fork its own).
         self.decode_pool = (
             DecodePool(processes, config.decode, self.engine.processor.image_processor) if processes else None
         )
 
-    def _check_closed_sets(self) -> dict[str, RowError | None]:
-        """Per closed-set question: the error its rows get (its prompt and candidates do not fit the model), or None.
-        A candidate the model's tokenizer reduces to nothing stops the worker before any unit."""
-        errors: dict[str, RowError | None] = {}
-        if not self.config.closed_sets:
-            return errors
-        questions = self.config.instructions
-        if not isinstance(questions, dict):  # Job refuses closed sets without named questions
-            raise PipelineError("closed_sets name questions: give the questions as a dict, question_id -> question")
+    def _tokenize_candidates(self) -> None:
+        """Each closed set's candidates, tokenized once: one the model's tokenizer reduces to nothing stops the worker
+        before any unit. (Whether a row's prompt and candidates fit the model is checked per row: a question can be
+        a template over the row's columns.)"""
         for name, closed in self.config.closed_sets.items():
             try:
-                self.engine.check_closed_set(questions[name], closed)
-                errors[name] = None
-            except InvalidInstruction as e:
-                errors[name] = RowError("invalid_input", f"question {name!r}: {e}")
+                self.engine.candidate_targets(closed)
             except ProcessorError as e:
                 raise ProcessorError(f"question {name!r}: {e}") from None
-        return errors
 
     def ready(self) -> str:
         """Where the model runs, for the start-up line: "cuda:0", or "cpu (4 threads)"."""
@@ -191,23 +182,24 @@ class ModelWorker:
         commit_unit(self.config.output, record)
         return record
 
-    def check_instruction(self, instruction: object) -> str:
+    def check_instruction(self, row: InputRow) -> str:
+        """The row's instruction as the model takes it; a RowError says why not. A closed-set question's rows need
+        room for their longest candidate, the others for max_new_tokens."""
+        instruction = row.instruction
         if isinstance(instruction, str):
             problem = instruction_size_problem(instruction, self.config.max_instruction_bytes)
             if problem is not None:
                 raise RowError("invalid_input", problem)
+        closed = self.config.closed_sets.get(row.question_id) if row.question_id is not None else None
         try:
-            return self.engine.check_instruction(instruction)
+            return self.engine.check_instruction(instruction, closed)
         except InvalidInstruction as e:
-            raise RowError("invalid_input", str(e)) from None
+            raise RowError("invalid_input", f"question {row.question_id!r}: {e}" if closed else str(e)) from None
 
     def run_model(self, batch: PreparedBatch, answered: dict) -> list[dict]:
         """The batch's output rows. A row asking what an earlier row of the unit asked of the same image bytes takes
         that row's answer (`answered`: (sha256, instruction, closed set) -> Generated or RowError, kept across the
         unit's batches), so identical bytes are encoded and answered once."""
-        for item in batch.rows:
-            if item.error is None and item.row.question_id is not None:
-                item.error = self.closed_set_errors.get(item.row.question_id)
         ready = [p for p in batch.rows if p.error is None]
         asked: dict[Question, PreparedRow] = {}
         for item in ready:

@@ -384,3 +384,39 @@ def test_report_charts_each_candidates_wins_and_the_rows_thresholds_keep(run_out
             assert f"<td>score &ge; {threshold}</td><td>{kept}</td>" in part
     too_long = section[section.index("<h3>too_long</h3>") :]
     assert "<td>score &ge; 0.5</td><td>0</td><td>-</td>" in too_long  # no ok rows: nothing to keep
+
+
+def test_a_closed_set_row_needs_room_for_its_candidates_not_for_max_new_tokens(ray_local, tmp_path):
+    """Per row, from the filled template: a prompt too long to generate max_new_tokens after is still ranked when
+    it and its longest candidate fit the model's 256 positions; one that does not fit is that row's error only."""
+    notes = {"short": "red " * 5, "medium": "red " * 180, "long": "red " * 260}
+    (tmp_path / "in").mkdir()
+    picture = shapes.make_dataset(1, HELD_OUT_SEED, held_out=True)[0].png()
+    table = pa.table({"key": list(notes), "note": list(notes.values()), "image": [picture] * len(notes)})
+    pq.write_table(table, tmp_path / "in" / "rows.parquet")
+    question = "What color is the shape? {note}"
+    summary = pipeline.run(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        str(SHIPPED),
+        prompt={"free": question, "pick": question},
+        closed_sets={"pick": ["red", "blue"]},
+        image_column="image",
+        id_column="key",
+        max_new_tokens=100,  # free rows: 256 - 8 queries - 100 leaves 148 prompt tokens; "medium" has ~186
+        progress=False,
+    )
+    rows = {(row["id"], row["question_id"]): row for row in read_output(str(tmp_path / "out")).to_pylist()}
+    assert {key: row["status"] for key, row in rows.items()} == {
+        ("short", "free"): "ok",
+        ("short", "pick"): "ok",
+        ("medium", "free"): "error",
+        ("medium", "pick"): "ok",
+        ("long", "free"): "error",
+        ("long", "pick"): "error",
+    }
+    assert "this model takes at most 148 with 100 new tokens" in rows[("medium", "free")]["error"]
+    assert rows[("medium", "pick")]["text"] in ("red", "blue")
+    assert rows[("long", "pick")]["error"].startswith("question 'pick': the instruction (")
+    assert "positions; this model takes 256" in rows[("long", "pick")]["error"]
+    assert (summary.rows_ok, summary.rows_error) == (3, 3)

@@ -170,7 +170,7 @@ def test_a_strip_bomb_costs_the_prepare_stage_no_header_read(tmp_path):
     PIL.Image.new("L", (1, 300_000), 7).save(buffer, "TIFF", tiffinfo={278: 1})
     rows = [InputRow(id="0", image=buffer.getvalue(), instruction="x", row_index=0)]
     processor = BlipImageProcessor(size={"height": 32, "width": 32})
-    with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(), processor, PrepareConfig(processes=0), str) as stage:
+    with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(), processor, PrepareConfig(processes=0)) as stage:
         start = time.monotonic()
         [batch] = list(stage.batches(rows, 1))
         assert time.monotonic() - start < 0.5

@@ -87,10 +87,10 @@ def test_malformed_references_cost_only_their_rows(checkpoint, tmp_path):
 def test_an_unforeseen_exception_in_a_row_check_is_that_rows_error(checkpoint):
     """The stage's row boundary holds for checks that raise something else than a RowError."""
 
-    def check(instruction: str) -> str:
-        if instruction == "boom":
+    def check(row: InputRow) -> str:
+        if row.instruction == "boom":
             raise KeyError("a tokenizer bug")
-        return instruction
+        return str(row.instruction)
 
     processor = InstructBlipProcessor.from_pretrained(checkpoint).image_processor
     rows = [

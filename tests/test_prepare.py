@@ -61,7 +61,7 @@ def varied_images() -> list[bytes]:
 
 
 def run_stage(processor, rows, batch_size, fetch=FetchConfig(), decode=DecodeConfig(), config=PrepareConfig()):
-    with PrepareStage(Fetcher(fetch), decode, processor.image_processor, config, str) as stage:
+    with PrepareStage(Fetcher(fetch), decode, processor.image_processor, config) as stage:
         return list(stage.batches(rows, batch_size)), stage
 
 
@@ -191,7 +191,7 @@ def sample() -> None:
 sampler = threading.Thread(target=sample)
 sampler.start()
 config = PrepareConfig(threads=8, decoded_bytes=budget, processes=0)  # decoded here, where RSS is sampled
-with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(max_pixels=10**9), processor, config, str) as stage:
+with PrepareStage(Fetcher(FetchConfig()), DecodeConfig(max_pixels=10**9), processor, config) as stage:
     [batch] = stage.batches(rows, len(rows))
 done.set()
 sampler.join()
