@@ -77,6 +77,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         _temp_dir=temp_dir,
         log_to_driver=True,
         configure_logging=False,
+        # Ray runs its workers at nice 15: beside any other busy process on the machine the model workers (the run's
+        # whole work) got ~3% of a core, and a run that takes a minute on idle cores took over an hour.
+        _system_config={"worker_niceness": 0},
     )
     atexit.register(_remove_ray_temp, temp_dir)  # runs before Ray's own exit hook (atexit is last in, first out)
 

@@ -56,6 +56,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The environment of a test's `ray start`: no token (the tests' clients have none), and workers at normal priority
+# as README advises for nodes that run other work (Ray's nice 15 starves them beside the suite's other processes).
+RAY_NODE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+
+
 def agent_port_flags() -> list[str]:
     """`ray start` flags giving a node's agents free ports: their defaults are fixed (52365, ...), and a node whose
     agent finds its port taken by another cluster on the machine (a test beside this one) loses its raylet."""

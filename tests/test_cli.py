@@ -17,7 +17,7 @@ from blipbatch.jobs.cli import EXIT_REFUSED, EXIT_USAGE, build_parser, main
 from blipbatch.jobs.demo import SAMPLE_IMAGES
 from blipbatch.jobs.submit import AGENT_WAIT_S
 from blipbatch.pipeline.sink import read_output
-from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
+from tests.conftest import RAY_NODE_ENV, agent_port_flags, free_port, ray_bin, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = sorted(SAMPLE_IMAGES.glob("*.png"))
@@ -115,7 +115,7 @@ def checkpoint(tmp_path_factory):
 def ray_cluster(tmp_path):
     """A real `ray start --head` cluster on 127.0.0.1 with free ports, stopped afterwards."""
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **RAY_NODE_ENV}
     temp = Path("/tmp") / f"bb-cluster-{os.getpid()}"
     start = subprocess.run(
         [

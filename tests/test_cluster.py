@@ -25,7 +25,7 @@ from PIL import Image
 from tiny import write_tiny_checkpoint
 
 from blipbatch.pipeline.sink import progress_records, read_output
-from tests.conftest import agent_port_flags, free_port, ray_bin, stop_cluster
+from tests.conftest import RAY_NODE_ENV, agent_port_flags, free_port, ray_bin, stop_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def raylet_of(node_manager_port: int) -> psutil.Process:
 def three_nodes(moto_endpoint):
     """(address, a call that adds a third node, the second node's node-manager port): each node declares one GPU."""
     temp = Path("/tmp") / f"bb-3node-{os.getpid()}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **RAY_NODE_ENV}
     port, second, third = free_port(), free_port(), free_port()
     one_gpu = ["--num-cpus=1", "--num-gpus=1"]
     try:

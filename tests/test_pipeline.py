@@ -245,6 +245,13 @@ def local_input(tmp_path: Path, shards: int, rows: int) -> str:
     return str(tmp_path / "in")
 
 
+def test_workers_of_the_in_process_ray_run_at_this_process_priority(ray_local):
+    """Not at Ray's default nice 15, which starves the model workers beside any other busy process."""
+    import ray
+
+    assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
+
+
 def test_cpu_worker_uses_the_cores_ray_has(ray_local, checkpoint, tmp_path, capsys):
     """Ray starts a fractional-CPU actor with OMP_NUM_THREADS=1; the model worker takes the cores back
     (the in-process Ray here has 2 CPUs and one worker)."""
