@@ -22,6 +22,7 @@ from PIL import Image
 from tiny import write_tiny_checkpoint
 
 from blipbatch import pipeline
+from blipbatch.jobs.cli import main
 from blipbatch.model import InstructBlipForConditionalGeneration, InstructBlipProcessor
 from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import job_from_keywords
@@ -374,16 +375,12 @@ def test_bad_inputs_become_error_rows(ray_local, server, checkpoint, tmp_path):
     assert server.hits["/down/5.png"] == server.hits["/hang/6.png"] == server.hits["/reset/7.png"] == 3
 
 
-def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
+def cli_args(source: str, output: str, checkpoint: str, tmp_path: Path) -> list[str]:
+    """`blipbatch run` arguments for a caption job over local files under tmp_path, 10 rows a unit."""
     # Flags alone cannot name local roots: a spec holds them, and the flags give the rest.
     spec = tmp_path / "local-files.toml"
     spec.write_text(f'[job]\nkind = "caption"\n[fetch]\nlocal_roots = ["{tmp_path}"]\n')
-    command = [
-        sys.executable,
-        "-m",
-        "blipbatch",
+    return [
         "run",
         str(spec),
         "--input",
@@ -402,9 +399,15 @@ def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subpro
         str(NEW_TOKENS),
         "--quiet",
     ]
+
+
+def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subprocess.Popen:
+    """`blipbatch run` in a process (and process group) of its own, its output in tmp_path/run-*.log."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / f"run-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(
-        command,
+        [sys.executable, "-m", "blipbatch", *cli_args(source, output, checkpoint, tmp_path)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -413,7 +416,7 @@ def cli_run(source: str, output: str, checkpoint: str, tmp_path: Path) -> subpro
     )
 
 
-def test_driver_killed_then_rerun_resumes_exactly_once(checkpoint, tmp_path):
+def test_driver_killed_then_rerun_resumes_exactly_once(ray_local, checkpoint, tmp_path, capsys):
     source = local_input(tmp_path, shards=3, rows=100)
     output = str(tmp_path / "out")
     total_units = len(plan_units(discover_shards(source), ColumnMapping(), 10))
@@ -436,9 +439,9 @@ def test_driver_killed_then_rerun_resumes_exactly_once(checkpoint, tmp_path):
             committed_before, stable_since = now, time.monotonic()
     assert 3 <= len(committed_before) < total_units
 
-    second = cli_run(source, output, checkpoint, tmp_path)
-    assert second.wait(timeout=300) == 0
-    log = sorted(tmp_path.glob("run-*.log"))[-1].read_text()
+    # the same command again, here in this process on the tests' Ray
+    assert main(cli_args(source, output, checkpoint, tmp_path)) == 0
+    log = capsys.readouterr().out
     done_now = total_units - len(committed_before)
     assert f"{done_now} done now, {len(committed_before)} already done" in log
     # committed units were not recomputed: this run generated only the rows of the other units
