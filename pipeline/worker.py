@@ -190,7 +190,7 @@ class ModelWorker:
             problem = instruction_size_problem(instruction, self.config.max_instruction_bytes)
             if problem is not None:
                 raise RowError("invalid_input", problem)
-        closed = self.config.closed_sets.get(row.question_id) if row.question_id is not None else None
+        closed = self.closed_set_of(row)
         try:
             return self.engine.check_instruction(instruction, closed)
         except InvalidInstruction as e:
