@@ -166,11 +166,7 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
             expected_refs[ids[-1]] = (k, prompts[-1], urls[-1])
         write_shard(tmp_path / "in" / f"part-{s}.parquet", {"key": ids, "image_url": urls, "question": prompts})
     output = str(tmp_path / "out")
-
-    summary = pipeline.run(
-        str(tmp_path / "in"),
-        output,
-        checkpoint,
+    settings = dict(
         instruction_column="question",
         id_column="key",
         rows_per_unit=64,
@@ -179,6 +175,8 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
         progress=False,
         fetch=FetchConfig(allow_hosts=("127.0.0.1",)),
     )
+
+    summary = pipeline.run(str(tmp_path / "in"), output, checkpoint, **settings)
     assert (summary.units_done, summary.units_failed, summary.rows_ok, summary.rows_error) == (12, 0, 600, 0)
 
     rows = rows_by_id(read_output(output))
@@ -193,32 +191,12 @@ def test_end_to_end_http_and_s3(ray_local, server, checkpoint, s3fs_clean, tmp_p
 
     # running again over a finished output does nothing and says so
     capsys.readouterr()
-    again = pipeline.run(
-        str(tmp_path / "in"),
-        output,
-        checkpoint,
-        instruction_column="question",
-        id_column="key",
-        rows_per_unit=64,
-        batch_size=8,
-        max_new_tokens=NEW_TOKENS,
-        progress=False,
-        fetch=FetchConfig(allow_hosts=("127.0.0.1",)),
-    )
+    again = pipeline.run(str(tmp_path / "in"), output, checkpoint, **settings)
     assert (again.units_done, again.units_skipped, again.rows) == (0, 12, 0)
     assert "nothing to do: all 12 units" in capsys.readouterr().err
     # and other settings into the same output are refused
     with pytest.raises(ManifestMismatch, match="max_new_tokens"):
-        pipeline.run(
-            str(tmp_path / "in"),
-            output,
-            checkpoint,
-            instruction_column="question",
-            id_column="key",
-            rows_per_unit=64,
-            max_new_tokens=NEW_TOKENS + 1,
-            progress=False,
-        )
+        pipeline.run(str(tmp_path / "in"), output, checkpoint, **(settings | {"max_new_tokens": NEW_TOKENS + 1}))
 
 
 def local_images(folder: Path, count: int = 6) -> list[str]:
