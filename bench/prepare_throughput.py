@@ -2,19 +2,21 @@
 count, exact and fast-JPEG paths, JPEG/PNG/WebP mixes. Needs no GPU and no model (the processor alone).
 
     .venv/bin/python bench/prepare_throughput.py [--images 256] [--size 640x480] [--threads 1,2] [--processes 1,2]
-        [--mix jpeg] [--repeats 3] [--fast-jpeg] [--answers N] [--fast-jpeg-sizes 640x480,1024x768,4000x3000]
+        [--mix jpeg] [--repeats 5] [--fast-jpeg] [--answers N] [--fast-jpeg-sizes 640x480,1024x768,4000x3000]
 
 Writes --images distinct pictures (smooth shapes and noise, as photos compress: ~115 KB per 640 x 480 JPEG at
-quality 90) into a temporary folder, then measures, each --repeats times (the best is printed):
+quality 90) into a temporary folder, then measures in --repeats rounds, each measure once a round in turn (so a
+change in the machine's load falls on all alike); medians are printed:
 - bare: `decode_image` + `BlipImageProcessor.resized`, one image per task, on N threads (a ThreadPoolExecutor);
 - stage: `PrepareStage` as the worker runs it, one unit of every image in one micro-batch: local files fetched
-  (under a local root, each under its deadline), decoded, resized, normalized and stacked; on N threads
-  (`processes = 0`) and on N decode processes;
+  (under a local root, each under its deadline), decoded, resized and stacked (uint8: the engine normalizes on
+  its device); on N threads (`processes = 0`) and on N decode processes, whose scaling is printed as images/s per
+  process against the first count's (1.00: perfect);
 - with --fast-jpeg, the same with `[decode] fast_jpeg = true`, and its mean absolute pixel difference to the exact
   path (0..255 scale, over every pixel of every image).
-The ratio printed is stage / bare at the same N. The CPU time this process spent per image is printed too (all its
-threads, the best repeat; with decode processes, what the worker process itself spends beside them): on a shared
-machine it is the steadier figure, as rates follow the load.
+The ratio printed is the median over the rounds of stage / bare at the same N, with its range. The CPU time this
+process spent per image is printed too (all its threads, median; with decode processes, what the worker process
+itself spends beside them): on a shared machine it is the steadier figure, as rates follow the load.
 With --fast-jpeg-sizes: for JPEGs of each size, the CPU time of decode + resize per image on one thread, exact and
 fast_jpeg, and their mean absolute pixel difference (0..255).
 With --answers N: the demo model's answers (jobs/demo_data/shapes-instructblip: the caption and its three questions,
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,14 +177,16 @@ def fast_jpeg_gain(sizes: list[tuple[int, int]], processor: BlipImageProcessor) 
         )
 
 
-def best(repeats: int, measure) -> tuple[float, float]:
-    """The best images/s of `repeats` runs, and the least CPU milliseconds per image of this process."""
-    rates, cpu = [], []
+def alternating(repeats: int, measures: dict[str, Callable[[], float]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Each measure once a round, in turn, for `repeats` rounds (so a change in the machine's load falls on all of
+    them alike): per measure, its images/s and this process's CPU seconds, one of each a round."""
+    results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in measures}
     for _ in range(repeats):
-        start = time.process_time()
-        rates.append(measure())
-        cpu.append(time.process_time() - start)
-    return max(rates), min(cpu)
+        for name, measure in measures.items():
+            start = time.process_time()
+            results[name][0].append(measure())
+            results[name][1].append(time.process_time() - start)
+    return results
 
 
 def main() -> None:
@@ -190,7 +196,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--mix", default="jpeg", help="comma-separated formats cycled over the images: jpeg,png,webp")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fast-jpeg", action="store_true", help="also measure [decode] fast_jpeg = true")
     parser.add_argument("--answers", type=int, default=0, help="the demo model's answers on N pictures, exact/fast")
     parser.add_argument("--fast-jpeg-sizes", default="", help="CPU time of exact and fast_jpeg decodes at these sizes")
@@ -219,38 +225,46 @@ def main() -> None:
         datas = [path.read_bytes() for path in paths]
         print(
             f"{args.images} images {args.size} ({args.mix}), mean {sum(map(len, datas)) / len(datas) / 1024:.0f} KB; "
-            f"images/s, best of {args.repeats}"
+            f"images/s, median of {args.repeats} rounds, each measure in turn every round"
         )
         exact_pixels = None
+        threads = [int(v) for v in args.threads.split(",")]
+        processes = [int(v) for v in args.processes.split(",") if v]
+        per_image = 1e3 / len(datas)
         for mode, decode in paths_modes:
-            for n in (int(v) for v in args.threads.split(",")):
-                bare_rate, bare_cpu = best(args.repeats, lambda: bare(datas, processor, decode, n))
-                stage_rate, stage_cpu = best(
-                    args.repeats,
-                    lambda: stage(paths, root, processor, decode, PrepareConfig(threads=n, processes=0))[0],
-                )
-                per_image = 1e3 / len(datas)
-                print(
-                    f"{mode:9s} threads={n}: bare {bare_rate:7.1f}  stage {stage_rate:7.1f}  "
-                    f"stage/bare {stage_rate / bare_rate:.2f}  (CPU ms/image: bare {bare_cpu * per_image:.2f}, "
-                    f"stage {stage_cpu * per_image:.2f})"
-                )
-            for n in (int(v) for v in args.processes.split(",")):
+            measures: dict[str, Callable[[], float]] = {}
+            for n in threads:
+                measures[f"bare {n}"] = lambda n=n: bare(datas, processor, decode, n)
+                config = PrepareConfig(threads=n, processes=0)
+                measures[f"threads {n}"] = lambda config=config: stage(paths, root, processor, decode, config)[0]
+            for n in processes:
                 config = PrepareConfig(processes=n)
-                rate, cpu = best(args.repeats, lambda: stage(paths, root, processor, decode, config)[0])
+                measures[f"processes {n}"] = lambda config=config: stage(paths, root, processor, decode, config)[0]
+            results = alternating(args.repeats, measures)
+            rate = {name: statistics.median(rates) for name, (rates, _) in results.items()}
+            cpu = {name: statistics.median(seconds) * per_image for name, (_, seconds) in results.items()}
+            for n in threads:
+                ratios = [s / b for s, b in zip(results[f"threads {n}"][0], results[f"bare {n}"][0])]
                 print(
-                    f"{mode:9s} processes={n}: stage {rate:7.1f}  (CPU ms/image in the worker process, the "
-                    f"decode processes' own not counted: {cpu * 1e3 / len(datas):.2f})"
+                    f"{mode:9s} threads={n}: bare {rate[f'bare {n}']:7.1f}  stage {rate[f'threads {n}']:7.1f}  "
+                    f"stage/bare {statistics.median(ratios):.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})  "
+                    f"(CPU ms/image: bare {cpu[f'bare {n}']:.2f}, stage {cpu[f'threads {n}']:.2f})"
+                )
+            first = processes[0] if processes else 0
+            for n in processes:
+                # images/s per process against the first count's: 1.00 is perfect scaling
+                scaling = rate[f"processes {n}"] * first / (rate[f"processes {first}"] * n)
+                print(
+                    f"{mode:9s} processes={n}: stage {rate[f'processes {n}']:7.1f}  scaling from {first}: "
+                    f"{scaling:.2f}  (CPU ms/image in the worker process, the decode processes' own not counted: "
+                    f"{cpu[f'processes {n}']:.2f})"
                 )
             _, pixels = stage(paths, root, processor, decode, PrepareConfig(processes=0))
             if exact_pixels is None:
                 exact_pixels = pixels
             else:
-                scale = torch.tensor(processor.image_std).view(1, 3, 1, 1) * 255  # back to the 0..255 scale
-                print(
-                    f"{mode}: mean absolute pixel difference to exact "
-                    f"{((pixels - exact_pixels).abs() * scale).mean().item():.2f} (0..255)"
-                )
+                difference = (pixels.float() - exact_pixels.float()).abs().mean().item()
+                print(f"{mode}: mean absolute pixel difference to exact {difference:.2f} (0..255)")
 
 
 if __name__ == "__main__":

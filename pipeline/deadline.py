@@ -1,7 +1,8 @@
 """Deadlines that hold while a call blocks: a fetch attempt runs in a thread of its own, and its caller waits for it
 at most until the deadline. Then the sockets and files the attempt holds are shut from outside, so that a server
 dripping its header block one byte at a time, a stalled object store or a slow disk cannot keep a row (and so a unit)
-waiting: the row gets its timeout on time, and the attempt's thread ends as soon as its blocked read returns.
+waiting: the row gets its timeout on time, and the attempt's thread is free again as soon as its blocked read
+returns.
 
 An attempt registers what it holds (`hold`) through the thread-local `current()`: the guarded HTTP connections
 (pipeline.guard) register themselves for each request, storage reads register their open file. A connection given
@@ -20,6 +21,8 @@ so far, for the unit's timing and the run summary.
 
 from __future__ import annotations
 
+import os
+import queue
 import socket
 import threading
 import time
@@ -34,6 +37,7 @@ _local = threading.local()
 _abandoned_lock = threading.Lock()
 _abandoned_now = 0  # attempt threads past their deadline whose call has not returned yet
 _abandoned_total = 0  # every attempt abandoned in this process so far
+IDLE_RUNNER_S = 30.0  # an attempt thread given nothing to run for this long ends
 
 
 def abandoned_now() -> int:
@@ -131,10 +135,50 @@ def release(resource: Any) -> None:
         attempt.release(resource)
 
 
+class _Runner:
+    """A daemon thread that runs attempts one at a time. Between them it waits among the idle runners, so that an
+    attempt is handed to a waiting thread instead of starting one: a thread start cost as much CPU as reading a
+    100 KB local file. A runner left blocked past its deadline rejoins the idle ones when its call returns; one
+    given nothing to run for IDLE_RUNNER_S ends, so the threads kept follow the recent number of attempts at once."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Lock]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="fetch-attempt", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                job, done = self.jobs.get(timeout=IDLE_RUNNER_S)
+            except queue.Empty:
+                with _idle_lock:
+                    if self in _idle:
+                        _idle.remove(self)
+                        return
+                continue  # taken from the idle ones just now: its job is on the way
+            job()
+            with _idle_lock:
+                _idle.append(self)
+            done.release()  # once idle again, so that the caller's next attempt finds this thread
+
+
+_idle: list[_Runner] = []  # the last to become idle is taken first
+_idle_lock = threading.Lock()
+os.register_at_fork(after_in_child=_idle.clear)  # a forked child has none of these threads
+
+
+def _run_in_own_thread(job: Callable[[], None], done: threading.Lock) -> None:
+    """Start job() at once on a thread that runs nothing else meanwhile (an idle runner, or a new one), which
+    releases `done` when job() has returned."""
+    with _idle_lock:
+        runner = _idle.pop() if _idle else None
+    (runner or _Runner()).jobs.put((job, done))
+
+
 def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], BaseException], max_abandoned: int) -> T:
-    """call() in its own daemon thread, waited for at most `seconds`; past that, the attempt's resources are shut,
-    its thread is left behind, and on_timeout() is raised. What call() returns or raises is passed on when it ends
-    in time. With `max_abandoned` threads already left behind and still blocked, RowError("fetch_timeout") at once."""
+    """call() on a daemon thread of its own (an idle runner's), waited for at most `seconds`; past that, the
+    attempt's resources are shut, its thread is left behind, and on_timeout() is raised. What call() returns or
+    raises is passed on when it ends in time. With `max_abandoned` threads already left behind and still blocked,
+    RowError("fetch_timeout") at once."""
     if _abandoned_now >= max_abandoned:
         raise RowError(
             "fetch_timeout",
@@ -144,7 +188,8 @@ def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], B
         )
     attempt = Attempt(time.monotonic() + seconds)
     outcome: dict[str, Any] = {}
-    done = threading.Event()
+    done = threading.Lock()  # held until call() ends: a lock's timed acquire is a cheaper wait than an Event's
+    done.acquire()
 
     def target() -> None:
         _local.attempt = attempt
@@ -153,11 +198,11 @@ def run_within(seconds: float, call: Callable[[], T], on_timeout: Callable[[], B
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread, which re-raises it
             outcome["error"] = err
         finally:
+            _local.attempt = None
             attempt.finish()
-            done.set()
 
-    threading.Thread(target=target, name="fetch-attempt", daemon=True).start()
-    if not done.wait(max(0.0, seconds)):
+    _run_in_own_thread(target, done)
+    if not done.acquire(timeout=max(0.0, seconds)):
         attempt.expire()
         raise on_timeout()
     if "error" in outcome:

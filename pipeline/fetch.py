@@ -60,6 +60,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -75,6 +76,7 @@ from blipbatch import __version__
 from . import deadline
 from .errors import RowError, format_size
 from .guard import AddressGuard, AllowList, LocalPath, LocalRoots, guarded_pool_manager
+from .read_gate import ReadGate
 from .redact import redact, redact_log_records, scrub, secrets_of, userinfo
 
 _HTTP_SCHEMES = ("http", "https")
@@ -269,6 +271,7 @@ class Fetcher:
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe
         self._roots = LocalRoots(config.local_roots)
+        self._local_reads = ReadGate()
         self._pool = guarded_pool_manager(
             AddressGuard(config.allow_hosts),
             num_pools=64,  # hosts whose connections are kept; images come from many hosts
@@ -318,7 +321,9 @@ class Fetcher:
         target = self._storage_target(ref, scheme)
         if isinstance(target, LocalPath):
             # Resolved and opened inside the attempt: on a hung mount even realpath() and stat() block.
-            return self._with_retries(ref, lambda: self._storage_attempt(ref, lambda: self._roots.open(target)))
+            return self._with_retries(
+                ref, lambda: self._storage_attempt(ref, lambda: self._roots.open(target)), self._local_reads
+            )
         return self._with_retries(ref, lambda: self._storage_attempt(ref, lambda: fsspec.open(target, "rb").open()))
 
     def _checked_scheme(self, ref: str) -> str:
@@ -366,13 +371,15 @@ class Fetcher:
 
     # -- retries ---------------------------------------------------------------------------------------------------
 
-    def _with_retries(self, ref: str, attempt: Callable[[], bytes]) -> bytes:
+    def _with_retries(self, ref: str, attempt: Callable[[], bytes], gate: ReadGate | None = None) -> bytes:
+        """attempt() under its deadlines, retried on transient errors; each attempt waits for a place in `gate`."""
         row_deadline = time.monotonic() + self.config.row_deadline_s
         n = 0
         cause: _RetryableError | None = None
         while True:
             try:
-                return self._bounded(ref, attempt, row_deadline)
+                with gate.place() if gate is not None else nullcontext():
+                    return self._bounded(ref, attempt, row_deadline)
             except _RetryableError as err:
                 if err.cut_short and cause is not None:
                     err = cause  # the row's time ran out in a retry: what made it retry is the row's error
@@ -550,7 +557,11 @@ class Fetcher:
                     f.seek(0)
                 if size is not None:
                     self._check_size(size, shown)
-                data = f.read(self.config.max_bytes + 1)
+                # a buffer of the size known (max_bytes cost more than reading a 100 KB file), one byte past it to
+                # see a file that grew since, whose rest is then read up to the limit
+                data = f.read(self.config.max_bytes + 1 if size is None else size + 1)
+                if size is not None and len(data) > size:
+                    data += f.read(self.config.max_bytes + 1 - len(data))
         except RowError:
             raise
         except FileNotFoundError:

@@ -22,6 +22,7 @@ import pytest
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from PIL import Image
 
+from blipbatch.pipeline import deadline
 from blipbatch.pipeline.errors import RowError
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
 from blipbatch.pipeline.sink import progress_records
@@ -307,3 +308,23 @@ def test_a_retry_cut_by_the_row_deadline_reports_what_made_the_row_retry():
     assert err.kind == "fetch_connection" and "cannot connect" in err.message, err
     assert "gave up after 2 attempts, row deadline of 1.5s" in err.message, err
     assert elapsed < 1.5 + 2
+
+
+def test_attempts_one_after_another_reuse_one_thread():
+    """An attempt is handed to an idle attempt thread rather than a new one (a thread start cost as much as a
+    local read); one still blocked past its deadline is not handed another attempt."""
+    seen = {deadline.run_within(1.0, threading.get_native_id, TimeoutError, 64) for _ in range(20)}
+    assert len(seen) == 1
+    release = threading.Event()
+    blocked: list[int] = []
+
+    def hang() -> None:
+        blocked.append(threading.get_native_id())
+        release.wait(10)
+
+    with pytest.raises(TimeoutError):
+        deadline.run_within(0.1, hang, TimeoutError, 64)
+    try:
+        assert deadline.run_within(1.0, threading.get_native_id, TimeoutError, 64) != blocked[0]
+    finally:
+        release.set()

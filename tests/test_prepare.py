@@ -22,7 +22,7 @@ import torch
 import transformers
 from tiny import write_tiny_checkpoint
 
-from blipbatch.model.engine import EngineConfig
+from blipbatch.model.engine import Engine, EngineConfig
 from blipbatch.model.processor import InstructBlipProcessor
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.fetch import FetchConfig, Fetcher
@@ -66,9 +66,11 @@ def run_stage(processor, rows, batch_size, fetch=FetchConfig(), decode=DecodeCon
 
 
 def test_pixels_are_the_processors(checkpoint):
-    """Decoded on the stage's threads, a batch's pixels equal InstructBlipProcessor's for the decoded images (and
-    transformers' within its float tolerance); an undecodable row is an error row and takes no pixel slot."""
+    """Decoded on the stage's threads, a batch's pixels are the processor's `resized` of the decoded images, and the
+    engine's normalization of them equals InstructBlipProcessor's pixel_values (and transformers' within its float
+    tolerance); an undecodable row is an error row and takes no pixel slot."""
     processor = InstructBlipProcessor.from_pretrained(checkpoint)
+    engine = Engine(EngineConfig(model=checkpoint, device="cpu"))
     data = varied_images()
     payloads = [data[0], data[1], b"not an image at all", *data[2:], data[0]]
     rows = [InputRow(id=str(i), image=payload, instruction="what?", row_index=i) for i, payload in enumerate(payloads)]
@@ -81,9 +83,12 @@ def test_pixels_are_the_processors(checkpoint):
         good = [p for p in batch.rows if p.error is None]
         images = [decode_image(p.row.image) for p in good]
         assert [p.image for p in good] == list(range(len(good)))
-        assert torch.equal(batch.pixels, processor(images=images, text=["x"] * len(images))["pixel_values"])
+        assert batch.pixels.dtype == torch.uint8
+        assert torch.equal(batch.pixels, torch.stack([processor.image_processor.resized(i) for i in images]))
+        pixel_values = engine.pixel_values(batch.pixels)
+        assert torch.equal(pixel_values, processor(images=images, text=["x"] * len(images))["pixel_values"])
         expected = theirs(images, return_tensors="pt")["pixel_values"]
-        assert (batch.pixels - expected).abs().max().item() <= 1e-6
+        assert (pixel_values - expected).abs().max().item() <= 1e-6
     bad = batches[0].rows[2]
     assert bad.error is not None and bad.error.kind == "decode_error" and bad.image is None
 
