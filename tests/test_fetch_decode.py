@@ -19,8 +19,10 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
+import fsspec
 import PIL.Image
 import pytest
+from fsspec.spec import AbstractFileSystem
 
 from blipbatch.pipeline.decode import DecodeConfig, decode_image
 from blipbatch.pipeline.errors import ERROR_KINDS, RowError
@@ -647,3 +649,23 @@ def test_importing_fetch_and_decode_has_no_side_effects():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+class GrownFileSystem(AbstractFileSystem):
+    """Opens `grown://` objects whose known size (an object store's, from open) is that of an older, shorter
+    version: the object grew after it was listed."""
+
+    protocol = "grown"
+    data = b""
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = io.BytesIO(self.data)
+        f.size = len(self.data) // 2
+        return f
+
+
+def test_an_object_longer_than_its_known_size_is_read_whole_up_to_the_limit():
+    fsspec.register_implementation("grown", GrownFileSystem, clobber=True)
+    GrownFileSystem.data = PNG + b"\0" * 5000
+    assert Fetcher(fast(allowed_schemes=("grown",))).fetch("grown://bucket/a.png") == GrownFileSystem.data
+    expect_error(Fetcher(fast(allowed_schemes=("grown",), max_bytes=4000)), "grown://bucket/a.png", "too_large")
