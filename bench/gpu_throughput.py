@@ -11,8 +11,8 @@ tokenizers are the small ones the tests use. Every row: `min_new_tokens = max_ne
 greedy, one fixed prompt (the image's 32 query tokens + BOS + about 10 text tokens).
 
 Measured, in order (reference/gpu.md has the first H100 figures and the ~530 images/s compute limit):
-1. prepare stage: JPEG files (640 x 480) -> fetch, decode, RGB, resize, normalize (`pipeline.prepare`), with one
-   thread and with the default thread count: images/s;
+1. prepare stage: JPEG files (640 x 480) -> fetch, decode, RGB, resize, stack (`pipeline.prepare`; the engine
+   normalizes on the GPU), with one thread and with the default thread count: images/s;
 2. transformers' `generate` with pixels already on the device, at each batch size;
 3. ours, pixels on the device: static `generate`, and continuous batching (`generate_greedy`, slots = batch, CUDA
    graphs on CUDA), at each batch size;

@@ -41,7 +41,7 @@ import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -266,23 +266,24 @@ class LocalRoots:
 
         RowError naming `ref`, the image reference `path` came from (redacted): "blocked_address" outside the roots
         (checked first, so a refused path does not tell whether it exists), "invalid_input" for a missing path or
-        anything but a regular file: a FIFO or a device would block the reader, so it is refused before opening."""
-        shown = redact(ref)
+        anything but a regular file: a FIFO or a device would block the reader, so it is refused before opening.
+        The reference is redacted for a message only (a local path is read often, a message written rarely)."""
         if not self.roots:
             raise RowError(
                 "blocked_address",
-                f"local file {shown!r} refused: no [fetch] local_roots are set, so no "
+                f"local file {redact(ref)!r} refused: no [fetch] local_roots are set, so no "
                 "local files may be read (list the folders images may come from)",
             )
         if "\0" in path:  # os.path.realpath would raise ValueError
-            raise RowError("invalid_input", f"malformed local path {shown!r}: it contains a NUL byte")
+            raise RowError("invalid_input", f"malformed local path {redact(ref)!r}: it contains a NUL byte")
         try:
             real = os.path.realpath(path)
         except OSError:  # a link on the path replaced while realpath read it (readlink: EINVAL), a loop
             raise RowError(
-                "blocked_address", f"local file {shown!r} refused: its path changed while it was being resolved"
+                "blocked_address", f"local file {redact(ref)!r} refused: its path changed while it was being resolved"
             ) from None
-        if not any(os.path.commonpath([real, root]) == root for root in self.roots):
+        if self.root_of(real) is None:
+            shown = redact(ref)
             where = shown if real in (ref, path) else f"{shown} (resolves to {redact(real)})"
             raise RowError(
                 "blocked_address", f"local file {where} is outside [fetch] local_roots ({', '.join(self.roots)})"
@@ -290,12 +291,19 @@ class LocalRoots:
         try:
             mode = os.stat(real).st_mode
         except FileNotFoundError:
-            raise RowError("invalid_input", f"no such file or object: {shown}") from None
+            raise RowError("invalid_input", f"no such file or object: {redact(ref)}") from None
         except OSError as err:
-            raise RowError("invalid_input", f"cannot read {shown}: {err.strerror}") from None
+            raise RowError("invalid_input", f"cannot read {redact(ref)}: {err.strerror}") from None
         if not stat.S_ISREG(mode):
-            raise _not_a_file(shown, mode)
+            raise _not_a_file(redact(ref), mode)
         return real
+
+    def root_of(self, real: str) -> str | None:
+        """The root that the real (resolved, normalized) path `real` lies in, if any."""
+        for root in self.roots:
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                return root
+        return None
 
     def open(self, target: LocalPath) -> BinaryIO:
         """`target` resolved and checked by `resolve`, then opened without following any link: from its root's
@@ -303,9 +311,8 @@ class LocalRoots:
         the file for a FIFO) after the check is refused, never followed out of the root. The opened file is checked
         to be a regular file (fstat), and opened non-blocking so that a FIFO swapped in cannot block the open."""
         real = self.resolve(target.path, target.ref)
-        root = next(root for root in self.roots if os.path.commonpath([real, root]) == root)
+        root = cast(str, self.root_of(real))  # resolve refused a path outside every root
         parts = os.path.relpath(real, root).split(os.sep)
-        shown = redact(target.ref)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for folder in parts[:-1]:
@@ -317,7 +324,7 @@ class LocalRoots:
             if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
                 raise RowError(
                     "blocked_address",
-                    f"local file {shown!r} refused: its path was changed to go "
+                    f"local file {redact(target.ref)!r} refused: its path was changed to go "
                     "through a symbolic link after it was checked",
                 ) from None
             raise
@@ -326,7 +333,7 @@ class LocalRoots:
         mode = os.fstat(file_fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(file_fd)
-            raise _not_a_file(shown, mode)
+            raise _not_a_file(redact(target.ref), mode)
         os.set_blocking(file_fd, True)
         return os.fdopen(file_fd, "rb")
 

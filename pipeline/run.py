@@ -56,6 +56,13 @@ def _cpus_per_gpu() -> int:
     return min(ratios, default=8)
 
 
+def gpu_actor_cpus(processes: int, cpus_per_gpu: int) -> int:
+    """The Ray CPUs a GPU actor reserves, those it keeps busy: one per decode process, and one for the worker
+    process's own fetching, hand-offs and stacking (about 1 ms of CPU an image beside a decode's 4.5:
+    bench/RESULTS.md, "The feed"; a core at 1,000 images/s) where the GPU's share of its node has it."""
+    return max(processes, min(processes + 1, cpus_per_gpu))
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS); with neither, start Ray in-process with its own temp dir,
     removed when this process exits."""
@@ -423,20 +430,21 @@ def run_on_ray(
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
     processes = job.run.decode_processes
+    cpus_per_gpu = _cpus_per_gpu() if use_gpu else 1
     if processes is None:
-        processes = max(1, _cpus_per_gpu() - 1) if use_gpu else 1  # on CPU the model itself uses the cores
+        processes = max(1, cpus_per_gpu - 1) if use_gpu else 1  # on CPU the model itself uses the cores
     config = dataclasses.replace(config, prepare=dataclasses.replace(config.prepare, processes=processes))
-    # One GPU per actor and a CPU per decode process, the CPUs the actor keeps busy (the model's own thread mostly
-    # waits on the GPU); a CPU model a fraction of a core, so actors never starve Ray's other tasks.
+    # a CPU model takes a fraction of a core, so actors never starve Ray's other tasks
+    cpus = gpu_actor_cpus(processes, cpus_per_gpu) if use_gpu else 0.5
     actor = ray.remote(StartingWorker).options(
-        num_gpus=1 if use_gpu else 0, num_cpus=processes if use_gpu else 0.5, max_restarts=-1, max_task_retries=0
+        num_gpus=1 if use_gpu else 0, num_cpus=cpus, max_restarts=-1, max_task_retries=0
     )
     if elastic and job.run.max_workers:
         # Ask an autoscaler (KubeRay's, the cluster launcher's) for the GPUs the run could use: the workers follow
         # the GPUs that join. Where nothing autoscales, Ray keeps the request and nothing happens.
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": 1, "CPU": processes}] * min(limit, len(pending)))
+        request_resources(bundles=[{"GPU": 1, "CPU": cpus}] * min(limit, len(pending)))
     with stop_signals_as_interrupt(summary):
         handles = [actor.remote(config, index) for index in range(count)]
 

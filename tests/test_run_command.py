@@ -32,7 +32,7 @@ from blipbatch.pipeline.fetch import FetchConfig
 from blipbatch.pipeline.job import job_from_keywords
 from blipbatch.pipeline.lock import LOCK_NAME, OutputLock
 from blipbatch.pipeline.manifest import read_manifest
-from blipbatch.pipeline.run import run_job
+from blipbatch.pipeline.run import gpu_actor_cpus, run_job
 from blipbatch.pipeline.shards import discover_shards, plan_units
 from blipbatch.pipeline.sink import failed_units, read_output
 from blipbatch.pipeline.worker import FaultInjection
@@ -400,3 +400,13 @@ def test_log_json_stderr_is_json_lines_and_progress_off_a_terminal_has_no_carria
     assert "\r" not in plain.stderr and ANSI not in plain.stderr
     progress = [line for line in plain.stderr.splitlines() if line.startswith("[")]
     assert progress and len(progress) == len(set(progress)) and progress[-1].startswith("[1/1 units]")
+
+
+@pytest.mark.parametrize(
+    "processes, cpus_per_gpu, reserved",
+    [(7, 8, 8), (3, 8, 4), (8, 8, 8), (12, 8, 12), (1, 1, 1)],
+)
+def test_a_gpu_actor_reserves_its_decode_processes_and_a_cpu_for_itself(processes, cpus_per_gpu, reserved):
+    """The default (CPUs per GPU less one decode process) reserves the GPU's whole share of CPUs: the worker process
+    spends about a core itself at full speed; never more than the share unless the processes alone ask it."""
+    assert gpu_actor_cpus(processes, cpus_per_gpu) == reserved
