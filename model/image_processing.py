@@ -95,7 +95,8 @@ class BlipImageProcessor:
 
     def resized(self, image: PIL.Image.Image) -> torch.Tensor:
         """One image RGB-converted and resized: uint8 [3, H, W]. The CPU-heavy half of __call__, which the
-        pipeline's prepare stage runs on its threads; `normalize` of the stacked results is the other half."""
+        pipeline's prepare stage runs on its threads; `normalize` of the stacked results is the other half (which the
+        engine does on its device by `normalize_table`)."""
         if not isinstance(image, PIL.Image.Image):
             raise ProcessorError(f"images must be PIL.Image.Image, got {type(image).__name__}")
         image = self.rgb_resize(image)

@@ -69,7 +69,7 @@ def return_freed_images_to_the_os() -> None:
 class PrepareConfig:
     threads: int | None = None  # decode + resize threads when processes = 0; None: this process's CPUs, at most 8
     decoded_bytes: int = 2**30  # images being decoded at once hold at most this (see the module doc)
-    ahead: int = 2  # micro-batches normalized and stacked before the model asks for them
+    ahead: int = 2  # micro-batches stacked before the model asks for them
     # decode + resize processes, each stopped at its row's deadline; None: the CPUs this process may use, at most 8;
     # 0: decode on `threads` threads instead, with no time bound
     processes: int | None = None

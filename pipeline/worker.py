@@ -1,9 +1,9 @@
 """ModelWorker: one Ray actor per GPU (or a share of the CPU), holding the whole model.
 
-For each work unit it reads the unit's rows, hands them to the prepare stage (pipeline.prepare: fetch, decode,
-resize and normalize on CPU threads, ahead of the model), runs the model on each prepared micro-batch, writes the
-unit's output part whole and then its commit marker. Every input row yields exactly one output row per
-instruction, `ok` or `error`.
+For each work unit it reads the unit's rows, hands them to the prepare stage (pipeline.prepare: fetch, decode and
+resize on CPU threads and processes, ahead of the model), runs the model on each prepared micro-batch (the engine
+normalizes its pixels on the device), writes the unit's output part whole and then its commit marker. Every input
+row yields exactly one output row per instruction, `ok` or `error`.
 """
 
 from __future__ import annotations
