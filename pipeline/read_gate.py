@@ -14,7 +14,7 @@ system) go about 1,000 a second instead of the fetch pool's 3,200.
 
 from __future__ import annotations
 
-import threading
+import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,18 +28,19 @@ class ReadGate:
     def __init__(self, places: int = QUICK_READS, wait_s: float = WAIT_S) -> None:
         self.places = places
         self.wait_s = wait_s
-        self._in_flight = 0
-        self._cond = threading.Condition()
+        self._free: queue.SimpleQueue[None] = queue.SimpleQueue()  # one item a free place: waits in C, no Condition
+        for _ in range(places):
+            self._free.put(None)
 
     @contextmanager
     def place(self) -> Iterator[None]:
-        """Hold a place for one read; waits at most `wait_s` for one."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._in_flight < self.places, timeout=self.wait_s)
-            self._in_flight += 1
+        """Hold a place for one read; waits at most `wait_s` for one, then goes without."""
+        try:
+            self._free.get(timeout=self.wait_s)
+        except queue.Empty:
+            yield  # a read past the limit: no place to give back
+            return
         try:
             yield
         finally:
-            with self._cond:
-                self._in_flight -= 1
-                self._cond.notify()
+            self._free.put(None)
