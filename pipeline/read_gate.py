@@ -8,8 +8,8 @@ reaches: a page-cached 100 KB file reads in about 0.1 ms.
 
 A read waits for a place at most `wait_s`, then goes all the same: places held that long belong to reads bound by
 latency, not CPU (a network file system, a disk), or blocked (a hung mount, whose reads end at their deadlines),
-and those should overlap as widely as the fetch pool allows. The cost: reads of 5 ms each (a busy network file
-system) go about 1,000 a second instead of the fetch pool's 3,200.
+and those should overlap as widely as the fetch pool allows. The cost, by this rule (computed, not measured): reads
+of 5 ms each (a busy network file system) go about 1,000 a second instead of the fetch pool's 3,200.
 """
 
 from __future__ import annotations
