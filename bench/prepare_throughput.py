@@ -2,7 +2,8 @@
 count, exact and fast-JPEG paths, JPEG/PNG/WebP mixes. Needs no GPU and no model (the processor alone).
 
     .venv/bin/python bench/prepare_throughput.py [--images 256] [--size 640x480] [--threads 1,2] [--processes 1,2]
-        [--mix jpeg] [--repeats 5] [--fast-jpeg] [--answers N] [--fast-jpeg-sizes 640x480,1024x768,4000x3000]
+        [--mix jpeg] [--repeats 5] [--fast-jpeg] [--cpu-by-thread] [--answers N]
+        [--fast-jpeg-sizes 640x480,1024x768,4000x3000]
 
 Writes --images distinct pictures (smooth shapes and noise, as photos compress: ~115 KB per 640 x 480 JPEG at
 quality 90) into a temporary folder, then measures in --repeats rounds, each measure once a round in turn (so a
@@ -19,6 +20,9 @@ process spent per image is printed too (all its threads, median; with decode pro
 itself spends beside them): on a shared machine it is the steadier figure, as rates follow the load.
 With --fast-jpeg-sizes: for JPEGs of each size, the CPU time of decode + resize per image on one thread, exact and
 fast_jpeg, and their mean absolute pixel difference (0..255).
+With --cpu-by-thread: instead of the rates, the CPU milliseconds per image each kind of thread of the stage spent
+(fetch: the fetch pool; fetch-attempt: the threads reads run on, under their deadlines; prepare: decode + resize, or
+the hand-offs to the decode processes; assemble: the batch; MainThread), median of --repeats units (Linux).
 With --answers N: the demo model's answers (jobs/demo_data/shapes-instructblip: the caption and its three questions,
 greedy) on N of its held-out pictures scaled to 640 x 480 and saved as JPEG quality 75, decoded exactly and with
 fast_jpeg: the share of answers that are identical.
@@ -31,10 +35,12 @@ import io
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,15 +93,35 @@ def bare(datas: list[bytes], processor: BlipImageProcessor, decode: DecodeConfig
     return len(datas) / (time.perf_counter() - start)
 
 
+def thread_cpu_s(native_id: int) -> float:
+    """CPU seconds a thread of this process has run (Linux: /proc/self/task/ID/schedstat, in nanoseconds)."""
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
 def stage(
-    paths: list[Path], root: Path, processor: BlipImageProcessor, decode: DecodeConfig, config: PrepareConfig
+    paths: list[Path],
+    root: Path,
+    processor: BlipImageProcessor,
+    decode: DecodeConfig,
+    config: PrepareConfig,
+    cpu_by_thread: dict[str, float] | None = None,
 ) -> tuple[float, torch.Tensor]:
+    """images/s of the stage over one unit of every image, and its pixels. With `cpu_by_thread`, also the CPU
+    milliseconds per image each kind of thread spent (fetch, fetch-attempt, prepare, assemble, MainThread), added
+    into it."""
     rows = [InputRow(id=str(i), image=str(path), instruction="x", row_index=i) for i, path in enumerate(paths)]
     fetcher = Fetcher(FetchConfig(local_roots=(str(root),)))
     with PrepareStage(fetcher, decode, processor, config) as prepare:
+        before = {thread.native_id: thread_cpu_s(thread.native_id) for thread in threading.enumerate()}
         start = time.perf_counter()  # the decode processes are started: a worker starts them once
         [batch] = list(prepare.batches(rows, len(rows)))
         rate = len(rows) / (time.perf_counter() - start)
+        if cpu_by_thread is not None:  # read before the stage's pools end their threads
+            for thread in threading.enumerate():
+                kind = thread.name.rstrip("0123456789").rstrip("_")  # "fetch_3" -> "fetch"
+                spent = thread_cpu_s(cast(int, thread.native_id)) - before.get(thread.native_id, 0.0)
+                cpu_by_thread[kind] = cpu_by_thread.get(kind, 0.0) + spent * 1e3 / len(rows)
     assert all(p.error is None for p in batch.rows), [p.error for p in batch.rows if p.error][:3]
     return rate, batch.pixels
 
@@ -189,6 +215,29 @@ def alternating(repeats: int, measures: dict[str, Callable[[], float]]) -> dict[
     return results
 
 
+def print_cpu_by_thread(
+    paths: list[Path],
+    root: Path,
+    processor: BlipImageProcessor,
+    paths_modes: list[tuple[str, DecodeConfig]],
+    threads: list[int],
+    processes: list[int],
+    repeats: int,
+) -> None:
+    """Where the stage's CPU goes: per image, by kind of thread, the median of `repeats` units."""
+    for mode, decode in paths_modes:
+        configs = [(f"threads={n}", PrepareConfig(threads=n, processes=0)) for n in threads]
+        configs += [(f"processes={n}", PrepareConfig(processes=n)) for n in processes]
+        for name, config in configs:
+            runs = []
+            for _ in range(repeats):
+                runs.append({})
+                stage(paths, root, processor, decode, config, runs[-1])
+            kinds = sorted({kind for run in runs for kind in run}, key=lambda kind: -runs[0].get(kind, 0.0))
+            spent = "  ".join(f"{kind} {statistics.median(run.get(kind, 0.0) for run in runs):.2f}" for kind in kinds)
+            print(f"{mode:9s} {name}: CPU ms/image by thread: {spent}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
@@ -200,6 +249,9 @@ def main() -> None:
     parser.add_argument("--fast-jpeg", action="store_true", help="also measure [decode] fast_jpeg = true")
     parser.add_argument("--answers", type=int, default=0, help="the demo model's answers on N pictures, exact/fast")
     parser.add_argument("--fast-jpeg-sizes", default="", help="CPU time of exact and fast_jpeg decodes at these sizes")
+    parser.add_argument(
+        "--cpu-by-thread", action="store_true", help="the stage's CPU time per image by kind of thread (Linux)"
+    )
     args = parser.parse_args()
     if args.fast_jpeg_sizes:
         fast_jpeg_gain(
@@ -223,14 +275,16 @@ def main() -> None:
         root = Path(folder)
         paths = write_images(root, args.images, size, args.mix.split(","))
         datas = [path.read_bytes() for path in paths]
-        print(
-            f"{args.images} images {args.size} ({args.mix}), mean {sum(map(len, datas)) / len(datas) / 1024:.0f} KB; "
-            f"images/s, median of {args.repeats} rounds, each measure in turn every round"
-        )
+        what = "" if args.cpu_by_thread else f"; images/s, median of {args.repeats} rounds, each measure in turn"
+        mean_kb = sum(map(len, datas)) / len(datas) / 1024
+        print(f"{args.images} images {args.size} ({args.mix}), mean {mean_kb:.0f} KB{what}")
         exact_pixels = None
         threads = [int(v) for v in args.threads.split(",")]
         processes = [int(v) for v in args.processes.split(",") if v]
         per_image = 1e3 / len(datas)
+        if args.cpu_by_thread:
+            print_cpu_by_thread(paths, root, processor, paths_modes, threads, processes, args.repeats)
+            return
         for mode, decode in paths_modes:
             measures: dict[str, Callable[[], float]] = {}
             for n in threads:
