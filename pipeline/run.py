@@ -430,12 +430,15 @@ def run_on_ray(
         cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cpu_threads=cores))
     processes = job.run.decode_processes
-    cpus_per_gpu = _cpus_per_gpu() if use_gpu else 1
-    if processes is None:
-        processes = max(1, cpus_per_gpu - 1) if use_gpu else 1  # on CPU the model itself uses the cores
+    cpus: float
+    if use_gpu:
+        cpus_per_gpu = _cpus_per_gpu()
+        processes = max(1, cpus_per_gpu - 1) if processes is None else processes
+        cpus = gpu_actor_cpus(processes, cpus_per_gpu)
+    else:
+        processes = 1 if processes is None else processes  # on CPU the model itself uses the cores
+        cpus = 0.5  # a CPU model takes a fraction of a core, so actors never starve Ray's other tasks
     config = dataclasses.replace(config, prepare=dataclasses.replace(config.prepare, processes=processes))
-    # a CPU model takes a fraction of a core, so actors never starve Ray's other tasks
-    cpus = gpu_actor_cpus(processes, cpus_per_gpu) if use_gpu else 0.5
     actor = ray.remote(StartingWorker).options(
         num_gpus=1 if use_gpu else 0, num_cpus=cpus, max_restarts=-1, max_task_retries=0
     )
