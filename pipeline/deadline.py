@@ -21,6 +21,7 @@ so far, for the unit's timing and the run summary.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -142,19 +143,24 @@ class _Runner:
     given nothing to run for IDLE_RUNNER_S ends, so the threads kept follow the recent number of attempts at once."""
 
     def __init__(self) -> None:
-        self.jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Lock]] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="fetch-attempt", daemon=True).start()
+        # None: end (the interpreter exits)
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Lock] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="fetch-attempt", daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         while True:
             try:
-                job, done = self.jobs.get(timeout=IDLE_RUNNER_S)
+                item = self.jobs.get(timeout=IDLE_RUNNER_S)
             except queue.Empty:
                 with _idle_lock:
                     if self in _idle:
                         _idle.remove(self)
                         return
                 continue  # taken from the idle ones just now: its job is on the way
+            if item is None:
+                return
+            job, done = item
             job()
             with _idle_lock:
                 _idle.append(self)
@@ -164,6 +170,19 @@ class _Runner:
 _idle: list[_Runner] = []  # the last to become idle is taken first
 _idle_lock = threading.Lock()
 os.register_at_fork(after_in_child=_idle.clear)  # a forked child has none of these threads
+
+
+@atexit.register
+def _end_idle_runners() -> None:
+    """At exit, the idle runners end, so that no attempt thread waits on into the interpreter's finalization, as
+    none did when each attempt had a thread of its own (one still blocked in an abandoned read cannot be ended)."""
+    with _idle_lock:
+        idle = list(_idle)
+        _idle.clear()
+    for runner in idle:
+        runner.jobs.put(None)
+    for runner in idle:
+        runner.thread.join(timeout=1.0)
 
 
 def _run_in_own_thread(job: Callable[[], None], done: threading.Lock) -> None:

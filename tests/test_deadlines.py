@@ -328,3 +328,29 @@ def test_attempts_one_after_another_reuse_one_thread():
         assert deadline.run_within(1.0, threading.get_native_id, TimeoutError, 64) != blocked[0]
     finally:
         release.set()
+
+
+ATTEMPTS_THEN_EXIT = """
+import atexit, threading
+
+def alive() -> None:  # registered first, so it runs after blipbatch's own exit handlers
+    print(sum(thread.name == "fetch-attempt" and thread.is_alive() for thread in threading.enumerate()))
+
+atexit.register(alive)
+from blipbatch.pipeline import deadline
+threads = [threading.Thread(target=deadline.run_within, args=(5.0, lambda: None, TimeoutError, 64)) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
+
+
+def test_idle_attempt_threads_end_when_the_interpreter_exits():
+    """Idle attempt threads do not wait on into the interpreter's finalization: they end at exit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ATTEMPTS_THEN_EXIT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
